@@ -1,0 +1,7 @@
+"""epplan: topology-aware expert parallelism for Mixture-of-Experts training.
+
+The package is layered one way (see ../shared/DESIGN.md):
+topology -> workload (model config, traffic) -> placement -> cost -> manifest -> runtime -> report.
+"""
+
+__version__ = "0.1.0"

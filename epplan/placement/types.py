@@ -1,0 +1,110 @@
+"""The placement value shared by the planner, the baselines, the cost function, the manifest and
+the runtime.
+
+Shape legend: G = number of ranks (GPUs), E = experts per MoE layer, R_e = replicas of expert e.
+
+A ``LayerPlacement`` says, for one MoE layer, which ranks hold a replica of each expert and, per
+source rank, how that rank's token-assignments to the expert are split over the replicas. The
+runtime follows the split exactly; the cost function scores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from epplan.errors import PlacementError
+
+
+@dataclass
+class LayerPlacement:
+    """One MoE layer.
+
+    replicas[e]: int64[R_e], sorted distinct ranks holding a replica of expert e (R_e >= 1).
+    split[e]:    float64[G, R_e], split[e][s, r] = share of source s's assignments to expert e
+                 that go to replica replicas[e][r]; every row sums to 1.
+    """
+
+    replicas: list[np.ndarray]
+    split: list[np.ndarray]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.replicas)
+
+    def experts_on_rank(self, num_ranks: int) -> list[list[int]]:
+        """rank -> experts it holds a replica of, ascending."""
+        held: list[list[int]] = [[] for _ in range(num_ranks)]
+        for e, ranks in enumerate(self.replicas):
+            for g in ranks:
+                held[int(g)].append(e)
+        return held
+
+    def flows(self, counts: np.ndarray) -> np.ndarray:
+        """Token-assignments from each source to each destination rank.
+
+        counts: float64[G, E] assignments per source rank and expert.
+        Returns float64[G, G]: [s, t] = assignments that s sends to t (t == s stays local).
+        """
+        num_ranks = counts.shape[0]
+        out = np.zeros((num_ranks, num_ranks))
+        for e, ranks in enumerate(self.replicas):
+            # (G, 1) * (G, R_e) -> assignments of each source to each replica of e
+            np.add.at(out, (slice(None), ranks), counts[:, e:e + 1] * self.split[e])
+        return out
+
+
+@dataclass
+class Placement:
+    """A whole model's placement: one ``LayerPlacement`` per MoE layer."""
+
+    num_ranks: int
+    num_experts: int
+    layers: list[LayerPlacement]
+    method: str = "manual"
+    # Solver facts for planned placements (status, bound, gap, seconds per layer); free-form.
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def validate(self, experts_per_gpu: int = 1) -> None:
+        """Raise ``PlacementError`` naming the first broken invariant."""
+        if len(self.layers) == 0:
+            raise PlacementError("placement has no layers")
+        for li, layer in enumerate(self.layers):
+            if layer.num_experts != self.num_experts or len(layer.split) != self.num_experts:
+                raise PlacementError(
+                    f"layer {li}: {layer.num_experts} experts placed, expected {self.num_experts}")
+            per_rank = np.zeros(self.num_ranks, dtype=np.int64)
+            for e, (ranks, split) in enumerate(zip(layer.replicas, layer.split)):
+                ranks = np.asarray(ranks)
+                if ranks.size == 0:
+                    raise PlacementError(f"layer {li}, expert {e}: has no replica")
+                if ranks.min() < 0 or ranks.max() >= self.num_ranks:
+                    raise PlacementError(
+                        f"layer {li}, expert {e}: replica rank out of range 0..{self.num_ranks - 1}: "
+                        f"{ranks.tolist()}")
+                if np.unique(ranks).size != ranks.size or np.any(np.diff(ranks) < 0):
+                    raise PlacementError(
+                        f"layer {li}, expert {e}: replica ranks must be sorted and distinct: {ranks.tolist()}")
+                if split.shape != (self.num_ranks, ranks.size):
+                    raise PlacementError(
+                        f"layer {li}, expert {e}: split has shape {split.shape}, "
+                        f"expected ({self.num_ranks}, {ranks.size})")
+                if not np.all(np.isfinite(split)) or split.min() < -1e-9:
+                    raise PlacementError(f"layer {li}, expert {e}: split has negative or non-finite shares")
+                bad = np.flatnonzero(np.abs(split.sum(axis=1) - 1.0) > 1e-6)
+                if bad.size:
+                    raise PlacementError(
+                        f"layer {li}, expert {e}: split of source rank {int(bad[0])} sums to "
+                        f"{split[bad[0]].sum():.6f}, not 1")
+                per_rank[ranks] += 1
+            over = np.flatnonzero(per_rank > experts_per_gpu)
+            if over.size:
+                g = int(over[0])
+                raise PlacementError(
+                    f"layer {li}: rank {g} holds {int(per_rank[g])} experts, more than "
+                    f"--experts-per-gpu {experts_per_gpu} allows")
