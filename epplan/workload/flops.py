@@ -1,0 +1,224 @@
+"""Quantities derived from a ``ModelConfig``: parameters, FLOPs, bytes on the wire, activations.
+
+Units are in the names: ``params_*`` count scalars, ``flops_*`` count floating-point operations
+(a multiply-add is 2), ``*_bytes`` count bytes. Everything "per token" is per token of the
+training batch; "per assignment" is per (token, routed expert) pair, of which a token makes
+``top_k``.
+
+Assumptions (the same ones the runtime's model code makes):
+
+- No biases anywhere (Llama/Mixtral style). Norms are RMSNorm with one weight vector of d_model.
+- An MLP of hidden size f has 2 matrices d_model x f for ``gelu``/``silu`` (up, down) and 3 for
+  ``swiglu`` (gate, up, down). Shared experts have the routed experts' hidden size ``d_ff``.
+- Attention: q and o are d_model x (num_heads * head_dim); k and v are d_model x
+  (num_kv_heads * head_dim) (grouped-query attention).
+- The router is a d_model x num_experts matrix. Embeddings and LM head are untied.
+- FLOPs count matrix multiplications only; norms, softmax, activations and the residual adds are
+  O(d_model) per token and left out, as in Kaplan et al. (2020) and the PaLM MFU convention.
+
+Attention scores and values, per token and layer, forward:
+
+    flops_attention_scores = 2 * 2 * (seq_len / 2) * num_heads * head_dim
+
+One factor 2 is the multiply-add, the other counts the two products (Q K^T and P V); a token
+attends on average to seq_len / 2 earlier positions under causal masking, so a causal kernel that
+skips masked blocks does half the work of the full square (FlashAttention's benchmark counts the
+same: 4 * seq_len^2 * num_heads * head_dim per sequence, halved when causal).
+
+Training = forward + backward = 3 x forward (the backward pass computes gradients with respect
+to both inputs and weights, each as costly as the forward product).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from epplan.workload.config import ModelConfig
+
+# A routed token-assignment crosses the wire 4 times per layer per training step: dispatch and
+# combine in the forward pass, and the same two exchanges (swapped) for the gradients in backward.
+EXCHANGES_PER_LAYER_PER_STEP = 4
+TRAINING_FLOPS_FACTOR = 3
+_FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Parameters, FLOPs, wire bytes and activation memory of one model; build with ``model_costs``.
+
+    Per-layer quantities are for one layer of the named kind (MoE layers are
+    ``config.num_moe_layers`` of them, dense layers ``config.num_dense_layers``).
+    """
+
+    # --- parameters -------------------------------------------------------------------------
+    params_per_expert: int          # one routed (or shared) expert MLP
+    params_router: int              # per MoE layer
+    params_shared_experts: int      # per MoE layer, all shared experts together
+    params_moe_block: int           # per MoE layer: routed experts + router + shared experts
+    params_attention: int           # per layer (q, k, v, o)
+    params_dense_mlp: int           # per dense layer (0 when the model has none)
+    params_norms_per_layer: int     # per layer: the two RMSNorms
+    params_embedding: int
+    params_lm_head: int
+    params_final_norm: int
+    params_total: int
+    params_routed_experts: int      # all routed experts of all MoE layers
+    params_dense: int               # everything else: data-parallel over all ranks
+    params_active: int              # used in a matmul by one token: top_k experts, no embedding
+
+    # --- forward FLOPs per token -------------------------------------------------------------
+    flops_attention_proj: int       # per layer: 2 * params_attention
+    flops_attention_scores: float   # per layer: 2 * seq_len * num_heads * head_dim (causal)
+    flops_per_assignment: int       # one token through one expert: 2 * params_per_expert
+    flops_routed_experts: int       # per MoE layer: top_k * flops_per_assignment
+    flops_shared_experts: int       # per MoE layer
+    flops_router: int               # per MoE layer: 2 * d_model * num_experts
+    flops_dense_mlp: int            # per dense layer
+    flops_lm_head: int              # once per token: 2 * vocab_size * d_model
+    flops_fwd_moe_layer: float      # per MoE layer, all of the above that apply
+    flops_fwd_dense_layer: float    # per dense layer
+    flops_fwd_per_token: float      # whole model, forward
+    flops_train_per_token: float    # whole model, 3 x forward
+    model_flops_per_step: float     # the MFU numerator: flops_train_per_token * tokens_per_step
+
+    # --- wire bytes -----------------------------------------------------------------------------
+    bytes_per_assignment: int       # one token-assignment, one dispatch (combine sends the same)
+
+    # --- activation memory (bytes kept for backward, no recomputation) ------------------------
+    act_bytes_per_token_attention: float  # per layer, on the token's own rank
+    act_bytes_per_token_moe_local: float  # per MoE layer, on the token's rank: norm, router, shared
+    act_bytes_per_assignment: int         # per MoE layer, on the rank that serves the expert
+    act_bytes_per_token_dense_mlp: float  # per dense layer, on the token's rank
+    act_bytes_per_token_moe_layer: float  # per MoE layer, all of it: local + top_k assignments
+    act_bytes_per_token_head: int         # once per token: final norm, LM-head input, fp32 logits
+    act_bytes_per_token: float            # whole model
+
+    def mfu(self, step_time_s: float, num_gpus: int, peak_flops_per_gpu: float) -> float:
+        """Model FLOPs utilisation of a step: model_flops_per_step / (time * GPUs * peak)."""
+        if step_time_s <= 0 or num_gpus <= 0 or peak_flops_per_gpu <= 0:
+            raise ValueError("step_time_s, num_gpus and peak_flops_per_gpu must be positive")
+        return self.model_flops_per_step / (step_time_s * num_gpus * peak_flops_per_gpu)
+
+
+def mlp_matrices(activation: str) -> int:
+    """Weight matrices of one MLP: 3 for the gated ``swiglu``, else 2."""
+    return 3 if activation == "swiglu" else 2
+
+
+def model_costs(config: ModelConfig) -> ModelCosts:
+    """Every derived quantity of ``config``, as documented on ``ModelCosts`` and the module."""
+    c = config
+    d, b = c.d_model, c.dtype_bytes
+    num_mats = mlp_matrices(c.activation)
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+
+    # Parameters.
+    per_expert = num_mats * d * c.d_ff
+    router = d * c.num_experts
+    shared = c.num_shared_experts * per_expert
+    moe_block = c.num_experts * per_expert + router + shared
+    attention = d * q_width * 2 + d * kv_width * 2
+    dense_mlp = num_mats * d * c.dense_d_ff if c.num_dense_layers else 0
+    norms = 2 * d
+    embedding = lm_head = c.vocab_size * d
+    final_norm = d
+    total = (c.num_layers * (attention + norms)
+             + c.num_moe_layers * moe_block
+             + c.num_dense_layers * dense_mlp
+             + embedding + lm_head + final_norm)
+    routed = c.num_moe_layers * c.num_experts * per_expert
+    active = (c.num_layers * attention
+              + c.num_moe_layers * (c.top_k * per_expert + router + shared)
+              + c.num_dense_layers * dense_mlp
+              + lm_head)
+
+    # Forward FLOPs per token.
+    f_attn_proj = 2 * attention
+    f_attn_scores = 2 * 2 * (c.seq_len / 2) * c.num_heads * c.head_dim
+    f_assignment = 2 * per_expert
+    f_routed = c.top_k * f_assignment
+    f_shared = 2 * shared
+    f_router = 2 * router
+    f_dense_mlp = 2 * dense_mlp
+    f_lm_head = 2 * lm_head
+    f_moe_layer = f_attn_proj + f_attn_scores + f_routed + f_shared + f_router
+    f_dense_layer = f_attn_proj + f_attn_scores + f_dense_mlp
+    f_fwd = c.num_moe_layers * f_moe_layer + c.num_dense_layers * f_dense_layer + f_lm_head
+    f_train = TRAINING_FLOPS_FACTOR * f_fwd
+
+    act = _activation_bytes(c)
+    act_moe_layer = (act["attention"] + act["moe_local"]
+                     + c.top_k * act["assignment"])
+    act_dense_layer = act["attention"] + act["dense_mlp"]
+    act_total = (c.num_moe_layers * act_moe_layer + c.num_dense_layers * act_dense_layer
+                 + act["head"])
+
+    return ModelCosts(
+        params_per_expert=per_expert,
+        params_router=router,
+        params_shared_experts=shared,
+        params_moe_block=moe_block,
+        params_attention=attention,
+        params_dense_mlp=dense_mlp,
+        params_norms_per_layer=norms,
+        params_embedding=embedding,
+        params_lm_head=lm_head,
+        params_final_norm=final_norm,
+        params_total=total,
+        params_routed_experts=routed,
+        params_dense=total - routed,
+        params_active=active,
+        flops_attention_proj=f_attn_proj,
+        flops_attention_scores=f_attn_scores,
+        flops_per_assignment=f_assignment,
+        flops_routed_experts=f_routed,
+        flops_shared_experts=f_shared,
+        flops_router=f_router,
+        flops_dense_mlp=f_dense_mlp,
+        flops_lm_head=f_lm_head,
+        flops_fwd_moe_layer=f_moe_layer,
+        flops_fwd_dense_layer=f_dense_layer,
+        flops_fwd_per_token=f_fwd,
+        flops_train_per_token=f_train,
+        model_flops_per_step=f_train * c.tokens_per_step,
+        bytes_per_assignment=d * b,
+        act_bytes_per_token_attention=act["attention"],
+        act_bytes_per_token_moe_local=act["moe_local"],
+        act_bytes_per_assignment=act["assignment"],
+        act_bytes_per_token_dense_mlp=act["dense_mlp"],
+        act_bytes_per_token_moe_layer=act_moe_layer,
+        act_bytes_per_token_head=act["head"],
+        act_bytes_per_token=act_total,
+    )
+
+
+def _activation_bytes(c: ModelConfig) -> dict[str, int]:
+    """Bytes saved for backward per token, by block: an explicit count of the tensors kept.
+
+    Assumes no activation recomputation, activations in ``c.dtype`` (b bytes), no dropout, and a
+    fused (FlashAttention-style) attention kernel that keeps Q, K, V, its output and one fp32
+    log-sum-exp per head, never the seq_len x seq_len score matrix. With those assumptions,
+    Korthikanti et al. (2022)'s 34 * d_model + 5 * num_heads * seq_len bytes per token and layer
+    loses its quadratic term; we count tensor by tensor instead, since MoE layers do not have
+    their 4 * d_model MLP.
+
+    attention:  2 d (norm input, qkv input) + (H + 2 H_kv) hd (q, k, v) + H hd (output) [x b]
+                + 4 H (log-sum-exp)
+    moe_local:  2 d (norm input, router and dispatch input) [x b] + 4 E (fp32 router probs)
+                + per shared expert: (m + 1) f + d (up/gate output, activation output, output) [x b]
+    assignment: d (expert input) + m f (up/gate output) + f (activation output) + d (expert
+                output, kept for the gate weight's gradient) [x b]; m = 2 for swiglu, else 1
+    dense_mlp:  2 d (norm input, mlp input) + (m + 1) f_dense [x b]
+    head:       2 d (final norm input, LM-head input) [x b] + 4 V (fp32 logits for the loss)
+    """
+    d, b, f = c.d_model, c.dtype_bytes, c.d_ff
+    m = mlp_matrices(c.activation) - 1  # tensors out of the up (and gate) projection
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {
+        "attention": b * (2 * d + q_width + 2 * kv_width + q_width) + _FP32_BYTES * c.num_heads,
+        "moe_local": (b * 2 * d + _FP32_BYTES * c.num_experts
+                      + c.num_shared_experts * b * ((m + 1) * f + d)),
+        "assignment": b * (d + m * f + f + d),
+        "dense_mlp": b * (2 * d + (m + 1) * c.dense_d_ff) if c.num_dense_layers else 0,
+        "head": b * 2 * d + _FP32_BYTES * c.vocab_size,
+    }
