@@ -1,0 +1,159 @@
+"""The topology file format, validated with pydantic.
+
+A topology file has four parts (see topologies/*.yaml for worked examples):
+
+- ``node_types``: what one server looks like: GPUs (model, memory, bf16 TFLOP/s, HBM bandwidth),
+  the intra-node fabric (an NVSwitch at a per-GPU bandwidth, or a PCIe tree with optional NVLink
+  bridges) and the NICs (bandwidth, and the GPU each hangs off). The built-in types of
+  ``epplan.topology.library`` can be used by name without being declared.
+- ``nodes``: a list of servers, each of a type, one by ``name`` or many by ``prefix`` + ``count``;
+  a node may mark NICs as ``disabled_nics`` (a degraded server).
+- ``fabric``: how NICs are wired: one non-blocking ``switch``; ``rail_optimized`` two-tier
+  leaf/spine (one leaf per rail per scalable unit) with an oversubscription; ``three_tier`` with a
+  core; or ``explicit`` switches and links.
+- ``routing``: ``ecmp`` (default: each GPU sends through its nearest NIC, equal-cost paths share
+  traffic evenly hop by hop) or ``rail_aligned`` (NCCL's PXN: traffic first crosses the intra-node
+  fabric to the GPU whose NIC is on the destination's rail).
+
+Bandwidths are GB/s per direction; latencies microseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GPUSpec(_Strict):
+    model: str
+    memory_gb: PositiveFloat
+    bf16_tflops: PositiveFloat
+    hbm_gbps: PositiveFloat
+
+
+class NVSwitchFabric(_Strict):
+    """All GPUs of the node on one NVSwitch plane: each GPU has ``gbps`` per direction to it."""
+
+    kind: Literal["nvswitch"]
+    gbps: PositiveFloat
+    latency_us: NonNegativeFloat = 1.0
+
+
+class PCIeFabric(_Strict):
+    """GPUs under PCIe switches, switches under CPU sockets, sockets joined by one link.
+
+    switches[k]: the local GPU indices under PCIe switch k.
+    sockets[c]:  the PCIe switch indices under CPU socket c (default: all on socket 0).
+    nvlink_bridges: pairs of GPUs joined by an NVLink bridge at ``bridge_gbps``.
+    """
+
+    kind: Literal["pcie"]
+    switches: list[list[NonNegativeInt]]
+    gpu_gbps: PositiveFloat
+    uplink_gbps: PositiveFloat
+    sockets: list[list[NonNegativeInt]] | None = None
+    socket_gbps: PositiveFloat | None = None
+    nvlink_bridges: list[tuple[NonNegativeInt, NonNegativeInt]] = []
+    bridge_gbps: PositiveFloat | None = None
+    latency_us: NonNegativeFloat = 2.0
+
+
+class NICSpec(_Strict):
+    """NICs of a node: NIC r hangs off local GPU ``attach[r]`` (its rail is r)."""
+
+    gbps: PositiveFloat
+    attach: list[NonNegativeInt] = Field(min_length=1)
+    pcie_gbps: PositiveFloat
+    latency_us: NonNegativeFloat = 2.0
+
+
+class NodeType(_Strict):
+    gpus: PositiveInt
+    gpu: GPUSpec
+    fabric: Annotated[Union[NVSwitchFabric, PCIeFabric], Field(discriminator="kind")]
+    nics: NICSpec | None = None
+    description: str | None = None
+
+
+class NodeEntry(_Strict):
+    """One node (``name``) or ``count`` nodes named ``prefix``0, ``prefix``1, ... (from ``start``)."""
+
+    type: str
+    name: str | None = None
+    prefix: str | None = None
+    count: PositiveInt | None = None
+    start: NonNegativeInt = 0
+    disabled_nics: list[NonNegativeInt] = []
+
+
+class SwitchFabric(_Strict):
+    kind: Literal["switch"]
+    latency_us: NonNegativeFloat = 1.0
+
+
+class RailOptimizedFabric(_Strict):
+    """Two tiers: a leaf per rail per scalable unit (SU), every leaf wired to every spine.
+
+    A leaf's uplink capacity is its downlink capacity (nodes_per_su x NIC bandwidth) divided by
+    ``oversubscription``, spread evenly over the spines.
+    """
+
+    kind: Literal["rail_optimized"]
+    nodes_per_su: PositiveInt
+    spines: PositiveInt
+    oversubscription: float = Field(default=1.0, ge=1.0)
+    latency_us: NonNegativeFloat = 1.0
+
+
+class ThreeTierFabric(_Strict):
+    """Rail leaves per SU, a spine group per SU (leaf-spine full mesh inside the SU), and a core
+    layer wired to every spine. Oversubscription applies at the leaf and at the spine."""
+
+    kind: Literal["three_tier"]
+    nodes_per_su: PositiveInt
+    spines_per_su: PositiveInt
+    cores: PositiveInt
+    oversubscription: float = Field(default=1.0, ge=1.0)
+    core_oversubscription: float = Field(default=1.0, ge=1.0)
+    latency_us: NonNegativeFloat = 1.0
+
+
+class SwitchEntry(_Strict):
+    name: str
+    kind: Literal["leaf", "spine", "core", "switch"] = "switch"
+
+
+class LinkEntry(_Strict):
+    """A cable between two devices: switches by name, NICs as ``NODE/nicR``."""
+
+    a: str
+    b: str
+    gbps: PositiveFloat
+    latency_us: NonNegativeFloat = 1.0
+    one_way: bool = False
+
+
+class ExplicitFabric(_Strict):
+    kind: Literal["explicit"]
+    switches: list[SwitchEntry] = Field(min_length=1)
+    links: list[LinkEntry] = Field(min_length=1)
+
+
+Fabric = Annotated[
+    Union[SwitchFabric, RailOptimizedFabric, ThreeTierFabric, ExplicitFabric],
+    Field(discriminator="kind"),
+]
+
+
+class TopologySpec(_Strict):
+    name: str
+    description: str | None = None
+    node_types: dict[str, NodeType] = {}
+    nodes: list[NodeEntry] = Field(min_length=1)
+    fabric: Fabric | None = None
+    routing: Literal["ecmp", "rail_aligned"] = "ecmp"
