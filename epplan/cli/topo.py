@@ -1,0 +1,120 @@
+"""``epplan topo show|validate|gen``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from epplan.cli import app
+from epplan.cli.common import console, print_json, user_errors
+from epplan.errors import TopologyError
+from epplan.topology import load_topology
+from epplan.topology.generate import FABRICS, generate
+from epplan.topology.summary import summarize
+
+topo_app = typer.Typer(help="Inspect, check and generate cluster topology files.", no_args_is_help=True)
+app.add_typer(topo_app, name="topo")
+
+TopologyFile = Annotated[Path, typer.Argument(help="Topology YAML file (see topologies/).", show_default=False)]
+
+
+@topo_app.command("show")
+@user_errors
+def show(
+    file: TopologyFile,
+    routing: Annotated[Optional[str], typer.Option(help="Override the file's routing: ecmp or rail_aligned.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
+) -> None:
+    """Summarise a cluster: nodes, GPUs, link classes, bisection and injection bandwidth."""
+    topo = load_topology(file, routing=routing)
+    info = summarize(topo)
+    if json:
+        print_json(info)
+        return
+    head = Table(title=f"[bold]{info['name']}[/] — {info['description'] or ''}", show_header=False)
+    head.add_column(style="cyan")
+    head.add_column()
+    head.add_row("nodes", f"{info['nodes']}  ({', '.join(f'{n} x {t}' for t, n in info['node_types'].items())})")
+    head.add_row("GPUs", f"{info['gpus']}  ({', '.join(info['gpu_models'])}; {info['gpu_memory_gb_total']:,.0f} GB in all)")
+    head.add_row("fabric / routing", f"{info['fabric']} / {info['routing']}")
+    head.add_row("devices", ", ".join(f"{n} {k}" for k, n in info["devices"].items()))
+    head.add_row("directed links", f"{info['directed_links']:,}")
+    ratio = info["bisection_ratio"]
+    head.add_row("bisection", f"{info['bisection_gbps']:,.0f} GB/s per direction"
+                 + (f"  ({ratio:.2f} of the half's NIC injection)" if ratio is not None else ""))
+    inj = info["injection_gbps_per_gpu"]
+    head.add_row("injection per GPU", f"intra-node {_range(inj['intra_node'])} GB/s, "
+                                      f"inter-node {_range(inj['inter_node'])} GB/s")
+    console.print(head)
+    links = Table(title="link classes (GB/s per direction)")
+    for col, justify in (("class", "left"), ("links", "right"), ("min", "right"), ("max", "right"), ("total", "right")):
+        links.add_column(col, justify=justify)
+    for c in info["link_classes"]:
+        links.add_row(c["class"], f"{c['links']:,}", f"{c['min_gbps']:,.1f}", f"{c['max_gbps']:,.1f}",
+                      f"{c['total_gbps']:,.0f}")
+    console.print(links)
+
+
+def _range(r: dict) -> str:
+    return f"{r['min']:,.1f}" if abs(r["min"] - r["max"]) < 1e-9 else f"{r['min']:,.1f}-{r['max']:,.1f}"
+
+
+@topo_app.command("validate")
+@user_errors
+def validate(files: Annotated[list[Path], typer.Argument(help="Topology YAML files.", show_default=False)]) -> None:
+    """Check topology files and report every problem found; exit 1 if any file is invalid."""
+    failed = 0
+    for file in files:
+        try:
+            topo = load_topology(file)
+            topo.paths  # path construction finds unreachable GPUs
+        except TopologyError as exc:
+            failed += 1
+            console.print(f"[red]✗[/] {file}", highlight=False)
+            for problem in _split_problems(str(exc), str(file)):
+                console.print(f"    {problem}", highlight=False, markup=False)
+            continue
+        console.print(f"[green]✓[/] {file}: {topo.num_nodes} nodes, {topo.num_gpus} GPUs, "
+                      f"{topo.num_links} directed links", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _split_problems(message: str, source: str) -> list[str]:
+    prefix = f"{source}: "
+    if message.startswith(prefix):
+        message = message[len(prefix):]
+    return message.split("; ")
+
+
+@topo_app.command("gen")
+@user_errors
+def gen(
+    nodes: Annotated[int, typer.Option(help="Number of servers.")],
+    node_type: Annotated[str, typer.Option(help="Built-in server type: dgx-h100, dgx-h200, pcie-8gpu.")] = "dgx-h100",
+    fabric: Annotated[str, typer.Option(help=f"Inter-node fabric: {', '.join(FABRICS)}.")] = "rail",
+    nodes_per_su: Annotated[int, typer.Option(help="Servers per scalable unit (rail and three-tier).")] = 32,
+    spines: Annotated[Optional[int], typer.Option(help="Spine switches (rail); default nodes_per_su/2.")] = None,
+    spines_per_su: Annotated[Optional[int], typer.Option(help="Spines per scalable unit (three-tier).")] = None,
+    cores: Annotated[Optional[int], typer.Option(help="Core switches (three-tier).")] = None,
+    oversubscription: Annotated[float, typer.Option(help="Leaf downlink:uplink ratio, >= 1.")] = 1.0,
+    core_oversubscription: Annotated[float, typer.Option(help="Spine downlink:uplink ratio (three-tier), >= 1.")] = 1.0,
+    routing: Annotated[str, typer.Option(help="ecmp or rail_aligned (NCCL PXN).")] = "ecmp",
+    name: Annotated[Optional[str], typer.Option(help="Topology name; default from the shape.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write a topology file for a common cluster shape."""
+    text = generate(nodes=nodes, node_type=node_type, fabric=fabric, nodes_per_su=nodes_per_su, spines=spines,
+                    spines_per_su=spines_per_su, cores=cores, oversubscription=oversubscription,
+                    core_oversubscription=core_oversubscription, routing=routing, name=name)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        raise TopologyError(f"--out {out}: cannot write: {exc.strerror}") from None
+    console.print(f"wrote {out}", highlight=False)
