@@ -1,0 +1,5 @@
+"""``python -m epplan`` runs the CLI."""
+
+from epplan.cli import main
+
+main()
