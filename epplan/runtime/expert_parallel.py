@@ -1,0 +1,372 @@
+"""Expert parallelism driven by a ``Placement``, applied to a built single-device ``Transformer``.
+
+Shape legend:
+    N = local tokens, D = d_model, E = experts per MoE layer, k = experts per token,
+    A = N * k local assignments, G = ranks in the expert-parallel group, R = max replicas of an
+    expert (padding for ragged per-expert tables), E_loc = experts this rank holds in a layer,
+    S = rows this rank sends in dispatch, Q = rows it receives, L = MoE layers.
+
+Every rank runs attention and all dense parameters data-parallel on its own tokens. In each MoE
+layer a rank keeps the weights of the experts the placement gives it (E_loc may be 0, 1 or more),
+and one forward is:
+
+    route locally -> pick a replica per assignment (split[e][rank], largest remainder)
+    -> sort by (destination rank, expert) -> all_to_all counts [G, E]  (the one host sync)
+    -> all_to_all rows (uneven splits) -> regroup by local expert -> expert GEMMs
+    -> reverse all_to_all -> weighted combine into tokens.
+
+The receiver learns which rows belong to which expert from the counts matrix (rows from each
+source arrive sorted by expert), so expert ids need not travel with the rows.
+
+Gradients: ``sync_gradients`` all-reduces dense gradients over the group and each expert's
+gradients among exactly the ranks holding a replica of it (one ``dist.new_group`` per distinct
+replica set), so replicas stay identical after every optimizer step.
+
+All exchanges use ``dist.all_to_all_single`` with uneven splits, which both NCCL and gloo (CPU)
+support; backward is the same exchange with the splits swapped (``_AllToAll``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from epplan.errors import RuntimeSetupError
+from epplan.placement.types import LayerPlacement, Placement
+from epplan.runtime.experts import GroupedExperts, expert_mlp
+from epplan.runtime.model import Transformer
+from epplan.runtime.router import position_in_expert
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of x go to ranks in input_splits sizes; backward sends gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        output_splits, input_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits,
+                               group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Differentiable uneven all-to-all of rows: x (sum(input_splits), ...) -> (sum(output_splits), ...)."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def split_assignments(num_per_expert: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """Integer assignments per replica, following one source's shares exactly in total.
+
+    num_per_expert: int64 (E,), this source's assignments to each expert.
+    shares:         float64 (E, R), share of each replica (0 in padding columns), rows sum to 1.
+    Returns int64 (E, R), rows summing to num_per_expert.
+
+    Rounding rule (largest remainder): replica r first gets floor(share_r * n); the assignments
+    still unplaced go one each to the replicas with the largest fractional parts (ties: the lower
+    replica index); a replica of share 0 never gets one. Any residue from floating-point error
+    lands on the replica of the largest share.
+    """
+    n = num_per_expert.to(torch.float64)[:, None]  # (E, 1)
+    quota = shares * n  # (E, R)
+    base = torch.floor(quota)
+    frac = torch.where(shares > 0, quota - base, -1.0)  # (E, R); padding sorts last
+    short = n - base.sum(dim=1, keepdim=True)  # (E, 1)
+    by_frac = torch.argsort(-frac, dim=1, stable=True)  # (E, R)
+    place = torch.argsort(by_frac, dim=1)  # (E, R) rank of each replica by fractional part
+    counts = (base + ((place < short) & (shares > 0))).to(torch.int64)  # (E, R)
+    residue = num_per_expert - counts.sum(dim=1)  # (E,) 0 unless shares were off by rounding
+    return counts.scatter_add(1, shares.argmax(dim=1, keepdim=True), residue[:, None])
+
+
+@dataclass
+class ExpertParallelStats:
+    """This rank's routing statistics since the last ``reset()``, from forward passes.
+
+    num_tokens_per_expert: int64 [L, E], token-assignments this rank routed to each expert (after
+        capacity drops), summed over forward calls.
+    dispatch_bytes: int64 [L, G], bytes this rank sent to each rank in dispatch
+        (rows * d_model * element size); column ``rank`` never leaves the device.
+    combine_bytes:  int64 [L, G], bytes this rank sent to each rank in combine (results of the
+        rows it received). Backward sends the same amounts again (its dispatch gradient mirrors
+        combine and vice versa), so a training step moves twice these numbers.
+    """
+
+    num_tokens_per_expert: np.ndarray
+    dispatch_bytes: np.ndarray
+    combine_bytes: np.ndarray
+    num_forward: int = 0  # forward calls of the whole model (counted at MoE layer 0)
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int, num_ranks: int) -> "ExpertParallelStats":
+        return cls(np.zeros((num_layers, num_experts), np.int64),
+                   np.zeros((num_layers, num_ranks), np.int64),
+                   np.zeros((num_layers, num_ranks), np.int64))
+
+    def reset(self) -> None:
+        for array in (self.num_tokens_per_expert, self.dispatch_bytes, self.combine_bytes):
+            array.fill(0)
+        self.num_forward = 0
+
+
+class ExpertParallelExperts(nn.Module):
+    """Drop-in for ``GroupedExperts``: this rank's replicas of one MoE layer.
+
+    w1, w3: (E_loc, D, F); w2: (E_loc, F, D) for ``local_experts`` (ascending expert ids).
+    """
+
+    def __init__(self, experts: GroupedExperts, layer: LayerPlacement, layer_index: int,
+                 group: dist.ProcessGroup | None, stats: ExpertParallelStats) -> None:
+        super().__init__()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.num_experts = experts.num_experts
+        self.activation, self.impl = experts.activation, experts.impl
+        self.layer_index = layer_index
+        self.stats = stats
+        self.local_experts = layer.experts_on_rank(self.num_ranks)[self.rank]
+        # The lowest-ranked replica owns an expert in gathered checkpoints.
+        self.owner = [int(ranks[0]) for ranks in layer.replicas]
+        self.replica_sets = [tuple(int(r) for r in ranks) for ranks in layer.replicas]
+        local = torch.tensor(self.local_experts, dtype=torch.int64, device=experts.w1.device)
+        self.w1 = nn.Parameter(experts.w1.detach()[local].clone())
+        self.w2 = nn.Parameter(experts.w2.detach()[local].clone())
+        self.w3 = None if experts.w3 is None else nn.Parameter(experts.w3.detach()[local].clone())
+
+        # Dispatch tables, padded to R columns; plain attributes so that .to(dtype) and
+        # state_dict leave them alone (moved to the input's device on first use).
+        num_replicas = max(len(ranks) for ranks in layer.replicas)
+        replica_ranks = torch.zeros(self.num_experts, num_replicas, dtype=torch.int64)  # (E, R)
+        shares = torch.zeros(self.num_experts, num_replicas, dtype=torch.float64)  # (E, R)
+        for e, (ranks, split) in enumerate(zip(layer.replicas, layer.split)):
+            row = np.clip(np.asarray(split[self.rank], dtype=np.float64), 0.0, None)
+            replica_ranks[e, :len(ranks)] = torch.as_tensor(np.asarray(ranks, dtype=np.int64))
+            shares[e, :len(ranks)] = torch.as_tensor(row / row.sum())
+        self._tables = (replica_ranks, shares)
+
+    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tables[0].device != device:
+            self._tables = tuple(t.to(device) for t in self._tables)
+        return self._tables
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x: (N, D), topk_idx: (N, k) with -1 for dropped, topk_weight: (N, k) -> (N, D)."""
+        num_tokens, top_k = topk_idx.shape
+        G, E = self.num_ranks, self.num_experts
+        replica_ranks, shares = self._tables_on(x.device)
+
+        # Destination of every assignment: the j-th assignment (flat order) of this rank to
+        # expert e goes to replica r when it falls in r's block of split_assignments' counts.
+        flat = topk_idx.reshape(-1)  # (A,)
+        is_valid = flat >= 0
+        expert = flat.clamp(min=0)  # (A,)
+        num_per_expert = torch.bincount(torch.where(is_valid, flat, E), minlength=E + 1)[:E]  # (E,)
+        bounds = torch.cumsum(split_assignments(num_per_expert, shares), dim=1)  # (E, R)
+        pos = position_in_expert(flat, E)  # (A,)
+        replica = (pos[:, None] >= bounds[expert]).sum(dim=1)  # (A,)
+        dest = replica_ranks[expert, replica]  # (A,)
+        key = torch.where(is_valid, dest * E + expert, G * E)  # (A,) invalid sorts last
+        order = torch.argsort(key, stable=True)  # (A,) by (dest, expert), flat order inside
+
+        send_counts = torch.bincount(key, minlength=G * E + 1)[:G * E].view(G, E)  # [t, e]
+        recv_counts = torch.empty_like(send_counts)  # [s, e]: rows from s for my expert e
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        # NOTE: host sync (the split sizes of the row exchange and the GEMM shapes)
+        send_host, recv_host = torch.stack([send_counts, recv_counts]).cpu().numpy()  # (2, G, E)
+        input_splits = send_host.sum(axis=1).tolist()  # rows to each rank
+        output_splits = recv_host.sum(axis=1).tolist()  # rows from each rank
+        self._record(send_host, recv_host, x)
+
+        order = order[:sum(input_splits)]  # (S,)
+        token_of_row = order // top_k  # (S,)
+        recv_x = all_to_all(x[token_of_row], output_splits, input_splits, self.group)  # (Q, D)
+
+        # Rows arrive as (source, expert) blocks; the GEMMs want (expert, source).
+        num_local = recv_host[:, self.local_experts]  # (G, E_loc)
+        by_expert = self._source_to_expert_order(num_local, x.device)  # (Q,)
+        y = expert_mlp(recv_x[by_expert], num_local.sum(axis=0).tolist(), self.w1, self.w2, self.w3,
+                       self.activation, self.impl)  # (Q, D), (expert, source) order
+        inverse = torch.empty_like(by_expert)
+        inverse[by_expert] = torch.arange(by_expert.numel(), device=x.device)
+        y = all_to_all(y[inverse], input_splits, output_splits, self.group)  # (S, D)
+
+        weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
+        return x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+
+    @staticmethod
+    def _source_to_expert_order(num_local: np.ndarray, device: torch.device) -> torch.Tensor:
+        """num_local: int64 (G, E_loc) block sizes. Returns int64 (Q,): for each position in
+        (expert, source) order, the row index in (source, expert) order."""
+        G, E_loc = num_local.shape
+        sizes = torch.as_tensor(num_local.reshape(-1), device=device)  # (G * E_loc,)
+        block = torch.repeat_interleave(torch.arange(G * E_loc, device=device), sizes,
+                                        output_size=int(num_local.sum()))  # (Q,) block of each row
+        return torch.argsort((block % max(E_loc, 1)) * G + block // max(E_loc, 1), stable=True)
+
+    def _record(self, send_host: np.ndarray, recv_host: np.ndarray, x: torch.Tensor) -> None:
+        row_bytes = x.shape[1] * x.element_size()
+        self.stats.num_tokens_per_expert[self.layer_index] += send_host.sum(axis=0)
+        self.stats.dispatch_bytes[self.layer_index] += send_host.sum(axis=1) * row_bytes
+        self.stats.combine_bytes[self.layer_index] += recv_host.sum(axis=1) * row_bytes
+        if self.layer_index == 0:
+            self.stats.num_forward += 1
+
+
+@dataclass
+class ExpertParallelState:
+    """What ``parallelize_experts`` attaches to the model as ``model.expert_parallel``."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    num_ranks: int
+    stats: ExpertParallelStats
+    layers: list[ExpertParallelExperts]
+    # (process group, [(layer module, local slot)]) per replica set (>1 rank) holding this rank.
+    replica_groups: list[tuple[dist.ProcessGroup, list[tuple[ExpertParallelExperts, int]]]] = \
+        field(default_factory=list)
+
+
+def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    t = t.detach().clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def parallelize_experts(model: Transformer, placement: Placement,
+                        group: dist.ProcessGroup | None = None) -> Transformer:
+    """Make ``model`` expert-parallel over ``group`` (default: the world), in place.
+
+    Every rank must start from the same full model (same weights) and call this collectively:
+    the replica process groups are created with ``dist.new_group``, which every process of the
+    default group enters, in the same order. Build the optimizer afterwards.
+    Raises ``RuntimeSetupError`` if the placement does not fit the model or the group.
+    """
+    if not dist.is_initialized():
+        raise RuntimeSetupError("expert parallelism needs torch.distributed initialised "
+                                "(launch with torchrun)")
+    num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    moes = model.moe_layers()
+    config = model.config
+    if placement.num_ranks != num_ranks:
+        raise RuntimeSetupError(f"the placement is for {placement.num_ranks} ranks but {num_ranks} "
+                                f"were launched; launch {placement.num_ranks} processes")
+    if placement.num_layers != len(moes) or placement.num_experts != config.num_experts:
+        raise RuntimeSetupError(
+            f"the placement has {placement.num_layers} MoE layers x {placement.num_experts} experts; "
+            f"model {config.name!r} has {len(moes)} x {config.num_experts}")
+    placement.validate(experts_per_gpu=config.num_experts)  # the per-GPU limit is the planner's
+
+    stats = ExpertParallelStats.zeros(len(moes), config.num_experts, num_ranks)
+    state = ExpertParallelState(group, rank, num_ranks, stats, layers=[])
+    for li, (moe, layer) in enumerate(zip(moes, placement.layers)):
+        moe.experts = ExpertParallelExperts(moe.experts, layer, li, group, stats)
+        moe.router.reduce_load = partial(_all_reduce_sum, group=group)
+        state.layers.append(moe.experts)
+
+    # One process group per distinct replica set of more than one rank, in (layer, expert)
+    # order on every rank; each collects the gradients of all (layer, expert) it serves.
+    group_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    members: dict[tuple[int, ...], list[tuple[ExpertParallelExperts, int]]] = {}
+    for layer in state.layers:
+        for e, ranks in enumerate(layer.replica_sets):
+            if len(ranks) > 1:
+                slots = members.setdefault(ranks, [])
+                if rank in ranks:
+                    slots.append((layer, layer.local_experts.index(e)))
+    for ranks, slots in members.items():
+        pg = dist.new_group([group_ranks[r] for r in ranks])
+        if rank in ranks:
+            state.replica_groups.append((pg, slots))
+    model.expert_parallel = state
+    return model
+
+
+def _state(model: nn.Module) -> ExpertParallelState:
+    state = getattr(model, "expert_parallel", None)
+    if state is None:
+        raise RuntimeSetupError("the model is not expert-parallel; call parallelize_experts first")
+    return state
+
+
+def _weights(layer: ExpertParallelExperts) -> list[nn.Parameter]:
+    return [w for w in (layer.w1, layer.w2, layer.w3) if w is not None]
+
+
+def sync_gradients(model: Transformer) -> None:
+    """Average gradients for one data-parallel step; call after backward, before optimizer.step().
+
+    Each rank's loss is the mean over its own tokens, so the step's loss is the mean over ranks:
+    dense gradients are averaged over the group. An expert's gradient already collects every
+    rank's tokens through the exchange; summed over its replicas and divided by G it is the
+    gradient of that mean, which all replicas then hold.
+    """
+    state = _state(model)
+    expert_params = {id(w) for layer in state.layers for w in _weights(layer)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # never used on this rank this step: contributes zero, still reduced
+            p.grad = torch.zeros_like(p)
+
+    dense = [p for p in params if id(p) not in expert_params]
+    for dtype in sorted({p.dtype for p in dense}, key=str):
+        grads = [p.grad for p in dense if p.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=state.group)
+        flat /= state.num_ranks
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    pending = []
+    for pg, slots in state.replica_groups:
+        grads = [w.grad[j] for layer, j in slots for w in _weights(layer)]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        pending.append((dist.all_reduce(flat, group=pg, async_op=True), grads, flat))
+    for work, grads, flat in pending:
+        work.wait()
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+    for layer in state.layers:
+        for w in _weights(layer):
+            w.grad /= state.num_ranks
+
+
+@torch.no_grad()
+def gather_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The single-device model's state_dict (same keys and shapes), on every rank.
+
+    Collective. Each expert's weights come from its lowest-ranked replica (an all-reduce of the
+    full expert tensors: meant for checkpoints and tests, not for every step).
+    """
+    state = _state(model)
+    out = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ExpertParallelExperts):
+            continue
+        for wname, w in layer.named_parameters(recurse=False):
+            full = w.new_zeros((layer.num_experts, *w.shape[1:]))  # (E, ...)
+            for j, e in enumerate(layer.local_experts):
+                if layer.owner[e] == state.rank:
+                    full[e] = w[j]
+            dist.all_reduce(full, group=state.group)
+            out[f"{name}.{wname}"] = full
+    return out
+
+
+def get_stats(model: Transformer) -> ExpertParallelStats:
+    """The model's live routing statistics (``reset()`` them at the start of each step)."""
+    return _state(model).stats

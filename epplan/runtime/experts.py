@@ -1,0 +1,137 @@
+"""Routed experts: stacked MLP weights, a grouped GEMM path and a per-expert reference loop.
+
+Shape legend:
+    N = tokens, D = d_model, F = d_ff (expert hidden), E = experts (held by this module),
+    k = experts per token, A = N * k assignments, M = rows after permutation (kept assignments).
+
+Layout: the rows given to ``expert_mlp`` are sorted by expert; ``num_tokens[e]`` rows of expert e
+follow those of expert e - 1. ``GroupedExperts`` produces that layout from the router's output
+(permute once), runs the experts and combines the rows back into tokens with their gate weights.
+The expert-parallel module (``expert_parallel.py``) reuses ``expert_mlp`` on the rows it receives.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EXPERT_IMPLS = ("grouped", "loop")
+
+
+def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
+        activation: str) -> torch.Tensor:
+    """One MLP: x (..., D) @ w1 (D, F) -> act -> @ w2 (F, D); swiglu gates with x @ w3 (D, F)."""
+    h = x @ w1  # (..., F)
+    g = None if w3 is None else x @ w3  # (..., F)
+    return _act(h, g, activation) @ w2  # (..., D)
+
+
+def _act(h: torch.Tensor, g: torch.Tensor | None, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "silu":
+        return F.silu(h)
+    if activation == "swiglu":
+        return F.silu(h) * g
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _can_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    # torch._grouped_mm wants bf16 on sm90+ with 16-byte aligned rows.
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and w1.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and w1.shape[1] % 8 == 0 and w1.shape[2] % 8 == 0)
+
+
+def expert_mlp(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2: torch.Tensor,
+               w3: torch.Tensor | None, activation: str, impl: str = "grouped") -> torch.Tensor:
+    """Run each expert on its rows.
+
+    x:          (M, D), rows sorted by expert.
+    num_tokens: E host ints, rows per expert, summing to M (host values: no device sync here).
+    w1, w3:     (E, D, F);  w2: (E, F, D).
+    impl:       "grouped": torch._grouped_mm on CUDA bf16, else a padded batched matmul;
+                "loop": one matmul per expert (the reference).
+    Returns (M, D), rows in the order of x.
+    """
+    num_experts = w1.shape[0]
+    assert len(num_tokens) == num_experts and sum(num_tokens) == x.shape[0], (num_tokens, x.shape)
+    if num_experts == 0:
+        # A rank holding no expert of this layer receives no rows; return x (M = 0) itself so that
+        # the autograd graph stays connected and the reverse exchange runs on every rank.
+        return x
+    if impl == "loop":
+        bounds = [0, *itertools.accumulate(num_tokens)]
+        # Zero-row segments still run, keeping every weight in the graph (zero gradients).
+        outs = [mlp(x[bounds[e]:bounds[e + 1]], w1[e], w2[e], None if w3 is None else w3[e], activation)
+                for e in range(num_experts)]
+        return torch.cat(outs)
+    if impl != "grouped":
+        raise ValueError(f"unknown expert impl {impl!r}; known: {', '.join(EXPERT_IMPLS)}")
+    if _can_grouped_mm(x, w1):
+        offs = torch.tensor(list(itertools.accumulate(num_tokens)), dtype=torch.int32, device=x.device)
+        h = torch._grouped_mm(x, w1, offs=offs)  # (M, F)
+        g = None if w3 is None else torch._grouped_mm(x, w3, offs=offs)
+        return torch._grouped_mm(_act(h, g, activation), w2, offs=offs)  # (M, D)
+    return _padded_bmm(x, num_tokens, w1, w2, w3, activation)
+
+
+def _padded_bmm(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2: torch.Tensor,
+                w3: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Grouped fallback: pad every expert to the busiest one's rows, one bmm per weight."""
+    num_experts, dim = w1.shape[0], w1.shape[1]
+    max_rows = max(num_tokens)
+    counts = torch.tensor(list(num_tokens), device=x.device)  # (E,)
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts,
+                                            output_size=x.shape[0])  # (M,)
+    start = torch.cumsum(counts, 0) - counts  # (E,)
+    row_in_expert = torch.arange(x.shape[0], device=x.device) - start[expert_of_row]  # (M,)
+    padded = x.new_zeros(num_experts, max_rows, dim)  # (E, max_rows, D); padding rows stay 0
+    padded = padded.index_put((expert_of_row, row_in_expert), x)
+    h = torch.bmm(padded, w1)  # (E, max_rows, F)
+    g = None if w3 is None else torch.bmm(padded, w3)
+    y = torch.bmm(_act(h, g, activation), w2)  # (E, max_rows, D)
+    return y[expert_of_row, row_in_expert]  # (M, D)
+
+
+class GroupedExperts(nn.Module):
+    """E routed experts with stacked weights; dispatch and combine on one device."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str,
+                 impl: str = "grouped") -> None:
+        super().__init__()
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"unknown expert impl {impl!r}; known: {', '.join(EXPERT_IMPLS)}")
+        self.num_experts = num_experts
+        self.activation = activation
+        self.impl = impl
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden)) if activation == "swiglu" else None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                nn.init.normal_(w, std=std)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x: (N, D), topk_idx: (N, k) with -1 for dropped, topk_weight: (N, k) -> (N, D)."""
+        num_tokens, top_k = topk_idx.shape
+        flat = topk_idx.reshape(-1)  # (A,)
+        key = torch.where(flat >= 0, flat, self.num_experts)  # (A,) dropped sort last
+        order = torch.argsort(key, stable=True)  # (A,) assignment ids grouped by expert
+        num_per_expert = torch.bincount(key, minlength=self.num_experts + 1)[:self.num_experts]
+        # NOTE: host sync (rows per expert decide the GEMM shapes)
+        num_per_expert = num_per_expert.tolist()
+        order = order[:sum(num_per_expert)]  # (M,)
+        token_of_row = order // top_k  # (M,)
+        y = expert_mlp(x[token_of_row], num_per_expert, self.w1, self.w2, self.w3,
+                       self.activation, self.impl)  # (M, D)
+        weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (M,)
+        return x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+

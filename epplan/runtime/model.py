@@ -1,0 +1,165 @@
+"""A decoder-only MoE transformer on one device, built from a ``ModelConfig``.
+
+Shape legend:
+    B = batch (sequences), T = sequence length, D = d_model, V = vocab,
+    H = attention heads, Hkv = key/value heads (GQA when Hkv < H), Dh = head dim,
+    N = B * T tokens, E = routed experts, k = experts per token, F = MLP hidden.
+
+Blocks ``[0, num_dense_layers)`` carry a dense MLP, the rest a ``MoE`` (router + routed experts +
+optional shared experts). This file never imports ``torch.distributed``: expert parallelism is
+applied afterwards by ``epplan.runtime.expert_parallel.parallelize_experts``, which swaps each
+``MoE.experts`` for a distributed module with the same call signature.
+
+Parameters are created in fp32 (cast the model with ``.to(dtype)`` for bf16 or fp64). The router
+computes in at least fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from epplan.runtime.experts import GroupedExperts, mlp
+from epplan.runtime.router import Router
+from epplan.workload.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped key/value heads."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.d_model, config.num_heads * config.head_dim, bias=False)
+        self.wkv = nn.Linear(config.d_model, 2 * config.num_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.num_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = self.wkv(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, Dh)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """Dense MLP with the experts' layout: w1, w3 (D, F), w2 (F, D)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.randn(dim, hidden) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(hidden, dim) * 0.02)
+        self.w3 = nn.Parameter(torch.randn(dim, hidden) * 0.02) if activation == "swiglu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mlp(x, self.w1, self.w2, self.w3, self.activation)  # (..., D)
+
+
+class MoE(nn.Module):
+    """Router -> routed experts (weighted sum of k) + shared experts (every token)."""
+
+    def __init__(self, config: ModelConfig, capacity_factor: float | None = None,
+                 expert_impl: str = "grouped") -> None:
+        super().__init__()
+        self.router = Router(config.d_model, config.num_experts, config.top_k,
+                             aux_loss_coef=config.router_aux_loss_coef,
+                             bias_rate=config.router_bias_rate, capacity_factor=capacity_factor)
+        self.experts = GroupedExperts(config.num_experts, config.d_model, config.d_ff,
+                                      config.activation, impl=expert_impl)
+        # num_shared_experts MLPs of hidden d_ff, summed, are one MLP of hidden n * d_ff.
+        self.shared = (MLP(config.d_model, config.num_shared_experts * config.d_ff, config.activation)
+                       if config.num_shared_experts else None)
+        self.aux_loss: torch.Tensor | None = None  # of the last forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # (N, D)
+        topk_idx, topk_weight, self.aux_loss = self.router(x)  # (N, k), (N, k), ()
+        y = self.experts(x, topk_idx, topk_weight)  # (N, D)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, is_moe: bool, capacity_factor: float | None,
+                 expert_impl: str) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn = (MoE(config, capacity_factor, expert_impl) if is_moe
+                    else MLP(config.d_model, config.dense_d_ff, config.activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))  # (B, T, D)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token + learned position embeddings, blocks, final norm, LM head (untied)."""
+
+    def __init__(self, config: ModelConfig, capacity_factor: float | None = None,
+                 expert_impl: str = "grouped") -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
+        self.layers = nn.ModuleList(
+            Block(config, i >= config.num_dense_layers, capacity_factor, expert_impl)
+            for i in range(config.num_layers))
+        self.norm = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules in layer order (index = MoE layer index, as in a Placement)."""
+        return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: int64 (B, T) -> logits (B, T, V), loss () = mean cross-entropy + aux losses."""
+        B, T = idx.shape
+        if T > self.config.seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, D)
+        for block in self.layers:
+            x = block(x)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        logits_hi = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no bf16 softmax
+        loss = F.cross_entropy(logits_hi.reshape(B * T, -1), targets.reshape(-1))
+        for moe in self.moe_layers():
+            loss = loss + moe.aux_loss
+        return logits, loss
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Between optimizer steps: nudge every router's selection bias toward balance."""
+        for moe in self.moe_layers():
+            moe.router.update_bias()

@@ -1,0 +1,177 @@
+"""Single-device runtime: router, experts, MoE and the transformer (CPU, float64 where exactness matters)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from epplan.runtime.experts import GroupedExperts, expert_mlp
+from epplan.runtime.model import MLP, MoE, Transformer
+from epplan.runtime.router import Router, position_in_expert
+from epplan.workload.config import PRESETS
+
+TINY = PRESETS["tiny"]
+
+
+def _router(dim=8, num_experts=4, top_k=2, **kw) -> Router:
+    torch.manual_seed(0)
+    return Router(dim, num_experts, top_k, **kw).double()
+
+
+def test_router_topk_selects_largest_probs_and_renormalises():
+    for top_k in (1, 2, 4):
+        router = _router(top_k=top_k)
+        x = torch.randn(16, 8, dtype=torch.float64)
+        idx, weight, _ = router(x)
+        probs = torch.softmax(x @ router.gate.weight.T, dim=-1)  # (N, E)
+        expected = torch.sort(probs, dim=-1, descending=True).indices[:, :top_k]
+        assert torch.equal(torch.sort(idx, dim=-1).values, torch.sort(expected, dim=-1).values)
+        torch.testing.assert_close(weight.sum(-1), torch.ones(16, dtype=torch.float64))
+        top = probs.gather(1, idx)
+        torch.testing.assert_close(weight, top / top.sum(-1, keepdim=True))
+
+
+def test_router_aux_loss_matches_hand_computation():
+    router = _router(num_experts=3, top_k=1, aux_loss_coef=0.1)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0],
+                                               [0, 1.0, 0, 0, 0, 0, 0, 0],
+                                               [0, 0, 1.0, 0, 0, 0, 0, 0]]))
+    x = torch.zeros(4, 8, dtype=torch.float64)
+    x[0, 0] = x[1, 0] = x[2, 1] = 2.0  # tokens 0, 1 -> expert 0; token 2 -> expert 1
+    x[3, 2] = 3.0  # token 3 -> expert 2
+    _, _, aux = router(x)
+    e2, e3 = math.exp(2), math.exp(3)
+    probs = np.array([[e2, 1, 1], [e2, 1, 1], [1, e2, 1], [1, 1, e3]])
+    probs /= probs.sum(axis=1, keepdims=True)
+    f = np.array([2, 1, 1]) / 4
+    expected = 0.1 * 3 * float((f * probs.mean(axis=0)).sum())
+    assert aux.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_router_bias_balances_skewed_load():
+    router = _router(num_experts=4, top_k=1, bias_rate=0.01)
+    torch.manual_seed(1)
+    x = torch.randn(256, 8, dtype=torch.float64)
+    x[:, 7] = 1.0
+    with torch.no_grad():
+        router.gate.weight[0, 7] = 1.5  # expert 0 wins most tokens
+
+    def imbalance() -> float:
+        idx, _, _ = router(x)
+        load = torch.bincount(idx.reshape(-1), minlength=4).double()
+        return (load.max() / load.mean()).item()
+
+    start = imbalance()
+    router.load.zero_()
+    for _ in range(200):
+        router(x)
+        router.update_bias()
+    assert start > 2.5
+    assert imbalance() < 1.25  # sign steps of fixed size oscillate around balance
+    # Bias steers selection only: the gate weights are the unbiased probabilities.
+    idx, weight, _ = router(x)
+    assert torch.equal(weight, torch.ones_like(weight))
+
+
+def test_position_in_expert():
+    flat = torch.tensor([2, 0, 2, -1, 0, 2])
+    assert position_in_expert(flat, 3)[[0, 1, 2, 4, 5]].tolist() == [0, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu"])
+def test_loop_and_grouped_experts_agree(activation):
+    torch.manual_seed(0)
+    experts = GroupedExperts(5, 8, 12, activation).double()
+    x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    num_tokens = [7, 0, 9, 0, 4]  # includes experts with no rows
+    outs, grads = [], []
+    for impl in ("loop", "grouped"):
+        y = expert_mlp(x, num_tokens, experts.w1, experts.w2, experts.w3, activation, impl)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([t.grad.clone() for t in (x, experts.w1, experts.w2)])
+        for t in (x, experts.w1, experts.w2, experts.w3):
+            if t is not None:
+                t.grad = None
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_capacity_factor_drops_and_counts():
+    torch.manual_seed(0)
+    router = _router(num_experts=4, top_k=2, capacity_factor=0.5)
+    x = torch.randn(32, 8, dtype=torch.float64)
+    free = _router(num_experts=4, top_k=2)
+    free.gate.weight.data.copy_(router.gate.weight)
+    idx_free, _, _ = free(x)
+    idx, weight, _ = router(x)
+    capacity = math.ceil(0.5 * 32 * 2 / 4)
+    counts = torch.bincount(idx_free.reshape(-1), minlength=4)
+    expected_dropped = int((counts - capacity).clamp(min=0).sum())
+    assert expected_dropped > 0
+    assert int(router.num_dropped) == expected_dropped
+    assert int((idx == -1).sum()) == expected_dropped
+    kept = idx.reshape(-1)[idx.reshape(-1) >= 0]
+    assert torch.bincount(kept, minlength=4).max() <= capacity
+    # Dropped assignments are the later ones in flat (token-major) order.
+    flat_free, flat = idx_free.reshape(-1), idx.reshape(-1)
+    for e in range(4):
+        where = (flat_free == e).nonzero().squeeze(1)
+        assert torch.equal(flat[where[:capacity]], flat_free[where[:capacity]])
+        assert bool((flat[where[capacity:]] == -1).all())
+    # The MoE still runs: a token whose every assignment was dropped gets zero from the experts.
+    moe = MoE(TINY.replace(d_model=8, num_experts=4, top_k=2), capacity_factor=0.5).double()
+    y = moe(x.view(4, 8, 8))
+    assert torch.isfinite(y).all() and int(moe.router.num_dropped) > 0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_one_expert_top1_moe_equals_dense_mlp(activation):
+    config = TINY.replace(num_experts=1, top_k=1, activation=activation, router_aux_loss_coef=0.0)
+    torch.manual_seed(0)
+    moe = MoE(config).double()
+    dense = MLP(config.d_model, config.d_ff, activation).double()
+    with torch.no_grad():
+        dense.w1.copy_(moe.experts.w1[0])
+        dense.w2.copy_(moe.experts.w2[0])
+        if dense.w3 is not None:
+            dense.w3.copy_(moe.experts.w3[0])
+    x = torch.randn(2, 5, config.d_model, dtype=torch.float64)
+    y_moe, y_dense = moe(x), dense(x)
+    torch.testing.assert_close(y_moe, y_dense, rtol=1e-12, atol=1e-12)
+    y_moe.square().sum().backward()
+    y_dense.square().sum().backward()
+    torch.testing.assert_close(moe.experts.w1.grad[0], dense.w1.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moe.experts.w2.grad[0], dense.w2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_transformer_variants_are_causal_and_train():
+    config = TINY.replace(num_layers=3, num_dense_layers=1, dense_d_ff=48, num_shared_experts=1,
+                          num_kv_heads=2, activation="swiglu", top_k=3)
+    torch.manual_seed(0)
+    model = Transformer(config).double()
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 12, config.vocab_size) and loss.ndim == 0
+    changed = idx.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % config.vocab_size
+    # Past positions ignore future tokens, unless routing of a later token changes (it cannot
+    # here: routing is per token), so the first 8 positions' logits are unchanged.
+    torch.testing.assert_close(model(changed)[0][:, :8], logits[:, :8], rtol=1e-12, atol=1e-12)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        model.update_router_biases()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, config.seq_len + 1, dtype=torch.int64))
