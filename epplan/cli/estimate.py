@@ -1,0 +1,231 @@
+"""``epplan estimate``: step time, MFU and memory of a placement, without GPUs."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+import yaml
+from rich.table import Table
+
+from epplan.cli import app
+from epplan.cli.common import console, print_json, user_errors
+from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
+from epplan.errors import ConfigError, PlacementError
+from epplan.placement.baselines import BASELINES, random_placement
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.types import Placement
+from epplan.topology import load_topology
+from epplan.workload import load_model_config, make_traffic
+
+_GB = 1e9
+
+
+@app.command("estimate")
+@user_errors
+def estimate(
+    topology: Annotated[Path, typer.Option(
+        help="Cluster topology YAML file (see topologies/).", show_default=False)],
+    model: Annotated[str, typer.Option(
+        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny) or YAML file.")] = "seed",
+    routing: Annotated[str, typer.Option(
+        help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST] or run stats .json.")] = "uniform",
+    placement: Annotated[str, typer.Option(
+        help="contiguous, eplb, random, or a placement manifest .json.")] = "contiguous",
+    experts_per_gpu: Annotated[int, typer.Option(help="Most experts (replicas included) per GPU per layer.")] = 1,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
+    compute_efficiency: Annotated[float, typer.Option(
+        help="Achievable fraction of each GPU's datasheet bf16 TFLOP/s.")] = 0.6,
+    tflops: Annotated[Optional[float], typer.Option(
+        help="Achievable TFLOP/s per GPU; overrides --compute-efficiency.")] = None,
+    micro_batches: Annotated[int, typer.Option(
+        help="Gradient-accumulation steps per optimizer step (divides activation memory).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of --placement random.")] = 0,
+    layers: Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
+) -> None:
+    """Estimate a training step: compute, all-to-all and gradient-sync time, the bottleneck link,
+    memory per GPU and MFU. Exits 1 if the placement does not fit in GPU memory."""
+    topo = load_topology(topology)
+    config = load_model_config(model, parse_overrides(set_ or []))
+    traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
+    problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
+                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
+                               micro_batches=micro_batches)
+    plan = _placement(placement, problem, seed)
+    cost = evaluate(plan, problem)
+    if json:
+        data = cost.to_dict()
+        data["model"] = config.name
+        data["notes"] = traffic.notes
+        print_json(data)
+    else:
+        _print(cost, problem, show_layers=layers)
+    if not cost.fits_memory:
+        raise PlacementError(_memory_message(cost, problem))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['num_experts=32', 'dtype=fp32'] -> {'num_experts': 32, 'dtype': 'fp32'} (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or not name.strip():
+            raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set num_experts=32")
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        out[name.strip()] = value
+    return out
+
+
+def _placement(spec: str, problem: PlacementProblem, seed: int) -> Placement:
+    if spec == "random":
+        return random_placement(problem, seed)
+    if spec in BASELINES:
+        return BASELINES[spec](problem)
+    if spec.endswith(".json"):
+        return _from_manifest(Path(spec))
+    raise PlacementError(f"--placement {spec!r}: use {', '.join(BASELINES)} or a manifest .json file")
+
+
+def _from_manifest(path: Path) -> Placement:
+    try:
+        manifest = importlib.import_module("epplan.manifest")
+    except ModuleNotFoundError:
+        raise PlacementError(
+            f"--placement {path}: this version of epplan cannot read placement manifests yet "
+            f"(no epplan.manifest); use one of {', '.join(BASELINES)}") from None
+    reader = getattr(manifest, "read_manifest", None) or getattr(manifest, "load_manifest", None)
+    if reader is None:
+        raise PlacementError(f"--placement {path}: epplan.manifest has no read_manifest(); "
+                             f"use one of {', '.join(BASELINES)}")
+    loaded = reader(path)
+    plan = loaded if isinstance(loaded, Placement) else getattr(loaded, "placement", None)
+    if not isinstance(plan, Placement):
+        raise PlacementError(f"--placement {path}: the manifest holds no placement")
+    return plan
+
+
+# ------------------------------------------------------------------------------ output
+
+def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
+    topo, config = problem.topology, problem.config
+    d = cost.to_dict()
+    step = d["step"]
+    console.print(
+        f"[bold]{config.name}[/] on [bold]{topo.name}[/] ({topo.num_gpus} GPUs), placement "
+        f"[bold]{cost.placement_method}[/], routing {cost.traffic_source}, "
+        f"{config.tokens_per_step:,} tokens per step", highlight=False)
+    for note in problem.traffic.notes:
+        console.print(f"  [dim]note: {note}[/]", highlight=False)
+
+    t = Table(title="time per training step", title_justify="left")
+    t.add_column("component")
+    t.add_column("seconds", justify="right")
+    t.add_column("how", style="dim")
+    rows = [
+        ("MoE layers (overlap-aware)", step["moe_layers_s"], "sum over layers: dense + max(expert, a2a)"),
+        ("  attention / router compute", step["dense_compute_s"], "slowest GPU, fwd + bwd"),
+        ("  expert compute", step["expert_compute_s"], "busiest GPU per layer, summed"),
+        ("  all-to-all", step["a2a_s"], "busiest link per layer: dispatch + combine, fwd + bwd"),
+        ("  per-layer bottleneck (objective)", step["bottleneck_total_s"], "sum of max(expert, a2a)"),
+        ("dense layers + LM head", step["other_compute_s"], "slowest GPU"),
+        ("expert gradient sync", step["expert_sync_s"], "rings over each expert's replicas"),
+        ("dense gradient sync", step["dense_sync_s"], f"ring over all {topo.num_gpus} ranks"),
+        ("  both, exposed", step["exposed_sync_s"], f"of {step['sync_s']:.4g} s, rest hidden by backward"),
+        ("[bold]step time[/]", step["step_time_s"], f"nothing overlapped: {step['serial_step_time_s']:.4g} s"),
+    ]
+    for name, seconds, how in rows:
+        t.add_row(name, f"{seconds:.4g}", how)
+    console.print(t)
+
+    c = Table(title="communication: busiest link per component over the step", title_justify="left")
+    for col, justify in (("component", "left"), ("GB on it", "right"), ("seconds", "right"),
+                         ("link", "left"), ("class", "left")):
+        c.add_column(col, justify=justify)
+    cap = cost.capacity_bytes_per_s
+    parts = [
+        ("dispatch fwd", cost.dispatch_fwd_bytes.sum(axis=0, dtype=np.float64)),
+        ("combine fwd", cost.combine_fwd_bytes.sum(axis=0, dtype=np.float64)),
+        ("dispatch bwd", cost.combine_fwd_bytes.sum(axis=0, dtype=np.float64)),
+        ("combine bwd", cost.dispatch_fwd_bytes.sum(axis=0, dtype=np.float64)),
+        ("expert grad sync", cost.expert_sync_bytes.astype(np.float64)),
+        ("dense grad sync", cost.dense_sync_bytes.astype(np.float64)),
+        ("everything", cost.link_step_bytes),
+    ]
+    for name, loads in parts:
+        k = int(np.argmax(loads / cap))
+        if loads[k] <= 0:
+            c.add_row(name, "0", "0", "-", "-")
+            continue
+        label = cost.link_label(k)
+        c.add_row(name, f"{loads[k] / _GB:.4g}", f"{loads[k] / cap[k]:.4g}", label["name"], label["class"])
+    console.print(c)
+
+    if show_layers:
+        lt = Table(title="per MoE layer", title_justify="left")
+        for col in ("layer", "bottleneck s", "binds", "a2a s", "a2a link", "expert s", "expert GPU"):
+            lt.add_column(col, justify="right" if col.endswith(" s") or col == "layer" else "left")
+        for row in d["layers"]:
+            lt.add_row(str(row["layer"]), f"{row['bottleneck_s']:.4g}", row["binds"], f"{row['a2a_s']:.4g}",
+                       row["a2a_link"], f"{row['expert_s']:.4g}", row["expert_gpu"])
+        console.print(lt)
+
+    m = d["memory"]
+    w = m["worst_gpu_bytes"]
+    mt = Table(title=f"memory of the fullest GPU ({m['worst_gpu']}), GB", title_justify="left")
+    for col in ("weights", "grads", "optimizer", "activations", "total", "capacity"):
+        mt.add_column(col, justify="right")
+    style = "green" if m["fits"] else "bold red"
+    mt.add_row(*(f"{w[k] / _GB:.1f}" for k in ("weights", "grads", "optimizer", "activations")),
+               f"[{style}]{w['total'] / _GB:.1f}[/]", f"{w['capacity'] / _GB:.1f}")
+    console.print(mt)
+
+    bw = d["bandwidth"]
+    s = Table(title="against the targets", title_justify="left", show_header=False)
+    s.add_column()
+    s.add_column(justify="right")
+    s.add_column(style="dim")
+    s.add_row(f"MFU vs spec peak ({SPEC_PEAK_TFLOPS:.0f} TFLOP/s)", _pct(cost.mfu_spec, MFU_TARGET),
+              f"target {MFU_TARGET:.0%}")
+    s.add_row("MFU vs datasheet peak", f"{cost.mfu_datasheet:.1%}",
+              f"{float(np.mean(topo.gpu_tflops)):.0f} TFLOP/s per GPU")
+    link = bw["busiest_link"]
+    s.add_row("bandwidth utilisation, busiest link", _pct(cost.bandwidth_utilisation, BANDWIDTH_TARGET),
+              f"{link['name']} ({link['class']}, {link['capacity_gbps']:g} GB/s); target {BANDWIDTH_TARGET:.0%}")
+    console.print(s)
+
+
+def _pct(value: float, target: float) -> str:
+    style = "green" if value >= target else "yellow"
+    return f"[{style}]{value:.1%}[/]"
+
+
+def _memory_message(cost: Cost, problem: PlacementProblem) -> str:
+    g = cost.worst_memory_gpu
+    name = problem.topology.gpu_names[g]
+    static = cost.weight_bytes[g] + cost.grad_bytes[g] + cost.optimizer_bytes[g]
+    act, cap = cost.activation_bytes[g], cost.memory_capacity_bytes[g]
+    over = int(np.sum(cost.memory_bytes > cost.memory_capacity_bytes))
+    msg = (f"does not fit in GPU memory: {name} needs {(static + act) / _GB:.1f} GB (weights "
+           f"{cost.weight_bytes[g] / _GB:.1f}, grads {cost.grad_bytes[g] / _GB:.1f}, optimizer "
+           f"{cost.optimizer_bytes[g] / _GB:.1f}, activations {act / _GB:.1f}) but has {cap / _GB:.1f} GB; "
+           f"{over} of {cost.num_gpus} GPUs are over. ")
+    if static >= cap:
+        return msg + ("Parameters and optimizer states alone exceed it: use more GPUs, or a smaller "
+                      "model (fewer or smaller experts, e.g. --set num_experts=N)")
+    # Activations scale with 1 / micro_batches; a micro-batch holds at least one sequence per rank.
+    need = math.ceil(act * problem.micro_batches / (cap - static))
+    per_rank = problem.config.global_batch / problem.num_gpus
+    if need <= per_rank:
+        return msg + f"Try --micro-batches {need} (activations / {need}), or more GPUs"
+    return msg + (f"Even one sequence per rank at a time ({per_rank:g} per rank) does not fit: "
+                  "use more GPUs, shorter sequences (--set seq_len=N) or a smaller model")
+

@@ -1,0 +1,10 @@
+"""Scoring placements: ``evaluate(placement, problem) -> Cost``, the one cost function that the
+planner's objective, every baseline, ``epplan estimate`` and the report agree with."""
+
+from epplan.cost.evaluate import (
+    BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate, layer_flows_t,
+)
+from epplan.cost.linkmap import LinkMap, link_map
+
+__all__ = ["BANDWIDTH_TARGET", "MFU_TARGET", "SPEC_PEAK_TFLOPS", "Cost", "LinkMap", "evaluate",
+           "layer_flows_t", "link_map"]

@@ -1,0 +1,436 @@
+"""``evaluate(placement, problem) -> Cost``: the one place a placement is scored.
+
+Shape legend: L = MoE layers, G = ranks (GPUs), E = experts per layer, K = directed links.
+Units: bytes and seconds per optimizer step; link capacities are GB/s (1e9 bytes/s).
+
+The model (the planner minimises ``bottleneck_s.sum()``; keep the two in step):
+
+all-to-all   Layer l's flows F[s, t] = placement.layers[l].flows(traffic.counts[l]) are the
+             token-assignments s sends to t; b = bytes per assignment. Forward dispatch puts
+             b F[s, t] on the wire s -> t, forward combine b F[t, s]; the backward pass repeats
+             both reversed (the combine's gradient goes s -> t, the dispatch's t -> s). So the
+             layer's a2a matrix is 2b (F + F^T) (the diagonal stays local), and per link
+             ``dispatch_fwd_bytes`` = b loads(F) (= the combine's backward) and
+             ``combine_fwd_bytes`` = b loads(F^T) (= the dispatch's backward).
+link time    load / (capacity GB/s * 1e9).
+expert time  per GPU: assignments it serves (F's column sum, local ones included) *
+             flops_per_assignment * 3 (forward + backward) / achievable FLOP/s of the GPU.
+bottleneck   per layer: max(max over links of the a2a time, max over GPUs of the expert time).
+
+Reported beside the objective:
+
+dense        per MoE layer and GPU: tokens per rank * (attention, router, shared experts FLOPs)
+             * 3 / rate; ``other_compute_s``: dense layers and the LM head, once per step.
+layer time   overlap-aware: max_g dense_l[g] + bottleneck_l, i.e. the expert GEMMs and the
+             all-to-all overlap (chunked pipelining) and whichever is longer shows; attention
+             does not overlap them.
+grad sync    expert replicas: a ring over each expert's replica ranks in sorted order, every hop
+             carrying 2 (R - 1) / R * expert parameter bytes (model dtype); dense parameters: a
+             ring over all G ranks in rank order, 2 (G - 1) / G * dense parameter bytes per hop.
+             Both as link loads; ``sync_s`` = max link time of the two together (they share
+             links). Assumed bucketed and overlapped with the backward pass, as DDP does, so only
+             ``exposed_sync_s`` = max(0, sync_s - backward compute time) shows, where backward
+             compute = 2/3 of sum_l (max dense_l + max expert_l) + max other. Optimistic: the
+             backward all-to-all competes for the same links; ``serial_step_time_s`` is the
+             pessimistic bound with nothing overlapped.
+step time    sum_l layer_time_l + max_g other_compute[g] + exposed_sync_s.
+MFU          model_flops_per_step / (step_time * sum over GPUs of the peak): ``mfu_datasheet``
+             against each GPU's datasheet bf16 TFLOP/s, ``mfu_spec`` against the founding spec's
+             400 TFLOP/s per GPU (target 60 %).
+bandwidth    on the link busiest over the step (a2a of every layer + gradient sync, bytes /
+utilisation  capacity): its bytes / (step time * capacity), i.e. the fraction of the step it
+             moves data (target 80 %). ``a2a_utilisation[l]``: layer l's a2a bottleneck time /
+             its layer time.
+memory       per GPU: weights (model dtype) + gradients (model dtype) + AdamW states (fp32 master
+             copy when the model dtype is narrower than fp32, plus two fp32 moments: 12 bytes per
+             parameter for bf16, 8 for fp32) for the dense parameters (on every rank) and for
+             every expert replica placed on the GPU; activations kept for backward (no
+             recomputation): the per-token parts (attention, router, norms, dense MLP, LM head)
+             for the rank's own tokens, the per-assignment part for the assignments it serves;
+             divided by ``micro_batches``. Capacity: topology ``gpu_memory_gb`` * 1e9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from epplan.cost.linkmap import link_map
+from epplan.errors import PlacementError
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.types import LayerPlacement, Placement
+from epplan.workload.flops import TRAINING_FLOPS_FACTOR
+
+SPEC_PEAK_TFLOPS = 400.0   # founding spec: usable bf16 TFLOP/s per H100
+MFU_TARGET = 0.60
+BANDWIDTH_TARGET = 0.80
+_BWD_SHARE = (TRAINING_FLOPS_FACTOR - 1) / TRAINING_FLOPS_FACTOR  # backward = 2/3 of training FLOPs
+
+
+@dataclass
+class Cost:
+    """Every number ``evaluate`` derives; see the module docstring for the definitions."""
+
+    topology: Any = field(repr=False)
+    placement_method: str
+    traffic_source: str
+    num_gpus: int
+    # --- per layer and link (bytes per step) ----------------------------------------------------
+    dispatch_fwd_bytes: np.ndarray      # float32[L, K] b*loads(F); the combine's backward: same
+    combine_fwd_bytes: np.ndarray       # float32[L, K] b*loads(F^T); the dispatch's backward: same
+    # --- per layer -----------------------------------------------------------------------------
+    a2a_link_s: np.ndarray              # float64[L] a2a time of the layer's most-loaded link
+    a2a_link: np.ndarray                # int64[L]   that link
+    expert_assignments: np.ndarray      # float64[L, G] assignments each GPU serves
+    expert_compute_s: np.ndarray        # float64[L, G]
+    expert_gpu: np.ndarray              # int64[L]   the GPU with the longest expert time
+    bottleneck_s: np.ndarray            # float64[L] max(a2a_link_s, expert time of expert_gpu)
+    dense_compute_s: np.ndarray         # float64[L, G] attention, router, shared experts
+    layer_time_s: np.ndarray            # float64[L] overlap-aware
+    # --- per step ------------------------------------------------------------------------------
+    other_compute_s: np.ndarray         # float64[G] dense layers + LM head
+    expert_sync_bytes: np.ndarray       # float32[K] expert replicas' gradient rings
+    dense_sync_bytes: np.ndarray        # float32[K] dense parameters' data-parallel ring
+    expert_sync_s: float
+    dense_sync_s: float
+    sync_s: float
+    exposed_sync_s: float
+    step_time_s: float
+    serial_step_time_s: float
+    model_flops_per_step: float
+    mfu_datasheet: float
+    mfu_spec: float
+    busiest_link: int
+    bandwidth_utilisation: float
+    # --- memory per GPU (bytes) ----------------------------------------------------------------
+    weight_bytes: np.ndarray            # float64[G]
+    grad_bytes: np.ndarray
+    optimizer_bytes: np.ndarray
+    activation_bytes: np.ndarray
+    memory_capacity_bytes: np.ndarray
+
+    # --- derived ---------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.bottleneck_s.size)
+
+    @property
+    def bottleneck_total_s(self) -> float:
+        """The planner's objective: sum over layers of each layer's bottleneck."""
+        return float(self.bottleneck_s.sum())
+
+    @property
+    def binds(self) -> list[str]:
+        """Per layer, what sets the bottleneck: 'link' or 'gpu'."""
+        expert = self.expert_compute_s[np.arange(self.num_layers), self.expert_gpu]
+        return ["link" if a >= x else "gpu" for a, x in zip(self.a2a_link_s, expert)]
+
+    @property
+    def capacity_bytes_per_s(self) -> np.ndarray:
+        return np.asarray(self.topology.link_capacity, dtype=np.float64) * 1e9
+
+    @property
+    def a2a_bytes(self) -> np.ndarray:
+        """float64[L, K] all four exchanges of each layer on each link."""
+        return 2.0 * (self.dispatch_fwd_bytes.astype(np.float64) + self.combine_fwd_bytes)
+
+    @property
+    def link_step_bytes(self) -> np.ndarray:
+        """float64[K] everything a step puts on each link: a2a of all layers + gradient sync."""
+        return (self.a2a_bytes.sum(axis=0) + self.expert_sync_bytes.astype(np.float64)
+                + self.dense_sync_bytes)
+
+    @property
+    def a2a_utilisation(self) -> np.ndarray:
+        return self.a2a_link_s / self.layer_time_s
+
+    @property
+    def memory_bytes(self) -> np.ndarray:
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+    @property
+    def fits_memory(self) -> bool:
+        return bool(np.all(self.memory_bytes <= self.memory_capacity_bytes))
+
+    @property
+    def worst_memory_gpu(self) -> int:
+        return int(np.argmax(self.memory_bytes / self.memory_capacity_bytes))
+
+    def link_label(self, idx: int) -> dict[str, Any]:
+        topo = self.topology
+        return {"index": int(idx), "name": topo.link_name(int(idx)), "class": topo.link_class[int(idx)],
+                "capacity_gbps": float(topo.link_capacity[int(idx)])}
+
+    def to_dict(self, top_links: int = 10) -> dict[str, Any]:
+        """Summary, per-layer arrays and the ``top_links`` busiest links, JSON-ready."""
+        topo = self.topology
+        cap = self.capacity_bytes_per_s
+        step_bytes = self.link_step_bytes
+        link_s = step_bytes / cap
+        order = np.argsort(-link_s)[:top_links]
+        g = self.worst_memory_gpu
+        expert_max = self.expert_compute_s.max(axis=1)
+        return {
+            "topology": topo.name,
+            "num_gpus": self.num_gpus,
+            "num_moe_layers": self.num_layers,
+            "placement": self.placement_method,
+            "traffic": self.traffic_source,
+            "step": {
+                "step_time_s": self.step_time_s,
+                "serial_step_time_s": self.serial_step_time_s,
+                "bottleneck_total_s": self.bottleneck_total_s,
+                "moe_layers_s": float(self.layer_time_s.sum()),
+                "dense_compute_s": float(self.dense_compute_s.max(axis=1).sum()),
+                "expert_compute_s": float(expert_max.sum()),
+                "a2a_s": float(self.a2a_link_s.sum()),
+                "other_compute_s": float(self.other_compute_s.max()),
+                "expert_sync_s": self.expert_sync_s,
+                "dense_sync_s": self.dense_sync_s,
+                "sync_s": self.sync_s,
+                "exposed_sync_s": self.exposed_sync_s,
+            },
+            "communication_bytes": {
+                "dispatch_fwd": float(self.dispatch_fwd_bytes.sum(dtype=np.float64)),
+                "combine_fwd": float(self.combine_fwd_bytes.sum(dtype=np.float64)),
+                "dispatch_bwd": float(self.combine_fwd_bytes.sum(dtype=np.float64)),
+                "combine_bwd": float(self.dispatch_fwd_bytes.sum(dtype=np.float64)),
+                "expert_sync": float(self.expert_sync_bytes.sum(dtype=np.float64)),
+                "dense_sync": float(self.dense_sync_bytes.sum(dtype=np.float64)),
+                "note": "summed over links (a byte crossing 3 links counts 3 times)",
+            },
+            "mfu": {
+                "datasheet": self.mfu_datasheet,
+                "spec_400_tflops": self.mfu_spec,
+                "target": MFU_TARGET,
+                "model_flops_per_step": self.model_flops_per_step,
+            },
+            "bandwidth": {
+                "utilisation": self.bandwidth_utilisation,
+                "target": BANDWIDTH_TARGET,
+                "busiest_link": {**self.link_label(self.busiest_link),
+                                 "bytes_per_step": float(step_bytes[self.busiest_link])},
+            },
+            "memory": {
+                "fits": self.fits_memory,
+                "worst_gpu": topo.gpu_names[g],
+                "worst_gpu_bytes": {
+                    "weights": float(self.weight_bytes[g]), "grads": float(self.grad_bytes[g]),
+                    "optimizer": float(self.optimizer_bytes[g]),
+                    "activations": float(self.activation_bytes[g]),
+                    "total": float(self.memory_bytes[g]),
+                    "capacity": float(self.memory_capacity_bytes[g]),
+                },
+                "max_total_bytes": float(self.memory_bytes.max()),
+                "min_total_bytes": float(self.memory_bytes.min()),
+            },
+            "layers": [
+                {
+                    "layer": li,
+                    "bottleneck_s": float(self.bottleneck_s[li]),
+                    "binds": self.binds[li],
+                    "a2a_s": float(self.a2a_link_s[li]),
+                    "a2a_link": self.link_label(self.a2a_link[li])["name"],
+                    "expert_s": float(expert_max[li]),
+                    "expert_gpu": topo.gpu_names[int(self.expert_gpu[li])],
+                    "layer_time_s": float(self.layer_time_s[li]),
+                }
+                for li in range(self.num_layers)
+            ],
+            "top_links": [
+                {**self.link_label(k), "bytes_per_step": float(step_bytes[k]), "time_s": float(link_s[k])}
+                for k in order
+            ],
+        }
+
+
+def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = True) -> Cost:
+    """Score ``placement`` on ``problem``; see the module docstring for every definition.
+
+    ``fast=False`` takes the reference path (``LayerPlacement.flows`` and
+    ``Topology.link_loads`` per matrix): same numbers, for tests.
+    """
+    topo, config, costs = problem.topology, problem.config, problem.costs
+    num_gpus, num_layers = problem.num_gpus, problem.num_layers
+    _check_fits(placement, problem)
+    counts = problem.traffic.counts                        # [L, G, E]
+    b = float(problem.bytes_per_assignment)
+    cap = np.asarray(topo.link_capacity, dtype=np.float64) * 1e9
+    rate = problem.gpu_flops                               # [G]
+    lm = link_map(topo) if fast else None
+
+    def single(t: np.ndarray) -> np.ndarray:
+        return lm.loads(t) if fast else topo.link_loads(t)
+
+    dispatch = np.empty((num_layers, topo.num_links), dtype=np.float32)
+    combine = np.empty_like(dispatch)
+    a2a_link_s = np.empty(num_layers)
+    a2a_link = np.empty(num_layers, dtype=np.int64)
+    served = np.empty((num_layers, num_gpus))
+    seen: list[int] = []  # layers computed so far whose inputs differ from each other
+    for li in range(num_layers):
+        same = next((m for m in seen if _same_layer(placement.layers[m], placement.layers[li],
+                                                    counts[m], counts[li])), None)
+        if same is not None:  # identical placement and traffic: identical loads (uniform routing)
+            dispatch[li], combine[li], served[li] = dispatch[same], combine[same], served[same]
+            a2a_link_s[li], a2a_link[li] = a2a_link_s[same], a2a_link[same]
+            continue
+        seen.append(li)
+        layer = placement.layers[li]
+        if fast:
+            flows_t = layer_flows_t(layer, counts[li])    # [G, G] destination-major: F^T
+            served[li] = flows_t.sum(axis=1)
+            bwd, fwd = lm.pair_loads(flows_t)             # loads(F^T), loads(F)
+        else:
+            flows = layer.flows(counts[li])              # [G, G]
+            served[li] = flows.sum(axis=0)
+            fwd = topo.link_loads(flows)
+            bwd = topo.link_loads(np.ascontiguousarray(flows.T))
+        a2a_time = 2.0 * b * (fwd + bwd) / cap
+        a2a_link[li] = int(np.argmax(a2a_time))
+        a2a_link_s[li] = float(a2a_time[a2a_link[li]])
+        dispatch[li], combine[li] = b * fwd, b * bwd
+
+    flops_train = TRAINING_FLOPS_FACTOR
+    expert_compute_s = served * costs.flops_per_assignment * flops_train / rate
+    expert_gpu = np.argmax(expert_compute_s, axis=1)
+    expert_max = expert_compute_s[np.arange(num_layers), expert_gpu]
+    bottleneck_s = np.maximum(a2a_link_s, expert_max)
+
+    tokens = config.tokens_per_step / num_gpus              # per rank (data parallel)
+    dense_flops = costs.flops_fwd_moe_layer - costs.flops_routed_experts
+    dense_compute_s = np.broadcast_to(tokens * dense_flops * flops_train / rate, (num_layers, num_gpus)).copy()
+    other_flops = config.num_dense_layers * costs.flops_fwd_dense_layer + costs.flops_lm_head
+    other_compute_s = tokens * other_flops * flops_train / rate
+    layer_time_s = dense_compute_s.max(axis=1) + bottleneck_s
+
+    # Gradient synchronisation: one matrix each, all layers summed (links are shared anyway).
+    param_bytes = config.dtype_bytes
+    expert_ring = _expert_rings(placement, num_gpus, costs.params_per_expert * param_bytes)
+    dense_ring = _ring(np.arange(num_gpus), num_gpus, costs.params_dense * param_bytes)
+    expert_sync = single(expert_ring) if expert_ring.any() else np.zeros(topo.num_links)
+    dense_sync = single(dense_ring) if dense_ring.any() else np.zeros(topo.num_links)
+    expert_sync_s = float((expert_sync / cap).max(initial=0.0))
+    dense_sync_s = float((dense_sync / cap).max(initial=0.0))
+    sync_s = float(((expert_sync + dense_sync) / cap).max(initial=0.0))
+    compute_s = float(dense_compute_s.max(axis=1).sum() + expert_max.sum() + other_compute_s.max())
+    exposed_sync_s = max(0.0, sync_s - _BWD_SHARE * compute_s)
+    step_time_s = float(layer_time_s.sum() + other_compute_s.max() + exposed_sync_s)
+    serial_step_time_s = float(compute_s + a2a_link_s.sum() + sync_s)
+
+    peak = np.asarray(topo.gpu_tflops, dtype=np.float64) * 1e12
+    mfu_datasheet = costs.model_flops_per_step / (step_time_s * peak.sum())
+    mfu_spec = costs.mfu(step_time_s, num_gpus, SPEC_PEAK_TFLOPS * 1e12)
+
+    step_bytes = 2.0 * (dispatch.sum(axis=0, dtype=np.float64) + combine.sum(axis=0, dtype=np.float64)) \
+        + expert_sync + dense_sync
+    busiest = int(np.argmax(step_bytes / cap))
+    utilisation = float(step_bytes[busiest] / (cap[busiest] * step_time_s))
+
+    memory = _memory(placement, problem, served)
+    return Cost(
+        topology=topo, placement_method=placement.method, traffic_source=problem.traffic.source,
+        num_gpus=num_gpus,
+        dispatch_fwd_bytes=dispatch, combine_fwd_bytes=combine,
+        a2a_link_s=a2a_link_s, a2a_link=a2a_link,
+        expert_assignments=served, expert_compute_s=expert_compute_s, expert_gpu=expert_gpu,
+        bottleneck_s=bottleneck_s, dense_compute_s=dense_compute_s, layer_time_s=layer_time_s,
+        other_compute_s=other_compute_s,
+        expert_sync_bytes=expert_sync.astype(np.float32), dense_sync_bytes=dense_sync.astype(np.float32),
+        expert_sync_s=expert_sync_s, dense_sync_s=dense_sync_s, sync_s=sync_s,
+        exposed_sync_s=exposed_sync_s, step_time_s=step_time_s,
+        serial_step_time_s=serial_step_time_s,
+        model_flops_per_step=float(costs.model_flops_per_step),
+        mfu_datasheet=float(mfu_datasheet), mfu_spec=float(mfu_spec),
+        busiest_link=busiest, bandwidth_utilisation=utilisation,
+        **memory,
+    )
+
+
+def layer_flows_t(layer: LayerPlacement, counts: np.ndarray) -> np.ndarray:
+    """``LayerPlacement.flows(counts).T``, fast: float64[G, G], [t, s] = assignments s sends to t.
+
+    Built destination-major because an expert's replica ranks are distinct rows: each expert is
+    one contiguous-row fancy-index add (no ``add.at``, no strided column writes).
+    """
+    num_ranks = counts.shape[0]
+    out = np.zeros((num_ranks, num_ranks))
+    for e, ranks in enumerate(layer.replicas):
+        out[ranks] += layer.split[e].T * counts[:, e]  # (R_e, G) * (G,)
+    return out
+
+
+def _check_fits(placement: Placement, problem: PlacementProblem) -> None:
+    want = (problem.num_gpus, problem.num_experts, problem.num_layers)
+    have = (placement.num_ranks, placement.num_experts, placement.num_layers)
+    if have != want:
+        raise PlacementError(
+            f"placement ({placement.method}) is for {have[0]} ranks, {have[1]} experts, {have[2]} MoE "
+            f"layers; the problem has {want[0]} ranks, {want[1]} experts, {want[2]} MoE layers")
+    # Validate each distinct layer object once (baselines reuse one layer for every layer).
+    distinct = list({id(layer): layer for layer in placement.layers}.values())
+    Placement(placement.num_ranks, placement.num_experts, distinct).validate(problem.experts_per_gpu)
+
+
+def _same_layer(a: LayerPlacement, b: LayerPlacement, counts_a: np.ndarray, counts_b: np.ndarray) -> bool:
+    if not np.array_equal(counts_a, counts_b):  # the cheap test first
+        return False
+    if a is b:
+        return True
+    return len(a.replicas) == len(b.replicas) and all(
+        np.array_equal(ra, rb) and np.array_equal(sa, sb)
+        for ra, rb, sa, sb in zip(a.replicas, b.replicas, a.split, b.split))
+
+
+def _ring(ranks: np.ndarray, num_gpus: int, param_bytes: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Add to ``out`` (float64[G, G]) a ring all-reduce of ``param_bytes`` over ``ranks`` in order:
+    each hop ranks[i] -> ranks[i+1 mod R] carries 2 (R - 1) / R * param_bytes."""
+    out = np.zeros((num_gpus, num_gpus)) if out is None else out
+    r = len(ranks)
+    if r >= 2:
+        out[ranks, np.roll(ranks, -1)] += 2.0 * (r - 1) / r * param_bytes
+    return out
+
+
+def _expert_rings(placement: Placement, num_gpus: int, expert_bytes: float) -> np.ndarray:
+    """float64[G, G]: every expert's replica ring, all layers, built in one scatter."""
+    rings = [np.asarray(r, dtype=np.int64) for layer in placement.layers for r in layer.replicas]
+    sizes = np.array([r.size for r in rings])
+    out = np.zeros((num_gpus, num_gpus))
+    if not rings or sizes.max() < 2:
+        return out
+    ranks = np.concatenate(rings)
+    ring = np.repeat(np.arange(sizes.size), sizes)          # ring of each entry of ranks
+    starts = np.cumsum(sizes) - sizes
+    pos = np.arange(ranks.size) - starts[ring]
+    nxt = ranks[starts[ring] + (pos + 1) % sizes[ring]]    # the next rank around the ring
+    hop = (2.0 * (sizes - 1) / sizes * expert_bytes)[ring]
+    is_ring = sizes[ring] >= 2
+    np.add.at(out, (ranks[is_ring], nxt[is_ring]), hop[is_ring])
+    return out
+
+
+def _memory(placement: Placement, problem: PlacementProblem, served: np.ndarray) -> dict[str, np.ndarray]:
+    config, costs, num_gpus = problem.config, problem.costs, problem.num_gpus
+    held = np.zeros(num_gpus)
+    for layer in placement.layers:
+        held += np.bincount(np.concatenate([np.asarray(r) for r in layer.replicas]), minlength=num_gpus)
+    params = costs.params_dense + held * costs.params_per_expert            # [G]
+    dtype_bytes = config.dtype_bytes
+    optimizer_per_param = 8 + (4 if dtype_bytes < 4 else 0)                 # 2 fp32 moments (+ master)
+    tokens = config.tokens_per_step / num_gpus
+    per_token = (config.num_moe_layers * (costs.act_bytes_per_token_attention
+                                          + costs.act_bytes_per_token_moe_local)
+                 + config.num_dense_layers * (costs.act_bytes_per_token_attention
+                                              + costs.act_bytes_per_token_dense_mlp)
+                 + costs.act_bytes_per_token_head)
+    activations = (tokens * per_token + served.sum(axis=0) * costs.act_bytes_per_assignment)
+    return {
+        "weight_bytes": params * dtype_bytes,
+        "grad_bytes": params * dtype_bytes,
+        "optimizer_bytes": params * optimizer_per_param,
+        "activation_bytes": activations / problem.micro_batches,
+        "memory_capacity_bytes": np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9,
+    }

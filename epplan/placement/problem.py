@@ -1,0 +1,113 @@
+"""The placement problem: what the planner, the baselines and the cost function all take.
+
+Shape legend: L = MoE layers, G = ranks (GPUs), E = routed experts per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from epplan.errors import PlacementError, TrafficError
+from epplan.topology import Topology
+from epplan.workload.config import ModelConfig
+from epplan.workload.flops import ModelCosts, model_costs
+from epplan.workload.traffic import Traffic
+
+
+@dataclass(eq=False)
+class PlacementProblem:
+    """A cluster, a model, its expected routing traffic, and the placement rules.
+
+    experts_per_gpu:    at most this many experts (replicas included) per GPU per layer.
+    compute_efficiency: achievable fraction of each GPU's datasheet bf16 TFLOP/s (0.6: the
+                        founding spec's 60 % MFU target) ...
+    achievable_tflops:  ... or, if given, the achievable TFLOP/s of every GPU, overriding it.
+    micro_batches:      gradient-accumulation steps per optimizer step; divides the activation
+                        memory, changes no traffic or FLOPs of the step.
+    """
+
+    topology: Topology
+    config: ModelConfig
+    traffic: Traffic
+    experts_per_gpu: int = 1
+    compute_efficiency: float = 0.6
+    achievable_tflops: float | None = None
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        g, e, layers = self.topology.num_gpus, self.config.num_experts, self.config.num_moe_layers
+        if not _is_positive_int(self.experts_per_gpu):
+            raise PlacementError(f"--experts-per-gpu must be a positive integer, got {self.experts_per_gpu!r}")
+        if not _is_positive_int(self.micro_batches):
+            raise PlacementError(f"micro_batches must be a positive integer, got {self.micro_batches!r}")
+        if not (isinstance(self.compute_efficiency, (int, float))
+                and 0 < self.compute_efficiency <= 1):
+            raise PlacementError(
+                f"compute efficiency must be in (0, 1] (a fraction of datasheet TFLOP/s), "
+                f"got {self.compute_efficiency!r}")
+        if self.achievable_tflops is not None and not (
+                math.isfinite(self.achievable_tflops) and self.achievable_tflops > 0):
+            raise PlacementError(f"achievable TFLOP/s must be > 0, got {self.achievable_tflops!r}")
+        shape = self.traffic.counts.shape
+        if shape != (layers, g, e):
+            raise TrafficError(
+                f"traffic ({self.traffic.source}) has shape [layers, ranks, experts] = {list(shape)}, "
+                f"the problem needs [{layers}, {g}, {e}] (model {self.config.name!r} on "
+                f"{self.topology.name!r}); build it with make_traffic(spec, config, {g})")
+        if e > g * self.experts_per_gpu:
+            need = -(-e // g)
+            raise PlacementError(
+                f"model {self.config.name!r} has {e} experts per layer but {self.topology.name!r} "
+                f"has {g} GPUs x {self.experts_per_gpu} expert(s) per GPU = "
+                f"{g * self.experts_per_gpu} slots; allow several experts per GPU with "
+                f"--experts-per-gpu {need} (or more)")
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def num_gpus(self) -> int:
+        return self.topology.num_gpus
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_layers(self) -> int:
+        """MoE layers (the placement's layers)."""
+        return self.config.num_moe_layers
+
+    @property
+    def slots_per_gpu(self) -> int:
+        """Experts per GPU that baselines fill: ceil(E / G), the fewest that fit, never more
+        than ``experts_per_gpu`` (G >= E: 1, so every GPU holds exactly one expert)."""
+        return -(-self.num_experts // self.num_gpus)
+
+    # --- derived, cached -----------------------------------------------------------------------
+    @cached_property
+    def costs(self) -> ModelCosts:
+        return model_costs(self.config)
+
+    @property
+    def bytes_per_assignment(self) -> int:
+        """Bytes of one token-assignment on the wire, one exchange (dispatch or combine)."""
+        return self.costs.bytes_per_assignment
+
+    @cached_property
+    def gpu_flops(self) -> np.ndarray:
+        """float64[G] achievable FLOP/s of each GPU (efficiency x datasheet, or the override)."""
+        if self.achievable_tflops is not None:
+            return np.full(self.num_gpus, self.achievable_tflops * 1e12)
+        return self.compute_efficiency * np.asarray(self.topology.gpu_tflops, dtype=np.float64) * 1e12
+
+    @cached_property
+    def expert_load(self) -> np.ndarray:
+        """float64[L, E] assignments each expert receives per step, from all ranks."""
+        return self.traffic.expert_load()
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1

@@ -1,0 +1,97 @@
+"""``epplan estimate`` as a user runs it, through typer's CliRunner."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from epplan.cli import app
+from epplan.cli.estimate import parse_overrides
+from epplan.cost import evaluate
+from epplan.placement.baselines import eplb
+from epplan.placement.problem import PlacementProblem
+from epplan.topology import load_topology
+from epplan.workload import load_model_config, make_traffic
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+TWO_NODES = str(TOPOLOGIES / "dgx-h100-2node.yaml")
+runner = CliRunner()
+# A small model that fits 16 GPUs: tiny with 16 experts.
+SMALL = ["--model", "tiny", "--set", "num_experts=16"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["estimate", "--topology", TWO_NODES, *args])
+
+
+def test_json_matches_the_library():
+    result = invoke(*SMALL, "--routing", "zipf:1.2", "--placement", "eplb", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    topo = load_topology(TWO_NODES)
+    config = load_model_config("tiny", {"num_experts": 16})
+    problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, 16))
+    cost = evaluate(eplb(problem), problem)
+    assert data["step"]["step_time_s"] == pytest.approx(cost.step_time_s)
+    assert data["step"]["bottleneck_total_s"] == pytest.approx(cost.bottleneck_total_s)
+    assert data["mfu"]["spec_400_tflops"] == pytest.approx(cost.mfu_spec)
+    assert data["memory"]["fits"] is True
+    assert data["bandwidth"]["busiest_link"]["class"] in topo.link_class
+    assert len(data["layers"]) == config.num_moe_layers
+    assert data["placement"] == "eplb" and data["model"] == "tiny"
+
+
+def test_table_names_the_bottleneck_link_memory_and_targets():
+    result = invoke(*SMALL, "--placement", "random", "--layers")
+    assert result.exit_code == 0, result.output
+    for text in ("step time", "all-to-all", "dense gradient sync", "dgx", "memory", "MFU", "target 60%",
+                 "bandwidth utilisation", "per MoE layer"):
+        assert text in result.output, text
+
+
+def test_memory_over_capacity_is_a_clear_failure():
+    result = invoke("--model", "seed")  # the founding spec's model does not fit on 16 x 80 GB
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "does not fit in GPU memory" in result.output and "80.0 GB" in result.output
+    assert "activations" in result.output and "Traceback" not in result.output
+
+
+def test_memory_failure_suggests_micro_batches():
+    args = ["--model", "seed", "--set", "num_layers=4"]  # 17 GB of states, 85 GB of activations
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert "--micro-batches" in result.output
+    hint = int(result.output.split("--micro-batches ")[1].split()[0])
+    assert invoke(*args, "--micro-batches", str(hint)).exit_code == 0
+
+
+def test_too_many_experts_names_the_flag_and_the_flag_works():
+    result = invoke("--model", "tiny", "--set", "num_experts=32")
+    assert result.exit_code == 1 and "--experts-per-gpu 2" in result.output
+    result = invoke("--model", "tiny", "--set", "num_experts=32", "--experts-per-gpu", "2", "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_bad_input_is_one_line_not_a_traceback():
+    for args in (["--set", "num_experts"], ["--set", "bogus=3"], ["--routing", "zipf:x"],
+                 ["--placement", "best"], ["--compute-efficiency", "2"]):
+        result = invoke(*SMALL, *args)
+        assert result.exit_code == 1, args
+        assert "error:" in result.output and "Traceback" not in result.output, args
+
+
+@pytest.mark.skipif(importlib.util.find_spec("epplan.manifest") is not None,
+                    reason="epplan.manifest exists: manifests are read")
+def test_manifest_without_a_manifest_module(tmp_path):
+    result = invoke(*SMALL, "--placement", str(tmp_path / "plan.json"))
+    assert result.exit_code == 1 and "cannot read placement manifests" in result.output
+
+
+def test_parse_overrides():
+    assert parse_overrides(["num_experts=32", "dtype=fp32", "router_aux_loss_coef=0.1"]) == {
+        "num_experts": 32, "dtype": "fp32", "router_aux_loss_coef": 0.1}
