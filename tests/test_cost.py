@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epplan.cost import SPEC_PEAK_TFLOPS, LinkMap, evaluate, layer_flows_t
+from epplan.cost import SPEC_PEAK_TFLOPS, LinkMap, LowRank, evaluate, layer_flow_parts
 from epplan.errors import PlacementError, TrafficError
 from epplan.placement.baselines import contiguous, eplb, random_placement
 from epplan.placement.problem import PlacementProblem
@@ -278,13 +278,29 @@ def test_fast_evaluate_equals_reference(routing):
         assert fast.step_time_s == pytest.approx(ref.step_time_s, rel=1e-9)
 
 
-def test_layer_flows_t_equals_flows():
-    topo = topo_of(TWO_BY_TWO)
-    config = small_config(3, 4, num_layers=2)
-    problem = PlacementProblem(topo, config, make_traffic("zipf:1.0", config, 4))
-    placement = random_placement(problem, 1, even_split=False)
-    for layer, counts in zip(placement.layers, problem.traffic.counts):
-        np.testing.assert_allclose(layer_flows_t(layer, counts), layer.flows(counts).T)
+def test_layer_flow_parts_sum_to_flows():
+    rng = np.random.default_rng(0)
+    counts = rng.random((4, 3)) * 100
+    shared = np.broadcast_to([0.3, 0.7], (4, 2))
+    per_source = rng.dirichlet([1.0, 1.0], size=4)
+    replicas = [np.array([0, 1]), np.array([2, 3]), np.array([1])]
+    mixed = LayerPlacement(replicas, [per_source, shared.copy(), np.ones((4, 1))])
+    even = LayerPlacement(replicas, [shared.copy(), shared.copy(), np.ones((4, 1))])
+    for layer, want in ((mixed, (True, True)), (even, (True, False))):
+        low, dense_t = layer_flow_parts(layer, counts)
+        assert (low is not None, dense_t is not None) == want
+        total = (low.dense() if low is not None else 0) + (dense_t.T if dense_t is not None else 0)
+        np.testing.assert_allclose(total, layer.flows(counts))
+
+
+def test_low_rank_traffic_scores_like_its_dense_matrix():
+    topo = topo_of(DEGRADED_RAIL)
+    rng = np.random.default_rng(3)
+    low = LowRank(rng.random((topo.num_gpus, 5)), rng.random((5, topo.num_gpus)))
+    got = LinkMap(topo, check=False).pair_loads(low)
+    want = (topo.link_loads(low.dense()), topo.link_loads(low.dense().T))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * w.max())
 
 
 # ------------------------------------------------------------------------- conservation

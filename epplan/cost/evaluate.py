@@ -56,8 +56,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
-from epplan.cost.linkmap import link_map
+from epplan.cost.linkmap import LinkMap, LowRank, link_map
 from epplan.errors import PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
@@ -280,9 +281,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
         seen.append(li)
         layer = placement.layers[li]
         if fast:
-            flows_t = layer_flows_t(layer, counts[li])    # [G, G] destination-major: F^T
-            served[li] = flows_t.sum(axis=1)
-            bwd, fwd = lm.pair_loads(flows_t)             # loads(F^T), loads(F)
+            fwd, bwd, served[li] = _layer_loads(lm, layer, counts[li])
         else:
             flows = layer.flows(counts[li])              # [G, G]
             served[li] = flows.sum(axis=0)
@@ -310,8 +309,8 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     param_bytes = config.dtype_bytes
     expert_ring = _expert_rings(placement, num_gpus, costs.params_per_expert * param_bytes)
     dense_ring = _ring(np.arange(num_gpus), num_gpus, costs.params_dense * param_bytes)
-    expert_sync = single(expert_ring) if expert_ring.any() else np.zeros(topo.num_links)
-    dense_sync = single(dense_ring) if dense_ring.any() else np.zeros(topo.num_links)
+    expert_sync = single(expert_ring) if expert_ring.nnz else np.zeros(topo.num_links)
+    dense_sync = single(dense_ring) if dense_ring.nnz else np.zeros(topo.num_links)
     expert_sync_s = float((expert_sync / cap).max(initial=0.0))
     dense_sync_s = float((dense_sync / cap).max(initial=0.0))
     sync_s = float(((expert_sync + dense_sync) / cap).max(initial=0.0))
@@ -349,17 +348,52 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     )
 
 
-def layer_flows_t(layer: LayerPlacement, counts: np.ndarray) -> np.ndarray:
-    """``LayerPlacement.flows(counts).T``, fast: float64[G, G], [t, s] = assignments s sends to t.
+def _layer_loads(lm: LinkMap, layer: LayerPlacement, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(loads(F), loads(F^T), served float64[G]) of one layer, F = layer.flows(counts).
 
-    Built destination-major because an expert's replica ranks are distinct rows: each expert is
-    one contiguous-row fancy-index add (no ``add.at``, no strided column writes).
+    Experts whose split is the same for every source (all baselines) make a rank-E part
+    C @ S of F, scored from its factors in O(G * E); the others are built densely.
+    """
+    low, dense_t = layer_flow_parts(layer, counts)
+    fwd, bwd, served = np.zeros(lm.num_links), np.zeros(lm.num_links), np.zeros(counts.shape[0])
+    if low is not None:
+        f, f_t = lm.pair_loads(low)
+        fwd += f
+        bwd += f_t
+        served += np.einsum("i,ij->j", low.a.sum(axis=0), low.b)  # column sums of C @ S
+    if dense_t is not None:
+        f_t, f = lm.pair_loads(dense_t)
+        fwd += f
+        bwd += f_t
+        served += dense_t.sum(axis=1)
+    return fwd, bwd, served
+
+
+def layer_flow_parts(layer: LayerPlacement, counts: np.ndarray) -> tuple[LowRank | None, np.ndarray | None]:
+    """``LayerPlacement.flows(counts)`` (counts float64[G, E]) as a sum of two parts:
+
+    - ``LowRank(C, S)``: the experts whose split is the same for every source, C = their
+      columns of counts [G, E_u], S[i, replicas] = the shared split of the i-th of them [E_u, G];
+    - F_rest^T, float64[G, G] destination-major ([t, s] = assignments s sends to t), for the
+      others: built row by row because an expert's replica ranks are distinct (no ``add.at``).
+    Either is None when it has no expert.
     """
     num_ranks = counts.shape[0]
-    out = np.zeros((num_ranks, num_ranks))
-    for e, ranks in enumerate(layer.replicas):
-        out[ranks] += layer.split[e].T * counts[:, e]  # (R_e, G) * (G,)
-    return out
+    shared = [e for e, split in enumerate(layer.split) if np.all(split == split[:1])]
+    is_shared = np.zeros(len(layer.split), dtype=bool)
+    is_shared[shared] = True
+    low = None
+    if shared:
+        s_mat = np.zeros((len(shared), num_ranks))
+        for i, e in enumerate(shared):
+            s_mat[i, layer.replicas[e]] = layer.split[e][0]
+        low = LowRank(counts[:, shared], s_mat)
+    dense_t = None
+    if not is_shared.all():
+        dense_t = np.zeros((num_ranks, num_ranks))
+        for e in np.flatnonzero(~is_shared):
+            dense_t[layer.replicas[e]] += layer.split[e].T * counts[:, e]  # (R_e, G) * (G,)
+    return low, dense_t
 
 
 def _check_fits(placement: Placement, problem: PlacementProblem) -> None:
@@ -384,32 +418,31 @@ def _same_layer(a: LayerPlacement, b: LayerPlacement, counts_a: np.ndarray, coun
         for ra, rb, sa, sb in zip(a.replicas, b.replicas, a.split, b.split))
 
 
-def _ring(ranks: np.ndarray, num_gpus: int, param_bytes: float, out: np.ndarray | None = None) -> np.ndarray:
-    """Add to ``out`` (float64[G, G]) a ring all-reduce of ``param_bytes`` over ``ranks`` in order:
-    each hop ranks[i] -> ranks[i+1 mod R] carries 2 (R - 1) / R * param_bytes."""
-    out = np.zeros((num_gpus, num_gpus)) if out is None else out
-    r = len(ranks)
-    if r >= 2:
-        out[ranks, np.roll(ranks, -1)] += 2.0 * (r - 1) / r * param_bytes
-    return out
+def _ring(ranks: np.ndarray, num_gpus: int, param_bytes: float) -> sp.csr_matrix:
+    """float64[G, G] (sparse): a ring all-reduce of ``param_bytes`` over ``ranks`` in order,
+    each hop ranks[i] -> ranks[i+1 mod R] carrying 2 (R - 1) / R * param_bytes."""
+    return _rings([np.asarray(ranks, dtype=np.int64)], num_gpus, param_bytes)
 
 
-def _expert_rings(placement: Placement, num_gpus: int, expert_bytes: float) -> np.ndarray:
-    """float64[G, G]: every expert's replica ring, all layers, built in one scatter."""
-    rings = [np.asarray(r, dtype=np.int64) for layer in placement.layers for r in layer.replicas]
-    sizes = np.array([r.size for r in rings])
-    out = np.zeros((num_gpus, num_gpus))
+def _expert_rings(placement: Placement, num_gpus: int, expert_bytes: float) -> sp.csr_matrix:
+    """float64[G, G] (sparse): every expert's replica ring, all layers summed."""
+    return _rings([np.asarray(r, dtype=np.int64) for layer in placement.layers for r in layer.replicas],
+                  num_gpus, expert_bytes)
+
+
+def _rings(rings: list[np.ndarray], num_gpus: int, param_bytes: float) -> sp.csr_matrix:
+    sizes = np.array([r.size for r in rings], dtype=np.int64)
     if not rings or sizes.max() < 2:
-        return out
+        return sp.csr_matrix((num_gpus, num_gpus))
     ranks = np.concatenate(rings)
     ring = np.repeat(np.arange(sizes.size), sizes)          # ring of each entry of ranks
     starts = np.cumsum(sizes) - sizes
     pos = np.arange(ranks.size) - starts[ring]
     nxt = ranks[starts[ring] + (pos + 1) % sizes[ring]]    # the next rank around the ring
-    hop = (2.0 * (sizes - 1) / sizes * expert_bytes)[ring]
+    hop = (2.0 * (sizes - 1) / sizes * param_bytes)[ring]
     is_ring = sizes[ring] >= 2
-    np.add.at(out, (ranks[is_ring], nxt[is_ring]), hop[is_ring])
-    return out
+    # COO -> CSR sums duplicates: rings of several layers share hops.
+    return sp.coo_matrix((hop[is_ring], (ranks[is_ring], nxt[is_ring])), shape=(num_gpus, num_gpus)).tocsr()
 
 
 def _memory(placement: Placement, problem: PlacementProblem, served: np.ndarray) -> dict[str, np.ndarray]:

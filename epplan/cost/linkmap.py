@@ -8,7 +8,9 @@ GPUs, and each reference call walks the dense matrix several times (~0.1 s).
 ``LinkMap`` computes exactly the same numbers from a handful of contractions of the matrix with
 thin dense matrices (G x k, k = a few rails and edge switches), which it precomputes from the
 path model's tables. A matrix and its transpose share the two GEMMs (``T @ D`` and ``T.T @ D``),
-so ``pair_loads(T)`` returns loads(T) and loads(T.T) for about the price of one.
+so ``pair_loads(T)`` returns loads(T) and loads(T.T) for about the price of one. T may also be
+scipy-sparse (gradient rings) or ``LowRank`` factors T = A @ B: a layer whose experts split
+every source's tokens alike has flows C @ S of rank <= E, scored in O(G * E).
 
 Why this is exact (``PathModel.link_loads`` in the same notation): everything a cross-node pair
 puts on a link depends on the traffic only through
@@ -36,6 +38,36 @@ import weakref
 
 import numpy as np
 import scipy.sparse as sp
+
+class LowRank:
+    """A [G, G] traffic matrix kept as factors: T = a @ b, a float64[G, r], b float64[r, G]."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.a, self.b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        assert self.a.shape[1] == self.b.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.a.shape[0], self.b.shape[1])
+
+    def dense(self) -> np.ndarray:
+        return self.a @ self.b
+
+
+def _entries(t: "np.ndarray | LowRank", rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """t[rows, cols] for a dense or a ``LowRank`` matrix."""
+    if isinstance(t, LowRank):
+        return np.einsum("ij,ji->i", t.a[rows], t.b[:, cols])
+    if sp.issparse(t):
+        return np.asarray(t[rows, cols]).ravel()
+    return t[rows, cols]
+
+
+def _mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x @ y for thin operands, without BLAS: threaded BLAS stalls for tens of ms on tiny
+    products when the cores are oversubscribed, and these take well under a millisecond."""
+    return np.einsum("ij,jk->ik", x, y)
+
 
 _CACHE: "weakref.WeakKeyDictionary[object, LinkMap]" = weakref.WeakKeyDictionary()
 
@@ -178,25 +210,41 @@ class LinkMap:
         """float64[L] per-link load of traffic[s, t] (any unit); the diagonal is ignored."""
         return self.pair_loads(traffic, transpose=False)[0]
 
-    def pair_loads(self, traffic: np.ndarray, transpose: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """(loads(T), loads(T.T)) as float64[L] each; the second is None if ``transpose`` is False."""
-        t = np.asarray(traffic, dtype=np.float64)
+    def pair_loads(self, traffic: "np.ndarray | LowRank",
+                   transpose: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(loads(T), loads(T.T)) as float64[L] each; the second is None if ``transpose`` is False.
+
+        ``traffic`` is a dense float[G, G], a scipy sparse matrix (O(nnz)) or a ``LowRank``
+        factorisation T = A @ B (O(G * rank) instead of O(G^2)).
+        """
+        if isinstance(traffic, LowRank):
+            t = traffic
+        elif sp.issparse(traffic):
+            t = sp.csr_matrix(traffic, dtype=np.float64)
+        else:
+            t = np.asarray(traffic, dtype=np.float64)
         assert t.shape == (self.num_gpus, self.num_gpus), t.shape
         if not self.exact:
+            dense = t.dense() if isinstance(t, LowRank) else (t.toarray() if sp.issparse(t) else t)
             ref = self.topology.link_loads
-            return ref(t), (ref(np.ascontiguousarray(t.T)) if transpose else None)
-        out = self.intra.T @ t[self.intra_src, self.intra_dst]
-        out_t = self.intra.T @ t[self.intra_dst, self.intra_src] if transpose else None
+            return ref(dense), (ref(np.ascontiguousarray(dense.T)) if transpose else None)
+        out = self.intra.T @ _entries(t, self.intra_src, self.intra_dst)
+        out_t = self.intra.T @ _entries(t, self.intra_dst, self.intra_src) if transpose else None
         if not self.has_network:
             return out, out_t
-        same = sp.csr_matrix((t[self.same_s, self.same_t], self.same_t, self._same_indptr), shape=t.shape)
+        same = sp.csr_matrix((_entries(t, self.same_s, self.same_t), self.same_t, self._same_indptr),
+                             shape=t.shape)
         kr, kl = self.d_right.shape[1], self.d_left.shape[1]
         right = self.d_rl if transpose else self.d_right
         left = self.d_lr if transpose else self.d_left
-        # The only passes over the dense matrix: cross @ [Dr | Dl] and cross.T @ [Dl | Dr], with
+        # The only passes over the matrix: cross @ [Dr | Dl] and cross.T @ [Dl | Dr], with
         # cross = t - same (same-node entries removed).
-        a = t @ right - same @ right                      # (G, kr [+ kl])
-        b = t.T @ left - same.T @ left                    # (G, kl [+ kr])
+        if isinstance(t, LowRank):
+            a = _mm(t.a, _mm(t.b, right)) - same @ right        # (G, kr [+ kl])
+            b = _mm(t.b.T, _mm(t.a.T, left)) - same.T @ left    # (G, kl [+ kr])
+        else:  # dense (BLAS) or sparse (scipy): same expressions
+            a = np.asarray(t @ right) - same @ right
+            b = np.asarray(t.T @ left) - same.T @ left
         out += self._network(a[:, :kr], b[:, :kl])
         if transpose:
             # cross(T.T) = cross.T: its right products are cross.T @ Dr, its left ones cross @ Dl.
