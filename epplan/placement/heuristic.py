@@ -1,0 +1,259 @@
+"""Constructive placements: good starting points for the split LP and the MILP.
+
+``local_first`` builds a placement in three steps, then the split LP (``splits.py``) finds its
+best splits:
+
+1. how many replicas each expert gets, per node. With one slot per GPU the counts are the
+   compute-optimal apportionment (``bounds.apportion``: the busiest replica is as light as
+   possible), spread over nodes in proportion to each node's own demand for the expert (largest
+   remainder), so most tokens find a replica on their own node. With several slots per GPU
+   every expert first gets one "home" (balanced over nodes), then each node fills its free slots
+   with the experts its own sources use most, as many replicas of each as its demand needs at
+   the fluid compute rate: a node then serves its own tokens for the experts it holds, and only
+   the tail of cold experts crosses the network.
+2. which GPU of the node holds each replica: heaviest replica first to the least-loaded GPU with
+   a free slot that lacks the expert; nodes start at different GPUs (rails) so that the heavy
+   experts of different nodes sit on different rails (each GPU's NIC is its rail's leaf).
+3. the split LP.
+
+Shape legend: G = GPUs, E = experts, N = nodes.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from epplan.placement.bounds import apportion
+from epplan.placement.layer import LayerData
+
+
+def local_first(data: LayerData) -> list[np.ndarray]:
+    """replicas[e]: sorted ranks holding expert e (every expert >= 1, every GPU >= 1 where
+    possible, at most ``data.slots[g]`` per GPU, never two of one expert on a GPU)."""
+    node_of = data.lm.gpu_node
+    nodes = [np.flatnonzero(node_of == n) for n in range(int(node_of.max()) + 1)]
+    demand = np.stack([data.counts[m].sum(axis=0) for m in nodes])          # [N, E]
+    if np.all(data.slots <= 1):
+        m = _counts_one_slot(data, nodes, demand)
+    else:
+        m = _counts_multi_slot(data, nodes, demand)
+    return _to_gpus(data, nodes, demand, m)
+
+
+def _counts_one_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray:
+    """int64[N, E] replicas per node: apportionment counts, spread by node demand."""
+    num_gpus, num_experts = data.num_gpus, data.num_experts
+    load = demand.sum(axis=0)
+    r = apportion(load, int(data.slots.sum()), num_gpus)
+    cap = np.array([int(data.slots[m].sum()) for m in nodes])
+    size = np.array([m.size for m in nodes])
+    share = np.where(load > 0, demand / np.where(load > 0, load, 1.0), (cap / cap.sum())[:, None])
+    target = share * r[None, :]                                            # [N, E]
+    return _largest_remainder(target, r, cap, size)
+
+
+def _counts_multi_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray:
+    """int64[N, E] replicas per node with several slots per GPU.
+
+    The h heaviest experts go on every node, with as many replicas there as the node's own
+    demand needs at the fluid compute rate; the other ("cold") experts share the remaining slots,
+    apportioned so that each cold replica carries a similar remote load, one per node where
+    possible. h is chosen by scanning an estimate of the layer's time: max(fluid compute,
+    the busiest GPU's NIC = its share of what its node sends remotely + what it serves remotely).
+    """
+    num_nodes, num_experts = demand.shape
+    cap = np.array([int(data.slots[m].sum()) for m in nodes])
+    size = np.array([m.size for m in nodes])
+    load = demand.sum(axis=0)
+    order = np.argsort(-load, kind="stable")
+    num_gpus = data.num_gpus
+    per_gpu = max(load.sum() / num_gpus, 1e-30)
+    # Replicas node n needs to serve its own demand for e at the fluid rate.
+    need = np.minimum(size[:, None], np.maximum(1, np.ceil(demand / per_gpu - 1e-9))).astype(np.int64)
+    nic = float(np.median(_nic_unit(data))) or 0.0
+    comp = float(np.mean(data.gpu_unit))
+    best = None
+    for h in range(0, num_experts + 1):
+        hot, cold = order[:h], order[h:]
+        cold_slots = cap - need[:, hot].sum(axis=1)
+        if np.any(cold_slots < 0):
+            break
+        if cold_slots.sum() < cold.size:
+            continue
+        if cold.size:
+            r = apportion(load[cold], int(cold_slots.sum()), num_nodes * int(size.max()))
+            remote = load[cold] * np.clip(1.0 - r / num_nodes, 0.0, 1.0)
+            sent = remote.sum() / num_gpus
+            item = float((remote / r).max())
+        else:
+            sent, item = 0.0, 0.0
+        network = nic * (sent + max(sent, item))
+        estimate = (max(comp * per_gpu, network), network)   # ties: the idler network
+        if best is None or estimate < best[0]:
+            best = (estimate, h, r if cold.size else None, cold_slots)
+    _, h, r, cold_slots = best
+    hot, cold = order[:h], order[h:]
+    m = np.zeros((num_nodes, num_experts), dtype=np.int64)
+    m[:, hot] = need[:, hot]
+    if cold.size:
+        # Spread the cold replicas over nodes, heaviest first, each to the node whose estimated
+        # load (own demand for its hot experts + cold replicas so far, per GPU) is lowest among
+        # those with a free cold slot and without this expert (while r <= N).
+        base = demand[:, hot].sum(axis=1) / size
+        node_load = base.astype(np.float64).copy()
+        free = cold_slots.copy()
+        items = [(load[cold[i]] / r[i], i) for i in range(cold.size) for _ in range(int(r[i]))]
+        items.sort(key=lambda it: (-it[0], it[1]))
+        for w, i in items:
+            e = cold[i]
+            ok = np.flatnonzero((free > 0) & (m[:, e] < np.ceil(r[i] / num_nodes)))
+            if ok.size == 0:
+                ok = np.flatnonzero((free > 0) & (m[:, e] < size))
+            if ok.size == 0:
+                continue
+            n = int(ok[np.lexsort((-demand[ok, e], node_load[ok]))[0]])
+            m[n, e] += 1
+            free[n] -= 1
+            node_load[n] += w / size[n]
+    # Leftover slots (rounding): more replicas of the node's heaviest experts per replica.
+    free = cap - m.sum(axis=1)
+    for n in range(num_nodes):
+        while free[n] > 0:
+            per_rep = np.where(m[n] < size[n], demand[n] / np.maximum(m[n], 1), -1.0)
+            e = int(np.argmax(per_rep))
+            if per_rep[e] < 0:
+                break
+            m[n, e] += 1
+            free[n] -= 1
+    return m
+
+
+def _largest_remainder(target: np.ndarray, total: np.ndarray, cap: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """int64[N, E] close to ``target`` with column sums ``total``, row sums <= cap, and
+    m <= upper (int64[N, E], or int64[N] per node)."""
+    num_nodes, num_experts = target.shape
+    upper = np.broadcast_to(upper if upper.ndim == 2 else upper[:, None], target.shape)
+    m = np.zeros((num_nodes, num_experts), dtype=np.int64)
+    left = total.astype(np.int64).copy()
+    free = cap.astype(np.int64).copy()
+    heap = [(-float(target[n, e]), n, e) for n in range(num_nodes) for e in range(num_experts)]
+    heapq.heapify(heap)
+    while heap and left.sum() > 0:
+        neg, n, e = heapq.heappop(heap)
+        if left[e] == 0 or free[n] == 0 or m[n, e] >= upper[n, e]:
+            continue
+        m[n, e] += 1
+        left[e] -= 1
+        free[n] -= 1
+        heapq.heappush(heap, (neg + 1.0, n, e))
+    for e in np.flatnonzero(left > 0):  # anything the heap could not place: wherever there is room
+        for n in np.argsort(-free, kind="stable"):
+            while left[e] > 0 and free[n] > 0 and m[n, e] < upper[n, e]:
+                m[n, e] += 1
+                left[e] -= 1
+                free[n] -= 1
+    return m
+
+
+def _to_gpus(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+    """Deal each node's replicas onto its GPUs (module docstring, step 2).
+
+    Each replica is an item with an estimated compute time (its node's own demand for the
+    expert, shared by the node's replicas, plus its share of the expert's remote demand) and an
+    estimated NIC time (that remote share). Items go, largest first, to the GPU where the larger
+    of the two running totals grows least: a greedy two-dimensional makespan.
+    """
+    load = demand.sum(axis=0)                                            # [E]
+    total_r = np.maximum(m.sum(axis=0), 1)
+    local = np.where(m > 0, demand, 0.0).sum(axis=0)                     # served on own node
+    remote_share = np.maximum(load - local, 0.0) / total_r               # per replica
+    nic_unit = _nic_unit(data)                                           # [G] s per assignment
+    held: list[list[int]] = [[] for _ in range(data.num_experts)]
+    for n, ranks in enumerate(nodes):
+        k = ranks.size
+        ranks = ranks[np.roll(np.arange(k), -(n % k))]   # node n starts at its n-th GPU (rail)
+        slots = data.slots[ranks].astype(np.int64)
+        used = np.zeros(k, dtype=np.int64)
+        comp = np.zeros(k)
+        nic = np.zeros(k)
+        holds = np.zeros((k, data.num_experts), dtype=bool)
+        items = []
+        for e in np.flatnonzero(m[n]):
+            own = demand[n, e] / m[n, e]
+            for _ in range(int(m[n, e])):
+                items.append((own + remote_share[e], remote_share[e], int(e)))
+        unit_c = data.gpu_unit[ranks]
+        unit_n = nic_unit[ranks]
+        items.sort(key=lambda it: (-max(it[0] * unit_c.max(), it[1] * unit_n.max()), it[2]))
+        gpu_of = np.full(len(items), -1)
+        for idx, (c_load, r_load, e) in enumerate(items):
+            ok = np.flatnonzero((used < slots) & ~holds[:, e])
+            if ok.size == 0:
+                continue  # cannot happen when m[n, e] <= k and sum_e m[n, e] <= sum slots
+            score = np.maximum(comp[ok] + c_load * unit_c[ok], nic[ok] + r_load * unit_n[ok])
+            i = int(ok[np.lexsort((used[ok], score))[0]])
+            used[i] += 1
+            comp[i] += c_load * unit_c[i]
+            nic[i] += r_load * unit_n[i]
+            holds[i, e] = True
+            gpu_of[idx] = i
+        _swap_search(items, gpu_of, unit_c, unit_n, holds)
+        for (_, _, e), i in zip(items, gpu_of):
+            held[e].append(int(ranks[i]))
+    out = [np.array(sorted(h), dtype=np.int64) for h in held]
+    assert all(r.size for r in out), "an expert without a replica"
+    return out
+
+
+def _swap_search(items: list[tuple[float, float, int]], gpu_of: np.ndarray, unit_c: np.ndarray,
+                 unit_n: np.ndarray, holds: np.ndarray, max_moves: int = 2000) -> None:
+    """Improve a dealing in place by swapping two GPUs' items while that lowers the larger of
+    the two GPUs' max(compute, NIC) estimates; every GPU keeps its number of items."""
+    c = np.array([it[0] for it in items])
+    r = np.array([it[1] for it in items])
+    ex = np.array([it[2] for it in items])
+    k = unit_c.size
+    for _ in range(max_moves):
+        comp = np.bincount(gpu_of, weights=c, minlength=k) * unit_c
+        nic = np.bincount(gpu_of, weights=r, minlength=k) * unit_n
+        score = np.maximum(comp, nic)
+        a = int(np.argmax(score))
+        mine = np.flatnonzero(gpu_of == a)
+        other = np.flatnonzero(gpu_of != a)
+        if mine.size == 0 or other.size == 0:
+            return
+        b = gpu_of[other]                                            # [O]
+        # Swap mine[i] (to b) with other[j] (to a): new totals of a and b.
+        dc = c[other][None, :] - c[mine][:, None]                    # [M, O] change at a
+        dr = r[other][None, :] - r[mine][:, None]
+        new_a = np.maximum(comp[a] + dc * unit_c[a], nic[a] + dr * unit_n[a])
+        new_b = np.maximum(comp[b][None, :] - dc * unit_c[b][None, :], nic[b][None, :] - dr * unit_n[b][None, :])
+        worst = np.maximum(new_a, new_b)
+        # No duplicates: a must not already hold other[j]'s expert, b not mine[i]'s.
+        bad = holds[a][ex[other]][None, :] | holds[b[None, :], ex[mine][:, None]]
+        bad |= ex[other][None, :] == ex[mine][:, None]
+        worst = np.where(bad, np.inf, worst)
+        i, j = np.unravel_index(int(np.argmin(worst)), worst.shape)
+        if not worst[i, j] < score[a] * (1 - 1e-9):
+            return
+        x, y = mine[i], other[j]
+        bb = gpu_of[y]
+        holds[a, ex[x]], holds[bb, ex[y]] = False, False
+        holds[a, ex[y]], holds[bb, ex[x]] = True, True
+        gpu_of[x], gpu_of[y] = bb, a
+
+
+def _nic_unit(data: LayerData) -> np.ndarray:
+    """float64[G] seconds per assignment on each GPU's own NIC uplink (0 without a network):
+    2b / capacity, the same unit the links are timed in."""
+    pm = data.lm.pm
+    out = np.zeros(data.num_gpus)
+    if not data.lm.has_network:
+        return out
+    for g in range(data.num_gpus):
+        nics = data.lm.near_nic[g][data.lm.near_nic[g] >= 0]
+        if nics.size:
+            out[g] = 2.0 * data.bytes_per_assignment / data.lm.cap[pm.nic_up[nics]].min()
+    return out

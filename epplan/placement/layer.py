@@ -1,0 +1,191 @@
+"""One MoE layer as the planner sees it: demand, unit costs, source groups, the pair -> link map.
+
+Everything the planner optimises is in seconds per token-assignment:
+
+- a link: one assignment from s served on t puts 2b bytes on each link of the path s -> t and
+  2b on each link of t -> s (dispatch + combine, forward + backward: the a2a matrix is
+  2b (F + F^T)); link time = bytes / capacity;
+- a GPU: one assignment served costs flops_per_assignment * 3 / achievable FLOP/s.
+
+A layer's bottleneck is the max of both over links and GPUs (``epplan.cost.evaluate``).
+
+Source groups. Sources of one node whose rows counts[s, :] are proportional (every source under
+uniform or Zipf routing; the replicated sources of a trace) are interchangeable for the split: the
+planner gives them one split per expert, so their flows are w_s times the group's, with w_s the
+source's share of the group's demand. Link loads are then linear in the group -> GPU flows
+Y[a, t] with the coefficient rows
+
+    coef[(a, t)] = sum_{s in a, s != t} w_s (incidence(s -> t) + incidence(t -> s)) * 2b / cap
+
+(a source's traffic to itself is local and free). This is exact for such splits; where rows are
+not proportional and grouping is forced for size, ``LayerData.exact`` is False and the planner's
+numbers are re-scored by ``evaluate``.
+
+Shape legend: G = GPUs, E = experts, A = source groups, K = kept links.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from epplan.placement.linkmodel import LinkModel, link_model
+from epplan.workload.flops import TRAINING_FLOPS_FACTOR
+
+# Rows whose normalised patterns differ by less than this are treated as proportional.
+_PATTERN_TOL = 1e-9
+
+
+@dataclass
+class LayerData:
+    """One layer's inputs to the planner.
+
+    counts:    float64[G, E] assignments per source rank and expert.
+    link_unit: float64[K] seconds a kept link needs per assignment-unit of incidence (2b / cap).
+    gpu_unit:  float64[G] seconds GPU g needs per assignment it serves.
+    slots:     int64[G] experts GPU g may hold in this layer.
+    group_of:  int64[G] source group of each rank; weight: float64[G] its share of the group.
+    """
+
+    counts: np.ndarray
+    lm: LinkModel
+    link_unit: np.ndarray
+    gpu_unit: np.ndarray
+    slots: np.ndarray
+    group_of: np.ndarray
+    weight: np.ndarray
+    bytes_per_assignment: float
+    exact: bool = True
+    _coef: sp.csr_matrix | None = field(default=None, repr=False)
+
+    @property
+    def num_gpus(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_of.max()) + 1
+
+    @property
+    def group_counts(self) -> np.ndarray:
+        """float64[A, E] demand of each source group."""
+        out = np.zeros((self.num_groups, self.num_experts))
+        np.add.at(out, self.group_of, self.counts)
+        return out
+
+    @property
+    def group_members(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.group_of == a) for a in range(self.num_groups)]
+
+    def coef(self) -> sp.csr_matrix:
+        """float64[A * G, K]: seconds on each kept link per assignment group a serves on GPU t
+        (row a * G + t)."""
+        if self._coef is None:
+            self._coef = _group_coef(self.lm, self.group_of, self.weight) @ sp.diags(self.link_unit)
+            self._coef = self._coef.tocsr()
+        return self._coef
+
+    def time_of(self, flows: np.ndarray) -> tuple[float, float, float]:
+        """(bottleneck, max link time, max GPU time) of flows[s, t] (assignments), all links."""
+        traffic = flows + flows.T
+        link = self.lm.topology.link_loads(traffic) * 2.0 * self.bytes_per_assignment / self.lm.cap
+        gpu = flows.sum(axis=0) * self.gpu_unit
+        lmax, gmax = float(link.max(initial=0.0)), float(gpu.max(initial=0.0))
+        return max(lmax, gmax), lmax, gmax
+
+
+# Source x replica columns of the split LP up to which every source gets its own split.
+SINGLE_SOURCE_COLUMNS = 100_000
+
+
+def layer_data(problem, counts: np.ndarray, *, max_groups: int | None = None) -> LayerData:
+    """The ``LayerData`` of one layer's counts float64[G, E] on ``problem``.
+
+    Every source is its own group while G x (all slots) <= ``SINGLE_SOURCE_COLUMNS`` (the split
+    LP is then exact over all per-source splits); above, sources of a node with proportional
+    rows share a split. ``max_groups``: merge each node's sources into one group when that
+    would still give more groups than this (the planner's own numbers are then approximate;
+    ``evaluate`` is exact either way).
+    """
+    topo = problem.topology
+    lm = link_model(topo)
+    b = float(problem.bytes_per_assignment)
+    link_unit = 2.0 * b / lm.cap[lm.kept]
+    flops = problem.costs.flops_per_assignment * TRAINING_FLOPS_FACTOR
+    gpu_unit = flops / np.asarray(problem.gpu_flops, dtype=np.float64)
+    slots = gpu_slots(problem)
+    if topo.num_gpus * int(slots.sum()) <= SINGLE_SOURCE_COLUMNS:
+        group_of, weight, exact = np.arange(topo.num_gpus), np.ones(topo.num_gpus), True
+    else:
+        group_of, weight, exact = source_groups(counts, np.asarray(topo.gpu_node), max_groups=max_groups)
+    return LayerData(counts=np.asarray(counts, dtype=np.float64), lm=lm, link_unit=link_unit,
+                     gpu_unit=gpu_unit, slots=slots, group_of=group_of,
+                     weight=weight, bytes_per_assignment=b, exact=exact)
+
+
+def gpu_slots(problem) -> np.ndarray:
+    """int64[G] experts each GPU may hold per layer: ``experts_per_gpu``, and no more than its
+    memory holds the expert weights of (model dtype, all MoE layers alike)."""
+    topo, costs, config = problem.topology, problem.costs, problem.config
+    per_expert = costs.params_per_expert * config.dtype_bytes * config.num_moe_layers
+    by_memory = np.floor(np.asarray(topo.gpu_memory_gb, dtype=np.float64) * 1e9 / per_expert)
+    return np.minimum(problem.experts_per_gpu, by_memory).astype(np.int64)
+
+
+def source_groups(counts: np.ndarray, gpu_node: np.ndarray, *,
+                  max_groups: int | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(group_of int64[G], weight float64[G], exact): sources of a node with proportional rows
+    share a group; weight = the source's share of its group's demand."""
+    num_gpus = counts.shape[0]
+    totals = counts.sum(axis=1)
+    pattern = counts / np.where(totals > 0, totals, 1.0)[:, None]
+    key_of: dict[tuple, int] = {}
+    group_of = np.empty(num_gpus, dtype=np.int64)
+    for s in range(num_gpus):
+        key = (int(gpu_node[s]),) + tuple(np.round(pattern[s] / _PATTERN_TOL).astype(np.int64))
+        group_of[s] = key_of.setdefault(key, len(key_of))
+    exact = True
+    if max_groups is not None and len(key_of) > max_groups:
+        _, group_of = np.unique(gpu_node, return_inverse=True)
+        exact = False
+    group_total = np.bincount(group_of, weights=totals)
+    size = np.bincount(group_of)
+    weight = np.where(group_total[group_of] > 0, totals / np.where(group_total > 0, group_total, 1)[group_of],
+                      1.0 / size[group_of])
+    return group_of, weight, exact
+
+
+_INC_CACHE: dict[int, tuple[object, sp.csr_matrix]] = {}
+
+
+def pair_incidence_sym(lm: LinkModel) -> sp.csr_matrix:
+    """float64[G * G, K]: row s * G + t = incidence(s -> t) + incidence(t -> s) (zero for s == t)."""
+    hit = _INC_CACHE.get(id(lm))
+    if hit is not None and hit[0] is lm:
+        return hit[1]
+    g = lm.num_gpus
+    src, dst = np.divmod(np.arange(g * g), g)
+    off = src != dst
+    inc = lm.pair_incidence(src[off], dst[off]) + lm.pair_incidence(dst[off], src[off])
+    rows = np.flatnonzero(off)
+    expand = sp.csr_matrix((np.ones(rows.size), (rows, np.arange(rows.size))), shape=(g * g, rows.size))
+    full = (expand @ inc).tocsr()
+    _INC_CACHE.clear()
+    _INC_CACHE[id(lm)] = (lm, full)
+    return full
+
+
+def _group_coef(lm: LinkModel, group_of: np.ndarray, weight: np.ndarray) -> sp.csr_matrix:
+    """float64[A * G, K]: sum over s in a of w_s * (incidence(s -> t) + incidence(t -> s))."""
+    g = lm.num_gpus
+    num_groups = int(group_of.max()) + 1
+    inc = pair_incidence_sym(lm)
+    s, t = np.divmod(np.arange(g * g), g)
+    agg = sp.csr_matrix((weight[s], (group_of[s] * g + t, np.arange(g * g))), shape=(num_groups * g, g * g))
+    return agg @ inc

@@ -1,0 +1,266 @@
+"""``solve(problem) -> Placement``: the planner. Pure: no files, no printing.
+
+Per MoE layer (layers are independent; a layer whose traffic equals an earlier one's up to a
+relabelling of the experts is solved once and relabelled):
+
+1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, node/GPU cuts);
+2. incumbents: the ``local_first`` construction and every baseline's placement (contiguous,
+   EPLB, random), each with its splits re-optimised by the split LP (``splits.py``), so the
+   plan is never worse than a baseline: the best is kept;
+3. if the gap to the bound is above ``gap``: the MILP of ``ilp.py``, warm-started from the best
+   incumbent, raises the bound and may find a better placement (whose splits the LP then
+   re-optimises), within the time left.
+
+``time_limit`` (seconds, the whole solve) always ends with the best plan found and its bound;
+``placement.info`` records, per layer, status, objective, bound (and which bound), gap,
+seconds and the incumbent that started it.
+
+Layers run in parallel processes (fork) when there are several distinct ones and ``workers``
+allows; each solver runs single-threaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from epplan.errors import PlacementError
+from epplan.placement.bounds import lower_bound
+from epplan.placement.heuristic import local_first
+from epplan.placement.layer import LayerData, gpu_slots, layer_data
+from epplan.placement.linkmodel import link_model
+from epplan.placement.splits import optimal_splits
+from epplan.placement.types import LayerPlacement, Placement
+
+SOLVERS = ("highs", "cbc")
+_EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
+
+
+@dataclass
+class LayerInfo:
+    """Solver facts of one layer (seconds are the layer's bottleneck, as ``evaluate`` computes it)."""
+
+    layer: int
+    status: str            # optimal | gap_met | time_limit
+    objective_s: float
+    bound_s: float
+    bound_source: str      # compute | cut | milp
+    gap: float
+    link_s: float          # max link time of the plan (after the network tie-break)
+    seconds: float
+    start: str             # the incumbent the layer started from: local | contiguous | eplb | random
+    same_as: int | None = None   # solved as a relabelling of this layer
+
+
+ProgressFn = Callable[[LayerInfo, int, int], None]
+
+
+def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, gap: float = 0.01,
+          progress: ProgressFn | None = None, workers: int | None = None) -> Placement:
+    """Plan every MoE layer of ``problem`` (see the module docstring).
+
+    solver:     "highs" or "cbc", for the MILP (LPs always use HiGHS).
+    time_limit: wall seconds for the whole solve (None: no limit).
+    gap:        stop a layer once (cost - bound) / cost <= gap.
+    progress:   called as progress(info, done, total) after each layer.
+    workers:    processes for distinct layers (default: CPU count, at most 4).
+    """
+    if solver not in SOLVERS:
+        raise PlacementError(f"--solver {solver!r} unknown; use one of {', '.join(SOLVERS)}")
+    if time_limit is not None and time_limit <= 0:
+        raise PlacementError(f"--time-limit must be > 0 seconds, got {time_limit}")
+    if not 0 <= gap < 1:
+        raise PlacementError(f"gap must be in [0, 1), got {gap}")
+    start = time.monotonic()
+    deadline = None if time_limit is None else start + time_limit
+    slots = gpu_slots(problem)
+    if slots.sum() < problem.num_experts:
+        raise PlacementError(
+            f"the GPUs' memory holds {int(slots.sum())} expert slots per layer in all, fewer than "
+            f"the {problem.num_experts} experts: use GPUs with more memory or fewer layers/experts")
+    if np.any(slots < 1):
+        g = int(np.flatnonzero(slots < 1)[0])
+        raise PlacementError(
+            f"GPU {problem.topology.gpu_names[g]} cannot hold one expert of every MoE layer "
+            f"({problem.topology.gpu_memory_gb[g]:g} GB)")
+    link_model(problem.topology)          # built once here, inherited by worker processes
+    counts = problem.traffic.counts
+    num_layers = counts.shape[0]
+
+    # Distinct layers up to expert relabelling: perm[l] orders layer l's experts canonically.
+    perms, keys = zip(*(_canonical(counts[li]) for li in range(num_layers)))
+    first: dict[str, int] = {}
+    rep = [first.setdefault(k, li) for li, k in enumerate(keys)]
+    todo = sorted(set(rep))
+    baselines = _baselines(problem)
+
+    results: dict[int, tuple[LayerPlacement, LayerInfo]] = {}
+    total = num_layers
+    done = 0
+
+    def finish(li: int, layer: LayerPlacement, info: LayerInfo) -> None:
+        nonlocal done
+        results[li] = (layer, info)
+        done += 1
+        if progress is not None:
+            progress(info, done, total)
+        for lj in range(num_layers):
+            if rep[lj] == li and lj != li:
+                relabelled = _relabel(layer, perms[li], perms[lj])
+                info_j = LayerInfo(**{**asdict(info), "layer": lj, "same_as": li, "seconds": 0.0})
+                results[lj] = (relabelled, info_j)
+                done += 1
+                if progress is not None:
+                    progress(info_j, done, total)
+
+    tasks = [(li, {name: pl.layers[li].replicas for name, pl in baselines.items()}) for li in todo]
+    num_workers = _workers(workers, len(todo))
+    if num_workers <= 1:
+        for i, (li, base) in enumerate(tasks):
+            budget = _budget(deadline, len(tasks) - i, 1)
+            layer, info = _solve_layer(problem, li, base, solver, budget, gap)
+            finish(li, layer, info)
+    else:
+        ctx = mp.get_context("fork")
+        global _SHARED
+        _SHARED = problem
+        with ctx.Pool(num_workers) as pool:
+            jobs = [(li, base, solver, deadline, len(tasks), num_workers, gap) for li, base in tasks]
+            for li, layer, info in pool.imap_unordered(_worker, jobs):
+                finish(li, layer, info)
+        _SHARED = None
+
+    layers = [results[li][0] for li in range(num_layers)]
+    infos = [results[li][1] for li in range(num_layers)]
+    placement = Placement(problem.num_gpus, problem.num_experts, layers, method="ilp")
+    placement.info = _summary(infos, solver, time_limit, gap, time.monotonic() - start)
+    return placement
+
+
+# ---------------------------------------------------------------------------------------------
+
+_SHARED = None
+
+
+def _worker(job):
+    li, base, solver, deadline, num_tasks, num_workers, gap = job
+    budget = _budget(deadline, max(1, num_tasks // num_workers), 1)
+    layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap)
+    return li, layer, info
+
+
+def _workers(workers: int | None, num_tasks: int) -> int:
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    return max(1, min(workers, num_tasks))
+
+
+def _budget(deadline: float | None, tasks_left: int, per: int) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.5, (deadline - time.monotonic()) / max(1, tasks_left) * per)
+
+
+def _solve_layer(problem, li: int, baseline_replicas: dict[str, list[np.ndarray]], solver: str,
+                 budget: float | None, gap: float) -> tuple[LayerPlacement, LayerInfo]:
+    t0 = time.monotonic()
+    data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
+    bound, source = lower_bound(data)
+    best = None
+    for name, replicas in [("local", local_first(data))] + list(baseline_replicas.items()):
+        if not _fits(replicas, data):
+            continue
+        res = optimal_splits(data, replicas)
+        cost = res.bottleneck if data.exact else data.time_of(res.layer.flows(data.counts))[0]
+        if best is None or cost < best[0] * (1 - 1e-12):
+            best = (cost, res.link_time, res.layer, name)
+    cost, link_s, layer, start_name = best
+    g = _gap(cost, bound)
+    status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else "time_limit")
+    if g > gap:
+        from epplan.placement.ilp import improve
+
+        left = None if budget is None else budget - (time.monotonic() - t0)
+        if left is None or left > 0.5:
+            out = improve(data, layer, cost, bound, solver=solver, time_limit=left, gap=gap)
+            if out.bound > bound:
+                bound, source = out.bound, "milp"
+            if out.layer is not None and out.cost < cost * (1 - 1e-12):
+                cost, link_s, layer = out.cost, out.link_s, out.layer
+            g = _gap(cost, bound)
+            status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else "time_limit")
+    info = LayerInfo(layer=li, status=status, objective_s=float(cost), bound_s=float(bound),
+                     bound_source=source, gap=float(g), link_s=float(link_s),
+                     seconds=time.monotonic() - t0, start=start_name)
+    return layer, info
+
+
+def _gap(cost: float, bound: float) -> float:
+    return 0.0 if cost <= 0 else max(0.0, (cost - bound) / cost)
+
+
+def _max_groups(problem) -> int:
+    # Keep the split LP near 1e5-1e6 columns: groups x replicas.
+    return max(problem.topology.num_nodes, 300_000 // max(1, problem.num_gpus))
+
+
+def _fits(replicas: list[np.ndarray], data: LayerData) -> bool:
+    held = np.bincount(np.concatenate(replicas), minlength=data.num_gpus)
+    return bool(np.all(held <= data.slots))
+
+
+def _baselines(problem) -> dict:
+    from epplan.placement.baselines import BASELINES
+
+    out = {}
+    for name, fn in BASELINES.items():
+        try:
+            out[name] = fn(problem)
+        except Exception:  # a baseline that cannot place this problem is simply not a candidate
+            continue
+    return out
+
+
+def _canonical(counts: np.ndarray) -> tuple[np.ndarray, str]:
+    """(perm, key): experts ordered by their count columns; equal keys = same layer up to labels."""
+    cols = np.round(counts.T, 6)                                  # [E, G]
+    perm = np.lexsort(cols.T[::-1])
+    key = hashlib.sha256(np.ascontiguousarray(cols[perm]).tobytes()).hexdigest()
+    return perm, key
+
+
+def _relabel(layer: LayerPlacement, perm_from: np.ndarray, perm_to: np.ndarray) -> LayerPlacement:
+    """Layer B's expert perm_to[i] takes what layer A's expert perm_from[i] got."""
+    num = len(layer.replicas)
+    replicas: list[np.ndarray] = [None] * num  # type: ignore[list-item]
+    split: list[np.ndarray] = [None] * num  # type: ignore[list-item]
+    for i in range(num):
+        replicas[perm_to[i]] = layer.replicas[perm_from[i]].copy()
+        split[perm_to[i]] = layer.split[perm_from[i]].copy()
+    return LayerPlacement(replicas, split)
+
+
+def _summary(infos: list[LayerInfo], solver: str, time_limit, gap: float, seconds: float) -> dict:
+    worst = max(infos, key=lambda i: i.gap)
+    statuses = {i.status for i in infos}
+    status = "optimal" if statuses == {"optimal"} else ("time_limit" if "time_limit" in statuses else "gap_met")
+    objective = float(sum(i.objective_s for i in infos))
+    bound = float(sum(i.bound_s for i in infos))
+    return {
+        "solver": solver,
+        "status": status,
+        "objective_s": objective,
+        "bound_s": bound,
+        "gap": float(worst.gap),
+        "total_gap": 0.0 if objective <= 0 else (objective - bound) / objective,
+        "gap_target": gap,
+        "time_limit_s": time_limit,
+        "seconds": seconds,
+        "layers": [asdict(i) for i in infos],
+    }

@@ -1,0 +1,156 @@
+"""Optimal token splits for a fixed placement: one linear program per layer.
+
+Given which GPUs hold which experts, the best split of every source's tokens over an expert's
+replicas is an LP (``DESIGN.md``'s model with the placement fixed):
+
+    variables  y[a, e, t] >= 0   assignments source group a sends to the replica of e on t
+               Y[a, t]           = sum_e y[a, e, t]  (what the links and GPUs see)
+               Z, mu             the layer's bottleneck, the max link time
+    demand     sum_t y[a, e, t] = n[a, e]
+    links      sum_{a, t} coef[(a, t), k] Y[a, t] <= mu          (k: kept links)
+    GPUs       gpu_unit[t] * sum_a Y[a, t] <= Z
+               mu <= Z
+    minimise   Z; then, with Z fixed at its optimum, mu
+
+The second stage breaks ties toward the least-loaded network: when expert compute sets the
+bottleneck, any split that keeps the links below it is optimal, and the planner prefers the one
+with the idlest links (``--compare`` reports both). Flows are scaled to O(1) units for HiGHS.
+
+Shape legend: G = GPUs, E = experts, A = source groups, R_e = replicas of expert e.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from epplan.placement.layer import LayerData
+from epplan.placement.lp import LP
+from epplan.placement.types import LayerPlacement
+
+_STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
+_IPM_ABOVE = 20_000    # columns: interior point (with crossover) above, dual simplex below
+
+
+@dataclass
+class SplitResult:
+    layer: LayerPlacement
+    bottleneck: float     # seconds: max(link, GPU) as the LP sees it
+    link_time: float      # seconds: max kept-link time after the tie-break
+    status: str
+    seconds: float
+
+
+def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bool = True,
+                   time_limit: float | None = None) -> SplitResult:
+    """Best splits for ``replicas`` (replicas[e]: sorted ranks holding expert e)."""
+    num_gpus, num_experts = data.num_gpus, data.num_experts
+    gc = data.group_counts                                    # [A, E]
+    num_groups = gc.shape[0]
+    replicas = [np.asarray(r, dtype=np.int64) for r in replicas]
+    unit = max(gc.sum() / num_gpus, 1e-30)                    # flow unit: one source's demand
+    tau = unit * float(np.mean(data.gpu_unit))                # time unit: serving it
+    # y columns: every (a, e, replica) with demand.
+    ya, ye, yt = [], [], []
+    for e, ranks in enumerate(replicas):
+        groups = np.flatnonzero(gc[:, e] > 0)
+        ya.append(np.repeat(groups, ranks.size))
+        ye.append(np.full(groups.size * ranks.size, e))
+        yt.append(np.tile(ranks, groups.size))
+    ya, ye, yt = np.concatenate(ya), np.concatenate(ye), np.concatenate(yt)
+    ny = ya.size
+    pair = ya * num_gpus + yt                                 # (a, t) of each y
+    pairs, y2p = np.unique(pair, return_inverse=True)
+    npair = pairs.size
+    col_z, col_mu = ny + npair, ny + npair + 1
+    ncol = ny + npair + 2
+    # Rows: demand (a, e) | aux (a, t) | links | GPUs | mu <= Z.
+    dem_key = ya * num_experts + ye
+    dem_keys, y2d = np.unique(dem_key, return_inverse=True)
+    ndem = dem_keys.size
+    demand = gc.ravel()[dem_keys] / unit
+    coef = data.coef()[pairs] * (unit / tau)                  # (npair, K)
+    coef = coef.tocsc()
+    is_link = np.diff(coef.indptr) > 0
+    coef = coef[:, is_link]
+    nlink = coef.shape[1]
+    gpu = data.gpu_unit[pairs % num_gpus] * (unit / tau)
+    blocks = []
+    r0 = 0
+    blocks.append((y2d + r0, np.arange(ny), np.ones(ny)))                      # demand
+    r0 += ndem
+    blocks.append((y2p + r0, np.arange(ny), np.ones(ny)))                      # aux: +y
+    blocks.append((np.arange(npair) + r0, ny + np.arange(npair), -np.ones(npair)))  # aux: -Y
+    r0 += npair
+    cc = coef.tocoo()
+    blocks.append((cc.col + r0, ny + cc.row, cc.data))                          # links: Y
+    blocks.append((np.arange(nlink) + r0, np.full(nlink, col_mu), -np.ones(nlink)))
+    r0 += nlink
+    blocks.append((pairs % num_gpus + r0, ny + np.arange(npair), gpu))          # GPUs: Y
+    blocks.append((np.arange(num_gpus) + r0, np.full(num_gpus, col_z), -np.ones(num_gpus)))
+    r0 += num_gpus
+    blocks.append((np.array([r0, r0]), np.array([col_mu, col_z]), np.array([1.0, -1.0])))
+    r0 += 1
+    rows = np.concatenate([b[0] for b in blocks])
+    cols = np.concatenate([b[1] for b in blocks])
+    vals = np.concatenate([b[2] for b in blocks])
+    a = sp.csc_matrix((vals, (rows, cols)), shape=(r0, ncol))
+    inf = np.inf
+    row_lo = np.concatenate([demand, np.zeros(npair), np.full(nlink + num_gpus + 1, -inf)])
+    row_hi = np.concatenate([demand, np.zeros(npair), np.zeros(nlink + num_gpus + 1)])
+    cost = np.zeros(ncol)
+    cost[col_z] = 1.0
+    lp = LP(cost, a, row_lo, row_hi, np.zeros(ncol), np.full(ncol, inf))
+    if ncol > _IPM_ABOVE:
+        lp.h.setOptionValue("solver", "ipm")   # several times faster than simplex at this size
+    res = lp.solve(time_limit)
+    seconds = res.seconds
+    if res.status != "optimal":
+        raise RuntimeError(f"split LP ended {res.status}")   # feasible by construction
+    x, z = res.x, res.x[col_z]
+    if tie_break and nlink:
+        lp.set_col_bounds([col_z], [0.0], [z * (1 + _STAGE2_SLACK) + 1e-12])
+        c2 = np.zeros(ncol)
+        c2[col_mu] = 1.0
+        lp.set_cost(c2)
+        res2 = lp.solve(time_limit)
+        seconds += res2.seconds
+        if res2.status == "optimal":
+            x = res2.x
+    y = np.maximum(x[:ny], 0.0) * unit
+    layer = _to_layer(data, replicas, ya, ye, yt, y)
+    return SplitResult(layer=layer, bottleneck=float(max(x[col_z], 0) * tau),
+                       link_time=float(max(x[col_mu], 0) * tau), status="optimal", seconds=seconds)
+
+
+def _to_layer(data: LayerData, replicas: list[np.ndarray], ya, ye, yt, y) -> LayerPlacement:
+    """Per-source splits from group flows: every source of group a uses a's fractions."""
+    num_gpus = data.num_gpus
+    gc = data.group_counts
+    node = data.lm.gpu_node
+    split = []
+    order = np.lexsort((yt, ya, ye))
+    ya, ye, yt, y = ya[order], ye[order], yt[order], y[order]
+    bounds = np.searchsorted(ye, np.arange(len(replicas) + 1))
+    for e, ranks in enumerate(replicas):
+        lo, hi = bounds[e], bounds[e + 1]
+        share = np.zeros((gc.shape[0], ranks.size))
+        idx = np.searchsorted(ranks, yt[lo:hi])
+        np.add.at(share, (ya[lo:hi], idx), y[lo:hi])
+        total = share.sum(axis=1, keepdims=True)
+        has = total[:, 0] > 0
+        share[has] /= total[has]
+        rows = share[data.group_of]                                    # [G, R_e]
+        # Sources without demand for e: any split costs nothing; prefer a replica on their node.
+        idle = ~has[data.group_of]
+        if idle.any():
+            local = node[ranks][None, :] == node[:, None]               # [G, R_e]
+            fallback = np.where(local.any(axis=1, keepdims=True), local, True).astype(np.float64)
+            fallback /= fallback.sum(axis=1, keepdims=True)
+            rows[idle] = fallback[idle]
+        rows = np.where(rows < 1e-12, 0.0, rows)
+        rows /= rows.sum(axis=1, keepdims=True)
+        split.append(rows)
+    return LayerPlacement([r.copy() for r in replicas], split)

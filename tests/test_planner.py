@@ -1,0 +1,176 @@
+"""The planner against its slow references: brute force on tiny layers, the path model's own
+pair fractions, and ``evaluate`` (the one cost function)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from epplan.cost import evaluate
+from epplan.errors import PlacementError
+from epplan.placement.baselines import BASELINES
+from epplan.placement.bounds import lower_bound
+from epplan.placement.bruteforce import brute_force
+from epplan.placement.layer import layer_data
+from epplan.placement.linkmodel import link_model
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.solve import solve
+from epplan.placement.splits import optimal_splits
+from epplan.placement.types import Placement
+from epplan.topology import build_topology, load_topology, parse_spec
+from epplan.workload import load_model_config, make_traffic
+from epplan.workload.traffic import Traffic
+
+TOPOLOGIES = "topologies"
+
+_NODE = """name: toy-{nodes}x{gpus}
+node_types:
+  toy:
+    gpus: {gpus}
+    gpu: {{model: toy, memory_gb: 80, bf16_tflops: {tflops}, hbm_gbps: 1000}}
+    fabric: {{kind: nvswitch, gbps: 100}}
+    nics: {{gbps: 50, attach: {attach}, pcie_gbps: 64}}
+nodes: [{{prefix: n, count: {nodes}, type: toy}}]
+"""
+
+
+def toy_topology(nodes: int, gpus: int, tflops: float = 2000.0, fabric: str = "switch"):
+    """``nodes`` servers of ``gpus`` GPUs on an NVSwitch, one 50 GB/s NIC each, one switch."""
+    text = _NODE.format(nodes=nodes, gpus=gpus, tflops=tflops, attach=list(range(gpus)))
+    if nodes > 1:
+        text += f"fabric: {{kind: {fabric}}}\n"
+    return build_topology(parse_spec(text))
+
+
+def toy_problem(nodes: int, gpus: int, experts: int, *, experts_per_gpu: int = 1, d_ff: int = 256,
+                tflops: float = 2000.0, seed: int = 0, layers: int = 1) -> PlacementProblem:
+    """A tiny problem with skewed, source-dependent routing (gamma-distributed rows)."""
+    topo = toy_topology(nodes, gpus, tflops)
+    config = load_model_config("tiny", {"num_experts": experts, "d_ff": d_ff, "num_layers": layers,
+                                        "top_k": min(2, experts)})
+    rng = np.random.default_rng(seed)
+    g = topo.num_gpus
+    counts = rng.gamma(0.7, size=(layers, g, experts)) + 1e-3
+    counts *= config.tokens_per_step / g * config.top_k / counts.sum(axis=2, keepdims=True)
+    return PlacementProblem(topo, config, Traffic(counts, "test"), experts_per_gpu=experts_per_gpu)
+
+
+# ------------------------------------------------------------------ the link model
+
+@pytest.mark.parametrize("name,routing", [("dgx-h100-2node", "ecmp"), ("h100-8node-oversub", "ecmp"),
+                                          ("h100-8node-oversub", "rail_aligned"),
+                                          ("explicit-2node", "ecmp"), ("hetero-degraded", "rail_aligned"),
+                                          ("pcie-8gpu", "ecmp")])
+def test_pair_incidence_matches_pair_fractions(name, routing):
+    topo = load_topology(f"{TOPOLOGIES}/{name}.yaml", routing=routing)
+    lm = link_model(topo)
+    rng = np.random.default_rng(0)
+    src, dst = rng.integers(0, topo.num_gpus, 30), rng.integers(0, topo.num_gpus, 30)
+    keep = src != dst
+    inc = lm.pair_incidence(src[keep], dst[keep], all_links=True).toarray()
+    for row, (s, t) in zip(inc, zip(src[keep], dst[keep])):
+        ref = np.zeros(topo.num_links)
+        for link, share in topo.paths.pair_fractions(int(s), int(t)).items():
+            ref[link] = share
+        np.testing.assert_allclose(row, ref, atol=1e-12)
+    # Dropped links never carry the maximum alone, whatever the traffic.
+    for _ in range(3):
+        traffic = rng.random((topo.num_gpus, topo.num_gpus)) ** 4
+        every, kept = lm.check(traffic)
+        assert kept == pytest.approx(every, rel=1e-12)
+
+
+# ------------------------------------------------------------------ exactness on tiny layers
+
+TINY = [  # nodes, gpus per node, experts, experts per GPU, d_ff (small: network-bound), tflops
+    (2, 2, 4, 1, 256, 2000.0),
+    (2, 2, 2, 1, 256, 2000.0),
+    (1, 4, 3, 1, 256, 2000.0),
+    (2, 2, 3, 2, 256, 2000.0),
+    (1, 3, 6, 2, 256, 2000.0),
+    (2, 2, 4, 1, 4096, 50.0),    # compute-bound
+    (2, 2, 3, 1, 1024, 400.0),   # both matter
+    (1, 4, 2, 1, 256, 3000.0),
+]
+
+
+@pytest.mark.parametrize("nodes,gpus,experts,k,d_ff,tflops", TINY)
+def test_ilp_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
+    problem = toy_problem(nodes, gpus, experts, experts_per_gpu=k, d_ff=d_ff, tflops=tflops,
+                          seed=nodes * 100 + gpus * 10 + experts)
+    best, _ = brute_force(problem)
+    placement = solve(problem, gap=0.0, time_limit=30)
+    layer = placement.info["layers"][0]
+    cost = evaluate(placement, problem).bottleneck_s[0]
+    assert layer["status"] == "optimal"
+    assert cost == pytest.approx(best, rel=1e-6)
+    assert layer["objective_s"] == pytest.approx(cost, rel=1e-9)
+    assert layer["bound_s"] <= best * (1 + 1e-6)
+
+
+def test_analytic_bounds_below_brute_force():
+    for seed in range(4):
+        problem = toy_problem(2, 2, 3, d_ff=512, tflops=500.0, seed=seed)
+        best, _ = brute_force(problem)
+        bound, _ = lower_bound(layer_data(problem, problem.traffic.counts[0]))
+        assert bound <= best * (1 + 1e-9)
+
+
+# ------------------------------------------------------------------ at scale, against evaluate
+
+@pytest.fixture(scope="module")
+def two_node():
+    topo = load_topology(f"{TOPOLOGIES}/dgx-h100-2node.yaml")
+    config = load_model_config("seed", {"num_layers": 4})
+    return PlacementProblem(topo, config, make_traffic("zipf:1.2", config, topo.num_gpus))
+
+
+def test_split_lp_matches_evaluate(two_node):
+    eplb = BASELINES["eplb"](two_node)
+    data = layer_data(two_node, two_node.traffic.counts[0])
+    res = optimal_splits(data, eplb.layers[0].replicas)
+    planned = Placement(16, 16, [res.layer] * 4)
+    cost = evaluate(planned, two_node)
+    assert cost.bottleneck_s[0] == pytest.approx(res.bottleneck, rel=1e-9)
+    assert cost.a2a_link_s[0] == pytest.approx(res.link_time, rel=1e-9)
+    assert cost.bottleneck_s[0] <= evaluate(eplb, two_node).bottleneck_s[0] * (1 + 1e-9)
+
+
+def test_never_worse_than_baselines_and_relabels_layers(two_node):
+    placement = solve(two_node, time_limit=30)
+    placement.validate(two_node.experts_per_gpu)
+    cost = evaluate(placement, two_node)
+    for fn in BASELINES.values():
+        assert np.all(cost.bottleneck_s <= evaluate(fn(two_node), two_node).bottleneck_s * (1 + 1e-9))
+    infos = placement.info["layers"]
+    np.testing.assert_allclose([i["objective_s"] for i in infos], cost.bottleneck_s, rtol=1e-9)
+    # Zipf layers are one pattern under different expert orders: solved once, relabelled.
+    assert sum(i["same_as"] is None for i in infos) == 1
+    assert placement.info["gap"] <= 0.01
+
+
+def test_experts_beyond_slots_name_the_flag():
+    topo = toy_topology(1, 2)
+    config = load_model_config("tiny", {"num_experts": 4})
+    with pytest.raises(PlacementError, match="--experts-per-gpu 2"):
+        PlacementProblem(topo, config, make_traffic("uniform", config, 2))
+
+
+def test_time_limit_returns_best_plan_with_bound():
+    problem = toy_problem(2, 4, 4, d_ff=64, seed=3, layers=2)
+    placement = solve(problem, gap=0.0, time_limit=1.0)
+    info = placement.info
+    placement.validate(1)
+    assert info["seconds"] < 10
+    for layer in info["layers"]:
+        assert layer["status"] in ("optimal", "gap_met", "time_limit")
+        assert 0 <= layer["bound_s"] <= layer["objective_s"] * (1 + 1e-9)
+        assert layer["gap"] == pytest.approx(1 - layer["bound_s"] / layer["objective_s"], abs=1e-9)
+
+
+def test_bad_arguments():
+    problem = toy_problem(1, 2, 2)
+    with pytest.raises(PlacementError, match="--solver"):
+        solve(problem, solver="gurobi")
+    with pytest.raises(PlacementError, match="--time-limit"):
+        solve(problem, time_limit=0)
