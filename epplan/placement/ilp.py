@@ -102,7 +102,7 @@ def improve(data: LayerData, layer: LayerPlacement, cost: float, bound: float, *
         replicas = [np.flatnonzero(xe[e]) for e in range(num_experts)]
         if all(r.size for r in replicas) and np.all(xe.sum(axis=0) <= data.slots):
             res = optimal_splits(data, replicas)
-            new_cost = res.bottleneck if data.exact else data.time_of(res.layer.flows(data.counts))[0]
+            new_cost = res.bottleneck
             if new_cost < cost * (1 - 1e-9):
                 best_layer, best_cost, best_link = res.layer, new_cost, res.link_time
     # The incumbent's cost is an upper bound on the optimum, so the bound never exceeds it.

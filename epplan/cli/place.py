@@ -1,0 +1,234 @@
+"""``epplan place``: plan the experts of every MoE layer and write the manifest."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from epplan.cli import app
+from epplan.cli.common import console, err_console, print_json, user_errors
+from epplan.cli.estimate import parse_overrides
+from epplan.cost import Cost, evaluate
+from epplan.errors import PlacementError
+from epplan.manifest import build_manifest, write_manifest
+from epplan.placement.baselines import BASELINES, random_placement
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.solve import SOLVERS, LayerInfo, solve
+from epplan.placement.types import Placement
+from epplan.topology import load_topology
+from epplan.workload import load_model_config, make_traffic
+
+METHODS = ("ilp", "eplb", "contiguous", "random")
+
+
+@app.command("place")
+@user_errors
+def place(
+    topology: Annotated[Path, typer.Option(help="Cluster topology YAML file (see topologies/).", show_default=False)],
+    model: Annotated[str, typer.Option(
+        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny) or YAML file.")] = "seed",
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
+    routing: Annotated[str, typer.Option(
+        help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST], or the routing "
+             "statistics .json that 'epplan run' writes (re-plan from real routing).")] = "uniform",
+    experts_per_gpu: Annotated[int, typer.Option(
+        help="Most experts (replicas included) per GPU per layer.")] = 1,
+    method: Annotated[str, typer.Option(help="ilp (the planner) or a baseline: eplb, contiguous, random.")] = "ilp",
+    solver: Annotated[str, typer.Option(help="MILP solver: highs or cbc.")] = "highs",
+    time_limit: Annotated[float, typer.Option(
+        help="Seconds for the whole solve; the best plan found is kept, with its bound and gap.")] = 120.0,
+    gap: Annotated[float, typer.Option(help="Stop a layer once its proven gap is at most this.")] = 0.01,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Also score every method side by side (the ILP and the baselines).")] = False,
+    out: Annotated[Path, typer.Option(help="Where to write the manifest.")] = Path("manifest.json"),
+    compute_efficiency: Annotated[float, typer.Option(
+        help="Achievable fraction of each GPU's datasheet bf16 TFLOP/s.")] = 0.6,
+    tflops: Annotated[Optional[float], typer.Option(
+        help="Achievable TFLOP/s per GPU; overrides --compute-efficiency.")] = None,
+    micro_batches: Annotated[int, typer.Option(
+        help="Gradient-accumulation steps per optimizer step (recorded in the manifest).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of the random baseline.")] = 0,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Processes solving distinct layers in parallel (default: CPU count, at most 4).")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
+) -> None:
+    """Place every MoE layer's experts and replicas to minimise each layer's bottleneck (the
+    busiest link's all-to-all time, or the busiest GPU's expert time), and write the manifest
+    that 'epplan run' follows."""
+    if method not in METHODS:
+        raise PlacementError(f"--method {method!r} unknown; use one of {', '.join(METHODS)}")
+    if solver not in SOLVERS:
+        raise PlacementError(f"--solver {solver!r} unknown; use one of {', '.join(SOLVERS)}")
+    if not time_limit > 0:
+        raise PlacementError(f"--time-limit must be > 0 seconds, got {time_limit:g}")
+    if not 0 <= gap < 1:
+        raise PlacementError(f"--gap must be in [0, 1), got {gap:g}")
+    topo = load_topology(topology)
+    config = load_model_config(model, parse_overrides(set_ or []))
+    traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
+    problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
+                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
+                               micro_batches=micro_batches)
+    if not json:
+        console.print(
+            f"[bold]{config.name}[/] on [bold]{topo.name}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
+            f"{config.num_moe_layers} MoE layers x {config.num_experts} experts, routing {traffic.source}, "
+            f"at most {experts_per_gpu} expert(s) per GPU", highlight=False)
+        for note in traffic.notes:
+            console.print(f"  [dim]note: {note}[/]", highlight=False)
+
+    plans: dict[str, tuple[Placement, float]] = {}
+    names = [method] + ([m for m in METHODS if m != method] if compare else [])
+    for name in names:
+        t0 = time.monotonic()
+        if name == "ilp":
+            plan = _solve(problem, solver, time_limit, gap, workers, quiet=json)
+        else:
+            plan = _baseline(name, problem, seed)
+        plans[name] = (plan, time.monotonic() - t0)
+    chosen, _ = plans[method]
+    costs = {name: evaluate(plan, problem) for name, (plan, _) in plans.items()}
+    doc = build_manifest(chosen, problem, cost=costs[method], routing_spec=routing)
+    digest = write_manifest(out, doc)
+
+    if json:
+        data: dict[str, Any] = {
+            "manifest": str(out), "manifest_hash": digest, "method": method,
+            "solver": _solver_summary(chosen), "notes": list(traffic.notes),
+            "cost": costs[method].to_dict(),
+        }
+        if compare:
+            data["compare"] = {name: _row(name, plans[name], costs[name]) for name in names}
+        print_json(data)
+        return
+    _print_plan(chosen, costs[method], problem)
+    if compare:
+        _print_compare(names, plans, costs, problem)
+    console.print(f"manifest written: [bold]{out}[/] (sha256 {digest[:12]})", highlight=False)
+
+
+# ------------------------------------------------------------------------------ solving
+
+def _solve(problem: PlacementProblem, solver: str, time_limit: float, gap: float, workers: int | None,
+           quiet: bool) -> Placement:
+    total = problem.num_layers
+    if quiet:
+        return solve(problem, solver=solver, time_limit=time_limit, gap=gap, workers=workers)
+    with Progress(TextColumn("[bold]solving[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=False) as progress:
+        task = progress.add_task("", total=total)
+
+        def report(info: LayerInfo, done: int, _total: int) -> None:
+            how = f"as layer {info.same_as}" if info.same_as is not None else f"{info.seconds:.1f}s"
+            progress.update(task, completed=done, description=(
+                f"layer {info.layer}: {info.objective_s * 1e3:.2f} ms, gap {info.gap:.2%}, "
+                f"{info.status} ({how})"))
+
+        return solve(problem, solver=solver, time_limit=time_limit, gap=gap, progress=report, workers=workers)
+
+
+def _baseline(name: str, problem: PlacementProblem, seed: int) -> Placement:
+    plan = random_placement(problem, seed) if name == "random" else BASELINES[name](problem)
+    plan.info = {"solver": None, "status": "baseline", "seconds": 0.0}
+    return plan
+
+
+# ------------------------------------------------------------------------------ output
+
+def _solver_summary(plan: Placement) -> dict[str, Any]:
+    info = plan.info or {}
+    keys = ("solver", "status", "objective_s", "bound_s", "gap", "total_gap", "gap_target", "time_limit_s", "seconds")
+    return {k: info.get(k) for k in keys if k in info}
+
+
+def _imbalance(cost: Cost) -> float:
+    """Busiest GPU's expert assignments over the mean, worst layer."""
+    served = cost.expert_assignments
+    mean = served.mean(axis=1)
+    ratio = np.where(mean > 0, served.max(axis=1) / np.where(mean > 0, mean, 1), 1.0)
+    return float(ratio.max())
+
+
+def _row(name: str, plan_time: tuple[Placement, float], cost: Cost) -> dict[str, Any]:
+    plan, seconds = plan_time
+    links = Counter(int(k) for k in cost.a2a_link)
+    worst = int(np.argmax(cost.a2a_link_s))
+    info = plan.info or {}
+    return {
+        "method": name,
+        "bottleneck_total_s": cost.bottleneck_total_s,
+        "link_total_s": float(cost.a2a_link_s.sum()),
+        "link_per_layer_s": [float(v) for v in cost.a2a_link_s],
+        "bottleneck_per_layer_s": [float(v) for v in cost.bottleneck_s],
+        "bottleneck_link": cost.topology.link_name(int(cost.a2a_link[worst])),
+        "most_frequent_link": cost.topology.link_name(links.most_common(1)[0][0]),
+        "gpu_imbalance": _imbalance(cost),
+        "solve_s": seconds,
+        "gap": info.get("gap"),
+        "bound_s": info.get("bound_s"),
+    }
+
+
+def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
+    info = plan.info or {}
+    topo = problem.topology
+    t = Table(title=f"placement: {plan.method}", title_justify="left")
+    for col in ("layer", "bottleneck ms", "binds", "max link ms", "busiest link", "expert ms"):
+        t.add_column(col, justify="left" if col in ("binds", "busiest link") else "right")
+    layers = info.get("layers")
+    if layers:
+        for col in ("bound ms", "gap", "status"):
+            t.add_column(col, justify="right")
+    expert_max = cost.expert_compute_s.max(axis=1)
+    for li in range(cost.num_layers):
+        row = [str(li), f"{cost.bottleneck_s[li] * 1e3:.3f}", cost.binds[li], f"{cost.a2a_link_s[li] * 1e3:.3f}",
+               topo.link_name(int(cost.a2a_link[li])), f"{expert_max[li] * 1e3:.3f}"]
+        if layers:
+            L = layers[li]
+            same = f" = {L['same_as']}" if L.get("same_as") is not None else ""
+            row += [f"{L['bound_s'] * 1e3:.3f}", f"{L['gap']:.2%}", L["status"] + same]
+        t.add_row(*row)
+    console.print(t)
+    line = f"total bottleneck [bold]{cost.bottleneck_total_s * 1e3:.2f} ms[/] per step"
+    if layers:
+        line += (f", lower bound {info['bound_s'] * 1e3:.2f} ms (gap {info.get('total_gap', 0):.2%}, worst "
+                 f"layer {info['gap']:.2%}), {info.get('solver')} {info['status']}, solved in {info['seconds']:.1f} s")
+        if info["status"] == "time_limit":
+            line += (f"; [yellow]time limit {info.get('time_limit_s')} s reached: this is the best plan found, "
+                     f"its gap above the target {info.get('gap_target', 0):.0%}[/]")
+    console.print(line, highlight=False)
+
+
+def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], problem: PlacementProblem) -> None:
+    rows = {name: _row(name, plans[name], costs[name]) for name in names}
+    t = Table(title="methods side by side (scored by the same cost function)", title_justify="left")
+    first = names[0]
+    for col in ("method", "bottleneck ms", f"{first} saves", "max link ms (sum)", "busiest link (worst layer)",
+                "GPU imbalance", "solve s", "gap"):
+        t.add_column(col, justify="left" if col in ("method", "busiest link (worst layer)") else "right")
+    ref = rows[first]["bottleneck_total_s"]
+    for name in names:
+        r = rows[name]
+        total = r["bottleneck_total_s"]
+        saves = "" if name == first or total <= 0 else f"{(total - ref) / total:.1%}"
+        t.add_row(name, f"{total * 1e3:.2f}", saves, f"{r['link_total_s'] * 1e3:.2f}",
+                  r["bottleneck_link"], f"{r['gpu_imbalance']:.2f}x", f"{r['solve_s']:.1f}",
+                  "-" if r["gap"] is None else f"{r['gap']:.2%}")
+    console.print(t)
+    per = Table(title="max link time per layer, ms", title_justify="left")
+    per.add_column("layer", justify="right")
+    for name in names:
+        per.add_column(name, justify="right")
+    for li in range(problem.num_layers):
+        per.add_row(str(li), *(f"{rows[n]['link_per_layer_s'][li] * 1e3:.3f}" for n in names))
+    per.add_row("total", *(f"{rows[n]['link_total_s'] * 1e3:.2f}" for n in names))
+    console.print(per)

@@ -1,0 +1,434 @@
+"""The placement manifest: what ``epplan place`` writes and ``epplan run`` / ``report`` read.
+
+Format ``epplan.manifest``, schema version 1, one JSON object::
+
+    {
+      "format": "epplan.manifest", "schema_version": 1, "epplan_version": "0.1.0",
+      "model": {ModelConfig fields},
+      "topology": {"name", "content_hash", "source", "routing", "node_names": [N]},
+      "world_size": G,
+      "ranks": {"node": [G node indices], "local_gpu": [G local GPU indices]},
+      "problem": {"experts_per_gpu", "compute_efficiency", "achievable_tflops", "micro_batches"},
+      "routing": {"spec", "source", "counts_sha256", "notes": [...], "expert_load": [L][E]},
+      "placement": {"method", "num_experts": E,
+                    "layers": [{"experts": [{"replicas": [R_e ranks],
+                                             "rows": [[[r, share], ...], ...],
+                                             "row_of": int | [G ints]}, ... E]}, ... L]},
+      "solver": {"solver", "status", "objective_s", "bound_s", "gap", "seconds", "layers": [...]},
+      "predicted": {"summary": Cost.to_dict(), "link_bytes_per_step": [K], "link_a2a_s": [L][K]?}
+    }
+
+Splits are stored compactly: for expert e, ``rows`` holds each distinct split row once, sparse
+([replica index, share] for the non-zero shares), and ``row_of`` gives each source rank's row
+(a single int when every rank uses the same row, as under an even split). A split row is the
+share of that source rank's assignments to e served by each of e's replicas.
+
+``write_manifest`` writes atomically (a temporary file in the same directory, then
+``os.replace``). ``load_manifest`` validates with pydantic and then checks every invariant the
+runtime relies on, raising ``ManifestError`` with the first problem found: another format or
+schema version, corrupted JSON, an expert without a replica, ranks out of range, a GPU holding
+more experts in a layer than ``experts_per_gpu`` allows, splits not summing to 1.
+``manifest_hash`` is the SHA-256 of the canonical JSON (sorted keys, no whitespace), the same
+before writing and after loading.
+
+Shape legend: L = MoE layers, G = ranks, E = experts per layer, K = links, N = nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from epplan.errors import ConfigError, ManifestError
+from epplan.placement.types import LayerPlacement, Placement
+from epplan.workload.config import ModelConfig
+
+FORMAT = "epplan.manifest"
+SCHEMA_VERSION = 1
+_SHARE_DIGITS = 12          # shares are stored rounded to 1e-12
+_SPLIT_TOL = 1e-6           # a stored split row must sum to 1 within this
+
+
+# ------------------------------------------------------------------------------ the loaded value
+
+@dataclass
+class Manifest:
+    """A validated manifest.
+
+    placement:        the ``Placement`` (one ``LayerPlacement`` per MoE layer).
+    config:           the ``ModelConfig`` it was planned for.
+    rank_nodes:       list[str] of length G, the node name of every rank.
+    rank_local_gpus:  list[int] of length G, the local GPU index of every rank.
+    hash:             ``manifest_hash`` of the document.
+    doc:              the whole JSON document (dict), for fields not lifted here.
+    """
+
+    placement: Placement
+    config: ModelConfig
+    topology_name: str
+    topology_hash: str
+    topology_source: str
+    routing: str
+    rank_nodes: list[str]
+    rank_local_gpus: list[int]
+    experts_per_gpu: int
+    compute_efficiency: float
+    achievable_tflops: float | None
+    micro_batches: int
+    routing_spec: str | None
+    solver: dict[str, Any]
+    predicted: dict[str, Any]
+    hash: str
+    doc: dict[str, Any] = field(repr=False)
+    path: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.rank_nodes)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(dict.fromkeys(self.rank_nodes))
+
+
+# ------------------------------------------------------------------------------ building, writing
+
+def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: str | None = None,
+                   link_layers: bool = False) -> dict[str, Any]:
+    """The manifest document (a JSON-ready dict) of ``placement`` on ``problem``.
+
+    cost:         ``evaluate(placement, problem)`` (computed here if None): the predicted loads.
+    routing_spec: the routing spec the traffic was built from (``zipf:1.2``, a file, ...).
+    link_layers:  also store every layer's a2a time on every link ([L][K] floats).
+    """
+    from epplan import __version__
+    from epplan.cost import evaluate
+
+    placement.validate(problem.experts_per_gpu)
+    if cost is None:
+        cost = evaluate(placement, problem)
+    topo, config = problem.topology, problem.config
+    counts = np.ascontiguousarray(problem.traffic.counts, dtype=np.float64)
+    predicted: dict[str, Any] = {
+        "summary": cost.to_dict(top_links=20),
+        "link_bytes_per_step": [float(v) for v in cost.link_step_bytes],
+    }
+    if link_layers:
+        predicted["link_a2a_s"] = (cost.a2a_bytes / cost.capacity_bytes_per_s).tolist()
+    info = dict(placement.info)
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "epplan_version": __version__ if isinstance(__version__, str) else str(__version__),
+        "model": config.to_dict(),
+        "topology": {
+            "name": topo.name,
+            "content_hash": topo.content_hash,
+            "source": topo.source,
+            "routing": topo.routing,
+            "node_names": list(topo.node_names),
+        },
+        "world_size": int(topo.num_gpus),
+        "ranks": {"node": [int(n) for n in topo.gpu_node], "local_gpu": [int(i) for i in topo.gpu_local]},
+        "problem": {
+            "experts_per_gpu": int(problem.experts_per_gpu),
+            "compute_efficiency": float(problem.compute_efficiency),
+            "achievable_tflops": None if problem.achievable_tflops is None else float(problem.achievable_tflops),
+            "micro_batches": int(problem.micro_batches),
+        },
+        "routing": {
+            "spec": routing_spec,
+            "source": problem.traffic.source,
+            "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest(),
+            "notes": list(problem.traffic.notes),
+            "expert_load": counts.sum(axis=1).tolist(),
+        },
+        "placement": {
+            "method": placement.method,
+            "num_experts": int(placement.num_experts),
+            "layers": [{"experts": [_expert_doc(r, s) for r, s in zip(layer.replicas, layer.split)]}
+                       for layer in placement.layers],
+        },
+        "solver": _jsonable(info),
+        "predicted": predicted,
+    }
+
+
+def write_manifest(path: str | Path, doc: dict[str, Any]) -> str:
+    """Write ``doc`` to ``path`` atomically; return its ``manifest_hash``."""
+    path = Path(path)
+    text = json.dumps(doc, indent=1, allow_nan=False)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot write the manifest: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return manifest_hash(doc)
+
+
+def manifest_hash(manifest: dict[str, Any] | str | Path | Manifest) -> str:
+    """SHA-256 of the canonical JSON of a manifest document (dict, path or ``Manifest``)."""
+    if isinstance(manifest, Manifest):
+        return manifest.hash
+    if isinstance(manifest, (str, Path)):
+        manifest = _read_json(Path(manifest))
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _expert_doc(replicas: np.ndarray, split: np.ndarray) -> dict[str, Any]:
+    rows: list[list[list[float]]] = []
+    index: dict[tuple, int] = {}
+    row_of = []
+    rounded = np.round(np.asarray(split, dtype=np.float64), _SHARE_DIGITS)
+    for row in rounded:
+        nz = np.flatnonzero(row)
+        key = tuple(nz.tolist()) + tuple(row[nz].tolist())
+        i = index.get(key)
+        if i is None:
+            i = index[key] = len(rows)
+            rows.append([[int(j), float(row[j])] for j in nz])
+        row_of.append(i)
+    return {"replicas": [int(r) for r in replicas], "rows": rows,
+            "row_of": row_of[0] if len(set(row_of)) == 1 else row_of}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------------------ reading, checking
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Topology(_Strict):
+    name: str
+    content_hash: str
+    source: str
+    routing: str
+    node_names: list[str] = Field(min_length=1)
+
+
+class _Ranks(_Strict):
+    node: list[int]
+    local_gpu: list[int]
+
+
+class _Problem(_Strict):
+    experts_per_gpu: int = Field(ge=1)
+    compute_efficiency: float = Field(gt=0, le=1)
+    achievable_tflops: float | None = None
+    micro_batches: int = Field(ge=1)
+
+
+class _Routing(_Strict):
+    spec: str | None
+    source: str
+    counts_sha256: str
+    notes: list[str]
+    expert_load: list[list[float]]
+
+
+class _Expert(_Strict):
+    replicas: list[int] = Field(min_length=0)
+    rows: list[list[tuple[int, float]]]
+    row_of: Union[int, list[int]]
+
+
+class _Layer(_Strict):
+    experts: list[_Expert]
+
+
+class _Placement(_Strict):
+    method: str
+    num_experts: int = Field(ge=1)
+    layers: list[_Layer] = Field(min_length=1)
+
+
+class _Document(_Strict):
+    format: Literal["epplan.manifest"]
+    schema_version: int
+    epplan_version: str
+    model: dict[str, Any]
+    topology: _Topology
+    world_size: int = Field(ge=1)
+    ranks: _Ranks
+    problem: _Problem
+    routing: _Routing
+    placement: _Placement
+    solver: dict[str, Any]
+    predicted: dict[str, Any]
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and check a manifest; ``ManifestError`` naming the file and the first problem."""
+    path = Path(path)
+    doc = _read_json(path)
+    return manifest_from_doc(doc, source=str(path))
+
+
+def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
+    """Check a manifest document (already parsed JSON) and build the ``Manifest``."""
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{source}: a manifest is a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != FORMAT:
+        raise ManifestError(f"{source}: not an epplan manifest (format {doc.get('format')!r}, "
+                            f"expected {FORMAT!r}); write one with 'epplan place'")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{source}: manifest schema version {version!r}, this epplan reads version "
+                            f"{SCHEMA_VERSION}; re-plan with 'epplan place' (or use the epplan that wrote it)")
+    try:
+        parsed = _Document.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ManifestError(f"{source}: {where}: {msg}") from None
+    try:
+        config = ModelConfig(**parsed.model)
+    except (TypeError, ConfigError) as exc:
+        raise ManifestError(f"{source}: model: {exc}") from None
+    g = parsed.world_size
+    nodes = parsed.topology.node_names
+    ranks = parsed.ranks
+    if len(ranks.node) != g or len(ranks.local_gpu) != g:
+        raise ManifestError(f"{source}: ranks: {len(ranks.node)} node and {len(ranks.local_gpu)} local GPU "
+                            f"entries for world size {g}")
+    bad = [r for r, n in enumerate(ranks.node) if not 0 <= n < len(nodes)]
+    if bad:
+        raise ManifestError(f"{source}: ranks.node[{bad[0]}] = {ranks.node[bad[0]]} is not a node index "
+                            f"0..{len(nodes) - 1}")
+    if min(ranks.local_gpu) < 0:
+        raise ManifestError(f"{source}: ranks.local_gpu has a negative index")
+    seen = set()
+    for r, (n, i) in enumerate(zip(ranks.node, ranks.local_gpu)):
+        if (n, i) in seen:
+            raise ManifestError(f"{source}: ranks {r} and another both are GPU {i} of node {nodes[n]}")
+        seen.add((n, i))
+    placement = _placement(parsed.placement, g, config, parsed.problem.experts_per_gpu, source)
+    placement.info = dict(parsed.solver)
+    return Manifest(
+        placement=placement, config=config,
+        topology_name=parsed.topology.name, topology_hash=parsed.topology.content_hash,
+        topology_source=parsed.topology.source, routing=parsed.topology.routing,
+        rank_nodes=[nodes[n] for n in ranks.node], rank_local_gpus=list(ranks.local_gpu),
+        experts_per_gpu=parsed.problem.experts_per_gpu,
+        compute_efficiency=parsed.problem.compute_efficiency,
+        achievable_tflops=parsed.problem.achievable_tflops,
+        micro_batches=parsed.problem.micro_batches,
+        routing_spec=parsed.routing.spec,
+        solver=dict(parsed.solver), predicted=dict(parsed.predicted),
+        hash=manifest_hash(doc), doc=doc, path=source,
+    )
+
+
+def _placement(p: _Placement, num_ranks: int, config: ModelConfig, experts_per_gpu: int, source: str) -> Placement:
+    if p.num_experts != config.num_experts:
+        raise ManifestError(f"{source}: placement has {p.num_experts} experts, model "
+                            f"{config.name!r} has {config.num_experts}")
+    if len(p.layers) != config.num_moe_layers:
+        raise ManifestError(f"{source}: placement has {len(p.layers)} layers, model {config.name!r} has "
+                            f"{config.num_moe_layers} MoE layers")
+    layers = []
+    for li, layer in enumerate(p.layers):
+        where = f"{source}: layer {li}"
+        if len(layer.experts) != p.num_experts:
+            raise ManifestError(f"{where}: {len(layer.experts)} experts, expected {p.num_experts}")
+        held = np.zeros(num_ranks, dtype=np.int64)
+        replicas, splits = [], []
+        for e, ex in enumerate(layer.experts):
+            reps = np.asarray(ex.replicas, dtype=np.int64)
+            if reps.size == 0:
+                raise ManifestError(f"{where}, expert {e}: has no replica")
+            if reps.min() < 0 or reps.max() >= num_ranks:
+                raise ManifestError(f"{where}, expert {e}: replica rank {int(reps[(reps < 0) | (reps >= num_ranks)][0])} "
+                                    f"out of range 0..{num_ranks - 1}")
+            if np.unique(reps).size != reps.size:
+                raise ManifestError(f"{where}, expert {e}: a rank holds two replicas of it")
+            order = np.argsort(reps, kind="stable")
+            rows = np.zeros((max(1, len(ex.rows)), reps.size))
+            if not ex.rows:
+                raise ManifestError(f"{where}, expert {e}: no split rows")
+            for i, row in enumerate(ex.rows):
+                for j, share in row:
+                    if not 0 <= j < reps.size:
+                        raise ManifestError(f"{where}, expert {e}: split row {i} names replica {j}, "
+                                            f"it has {reps.size}")
+                    if not np.isfinite(share) or share < 0:
+                        raise ManifestError(f"{where}, expert {e}: split row {i} has share {share}")
+                    rows[i, j] += share
+                total = rows[i].sum()
+                if abs(total - 1.0) > _SPLIT_TOL:
+                    raise ManifestError(f"{where}, expert {e}: split row {i} sums to {total:.9g}, not 1")
+            row_of = np.full(num_ranks, ex.row_of) if isinstance(ex.row_of, int) else np.asarray(ex.row_of)
+            if row_of.shape != (num_ranks,):
+                raise ManifestError(f"{where}, expert {e}: row_of has {row_of.size} entries, world size is {num_ranks}")
+            if row_of.min() < 0 or row_of.max() >= len(ex.rows):
+                raise ManifestError(f"{where}, expert {e}: row_of names a split row that does not exist")
+            split = rows[row_of] / rows[row_of].sum(axis=1, keepdims=True)
+            replicas.append(reps[order])
+            splits.append(split[:, order])
+            held[reps] += 1
+        over = np.flatnonzero(held > experts_per_gpu)
+        if over.size:
+            r = int(over[0])
+            raise ManifestError(
+                f"{where}: rank {r} holds {int(held[r])} experts, more than experts_per_gpu = "
+                f"{experts_per_gpu} (plan with --experts-per-gpu {int(held[r])} to allow it)")
+        layers.append(LayerPlacement(replicas, splits))
+    return Placement(num_ranks, p.num_experts, layers, method=p.method)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a directory, expected a manifest .json file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: corrupted manifest, not valid JSON (line {exc.lineno}, column "
+                            f"{exc.colno}: {exc.msg})") from None
