@@ -23,6 +23,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from epplan.cli import topo  # noqa: F401
     from epplan.cli import estimate  # noqa: F401
+    from epplan.cli import report  # noqa: F401
     from epplan.cli import place  # noqa: F401
 
 

@@ -1,0 +1,88 @@
+"""``epplan report``: a manifest's per-link loads, predicted and measured, with plots."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from epplan.cli import app
+from epplan.cli.common import console, err_console, print_json, user_errors
+from epplan.report import PlanView, ReportError, build_report, read_run
+from epplan.report.manifests import open_manifest, plan_for
+from epplan.report.plot import write_plot
+from epplan.report.render import print_rich, to_csv, to_markdown
+
+OUTPUT = "Output"
+_DEFAULT_TOP = 15
+
+
+@app.command("report", no_args_is_help=True, epilog=(
+    "Examples:\n\n"
+    "  epplan report plan.json\n\n"
+    "  epplan report plan.json --metrics runs/a --top 10 --plot links.png\n\n"
+    "  epplan report plan.json --compare eplb --compare contiguous --markdown\n\n"
+    "  epplan report plan.json --layer 3 --all --csv > layer3.csv"))
+@user_errors
+def report(
+    manifest: Annotated[Path, typer.Argument(help="Placement manifest written by 'epplan place'.",
+                                             show_default=False)],
+    topology: Annotated[Optional[Path], typer.Option(
+        help="The topology file the manifest was planned on, if the manifest's recorded path is not "
+             "there (its content hash must match).", show_default=False)] = None,
+    metrics: Annotated[Optional[Path], typer.Option(
+        "--metrics", metavar="RUN_DIR", help="A run directory of this manifest ('epplan run --out'): "
+        "measured all-to-all bytes per link beside the prediction.", show_default=False)] = None,
+    compare: Annotated[Optional[list[str]], typer.Option(
+        "--compare", metavar="OTHER", help="Another manifest of the same cluster, or a baseline "
+        "(contiguous, eplb, random) on this manifest's problem, side by side (repeatable).",
+        show_default=False)] = None,
+    layer: Annotated[Optional[int], typer.Option(
+        help="One MoE layer's all-to-all instead of the whole step.", show_default=False)] = None,
+    top: Annotated[Optional[int], typer.Option(
+        help=f"Rows per table, hottest first [default: {_DEFAULT_TOP}].", show_default=False,
+        rich_help_panel=OUTPUT)] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every link and GPU.", rich_help_panel=OUTPUT)] = False,
+    json_: Annotated[bool, typer.Option("--json", help="JSON for scripts.", rich_help_panel=OUTPUT)] = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="The per-link table as CSV.", rich_help_panel=OUTPUT)] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables, for docs.",
+                                           rich_help_panel=OUTPUT)] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        metavar="FILE.png", help="Also draw a GPU x GPU traffic heatmap and the hottest links' "
+        "utilisation (bottleneck marked).", show_default=False, rich_help_panel=OUTPUT)] = None,
+) -> None:
+    """Per-link load tables of a placement manifest: every link's predicted bytes per step by
+    component (dispatch, combine, expert and dense gradient all-reduce), its time and utilisation,
+    hottest first; a per link-class summary; per GPU compute and memory; with --metrics the run's
+    measured bytes beside the prediction; with --compare other placements side by side."""
+    formats = [name for name, on in (("--json", json_), ("--csv", csv_), ("--markdown", markdown)) if on]
+    if len(formats) > 1:
+        raise ReportError(f"{' and '.join(formats)}: choose one output format")
+    if all_ and top is not None:
+        raise ReportError("--top and --all: give one (--all shows every row)")
+    rows = None if all_ else (top if top is not None else _DEFAULT_TOP)
+
+    opened = open_manifest(manifest, topology)
+    plan = opened.plan
+    others: list[PlanView] = []
+    for spec in compare or []:
+        others.append(plan_for(spec, opened))
+    run = None
+    if metrics is not None:
+        run = read_run(metrics, manifest_hash=opened.hash, num_layers=plan.problem.num_layers,
+                       num_ranks=plan.problem.num_gpus)
+    result = build_report(plan, layer=layer, top=rows, run=run, others=others, notes=opened.notes)
+
+    if json_:
+        print_json(result.to_dict())
+    elif csv_:
+        sys.stdout.write(to_csv(result))
+    elif markdown:
+        sys.stdout.write(to_markdown(result))
+    else:
+        print_rich(result, console)
+    if plot is not None:
+        path = write_plot(result, plot)
+        (err_console if formats else console).print(f"wrote {path}", highlight=False)

@@ -1,0 +1,351 @@
+"""The measured half of a report: a run's recorded all-to-all bytes beside the prediction.
+
+Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = experts, K = links,
+N = step records.
+
+What the runtime records (``epplan.train.metrics``, format ``epplan.metrics`` v1): per step and MoE
+layer, ``dispatch_bytes[l][s][t]`` and ``combine_bytes[l][s][t]``, the bytes rank s sent to rank
+t in the *forward* dispatch and combine, each row being d_model * the activation's element size
+(the diagonal: rows a rank keeps). Backward repeats both with dispatch and combine swapped.
+
+How the comparison is made apples to apples:
+
+- Direction and passes. The runtime's forward dispatch matrix D is what the cost function calls
+  b F (s -> t) and its forward combine matrix C is b F^T; backward sends the same again. So the
+  measured ``dispatch`` component of a link is 2 loads(D) and ``combine`` is 2 loads(C), the
+  exact counterparts of ``epplan.report.predicted``'s components, through the same path
+  fractions (``Topology.link_loads``; the diagonal is ignored there).
+- Bytes per assignment. The runtime's b is measured (forward dispatch bytes, diagonal included,
+  over token-assignments, per layer); the cost function's is d_model * the model dtype's size.
+  They differ when activations travel in another dtype than the weights (fp32 activations of a
+  bf16 model). The prediction shown beside the measurement is converted to the runtime's b (a
+  unit conversion, reported as ``bytes_scale``), so that the ratio measures routing and volume.
+- Replay. The cost function scored on the run's own routing statistics (``routing_stats.json``:
+  per source rank and expert, summed over the steps) with the runtime's b reproduces the measured
+  bytes exactly when every (source, expert) count splits over the expert's replicas in whole
+  assignments (one replica per expert, or even splits that divide), up to float32 storage in
+  ``Cost``. With fractional splits the runtime rounds per forward call, and they agree to within
+  a row per (source, expert, micro-batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from epplan.cost import Cost, evaluate
+from epplan.errors import EpplanError
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.types import Placement
+from epplan.report.predicted import ReportError, component_bytes
+from epplan.workload.routing_stats import RoutingStats, read_routing_stats
+from epplan.workload.traffic import Traffic
+
+METRICS_FORMAT = "epplan.metrics"
+METRICS_VERSION = 1
+METRICS_FILE = "metrics.jsonl"
+ROUTING_STATS_FILE = "routing_stats.json"
+_STEP_KEYS = ("step", "step_time_s", "tokens_per_expert", "dispatch_bytes", "combine_bytes")
+
+
+@dataclass
+class RunMetrics:
+    """What a run directory holds, reduced to what the report needs.
+
+    steps: int64[N] step numbers of the step records used.
+    step_time_s: float64[N].
+    dispatch_bytes, combine_bytes: int64[N, L, S, T] forward bytes per step.
+    assignments: int64[N, L] token-assignments routed (after capacity drops).
+    routing: the run's routing statistics, if its file was found.
+    """
+
+    run_dir: Path
+    manifest_hash: str
+    steps: np.ndarray
+    step_time_s: np.ndarray
+    dispatch_bytes: np.ndarray
+    combine_bytes: np.ndarray
+    assignments: np.ndarray
+    tokens_per_step: int | None
+    device: str | None
+    routing: RoutingStats | None
+    is_finished: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.steps.size)
+
+    @property
+    def bytes_per_assignment(self) -> float:
+        """The runtime's wire bytes of one token-assignment (d_model * element size)."""
+        total = self.assignments.sum()
+        return float(self.dispatch_bytes.sum() / total) if total else math.nan
+
+    def typical_step_time_s(self) -> float:
+        """Median step time, leaving out the first step (allocator and kernel warm-up)."""
+        times = self.step_time_s[1:] if self.step_time_s.size > 1 else self.step_time_s
+        return float(np.median(times))
+
+
+def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ranks: int) -> RunMetrics:
+    """Read and check ``RUN_DIR/metrics.jsonl`` (and its routing statistics) for a manifest.
+
+    Raises ``ReportError`` (one line) for a missing or truncated file, another format or
+    version, a run of another manifest, or records whose shapes do not fit the manifest.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not run_dir.is_dir():
+        raise ReportError(f"--metrics {run_dir}: not a directory; pass the --out directory of 'epplan run'")
+    if not path.is_file():
+        raise ReportError(f"--metrics {run_dir}: no {METRICS_FILE} in it; pass the --out directory of 'epplan run'")
+    records = _read_jsonl(path)
+    if not records or records[0][1].get("kind") != "start":
+        raise ReportError(f"{path}: does not begin with a 'start' record; not a metrics file of 'epplan run'")
+    start = records[0][1]
+    if start.get("format") != METRICS_FORMAT or start.get("version") != METRICS_VERSION:
+        raise ReportError(f"{path}: format {start.get('format')!r} version {start.get('version')!r}; "
+                          f"this epplan reads {METRICS_FORMAT!r} version {METRICS_VERSION}")
+
+    # Which records belong to this manifest: a resume with another manifest starts a new segment.
+    notes: list[str] = []
+    hashes: list[str] = []
+    is_ours = False
+    steps: list[tuple[int, dict]] = []
+    finished = False
+    for line_no, rec in records:
+        kind = rec.get("kind")
+        if kind == "start":
+            hashes.append(str(rec.get("manifest_hash")))
+            is_ours = rec.get("manifest_hash") == manifest_hash
+        elif kind == "step" and is_ours:
+            steps.append((line_no, rec))
+        elif kind == "end":
+            finished = True
+    if manifest_hash not in hashes:
+        raise ReportError(
+            f"{path}: recorded by a run of manifest {_short(hashes[0])}, not of this manifest "
+            f"({_short(manifest_hash)}); pass the manifest that run used")
+    if len(set(hashes)) > 1:
+        notes.append(f"the run switched manifests ({', '.join(_short(h) for h in dict.fromkeys(hashes))}); "
+                     f"only the {len(steps)} steps run under this one are compared")
+    if not steps:
+        raise ReportError(f"{path}: no step records of this manifest yet; let the run finish a step")
+    if not finished:
+        notes.append(f"{METRICS_FILE} has no 'end' record: the run is still going or stopped early")
+
+    shape = (num_layers, num_ranks, num_ranks)
+    arrays = {k: [] for k in ("dispatch_bytes", "combine_bytes", "tokens_per_expert")}
+    numbers, times = [], []
+    for line_no, rec in steps:
+        where = f"{path}:{line_no}"
+        missing = [k for k in _STEP_KEYS if k not in rec]
+        if missing:
+            raise ReportError(f"{where}: step record lacks {', '.join(missing)}; not written by this epplan's run")
+        for key in ("dispatch_bytes", "combine_bytes"):
+            arrays[key].append(_int_array(rec[key], shape, f"{where}: {key}",
+                                          "[layers][source ranks][destination ranks]"))
+        tpe = _int_array(rec["tokens_per_expert"], None, f"{where}: tokens_per_expert", "[layers][experts]")
+        if tpe.ndim != 2 or tpe.shape[0] != num_layers:
+            raise ReportError(f"{where}: tokens_per_expert has shape {list(tpe.shape)}, the manifest's model "
+                              f"has {num_layers} MoE layers")
+        arrays["tokens_per_expert"].append(tpe.sum(axis=1))
+        numbers.append(int(rec["step"]))
+        times.append(float(rec["step_time_s"]))
+
+    routing = _read_routing(run_dir, records, manifest_hash, num_layers, num_ranks, notes)
+    tokens = start.get("tokens_per_step")
+    return RunMetrics(
+        run_dir=run_dir, manifest_hash=manifest_hash, steps=np.array(numbers, dtype=np.int64),
+        step_time_s=np.array(times), dispatch_bytes=np.stack(arrays["dispatch_bytes"]),
+        combine_bytes=np.stack(arrays["combine_bytes"]), assignments=np.stack(arrays["tokens_per_expert"]),
+        tokens_per_step=int(tokens) if isinstance(tokens, (int, float)) else None,
+        device=start.get("device"), routing=routing, is_finished=finished, notes=notes)
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-empty line; a line that is not a JSON object means the
+    file was cut short (or is not a metrics file)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot read: {exc}") from None
+    out = []
+    lines = text.split("\n")
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            last = i == len(lines) or all(not rest.strip() for rest in lines[i:])
+            what = "is cut short: the file is truncated" if last else "is not JSON: the file is corrupt"
+            raise ReportError(f"{path}: line {i} {what} ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict):
+            raise ReportError(f"{path}: line {i} is not a JSON object; not a metrics file of 'epplan run'")
+        out.append((i, rec))
+    if text and not text.endswith("\n"):
+        raise ReportError(f"{path}: line {len(lines)} has no line end: the file is truncated")
+    return out
+
+
+def _int_array(value, shape: tuple[int, ...] | None, where: str, layout: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise ReportError(f"{where} is ragged; expected {layout}") from None
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise ReportError(f"{where} must hold integers, got {arr.dtype}")
+    if shape is not None and arr.shape != shape:
+        raise ReportError(f"{where} has shape {list(arr.shape)}, the manifest needs {list(shape)} {layout}")
+    return arr.astype(np.int64)
+
+
+def _read_routing(run_dir: Path, records: list[tuple[int, dict]], manifest_hash: str,
+                  num_layers: int, num_ranks: int, notes: list[str]) -> RoutingStats | None:
+    """The run's routing statistics: the file the 'end' record names if it exists here, else
+    RUN_DIR/routing_stats.json; None (with a note) if there is none."""
+    named = [rec.get("routing_stats") for _, rec in records if rec.get("kind") == "end"]
+    candidates = [Path(p) for p in named if p] + [run_dir / ROUTING_STATS_FILE]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        notes.append(f"no {ROUTING_STATS_FILE} in {run_dir}: no replay of the run's own routing")
+        return None
+    try:
+        stats = read_routing_stats(path)
+    except EpplanError as exc:
+        raise ReportError(f"--metrics {run_dir}: {exc}") from None
+    if stats.manifest_hash is not None and stats.manifest_hash != manifest_hash:
+        raise ReportError(f"{path}: recorded by a run of manifest {_short(stats.manifest_hash)}, not of this "
+                          f"manifest ({_short(manifest_hash)}); pass the manifest that run used")
+    if stats.counts.shape[:2] != (num_layers, num_ranks):
+        raise ReportError(f"{path}: counts for {stats.counts.shape[0]} layers x {stats.counts.shape[1]} ranks, "
+                          f"the manifest has {num_layers} x {num_ranks}")
+    return stats
+
+
+def _short(digest: str | None) -> str:
+    return str(digest)[:12]
+
+
+# --------------------------------------------------------------------------------- comparison
+
+@dataclass
+class MeasuredComparison:
+    """Measured against predicted, per link (components 'dispatch' and 'combine', both passes,
+    bytes per step; see the module docstring).
+
+    measured:  component -> float64[K], mean over the step records used.
+    predicted: component -> float64[K], the cost function's, times ``bytes_scale``.
+    replayed:  component -> float64[K] from the run's routing statistics, or None.
+    bytes_scale: runtime bytes per assignment / the cost model's.
+    replay_pair_error_bytes: max |replayed - measured| over (layer, source, destination) of the
+        forward dispatch, per step; None without a replay.
+    """
+
+    layer: int | None
+    measured: dict[str, np.ndarray]
+    predicted: dict[str, np.ndarray]
+    replayed: dict[str, np.ndarray] | None
+    runtime_bytes_per_assignment: float
+    model_bytes_per_assignment: float
+    bytes_scale: float
+    measured_step_time_s: float
+    predicted_step_time_s: float
+    replayed_step_time_s: float | None
+    replay_steps: int
+    replay_pair_error_bytes: float | None
+    notes: list[str]
+
+    @property
+    def measured_total(self) -> np.ndarray:
+        return self.measured["dispatch"] + self.measured["combine"]
+
+    @property
+    def predicted_total(self) -> np.ndarray:
+        return self.predicted["dispatch"] + self.predicted["combine"]
+
+    @property
+    def replayed_total(self) -> np.ndarray | None:
+        return None if self.replayed is None else self.replayed["dispatch"] + self.replayed["combine"]
+
+    def ratio(self) -> np.ndarray:
+        """float64[K] measured / predicted (NaN where nothing was predicted)."""
+        pred = self.predicted_total
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(pred > 0, self.measured_total / pred, np.nan)
+
+
+def measured_link_bytes(topology, dispatch: np.ndarray, combine: np.ndarray,
+                        layer: int | None = None) -> dict[str, np.ndarray]:
+    """Component -> float64[K] wire bytes per step of the forward matrices ``dispatch`` and
+    ``combine`` (float[L, S, T] per step), both passes (2x), through ``Topology.link_loads``."""
+    layers = range(dispatch.shape[0]) if layer is None else [layer]
+    d = sum(np.asarray(dispatch[li], dtype=np.float64) for li in layers)
+    c = sum(np.asarray(combine[li], dtype=np.float64) for li in layers)
+    # Loads are linear: summing the layers' matrices first is the same as summing their loads.
+    return {"dispatch": 2.0 * topology.link_loads(d), "combine": 2.0 * topology.link_loads(c)}
+
+
+def replay_cost(placement: Placement, problem: PlacementProblem, routing: RoutingStats) -> Cost:
+    """The cost function on the run's own routing: per-step counts = the statistics / steps, not
+    rescaled to the model's volume (the run may have used another batch)."""
+    traffic = Traffic(routing.per_step(), source=f"run routing statistics ({routing.steps} steps)")
+    replay = PlacementProblem(problem.topology, problem.config, traffic,
+                              experts_per_gpu=problem.experts_per_gpu,
+                              compute_efficiency=problem.compute_efficiency,
+                              achievable_tflops=problem.achievable_tflops,
+                              micro_batches=problem.micro_batches)
+    return evaluate(placement, replay)
+
+
+def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem, run: RunMetrics,
+                     layer: int | None = None) -> MeasuredComparison:
+    """Measured per-link bytes beside the prediction and the replay of the run's routing."""
+    topo = problem.topology
+    notes = list(run.notes)
+    model_b = float(problem.bytes_per_assignment)
+    run_b = run.bytes_per_assignment
+    scale = run_b / model_b if math.isfinite(run_b) and run_b > 0 else 1.0
+    if not math.isclose(scale, 1.0):
+        dtype = problem.config.dtype
+        notes.append(f"the runtime sends {run_b:,.0f} bytes per token-assignment, the cost model assumes "
+                     f"{model_b:,.0f} (d_model x {dtype}): predictions are converted (x{scale:.4g})")
+    if run.tokens_per_step and run.tokens_per_step != problem.config.tokens_per_step:
+        notes.append(f"the run trained {run.tokens_per_step:,} tokens per step, the manifest's model "
+                     f"{problem.config.tokens_per_step:,}: expect ratios near "
+                     f"{run.tokens_per_step / problem.config.tokens_per_step:.4g}")
+
+    measured = measured_link_bytes(topo, run.dispatch_bytes.mean(axis=0), run.combine_bytes.mean(axis=0), layer)
+    predicted = {k: scale * v for k, v in component_bytes(cost, layer).items() if k in ("dispatch", "combine")}
+
+    replayed, replay_s, pair_err, replay_steps = None, None, None, 0
+    if run.routing is not None:
+        routing = run.routing
+        is_window = run.steps <= routing.steps  # the steps the statistics were summed over
+        replay_steps = int(is_window.sum())
+        if replay_steps != routing.steps:
+            notes.append(f"the routing statistics cover {routing.steps} steps, the metrics hold "
+                         f"{replay_steps} of them: the replay will not match exactly")
+        if replay_steps:
+            rc = replay_cost(placement, problem, routing)
+            replayed = {k: scale * v for k, v in component_bytes(rc, layer).items()
+                        if k in ("dispatch", "combine")}
+            replay_s = rc.step_time_s
+            # Pair level, before any path fractions: b_run * F against the recorded matrices.
+            window = run.dispatch_bytes[is_window].mean(axis=0)  # [L, S, T]
+            counts = routing.per_step()
+            layers = range(cost.num_layers) if layer is None else [layer]
+            pair_err = max(float(np.abs(run_b * placement.layers[li].flows(counts[li]) - window[li]).max())
+                           for li in layers)
+    return MeasuredComparison(
+        layer=layer, measured=measured, predicted=predicted, replayed=replayed,
+        runtime_bytes_per_assignment=run_b, model_bytes_per_assignment=model_b, bytes_scale=scale,
+        measured_step_time_s=run.typical_step_time_s(), predicted_step_time_s=cost.step_time_s,
+        replayed_step_time_s=replay_s, replay_steps=replay_steps, replay_pair_error_bytes=pair_err,
+        notes=notes)

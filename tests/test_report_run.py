@@ -1,0 +1,141 @@
+"""``epplan report --metrics`` on a real run: the training loop of ``epplan run`` (same ``Job``
+from the manifest, same ``Trainer``) in 4 gloo CPU processes, 3 steps of the tiny model.
+
+The central check of the measured half: scoring the manifest's placement on the run's own routing
+statistics reproduces the all-to-all bytes the runtime recorded, exactly per (layer, source,
+destination) and per link up to the float32 storage of ``Cost``.
+
+This module imports little at the top on purpose: each training process imports it (to find
+``_train``), and the report's imports (plotting, the CLI) would cost seconds per process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+MINI_TOPOLOGY = """\
+name: mini-2x2
+node_types:
+  mini:
+    gpus: 2
+    gpu: {model: H100-SXM5-80GB, memory_gb: 80, bf16_tflops: 989, hbm_gbps: 3350}
+    fabric: {kind: nvswitch, gbps: 450, latency_us: 1.0}
+    nics: {gbps: 50, attach: [0], pcie_gbps: 64, latency_us: 2.0}
+nodes:
+  - {prefix: n, count: 2, type: mini}
+fabric:
+  kind: switch
+"""
+
+
+def _train(rank: int, world_size: int, job, out: str) -> None:
+    import torch
+
+    from epplan.train.options import TrainOptions
+    from epplan.train.trainer import Trainer
+
+    opts = TrainOptions(manifest="m.json", out=out, steps=3, ckpt_every=100, keep_checkpoints=1)
+    Trainer(job, opts, rank, torch.device("cpu")).run(resume=False, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """(manifest, run directory): tiny (4 experts, one per rank, contiguous) on 2 x 2 GPUs whose
+    inter-node traffic crosses NVLink to the NIC's GPU first."""
+    pytest.importorskip("epplan.train.trainer")
+    from epplan.manifest import build_manifest, load_manifest, write_manifest
+    from epplan.placement.baselines import contiguous
+    from epplan.placement.problem import PlacementProblem
+    from epplan.runtime.testing import run_distributed
+    from epplan.topology import load_topology
+    from epplan.train.job import job_from_manifest
+    from epplan.workload import make_traffic
+    from epplan.workload.config import PRESETS
+
+    folder = tmp_path_factory.mktemp("real")
+    (folder / "mini.yaml").write_text(MINI_TOPOLOGY)
+    topo = load_topology(folder / "mini.yaml")
+    config = PRESETS["tiny"]
+    problem = PlacementProblem(topo, config, make_traffic("uniform", config, topo.num_gpus))
+    manifest = folder / "m.json"
+    write_manifest(manifest, build_manifest(contiguous(problem), problem, routing_spec="uniform"))
+    run_dir = folder / "run"
+    run_distributed(_train, 4, job_from_manifest(load_manifest(manifest)), str(run_dir))
+    return manifest, run_dir
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from epplan.cli import app
+
+    return CliRunner().invoke(app, ["report", *map(str, args)], env={"COLUMNS": "160"})
+
+
+def test_replay_of_the_runs_routing_matches_the_measured_bytes(real_run):
+    manifest, run_dir = real_run
+    result = _invoke(manifest, "--metrics", run_dir, "--json", "--all")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)["measured"]
+    assert m["steps"] == 3 and m["device"] == "cpu" and m["finished"]
+    # The runtime sends fp32 activations (d_model 32 x 4 bytes); the model dtype bf16 gives 64.
+    assert m["runtime_bytes_per_assignment"] == 128 and m["model_bytes_per_assignment"] == 64
+    assert m["bytes_scale"] == 2.0
+    # Pair level, to the byte; link level, float32.
+    assert m["replay"]["steps"] == 3 and m["replay"]["max_pair_error_bytes"] == 0.0
+    assert m["replay"]["max_link_relative_error"] < 1e-6
+    assert len(m["links"]) == 16
+    for row in m["links"]:
+        assert row["replayed_bytes"] == pytest.approx(row["measured_bytes"], rel=1e-6, abs=1e-3)
+        if row["predicted_bytes"]:
+            assert row["ratio"] == pytest.approx(row["measured_bytes"] / row["predicted_bytes"])
+    # Uniform routing predicted, the run's routing measured: same volume, close loads.
+    assert m["totals_bytes"]["measured"] == pytest.approx(m["totals_bytes"]["predicted"], rel=0.2)
+    assert m["step_time_s"]["measured_median"] > 0
+
+
+def test_measured_links_are_the_recorded_matrices_through_the_path_model(real_run):
+    import numpy as np
+
+    from epplan.manifest import load_manifest
+    from epplan.report import read_run
+    from epplan.topology import load_topology
+
+    manifest, run_dir = real_run
+    topo = load_topology(manifest.parent / "mini.yaml")
+    run = read_run(run_dir, manifest_hash=load_manifest(manifest).hash, num_layers=2, num_ranks=4)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert run.num_steps == len(steps) == 3
+    dispatch = np.mean([np.array(r["dispatch_bytes"], dtype=float).sum(axis=0) for r in steps], axis=0)
+    data = json.loads(_invoke(manifest, "--metrics", run_dir, "--json", "--all").stdout)["measured"]
+    loads = 2 * topo.link_loads(dispatch)
+    for row in data["links"]:
+        assert row["measured_dispatch_bytes"] == pytest.approx(loads[row["index"]], rel=1e-12)
+    # combine is dispatch transposed: results return to where their rows came from
+    np.testing.assert_array_equal(run.combine_bytes, run.dispatch_bytes.transpose(0, 1, 3, 2))
+
+
+def test_table_and_bad_metrics(real_run, tmp_path):
+    manifest, run_dir = real_run
+    table = _invoke(manifest, "--metrics", run_dir)
+    assert table.exit_code == 0, table.output
+    assert "measured vs predicted all-to-all" in table.stdout and "replay of the run's routing" in table.stdout
+
+    doc = json.loads(manifest.read_text())
+    doc["placement"]["method"] = "edited"  # another manifest: another hash
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    wrong = _invoke(other, "--metrics", run_dir)
+    assert wrong.exit_code == 1
+    assert wrong.stderr.count("\n") == 1 and "recorded by a run of manifest" in wrong.stderr
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    text = (run_dir / "metrics.jsonl").read_text()
+    (cut / "metrics.jsonl").write_text(text[:len(text) // 2])
+    truncated = _invoke(manifest, "--metrics", cut)
+    assert truncated.exit_code == 1
+    assert truncated.stderr.count("\n") == 1 and "the file is truncated" in truncated.stderr
