@@ -18,6 +18,10 @@ and one forward is:
 The receiver learns which rows belong to which expert from the counts matrix (rows from each
 source arrive sorted by expert), so expert ids need not travel with the rows.
 
+By default the row exchange and the expert GEMMs are chunked and overlapped (``overlap.py``:
+dispatch of chunk c + 1 and combine of chunk c - 1 run under chunk c's GEMMs, likewise in
+backward); ``overlap=False`` keeps the unchunked path above as the reference.
+
 Gradients: ``sync_gradients`` all-reduces dense gradients over the group and each expert's
 gradients among exactly the ranks holding a replica of it (one ``dist.new_group`` per distinct
 replica set), so replicas stay identical after every optimizer step.
@@ -40,7 +44,11 @@ from epplan.errors import RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.experts import GroupedExperts, expert_mlp
 from epplan.runtime.model import Transformer
-from epplan.runtime.router import position_in_expert
+from epplan.runtime import overlap as _overlap
+from epplan.runtime.overlap import (DEFAULT_OVERLAP_CTAS, ChunkPlan, ExchangeSettings,
+                                    auto_num_chunks, chunk_of_row, chunked_experts,
+                                    new_overlap_group)
+from epplan.runtime.router import count_keys, position_in_expert
 
 
 class _AllToAll(torch.autograd.Function):
@@ -51,15 +59,15 @@ class _AllToAll(torch.autograd.Function):
                 group: dist.ProcessGroup | None) -> torch.Tensor:
         ctx.splits, ctx.group = (output_splits, input_splits), group
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        _overlap.exchange_rows(out, x.contiguous(), output_splits, input_splits, group).wait()
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         output_splits, input_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits,
-                               group=ctx.group)
+        _overlap.exchange_rows(grad_in, grad_out.contiguous(), input_splits, output_splits,
+                              ctx.group).wait()
         return grad_in, None, None, None
 
 
@@ -127,16 +135,30 @@ class ExpertParallelExperts(nn.Module):
     """Drop-in for ``GroupedExperts``: this rank's replicas of one MoE layer.
 
     w1, w3: (E_loc, D, F); w2: (E_loc, F, D) for ``local_experts`` (ascending expert ids).
+    overlap:    True: the chunked exchange of ``overlap.py`` (communication under the expert
+                GEMMs); False: the unchunked reference (plain autograd through ``all_to_all``
+                and ``expert_mlp``), kept for tests and comparisons.
+    num_chunks: chunks per layer when overlapping; None picks ``auto_num_chunks``. Ranks may
+                differ: the layer uses the largest any rank asks for.
+    overlap_group, reserve_sms: see ``overlap.ExchangeSettings`` (default: hidden exchanges on
+                ``group``, no SMs reserved).
     """
 
     def __init__(self, experts: GroupedExperts, layer: LayerPlacement, layer_index: int,
-                 group: dist.ProcessGroup | None, stats: ExpertParallelStats) -> None:
+                 group: dist.ProcessGroup | None, stats: ExpertParallelStats,
+                 overlap: bool = True, num_chunks: int | None = None,
+                 overlap_group: dist.ProcessGroup | None = None, reserve_sms: int = 0) -> None:
         super().__init__()
+        if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 1):
+            raise RuntimeSetupError(f"num_chunks must be a positive integer or None (automatic), "
+                                    f"got {num_chunks!r}")
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.num_experts = experts.num_experts
         self.activation, self.impl = experts.activation, experts.impl
+        self.overlap, self.num_chunks = overlap, num_chunks
+        self.overlap_group, self.reserve_sms = overlap_group, reserve_sms
         self.layer_index = layer_index
         self.stats = stats
         self.local_experts = layer.experts_on_rank(self.num_ranks)[self.rank]
@@ -168,31 +190,64 @@ class ExpertParallelExperts(nn.Module):
         """x: (N, D), topk_idx: (N, k) with -1 for dropped, topk_weight: (N, k) -> (N, D)."""
         num_tokens, top_k = topk_idx.shape
         G, E = self.num_ranks, self.num_experts
-        replica_ranks, shares = self._tables_on(x.device)
+        key = self._destination_keys(topk_idx)  # (A,) dest * E + expert; G * E if dropped
+        send_counts = count_keys(key, G * E + 1)[:G * E].view(G, E)  # [t, e]
 
-        # Destination of every assignment: the j-th assignment (flat order) of this rank to
-        # expert e goes to replica r when it falls in r's block of split_assignments' counts.
+        # Counts exchange, with each rank's chunk proposal in an extra column so that every
+        # rank learns the layer's chunk count from the same message.
+        proposal = 1
+        if self.overlap:
+            proposal = self.num_chunks or auto_num_chunks(num_tokens * top_k, G, E)
+        send_meta = torch.cat([send_counts, send_counts.new_full((G, 1), proposal)], dim=1)
+        recv_meta = torch.empty_like(send_meta)  # [s, e]: rows from s for my expert e; [s, E]
+        dist.all_to_all_single(recv_meta, send_meta, group=self.group)
+        # NOTE: host sync (the split sizes of the row exchange and the GEMM shapes)
+        send_host, recv_host = torch.stack([send_meta, recv_meta]).cpu().numpy()  # (2, G, E + 1)
+        num_chunks = int(recv_host[:, E].max())
+        send_host, recv_host = send_host[:, :E], recv_host[:, :E]
+        self._record(send_host, recv_host, x)
+        num_sent = int(send_host.sum())
+
+        if not self.overlap:
+            order = torch.argsort(key, stable=True)[:num_sent]  # (S,) by (dest, expert)
+            return self._forward_reference(x, order, topk_weight, send_host, recv_host)
+
+        # Send rows ordered (chunk, dest, expert), flat order inside.
+        chunk = chunk_of_row(key, position_in_expert(key, G * E), send_counts.reshape(-1), num_chunks)
+        order = torch.argsort(chunk * (G * E) + key, stable=True)[:num_sent]  # (S,)
+        token_of_row = order // top_k  # (S,)
+        grouped = _overlap.use_grouped_gemm(x, self.w1, self.impl)
+        plan = ChunkPlan.build(send_host, recv_host, self.local_experts, num_chunks, x.device, grouped)
+        settings = ExchangeSettings(self.group, self.overlap_group, self.reserve_sms, self.activation)
+        y = chunked_experts(x.index_select(0, token_of_row), plan, settings,
+                            self.w1, self.w2, self.w3)  # (S, D)
+        weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
+        return x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+
+    def _destination_keys(self, topk_idx: torch.Tensor) -> torch.Tensor:
+        """int64 (A,): destination rank * E + expert of every assignment; G * E if dropped.
+
+        The j-th assignment (flat order) of this rank to expert e goes to replica r when it
+        falls in r's block of split_assignments' counts.
+        """
+        G, E = self.num_ranks, self.num_experts
+        replica_ranks, shares = self._tables_on(topk_idx.device)
         flat = topk_idx.reshape(-1)  # (A,)
         is_valid = flat >= 0
         expert = flat.clamp(min=0)  # (A,)
-        num_per_expert = torch.bincount(torch.where(is_valid, flat, E), minlength=E + 1)[:E]  # (E,)
+        num_per_expert = count_keys(torch.where(is_valid, flat, E), E + 1)[:E]  # (E,)
         bounds = torch.cumsum(split_assignments(num_per_expert, shares), dim=1)  # (E, R)
         pos = position_in_expert(flat, E)  # (A,)
         replica = (pos[:, None] >= bounds[expert]).sum(dim=1)  # (A,)
         dest = replica_ranks[expert, replica]  # (A,)
-        key = torch.where(is_valid, dest * E + expert, G * E)  # (A,) invalid sorts last
-        order = torch.argsort(key, stable=True)  # (A,) by (dest, expert), flat order inside
+        return torch.where(is_valid, dest * E + expert, G * E)
 
-        send_counts = torch.bincount(key, minlength=G * E + 1)[:G * E].view(G, E)  # [t, e]
-        recv_counts = torch.empty_like(send_counts)  # [s, e]: rows from s for my expert e
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        # NOTE: host sync (the split sizes of the row exchange and the GEMM shapes)
-        send_host, recv_host = torch.stack([send_counts, recv_counts]).cpu().numpy()  # (2, G, E)
+    def _forward_reference(self, x: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor,
+                           send_host: np.ndarray, recv_host: np.ndarray) -> torch.Tensor:
+        """Unchunked: one dispatch, the experts, one combine; autograd does the backward."""
+        top_k = topk_weight.shape[1]
         input_splits = send_host.sum(axis=1).tolist()  # rows to each rank
         output_splits = recv_host.sum(axis=1).tolist()  # rows from each rank
-        self._record(send_host, recv_host, x)
-
-        order = order[:sum(input_splits)]  # (S,)
         token_of_row = order // top_k  # (S,)
         recv_x = all_to_all(x[token_of_row], output_splits, input_splits, self.group)  # (Q, D)
 
@@ -206,7 +261,7 @@ class ExpertParallelExperts(nn.Module):
         y = all_to_all(y[inverse], input_splits, output_splits, self.group)  # (S, D)
 
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
-        return x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        return x.new_zeros(x.shape[0], x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
 
     @staticmethod
     def _source_to_expert_order(num_local: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -248,8 +303,15 @@ def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.T
 
 
 def parallelize_experts(model: Transformer, placement: Placement,
-                        group: dist.ProcessGroup | None = None) -> Transformer:
+                        group: dist.ProcessGroup | None = None, overlap: bool = True,
+                        num_chunks: int | None = None,
+                        overlap_ctas: int | None = DEFAULT_OVERLAP_CTAS) -> Transformer:
     """Make ``model`` expert-parallel over ``group`` (default: the world), in place.
+
+    overlap, num_chunks: see ``ExpertParallelExperts`` (default: chunked, automatic count).
+    overlap_ctas: with overlap, exchanges hidden under expert GEMMs go through a second
+        communicator of the same ranks limited to this many CTAs, and the GEMMs leave as many
+        SMs free (``overlap.ExchangeSettings``); None: they share ``group``, no SMs reserved.
 
     Every rank must start from the same full model (same weights) and call this collectively:
     the replica process groups are created with ``dist.new_group``, which every process of the
@@ -271,16 +333,22 @@ def parallelize_experts(model: Transformer, placement: Placement,
             f"model {config.name!r} has {len(moes)} x {config.num_experts}")
     placement.validate(experts_per_gpu=config.num_experts)  # the per-GPU limit is the planner's
 
+    group_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    overlap_group = None
+    if overlap and overlap_ctas:
+        overlap_group = new_overlap_group(group_ranks, max_ctas=overlap_ctas)
     stats = ExpertParallelStats.zeros(len(moes), config.num_experts, num_ranks)
     state = ExpertParallelState(group, rank, num_ranks, stats, layers=[])
     for li, (moe, layer) in enumerate(zip(moes, placement.layers)):
-        moe.experts = ExpertParallelExperts(moe.experts, layer, li, group, stats)
+        moe.experts = ExpertParallelExperts(moe.experts, layer, li, group, stats,
+                                            overlap=overlap, num_chunks=num_chunks,
+                                            overlap_group=overlap_group,
+                                            reserve_sms=overlap_ctas if overlap_group else 0)
         moe.router.reduce_load = partial(_all_reduce_sum, group=group)
         state.layers.append(moe.experts)
 
     # One process group per distinct replica set of more than one rank, in (layer, expert)
     # order on every rank; each collects the gradients of all (layer, expert) it serves.
-    group_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
     members: dict[tuple[int, ...], list[tuple[ExpertParallelExperts, int]]] = {}
     for layer in state.layers:
         for e, ranks in enumerate(layer.replica_sets):

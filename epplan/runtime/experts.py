@@ -80,6 +80,83 @@ def expert_mlp(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2:
     return _padded_bmm(x, num_tokens, w1, w2, w3, activation)
 
 
+def _segment_mm(x: torch.Tensor, w: torch.Tensor, bounds: Sequence[int],
+                offsets: torch.Tensor | None) -> torch.Tensor:
+    """Rows bounds[e]:bounds[e + 1] of x (M, K) times w[e] (E, K, N) -> (M, N).
+
+    offsets: int32 (E,) device copy of bounds[1:] for ``torch._grouped_mm``; None for the loop.
+    """
+    if x.shape[0] == 0:
+        return x.new_empty(0, w.shape[2])
+    if offsets is not None:
+        return torch._grouped_mm(x, w, offs=offsets)
+    return torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(w.shape[0])])
+
+
+def expert_mlp_forward(x: torch.Tensor, bounds: Sequence[int], offsets: torch.Tensor | None,
+                       w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
+                       activation: str) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """``expert_mlp`` without autograd, keeping what ``expert_mlp_backward`` needs.
+
+    x: (M, D) rows sorted by expert; bounds: E + 1 host ints (row ranges); offsets as in
+    ``_segment_mm``. Returns y (M, D) and saved = (h, g, a): (M, F) each, g None unless swiglu.
+    """
+    h = _segment_mm(x, w1, bounds, offsets)  # (M, F)
+    g = None if w3 is None else _segment_mm(x, w3, bounds, offsets)
+    a = _act(h, g, activation)  # (M, F)
+    return _segment_mm(a, w2, bounds, offsets), (h, g, a)
+
+
+def expert_mlp_backward_input(dy: torch.Tensor, saved: tuple[torch.Tensor | None, ...],
+                              bounds: Sequence[int], offsets: torch.Tensor | None,
+                              w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
+                              activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Input gradient of ``expert_mlp_forward``: dy (M, D) -> dx (M, D), dh (M, F), dg (M, F) | None.
+
+    dh and dg feed ``expert_mlp_backward_weight``; split from it so that a caller can send dx
+    before the weight-gradient GEMMs run.
+    """
+    h, g, _ = saved
+    da = _segment_mm(dy, w2.transpose(-2, -1), bounds, offsets)  # (M, F)
+    dg = None
+    if activation == "gelu":
+        dh = torch.ops.aten.gelu_backward(da, h)
+    elif activation == "silu":
+        dh = torch.ops.aten.silu_backward(da, h)
+    elif activation == "swiglu":
+        dh = torch.ops.aten.silu_backward(da * g, h)
+        dg = da * F.silu(h)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    dx = _segment_mm(dh, w1.transpose(-2, -1), bounds, offsets)  # (M, D)
+    if dg is not None:
+        dx += _segment_mm(dg, w3.transpose(-2, -1), bounds, offsets)
+    return dx, dh, dg
+
+
+def expert_mlp_backward_weight(x: torch.Tensor, dy: torch.Tensor, dh: torch.Tensor,
+                               dg: torch.Tensor | None, saved: tuple[torch.Tensor | None, ...],
+                               bounds: Sequence[int], grads: Sequence[torch.Tensor | None],
+                               accumulate: bool) -> None:
+    """Weight gradients of ``expert_mlp_forward`` into grads = (dw1, dw2, dw3), in place.
+
+    accumulate=False overwrites, True adds (the GEMM's beta = 1: a chunked caller sums its
+    chunks' contributions without a separate pass). One GEMM per expert: each has K = its rows
+    and a large D x F output, so the loop costs nothing against a grouped kernel.
+    """
+    a = saved[2]
+    dw1, dw2, dw3 = grads
+    for e in range(dw1.shape[0]):
+        rows = slice(bounds[e], bounds[e + 1])
+        for dw, left, right in ((dw1, x, dh), (dw2, a, dy), (dw3, x, dg)):
+            if dw is None:
+                continue
+            if accumulate:
+                dw[e].addmm_(left[rows].t(), right[rows])
+            else:
+                torch.mm(left[rows].t(), right[rows], out=dw[e])
+
+
 def _padded_bmm(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2: torch.Tensor,
                 w3: torch.Tensor | None, activation: str) -> torch.Tensor:
     """Grouped fallback: pad every expert to the busiest one's rows, one bmm per weight."""

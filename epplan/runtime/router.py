@@ -29,6 +29,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def count_keys(key: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """int64 (num_keys,): how often each value in [0, num_keys) occurs in key (int64 (A,)).
+
+    ``torch.bincount`` on CUDA reads the maximum back to the host to size its output (a device
+    sync); a scatter-add into a fixed size does not.
+    """
+    return torch.zeros(num_keys, dtype=torch.int64, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key))
+
+
 def position_in_expert(flat_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Index of each assignment among the assignments to the same expert, in flat order.
 
@@ -37,7 +47,7 @@ def position_in_expert(flat_expert: torch.Tensor, num_experts: int) -> torch.Ten
     """
     key = torch.where(flat_expert >= 0, flat_expert, num_experts)  # (A,) -1 sorts last
     order = torch.argsort(key, stable=True)  # (A,) grouped by expert, flat order inside a group
-    num_per_key = torch.bincount(key, minlength=num_experts + 1)  # (E + 1,)
+    num_per_key = count_keys(key, num_experts + 1)  # (E + 1,)
     start = torch.cumsum(num_per_key, 0) - num_per_key  # (E + 1,) first sorted row of each expert
     sorted_pos = torch.arange(key.numel(), device=key.device) - start[key[order]]
     return torch.empty_like(sorted_pos).scatter_(0, order, sorted_pos)
@@ -88,7 +98,7 @@ class Router(nn.Module):
         topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
 
         # Load and f_e count what the router selected, before any capacity drop.
-        num_per_expert = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)  # (E,)
+        num_per_expert = count_keys(topk_idx.reshape(-1), self.num_experts)  # (E,)
         with torch.no_grad():
             self.load += num_per_expert.to(self.load.dtype)
         aux_loss = probs.new_zeros(())
