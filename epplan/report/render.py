@@ -123,7 +123,7 @@ def _links_section(report: Report) -> Section:
              + ("step time." if report.layer is None else "layer time.")]
     return Section(f"links, hottest first ({shown} of {len(table.order)}; bytes {what})", columns, rows,
                    lines=header_lines(report), notes=notes, highlight={0} if rows else set(),
-                   optional=["expert grad", "dense grad", "combine", "dispatch", "GB/s", "vs bottleneck"])
+                   optional=["GB/s", "busy", "expert grad", "dense grad", "combine", "dispatch"])
 
 
 def _classes_section(report: Report) -> Section:
@@ -187,7 +187,7 @@ def _measured_section(report: Report) -> Section:
                      fmt_bytes(m.measured["dispatch"][k]), fmt_bytes(m.measured["combine"][k])])
     total_ratio = m.measured_total.sum() / m.predicted_total.sum() if m.predicted_total.sum() > 0 else math.nan
     lines = [
-        f"run {run.run_dir}: {run.num_steps} steps on {run.device or '?'}"
+        f"measured in {run.run_dir}: {run.num_steps} steps on {run.device or '?'}"
         + ("" if run.is_finished else " (unfinished)"),
         f"step time: predicted {fmt_time(m.predicted_step_time_s)}, measured {fmt_time(m.measured_step_time_s)} "
         f"(median, first step left out)"
@@ -270,11 +270,15 @@ def print_rich(report: Report, console: Console) -> None:
 
 
 def _fit(sec: Section, width: int) -> list[int]:
-    """Indices of the columns to show: all, or without optional ones until the table fits."""
+    """Indices of the columns to show: all, or without optional ones (those with nothing to
+    show first) until the table fits."""
     names = [name for name, _ in sec.columns]
-    widths = [max([len(name)] + [len(row[j]) for row in sec.rows]) + 2 for j, name in enumerate(names)]
+    # each column: its widest cell + padding and separator (3 with box.SIMPLE_HEAD, no edge padding)
+    widths = [max([len(name)] + [len(row[j]) for row in sec.rows]) + 3 for j, name in enumerate(names)]
     keep = list(range(len(names)))
-    for name in sec.optional:
+    empty = [n for n in sec.optional if n in names
+             and all(row[names.index(n)] in ("0", "0 B", "-", "") for row in sec.rows)]
+    for name in empty + [n for n in sec.optional if n not in empty]:
         if sum(widths[j] for j in keep) <= width:
             break
         if name in names:
