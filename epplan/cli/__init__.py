@@ -24,6 +24,7 @@ def _register() -> None:
     from epplan.cli import topo  # noqa: F401
     from epplan.cli import estimate  # noqa: F401
     from epplan.cli import report  # noqa: F401
+    from epplan.cli import run  # noqa: F401
     from epplan.cli import place  # noqa: F401
 
 

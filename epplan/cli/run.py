@@ -1,0 +1,158 @@
+"""``epplan run``: train a manifest's model with its placement, through torchrun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from epplan.cli import app
+from epplan.cli.common import console, err_console, user_errors
+from epplan.errors import RuntimeSetupError
+from epplan.train.options import DEVICES, TrainOptions
+
+TRAINING = "Training"
+CHECKPOINTS = "Checkpoints and restarts"
+LAUNCH = "Launch (torchrun)"
+
+
+@app.command("run", no_args_is_help=True, epilog=(
+    "Examples:\n\n"
+    "  epplan run manifest.json --out runs/a --steps 50 --device cpu\n\n"
+    "  epplan run manifest.json --out runs/a --steps 100 --resume\n\n"
+    "  epplan run manifest.json --out runs/a --print-launch slurm > job.sbatch"))
+@user_errors
+def run(
+    manifest: Annotated[Path, typer.Argument(help="Placement manifest written by 'epplan place'.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints/, metrics.jsonl, "
+                                      "routing_stats.json. Shared by all nodes.", show_default=False)],
+    steps: Annotated[int, typer.Option(help="Total optimizer steps (a resumed run continues up to this step).",
+                                       rich_help_panel=TRAINING)] = 100,
+    device: Annotated[Optional[str], typer.Option(
+        help="cuda (NCCL, one GPU per process) or cpu (gloo). Default: cuda if a GPU is visible, else cpu; "
+             "with --print-launch, cuda.", show_default=False, rich_help_panel=TRAINING)] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Text file or directory read as byte tokens (memory-mapped, a shard per rank). "
+             "Default: seeded synthetic sequences whose loss visibly falls.", show_default=False,
+        rich_help_panel=TRAINING)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the synthetic data.",
+                                      rich_help_panel=TRAINING)] = 0,
+    global_batch: Annotated[Optional[int], typer.Option(
+        help="Sequences per optimizer step. Default: the model's global_batch.", show_default=False,
+        rich_help_panel=TRAINING)] = None,
+    micro_batches: Annotated[int, typer.Option(help="Gradient-accumulation steps per optimizer step.",
+                                               rich_help_panel=TRAINING)] = 1,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). Default: min(0.01, 1/d_model).",
+                                                show_default=False, rich_help_panel=TRAINING)] = None,
+    min_lr_ratio: Annotated[float, typer.Option(help="Cosine decay ends at lr x this.",
+                                                rich_help_panel=TRAINING)] = 0.1,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps. Default: 5% of --steps.",
+                                                        show_default=False, rich_help_panel=TRAINING)] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).",
+                                                rich_help_panel=TRAINING)] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm to this; 0: no clipping.",
+                                             rich_help_panel=TRAINING)] = 1.0,
+    capacity_factor: Annotated[Optional[float], typer.Option(
+        help="Expert capacity factor (drops over-capacity assignments). Default: dropless.",
+        show_default=False, rich_help_panel=TRAINING)] = None,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="Recompute attention in backward to save memory.",
+        rich_help_panel=TRAINING)] = False,
+    peak_tflops: Annotated[Optional[float], typer.Option(
+        help="Peak TFLOP/s per GPU for MFU. Default: the GPU's dense bf16 datasheet figure "
+             "(H100/H200 989, A100 312); none on CPU.", show_default=False, rich_help_panel=TRAINING)] = None,
+    ckpt_every: Annotated[int, typer.Option(help="Checkpoint every K steps (and at the end).",
+                                            rich_help_panel=CHECKPOINTS)] = 50,
+    keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints to keep; 0 keeps all.",
+                                                  rich_help_panel=CHECKPOINTS)] = 2,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the newest complete checkpoint in --out (from step 0 if there is "
+                         "none). A manifest with another placement moves the experts.",
+        rich_help_panel=CHECKPOINTS)] = False,
+    max_restarts: Annotated[int, typer.Option(
+        help="torchrun restarts after a worker dies; each continues from the newest checkpoint.",
+        rich_help_panel=CHECKPOINTS)] = 0,
+    nnodes: Annotated[int, typer.Option(help="Nodes in the job; must equal the manifest's.",
+                                        rich_help_panel=LAUNCH)] = 1,
+    node_rank: Annotated[Optional[int], typer.Option(
+        envvar="SLURM_NODEID", help="This node's index in the manifest (multi-node).", show_default=False,
+        rich_help_panel=LAUNCH)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        help="HOST:PORT of the c10d rendezvous, on node 0 (multi-node).", show_default=False,
+        rich_help_panel=LAUNCH)] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option(help="Rendezvous id. Default: from the manifest hash.",
+                                                   show_default=False, rich_help_panel=LAUNCH)] = None,
+    rdzv_backend: Annotated[str, typer.Option(help="torchrun rendezvous backend.", rich_help_panel=LAUNCH)] = "c10d",
+    rdzv_conf: Annotated[Optional[str], typer.Option(help="torchrun --rdzv-conf key=value,...",
+                                                     show_default=False, rich_help_panel=LAUNCH)] = None,
+    print_launch: Annotated[Optional[str], typer.Option(
+        help="Print instead of running: 'torchrun' (one command line per node) or 'slurm' (an sbatch script).",
+        show_default=False, rich_help_panel=LAUNCH)] = None,
+) -> None:
+    """Train the manifest's model with its expert placement, through torchrun.
+
+    One process per GPU that the manifest gives this node: NCCL on GPUs, gloo on the CPU.
+
+    Writes checkpoints, metrics.jsonl (loss, throughput, MFU, routing, all-to-all bytes per step) and routing_stats.json, which 'epplan place --routing' reads to re-plan.
+    """
+    # Imported here: torch takes seconds to import, and the other commands never need it.
+    import torch
+
+    from epplan.train import launch
+    from epplan.train.job import load_job
+    from epplan.train.worker import FAILURE, read_failure
+
+    if print_launch not in (None, "torchrun", "slurm"):
+        raise RuntimeSetupError(f"--print-launch {print_launch!r}: use torchrun or slurm")
+    if device is None:
+        device = "cuda" if print_launch or torch.cuda.is_available() else "cpu"
+    if device not in DEVICES:
+        raise RuntimeSetupError(f"--device {device!r}: use {' or '.join(DEVICES)}")
+    job = load_job(manifest)
+    opts = TrainOptions(
+        manifest=str(manifest), out=str(out), steps=steps, device=device,
+        data=None if data is None else str(data), seed=seed, global_batch=global_batch,
+        micro_batches=micro_batches, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
+        activation_checkpointing=activation_checkpointing, ckpt_every=ckpt_every,
+        keep_checkpoints=keep_checkpoints, resume=resume, peak_tflops=peak_tflops, node_rank=node_rank or 0)
+    launch_opts = launch.LaunchOptions(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                                       rdzv_id=rdzv_id, rdzv_backend=rdzv_backend, rdzv_conf=rdzv_conf,
+                                       max_restarts=max_restarts)
+    launch.check(job, opts, launch_opts, for_print=print_launch is not None)
+    if print_launch == "torchrun":
+        typer.echo(launch.print_torchrun(job, opts, launch_opts), nl=False)
+        return
+    if print_launch == "slurm":
+        typer.echo(launch.sbatch_script(job, opts, launch_opts), nl=False)
+        return
+
+    (out / FAILURE).unlink(missing_ok=True)
+    console.print(f"epplan run: {job.config.name} on {job.describe_nodes()}, {device}, "
+                  f"{'resuming' if resume else 'from step 0'} -> {out}", highlight=False)
+    code = launch.run(job, opts, launch_opts)
+    if code != 0:
+        failure = read_failure(out)
+        reason = failure["message"] if failure else f"torchrun exited with code {code}; see the output above"
+        err_console.print(f"[bold red]error:[/] {escape(reason)}", highlight=False)
+        raise typer.Exit(1)
+    _summary(out)
+
+
+def _summary(out: Path) -> None:
+    from epplan.train.metrics import read_metrics
+    from epplan.train.trainer import METRICS
+
+    try:
+        records = read_metrics(out / METRICS)
+    except (OSError, ValueError):
+        return  # a node other than node 0 (rank 0 writes the metrics) or no metrics at all
+    steps = [r for r in records if r["kind"] == "step"]
+    end = next((r for r in reversed(records) if r["kind"] == "end"), None)
+    if not steps or end is None:
+        return
+    console.print(f"done: step {end['step']}, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}; "
+                  f"checkpoint {end['checkpoint']}; metrics {out / METRICS}; "
+                  f"routing statistics {end['routing_stats']}", highlight=False)

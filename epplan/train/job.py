@@ -1,0 +1,87 @@
+"""What a training run takes from its manifest, and how launched processes map onto it.
+
+The manifest decides which rank lives on which node and GPU. torchrun numbers processes its own
+way (with c10d rendezvous, nodes are ordered by host name and process id, not by ``--node-rank``),
+so a worker does not trust torchrun's ``RANK``: its rank is the manifest rank of
+(this agent's ``--node-rank``, ``LOCAL_RANK``). ``rank_of`` does that mapping and refuses a
+launch that does not fit the manifest, before any process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from epplan.errors import ManifestError, RuntimeSetupError
+from epplan.placement.types import Placement
+from epplan.workload.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the manifest: its name and its ranks in local-GPU order (rank of GPU i)."""
+
+    name: str
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    """The model, the placement, the manifest hash and the node layout of one run."""
+
+    config: ModelConfig
+    placement: Placement
+    manifest_hash: str
+    nodes: tuple[Node, ...]
+
+    @property
+    def num_ranks(self) -> int:
+        return self.placement.num_ranks
+
+    def describe_nodes(self) -> str:
+        """'2 nodes (n0: 1 GPU, n1: 1 GPU)'."""
+        parts = ", ".join(f"{n.name}: {len(n.ranks)} GPU{'s' * (len(n.ranks) != 1)}" for n in self.nodes)
+        return f"{len(self.nodes)} node{'s' * (len(self.nodes) != 1)} ({parts})"
+
+    def rank_of(self, node_rank: int, local_rank: int, local_world_size: int, world_size: int) -> int:
+        """The manifest rank of local process ``local_rank`` on node ``node_rank``.
+
+        Raises ``RuntimeSetupError`` if the launch (world size, processes on this node, node
+        index) differs from the manifest.
+        """
+        how = ("launch through 'epplan run', or copy the command that "
+               "'epplan run --print-launch torchrun' prints")
+        if world_size != self.num_ranks:
+            raise RuntimeSetupError(
+                f"{world_size} processes were launched but the manifest places experts on "
+                f"{self.num_ranks} ranks on {self.describe_nodes()}; {how}")
+        if not 0 <= node_rank < len(self.nodes):
+            raise RuntimeSetupError(
+                f"--node-rank {node_rank} is out of range: the manifest has {self.describe_nodes()}")
+        node = self.nodes[node_rank]
+        if local_world_size != len(node.ranks):
+            raise RuntimeSetupError(
+                f"node {node_rank} ({node.name}) has {len(node.ranks)} GPUs in the manifest but "
+                f"{local_world_size} processes were started on it; {how}")
+        return node.ranks[local_rank]
+
+
+def load_job(path: str | Path) -> Job:
+    """Read a placement manifest into a ``Job``; ``ManifestError`` if it cannot be used."""
+    from epplan.manifest import load_manifest  # the planner's module; imported late, it is large
+
+    manifest = load_manifest(path)
+    return job_from_manifest(manifest)
+
+
+def job_from_manifest(manifest: object) -> Job:
+    """A ``Job`` from a loaded ``epplan.manifest.Manifest``."""
+    nodes: dict[str, dict[int, int]] = {}
+    for rank, (node, gpu) in enumerate(zip(manifest.rank_nodes, manifest.rank_local_gpus)):
+        nodes.setdefault(str(node), {})[int(gpu)] = rank
+    layout = []
+    for name, by_gpu in nodes.items():
+        if sorted(by_gpu) != list(range(len(by_gpu))):
+            raise ManifestError(f"node {name}: local GPU indices {sorted(by_gpu)} are not 0..{len(by_gpu) - 1}")
+        layout.append(Node(name, tuple(by_gpu[g] for g in range(len(by_gpu)))))
+    return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout))

@@ -1,0 +1,169 @@
+"""Per-step measurements: gathered from every rank, written as JSON lines, shown on rank 0.
+
+Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = experts per layer.
+
+``OUT/metrics.jsonl``, format ``epplan.metrics`` version 1: one JSON object per line, each with a
+``kind`` and a ``step`` (optimizer steps completed):
+
+- ``start``: written at each launch and restart; carries ``format`` and ``version`` and the run's
+  facts: model, ranks, nodes, manifest hash, device, batch, ``model_flops_per_step``,
+  ``peak_tflops_per_gpu``, ``resumed_from`` (checkpoint path or null), ``placement_changed``
+  (whether that checkpoint was written under another placement), ``attempt`` (torchrun restart).
+- ``step``: ``loss`` (cross-entropy, mean over the global batch), ``aux_loss`` (router balancing),
+  ``lr``, ``grad_norm`` (before clipping), ``step_time_s``, ``tokens_per_s``, ``tflops_per_gpu``,
+  ``mfu`` (null without a peak), ``tokens_per_expert`` [L][E] (token-assignments of the global
+  batch), ``expert_load_max_over_mean`` [L], and the all-to-all bytes of the forward pass per layer
+  and (source, destination) rank: ``dispatch_bytes`` [L][S][T] and ``combine_bytes`` [L][S][T]
+  (diagonal: rows a rank keeps). Backward moves the same amounts again with dispatch and combine
+  swapped, so a step's wire traffic is twice the off-diagonal sum.
+- ``checkpoint``: ``path`` and ``seconds`` of a checkpoint written after ``step``.
+- ``end``: the last step, and the routing-statistics file.
+
+On resume the file is cut back to the records of steps up to the checkpoint's, so that it reads as
+one run; a ``start`` record marks each continuation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from epplan.runtime.expert_parallel import ExpertParallelStats
+
+FORMAT = "epplan.metrics"
+VERSION = 1
+
+
+@dataclass
+class StepStats:
+    """One step's numbers from all ranks.
+
+    tokens_per_expert: int64 [L, G, E], assignments each source rank routed to each expert.
+    dispatch_bytes, combine_bytes: int64 [L, S, T], forward all-to-all bytes per layer.
+    """
+
+    loss: float
+    aux_loss: float
+    tokens_per_expert: np.ndarray
+    dispatch_bytes: np.ndarray
+    combine_bytes: np.ndarray
+
+    def expert_load(self) -> np.ndarray:
+        """float64 [L]: per layer, the busiest expert's assignments over the mean."""
+        load = self.tokens_per_expert.sum(axis=1).astype(np.float64)  # (L, E)
+        mean = load.mean(axis=1)
+        return np.divide(load.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+
+
+# torch 2.13 renamed all_gather_into_tensor; the project supports torch >= 2.4.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def gather_step_stats(loss: torch.Tensor, aux_loss: torch.Tensor, stats: ExpertParallelStats,
+                      num_ranks: int) -> StepStats:
+    """Collective: every rank's mean loss and routing statistics, in one all-gather.
+
+    NOTE: a device-to-host sync (the loss and counts come back to the CPU every step).
+    """
+    L, E = stats.num_tokens_per_expert.shape
+    G = num_ranks
+    local = np.concatenate([[0.0, 0.0], stats.num_tokens_per_expert.ravel(),
+                            stats.dispatch_bytes.ravel(), stats.combine_bytes.ravel()])
+    mine = torch.from_numpy(local).to(loss.device)  # float64: integers exact below 2**53
+    mine[0], mine[1] = loss.detach().double(), aux_loss.detach().double()
+    everyone = mine.new_empty(G * mine.numel())  # flat: gloo wants (G * n,), not (G, n)
+    _all_gather_single(everyone, mine)
+    rows = everyone.cpu().numpy().reshape(G, -1)  # (G, 2 + L*E + 2*L*G)
+    counts = rows[:, 2:2 + L * E].reshape(G, L, E).transpose(1, 0, 2)  # [L, S, E]
+    a2a = rows[:, 2 + L * E:].reshape(G, 2, L, G).transpose(1, 2, 0, 3)  # [2, L, S, T]
+    return StepStats(float(rows[:, 0].mean()), float(rows[:, 1].mean()),
+                     np.rint(counts).astype(np.int64), np.rint(a2a[0]).astype(np.int64),
+                     np.rint(a2a[1]).astype(np.int64))
+
+
+class MetricsLog:
+    """metrics.jsonl, written by rank 0 only (one line per record, flushed)."""
+
+    def __init__(self, path: Path, keep_through_step: int | None) -> None:
+        """keep_through_step: None starts a new file; else keep records of steps <= it."""
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_through_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _step_of(line) <= keep_through_step]
+            _write_atomic(path, "".join(line + "\n" for line in kept))
+        elif keep_through_step is None:
+            _write_atomic(path, "")
+        self._fh = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record, allow_nan=True, separators=(",", ":")) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except json.JSONDecodeError:  # a line cut short by a crash
+        return math.inf
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer (rank 0): a fixed name is safe
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class ProgressDisplay:
+    """Rank 0's view: a rich progress bar on a terminal, a plain line every so often elsewhere."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled, self.total = enabled, total
+        self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        self.every = max(1, total // 20)
+        self.bar = None
+        if enabled and self.console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                console=self.console)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, markup=False)
+
+    def update(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "-"
+        info = (f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+                f"{record['tflops_per_gpu']:.3g} TFLOP/s/GPU  MFU {mfu}  "
+                f"expert load max/mean {max(record['expert_load_max_over_mean']):.2f}")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=record["step"], info=info)
+        elif record["step"] % self.every == 0 or record["step"] == self.total:
+            self.console.print(f"step {record['step']}/{self.total}  {info}", markup=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

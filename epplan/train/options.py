@@ -1,0 +1,94 @@
+"""The options of a training run, and their round trip through a worker's command line.
+
+``epplan run`` parses the user's flags into ``TrainOptions``, checks them, and hands them to every
+worker as ordinary ``--flag value`` arguments (``to_argv``), so that the torchrun command line it
+runs, or prints with ``--print-launch``, is one a user can read and edit. The worker parses them
+back with ``from_argv``. Launch options (nodes, rendezvous, restarts) are torchrun's, not these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """One run. ``None`` means "derive from the model" (see ``resolved``)."""
+
+    manifest: str
+    out: str
+    steps: int = 100  # total optimizer steps; a resumed run continues up to this step
+    device: str = "cpu"  # cpu (gloo) or cuda (nccl, one GPU per process)
+    data: Optional[str] = None  # byte-level text file or directory; None: synthetic
+    seed: int = 0
+    global_batch: Optional[int] = None  # sequences per optimizer step; None: the model's
+    micro_batches: int = 1  # gradient-accumulation steps per optimizer step
+    lr: Optional[float] = None  # peak learning rate; None: min(0.01, 1 / d_model)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this at the last step
+    warmup_steps: Optional[int] = None  # linear warm-up; None: 5 % of steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global gradient-norm limit; 0 disables clipping
+    capacity_factor: Optional[float] = None  # None: dropless routing
+    activation_checkpointing: bool = False
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = False
+    peak_tflops: Optional[float] = None  # per GPU, for MFU; None: from the GPU's name
+    node_rank: int = 0  # which of the manifest's nodes this torchrun agent is
+
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else math.ceil(0.05 * self.steps)
+
+    def peak_lr(self, d_model: int) -> float:
+        # Small models take large steps; 1 / d_model gives 2.4e-4 at d_model 4096.
+        return self.lr if self.lr is not None else min(0.01, 1.0 / d_model)
+
+    def to_argv(self) -> list[str]:
+        """The worker's arguments: the manifest, then ``--flag value`` for non-default fields."""
+        argv = [self.manifest]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "manifest" or (f.name != "out" and value == f.default):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag)
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> "TrainOptions":
+        parser = argparse.ArgumentParser(prog="python -m epplan.train.worker",
+                                         description="One epplan training process (started by torchrun).")
+        parser.add_argument("manifest")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "manifest":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = _base_type(hints[f.name])
+            if kind is bool:
+                parser.add_argument(flag, dest=f.name, action="store_true")
+            else:
+                default = dataclasses.MISSING if f.default is dataclasses.MISSING else f.default
+                parser.add_argument(flag, dest=f.name, type=kind, required=default is dataclasses.MISSING,
+                                    default=None if default is dataclasses.MISSING else default)
+        return cls(**vars(parser.parse_args(argv)))
+
+
+def _base_type(hint: object) -> type:
+    """int for Optional[int], etc."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    assert isinstance(hint, type), hint
+    return hint

@@ -1,0 +1,321 @@
+"""The training loop of one rank: model, optimizer, data, checkpoints and metrics.
+
+Shape legend: L = MoE layers, G = ranks, E = experts per layer, B = sequences per micro-batch on a
+rank, T = sequence length.
+
+A step: for each micro-batch, forward (bf16 autocast on GPU) and backward of loss / M; then
+``sync_gradients`` (dense gradients averaged over all ranks, each expert's among its replicas);
+one all-gather of the loss and routing statistics; stop if the loss or the gradient norm is not
+finite; clip by the global gradient norm; AdamW; router selection-bias update. Everything but the
+timing is deterministic given the seed, the data and the number of ranks, so a run restarted from
+a checkpoint ends with the same weights as one that never stopped (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from epplan.errors import EpplanError, RuntimeSetupError
+from epplan.runtime.expert_parallel import get_stats, parallelize_experts, sync_gradients
+from epplan.runtime.model import Transformer
+from epplan.train import checkpoint
+from epplan.train.data import make_data
+from epplan.train.job import Job
+from epplan.train.metrics import FORMAT, VERSION, MetricsLog, ProgressDisplay, gather_step_stats
+from epplan.train.options import TrainOptions
+from epplan.workload.flops import model_costs
+from epplan.workload.routing_stats import write_routing_stats
+
+# Dense bf16 peak of a GPU, TFLOP/s, by a substring of its name (datasheets; dense, no sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# ModelConfig fields that decide tensor shapes: a checkpoint fits a model when these agree.
+SHAPE_FIELDS = ("num_layers", "num_experts", "d_model", "d_ff", "num_heads", "head_dim", "num_kv_heads",
+                "vocab_size", "seq_len", "activation", "num_dense_layers", "dense_d_ff", "num_shared_experts")
+ROUTING_STATS = "routing_stats.json"
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(EpplanError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+def peak_tflops(opts: TrainOptions, device: torch.device) -> float | None:
+    if opts.peak_tflops is not None:
+        return opts.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def lr_at(step: int, opts: TrainOptions, peak: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to the floor."""
+    warmup = opts.warmup()
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, opts.steps - warmup)
+    floor = peak * opts.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def checkpoint_attention(model: Transformer) -> None:
+    """Recompute each block's attention in backward instead of keeping its activations.
+
+    Attention only: recomputing a MoE layer would repeat its all-to-all exchanges and count its
+    routing twice (router load, statistics).
+    """
+    for block in model.layers:
+        forward = block.attn.forward
+        block.attn.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
+
+
+def global_grad_norm(model: Transformer) -> torch.Tensor:
+    """Collective: the L2 norm of the whole (single-device) model's gradient, on every rank.
+
+    Dense gradients are identical on all ranks after ``sync_gradients``; each expert's gradient is
+    counted once, by the rank that owns it (its lowest replica).
+    """
+    state = model.expert_parallel
+    expert_params, owned_sq = set(), None
+    for layer in state.layers:
+        is_owner = torch.tensor([layer.owner[e] == state.rank for e in layer.local_experts],
+                                dtype=torch.float32)
+        for w in layer.parameters(recurse=False):
+            expert_params.add(id(w))
+            per_slot = w.grad.float().pow(2).flatten(1).sum(dim=1)  # (E_loc,)
+            term = (per_slot * is_owner.to(per_slot.device)).sum()
+            owned_sq = term if owned_sq is None else owned_sq + term
+    dense_sq = sum(p.grad.float().pow(2).sum() for p in model.parameters()
+                   if id(p) not in expert_params and p.grad is not None)
+    owned_sq = owned_sq if owned_sq is not None else torch.zeros((), device=dense_sq.device)
+    dist.all_reduce(owned_sq, group=state.group)
+    return (dense_sq + owned_sq).sqrt()
+
+
+def _kill_for_test(rank: int, step: int) -> None:
+    """Test hook: EPPLAN_TEST_KILL=RANK:STEP makes that rank SIGKILL itself as it starts STEP
+    (1-based), on torchrun's first attempt only."""
+    spec = os.environ.get("EPPLAN_TEST_KILL")
+    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        kill_rank, kill_step = (int(v) for v in spec.split(":"))
+        if (rank, step) == (kill_rank, kill_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trainer:
+    """One rank's training state. Build after ``dist.init_process_group``; collective methods
+    (``resume``, ``train_step``, ``save``, ``run``) are entered by every rank in the same order."""
+
+    def __init__(self, job: Job, opts: TrainOptions, rank: int, device: torch.device) -> None:
+        G = job.num_ranks
+        config = job.config if opts.global_batch is None else job.config.replace(global_batch=opts.global_batch)
+        if config.global_batch % (G * opts.micro_batches):
+            raise RuntimeSetupError(
+                f"global batch {config.global_batch} does not split into {G} ranks x "
+                f"{opts.micro_batches} micro-batches; set --global-batch to a multiple of "
+                f"{G * opts.micro_batches}")
+        self.job, self.opts, self.rank, self.device, self.config = job, opts, rank, device, config
+        self.out = Path(opts.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.batch_per_rank = config.global_batch // G
+        self.costs = model_costs(config)
+        self.peak_tflops = peak_tflops(opts, device)
+        self.lr = opts.peak_lr(config.d_model)
+
+        torch.manual_seed(opts.seed)  # every rank builds the same full model
+        model = Transformer(config, capacity_factor=opts.capacity_factor)
+        parallelize_experts(model, job.placement)
+        self.model = model.to(device)
+        if opts.activation_checkpointing:
+            checkpoint_attention(self.model)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices, experts
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm weights
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.data = make_data(opts.data, vocab_size=config.vocab_size, seq_len=config.seq_len,
+                              seed=opts.seed, rank=rank, num_ranks=G, batch_per_rank=self.batch_per_rank,
+                              micro_batches=opts.micro_batches)
+        self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+                         if device.type == "cuda" else contextlib.nullcontext)
+        self.step = 0  # optimizer steps completed
+        # Token-assignments [L, G, E] summed over routing_steps steps, for routing_stats.json.
+        self.routing_counts = np.zeros((config.num_moe_layers, G, config.num_experts), np.int64)
+        self.routing_steps = 0
+        self.last_checkpoint: Path | None = None
+        self.last_step = 0  # the step of last_checkpoint
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def resume(self) -> tuple[checkpoint.CheckpointInfo, bool] | None:
+        """Load the newest complete checkpoint, if any. Returns it and whether the placement
+        differs from the one that wrote it (experts then move to their new ranks)."""
+        found = [checkpoint.latest(self.ckpt_root) if self.rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # every rank loads the one rank 0 chose
+        info = found[0]
+        if info is None:
+            return None
+        saved = info.meta["model"]
+        for name in SHAPE_FIELDS:
+            if saved[name] != getattr(self.config, name):
+                raise checkpoint.CheckpointError(
+                    f"{info.path} is of a model with {name}={saved[name]!r}, this manifest's model has "
+                    f"{getattr(self.config, name)!r}; resume with a manifest of the same model")
+        extra = checkpoint.load(info, self.model, self.optimizer, rank=self.rank, device=self.device)
+        self.step = self.last_step = info.step
+        if tuple(extra["routing_counts"].shape) == self.routing_counts.shape:
+            self.routing_counts = extra["routing_counts"].numpy().astype(np.int64)
+            self.routing_steps = int(extra["routing_steps"])
+        if info.meta["num_ranks"] == self.job.num_ranks and "rng" in extra:
+            checkpoint.set_rng_state(extra["rng"])
+        self.last_checkpoint = info.path
+        return info, info.meta["manifest_hash"] != self.job.manifest_hash
+
+    def save(self) -> float:
+        """Checkpoint the current step (collective); returns seconds taken."""
+        start = time.perf_counter()
+        data = {**self.data.describe(), "next_step": self.step}
+        if hasattr(self.data, "window_index"):
+            data["windows_read_per_rank"] = self.data.window_index(self.step, 0)
+        meta = {"manifest_hash": self.job.manifest_hash, "manifest": self.opts.manifest,
+                "model": self.config.to_dict(), "data": data, "routing_steps": self.routing_steps}
+        extra = {"routing_counts": torch.from_numpy(self.routing_counts), "routing_steps": self.routing_steps}
+        self.last_checkpoint = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer,
+                                               rank=self.rank, meta=meta, dense_extra=extra,
+                                               keep=self.opts.keep_checkpoints)
+        self.last_step = self.step
+        if self.rank == 0:
+            self.write_routing_stats()
+        return time.perf_counter() - start
+
+    def write_routing_stats(self) -> Path | None:
+        if self.routing_steps == 0:
+            return None
+        return write_routing_stats(
+            self.out / ROUTING_STATS, self.routing_counts, steps=self.routing_steps, model=self.config.name,
+            top_k=self.config.top_k, tokens_per_rank_per_step=float(self.batch_per_rank * self.config.seq_len),
+            manifest_hash=self.job.manifest_hash)
+
+    # ----------------------------------------------------------------------------- one step
+
+    def train_step(self) -> dict[str, Any]:
+        """Run optimizer step ``self.step + 1`` (collective); returns its metrics record."""
+        start = time.perf_counter()
+        model, opts = self.model, self.opts
+        model.train()
+        stats = get_stats(model)
+        stats.reset()
+        lr = lr_at(self.step, opts, self.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = aux_sum = torch.zeros((), device=self.device)
+        for micro in range(opts.micro_batches):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.data.batch(self.step, micro))  # (B, T)
+            with self.autocast():
+                _, loss = model(x, y)
+            aux = sum(moe.aux_loss for moe in model.moe_layers())
+            (loss / opts.micro_batches).backward()
+            loss_sum = loss_sum + loss.detach()
+            aux_sum = aux_sum + aux.detach()
+        sync_gradients(model)
+        # The model's loss includes the auxiliary losses; report the language-model part apart.
+        gathered = gather_step_stats((loss_sum - aux_sum) / opts.micro_batches,
+                                     aux_sum / opts.micro_batches, stats, self.job.num_ranks)
+        grad_norm = global_grad_norm(model)
+        step = self.step + 1
+        bad = next((f"{what} is {value}" for what, value in
+                    (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm.item()))
+                    if not math.isfinite(value)), None)
+        if bad is not None:
+            where = (f"the last good checkpoint is {self.last_checkpoint} (step {self.last_step}); "
+                     "lower --lr or --grad-clip and continue from it with --resume"
+                     if self.last_checkpoint is not None else "no checkpoint was written yet")
+            raise TrainingDiverged(f"training stopped at step {step}: {bad}; {where}")
+        if opts.grad_clip > 0:
+            scale = (opts.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            for p in model.parameters():
+                p.grad.mul_(scale)  # every grad exists: sync_gradients fills unused ones with zeros
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        model.update_router_biases()
+        self.step = step
+
+        self.routing_counts += gathered.tokens_per_expert
+        self.routing_steps += 1
+        seconds = time.perf_counter() - start
+        tflops = self.costs.model_flops_per_step / seconds / self.job.num_ranks / 1e12
+        return {
+            "kind": "step", "step": step, "loss": gathered.loss, "aux_loss": gathered.aux_loss, "lr": lr,
+            "grad_norm": grad_norm.item(), "step_time_s": seconds,
+            "tokens_per_s": self.config.tokens_per_step / seconds, "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "tokens_per_expert": gathered.tokens_per_expert.sum(axis=1).tolist(),
+            "expert_load_max_over_mean": [round(v, 4) for v in gathered.expert_load().tolist()],
+            "dispatch_bytes": gathered.dispatch_bytes.tolist(),
+            "combine_bytes": gathered.combine_bytes.tolist(),
+        }
+
+    # ----------------------------------------------------------------------------- the run
+
+    def run(self, *, resume: bool, attempt: int = 0, show_progress: bool = True) -> None:
+        """Train up to ``opts.steps`` (collective), resuming from the newest checkpoint if asked."""
+        is_main = self.rank == 0
+        resumed = self.resume() if resume else None
+        display = ProgressDisplay(self.opts.steps, self.step, enabled=is_main and show_progress)
+        if resumed is not None:
+            info, moved = resumed
+            display.print(f"resumed from {info.path} (step {info.step})"
+                          + ("; the placement differs from the checkpoint's: experts moved to their new ranks"
+                             if moved else ""))
+        elif resume:
+            display.print(f"no checkpoint in {self.ckpt_root}; starting at step 0")
+        log = MetricsLog(self.out / METRICS, self.step if resumed else None) if is_main else None
+        if log is not None:
+            log.write(self._start_record(resumed, attempt))
+        try:
+            while self.step < self.opts.steps:
+                _kill_for_test(self.rank, self.step + 1)
+                record = self.train_step()
+                if log is not None:
+                    log.write(record)
+                display.update(record)
+                if self.step % self.opts.ckpt_every == 0 or self.step == self.opts.steps:
+                    seconds = self.save()
+                    if log is not None:
+                        log.write({"kind": "checkpoint", "step": self.step, "path": str(self.last_checkpoint),
+                                   "seconds": seconds})
+        finally:
+            display.close()
+        if log is not None:
+            stats_path = self.write_routing_stats()
+            log.write({"kind": "end", "step": self.step, "routing_stats": str(stats_path) if stats_path else None,
+                       "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None})
+            log.close()
+
+    def _start_record(self, resumed: tuple | None, attempt: int) -> dict[str, Any]:
+        c = self.config
+        return {
+            "format": FORMAT, "version": VERSION, "kind": "start", "step": self.step, "time": time.time(),
+            "model": c.to_dict(), "num_ranks": self.job.num_ranks,
+            "nodes": [{"name": n.name, "ranks": list(n.ranks)} for n in self.job.nodes],
+            "manifest": self.opts.manifest, "manifest_hash": self.job.manifest_hash,
+            "device": self.device.type, "compute": "bf16 autocast" if self.device.type == "cuda" else "fp32",
+            "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
+            "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
+            "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(),
+            "resumed_from": str(resumed[0].path) if resumed else None,
+            "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
+        }

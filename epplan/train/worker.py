@@ -1,0 +1,136 @@
+"""One training process, as torchrun starts it: ``python -m torch.distributed.run ... -m
+epplan.train.worker MANIFEST --out DIR [options]`` (``epplan run`` builds that command line).
+
+Reads torchrun's environment (``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``WORLD_SIZE``,
+``TORCHELASTIC_RESTART_COUNT``, ``MASTER_ADDR``/``MASTER_PORT``), maps itself onto the manifest,
+checks the launch against it before any process group exists, then trains.
+
+After a restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the run always continues from the newest
+checkpoint. A user error or a diverged loss is printed as one line and recorded in
+``OUT/failure.json``, which ``epplan run`` shows after torchrun exits; a restart that finds a
+divergence recorded by the same torchrun job stops at once instead of diverging again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from epplan.errors import EpplanError, RuntimeSetupError
+from epplan.train import checkpoint
+from epplan.train.job import load_job
+from epplan.train.options import TrainOptions
+from epplan.train.trainer import Trainer, TrainingDiverged
+
+FAILURE = "failure.json"
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        raise RuntimeSetupError(f"${name} is not set: start this module through torchrun "
+                                "(epplan run does)") from None
+
+
+def _process_group_store(rank: int, attempt: int) -> dist.Store:
+    """The store for ``init_process_group``: torchrun's, under a prefix of its own per attempt.
+
+    torchrun's agent keeps one store across restarts, so without the prefix a restarted process
+    can read the address a dead process published in the previous attempt and fail to connect.
+    Also refuses a second process with the same manifest rank (two agents given the same
+    --node-rank), which would otherwise hang in process-group set-up.
+    """
+    is_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=not is_agent_store and rank == 0, timeout=timedelta(minutes=10))
+    store = dist.PrefixStore(f"epplan/attempt_{attempt}", store)
+    if store.add(f"claim/rank{rank}", 1) > 1:
+        raise RuntimeSetupError(f"two processes claim rank {rank}: every node's 'epplan run' needs its "
+                                "own --node-rank (0 .. nodes - 1)")
+    return store
+
+
+def _device(kind: str, local_rank: int) -> torch.device:
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeSetupError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeSetupError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _write_failure(out: Path, kind: str, message: str, rank: int, attempt: int) -> None:
+    doc = {"kind": kind, "message": message, "rank": rank, "attempt": attempt,
+           "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{FAILURE}.{rank}.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, out / FAILURE)
+    except OSError:
+        pass  # the message is on stderr as well
+
+
+def read_failure(out: Path) -> dict | None:
+    try:
+        return json.loads((out / FAILURE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    opts = TrainOptions.from_argv(sys.argv[1:] if argv is None else argv)
+    out = Path(opts.out)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rank = -1
+    try:
+        failure = read_failure(out)
+        if (attempt > 0 and failure and failure["kind"] == "diverged"
+                and failure["run_id"] == os.environ.get("TORCHELASTIC_RUN_ID")):
+            raise TrainingDiverged(failure["message"])  # restarting would diverge again
+        job = load_job(opts.manifest)
+        local_rank = _env_int("LOCAL_RANK")
+        rank = job.rank_of(opts.node_rank, local_rank, _env_int("LOCAL_WORLD_SIZE"), _env_int("WORLD_SIZE"))
+        if attempt == 0 and not opts.resume:
+            found = checkpoint.latest(out / "checkpoints")
+            if found is not None:
+                raise checkpoint.CheckpointError(
+                    f"{out} already holds checkpoints (newest: step {found.step}); pass --resume to "
+                    "continue from it, or choose another --out")
+        device = _device(opts.device, local_rank)
+        os.environ["RANK"] = str(rank)  # the manifest's rank, not torchrun's
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=_process_group_store(rank, attempt), rank=rank,
+                                world_size=job.num_ranks, device_id=device if device.type == "cuda" else None)
+        try:
+            trainer = Trainer(job, opts, rank, device)
+            trainer.run(resume=opts.resume or attempt > 0, attempt=attempt)
+        finally:
+            dist.destroy_process_group()
+    except EpplanError as exc:
+        kind = "diverged" if isinstance(exc, TrainingDiverged) else "error"
+        if kind == "error" or rank <= 0:  # a divergence is the same on every rank: say it once
+            print(f"epplan worker (rank {rank if rank >= 0 else '?'}): error: {exc}", file=sys.stderr, flush=True)
+            _write_failure(out, kind, str(exc), rank, attempt)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    # NOTE: exit without interpreter finalization: unloading torch takes seconds per process and
+    # there is nothing left to do (files are closed and synced, the process group destroyed).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,283 @@
+"""``epplan run`` as a user runs it: torchrun, 2 CPU processes with gloo, the ``tiny`` model.
+
+One uninterrupted 12-step run (checkpoints every 4 steps) is the reference for the rest:
+- end to end: the loss falls; metrics.jsonl, the checkpoints and routing_stats.json are valid, and
+  the routing statistics feed a new placement problem (the re-plan loop);
+- fault: a worker is SIGKILLed at step 7 on torchrun's first attempt; with --max-restarts 1 the
+  job restarts from the step-4 checkpoint and ends with bitwise the reference's weights, optimizer
+  state and routing statistics;
+- re-placement: the reference's step-8 checkpoint resumed under a manifest whose experts live on
+  other ranks continues the reference's loss curve;
+- two nodes: two torchrun agents on this machine (--nnodes 2, a c10d rendezvous on localhost)
+  run a manifest of two one-GPU nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from epplan.cli import app
+from epplan.manifest import build_manifest, load_manifest, write_manifest
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.types import LayerPlacement, Placement
+from epplan.topology import load_topology
+from epplan.train.checkpoint import latest, list_checkpoints
+from epplan.train.metrics import read_metrics
+from epplan.train.options import TrainOptions
+from epplan.workload import make_traffic
+from epplan.workload.config import PRESETS
+from epplan.workload.routing_stats import read_routing_stats
+
+CONFIG = PRESETS["tiny"]  # 2 MoE layers x 4 experts, top-2, 8 sequences x 32 tokens per step
+G = 2
+# One server with two GPUs (the CPU processes stand in for them).
+TOPOLOGY = """\
+name: cpu-pair
+node_types:
+  box:
+    gpus: 2
+    gpu: {model: H100-SXM5-80GB, memory_gb: 80, bf16_tflops: 989, hbm_gbps: 3350}
+    fabric: {kind: nvswitch, gbps: 450}
+nodes:
+  - {name: n0, type: box}
+"""
+TRAIN = ["--steps", "12", "--ckpt-every", "4", "--keep-checkpoints", "0", "--lr", "0.01", "--device", "cpu"]
+runner = CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> str:
+    result = runner.invoke(app, ["run", *args], env=env)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _steps(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "step"]
+
+
+def _final_state(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the newest checkpoint (model and optimizer), by file and key."""
+    info = latest(out / "checkpoints")
+    flat = {}
+    for file in sorted(info.path.glob("*.pt")):
+        doc = torch.load(file, weights_only=True)
+        for part in ("model", "optim"):
+            for key, value in doc[part].items():
+                for sub, t in (value.items() if isinstance(value, dict) else [("", value)]):
+                    flat[f"{part}/{key}/{sub}"] = t
+    return flat
+
+
+def _place(*args: str) -> None:
+    result = runner.invoke(app, ["place", "--model", "tiny", *args], terminal_width=200)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory) -> dict[str, Path]:
+    """a: planned by 'epplan place'; b: every expert of a on another rank or replicated, and rank 0
+    holding no expert of layer 1; two: a's placement on two one-GPU nodes."""
+    root = tmp_path_factory.mktemp("manifests")
+    topology = root / "cpu-pair.yaml"
+    topology.write_text(TOPOLOGY)
+    paths = {"topology": topology, "a": root / "a.json", "b": root / "b.json", "two": root / "two.json"}
+    _place("--topology", str(topology), "--experts-per-gpu", "2", "--out", str(paths["a"]))
+    a = load_manifest(paths["a"]).placement
+    assert [r.tolist() for r in a.layers[0].replicas] == [[0], [1], [0], [1]]
+    moved = [[1], [0, 1], [1], [0]], [[1], [1], [1], [1]]
+    b = Placement(G, 4, [LayerPlacement([np.array(r) for r in reps], [np.full((G, len(r)), 1 / len(r)) for r in reps])
+                         for reps in moved], method="moved")
+    problem = PlacementProblem(load_topology(topology), CONFIG, make_traffic("uniform", CONFIG, G), experts_per_gpu=4)
+    write_manifest(paths["b"], build_manifest(b, problem))
+    # The cost model cannot score one-GPU nodes yet ('epplan place' fails on them), so the
+    # two-node manifest is a's document with its ranks on nodes n0 and n1.
+    doc = json.loads(paths["a"].read_text())
+    doc["topology"]["node_names"] = ["n0", "n1"]
+    doc["ranks"] = {"node": [0, 1], "local_gpu": [0, 0]}
+    write_manifest(paths["two"], doc)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(manifests, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    _run(str(manifests["a"]), "--out", str(out), *TRAIN)
+    return out
+
+
+def test_end_to_end_loss_falls_and_files_are_valid(reference, manifests):
+    records = read_metrics(reference / "metrics.jsonl")
+    start, steps = records[0], _steps(reference)
+    assert (start["kind"], start["format"], start["version"]) == ("start", "epplan.metrics", 1)
+    assert start["manifest_hash"] == load_manifest(manifests["a"]).hash
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    losses = [r["loss"] for r in steps]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.4, losses
+    for r in steps:
+        assert r["step_time_s"] > 0 and r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0
+        assert r["mfu"] is None  # no peak on the CPU
+        counts = np.array(r["tokens_per_expert"])  # [L][E]: every token picks top_k experts
+        assert counts.shape == (2, 4) and (counts.sum(axis=1) == CONFIG.tokens_per_step * CONFIG.top_k).all()
+        dispatch, combine = np.array(r["dispatch_bytes"]), np.array(r["combine_bytes"])  # [L][S][T]
+        assert dispatch.shape == (2, G, G) and (dispatch > 0).all()
+        np.testing.assert_array_equal(combine, dispatch.transpose(0, 2, 1))
+    assert [r["step"] for r in records if r["kind"] == "checkpoint"] == [4, 8, 12]
+    assert records[-1]["kind"] == "end" and records[-1]["step"] == 12
+    assert [c.step for c in list_checkpoints(reference / "checkpoints")] == [4, 8, 12]
+
+    stats = read_routing_stats(reference / "routing_stats.json")
+    assert stats.steps == 12 and stats.counts.shape == (2, G, 4)
+    assert stats.manifest_hash == start["manifest_hash"]
+    assert stats.tokens_per_rank_per_step == CONFIG.tokens_per_step / G
+    np.testing.assert_array_equal(stats.counts.sum(axis=1), np.sum([r["tokens_per_expert"] for r in steps], axis=0))
+    # The re-plan loop: run -> statistics -> place -> run.
+    traffic = make_traffic(str(reference / "routing_stats.json"), CONFIG, G)
+    np.testing.assert_allclose(traffic.counts, stats.per_step())  # this run's own volume: no rescaling
+    replan = reference / "replan.json"
+    _place("--topology", str(manifests["topology"]), "--experts-per-gpu", "2",
+           "--routing", str(reference / "routing_stats.json"), "--out", str(replan))
+    assert load_manifest(replan).routing_spec == str(reference / "routing_stats.json")
+
+
+def test_killed_worker_restarts_and_ends_bitwise_equal(reference, manifests, tmp_path):
+    out = tmp_path / "run"
+    output = _run(str(manifests["a"]), "--out", str(out), *TRAIN, "--max-restarts", "1",
+                  env={"EPPLAN_TEST_KILL": "1:7"})  # rank 1 dies as it starts step 7
+    starts = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "start"]
+    assert [(s["step"], s["attempt"]) for s in starts] == [(0, 0), (4, 1)], output
+    assert [r["loss"] for r in _steps(out)] == [r["loss"] for r in _steps(reference)]
+    mine, ref = _final_state(out), _final_state(reference)
+    assert mine.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(mine[key], ref[key]), key
+    np.testing.assert_array_equal(read_routing_stats(out / "routing_stats.json").counts,
+                                  read_routing_stats(reference / "routing_stats.json").counts)
+
+
+def test_resume_under_another_placement_continues_the_loss(reference, manifests, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000012")
+    _run(str(manifests["b"]), "--out", str(out), *TRAIN, "--resume")
+    start = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "start"][-1]
+    assert start["resumed_from"].endswith("step_00000008") and start["placement_changed"] is True
+    ref = _steps(reference)
+    mine = _steps(out)
+    assert [r["loss"] for r in mine[:8]] == [r["loss"] for r in ref[:8]]  # kept from the reference
+    np.testing.assert_allclose([r["loss"] for r in mine[8:]], [r["loss"] for r in ref[8:]], rtol=1e-5)
+    # Same math, other ranks: the expert rows now travel elsewhere.
+    assert mine[-1]["dispatch_bytes"] != ref[-1]["dispatch_bytes"]
+    owners = json.loads((latest(out / "checkpoints").path / "meta.json").read_text())["expert_owners"]
+    assert owners == {"layers.0.ffn.experts": [1, 0, 1, 0], "layers.1.ffn.experts": [1, 1, 1, 1]}
+
+
+def test_two_nodes_on_one_machine(manifests, tmp_path):
+    """Node 0 through 'epplan run'; node 1 through the command 'epplan run --print-launch torchrun'
+    prints for it (started first: the rendezvous waits for both)."""
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    args = [str(manifests["two"]), "--out", str(out), "--steps", "3", "--lr", "0.01", "--device", "cpu",
+            "--nnodes", "2", "--rdzv-endpoint", endpoint]
+    printed = runner.invoke(app, ["run", *args, "--print-launch", "torchrun"]).output
+    node1 = shlex.split([line for line in printed.splitlines() if line.startswith("python ")][1])
+    agent = subprocess.Popen([sys.executable, *node1[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        _run(*args, "--node-rank", "0")
+    finally:
+        output = agent.communicate(timeout=120)[0]
+    assert agent.returncode == 0, output
+    start = read_metrics(out / "metrics.jsonl")[0]
+    assert start["nodes"] == [{"name": "n0", "ranks": [0]}, {"name": "n1", "ranks": [1]}]
+    assert [r["step"] for r in _steps(out)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------ without a launch
+
+def test_help_names_the_main_options():
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag in ("--out", "--steps", "--device", "--data", "--ckpt-every", "--resume", "--max-restarts",
+                 "--nnodes", "--node-rank", "--rdzv-endpoint", "--print-launch"):
+        assert flag in result.output
+
+
+def test_print_launch_torchrun_gives_one_command_per_node(manifests):
+    result = runner.invoke(app, ["run", str(manifests["two"]), "--out", "runs/x", "--steps", "7",
+                                 "--nnodes", "2", "--print-launch", "torchrun"], env={"SLURM_NODEID": None})
+    assert result.exit_code == 0, result.output
+    commands = [line.split() for line in result.output.splitlines() if line.startswith("python ")]
+    assert len(commands) == 2
+    for i, argv in enumerate(commands):
+        assert argv[:3] == ["python", "-m", "torch.distributed.run"]
+        assert argv[argv.index("--nproc-per-node") + 1] == "1"
+        assert argv[argv.index("--rdzv-endpoint") + 1] == "n0:29500"
+        worker = argv[argv.index("epplan.train.worker") + 1:]
+        opts = TrainOptions.from_argv(worker)
+        assert (opts.manifest, opts.out, opts.steps, opts.node_rank, opts.device) == \
+               (str(manifests["two"]), "runs/x", 7, i, "cuda")
+
+
+def test_print_launch_slurm_writes_an_sbatch_script(manifests):
+    result = runner.invoke(app, ["run", str(manifests["two"]), "--out", "runs/x", "--nnodes", "2",
+                                 "--max-restarts", "2", "--print-launch", "slurm"])
+    assert result.exit_code == 0, result.output
+    script = result.output
+    assert script.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in script
+    assert "#SBATCH --gpus-per-node=1" in script
+    srun = script[script.index("srun"):]
+    for part in ("epplan run", "--resume", "--nnodes 2", "--max-restarts 2", "--device cuda",
+                 '--rdzv-endpoint "$RDZV_HOST:29500"', '--rdzv-id "$SLURM_JOB_ID"'):
+        assert part in srun
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "1"], "the manifest spans 2 nodes"),
+    (["--nnodes", "2"], "give this node's --node-rank"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "--node-rank 2 is out of range"),
+    (["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "h:1", "--global-batch", "7"],
+     "does not split into 2 ranks"),
+    (["--nnodes", "2", "--print-launch", "mpi"], "--print-launch 'mpi'"),
+])
+def test_launch_mistakes_are_clear_errors(manifests, tmp_path, args, message):
+    result = runner.invoke(app, ["run", str(manifests["two"]), "--out", str(tmp_path), *args],
+                           env={"SLURM_NODEID": None}, terminal_width=300)
+    assert result.exit_code == 1
+    assert message in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs the manifest asks for")
+def test_cuda_without_enough_gpus_is_refused_before_launch(manifests, tmp_path):
+    result = runner.invoke(app, ["run", str(manifests["a"]), "--out", str(tmp_path), "--device", "cuda"],
+                           terminal_width=300)
+    assert result.exit_code == 1
+    assert "the manifest puts 2 ranks on this node but" in " ".join(result.output.split())
+
+
+def test_existing_checkpoints_need_resume(reference, manifests):
+    result = runner.invoke(app, ["run", str(manifests["a"]), "--out", str(reference), "--device", "cpu"],
+                           terminal_width=300)
+    assert result.exit_code == 1
+    assert "already holds checkpoints (newest: step 12); pass --resume" in result.output
+
+
+def test_bad_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "m.json").write_text("{not json")
+    result = runner.invoke(app, ["run", str(tmp_path / "m.json"), "--out", str(tmp_path)], terminal_width=300)
+    assert result.exit_code == 1 and "corrupted manifest" in result.output

@@ -1,0 +1,114 @@
+"""Checkpoints and the training step in 2 gloo CPU processes, without torchrun.
+
+- Re-placement: a checkpoint written under placement A, loaded under placement B (experts on
+  other ranks, one replicated, a rank holding no expert of a layer), holds the same single-device
+  model; one more step from it under B matches one more step under A, which needs the AdamW
+  moments to have moved with the experts.
+- Atomicity: half-written and damaged checkpoint directories are ignored.
+- Divergence: a NaN loss stops the step before the optimizer touches the weights, with a message
+  naming the step and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from epplan.placement.types import LayerPlacement, Placement
+from epplan.runtime.testing import run_distributed
+from epplan.train.checkpoint import latest, list_checkpoints
+from epplan.train.job import Job, Node
+from epplan.workload.config import PRESETS
+
+G = 2
+
+
+def _placement(*layers: list[list[int]]) -> Placement:
+    return Placement(G, 4, [LayerPlacement([np.array(r) for r in reps], [np.full((G, len(r)), 1 / len(r)) for r in reps])
+                            for reps in layers], method="test")
+
+
+A = _placement([[0], [0], [1], [1]], [[0], [0], [1], [1]])
+B = _placement([[1], [0, 1], [1], [1]], [[1], [1], [1], [1]])  # rank 0 holds no expert of layer 1
+
+
+def _job(placement: Placement, name: str) -> Job:
+    return Job(PRESETS["tiny"], placement, name, (Node("n0", (0, 1)),))
+
+
+def _trainer(job: Job, out: str, steps: int, **kw):
+    from epplan.train.options import TrainOptions
+    from epplan.train.trainer import Trainer
+
+    opts = TrainOptions(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=2, keep_checkpoints=0, **kw)
+    return Trainer(job, opts, torch.distributed.get_rank(), torch.device("cpu"))
+
+
+def _replace_and_step(rank: int, world_size: int, out: str) -> None:
+    from epplan.runtime.expert_parallel import gather_state_dict
+
+    a = _trainer(_job(A, "A"), out, steps=4)
+    a.run(resume=False, show_progress=False)  # checkpoints at 2 and 4
+    saved = gather_state_dict(a.model)
+    b = _trainer(_job(B, "B"), out, steps=5)
+    info, moved = b.resume()
+    assert (info.step, moved, b.step) == (4, True, 4)
+    loaded = gather_state_dict(b.model)
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
+    np.testing.assert_array_equal(a.routing_counts, b.routing_counts)
+    a.opts = b.opts  # the same schedule for step 5
+    a.train_step()
+    b.train_step()
+    after_a, after_b = gather_state_dict(a.model), gather_state_dict(b.model)
+    for key in after_a:
+        # Same math on other ranks: only the order of float32 sums differs.
+        torch.testing.assert_close(after_b[key], after_a[key], rtol=1e-5, atol=1e-6, msg=key)
+        if "experts" in key:  # and the step moved the experts by much more than that
+            assert (after_a[key] - saved[key]).abs().max() > 1e-3
+
+
+def test_checkpoint_moves_experts_and_their_optimizer_state_to_a_new_placement(tmp_path):
+    run_distributed(_replace_and_step, G, str(tmp_path))
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["expert_owners"] == {"layers.0.ffn.experts": [0, 0, 1, 1], "layers.1.ffn.experts": [0, 0, 1, 1]}
+    assert meta["manifest_hash"] == "A" and meta["data"]["next_step"] == 4
+    assert set(meta["files"]) == {"dense.pt", "rank00000.pt", "rank00001.pt"}
+
+    # Atomicity: damaged or half-written checkpoints are skipped, the newest good one wins.
+    root = tmp_path / "checkpoints"
+    assert [c.step for c in list_checkpoints(root)] == [2, 4]
+    shutil.copytree(root / "step_00000004", root / ".step_00000006.tmp")  # crashed before the rename
+    shutil.copytree(root / "step_00000004", root / "step_00000007")
+    (root / "step_00000007" / "meta.json").unlink()  # no meta: never completed
+    shutil.copytree(root / "step_00000004", root / "step_00000008")
+    with open(root / "step_00000008" / "rank00001.pt", "r+b") as fh:
+        fh.truncate(100)  # a short file
+    assert latest(root).step == 4
+
+
+def _diverge(rank: int, world_size: int, out: str) -> None:
+    from epplan.train.trainer import TrainingDiverged
+
+    trainer = _trainer(_job(A, "A"), out, steps=2)
+    trainer.run(resume=False, show_progress=False)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingDiverged) as caught:
+        trainer.train_step()
+    message = str(caught.value)
+    assert "training stopped at step 3: the loss is nan" in message
+    assert f"the last good checkpoint is {Path(out) / 'checkpoints' / 'step_00000002'} (step 2)" in message
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[key]) or torch.isnan(value).any(), key  # no optimizer step
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
+    run_distributed(_diverge, G, str(tmp_path))

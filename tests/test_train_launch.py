@@ -1,0 +1,86 @@
+"""Launch plumbing without launching: options on a worker's command line, the LR schedule, the
+manifest's node layout and the process -> rank mapping, torchrun command lines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from epplan.errors import RuntimeSetupError
+from epplan.placement.types import LayerPlacement, Placement
+from epplan.train.job import Job, Node, job_from_manifest
+from epplan.train.launch import LaunchOptions, torchrun_argv
+from epplan.train.options import TrainOptions
+from epplan.train.trainer import lr_at
+from epplan.workload.config import PRESETS
+
+
+def test_options_survive_the_worker_command_line():
+    opts = TrainOptions(manifest="m.json", out="runs/a b", steps=7, device="cuda", data="corpus/", seed=3,
+                        global_batch=16, micro_batches=2, lr=3e-4, warmup_steps=0, grad_clip=0.0,
+                        capacity_factor=1.25, activation_checkpointing=True, ckpt_every=3, resume=True,
+                        peak_tflops=400.0, node_rank=1)
+    assert TrainOptions.from_argv(opts.to_argv()) == opts
+    plain = TrainOptions(manifest="m.json", out="o")
+    assert plain.to_argv() == ["m.json", "--out", "o"]
+    assert TrainOptions.from_argv(plain.to_argv()) == plain
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    opts = TrainOptions(manifest="m", out="o", steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, opts, 1.0) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, opts, 1.0) == pytest.approx(0.1)
+    assert TrainOptions(manifest="m", out="o", steps=100).warmup() == 5
+    assert TrainOptions(manifest="m", out="o").peak_lr(32) == 0.01
+    assert TrainOptions(manifest="m", out="o").peak_lr(4096) == pytest.approx(1 / 4096)
+
+
+def _job() -> Job:
+    layer = LayerPlacement([np.array([g]) for g in range(4)], [np.ones((4, 1))] * 4)
+    return Job(PRESETS["tiny"], Placement(4, 4, [layer, layer]), "ab" * 32,
+               (Node("n0", (0, 1)), Node("n1", (2, 3))))
+
+
+def test_processes_map_to_manifest_ranks_by_node_and_local_gpu():
+    job = _job()
+    assert [job.rank_of(n, i, 2, 4) for n in (0, 1) for i in (0, 1)] == [0, 1, 2, 3]
+    with pytest.raises(RuntimeSetupError, match="3 processes were launched but the manifest places experts on 4"):
+        job.rank_of(0, 0, 2, 3)
+    with pytest.raises(RuntimeSetupError, match=r"node 1 \(n1\) has 2 GPUs in the manifest but 1 processes"):
+        job.rank_of(1, 0, 1, 4)
+    with pytest.raises(RuntimeSetupError, match="--node-rank 2 is out of range"):
+        job.rank_of(2, 0, 2, 4)
+
+
+def test_job_from_a_manifest_orders_nodes_and_gpus():
+    """Ranks of a manifest need not be node-major: the layout follows (node, local GPU)."""
+    class FakeManifest:  # the attributes epplan.manifest.Manifest has
+        config = PRESETS["tiny"]
+        placement = _job().placement
+        rank_nodes = ["b", "a", "b", "a"]
+        rank_local_gpus = [1, 0, 0, 1]
+        hash = "cd" * 32
+
+    job = job_from_manifest(FakeManifest())
+    assert job.nodes == (Node("b", (2, 0)), Node("a", (1, 3)))
+    assert job.describe_nodes() == "2 nodes (b: 2 GPUs, a: 2 GPUs)"
+
+
+def test_torchrun_command_lines():
+    job = _job()
+    opts = TrainOptions(manifest="m.json", out="o", steps=5)
+    single = Job(job.config, job.placement, job.manifest_hash, (Node("n0", (0, 1, 2, 3)),))
+    argv = torchrun_argv(single, opts, LaunchOptions(max_restarts=2), 0, python="python")
+    assert argv == ["python", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
+                    "--standalone", "--max-restarts", "2", "-m", "epplan.train.worker",
+                    "m.json", "--out", "o", "--steps", "5"]
+    multi = torchrun_argv(job, opts, LaunchOptions(nnodes=2, rdzv_endpoint="head:1234"), 1, python="python")
+    assert multi[multi.index("--rdzv-endpoint") + 1] == "head:1234"
+    assert multi[multi.index("--rdzv-id") + 1] == "epplan-" + "ab" * 6
+    assert multi[-2:] == ["--node-rank", "1"] and multi[multi.index("--nproc-per-node") + 1] == "2"
