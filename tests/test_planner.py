@@ -108,6 +108,18 @@ def test_ilp_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
     assert layer["bound_s"] <= best * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("nodes,gpus,experts,k,d_ff,tflops", [TINY[0], TINY[2], TINY[4]])
+def test_cbc_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
+    problem = toy_problem(nodes, gpus, experts, experts_per_gpu=k, d_ff=d_ff, tflops=tflops,
+                          seed=nodes * 100 + gpus * 10 + experts)
+    best, _ = brute_force(problem)
+    placement = solve(problem, solver="cbc", gap=0.0, time_limit=30)
+    layer = placement.info["layers"][0]
+    assert layer["status"] == "optimal" and placement.info["solver"] == "cbc"
+    assert evaluate(placement, problem).bottleneck_s[0] == pytest.approx(best, rel=1e-6)
+    assert best * (1 - 1e-6) <= layer["bound_s"] <= best * (1 + 1e-6)
+
+
 def test_analytic_bounds_below_brute_force():
     for seed in range(4):
         problem = toy_problem(2, 2, 3, d_ff=512, tflops=500.0, seed=seed)

@@ -199,12 +199,33 @@ def _to_gpus(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray, m: np
             nic[i] += r_load * unit_n[i]
             holds[i, e] = True
             gpu_of[idx] = i
+        if np.any(gpu_of < 0):
+            # The greedy cornered itself: place by Gale-Ryser instead, then balance by swaps.
+            gpu_of, holds = _gale_ryser(items, slots)
         _swap_search(items, gpu_of, unit_c, unit_n, holds)
         for (_, _, e), i in zip(items, gpu_of):
             held[e].append(int(ranks[i]))
     out = [np.array(sorted(h), dtype=np.int64) for h in held]
     assert all(r.size for r in out), "an expert without a replica"
     return out
+
+
+def _gale_ryser(items: list[tuple[float, float, int]], slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Place replicas on GPUs, none twice on a GPU: experts with the most replicas first, each
+    onto the GPUs with the most free slots. Succeeds whenever any such placement exists."""
+    k = slots.size
+    ex = np.array([it[2] for it in items])
+    experts, counts = np.unique(ex, return_counts=True)
+    free = slots.astype(np.int64).copy()
+    holds = np.zeros((k, int(ex.max()) + 1), dtype=bool)
+    gpu_of = np.full(len(items), -1)
+    for e, m in sorted(zip(experts, counts), key=lambda t: -t[1]):
+        gpus = np.argsort(-free, kind="stable")[:m]
+        assert np.all(free[gpus] > 0), "more replicas than a node's slots"
+        free[gpus] -= 1
+        holds[gpus, e] = True
+        gpu_of[np.flatnonzero(ex == e)] = gpus
+    return gpu_of, holds
 
 
 def _swap_search(items: list[tuple[float, float, int]], gpu_of: np.ndarray, unit_c: np.ndarray,

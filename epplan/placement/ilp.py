@@ -373,25 +373,53 @@ def _run_cbc(prob, xs, model: _Model, time_limit: float | None, gap: float):
     fd, log = tempfile.mkstemp(suffix=".log", prefix="epplan-cbc-")
     os.close(fd)
     try:
-        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, warmStart=True,
-                                threads=1, logPath=log)
-        prob.solve(cmd)
+        prob.solve(_cbc_command(msg=False, timeLimit=time_limit, gapRel=gap, warmStart=True,
+                                threads=1, logPath=log))
         text = open(log).read()
     finally:
         os.unlink(log)
-    bound = _cbc_bound(text)
+    # "Optimal solution found (within gap tolerance)" is not a proof of optimality: it comes
+    # with a "Lower bound" line, which is what we take.
+    proven = bool(re.search(r"Result - Optimal solution found\s*\n", text))
     status = "optimal" if "Result - Optimal solution found" in text else (
         "time_limit" if "Stopped on time" in text else "failed")
-    if status == "optimal" and bound is None:
-        bound = pulp.value(prob.objective)
+    bound = _cbc_bound(text, optimal=proven)
     x = np.array([v.varValue if v.varValue is not None else np.nan for v in xs])
     if not np.all(np.isfinite(x)):
         x = None
     return x, bound, status
 
 
-def _cbc_bound(text: str) -> float | None:
-    """CBC's best possible objective from its log (the final summary's "Lower bound")."""
+def _cbc_command(**options):
+    """CBC through PuLP: a CBC on the PATH (COIN_CMD; PuLP 4 installs it with pulp[cbc]) or
+    the binary bundled with PuLP 3 (PULP_CBC_CMD, deprecated there)."""
+    import warnings
+
+    import pulp
+
+    from epplan.errors import PlacementError
+
+    coin = getattr(pulp, "COIN_CMD", None)
+    if coin is not None and coin(msg=False).available():
+        return coin(**options)
+    bundled = getattr(pulp, "PULP_CBC_CMD", None)
+    if bundled is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cmd = bundled(**options)
+        if cmd.available():
+            return cmd
+    raise PlacementError("--solver cbc: no CBC found through PuLP; install it (pip install 'pulp[cbc]') "
+                         "or use --solver highs")
+
+
+def _cbc_bound(text: str, *, optimal: bool) -> float | None:
+    """CBC's best possible objective from its log: the objective itself when it proved
+    optimality, else the final summary's "Lower bound" (or the last progress line's)."""
+    if optimal:
+        found = re.findall(r"Objective value:\s*([-+0-9.eE]+)", text)
+        if found:
+            return float(found[-1])
     found = re.findall(r"Lower bound:\s*([-+0-9.eE]+)", text)
     if found:
         return float(found[-1])

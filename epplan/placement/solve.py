@@ -4,19 +4,21 @@ Per MoE layer (layers are independent; a layer whose traffic equals an earlier o
 relabelling of the experts is solved once and relabelled):
 
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, node/GPU cuts);
-2. incumbents: the ``local_first`` construction and every baseline's placement (contiguous,
-   EPLB, random), each with its splits re-optimised by the split LP (``splits.py``), so the
-   plan is never worse than a baseline: the best is kept;
-3. if the gap to the bound is above ``gap``: the MILP of ``ilp.py``, warm-started from the best
-   incumbent, raises the bound and may find a better placement (whose splits the LP then
-   re-optimises), within the time left.
+2. incumbent: the ``local_first`` construction (``heuristic.py``) with its splits from the split
+   LP (``splits.py``); then every baseline (contiguous, EPLB, random), scored with its own even
+   split exactly as ``evaluate`` scores it, and re-split by the LP when that could win or while
+   the gap is open: the plan is never worse than a baseline;
+3. if the gap to the bound is still above ``gap``: the MILP of ``ilp.py``, warm-started from the
+   incumbent, raises the bound and may find a better placement (re-split by the LP), within the
+   time left.
 
-``time_limit`` (seconds, the whole solve) always ends with the best plan found and its bound;
-``placement.info`` records, per layer, status, objective, bound (and which bound), gap,
-seconds and the incumbent that started it.
+``time_limit`` (seconds, the whole solve) always ends with the best plan found and its bound:
+every LP and the MILP run under the time left, and an LP cut short falls back to a feasible
+split that needs no LP. ``placement.info`` records, per layer, status, objective, bound (and
+which bound), gap, seconds and the incumbent that the layer's plan came from.
 
-Layers run in parallel processes (fork) when there are several distinct ones and ``workers``
-allows; each solver runs single-threaded.
+Distinct layers run in parallel processes (fork) when ``workers`` allows; each solver runs
+single-threaded.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from epplan.placement.bounds import lower_bound
 from epplan.placement.heuristic import local_first
 from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
-from epplan.placement.splits import optimal_splits
+from epplan.placement.splits import optimal_splits, split_result
 from epplan.placement.types import LayerPlacement, Placement
 
 SOLVERS = ("highs", "cbc")
@@ -120,7 +122,7 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
                 if progress is not None:
                     progress(info_j, done, total)
 
-    tasks = [(li, {name: pl.layers[li].replicas for name, pl in baselines.items()}) for li in todo]
+    tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
     num_workers = _workers(workers, len(todo))
     if num_workers <= 1:
         for i, (li, base) in enumerate(tasks):
@@ -146,7 +148,7 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
         data = layer_data(problem, counts[lj], max_groups=_max_groups(problem))
         own = min(data.time_of(pl.layers[lj].flows(counts[lj]))[0] for pl in baselines.values())
         if own < info.objective_s * (1 - 1e-9):
-            base = {name: pl.layers[lj].replicas for name, pl in baselines.items()}
+            base = {name: pl.layers[lj] for name, pl in baselines.items()}
             layer, info = _solve_layer(problem, lj, base, solver, _budget(deadline, 1, 1), gap)
             results[lj] = (layer, info)
 
@@ -181,28 +183,42 @@ def _budget(deadline: float | None, tasks_left: int, per: int) -> float | None:
     return max(0.5, (deadline - time.monotonic()) / max(1, tasks_left) * per)
 
 
-def _solve_layer(problem, li: int, baseline_replicas: dict[str, list[np.ndarray]], solver: str,
+def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
                  budget: float | None, gap: float) -> tuple[LayerPlacement, LayerInfo]:
     t0 = time.monotonic()
+
+    def left() -> float | None:
+        return None if budget is None else max(0.05, budget - (time.monotonic() - t0))
+
     data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
     bound, source = lower_bound(data)
-    best = None
-    for name, replicas in [("local", local_first(data))] + list(baseline_replicas.items()):
+    # The construction, split by the LP.
+    res = optimal_splits(data, local_first(data), time_limit=left())
+    best = (res.bottleneck, res.link_time, res.layer, "local")
+    # Baselines: scored with their own (even) splits, as evaluate scores them; re-split by the
+    # LP when that could beat the incumbent, or to find a better start while the gap is open.
+    for name, base in baseline_layers.items():
+        replicas = base.replicas
         if not _fits(replicas, data):
             continue
-        res = optimal_splits(data, replicas)
-        cost, link = res.bottleneck, res.link_time
-        if _better(cost, link, best):
-            best = (cost, link, res.layer, name)
+        own = split_result(data, base)
+        if _better(own.bottleneck, own.link_time, best):
+            best = (own.bottleneck, own.link_time, own.layer, name)
+        open_gap = _gap(best[0], bound) > gap
+        out_of_time = budget is not None and time.monotonic() - t0 > budget
+        if (open_gap or own.bottleneck < best[0] * (1 + _TIE)) and not out_of_time:
+            res = optimal_splits(data, replicas, time_limit=left())
+            if _better(res.bottleneck, res.link_time, best):
+                best = (res.bottleneck, res.link_time, res.layer, name)
     cost, link_s, layer, start_name = best
     g = _gap(cost, bound)
     status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else "time_limit")
     if g > gap:
         from epplan.placement.ilp import improve
 
-        left = None if budget is None else budget - (time.monotonic() - t0)
-        if left is None or left > 0.5:
-            out = improve(data, layer, cost, bound, solver=solver, time_limit=left, gap=gap)
+        remaining = left()
+        if remaining is None or remaining > 0.5:
+            out = improve(data, layer, cost, bound, solver=solver, time_limit=remaining, gap=gap)
             if out.bound > bound:
                 bound, source = out.bound, "milp"
             if out.layer is not None and out.cost < cost * (1 - 1e-12):

@@ -21,6 +21,7 @@ Shape legend: G = GPUs, E = experts, A = source groups, R_e = replicas of expert
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,9 @@ from epplan.placement.types import LayerPlacement
 
 _STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
 _IPM_ABOVE = 20_000    # columns: interior point (with crossover) above, dual simplex below
+MAX_COLUMNS = 30_000   # flow columns above which groups use a subset of remote replicas
+_REMOTE_PRESENT = 4    # remote replicas a group may use for an expert its node holds
+_REMOTE_ABSENT = 16    # ... for an expert its node does not hold
 
 
 @dataclass
@@ -44,22 +48,20 @@ class SplitResult:
 
 
 def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bool = True,
-                   time_limit: float | None = None) -> SplitResult:
-    """Best splits for ``replicas`` (replicas[e]: sorted ranks holding expert e)."""
+                   time_limit: float | None = None, max_columns: int = MAX_COLUMNS) -> SplitResult:
+    """Best splits for ``replicas`` (replicas[e]: sorted ranks holding expert e).
+
+    Exact over all splits while groups x replicas <= ``max_columns``; above, each group may use
+    every replica on its own node and a few others (``_columns``), and the result is the best
+    split of that kind (its cost is still exact).
+    """
     num_gpus, num_experts = data.num_gpus, data.num_experts
     gc = data.group_counts                                    # [A, E]
     num_groups = gc.shape[0]
     replicas = [np.asarray(r, dtype=np.int64) for r in replicas]
     unit = max(gc.sum() / num_gpus, 1e-30)                    # flow unit: one source's demand
     tau = unit * float(np.mean(data.gpu_unit))                # time unit: serving it
-    # y columns: every (a, e, replica) with demand.
-    ya, ye, yt = [], [], []
-    for e, ranks in enumerate(replicas):
-        groups = np.flatnonzero(gc[:, e] > 0)
-        ya.append(np.repeat(groups, ranks.size))
-        ye.append(np.full(groups.size * ranks.size, e))
-        yt.append(np.tile(ranks, groups.size))
-    ya, ye, yt = np.concatenate(ya), np.concatenate(ye), np.concatenate(yt)
+    ya, ye, yt = _columns(data, gc, replicas, max_columns)
     ny = ya.size
     pair = ya * num_gpus + yt                                 # (a, t) of each y
     pairs, y2p = np.unique(pair, return_inverse=True)
@@ -105,27 +107,118 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     lp = LP(cost, a, row_lo, row_hi, np.zeros(ncol), np.full(ncol, inf))
     if ncol > _IPM_ABOVE:
         lp.h.setOptionValue("solver", "ipm")   # several times faster than simplex at this size
+    t0 = time.monotonic()
     res = lp.solve(time_limit)
     seconds = res.seconds
     if res.status != "optimal":
-        raise RuntimeError(f"split LP ended {res.status}")   # feasible by construction
+        # Out of time (or numerical trouble): a feasible split that uses no LP.
+        return split_result(data, nearest_split(data, replicas), status=res.status, seconds=seconds)
     x, z = res.x, res.x[col_z]
-    if tie_break and nlink:
+    left = None if time_limit is None else time_limit - (time.monotonic() - t0)
+    if tie_break and nlink and (left is None or left > 0.1):
         lp.set_col_bounds([col_z], [0.0], [z * (1 + _STAGE2_SLACK) + 1e-12])
         c2 = np.zeros(ncol)
         c2[col_mu] = 1.0
         lp.set_cost(c2)
-        res2 = lp.solve(time_limit)
+        res2 = lp.solve(left)
         seconds += res2.seconds
         if res2.status == "optimal":
             x = res2.x
     y = np.maximum(x[:ny], 0.0) * unit
-    layer = _to_layer(data, replicas, ya, ye, yt, y)
-    # Report what the final splits cost (every link, as evaluate scores them), not the LP's Z:
-    # the tie-break may leave Z up to _STAGE2_SLACK above the realised maximum.
+    layer = _prune(data, _to_layer(data, replicas, ya, ye, yt, y))
+    return split_result(data, layer, status="optimal", seconds=seconds)
+
+
+def split_result(data: LayerData, layer: LayerPlacement, *, status: str = "given",
+                 seconds: float = 0.0) -> SplitResult:
+    """Score ``layer`` as it is (every link, as ``evaluate`` does): the reported numbers are
+    what the final splits cost, not the LP's Z (the tie-break may leave Z up to
+    _STAGE2_SLACK above the realised maximum)."""
     bottleneck, link_time, _ = data.time_of(layer.flows(data.counts))
-    return SplitResult(layer=layer, bottleneck=bottleneck, link_time=link_time, status="optimal",
+    return SplitResult(layer=layer, bottleneck=bottleneck, link_time=link_time, status=status,
                        seconds=seconds)
+
+
+def nearest_split(data: LayerData, replicas: list[np.ndarray]) -> LayerPlacement:
+    """A split without an LP: each source sends to its own GPU if it holds the expert, else
+    evenly to the replicas on its node, else evenly to all replicas."""
+    node = data.lm.gpu_node
+    gpus = np.arange(data.num_gpus)
+    split = []
+    for ranks in replicas:
+        ranks = np.asarray(ranks, dtype=np.int64)
+        own = ranks[None, :] == gpus[:, None]                               # [G, R_e]
+        local = node[ranks][None, :] == node[:, None]
+        pick = np.where(own.any(axis=1, keepdims=True), own,
+                        np.where(local.any(axis=1, keepdims=True), local, True)).astype(np.float64)
+        split.append(pick / pick.sum(axis=1, keepdims=True))
+    return LayerPlacement([np.asarray(r, dtype=np.int64) for r in replicas], split)
+
+
+def _prune(data: LayerData, layer: LayerPlacement) -> LayerPlacement:
+    """Drop replicas that serve nothing (they would only cost memory and gradient sync), as long
+    as every GPU keeps one expert and every expert one replica. Costs are unchanged."""
+    served = [data.counts[:, e] @ split for e, split in enumerate(layer.split)]      # [R_e] each
+    total = max(float(data.counts.sum()), 1e-30)
+    held = np.bincount(np.concatenate(layer.replicas), minlength=data.num_gpus)
+    replicas, splits = [], []
+    for e, (ranks, split) in enumerate(zip(layer.replicas, layer.split)):
+        keep = np.ones(ranks.size, dtype=bool)
+        for j in np.argsort(served[e]):
+            if served[e][j] > 1e-12 * total or keep.sum() == 1:
+                break
+            if held[ranks[j]] > 1:
+                keep[j] = False
+                held[ranks[j]] -= 1
+        if keep.all():
+            replicas.append(ranks)
+            splits.append(split)
+            continue
+        sub = split[:, keep]
+        rows = sub.sum(axis=1, keepdims=True)
+        # A source that only sent (nothing) to dropped replicas: spread evenly over the rest.
+        sub = np.where(rows > 0, sub / np.where(rows > 0, rows, 1.0), 1.0 / keep.sum())
+        replicas.append(ranks[keep])
+        splits.append(sub)
+    return LayerPlacement(replicas, splits)
+
+
+def _columns(data: LayerData, gc: np.ndarray, replicas: list[np.ndarray], max_columns: int):
+    """(ya, ye, yt): the split LP's flow columns, group a -> replica on yt of expert ye.
+
+    All (group, replica) pairs with demand when that is at most ``max_columns``. Otherwise a
+    group keeps every replica on its own node, plus ``_REMOTE_PRESENT`` remote replicas of an
+    expert its node holds (for balancing across nodes) or ``_REMOTE_ABSENT`` of one it does not,
+    spaced evenly over the replica list from an offset that differs per group, so that the
+    groups' remote traffic spreads over all replicas.
+    """
+    num_groups = gc.shape[0]
+    full = sum(int(np.count_nonzero(gc[:, e])) * r.size for e, r in enumerate(replicas))
+    ya, ye, yt = [], [], []
+    if full <= max_columns:
+        for e, ranks in enumerate(replicas):
+            groups = np.flatnonzero(gc[:, e] > 0)
+            ya.append(np.repeat(groups, ranks.size))
+            ye.append(np.full(groups.size * ranks.size, e))
+            yt.append(np.tile(ranks, groups.size))
+        return np.concatenate(ya), np.concatenate(ye), np.concatenate(yt)
+    node = data.lm.gpu_node
+    group_node = np.zeros(num_groups, dtype=np.int64)
+    group_node[data.group_of] = node
+    for e, ranks in enumerate(replicas):
+        rank_node = node[ranks]
+        for a in np.flatnonzero(gc[:, e] > 0):
+            local = ranks[rank_node == group_node[a]]
+            remote = ranks[rank_node != group_node[a]]
+            q = _REMOTE_PRESENT if local.size else _REMOTE_ABSENT
+            if remote.size > q:
+                pick = (a * 7919 + np.arange(q) * remote.size // q) % remote.size
+                remote = remote[np.unique(pick)]
+            chosen = np.concatenate([local, remote])
+            ya.append(np.full(chosen.size, a))
+            ye.append(np.full(chosen.size, e))
+            yt.append(chosen)
+    return np.concatenate(ya), np.concatenate(ye), np.concatenate(yt)
 
 
 def _to_layer(data: LayerData, replicas: list[np.ndarray], ya, ye, yt, y) -> LayerPlacement:

@@ -1,0 +1,156 @@
+"""Benchmark the placement planner on the five instances of issue 4.
+
+Each instance is solved for all its MoE layers; the plan and the baselines are scored by
+``epplan.cost.evaluate``. Printed per instance: the solve's wall time (everything ``solve`` does:
+link model, bounds, construction, split LPs, MILP if needed, in parallel processes), the worst
+layer's proven gap, the total bottleneck (sum over layers) of the ILP, EPLB, contiguous and
+random, and the ILP's saving over EPLB and contiguous. The bar: every layer within a 1 % gap,
+in 60 s (instance 5: 120 s), and the ILP no worse than any baseline.
+
+    python scripts/bench_planner.py                 # all five
+    python scripts/bench_planner.py 2 5 --solver cbc --json bench.json
+
+Instances:
+  1. seed model, 2 x DGX H100 on one switch (topologies/dgx-h100-2node.yaml), uniform routing.
+  2. seed model, 16 x DGX H100 rail-optimised (topologies/h100-16node-rail.yaml), zipf:1.2.
+  3. the SmartMoE trace (../shared/data/smartmoe-trace/counts.npz, iterations 991-1001: 24 MoE
+     layers x 32 experts) with the seed model set to num_experts=32, num_layers=24, on 8 x DGX
+     H100 rail-optimised non-blocking (RAIL8 below: one scalable unit, 8 spines, ECMP).
+  4. seed model, 8 x DGX H100 with a 2:1 oversubscribed leaf/spine
+     (topologies/h100-8node-oversub.yaml), zipf:1.2.
+  5. DeepSeek-V3 (preset: 58 MoE layers x 256 experts, top-8) on 32 x DGX H100 rail-optimised
+     non-blocking (RAIL32 below: 2 scalable units of 16, 16 spines, ECMP), --experts-per-gpu 9,
+     zipf:1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from epplan.cost import evaluate  # noqa: E402
+from epplan.placement.baselines import BASELINES  # noqa: E402
+from epplan.placement.problem import PlacementProblem  # noqa: E402
+from epplan.placement.solve import solve  # noqa: E402
+from epplan.topology import build_topology, load_topology, parse_spec  # noqa: E402
+from epplan.workload import load_model_config, make_traffic  # noqa: E402
+
+TRACE = ROOT.parent / "shared" / "data" / "smartmoe-trace" / "counts.npz"
+
+# 8 DGX H100, one scalable unit: a leaf per rail, every leaf on 8 spines, non-blocking.
+RAIL8 = """name: h100-8node-rail
+description: 8 x DGX H100, rail-optimised leaf/spine, one SU of 8 servers, non-blocking
+nodes: [{prefix: dgx, count: 8, type: dgx-h100}]
+fabric: {kind: rail_optimized, nodes_per_su: 8, spines: 8, oversubscription: 1.0}
+routing: ecmp
+"""
+# 32 DGX H100 (256 GPUs), two scalable units of 16, a leaf per rail per SU, 16 spines, non-blocking.
+RAIL32 = """name: h100-32node-rail
+description: 32 x DGX H100, rail-optimised leaf/spine, 2 SUs of 16 servers, non-blocking
+nodes: [{prefix: dgx, count: 32, type: dgx-h100}]
+fabric: {kind: rail_optimized, nodes_per_su: 16, spines: 16, oversubscription: 1.0}
+routing: ecmp
+"""
+
+INSTANCES = {
+    1: dict(topology="topologies/dgx-h100-2node.yaml", model="seed", overrides={}, routing="uniform",
+            experts_per_gpu=1, limit=60),
+    2: dict(topology="topologies/h100-16node-rail.yaml", model="seed", overrides={}, routing="zipf:1.2",
+            experts_per_gpu=1, limit=60),
+    3: dict(topology=RAIL8, model="seed", overrides={"num_experts": 32, "num_layers": 24},
+            routing=f"{TRACE}@991:1001", experts_per_gpu=1, limit=60),
+    4: dict(topology="topologies/h100-8node-oversub.yaml", model="seed", overrides={}, routing="zipf:1.2",
+            experts_per_gpu=1, limit=60),
+    5: dict(topology=RAIL32, model="deepseek-v3", overrides={}, routing="zipf:1.0", experts_per_gpu=9, limit=120),
+}
+
+
+def build(spec: dict) -> PlacementProblem:
+    topo_spec = spec["topology"]
+    if topo_spec.endswith(".yaml"):
+        topo = load_topology(ROOT / topo_spec)
+    else:
+        topo = build_topology(parse_spec(topo_spec, source="bench_planner.py"))
+    config = load_model_config(spec["model"], spec["overrides"])
+    traffic = make_traffic(spec["routing"], config, topo.num_gpus)
+    return PlacementProblem(topo, config, traffic, experts_per_gpu=spec["experts_per_gpu"])
+
+
+def run(number: int, solver: str, workers: int | None) -> dict:
+    spec = INSTANCES[number]
+    t0 = time.perf_counter()
+    problem = build(spec)
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = solve(problem, solver=solver, time_limit=spec["limit"], workers=workers)
+    wall = time.perf_counter() - t0
+    cost = evaluate(plan, problem)
+    totals = {"ilp": cost.bottleneck_total_s}
+    worse_layers = {}
+    for name, fn in BASELINES.items():
+        base = evaluate(fn(problem), problem)
+        totals[name] = base.bottleneck_total_s
+        worse_layers[name] = int(np.sum(cost.bottleneck_s > base.bottleneck_s * (1 + 1e-6)))
+    info = plan.info
+    layers = info["layers"]
+    return {
+        "instance": number,
+        "topology": problem.topology.name, "gpus": problem.num_gpus, "model": problem.config.name,
+        "experts": problem.num_experts, "moe_layers": problem.num_layers, "routing": problem.traffic.source,
+        "experts_per_gpu": problem.experts_per_gpu,
+        "setup_s": setup, "wall_s": wall, "limit_s": spec["limit"],
+        "distinct_layers": sum(layer["same_as"] is None for layer in layers),
+        "max_gap": info["gap"], "status": info["status"],
+        "bound_sources": sorted({layer["bound_source"] for layer in layers}),
+        "binds": {"link": int(sum(b == "link" for b in cost.binds)), "gpu": int(sum(b == "gpu" for b in cost.binds))},
+        "total_s": totals,
+        "ilp_link_total_s": float(cost.a2a_link_s.sum()),
+        "bound_total_s": info["bound_s"],
+        "saving_vs_eplb": 1 - totals["ilp"] / totals["eplb"],
+        "saving_vs_contiguous": 1 - totals["ilp"] / totals["contiguous"],
+        "layers_worse_than_a_baseline": worse_layers,
+        "meets_bar": bool(info["gap"] <= 0.01 and wall <= spec["limit"] and not any(worse_layers.values())),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("instances", nargs="*", type=int, default=sorted(INSTANCES))
+    ap.add_argument("--solver", default="highs", choices=("highs", "cbc"))
+    ap.add_argument("--workers", type=int, default=None, help="processes for distinct layers")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+          f"solver {args.solver}")
+    header = (f"{'#':>2} {'GPUs':>5} {'model':>12} {'L':>3}x{'E':<3} {'wall s':>7} {'limit':>5} {'max gap':>8} "
+              f"{'ILP s':>9} {'EPLB s':>9} {'contig s':>9} {'random s':>9} {'vs EPLB':>8} {'vs contig':>9} "
+              f"{'binds':>9} {'bar':>4}")
+    print(header)
+    results = []
+    for number in args.instances:
+        r = run(number, args.solver, args.workers)
+        results.append(r)
+        t = r["total_s"]
+        print(f"{number:>2} {r['gpus']:>5} {r['model']:>12} {r['moe_layers']:>3}x{r['experts']:<3} "
+              f"{r['wall_s']:>7.1f} {r['limit_s']:>5} {r['max_gap']:>8.4%} {t['ilp']:>9.4f} {t['eplb']:>9.4f} "
+              f"{t['contiguous']:>9.4f} {t['random']:>9.4f} {r['saving_vs_eplb']:>8.1%} "
+              f"{r['saving_vs_contiguous']:>9.1%} {r['binds']['gpu']:>4}g/{r['binds']['link']:<3}l "
+              f"{'ok' if r['meets_bar'] else 'MISS':>4}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if not all(r["meets_bar"] for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
