@@ -3,17 +3,19 @@
 ``local_first`` builds a placement in three steps, then the split LP (``splits.py``) finds its
 best splits:
 
-1. how many replicas each expert gets, per node. With one slot per GPU the counts are the
-   compute-optimal apportionment (``bounds.apportion``: the busiest replica is as light as
-   possible), spread over nodes in proportion to each node's own demand for the expert (largest
-   remainder), so most tokens find a replica on their own node. With several slots per GPU
-   every expert first gets one "home" (balanced over nodes), then each node fills its free slots
-   with the experts its own sources use most, as many replicas of each as its demand needs at
-   the fluid compute rate: a node then serves its own tokens for the experts it holds, and only
-   the tail of cold experts crosses the network.
-2. which GPU of the node holds each replica: heaviest replica first to the least-loaded GPU with
-   a free slot that lacks the expert; nodes start at different GPUs (rails) so that the heavy
-   experts of different nodes sit on different rails (each GPU's NIC is its rail's leaf).
+1. how many replicas each expert gets, per node.
+   - One slot per GPU: the counts are the compute-optimal apportionment (``bounds.apportion``:
+     the busiest replica is as light as possible), spread over nodes in proportion to each
+     node's own demand for the expert (largest remainder), so most tokens find a replica on
+     their own node.
+   - Several slots per GPU: the h heaviest experts go on every node, with enough replicas there
+     that each serves at most half a GPU's fluid share of the node's demand; the other ("cold")
+     experts share the remaining slots, apportioned so that each cold replica carries a similar
+     remote load, and are spread over nodes heaviest first onto the least-loaded node. h is
+     chosen by scanning an estimate of the layer's time (fluid compute vs. the busiest NIC).
+2. which GPU of a node holds each replica: a greedy two-dimensional makespan over estimated
+   compute and NIC time, nodes starting at different GPUs (rails), then pairwise swaps while
+   they lower the busier GPU (a Gale-Ryser placement first if the greedy corners itself).
 3. the split LP.
 
 Shape legend: G = GPUs, E = experts, N = nodes.
@@ -27,6 +29,8 @@ import numpy as np
 
 from epplan.placement.bounds import apportion
 from epplan.placement.layer import LayerData
+
+_HOT_SHARE = 0.5   # most of a GPU's fluid share one replica of a hot expert is sized to serve
 
 
 def local_first(data: LayerData) -> list[np.ndarray]:
@@ -70,8 +74,11 @@ def _counts_multi_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndar
     order = np.argsort(-load, kind="stable")
     num_gpus = data.num_gpus
     per_gpu = max(load.sum() / num_gpus, 1e-30)
-    # Replicas node n needs to serve its own demand for e at the fluid rate.
-    need = np.minimum(size[:, None], np.maximum(1, np.ceil(demand / per_gpu - 1e-9))).astype(np.int64)
+    # Replicas node n gives its hot expert e: enough that each serves at most half a GPU's
+    # fluid share of the node's demand for e, since every slot is filled and the GPU holding
+    # a replica also serves its other experts (at a full share the LP could not balance them).
+    need = np.minimum(size[:, None], np.maximum(1, np.ceil(demand / (_HOT_SHARE * per_gpu) - 1e-9))
+                      ).astype(np.int64)
     nic = float(np.median(_nic_unit(data))) or 0.0
     comp = float(np.mean(data.gpu_unit))
     best = None
