@@ -184,6 +184,8 @@ def test_resume_under_another_placement_continues_the_loss(reference, manifests,
     np.testing.assert_allclose([r["loss"] for r in mine[8:]], [r["loss"] for r in ref[8:]], rtol=1e-5)
     # Same math, other ranks: the expert rows now travel elsewhere.
     assert mine[-1]["dispatch_bytes"] != ref[-1]["dispatch_bytes"]
+    stats = read_routing_stats(out / "routing_stats.json")  # the steps run under b only
+    assert stats.steps == 4 and stats.manifest_hash == load_manifest(manifests["b"]).hash
     owners = json.loads((latest(out / "checkpoints").path / "meta.json").read_text())["expert_owners"]
     assert owners == {"layers.0.ffn.experts": [1, 0, 1, 0], "layers.1.ffn.experts": [1, 1, 1, 1]}
 

@@ -62,7 +62,7 @@ def _replace_and_step(rank: int, world_size: int, out: str) -> None:
     assert saved.keys() == loaded.keys()
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), key
-    np.testing.assert_array_equal(a.routing_counts, b.routing_counts)
+    assert b.routing_steps == 0  # a new manifest starts new routing statistics
     a.opts = b.opts  # the same schedule for step 5
     a.train_step()
     b.train_step()

@@ -11,7 +11,7 @@ from rich.markup import escape
 from epplan.cli import app
 from epplan.cli.common import console, err_console, user_errors
 from epplan.errors import RuntimeSetupError
-from epplan.train.options import DEVICES, TrainOptions
+from epplan.train.options import DEVICES, OVERLAP, TrainOptions
 
 TRAINING = "Training"
 CHECKPOINTS = "Checkpoints and restarts"
@@ -60,6 +60,13 @@ def run(
     activation_checkpointing: Annotated[bool, typer.Option(
         "--activation-checkpointing", help="Recompute attention in backward to save memory.",
         rich_help_panel=TRAINING)] = False,
+    overlap: Annotated[str, typer.Option(
+        help="on: exchange each MoE layer's tokens in chunks overlapped with the expert GEMMs; off: in one "
+             "piece; auto: on for cpu, off for cuda (the overlapped path does not support bf16 autocast yet).",
+        rich_help_panel=TRAINING)] = "auto",
+    num_chunks: Annotated[Optional[int], typer.Option(
+        help="Chunks per MoE layer when overlapping. Default: chosen by the runtime.", show_default=False,
+        rich_help_panel=TRAINING)] = None,
     peak_tflops: Annotated[Optional[float], typer.Option(
         help="Peak TFLOP/s per GPU for MFU. Default: the GPU's dense bf16 datasheet figure "
              "(H100/H200 989, A100 312); none on CPU.", show_default=False, rich_help_panel=TRAINING)] = None,
@@ -110,13 +117,16 @@ def run(
         device = "cuda" if print_launch or torch.cuda.is_available() else "cpu"
     if device not in DEVICES:
         raise RuntimeSetupError(f"--device {device!r}: use {' or '.join(DEVICES)}")
+    if overlap not in OVERLAP:
+        raise RuntimeSetupError(f"--overlap {overlap!r}: use {', '.join(OVERLAP)}")
     job = load_job(manifest)
     opts = TrainOptions(
         manifest=str(manifest), out=str(out), steps=steps, device=device,
         data=None if data is None else str(data), seed=seed, global_batch=global_batch,
         micro_batches=micro_batches, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
-        activation_checkpointing=activation_checkpointing, ckpt_every=ckpt_every,
+        activation_checkpointing=activation_checkpointing, overlap=overlap, num_chunks=num_chunks,
+        ckpt_every=ckpt_every,
         keep_checkpoints=keep_checkpoints, resume=resume, peak_tflops=peak_tflops, node_rank=node_rank or 0)
     launch_opts = launch.LaunchOptions(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                                        rdzv_id=rdzv_id, rdzv_backend=rdzv_backend, rdzv_conf=rdzv_conf,
@@ -155,4 +165,4 @@ def _summary(out: Path) -> None:
         return
     console.print(f"done: step {end['step']}, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}; "
                   f"checkpoint {end['checkpoint']}; metrics {out / METRICS}; "
-                  f"routing statistics {end['routing_stats']}", highlight=False)
+                  f"routing statistics {end['routing_stats']}", highlight=False, soft_wrap=True)

@@ -203,6 +203,14 @@ def latest(root: Path) -> CheckpointInfo | None:
     return found[-1] if found else None
 
 
+def refuse_fresh_start(root: Path, out: str | Path) -> None:
+    """A run from step 0 must not mix with an earlier run's checkpoints under ``root``."""
+    found = latest(root)
+    if found is not None:
+        raise CheckpointError(f"{out} already holds checkpoints (newest: step {found.step}); pass --resume "
+                              "to continue from it, or choose another --out")
+
+
 @torch.no_grad()
 def load(info: CheckpointInfo, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int,
          device: torch.device) -> dict:

@@ -53,13 +53,15 @@ class SyntheticData:
         seqs = torch.from_numpy(np.stack(rows))  # (B, T + 1)
         return seqs[:, :-1], seqs[:, 1:]
 
-    def describe(self) -> dict:
-        return {"kind": "synthetic", "seed": self.seed, "vocab_size": self.vocab_size}
+    def describe(self, step: int = 0) -> dict:
+        """What the source is and, for a checkpoint, where it stands before ``step``."""
+        return {"kind": "synthetic", "seed": self.seed, "vocab_size": self.vocab_size, "next_step": step}
 
 
 class ByteData:
     def __init__(self, path: str | Path, vocab_size: int, seq_len: int, rank: int, num_ranks: int,
                  batch_per_rank: int, micro_batches: int) -> None:
+        self.path = str(path)
         self.files = check_data_path(path, vocab_size)
         self.maps = [np.memmap(f, dtype=np.uint8, mode="r") for f in self.files]
         self.offsets = np.cumsum([0] + [m.size for m in self.maps])  # start of each file in the stream
@@ -97,9 +99,10 @@ class ByteData:
             f += 1
         return out
 
-    def describe(self) -> dict:
-        return {"kind": "bytes", "files": [str(f) for f in self.files], "bytes": int(self.offsets[-1]),
-                "shard": list(self.shard), "windows_per_shard": self.num_windows}
+    def describe(self, step: int = 0) -> dict:
+        return {"kind": "bytes", "path": self.path, "files": len(self.files), "bytes": int(self.offsets[-1]),
+                "shard": list(self.shard), "windows_per_shard": self.num_windows, "next_step": step,
+                "windows_read": self.window_index(step, 0)}
 
 
 def check_data_path(data: str | Path, vocab_size: int) -> list[Path]:

@@ -76,10 +76,8 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
             raise RuntimeSetupError(f"the manifest puts {gpus} ranks on this node but "
                                     f"{torch.cuda.device_count()} CUDA GPUs are visible; use --device cpu "
                                     "to run on the CPU, or a manifest for this machine")
-    found = checkpoint.latest(Path(opts.out) / "checkpoints")
-    if found is not None and not opts.resume:
-        raise RuntimeSetupError(f"{opts.out} already holds checkpoints (newest: step {found.step}); "
-                                "pass --resume to continue from it, or choose another --out")
+    if not opts.resume:
+        checkpoint.refuse_fresh_start(Path(opts.out) / "checkpoints", opts.out)
 
 
 def torchrun_argv(job: Job, opts: TrainOptions, launch: LaunchOptions, node_rank: int,

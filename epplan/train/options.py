@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 DEVICES = ("cpu", "cuda")
+OVERLAP = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class TrainOptions:
     grad_clip: float = 1.0  # global gradient-norm limit; 0 disables clipping
     capacity_factor: Optional[float] = None  # None: dropless routing
     activation_checkpointing: bool = False
+    overlap: str = "auto"  # on|off: the runtime's chunked exchange overlapped with the expert GEMMs
+    num_chunks: Optional[int] = None  # chunks per MoE layer when overlapping; None: the runtime's choice
     ckpt_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
@@ -50,6 +53,11 @@ class TrainOptions:
     def peak_lr(self, d_model: int) -> float:
         # Small models take large steps; 1 / d_model gives 2.4e-4 at d_model 4096.
         return self.lr if self.lr is not None else min(0.01, 1.0 / d_model)
+
+    def use_overlap(self) -> bool:
+        # auto: off on CUDA, where the overlapped path's hand-written backward fails under bf16
+        # autocast (fp32 weights, bf16 activations); on where it works (CPU, fp32).
+        return self.overlap == "on" or (self.overlap == "auto" and self.device != "cuda")
 
     def to_argv(self) -> list[str]:
         """The worker's arguments: the manifest, then ``--flag value`` for non-default fields."""

@@ -82,6 +82,23 @@ def checkpoint_attention(model: Transformer) -> None:
         block.attn.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
 
 
+def exchange_in(model: Transformer, dtype: torch.dtype) -> None:
+    """Run every MoE layer's token exchange and experts in ``dtype`` (bf16 under autocast).
+
+    Under autocast the residual stream stays fp32 while the expert GEMMs return bf16; the
+    runtime wants one dtype through dispatch, experts and combine. Casting the layer's input
+    also halves the bytes on the wire, to the bf16 rows the planner counts.
+    """
+    for moe in model.moe_layers():
+        forward = moe.experts.forward
+
+        def cast(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                 forward=forward) -> torch.Tensor:
+            return forward(x.to(dtype), topk_idx, topk_weight).to(x.dtype)  # (N, D)
+
+        moe.experts.forward = cast
+
+
 def global_grad_norm(model: Transformer) -> torch.Tensor:
     """Collective: the L2 norm of the whole (single-device) model's gradient, on every rank.
 
@@ -137,10 +154,12 @@ class Trainer:
 
         torch.manual_seed(opts.seed)  # every rank builds the same full model
         model = Transformer(config, capacity_factor=opts.capacity_factor)
-        parallelize_experts(model, job.placement)
+        parallelize_experts(model, job.placement, overlap=opts.use_overlap(), num_chunks=opts.num_chunks)
         self.model = model.to(device)
         if opts.activation_checkpointing:
             checkpoint_attention(self.model)
+        if device.type == "cuda":
+            exchange_in(self.model, torch.bfloat16)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices, experts
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm weights
         self.optimizer = torch.optim.AdamW(
@@ -176,22 +195,20 @@ class Trainer:
                     f"{getattr(self.config, name)!r}; resume with a manifest of the same model")
         extra = checkpoint.load(info, self.model, self.optimizer, rank=self.rank, device=self.device)
         self.step = self.last_step = info.step
-        if tuple(extra["routing_counts"].shape) == self.routing_counts.shape:
+        moved = info.meta["manifest_hash"] != self.job.manifest_hash
+        if not moved:  # routing_stats.json counts the steps run under its manifest only
             self.routing_counts = extra["routing_counts"].numpy().astype(np.int64)
             self.routing_steps = int(extra["routing_steps"])
         if info.meta["num_ranks"] == self.job.num_ranks and "rng" in extra:
             checkpoint.set_rng_state(extra["rng"])
         self.last_checkpoint = info.path
-        return info, info.meta["manifest_hash"] != self.job.manifest_hash
+        return info, moved
 
     def save(self) -> float:
         """Checkpoint the current step (collective); returns seconds taken."""
         start = time.perf_counter()
-        data = {**self.data.describe(), "next_step": self.step}
-        if hasattr(self.data, "window_index"):
-            data["windows_read_per_rank"] = self.data.window_index(self.step, 0)
         meta = {"manifest_hash": self.job.manifest_hash, "manifest": self.opts.manifest,
-                "model": self.config.to_dict(), "data": data, "routing_steps": self.routing_steps}
+                "model": self.config.to_dict(), "data": self.data.describe(self.step)}  # rank 0's data position
         extra = {"routing_counts": torch.from_numpy(self.routing_counts), "routing_steps": self.routing_steps}
         self.last_checkpoint = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer,
                                                rank=self.rank, meta=meta, dense_extra=extra,
@@ -315,7 +332,7 @@ class Trainer:
             "device": self.device.type, "compute": "bf16 autocast" if self.device.type == "cuda" else "fp32",
             "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
-            "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(),
+            "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -103,21 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         local_rank = _env_int("LOCAL_RANK")
         rank = job.rank_of(opts.node_rank, local_rank, _env_int("LOCAL_WORLD_SIZE"), _env_int("WORLD_SIZE"))
         if attempt == 0 and not opts.resume:
-            found = checkpoint.latest(out / "checkpoints")
-            if found is not None:
-                raise checkpoint.CheckpointError(
-                    f"{out} already holds checkpoints (newest: step {found.step}); pass --resume to "
-                    "continue from it, or choose another --out")
+            checkpoint.refuse_fresh_start(out / "checkpoints", opts.out)
         device = _device(opts.device, local_rank)
         os.environ["RANK"] = str(rank)  # the manifest's rank, not torchrun's
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 store=_process_group_store(rank, attempt), rank=rank,
                                 world_size=job.num_ranks, device_id=device if device.type == "cuda" else None)
-        try:
-            trainer = Trainer(job, opts, rank, device)
-            trainer.run(resume=opts.resume or attempt > 0, attempt=attempt)
-        finally:
-            dist.destroy_process_group()
+        Trainer(job, opts, rank, device).run(resume=opts.resume or attempt > 0, attempt=attempt)
+        # Only after success: with a peer dead mid-collective, tearing NCCL down can block, and a
+        # process that never exits keeps torchrun from restarting the group.
+        dist.destroy_process_group()
     except EpplanError as exc:
         kind = "diverged" if isinstance(exc, TrainingDiverged) else "error"
         if kind == "error" or rank <= 0:  # a divergence is the same on every rank: say it once
@@ -128,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # NOTE: exit without interpreter finalization: unloading torch takes seconds per process and
-    # there is nothing left to do (files are closed and synced, the process group destroyed).
+    try:
+        code = main()  # @record has written torchrun's error file for an exception
+    except SystemExit as exc:  # argparse
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # NOTE: exit without interpreter finalization: unloading torch takes seconds per process,
+    # and after a failure NCCL's destructors can block on a dead peer. Files are closed and synced.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
