@@ -72,7 +72,7 @@ def test_time_limited_solve_reports_bound_and_gap(tmp_path):
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     solver = json.loads(result.stdout)["solver"]
-    assert solver["status"] in ("optimal", "time_limit", "gap_met")
+    assert solver["status"] in ("optimal", "time_limit", "gap_met", "gap_open")
     assert 0 <= solver["bound_s"] <= solver["objective_s"] and solver["seconds"] < 20
     assert load_manifest(out).solver["gap"] == solver["gap"]
 

@@ -205,6 +205,10 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
         if info["status"] == "time_limit":
             line += (f"; [yellow]time limit {info.get('time_limit_s')} s reached: this is the best plan found, "
                      f"its gap above the target {info.get('gap_target', 0):.0%}[/]")
+        elif info["status"] == "gap_open":
+            line += (f"; [yellow]the gap stays above the target {info.get('gap_target', 0):.0%}: the MILP "
+                     "ended or was too large for these layers; the bound is valid, the plan may be better "
+                     "than it shows[/]")
     console.print(line, highlight=False)
 
 

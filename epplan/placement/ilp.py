@@ -93,8 +93,8 @@ def improve(data: LayerData, layer: LayerPlacement, cost: float, bound: float, *
         return Improved(None, cost, 0.0, bound, "skipped", time.monotonic() - t0)
     model = _build(data, group_of, ub=cost, lb=bound)
     start = _warm_start(model, data, group_of, layer, cost)
-    left = None if time_limit is None else max(0.5, time_limit - (time.monotonic() - t0))
-    x, milp_bound, status = _run(model, solver, start, left, gap)
+    deadline = None if time_limit is None else t0 + time_limit
+    x, milp_bound, status = _run(model, solver, start, deadline, gap)
     bound_s = max(bound, milp_bound * model.tau) if milp_bound is not None else bound
     best_layer, best_cost, best_link = None, cost, 0.0
     if x is not None:
@@ -291,8 +291,9 @@ def _warm_start(model: _Model, data: LayerData, group_of: np.ndarray, layer: Lay
     return x0
 
 
-def _run(model: _Model, solver: str, start: np.ndarray, time_limit: float | None, gap: float):
-    """Solve through PuLP. Returns (x or None, dual bound in z units or None, status)."""
+def _run(model: _Model, solver: str, start: np.ndarray, deadline: float | None, gap: float):
+    """Solve through PuLP by ``deadline`` (time.monotonic()). Returns (x or None, dual bound in
+    z units or None, status)."""
     import pulp
 
     from epplan.placement.lp import new_highs
@@ -320,6 +321,8 @@ def _run(model: _Model, solver: str, start: np.ndarray, time_limit: float | None
                 prob += expr >= float(lo)
     for j in range(ncol):
         xs[j].setInitialValue(float(start[j]))
+    # What is left after building the model (PuLP's Python objects are not free at this size).
+    time_limit = None if deadline is None else max(0.5, deadline - time.monotonic())
     if solver == "cbc":
         return _run_cbc(prob, xs, model, time_limit, gap)
     new_highs()  # the licence banner, silenced once per process

@@ -50,7 +50,8 @@ class LayerInfo:
     """Solver facts of one layer (seconds are the layer's bottleneck, as ``evaluate`` computes it)."""
 
     layer: int
-    status: str            # optimal | gap_met | time_limit
+    status: str            # optimal | gap_met | time_limit | gap_open (the MILP ended or was too
+                           # large to try, and the gap is still above the target)
     objective_s: float
     bound_s: float
     bound_source: str      # compute | cut | milp
@@ -124,9 +125,11 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
 
     tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
     num_workers = _workers(workers, len(todo))
+    if "fork" not in mp.get_all_start_methods():
+        num_workers = 1   # the workers inherit the problem and the link model by forking
     if num_workers <= 1:
         for i, (li, base) in enumerate(tasks):
-            budget = _budget(deadline, len(tasks) - i, 1)
+            budget = _budget(deadline, len(tasks) - i)
             layer, info = _solve_layer(problem, li, base, solver, budget, gap)
             finish(li, layer, info)
     else:
@@ -149,7 +152,7 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
         own = min(data.time_of(pl.layers[lj].flows(counts[lj]))[0] for pl in baselines.values())
         if own < info.objective_s * (1 - 1e-9):
             base = {name: pl.layers[lj] for name, pl in baselines.items()}
-            layer, info = _solve_layer(problem, lj, base, solver, _budget(deadline, 1, 1), gap)
+            layer, info = _solve_layer(problem, lj, base, solver, _budget(deadline, 1), gap)
             results[lj] = (layer, info)
 
     layers = [results[li][0] for li in range(num_layers)]
@@ -166,7 +169,7 @@ _SHARED = None
 
 def _worker(job):
     li, base, solver, deadline, num_tasks, num_workers, gap = job
-    budget = _budget(deadline, max(1, num_tasks // num_workers), 1)
+    budget = _budget(deadline, max(1, num_tasks // num_workers))
     layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap)
     return li, layer, info
 
@@ -177,10 +180,12 @@ def _workers(workers: int | None, num_tasks: int) -> int:
     return max(1, min(workers, num_tasks))
 
 
-def _budget(deadline: float | None, tasks_left: int, per: int) -> float | None:
+def _budget(deadline: float | None, tasks_left: int) -> float | None:
+    """Seconds for the next layer: the time left shared by the layers left (at least 0.5 s, so
+    a solve past its deadline still returns a scored plan per layer, quickly)."""
     if deadline is None:
         return None
-    return max(0.5, (deadline - time.monotonic()) / max(1, tasks_left) * per)
+    return max(0.5, (deadline - time.monotonic()) / max(1, tasks_left))
 
 
 def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
@@ -212,7 +217,7 @@ def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], s
                 best = (res.bottleneck, res.link_time, res.layer, name)
     cost, link_s, layer, start_name = best
     g = _gap(cost, bound)
-    status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else "time_limit")
+    open_as = "time_limit"
     if g > gap:
         from epplan.placement.ilp import improve
 
@@ -224,7 +229,9 @@ def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], s
             if out.layer is not None and out.cost < cost * (1 - 1e-12):
                 cost, link_s, layer = out.cost, out.link_s, out.layer
             g = _gap(cost, bound)
-            status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else "time_limit")
+            # The MILP ran to its end (or was too large to try): more time would not help.
+            open_as = "time_limit" if out.status == "time_limit" else "gap_open"
+    status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else open_as)
     info = LayerInfo(layer=li, status=status, objective_s=float(cost), bound_s=float(bound),
                      bound_source=source, gap=float(g), link_s=float(link_s),
                      seconds=time.monotonic() - t0, start=start_name)
@@ -287,7 +294,8 @@ def _relabel(layer: LayerPlacement, perm_from: np.ndarray, perm_to: np.ndarray) 
 def _summary(infos: list[LayerInfo], solver: str, time_limit, gap: float, seconds: float) -> dict:
     worst = max(infos, key=lambda i: i.gap)
     statuses = {i.status for i in infos}
-    status = "optimal" if statuses == {"optimal"} else ("time_limit" if "time_limit" in statuses else "gap_met")
+    status = ("optimal" if statuses == {"optimal"} else "time_limit" if "time_limit" in statuses
+              else "gap_open" if "gap_open" in statuses else "gap_met")
     objective = float(sum(i.objective_s for i in infos))
     bound = float(sum(i.bound_s for i in infos))
     return {
