@@ -94,7 +94,8 @@ def torchrun_argv(job: Job, opts: TrainOptions, launch: LaunchOptions, node_rank
         if launch.rdzv_conf:
             argv += ["--rdzv-conf", launch.rdzv_conf]
     argv += ["--max-restarts", str(launch.max_restarts), "-m", "epplan.train.worker"]
-    return argv + replace(opts, node_rank=node_rank).to_argv()
+    always = ("out", "node_rank") if launch.nnodes > 1 else ("out",)
+    return argv + replace(opts, node_rank=node_rank).to_argv(always)
 
 
 def print_torchrun(job: Job, opts: TrainOptions, launch: LaunchOptions) -> str:

@@ -22,7 +22,7 @@ OVERLAP = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """One run. ``None`` means "derive from the model" (see ``resolved``)."""
+    """One run. ``None`` means "derive from the model or the device" (``warmup``, ``peak_lr``, ...)."""
 
     manifest: str
     out: str
@@ -59,12 +59,13 @@ class TrainOptions:
         # autocast (fp32 weights, bf16 activations); on where it works (CPU, fp32).
         return self.overlap == "on" or (self.overlap == "auto" and self.device != "cuda")
 
-    def to_argv(self) -> list[str]:
-        """The worker's arguments: the manifest, then ``--flag value`` for non-default fields."""
+    def to_argv(self, always: tuple[str, ...] = ("out",)) -> list[str]:
+        """The worker's arguments: the manifest, then ``--flag value`` for the fields named in
+        ``always`` and those that differ from their defaults."""
         argv = [self.manifest]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "manifest" or (f.name != "out" and value == f.default):
+            if f.name == "manifest" or (f.name not in always and value == f.default):
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):

@@ -3,12 +3,13 @@
 Shape legend: L = MoE layers, G = ranks, E = experts per layer, B = sequences per micro-batch on a
 rank, T = sequence length.
 
-A step: for each micro-batch, forward (bf16 autocast on GPU) and backward of loss / M; then
-``sync_gradients`` (dense gradients averaged over all ranks, each expert's among its replicas);
-one all-gather of the loss and routing statistics; stop if the loss or the gradient norm is not
-finite; clip by the global gradient norm; AdamW; router selection-bias update. Everything but the
-timing is deterministic given the seed, the data and the number of ranks, so a run restarted from
-a checkpoint ends with the same weights as one that never stopped (bitwise on CPU).
+A step: for each micro-batch, forward (on GPU: bf16 autocast, the MoE token exchange in bf16) and
+backward of loss / M; then ``sync_gradients`` (dense gradients averaged over all ranks, each
+expert's among its replicas); one all-gather of the loss and routing statistics; stop if the loss
+or the gradient norm is not finite; clip by the global gradient norm; AdamW; router selection-bias
+update. Everything but the timing is deterministic given the seed, the data and the number of
+ranks, so a run restarted from a checkpoint ends with the same weights as one that never stopped
+(bitwise on CPU; on GPU up to the nondeterminism of atomic adds in CUDA kernels).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.utils.checkpoint
 
 from epplan.errors import EpplanError, RuntimeSetupError
