@@ -130,7 +130,7 @@ def _solve(problem: PlacementProblem, solver: str, time_limit: float, gap: float
         def report(info: LayerInfo, done: int, _total: int) -> None:
             how = f"as layer {info.same_as}" if info.same_as is not None else f"{info.seconds:.1f}s"
             progress.update(task, completed=done, description=(
-                f"layer {info.layer}: {info.objective_s * 1e3:.2f} ms, gap {info.gap:.2%}, "
+                f"layer {info.layer}: {_t(info.objective_s)}, gap {info.gap:.2%}, "
                 f"{info.status} ({how})"))
 
         return solve(problem, solver=solver, time_limit=time_limit, gap=gap, progress=report, workers=workers)
@@ -143,6 +143,16 @@ def _baseline(name: str, problem: PlacementProblem, seed: int) -> Placement:
 
 
 # ------------------------------------------------------------------------------ output
+
+def _t(seconds: float) -> str:
+    """A duration with a unit that suits it: 1.234 s, 12.34 ms, 5.67 us."""
+    seconds = float(seconds)
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.3f} us"
+
 
 def _solver_summary(plan: Placement) -> dict[str, Any]:
     info = plan.info or {}
@@ -182,25 +192,25 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     info = plan.info or {}
     topo = problem.topology
     t = Table(title=f"placement: {plan.method}", title_justify="left")
-    for col in ("layer", "bottleneck ms", "binds", "max link ms", "busiest link", "expert ms"):
+    for col in ("layer", "bottleneck", "binds", "max link", "busiest link", "expert"):
         t.add_column(col, justify="left" if col in ("binds", "busiest link") else "right")
     layers = info.get("layers")
     if layers:
-        for col in ("bound ms", "gap", "status"):
+        for col in ("bound", "gap", "status"):
             t.add_column(col, justify="right")
     expert_max = cost.expert_compute_s.max(axis=1)
     for li in range(cost.num_layers):
-        row = [str(li), f"{cost.bottleneck_s[li] * 1e3:.3f}", cost.binds[li], f"{cost.a2a_link_s[li] * 1e3:.3f}",
-               topo.link_name(int(cost.a2a_link[li])), f"{expert_max[li] * 1e3:.3f}"]
+        row = [str(li), _t(cost.bottleneck_s[li]), cost.binds[li], _t(cost.a2a_link_s[li]),
+               topo.link_name(int(cost.a2a_link[li])), _t(expert_max[li])]
         if layers:
             L = layers[li]
-            same = f" = {L['same_as']}" if L.get("same_as") is not None else ""
-            row += [f"{L['bound_s'] * 1e3:.3f}", f"{L['gap']:.2%}", L["status"] + same]
+            same = f" (= layer {L['same_as']})" if L.get("same_as") is not None else ""
+            row += [_t(L["bound_s"]), f"{L['gap']:.2%}", L["status"] + same]
         t.add_row(*row)
     console.print(t)
-    line = f"total bottleneck [bold]{cost.bottleneck_total_s * 1e3:.2f} ms[/] per step"
+    line = f"total bottleneck [bold]{_t(cost.bottleneck_total_s)}[/] per step"
     if layers:
-        line += (f", lower bound {info['bound_s'] * 1e3:.2f} ms (gap {info.get('total_gap', 0):.2%}, worst "
+        line += (f", lower bound {_t(info['bound_s'])} (gap {info.get('total_gap', 0):.2%}, worst "
                  f"layer {info['gap']:.2%}), {info.get('solver')} {info['status']}, solved in {info['seconds']:.1f} s")
         if info["status"] == "time_limit":
             line += (f"; [yellow]time limit {info.get('time_limit_s')} s reached: this is the best plan found, "
@@ -216,7 +226,7 @@ def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], proble
     rows = {name: _row(name, plans[name], costs[name]) for name in names}
     t = Table(title="methods side by side (scored by the same cost function)", title_justify="left")
     first = names[0]
-    for col in ("method", "bottleneck ms", f"{first} saves", "max link ms (sum)", "busiest link (worst layer)",
+    for col in ("method", "bottleneck", f"{first} saves", "max link (sum)", "busiest link (worst layer)",
                 "GPU imbalance", "solve s", "gap"):
         t.add_column(col, justify="left" if col in ("method", "busiest link (worst layer)") else "right")
     ref = rows[first]["bottleneck_total_s"]
@@ -224,15 +234,15 @@ def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], proble
         r = rows[name]
         total = r["bottleneck_total_s"]
         saves = "" if name == first or total <= 0 else f"{(total - ref) / total:.1%}"
-        t.add_row(name, f"{total * 1e3:.2f}", saves, f"{r['link_total_s'] * 1e3:.2f}",
+        t.add_row(name, _t(total), saves, _t(r["link_total_s"]),
                   r["bottleneck_link"], f"{r['gpu_imbalance']:.2f}x", f"{r['solve_s']:.1f}",
                   "-" if r["gap"] is None else f"{r['gap']:.2%}")
     console.print(t)
-    per = Table(title="max link time per layer, ms", title_justify="left")
+    per = Table(title="max link time per layer", title_justify="left")
     per.add_column("layer", justify="right")
     for name in names:
         per.add_column(name, justify="right")
     for li in range(problem.num_layers):
-        per.add_row(str(li), *(f"{rows[n]['link_per_layer_s'][li] * 1e3:.3f}" for n in names))
-    per.add_row("total", *(f"{rows[n]['link_total_s'] * 1e3:.2f}" for n in names))
+        per.add_row(str(li), *(_t(rows[n]["link_per_layer_s"][li]) for n in names))
+    per.add_row("total", *(_t(rows[n]["link_total_s"]) for n in names))
     console.print(per)
