@@ -347,3 +347,29 @@ def test_bytes_are_conserved(which, num_experts, seed):
             net = np.zeros(len(node_index))
             net[gpu_index] = b * (matrix.sum(axis=1) - matrix.sum(axis=0))  # sent - received
             np.testing.assert_allclose(out - into, net, rtol=1e-5, atol=1e-3 * b * max(counts.sum(), 1))
+
+
+ONE_GPU_PER_NODE = """
+name: one-per-node
+node_types:
+  box:
+    gpus: 1
+    gpu: {model: X, memory_gb: 80, bf16_tflops: 100, hbm_gbps: 1000}
+    fabric: {kind: nvswitch, gbps: 100}
+    nics: {gbps: 10, attach: [0], pcie_gbps: 40}
+nodes:
+  - {prefix: n, count: 4, type: box}
+fabric: {kind: switch}
+"""
+
+
+def test_one_gpu_per_node_has_no_same_node_pairs():
+    # Regression: no same-node pair at all used to crash the fast link map (sparse gradient rings).
+    topo = topo_of(ONE_GPU_PER_NODE)
+    config = small_config(4, 4, num_layers=2, top_k=2)
+    problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, 4, seed=1))
+    for placement in (contiguous(problem), random_placement(problem, 2, even_split=False)):
+        fast, ref = evaluate(placement, problem), evaluate(placement, problem, fast=False)
+        for name in ("dispatch_fwd_bytes", "combine_fwd_bytes", "expert_sync_bytes", "dense_sync_bytes"):
+            np.testing.assert_allclose(getattr(fast, name), getattr(ref, name), rtol=1e-5)
+        assert fast.dense_sync_bytes.sum() > 0

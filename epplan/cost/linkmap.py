@@ -59,6 +59,8 @@ def _entries(t: "np.ndarray | LowRank", rows: np.ndarray, cols: np.ndarray) -> n
     if isinstance(t, LowRank):
         return np.einsum("ij,ji->i", t.a[rows], t.b[:, cols])
     if sp.issparse(t):
+        if rows.size == 0:  # scipy answers an empty fancy index with one element
+            return np.zeros(0)
         return np.asarray(t[rows, cols]).ravel()
     return t[rows, cols]
 
