@@ -150,3 +150,34 @@ def _bad_chunks(rank: int, world_size: int) -> None:
 
 def test_bad_chunk_count_is_refused():
     run_distributed(_bad_chunks, 2)
+
+
+def _autocast(rank: int, world_size: int, placement: Placement) -> None:
+    """Under bf16 autocast with fp32 weights, both exchange paths run, send bf16 rows, return the
+    residual stream's dtype, and agree with the single-device model under the same autocast."""
+    config = PRESETS["tiny"]
+    torch.manual_seed(0)
+    base = Transformer(config)
+    gen = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, config.vocab_size, (2 * world_size, 8), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits, _ = copy.deepcopy(base)(idx)
+    mine = idx[2 * rank:2 * rank + 2]
+    for overlap in (False, True):
+        model = parallelize_experts(copy.deepcopy(base), placement, overlap=overlap, num_chunks=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(mine, mine)
+        loss.backward()
+        sync_gradients(model)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+        torch.testing.assert_close(logits.float(), ref_logits[2 * rank:2 * rank + 2].float(),
+                                   rtol=0.05, atol=0.05, msg=f"overlap={overlap}")
+        stats = model.expert_parallel.stats
+        rows = stats.dispatch_bytes.sum() // (config.d_model * 2)
+        assert rows > 0 and stats.dispatch_bytes.sum() == rows * config.d_model * 2, "bf16 rows on the wire"
+
+
+def test_autocast_bf16_with_fp32_weights():
+    G = 2
+    layer = _layer([[0, 1], [0], [1], [1]], {0: [[0.5, 0.5], [0.2, 0.8]]}, G)
+    run_distributed(_autocast, G, Placement(G, 4, [layer, layer]))

@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
-from epplan.runtime.experts import GroupedExperts, expert_mlp
+from epplan.runtime.experts import GroupedExperts, compute_dtype, expert_mlp
 from epplan.runtime.model import Transformer
 from epplan.runtime import overlap as _overlap
 from epplan.runtime.overlap import (DEFAULT_OVERLAP_CTAS, ChunkPlan, ExchangeSettings,
@@ -187,7 +187,15 @@ class ExpertParallelExperts(nn.Module):
         return self._tables
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x: (N, D), topk_idx: (N, k) with -1 for dropped, topk_weight: (N, k) -> (N, D)."""
+        """x: (N, D), topk_idx: (N, k) with -1 for dropped, topk_weight: (N, k) -> (N, D).
+
+        Under autocast the rows travel and the experts run in the autocast dtype (bf16 rows are
+        what the planner counts on the wire); the output comes back in x's dtype.
+        """
+        out_dtype = x.dtype
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        w1, w2, w3 = (None if w is None else w.to(dtype) for w in (self.w1, self.w2, self.w3))
         num_tokens, top_k = topk_idx.shape
         G, E = self.num_ranks, self.num_experts
         key = self._destination_keys(topk_idx)  # (A,) dest * E + expert; G * E if dropped
@@ -210,7 +218,8 @@ class ExpertParallelExperts(nn.Module):
 
         if not self.overlap:
             order = torch.argsort(key, stable=True)[:num_sent]  # (S,) by (dest, expert)
-            return self._forward_reference(x, order, topk_weight, send_host, recv_host)
+            return self._forward_reference(x, order, topk_weight, send_host, recv_host,
+                                           (w1, w2, w3)).to(out_dtype)
 
         # Send rows ordered (chunk, dest, expert), flat order inside.
         chunk = chunk_of_row(key, position_in_expert(key, G * E), send_counts.reshape(-1), num_chunks)
@@ -219,10 +228,10 @@ class ExpertParallelExperts(nn.Module):
         grouped = _overlap.use_grouped_gemm(x, self.w1, self.impl)
         plan = ChunkPlan.build(send_host, recv_host, self.local_experts, num_chunks, x.device, grouped)
         settings = ExchangeSettings(self.group, self.overlap_group, self.reserve_sms, self.activation)
-        y = chunked_experts(x.index_select(0, token_of_row), plan, settings,
-                            self.w1, self.w2, self.w3)  # (S, D)
+        y = chunked_experts(x.index_select(0, token_of_row), plan, settings, w1, w2, w3)  # (S, D)
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
-        return x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        return out.to(out_dtype)
 
     def _destination_keys(self, topk_idx: torch.Tensor) -> torch.Tensor:
         """int64 (A,): destination rank * E + expert of every assignment; G * E if dropped.
@@ -243,7 +252,8 @@ class ExpertParallelExperts(nn.Module):
         return torch.where(is_valid, dest * E + expert, G * E)
 
     def _forward_reference(self, x: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor,
-                           send_host: np.ndarray, recv_host: np.ndarray) -> torch.Tensor:
+                           send_host: np.ndarray, recv_host: np.ndarray,
+                           weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         """Unchunked: one dispatch, the experts, one combine; autograd does the backward."""
         top_k = topk_weight.shape[1]
         input_splits = send_host.sum(axis=1).tolist()  # rows to each rank
@@ -254,7 +264,7 @@ class ExpertParallelExperts(nn.Module):
         # Rows arrive as (source, expert) blocks; the GEMMs want (expert, source).
         num_local = recv_host[:, self.local_experts]  # (G, E_loc)
         by_expert = self._source_to_expert_order(num_local, x.device)  # (Q,)
-        y = expert_mlp(recv_x[by_expert], num_local.sum(axis=0).tolist(), self.w1, self.w2, self.w3,
+        y = expert_mlp(recv_x[by_expert], num_local.sum(axis=0).tolist(), *weights,
                        self.activation, self.impl)  # (Q, D), (expert, source) order
         inverse = torch.empty_like(by_expert)
         inverse[by_expert] = torch.arange(by_expert.numel(), device=x.device)

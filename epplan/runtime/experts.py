@@ -197,7 +197,13 @@ class GroupedExperts(nn.Module):
                 nn.init.normal_(w, std=std)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x: (N, D), topk_idx: (N, k) with -1 for dropped, topk_weight: (N, k) -> (N, D)."""
+        """x: (N, D), topk_idx: (N, k) with -1 for dropped, topk_weight: (N, k) -> (N, D).
+
+        Under autocast the experts run in the autocast dtype; the output has x's dtype.
+        """
+        out_dtype, dtype = x.dtype, compute_dtype(x)
+        x = x.to(dtype)
+        w1, w2, w3 = (None if w is None else w.to(dtype) for w in (self.w1, self.w2, self.w3))
         num_tokens, top_k = topk_idx.shape
         flat = topk_idx.reshape(-1)  # (A,)
         key = torch.where(flat >= 0, flat, self.num_experts)  # (A,) dropped sort last
@@ -207,8 +213,20 @@ class GroupedExperts(nn.Module):
         num_per_expert = num_per_expert.tolist()
         order = order[:sum(num_per_expert)]  # (M,)
         token_of_row = order // top_k  # (M,)
-        y = expert_mlp(x[token_of_row], num_per_expert, self.w1, self.w2, self.w3,
-                       self.activation, self.impl)  # (M, D)
+        y = expert_mlp(x[token_of_row], num_per_expert, w1, w2, w3, self.activation, self.impl)  # (M, D)
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (M,)
-        return x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        return out.to(out_dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype of x's device where autocast is on, else x's own dtype.
+
+    The expert GEMMs are hand-dispatched (grouped GEMM, custom autograd), which autocast does not
+    see, so the expert modules cast rows and weights themselves, as autocast would.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 

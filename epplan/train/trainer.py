@@ -82,23 +82,6 @@ def checkpoint_attention(model: Transformer) -> None:
         block.attn.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
 
 
-def exchange_in(model: Transformer, dtype: torch.dtype) -> None:
-    """Run every MoE layer's token exchange and experts in ``dtype`` (bf16 under autocast).
-
-    Under autocast the residual stream stays fp32 while the expert GEMMs return bf16; the
-    runtime wants one dtype through dispatch, experts and combine. Casting the layer's input
-    also halves the bytes on the wire, to the bf16 rows the planner counts.
-    """
-    for moe in model.moe_layers():
-        forward = moe.experts.forward
-
-        def cast(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                 forward=forward) -> torch.Tensor:
-            return forward(x.to(dtype), topk_idx, topk_weight).to(x.dtype)  # (N, D)
-
-        moe.experts.forward = cast
-
-
 def global_grad_norm(model: Transformer) -> torch.Tensor:
     """Collective: the L2 norm of the whole (single-device) model's gradient, on every rank.
 
@@ -158,8 +141,6 @@ class Trainer:
         self.model = model.to(device)
         if opts.activation_checkpointing:
             checkpoint_attention(self.model)
-        if device.type == "cuda":
-            exchange_in(self.model, torch.bfloat16)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices, experts
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm weights
         self.optimizer = torch.optim.AdamW(
