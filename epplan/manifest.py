@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -48,6 +46,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from epplan.errors import ConfigError, ManifestError
+from epplan.fileio import atomic_write_text
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.workload.config import ModelConfig
 
@@ -166,25 +165,11 @@ def write_manifest(path: str | Path, doc: dict[str, Any]) -> str:
     """Write ``doc`` to ``path`` atomically; return its ``manifest_hash``."""
     path = Path(path)
     text = json.dumps(doc, indent=1, allow_nan=False)
-    directory = path.parent if str(path.parent) else Path(".")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text + "\n")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot write the manifest: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return manifest_hash(doc)
 
 

@@ -3,7 +3,6 @@ path model against a slow per-pair reference."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import networkx as nx

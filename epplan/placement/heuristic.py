@@ -48,7 +48,7 @@ def local_first(data: LayerData) -> list[np.ndarray]:
 
 def _counts_one_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray:
     """int64[N, E] replicas per node: apportionment counts, spread by node demand."""
-    num_gpus, num_experts = data.num_gpus, data.num_experts
+    num_gpus = data.num_gpus
     load = demand.sum(axis=0)
     r = apportion(load, int(data.slots.sum()), num_gpus)
     cap = np.array([int(data.slots[m].sum()) for m in nodes])

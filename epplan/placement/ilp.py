@@ -371,7 +371,6 @@ def _highs_status(h) -> str:
 
 
 def _run_cbc(prob, xs, model: _Model, time_limit: float | None, gap: float):
-    import pulp
 
     fd, log = tempfile.mkstemp(suffix=".log", prefix="epplan-cbc-")
     os.close(fd)

@@ -57,7 +57,6 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     """
     num_gpus, num_experts = data.num_gpus, data.num_experts
     gc = data.group_counts                                    # [A, E]
-    num_groups = gc.shape[0]
     replicas = [np.asarray(r, dtype=np.int64) for r in replicas]
     unit = max(gc.sum() / num_gpus, 1e-30)                    # flow unit: one source's demand
     tau = unit * float(np.mean(data.gpu_unit))                # time unit: serving it
@@ -223,7 +222,6 @@ def _columns(data: LayerData, gc: np.ndarray, replicas: list[np.ndarray], max_co
 
 def _to_layer(data: LayerData, replicas: list[np.ndarray], ya, ye, yt, y) -> LayerPlacement:
     """Per-source splits from group flows: every source of group a uses a's fractions."""
-    num_gpus = data.num_gpus
     gc = data.group_counts
     node = data.lm.gpu_node
     split = []

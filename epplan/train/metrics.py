@@ -39,6 +39,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from epplan.fileio import atomic_write_text
 from epplan.runtime.expert_parallel import ExpertParallelStats
 
 FORMAT = "epplan.metrics"
@@ -102,9 +103,9 @@ class MetricsLog:
         if keep_through_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and _step_of(line) <= keep_through_step]
-            _write_atomic(path, "".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif keep_through_step is None:
-            _write_atomic(path, "")
+            atomic_write_text(path, "")
         self._fh = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -122,10 +123,6 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # one writer (rank 0): a fixed name is safe
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

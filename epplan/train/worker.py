@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from epplan.errors import EpplanError, RuntimeSetupError
+from epplan.fileio import atomic_write_text
 from epplan.train import checkpoint
 from epplan.train.job import load_job
 from epplan.train.options import TrainOptions
@@ -75,9 +76,7 @@ def _write_failure(out: Path, kind: str, message: str, rank: int, attempt: int) 
            "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{FAILURE}.{rank}.tmp"
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, out / FAILURE)
+        atomic_write_text(out / FAILURE, json.dumps(doc))
     except OSError:
         pass  # the message is on stderr as well
 

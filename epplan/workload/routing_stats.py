@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from epplan.errors import TrafficError
+from epplan.fileio import atomic_write_text
 
 FORMAT = "epplan.routing-stats"
 VERSION = 1
@@ -131,19 +131,10 @@ def write_routing_stats(
     except ValidationError as exc:
         raise TrafficError(f"{path.name}: {_first_error(exc)}") from None
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            # One layer per line: a diff of two runs' files stays readable.
-            header = json.dumps({k: v for k, v in doc.items() if k != "counts"})[:-1]
-            layers = ",\n  ".join(json.dumps(layer, separators=(",", ":")) for layer in doc["counts"])
-            fh.write(f'{header}, "counts": [\n  {layers}\n]}}\n')
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # One layer per line: a diff of two runs' files stays readable.
+    header = json.dumps({k: v for k, v in doc.items() if k != "counts"})[:-1]
+    layers = ",\n  ".join(json.dumps(layer, separators=(",", ":")) for layer in doc["counts"])
+    atomic_write_text(path, f'{header}, "counts": [\n  {layers}\n]}}\n')
     return path
 
 
