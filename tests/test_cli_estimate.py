@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -85,11 +84,17 @@ def test_bad_input_is_one_line_not_a_traceback():
         assert "error:" in result.output and "Traceback" not in result.output, args
 
 
-@pytest.mark.skipif(importlib.util.find_spec("epplan.manifest") is not None,
-                    reason="epplan.manifest exists: manifests are read")
-def test_manifest_without_a_manifest_module(tmp_path):
-    result = invoke(*SMALL, "--placement", str(tmp_path / "plan.json"))
-    assert result.exit_code == 1 and "cannot read placement manifests" in result.output
+def test_manifest_placement_and_topology_mismatch(tmp_path):
+    plan = tmp_path / "plan.json"
+    placed = CliRunner().invoke(app, ["place", "--topology", TWO_NODES, *SMALL, "--method", "eplb",
+                                      "--out", str(plan)])
+    assert placed.exit_code == 0, placed.output
+    by_manifest = json.loads(invoke(*SMALL, "--placement", str(plan), "--json").stdout)
+    by_name = json.loads(invoke(*SMALL, "--placement", "eplb", "--json").stdout)
+    assert by_manifest["step"] == pytest.approx(by_name["step"])
+    other = CliRunner().invoke(app, ["estimate", "--topology", str(TOPOLOGIES / "hetero-degraded.yaml"),
+                                     *SMALL, "--placement", str(plan)])
+    assert other.exit_code == 1 and "planned for topology 'dgx-h100-2node'" in other.output
 
 
 def test_parse_overrides():

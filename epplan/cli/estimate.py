@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -15,6 +14,7 @@ from rich.table import Table
 from epplan.cli import app
 from epplan.cli.common import console, print_json, user_errors
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
+from epplan.manifest import load_manifest
 from epplan.errors import ConfigError, PlacementError
 from epplan.placement.baselines import BASELINES, random_placement
 from epplan.placement.problem import PlacementProblem
@@ -91,26 +91,19 @@ def _placement(spec: str, problem: PlacementProblem, seed: int) -> Placement:
     if spec in BASELINES:
         return BASELINES[spec](problem)
     if spec.endswith(".json"):
-        return _from_manifest(Path(spec))
+        return _from_manifest(Path(spec), problem)
     raise PlacementError(f"--placement {spec!r}: use {', '.join(BASELINES)} or a manifest .json file")
 
 
-def _from_manifest(path: Path) -> Placement:
-    try:
-        manifest = importlib.import_module("epplan.manifest")
-    except ModuleNotFoundError:
+def _from_manifest(path: Path, problem: PlacementProblem) -> Placement:
+    manifest = load_manifest(path)
+    topo = problem.topology
+    if manifest.topology_hash and topo.content_hash and manifest.topology_hash != topo.content_hash:
         raise PlacementError(
-            f"--placement {path}: this version of epplan cannot read placement manifests yet "
-            f"(no epplan.manifest); use one of {', '.join(BASELINES)}") from None
-    reader = getattr(manifest, "read_manifest", None) or getattr(manifest, "load_manifest", None)
-    if reader is None:
-        raise PlacementError(f"--placement {path}: epplan.manifest has no read_manifest(); "
-                             f"use one of {', '.join(BASELINES)}")
-    loaded = reader(path)
-    plan = loaded if isinstance(loaded, Placement) else getattr(loaded, "placement", None)
-    if not isinstance(plan, Placement):
-        raise PlacementError(f"--placement {path}: the manifest holds no placement")
-    return plan
+            f"--placement {path}: planned for topology {manifest.topology_name!r} "
+            f"({manifest.topology_source or 'unknown file'}), not for --topology {topo.source or topo.name}; "
+            "pass the topology the manifest was planned for")
+    return manifest.placement
 
 
 # ------------------------------------------------------------------------------ output
