@@ -18,7 +18,7 @@ SHIPPED = sorted(TOPOLOGIES.glob("*.yaml"))
 EXPECTED_GPUS = {
     "dgx-h100-1node": 8, "dgx-h100-2node": 16, "h100-16node-rail": 128, "h100-superpod-1024": 1024,
     "h100-8node-oversub": 64, "pcie-8gpu": 8, "hetero-degraded": 32, "h100-64node-3tier": 512,
-    "explicit-2node": 16,
+    "explicit-2node": 16, "h100-pair": 2,
 }
 
 
