@@ -101,11 +101,12 @@ class Manifest:
 # ------------------------------------------------------------------------------ building, writing
 
 def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: str | None = None,
-                   link_layers: bool = False) -> dict[str, Any]:
+                   routing_seed: int | None = None, link_layers: bool = False) -> dict[str, Any]:
     """The manifest document (a JSON-ready dict) of ``placement`` on ``problem``.
 
     cost:         ``evaluate(placement, problem)`` (computed here if None): the predicted loads.
     routing_spec: the routing spec the traffic was built from (``zipf:1.2``, a file, ...).
+    routing_seed: the seed ``make_traffic`` was given (zipf's expert order), to rebuild it.
     link_layers:  also store every layer's a2a time on every link ([L][K] floats).
     """
     from epplan import __version__
@@ -145,6 +146,7 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
         },
         "routing": {
             "spec": routing_spec,
+            "seed": routing_seed,
             "source": problem.traffic.source,
             "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest(),
             "notes": list(problem.traffic.notes),
@@ -246,6 +248,7 @@ class _Problem(_Strict):
 
 class _Routing(_Strict):
     spec: str | None
+    seed: int | None = None  # absent in manifests written before it was recorded
     source: str
     counts_sha256: str
     notes: list[str]

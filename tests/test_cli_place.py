@@ -105,3 +105,14 @@ def test_solvers_print_nothing_on_stdout():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+
+
+def test_manifest_records_the_routing_seed_and_the_report_rebuilds_it(tmp_path):
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--model", "tiny", "--set", "num_experts=16",
+                                 "--routing", "zipf:1.2", "--seed", "5", "--method", "eplb", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out).doc["routing"]["seed"] == 5
+    report = runner.invoke(app, ["report", str(out), "--json"])
+    assert report.exit_code == 0, report.output
+    assert "could not be rebuilt" not in report.output

@@ -96,7 +96,7 @@ def place(
         plans[name] = (plan, time.monotonic() - t0)
     chosen, _ = plans[method]
     costs = {name: evaluate(plan, problem) for name, (plan, _) in plans.items()}
-    doc = build_manifest(chosen, problem, cost=costs[method], routing_spec=routing)
+    doc = build_manifest(chosen, problem, cost=costs[method], routing_spec=routing, routing_seed=seed)
     digest = write_manifest(out, doc)
 
     if json:

@@ -122,8 +122,10 @@ def _traffic(manifest: Manifest, path: Path, topo: Topology, notes: list[str]) -
     spec = routing.get("spec")
     want = routing.get("counts_sha256")
     if spec:
-        seed_match = _SEED.search(routing.get("source", ""))
-        seed = int(seed_match.group(1)) if seed_match else 0
+        seed = routing.get("seed")
+        if seed is None:  # manifests from before the seed was recorded: it is in the source text
+            seed_match = _SEED.search(routing.get("source", ""))
+            seed = int(seed_match.group(1)) if seed_match else 0
         candidates = [spec]
         if not spec.startswith(("uniform", "zipf")):  # a file: also try it next to the manifest
             candidates.append(str(path.parent / spec))
