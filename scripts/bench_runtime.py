@@ -233,8 +233,10 @@ def bench_sdpa(device, B: int, H: int, T: int, Dh: int) -> dict:
     return out
 
 
-def bench_a2a(group, device, rows: int, D: int, send_rows: list[int], recv_rows: list[int]) -> dict:
-    """Uneven runtime exchange vs even raw all_to_all_single of the same bytes; GEMM interference."""
+def bench_a2a(group, device, rows: int, D: int, send_rows: list[int], recv_rows: list[int],
+              limited: dict[int, object]) -> dict:
+    """Uneven runtime exchange vs even raw all_to_all_single of the same bytes, and the raw one on
+    each CTA-limited communicator in ``limited`` (CTAs -> group)."""
     G = dist.get_world_size(group)
     out = {}
     x = torch.randn(max(sum(send_rows), rows), D, device=device).to(torch.bfloat16)
@@ -253,6 +255,13 @@ def bench_a2a(group, device, rows: int, D: int, send_rows: list[int], recv_rows:
     out["runtime_uneven_ms"] = slowest(ours)
     out["raw_GBps"] = even * D * 2 / (out["raw_even_ms"] * 1e-3) / 1e9
     out["runtime_GBps"] = nbytes / (out["runtime_uneven_ms"] * 1e-3) / 1e9
+    # Bytes that leave the GPU (the rest is a local copy): the fabric's share of the exchange.
+    out["off_gpu_bytes_per_rank"] = nbytes - send_rows[dist.get_rank(group)] * D * 2
+    for ctas, pg in sorted(limited.items()):
+        ms = slowest(statistics.median(events_ms(
+            lambda: dist.all_to_all_single(y[:even], x[:even], group=pg), 10, warmup=3)))
+        out[f"raw_ctas{ctas}_ms"] = ms
+        out[f"raw_ctas{ctas}_GBps"] = even * D * 2 / (ms * 1e-3) / 1e9
     return out
 
 
@@ -368,8 +377,9 @@ class BlockBench:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens-per-gpu", type=int, default=80_000)
-    parser.add_argument("--seq", type=int, default=10_000)
+    parser.add_argument("--tokens-per-gpu", type=int, default=None,
+                        help="default: 80,000 (the spec's most); 256 with --smoke")
+    parser.add_argument("--seq", type=int, default=None, help="default: 10,000; 32 with --smoke")
     parser.add_argument("--variants", default="reference,1,8,16,8/4,16/4,auto",
                         help="reference | C (chunks) | C/k (k-CTA overlap group, k SMs reserved) | auto")
     parser.add_argument("--rounds", type=int, default=6, help="paired rounds per variant")
@@ -380,11 +390,20 @@ def main() -> None:
                         help="comma list of stages to skip: check,gemm,sdpa,a2a,nccl,interference")
     parser.add_argument("--overlap-ctas", default="4,8",
                         help="CTA limits of the overlap communicator (interference stage)")
+    parser.add_argument("--sdpa", default="fastest",
+                        help="attention kernel of the block: fastest (of those the sdpa stage timed; "
+                             "FLASH_ATTENTION when it is skipped) or a torch SDPBackend name")
     parser.add_argument("--out", default="out/bench")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, gloo, the tiny preset: exercise the script without a GPU")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.tokens_per_gpu is None:
+        args.tokens_per_gpu = 256 if args.smoke else 80_000
+    if args.seq is None:
+        args.seq = 32 if args.smoke else 10_000
+    if args.sdpa not in ("fastest", *SDPBackend.__members__):
+        parser.error(f"--sdpa {args.sdpa}: use fastest or one of {', '.join(SDPBackend.__members__)}")
 
     global DEVICE
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -405,7 +424,9 @@ def main() -> None:
     result: dict = {"argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "device": torch.cuda.get_device_name(device) if not args.smoke else "cpu",
                     "num_gpus": G, "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "nccl": ".".join(map(str, torch.cuda.nccl.version())) if not args.smoke else "-"}
+                    "nccl": ".".join(map(str, torch.cuda.nccl.version())) if not args.smoke else "-",
+                    # The transport NCCL may use (NCCL_P2P_DISABLE=1: through host memory).
+                    "env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
     log(json.dumps(result))
 
     def save() -> None:
@@ -439,7 +460,10 @@ def main() -> None:
 
     bench = BlockBench(group, device, args.tokens_per_gpu, args.seq, preset)
     sdpa_ok = {k: v for k, v in result.get("sdpa", {}).items() if "ms" in v}
-    best_sdpa = min(sdpa_ok, key=lambda k: sdpa_ok[k]["ms"]) if sdpa_ok else "FLASH_ATTENTION"
+    if args.sdpa != "fastest":
+        best_sdpa = args.sdpa
+    else:
+        best_sdpa = min(sdpa_ok, key=lambda k: sdpa_ok[k]["ms"]) if sdpa_ok else "FLASH_ATTENTION"
     bench.sdpa_backends = [SDPBackend.__members__[best_sdpa]]
     costs = model_costs(bench.config)
     flops = 3 * costs.flops_fwd_moe_layer * bench.tokens  # per GPU, per step
@@ -562,7 +586,10 @@ def main() -> None:
 
     if "a2a" not in skip:
         recv_rows, send_rows = dispatch_splits
-        result["a2a"] = bench_a2a(group, device, bench.tokens * seed.top_k, D, send_rows, recv_rows)
+        for ctas in [int(k) for k in args.overlap_ctas.split(",")]:
+            thin(ctas)
+        result["a2a"] = bench_a2a(group, device, bench.tokens * seed.top_k, D, send_rows, recv_rows,
+                                  thin_groups)
         log("a2a", json.dumps(result["a2a"]))
     save()
 
