@@ -109,7 +109,9 @@ def test_chunk_rule_is_shared_by_sender_and_receiver():
 
 def test_auto_num_chunks():
     assert auto_num_chunks(32, 2, 4) == 1  # tiny CI models: one chunk
-    assert auto_num_chunks(160_000, 2, 16) == 8  # the spec's block: 20k rows per expert
+    assert auto_num_chunks(160_000, 2, 16) == 16  # the spec's block on 2 GPUs: 20k rows per expert
+    assert auto_num_chunks(160_000, 4, 16) == 16  # on 4 GPUs: 40k rows per expert, capped
+    assert auto_num_chunks(40_000, 2, 16) == 4  # 5k rows per expert: chunks of at least 1,024
     assert auto_num_chunks(16_000, 2, 16) == 1
     assert auto_num_chunks(0, 2, 16) == 1
 

@@ -62,8 +62,8 @@ def run(
         rich_help_panel=TRAINING)] = False,
     overlap: Annotated[str, typer.Option(
         help="on: exchange each MoE layer's tokens in chunks overlapped with the expert GEMMs; off: in one "
-             "piece; auto: on for cpu, off for cuda (the overlapped path is benchmarked on GPUs but not yet "
-             "validated in GPU training; --overlap on uses it).",
+             "piece; auto: on when the run spans several nodes (and on cpu), off inside one GPU node, where "
+             "NVLink makes the exchange a few percent of the step.",
         rich_help_panel=TRAINING)] = "auto",
     num_chunks: Annotated[Optional[int], typer.Option(
         help="Chunks per MoE layer when overlapping. Default: chosen by the runtime.", show_default=False,

@@ -40,14 +40,16 @@ from epplan.runtime.experts import (_can_grouped_mm, expert_mlp_backward_input,
                                     expert_mlp_backward_weight, expert_mlp_forward)
 
 # Automatic chunk count: as many chunks as keep every local expert's GEMM at or above
-# MIN_ROWS_PER_EXPERT rows per chunk, at most MAX_CHUNKS. Measured on 2 x H200 at the seed spec
+# MIN_ROWS_PER_EXPERT rows per chunk, at most MAX_CHUNKS. Measured at the seed spec
 # (docs/benchmarks.md): grouped 4096 x 16384 GEMMs run at least as fast at 1,250 rows per expert
-# as at 20,000; with hidden exchanges on a 4-CTA communicator, 8 chunks gave a shorter step than
-# 16 in three runs (1.5-2.7 ms, within the step-to-step spread).
+# as at 20,000. The first dispatch and the last combine of a layer (and their backward mirrors)
+# are not hidden, 1 / C of its exchange time: with the exchange through host memory at 39 GB/s
+# (4 x H200, the cross-node bandwidth regime) 16 chunks left 0.17 of it exposed against 0.24 for 8;
+# over NVLink 16 and 8 chunks were level within the step-to-step spread.
 MIN_ROWS_PER_EXPERT = 1024
-MAX_CHUNKS = 8
+MAX_CHUNKS = 16
 # CTAs of the communicator for hidden exchanges, and SMs the expert GEMMs leave free meanwhile:
-# 4 hid 87-97 % of a chunk's all-to-all under its GEMM at a 5-7 % GEMM cost (docs/benchmarks.md).
+# 4 hid 87-100 % of a chunk's all-to-all under its GEMM at a 5-7 % GEMM cost (docs/benchmarks.md).
 DEFAULT_OVERLAP_CTAS = 4
 
 

@@ -137,7 +137,8 @@ class Trainer:
 
         torch.manual_seed(opts.seed)  # every rank builds the same full model
         model = Transformer(config, capacity_factor=opts.capacity_factor)
-        parallelize_experts(model, job.placement, overlap=opts.use_overlap(), num_chunks=opts.num_chunks)
+        parallelize_experts(model, job.placement, overlap=opts.use_overlap(len(job.nodes)),
+                            num_chunks=opts.num_chunks)
         self.model = model.to(device)
         if opts.activation_checkpointing:
             checkpoint_attention(self.model)
