@@ -207,6 +207,7 @@ def test_two_nodes_on_one_machine(manifests, tmp_path):
     assert agent.returncode == 0, output
     start = read_metrics(out / "metrics.jsonl")[0]
     assert start["nodes"] == [{"name": "n0", "ranks": [0]}, {"name": "n1", "ranks": [1]}]
+    assert start["overlap"] is True and start["num_chunks"] is None  # auto: on across nodes
     assert [r["step"] for r in _steps(out)] == [1, 2, 3]
 
 

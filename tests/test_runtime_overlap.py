@@ -114,6 +114,12 @@ def test_auto_num_chunks():
     assert auto_num_chunks(40_000, 2, 16) == 4  # 5k rows per expert: chunks of at least 1,024
     assert auto_num_chunks(16_000, 2, 16) == 1
     assert auto_num_chunks(0, 2, 16) == 1
+    # With the GEMM FLOPs of a row: chunks also keep each chunk's forward GEMMs at MIN_CHUNK_FLOPS.
+    seed_row = 2 * 2 * 4096 * 16384  # two matrices, 2 FLOPs per multiply-add
+    assert auto_num_chunks(160_000, 4, 16, seed_row) == 16  # 43 TFLOP per rank: plenty
+    medium_row = 2 * 2 * 2048 * 8192
+    assert auto_num_chunks(65_536, 4, 8, medium_row) == 8  # 4.4 TFLOP: 8 chunks, not 16
+    assert auto_num_chunks(65_536, 4, 8, 3 * medium_row // 2) == 13  # swiglu: three matrices
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu"])

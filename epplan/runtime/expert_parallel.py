@@ -205,7 +205,9 @@ class ExpertParallelExperts(nn.Module):
         # rank learns the layer's chunk count from the same message.
         proposal = 1
         if self.overlap:
-            proposal = self.num_chunks or auto_num_chunks(num_tokens * top_k, G, E)
+            num_matrices = 2 if w3 is None else 3
+            flops_per_row = 2 * num_matrices * w1.shape[1] * w1.shape[2]  # w1: (E_loc, D, F)
+            proposal = self.num_chunks or auto_num_chunks(num_tokens * top_k, G, E, flops_per_row)
         send_meta = torch.cat([send_counts, send_counts.new_full((G, 1), proposal)], dim=1)
         recv_meta = torch.empty_like(send_meta)  # [s, e]: rows from s for my expert e; [s, E]
         dist.all_to_all_single(recv_meta, send_meta, group=self.group)

@@ -315,6 +315,7 @@ class Trainer:
             "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
+            "overlap": self.opts.use_overlap(len(self.job.nodes)), "num_chunks": self.opts.num_chunks,
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
         }
