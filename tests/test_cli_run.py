@@ -257,6 +257,9 @@ def test_print_launch_slurm_writes_an_sbatch_script(manifests):
     (["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "h:1", "--global-batch", "7"],
      "does not split into 2 ranks"),
     (["--nnodes", "2", "--print-launch", "mpi"], "--print-launch 'mpi'"),
+    (["--nnodes", "2", "--print-launch", "torchrun", "--num-chunks", "0"], "--num-chunks must be at least 1, got 0"),
+    (["--nnodes", "2", "--print-launch", "torchrun", "--overlap-ctas", "-1"],
+     "--overlap-ctas must be at least 1, got -1"),
 ])
 def test_launch_mistakes_are_clear_errors(manifests, tmp_path, args, message):
     result = runner.invoke(app, ["run", str(manifests["two"]), "--out", str(tmp_path), *args],

@@ -68,6 +68,10 @@ def run(
     num_chunks: Annotated[Optional[int], typer.Option(
         help="Chunks per MoE layer when overlapping. Default: chosen by the runtime.", show_default=False,
         rich_help_panel=TRAINING)] = None,
+    overlap_ctas: Annotated[Optional[int], typer.Option(
+        help="When overlapping: CTAs of the NCCL communicator that carries the hidden exchanges, and SMs "
+             "the expert GEMMs leave free for it. Default: 4 (docs/benchmarks.md).", show_default=False,
+        rich_help_panel=TRAINING)] = None,
     peak_tflops: Annotated[Optional[float], typer.Option(
         help="Peak TFLOP/s per GPU for MFU. Default: the GPU's dense bf16 datasheet figure "
              "(H100/H200 989, A100 312); none on CPU.", show_default=False, rich_help_panel=TRAINING)] = None,
@@ -127,7 +131,7 @@ def run(
         micro_batches=micro_batches, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
         activation_checkpointing=activation_checkpointing, overlap=overlap, num_chunks=num_chunks,
-        ckpt_every=ckpt_every,
+        overlap_ctas=overlap_ctas, ckpt_every=ckpt_every,
         keep_checkpoints=keep_checkpoints, resume=resume, peak_tflops=peak_tflops, node_rank=node_rank or 0)
     launch_opts = launch.LaunchOptions(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                                        rdzv_id=rdzv_id, rdzv_backend=rdzv_backend, rdzv_conf=rdzv_conf,

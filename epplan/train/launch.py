@@ -58,9 +58,10 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
     if launch.node_rank is not None and not 0 <= launch.node_rank < num_nodes:
         raise RuntimeSetupError(f"--node-rank {launch.node_rank} is out of range: the manifest has "
                                 f"{job.describe_nodes()}")
-    for name in ("steps", "ckpt_every", "micro_batches"):
-        if getattr(opts, name) < 1:
-            raise RuntimeSetupError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    for name in ("steps", "ckpt_every", "micro_batches", "num_chunks", "overlap_ctas"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise RuntimeSetupError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     global_batch = opts.global_batch or job.config.global_batch
     if global_batch % (G * opts.micro_batches):
         raise RuntimeSetupError(

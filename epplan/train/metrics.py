@@ -8,8 +8,9 @@ Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = exper
 - ``start``: written at each launch and restart; carries ``format`` and ``version`` and the run's
   facts: model, ranks, nodes, manifest hash, device, batch, ``model_flops_per_step``,
   ``peak_tflops_per_gpu``, ``overlap`` (chunked exchange under the expert GEMMs or not),
-  ``num_chunks`` (null: the runtime's choice), ``resumed_from`` (checkpoint path or null), ``placement_changed``
-  (whether that checkpoint was written under another placement), ``attempt`` (torchrun restart).
+  ``num_chunks`` (null: the runtime's choice), ``overlap_ctas``, ``resumed_from`` (checkpoint
+  path or null), ``placement_changed`` (whether that checkpoint was written under another
+  placement), ``attempt`` (torchrun restart).
 - ``step``: ``loss`` (cross-entropy, mean over the global batch), ``aux_loss`` (router balancing),
   ``lr``, ``grad_norm`` (before clipping), ``step_time_s``, ``tokens_per_s``, ``tflops_per_gpu``,
   ``mfu`` (null without a peak), ``tokens_per_expert`` [L][E] (token-assignments of the global

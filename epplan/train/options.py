@@ -41,6 +41,7 @@ class TrainOptions:
     activation_checkpointing: bool = False
     overlap: str = "auto"  # on|off: the runtime's chunked exchange overlapped with the expert GEMMs
     num_chunks: Optional[int] = None  # chunks per MoE layer when overlapping; None: the runtime's choice
+    overlap_ctas: Optional[int] = None  # CTAs of the hidden exchanges' communicator; None: the runtime's
     ckpt_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False

@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 
 from epplan.errors import EpplanError, RuntimeSetupError
 from epplan.runtime.expert_parallel import get_stats, parallelize_experts, sync_gradients
+from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS
 from epplan.runtime.model import Transformer
 from epplan.train import checkpoint
 from epplan.train.data import make_data
@@ -137,8 +138,9 @@ class Trainer:
 
         torch.manual_seed(opts.seed)  # every rank builds the same full model
         model = Transformer(config, capacity_factor=opts.capacity_factor)
+        ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
         parallelize_experts(model, job.placement, overlap=opts.use_overlap(len(job.nodes)),
-                            num_chunks=opts.num_chunks)
+                            num_chunks=opts.num_chunks, overlap_ctas=ctas)
         self.model = model.to(device)
         if opts.activation_checkpointing:
             checkpoint_attention(self.model)
@@ -316,6 +318,7 @@ class Trainer:
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
             "overlap": self.opts.use_overlap(len(self.job.nodes)), "num_chunks": self.opts.num_chunks,
+            "overlap_ctas": self.opts.overlap_ctas or DEFAULT_OVERLAP_CTAS,
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
         }
