@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,12 +44,14 @@ import torch.nn as nn
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.experts import GroupedExperts, compute_dtype, expert_mlp
+from epplan.runtime.init import init_weights
 from epplan.runtime.model import Transformer
 from epplan.runtime import overlap as _overlap
 from epplan.runtime.overlap import (DEFAULT_OVERLAP_CTAS, ChunkPlan, ExchangeSettings,
                                     auto_num_chunks, chunk_of_row, chunked_experts,
                                     new_overlap_group)
 from epplan.runtime.router import count_keys, position_in_expert
+from epplan.workload.config import ModelConfig
 
 
 class _AllToAll(torch.autograd.Function):
@@ -325,7 +328,9 @@ def parallelize_experts(model: Transformer, placement: Placement,
         communicator of the same ranks limited to this many CTAs, and the GEMMs leave as many
         SMs free (``overlap.ExchangeSettings``); None: they share ``group``, no SMs reserved.
 
-    Every rank must start from the same full model (same weights) and call this collectively:
+    Every rank must start from the same full model (same weights; or all on the meta device, as
+    ``build_expert_parallel_model`` does, so that only local weights are ever allocated) and call
+    this collectively:
     the replica process groups are created with ``dist.new_group``, which every process of the
     default group enters, in the same order. Build the optimizer afterwards.
     Raises ``RuntimeSetupError`` if the placement does not fit the model or the group.
@@ -373,6 +378,22 @@ def parallelize_experts(model: Transformer, placement: Placement,
         if rank in ranks:
             state.replica_groups.append((pg, slots))
     model.expert_parallel = state
+    return model
+
+
+def build_expert_parallel_model(config: ModelConfig, placement: Placement, seed: int,
+                                device: torch.device, capacity_factor: float | None = None,
+                                **parallel: Any) -> Transformer:
+    """The model of ``config``, expert-parallel under ``placement``, with only this rank's weights
+    ever allocated: built on the meta device, sliced by ``parallelize_experts`` (``parallel``: its
+    keyword arguments), then materialised on ``device`` and filled by ``init.init_weights``, whose
+    values do not depend on the placement. Collective, like ``parallelize_experts``.
+    """
+    with torch.device("meta"):
+        model = Transformer(config, capacity_factor=capacity_factor)
+    parallelize_experts(model, placement, **parallel)
+    model.to_empty(device=device)
+    init_weights(model, seed)
     return model
 
 

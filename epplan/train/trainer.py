@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from epplan.errors import EpplanError, RuntimeSetupError
-from epplan.runtime.expert_parallel import get_stats, parallelize_experts, sync_gradients
+from epplan.runtime.expert_parallel import build_expert_parallel_model, get_stats, sync_gradients
 from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS
 from epplan.runtime.model import Transformer
 from epplan.train import checkpoint
@@ -136,12 +136,12 @@ class Trainer:
         self.peak_tflops = peak_tflops(opts, device)
         self.lr = opts.peak_lr(config.d_model)
 
-        torch.manual_seed(opts.seed)  # every rank builds the same full model
-        model = Transformer(config, capacity_factor=opts.capacity_factor)
+        torch.manual_seed(opts.seed)
+        # Only this rank's experts are ever allocated; the weights do not depend on the placement.
         ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
-        parallelize_experts(model, job.placement, overlap=opts.use_overlap(len(job.nodes)),
-                            num_chunks=opts.num_chunks, overlap_ctas=ctas)
-        self.model = model.to(device)
+        self.model = build_expert_parallel_model(
+            config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
+            overlap=opts.use_overlap(len(job.nodes)), num_chunks=opts.num_chunks, overlap_ctas=ctas)
         if opts.activation_checkpointing:
             checkpoint_attention(self.model)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices, experts
