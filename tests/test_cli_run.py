@@ -287,3 +287,38 @@ def test_bad_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "m.json").write_text("{not json")
     result = runner.invoke(app, ["run", str(tmp_path / "m.json"), "--out", str(tmp_path)], terminal_width=300)
     assert result.exit_code == 1 and "corrupted manifest" in result.output
+
+
+def test_gpu_out_of_memory_is_a_clear_failure_that_is_not_retried(manifests, tmp_path, monkeypatch):
+    """A worker that runs out of GPU memory says which batch did not fit and what to change, and a
+    restarted attempt of the same run stops at once instead of running out of memory again."""
+    from epplan.train import worker
+
+    class OutOfMemoryTrainer:
+        def __init__(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.62 GiB.")
+
+    monkeypatch.setattr(worker, "Trainer", OutOfMemoryTrainer)
+    monkeypatch.setattr(worker, "_process_group_store", lambda rank, attempt: None)
+    monkeypatch.setattr(worker.dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(worker, "_device", lambda kind, local_rank: torch.device("cpu"))
+    for name, value in {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2",
+                        "TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    argv = TrainOptions(manifest=str(manifests["a"]), out=str(tmp_path), device="cuda").to_argv()
+    assert worker.main.__wrapped__(argv) == 1
+    failure = worker.read_failure(tmp_path)
+    assert failure["kind"] == "out_of_memory"
+    message = failure["message"]
+    assert "rank 0 ran out of GPU memory" in message and "15.62 GiB" in message
+    assert "4 sequences of 32 tokens per GPU" in message  # tiny: global batch 8 over 2 ranks
+    assert "--micro-batches" in message and "--activation-checkpointing" in message
+
+    class MustNotRun:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a restart after running out of memory must not train again")
+
+    monkeypatch.setattr(worker, "Trainer", MustNotRun)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert worker.main.__wrapped__(argv) == 1
+    assert worker.read_failure(tmp_path)["message"] == message

@@ -81,6 +81,21 @@ def _write_failure(out: Path, kind: str, message: str, rank: int, attempt: int) 
         pass  # the message is on stderr as well
 
 
+class OutOfGPUMemory(EpplanError):
+    """A rank ran out of GPU memory: the batch, model or placement does not fit."""
+
+
+def _out_of_memory_message(job, opts: TrainOptions, rank: int, exc: BaseException) -> str:
+    config = job.config
+    global_batch = opts.global_batch or config.global_batch
+    per_gpu = global_batch // (job.num_ranks * opts.micro_batches)
+    detail = str(exc).split(". See documentation")[0].split("If reserved")[0].strip()
+    return (f"rank {rank} ran out of GPU memory ({detail}) with {per_gpu} sequences of "
+            f"{config.seq_len} tokens per GPU per micro-batch: raise --micro-batches, lower "
+            f"--global-batch, or pass --activation-checkpointing; 'epplan estimate' gives the "
+            f"memory a plan needs")
+
+
 def read_failure(out: Path) -> dict | None:
     try:
         return json.loads((out / FAILURE).read_text())
@@ -96,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = -1
     try:
         failure = read_failure(out)
-        if (attempt > 0 and failure and failure["kind"] == "diverged"
+        if (attempt > 0 and failure and failure["kind"] in ("diverged", "out_of_memory")
                 and failure["run_id"] == os.environ.get("TORCHELASTIC_RUN_ID")):
-            raise TrainingDiverged(failure["message"])  # restarting would diverge again
+            # Restarting would diverge, or run out of memory, again.
+            raise (TrainingDiverged if failure["kind"] == "diverged" else OutOfGPUMemory)(failure["message"])
         job = load_job(opts.manifest)
         local_rank = _env_int("LOCAL_RANK")
         rank = job.rank_of(opts.node_rank, local_rank, _env_int("LOCAL_WORLD_SIZE"), _env_int("WORLD_SIZE"))
@@ -109,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 store=_process_group_store(rank, attempt), rank=rank,
                                 world_size=job.num_ranks, device_id=device if device.type == "cuda" else None)
-        Trainer(job, opts, rank, device).run(resume=opts.resume or attempt > 0, attempt=attempt)
+        try:
+            Trainer(job, opts, rank, device).run(resume=opts.resume or attempt > 0, attempt=attempt)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfGPUMemory(_out_of_memory_message(job, opts, rank, exc)) from None
         # Only after success: with a peer dead mid-collective, tearing NCCL down can block, and a
         # process that never exits keeps torchrun from restarting the group.
         dist.destroy_process_group()
     except EpplanError as exc:
-        kind = "diverged" if isinstance(exc, TrainingDiverged) else "error"
-        if kind == "error" or rank <= 0:  # a divergence is the same on every rank: say it once
+        kind = ("diverged" if isinstance(exc, TrainingDiverged) else
+                "out_of_memory" if isinstance(exc, OutOfGPUMemory) else "error")
+        if kind != "diverged" or rank <= 0:  # a divergence is the same on every rank: say it once
             print(f"epplan worker (rank {rank if rank >= 0 else '?'}): error: {exc}", file=sys.stderr, flush=True)
             _write_failure(out, kind, str(exc), rank, attempt)
         return 1

@@ -6,3 +6,4 @@ M="--model tiny --set d_model=2048 --set d_ff=8192 --set num_heads=16 --set head
 mkdir -p runs
 epplan place --topology scripts/device/gpu-quad.yaml $M --out runs/quad-medium.json
 epplan place --topology scripts/device/gpu-2x2.yaml $M --out runs/2x2-medium.json
+epplan place --topology scripts/device/gpu-one.yaml ${M/experts-per-gpu 2/experts-per-gpu 8} --out runs/one-medium.json
