@@ -52,6 +52,19 @@ node_types:
 nodes:
   - {name: n0, type: box}
 """
+# Two servers of one GPU each, on one switch.
+TWO_NODES = """\
+name: cpu-two-nodes
+node_types:
+  single:
+    gpus: 1
+    gpu: {model: H100-SXM5-80GB, memory_gb: 80, bf16_tflops: 989, hbm_gbps: 3350}
+    fabric: {kind: nvswitch, gbps: 450}
+    nics: {gbps: 50, attach: [0], pcie_gbps: 64}
+nodes:
+  - {prefix: n, count: 2, type: single}
+fabric: {kind: switch}
+"""
 TRAIN = ["--steps", "12", "--ckpt-every", "4", "--keep-checkpoints", "0", "--lr", "0.01", "--device", "cpu"]
 runner = CliRunner()
 
@@ -93,7 +106,7 @@ def _place(*args: str) -> None:
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory) -> dict[str, Path]:
     """a: planned by 'epplan place'; b: every expert of a on another rank or replicated, and rank 0
-    holding no expert of layer 1; two: a's placement on two one-GPU nodes."""
+    holding no expert of layer 1; two: planned for two one-GPU nodes."""
     root = tmp_path_factory.mktemp("manifests")
     topology = root / "cpu-pair.yaml"
     topology.write_text(TOPOLOGY)
@@ -106,12 +119,9 @@ def manifests(tmp_path_factory) -> dict[str, Path]:
                          for reps in moved], method="moved")
     problem = PlacementProblem(load_topology(topology), CONFIG, make_traffic("uniform", CONFIG, G), experts_per_gpu=4)
     write_manifest(paths["b"], build_manifest(b, problem))
-    # The cost model cannot score one-GPU nodes yet ('epplan place' fails on them), so the
-    # two-node manifest is a's document with its ranks on nodes n0 and n1.
-    doc = json.loads(paths["a"].read_text())
-    doc["topology"]["node_names"] = ["n0", "n1"]
-    doc["ranks"] = {"node": [0, 1], "local_gpu": [0, 0]}
-    write_manifest(paths["two"], doc)
+    two_nodes = root / "cpu-two-nodes.yaml"
+    two_nodes.write_text(TWO_NODES)
+    _place("--topology", str(two_nodes), "--experts-per-gpu", "2", "--out", str(paths["two"]))
     return paths
 
 
