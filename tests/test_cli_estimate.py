@@ -97,6 +97,26 @@ def test_manifest_placement_and_topology_mismatch(tmp_path):
     assert other.exit_code == 1 and "planned for topology 'dgx-h100-2node'" in other.output
 
 
+def test_a_manifest_brings_its_model_and_slots(tmp_path):
+    plan = tmp_path / "plan.json"
+    placed = CliRunner().invoke(app, ["place", "--topology", TWO_NODES, "--model", "tiny", "--set",
+                                      "num_experts=32", "--experts-per-gpu", "2", "--micro-batches", "2",
+                                      "--out", str(plan)])
+    assert placed.exit_code == 0, placed.output
+    alone = invoke("--placement", str(plan), "--json")
+    assert alone.exit_code == 0, alone.output
+    spelled = invoke("--model", "tiny", "--set", "num_experts=32", "--experts-per-gpu", "2",
+                     "--micro-batches", "2", "--placement", str(plan), "--json")
+    assert spelled.exit_code == 0, spelled.output
+    got, expected = json.loads(alone.stdout), json.loads(spelled.stdout)
+    assert got["model"] == "tiny" and got["step"] == pytest.approx(expected["step"])
+    assert got["memory"] == expected["memory"]  # micro-batches from the manifest: same activations
+    other = runner.invoke(app, ["estimate", "--topology", TWO_NODES, "--model", "seed", "--placement", str(plan)],
+                          terminal_width=300)
+    assert other.exit_code == 1 and "Traceback" not in other.output
+    assert "planned for model 'tiny'" in " ".join(other.output.split())
+
+
 def test_parse_overrides():
     assert parse_overrides(["num_experts=32", "dtype=fp32", "router_aux_loss_coef=0.1"]) == {
         "num_experts": 32, "dtype": "fp32", "router_aux_loss_coef": 0.1}

@@ -14,7 +14,7 @@ from rich.table import Table
 from epplan.cli import app
 from epplan.cli.common import console, print_json, user_errors
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
-from epplan.manifest import load_manifest
+from epplan.manifest import Manifest, load_manifest
 from epplan.errors import ConfigError, PlacementError
 from epplan.placement.baselines import BASELINES, random_placement
 from epplan.placement.problem import PlacementProblem
@@ -30,21 +30,25 @@ _GB = 1e9
 def estimate(
     topology: Annotated[Path, typer.Option(
         help="Cluster topology YAML file (see topologies/).", show_default=False)],
-    model: Annotated[str, typer.Option(
-        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny) or YAML file.")] = "seed",
+    model: Annotated[Optional[str], typer.Option(
+        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny) or YAML file. Default: the "
+             "--placement manifest's model, else seed.", show_default=False)] = None,
     routing: Annotated[str, typer.Option(
         help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST] or run stats .json.")] = "uniform",
     placement: Annotated[str, typer.Option(
         help="contiguous, eplb, random, or a placement manifest .json.")] = "contiguous",
-    experts_per_gpu: Annotated[int, typer.Option(help="Most experts (replicas included) per GPU per layer.")] = 1,
+    experts_per_gpu: Annotated[Optional[int], typer.Option(
+        help="Most experts (replicas included) per GPU per layer. Default: the --placement manifest's, "
+             "else 1.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
     compute_efficiency: Annotated[float, typer.Option(
         help="Achievable fraction of each GPU's datasheet bf16 TFLOP/s.")] = 0.6,
     tflops: Annotated[Optional[float], typer.Option(
         help="Achievable TFLOP/s per GPU; overrides --compute-efficiency.")] = None,
-    micro_batches: Annotated[int, typer.Option(
-        help="Gradient-accumulation steps per optimizer step (divides activation memory).")] = 1,
+    micro_batches: Annotated[Optional[int], typer.Option(
+        help="Gradient-accumulation steps per optimizer step (divides activation memory). Default: the "
+             "--placement manifest's, else 1.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of --placement random.")] = 0,
     layers: Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
@@ -52,12 +56,28 @@ def estimate(
     """Estimate a training step: compute, all-to-all and gradient-sync time, the bottleneck link,
     memory per GPU and MFU. Exits 1 if the placement does not fit in GPU memory."""
     topo = load_topology(topology)
-    config = load_model_config(model, parse_overrides(set_ or []))
+    manifest = load_manifest(Path(placement)) if placement.endswith(".json") else None
+    if manifest is None:
+        config = load_model_config(model or "seed", parse_overrides(set_ or []))
+    else:  # the model the plan was made for, unless the user names one (which must agree)
+        config = manifest.config
+        if model is not None or set_:
+            named = load_model_config(config if model is None else model, parse_overrides(set_ or []))
+            if named != config:
+                raise PlacementError(
+                    f"--placement {placement} was planned for model {config.name!r} "
+                    f"({config.num_layers} layers, {config.num_experts} experts, d_model {config.d_model}), "
+                    f"not for the --model/--set given ({named.name!r}); drop them to estimate the plan, "
+                    "or plan again with 'epplan place'")
+        experts_per_gpu = manifest.experts_per_gpu if experts_per_gpu is None else experts_per_gpu
+        micro_batches = manifest.micro_batches if micro_batches is None else micro_batches
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
+    experts_per_gpu = 1 if experts_per_gpu is None else experts_per_gpu
+    micro_batches = 1 if micro_batches is None else micro_batches
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
                                compute_efficiency=compute_efficiency, achievable_tflops=tflops,
                                micro_batches=micro_batches)
-    plan = _placement(placement, problem, seed)
+    plan = _placement(placement, problem, seed) if manifest is None else _from_manifest(manifest, problem)
     cost = evaluate(plan, problem)
     if json:
         data = cost.to_dict()
@@ -90,13 +110,11 @@ def _placement(spec: str, problem: PlacementProblem, seed: int) -> Placement:
         return random_placement(problem, seed)
     if spec in BASELINES:
         return BASELINES[spec](problem)
-    if spec.endswith(".json"):
-        return _from_manifest(Path(spec), problem)
     raise PlacementError(f"--placement {spec!r}: use {', '.join(BASELINES)} or a manifest .json file")
 
 
-def _from_manifest(path: Path, problem: PlacementProblem) -> Placement:
-    manifest = load_manifest(path)
+def _from_manifest(manifest: Manifest, problem: PlacementProblem) -> Placement:
+    path = manifest.path
     topo = problem.topology
     if manifest.topology_hash and topo.content_hash and manifest.topology_hash != topo.content_hash:
         raise PlacementError(

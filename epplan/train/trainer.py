@@ -136,7 +136,7 @@ class Trainer:
         self.peak_tflops = peak_tflops(opts, device)
         self.lr = opts.peak_lr(config.d_model)
 
-        torch.manual_seed(opts.seed)
+        torch.manual_seed(opts.seed)  # for any draw from the global generator
         # Only this rank's experts are ever allocated; the weights do not depend on the placement.
         ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
         self.model = build_expert_parallel_model(

@@ -92,8 +92,8 @@ def _out_of_memory_message(job, opts: TrainOptions, rank: int, exc: BaseExceptio
     detail = str(exc).split(". See documentation")[0].split("If reserved")[0].strip()
     return (f"rank {rank} ran out of GPU memory ({detail}) with {per_gpu} sequences of "
             f"{config.seq_len} tokens per GPU per micro-batch: raise --micro-batches, lower "
-            f"--global-batch, or pass --activation-checkpointing; 'epplan estimate' gives the "
-            f"memory a plan needs")
+            f"--global-batch, or pass --activation-checkpointing ('epplan estimate --topology T "
+            f"--placement {opts.manifest} --micro-batches N' prints the memory per GPU)")
 
 
 def read_failure(out: Path) -> dict | None:

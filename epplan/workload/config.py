@@ -132,13 +132,15 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 
 
 def load_model_config(
-    spec: str | Path = "seed",
+    spec: str | Path | ModelConfig = "seed",
     overrides: Mapping[str, Any] | None = None,
 ) -> ModelConfig:
-    """A preset name or a YAML file, with field overrides applied.
+    """A preset name, a YAML file or a config, with field overrides applied.
 
     A YAML file holds field values, and may start from a preset with ``base: NAME``.
     """
+    if isinstance(spec, ModelConfig):
+        return _apply(spec, dict(overrides or {}), source="override")
     spec_str = str(spec)
     if spec_str in PRESETS:
         config = PRESETS[spec_str]
