@@ -52,8 +52,11 @@ def test_seed_wire_and_activation_bytes() -> None:
     assert c.act_bytes_per_token_attention == 2 * (2 * 4096 + 3 * 4096 + 4096) + 4 * 32
     assert c.act_bytes_per_token_moe_local == 2 * 2 * 4096 + 4 * 16
     assert c.act_bytes_per_token_moe_layer == 49_280 + 16_448 + 2 * 81_920 == 229_568
-    assert c.act_bytes_per_token_head == 2 * 2 * 4096 + 4 * 32000
-    assert c.act_bytes_per_token == 16 * 229_568 + 16_384 + 128_000
+    # Head: the fp32 log-softmax kept for backward, and at the start of backward its gradient and
+    # the logits' gradient, both fp32: 12 bytes per vocabulary entry (12.4-12.6 measured on an
+    # H100, scripts/device/probe_memory.py).
+    assert c.act_bytes_per_token_head == 2 * 2 * 4096 + 12 * 32000
+    assert c.act_bytes_per_token == 16 * 229_568 + 16_384 + 384_000
 
 
 def test_tiny_by_hand() -> None:
