@@ -35,7 +35,7 @@ def test_init_weights_is_seeded_and_follows_the_module_rules():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["lm_head.weight"], sc["lm_head.weight"])
     assert torch.equal(sa["norm.weight"], torch.ones(CONFIG.d_model))
-    for li, moe in enumerate(a.moe_layers()):
+    for moe in a.moe_layers():
         assert torch.equal(moe.router.bias, torch.zeros(CONFIG.num_experts))
     big = torch.cat([sa["tok_emb.weight"].reshape(-1), sa["lm_head.weight"].reshape(-1)])
     assert abs(float(big.std()) - 0.02) < 1e-3 and abs(float(big.mean())) < 1e-3
