@@ -119,6 +119,28 @@ def test_eplb_replicates_hot_experts_and_balances_gpus():
     assert np.all(busiest < gpu_loads(problem, contiguous(problem)).max(axis=1))
 
 
+@pytest.mark.parametrize("topology,num_experts", [("dgx-h100-2node", 16),  # hierarchical
+                                                   ("h100-8node-oversub", 4)])  # global
+def test_eplb_uses_every_slot_the_user_allows(topology, num_experts):
+    """EPLB's redundant experts: with --experts-per-gpu 3 it fills 3 slots per GPU (what the planner
+    may use too), which relieves the hot experts' GPUs; contiguous keeps one expert per GPU."""
+    one = problem_of(topology, num_experts, routing="zipf:1.5")
+    three = problem_of(topology, num_experts, routing="zipf:1.5", experts_per_gpu=3)
+    placement = eplb(three)
+    placement.validate(3)
+    for layer in placement.layers:
+        assert np.all(experts_per_rank(layer, three.num_gpus) == 3)
+    assert np.all(gpu_loads(three, placement).max(axis=1) < gpu_loads(one, eplb(one)).max(axis=1))
+    assert all(np.all(experts_per_rank(layer, three.num_gpus) == 1) for layer in contiguous(three).layers)
+
+
+def test_eplb_slots_stop_at_the_experts_a_node_holds():
+    # Hierarchical, 4 experts over 2 nodes: a node holds 2, so a GPU can hold at most 2 distinct.
+    problem = problem_of("dgx-h100-2node", 4, routing="zipf:1.5", experts_per_gpu=3)
+    for layer in eplb(problem).layers:
+        assert np.all(experts_per_rank(layer, problem.num_gpus) == 2)
+
+
 def test_eplb_global_policy_when_nodes_outnumber_experts():
     problem = problem_of("h100-8node-oversub", 4, routing="zipf:1.5")  # 64 GPUs, 8 nodes, 4 experts
     placement = eplb(problem)

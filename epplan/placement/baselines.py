@@ -7,10 +7,11 @@
 
 All return the shared ``Placement`` with tokens split evenly over an expert's replicas (every
 source rank the same), honour ``experts_per_gpu``, give every expert at least one replica, and
-with G >= E fill every GPU with exactly one expert.
+with G >= E and the default of one expert per GPU fill every GPU with exactly one. ``eplb``
+fills every slot ``experts_per_gpu`` allows (its redundant experts); the others the fewest that fit.
 
 Shape legend: L = MoE layers, G = ranks (GPUs), E = experts per layer, N = nodes,
-S = slots per GPU (``problem.slots_per_gpu``), P = physical experts (replicas), G * S.
+S = slots per GPU (``problem.slots_per_gpu``; eplb: see there), P = physical experts, G * S.
 """
 
 from __future__ import annotations
@@ -51,13 +52,17 @@ def eplb(problem: PlacementProblem) -> Placement:
     (3) pack the node's replicas onto its GPUs, S each, balancing load. Otherwise (e.g. more
     nodes than experts) EPLB's global policy: replicate over all G * S slots, then pack onto all
     GPUs. A GPU never holds two replicas of one expert. Tokens are split evenly over replicas.
+    S here is ``experts_per_gpu`` (EPLB's redundant experts fill every slot the planner may use),
+    capped at the experts a GPU can choose from; with the default of 1 that is one expert per GPU.
     """
     num_gpus, num_experts = problem.num_gpus, problem.num_experts
-    slots = problem.slots_per_gpu
     node_of = np.asarray(problem.topology.gpu_node)
     nodes = [np.flatnonzero(node_of == n) for n in range(problem.topology.num_nodes)]
     sizes = {len(n) for n in nodes}
     is_hier = (len(nodes) > 1 and len(sizes) == 1 and num_experts % len(nodes) == 0)
+    # EPLB's redundant experts: every slot the user allows (the planner's budget too), but no more
+    # than the distinct experts a GPU can draw from (its node's, or all of them).
+    slots = min(problem.experts_per_gpu, num_experts // len(nodes) if is_hier else num_experts)
     layers = []
     for load in problem.expert_load:                                      # [E] per layer
         if is_hier:
