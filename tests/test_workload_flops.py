@@ -49,14 +49,18 @@ def test_seed_wire_and_activation_bytes() -> None:
     assert EXCHANGES_PER_LAYER_PER_STEP == 4
     # per assignment: expert input d, up output f, activation f, expert output d, bf16
     assert c.act_bytes_per_assignment == 2 * (4096 + 16384 + 16384 + 4096) == 81_920
-    assert c.act_bytes_per_token_attention == 2 * (2 * 4096 + 3 * 4096 + 4096) + 4 * 32
-    assert c.act_bytes_per_token_moe_local == 2 * 2 * 4096 + 4 * 16
-    assert c.act_bytes_per_token_moe_layer == 49_280 + 16_448 + 2 * 81_920 == 229_568
-    # Head: the fp32 log-softmax kept for backward, and at the start of backward its gradient and
-    # the logits' gradient, both fp32: 12 bytes per vocabulary entry (12.4-12.6 measured on an
-    # H100, scripts/device/probe_memory.py).
-    assert c.act_bytes_per_token_head == 2 * 2 * 4096 + 12 * 32000
-    assert c.act_bytes_per_token == 16 * 229_568 + 16_384 + 384_000
+    # Norm inputs are the fp32 residual stream (fp32 weights under autocast) with an fp32 rstd;
+    # attention casts the norm output to bf16 twice (wq, wkv); the router casts it once.
+    # Measured on an H100 with saved_tensors_hooks (scripts/device/probe_saved.py).
+    assert c.act_bytes_per_token_attention == (4 * 4096 + 4) + 2 * (2 * 4096 + 3 * 4096 + 4096) + 4 * 32
+    assert c.act_bytes_per_token_moe_local == (4 * 4096 + 4) + 2 * 4096 + 4 * 16
+    assert c.act_bytes_per_token_moe_layer == 65_668 + 24_644 + 2 * 81_920 == 254_152
+    # Head: the final norm's fp32 input and rstd, the LM head's bf16 input, and the loss: the fp32
+    # log-softmax kept for backward and, at the start of backward, its gradient and the logits'
+    # gradient, both fp32: 12 bytes per vocabulary entry (12.4-12.6 measured on an H100,
+    # scripts/device/probe_memory.py).
+    assert c.act_bytes_per_token_head == (4 * 4096 + 4) + 2 * 4096 + 12 * 32000
+    assert c.act_bytes_per_token == 16 * 254_152 + 24_580 + 384_000
 
 
 def test_tiny_by_hand() -> None:

@@ -202,27 +202,36 @@ def _activation_bytes(c: ModelConfig) -> dict[str, int]:
     loses its quadratic term; we count tensor by tensor instead, since MoE layers do not have
     their 4 * d_model MLP.
 
-    attention:  2 d (norm input, qkv input) + (H + 2 H_kv) hd (q, k, v) + H hd (output) [x b]
-                + 4 H (log-sum-exp)
-    moe_local:  2 d (norm input, router and dispatch input) [x b] + 4 E (fp32 router probs)
+    Norm inputs are the residual stream, which stays fp32 (the runtime keeps fp32 weights and
+    computes under bf16 autocast), each with an fp32 rstd: 4 d + 4 bytes per norm. Each linear
+    layer that reads a norm's output keeps its own bf16 copy of it. Measured per module on an H100
+    with saved_tensors_hooks (scripts/device/probe_saved.py, docs/benchmarks.md).
+
+    attention:  4 d + 4 (norm input, rstd) + [2 d (the norm output cast for wq and for wkv)
+                + (H + 2 H_kv) hd (q, k, v) + H hd (output)] x b + 4 H (log-sum-exp)
+    moe_local:  4 d + 4 (norm input, rstd) + d b (router input) + 4 E (fp32 router probs)
                 + per shared expert: (m + 1) f + d (up/gate output, activation output, output) [x b]
     assignment: d (expert input) + m f (up/gate output) + f (activation output) + d (expert
                 output, kept for the gate weight's gradient) [x b]; m = 2 for swiglu, else 1
-    dense_mlp:  2 d (norm input, mlp input) + (m + 1) f_dense [x b]
-    head:       2 d (final norm input, LM-head input) [x b] + 12 V: the fp32 log-softmax kept
-                for the loss's backward (4 V) and, at the start of backward, when every other
-                activation is still held, its gradient and the logits' gradient, both fp32 (8 V).
+    dense_mlp:  4 d + 4 (norm input, rstd) + [m d (the norm output cast for w1, and w3 for
+                swiglu) + (m + 1) f_dense] x b (by the same rule; no dense layer was measured)
+    head:       4 d + 4 (final norm input, rstd) + d b (LM-head input) + 12 V: the fp32
+                log-softmax kept for the loss's backward (4 V) and, at the start of backward, when
+                every other activation is still held, its gradient and the logits' gradient, both
+                fp32 (8 V).
                 Measured on an H100 under bf16 autocast: 4.4-4.6 V kept, 12.4-12.6 V at the peak
                 (scripts/device/probe_memory.py, docs/benchmarks.md).
     """
     d, b, f = c.d_model, c.dtype_bytes, c.d_ff
     m = mlp_matrices(c.activation) - 1  # tensors out of the up (and gate) projection
+    norm = _FP32_BYTES * (d + 1)  # an fp32 norm input and its rstd
     q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     return {
-        "attention": b * (2 * d + q_width + 2 * kv_width + q_width) + _FP32_BYTES * c.num_heads,
-        "moe_local": (b * 2 * d + _FP32_BYTES * c.num_experts
+        "attention": (norm + b * (2 * d + q_width + 2 * kv_width + q_width)
+                      + _FP32_BYTES * c.num_heads),
+        "moe_local": (norm + b * d + _FP32_BYTES * c.num_experts
                       + c.num_shared_experts * b * ((m + 1) * f + d)),
         "assignment": b * (d + m * f + f + d),
-        "dense_mlp": b * (2 * d + (m + 1) * c.dense_d_ff) if c.num_dense_layers else 0,
-        "head": b * 2 * d + 3 * _FP32_BYTES * c.vocab_size,
+        "dense_mlp": norm + b * (m * d + (m + 1) * c.dense_d_ff) if c.num_dense_layers else 0,
+        "head": norm + b * d + 3 * _FP32_BYTES * c.vocab_size,
     }
