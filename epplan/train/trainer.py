@@ -138,10 +138,11 @@ class Trainer:
 
         torch.manual_seed(opts.seed)  # for any draw from the global generator
         # Only this rank's experts are ever allocated; the weights do not depend on the placement.
-        ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
+        self.overlap_ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
         self.model = build_expert_parallel_model(
             config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
-            overlap=opts.use_overlap(len(job.nodes)), num_chunks=opts.num_chunks, overlap_ctas=ctas)
+            overlap=opts.use_overlap(len(job.nodes)), num_chunks=opts.num_chunks,
+            overlap_ctas=self.overlap_ctas)
         if opts.activation_checkpointing:
             checkpoint_attention(self.model)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices, experts
@@ -318,7 +319,7 @@ class Trainer:
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
             "overlap": self.opts.use_overlap(len(self.job.nodes)), "num_chunks": self.opts.num_chunks,
-            "overlap_ctas": self.opts.overlap_ctas or DEFAULT_OVERLAP_CTAS,
+            "overlap_ctas": self.overlap_ctas,
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
         }
