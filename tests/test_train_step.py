@@ -81,3 +81,30 @@ def test_step_options_match_their_references(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_bytes(("the quick brown fox jumps over the lazy dog. " * 200).encode())
     run_distributed(_check, G, str(tmp_path), str(text))
+
+
+def test_matrices_every_few_steps_beyond_64_ranks():
+    from epplan.train.metrics import matrix_every
+    assert [matrix_every(g) for g in (1, 2, 64)] == [1, 1, 1]
+    assert matrix_every(65) == 4 and matrix_every(128) == 4 and matrix_every(1024) == 256
+
+
+def _gather_with_and_without_matrices(rank: int, world_size: int) -> None:
+    from epplan.runtime.expert_parallel import ExpertParallelStats
+    from epplan.train.metrics import gather_step_stats
+    stats = ExpertParallelStats.zeros(2, 3, world_size)
+    stats.num_tokens_per_expert[:] = np.arange(6).reshape(2, 3) + 10 * rank
+    stats.dispatch_bytes[:] = 100 * (rank + 1)
+    stats.combine_bytes[:] = 7
+    loss, aux = torch.tensor(1.0 + rank), torch.tensor(0.5)
+    full = gather_step_stats(loss, aux, stats, world_size)
+    thin = gather_step_stats(loss, aux, stats, world_size, with_matrices=False)
+    assert thin.dispatch_bytes is None and thin.combine_bytes is None
+    assert thin.loss == full.loss == 1.5 and thin.aux_loss == 0.5
+    np.testing.assert_array_equal(thin.tokens_per_expert, full.tokens_per_expert)
+    assert full.dispatch_bytes.shape == (2, world_size, world_size)
+    assert full.dispatch_bytes[0, 1, 0] == 200 and full.combine_bytes.sum() == 7 * 2 * world_size ** 2
+
+
+def test_gather_step_stats_without_matrices():
+    run_distributed(_gather_with_and_without_matrices, 2)

@@ -49,17 +49,19 @@ METRICS_FORMAT = "epplan.metrics"
 METRICS_VERSION = 1
 METRICS_FILE = "metrics.jsonl"
 ROUTING_STATS_FILE = "routing_stats.json"
-_STEP_KEYS = ("step", "step_time_s", "tokens_per_expert", "dispatch_bytes", "combine_bytes")
+_STEP_KEYS = ("step", "step_time_s", "tokens_per_expert")
+_MATRIX_KEYS = ("dispatch_bytes", "combine_bytes")  # on every step, or every few (many ranks)
 
 
 @dataclass
 class RunMetrics:
     """What a run directory holds, reduced to what the report needs.
 
-    steps: int64[N] step numbers of the step records used.
-    step_time_s: float64[N].
+    steps: int64[N] step numbers of the step records that carry all-to-all bytes (every step, or
+        every few steps in runs of many ranks: ``epplan.train.metrics.matrix_every``).
+    step_time_s: float64[M] of every step record used (M >= N).
     dispatch_bytes, combine_bytes: int64[N, L, S, T] forward bytes per step.
-    assignments: int64[N, L] token-assignments routed (after capacity drops).
+    assignments: int64[N, L] token-assignments routed (after capacity drops), same steps.
     routing: the run's routing statistics, if its file was found.
     """
 
@@ -144,10 +146,15 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
     numbers, times = [], []
     for line_no, rec in steps:
         where = f"{path}:{line_no}"
-        missing = [k for k in _STEP_KEYS if k not in rec]
+        has = [k for k in _MATRIX_KEYS if k in rec]
+        missing = [k for k in _STEP_KEYS if k not in rec] + ([k for k in _MATRIX_KEYS if k not in rec]
+                                                            if has else [])
         if missing:
             raise ReportError(f"{where}: step record lacks {', '.join(missing)}; not written by this epplan's run")
-        for key in ("dispatch_bytes", "combine_bytes"):
+        times.append(float(rec["step_time_s"]))
+        if not has:  # a step of a many-rank run that did not record the matrices
+            continue
+        for key in _MATRIX_KEYS:
             arrays[key].append(_int_array(rec[key], shape, f"{where}: {key}",
                                           "[layers][source ranks][destination ranks]"))
         tpe = _int_array(rec["tokens_per_expert"], None, f"{where}: tokens_per_expert", "[layers][experts]")
@@ -156,7 +163,12 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
                               f"has {num_layers} MoE layers")
         arrays["tokens_per_expert"].append(tpe.sum(axis=1))
         numbers.append(int(rec["step"]))
-        times.append(float(rec["step_time_s"]))
+    if not numbers:
+        raise ReportError(f"{path}: no step of this manifest recorded all-to-all bytes yet; runs of many "
+                          "ranks record them every few steps and at the last: let the run go on")
+    if len(numbers) < len(steps):
+        notes.append(f"all-to-all bytes were recorded on {len(numbers)} of the {len(steps)} steps "
+                     "(every few steps in runs of many ranks): measured is their mean")
 
     routing = _read_routing(run_dir, records, manifest_hash, num_layers, num_ranks, notes)
     tokens = start.get("tokens_per_step")

@@ -17,7 +17,8 @@ Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = exper
   batch), ``expert_load_max_over_mean`` [L], and the all-to-all bytes of the forward pass per layer
   and (source, destination) rank: ``dispatch_bytes`` [L][S][T] and ``combine_bytes`` [L][S][T]
   (diagonal: rows a rank keeps). Backward moves the same amounts again with dispatch and combine
-  swapped, so a step's wire traffic is twice the off-diagonal sum.
+  swapped, so a step's wire traffic is twice the off-diagonal sum. Up to ``MATRIX_RANKS`` ranks
+  every step carries them; beyond, every ``matrix_every(G)``-th step and the last do.
 - ``checkpoint``: ``path`` and ``seconds`` of a checkpoint written after ``step``.
 - ``end``: the last step, and the routing-statistics file.
 
@@ -53,14 +54,15 @@ class StepStats:
     """One step's numbers from all ranks.
 
     tokens_per_expert: int64 [L, G, E], assignments each source rank routed to each expert.
-    dispatch_bytes, combine_bytes: int64 [L, S, T], forward all-to-all bytes per layer.
+    dispatch_bytes, combine_bytes: int64 [L, S, T], forward all-to-all bytes per layer; None on
+        steps that do not gather them.
     """
 
     loss: float
     aux_loss: float
     tokens_per_expert: np.ndarray
-    dispatch_bytes: np.ndarray
-    combine_bytes: np.ndarray
+    dispatch_bytes: np.ndarray | None
+    combine_bytes: np.ndarray | None
 
     def expert_load(self) -> np.ndarray:
         """float64 [L]: per layer, the busiest expert's assignments over the mean."""
@@ -69,30 +71,45 @@ class StepStats:
         return np.divide(load.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
 
 
+# The all-to-all matrices are L G^2 numbers a step, gathered to every rank and written as JSON:
+# 268 MB at 1,024 ranks and 16 layers. Beyond MATRIX_RANKS ranks they are gathered and written
+# every matrix_every(G) steps, which keeps their volume per step at MATRIX_RANKS ranks' volume.
+MATRIX_RANKS = 64
+
+
+def matrix_every(num_ranks: int) -> int:
+    """Steps between step records that carry the all-to-all matrices (1 up to MATRIX_RANKS)."""
+    return math.ceil(num_ranks / MATRIX_RANKS) ** 2
+
+
 # torch 2.13 renamed all_gather_into_tensor; the project supports torch >= 2.4.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def gather_step_stats(loss: torch.Tensor, aux_loss: torch.Tensor, stats: ExpertParallelStats,
-                      num_ranks: int) -> StepStats:
-    """Collective: every rank's mean loss and routing statistics, in one all-gather.
+                      num_ranks: int, with_matrices: bool = True) -> StepStats:
+    """Collective: every rank's mean loss and routing statistics, in one all-gather, with the
+    all-to-all byte matrices if ``with_matrices``.
 
     NOTE: a device-to-host sync (the loss and counts come back to the CPU every step).
     """
     L, E = stats.num_tokens_per_expert.shape
     G = num_ranks
-    local = np.concatenate([[0.0, 0.0], stats.num_tokens_per_expert.ravel(),
-                            stats.dispatch_bytes.ravel(), stats.combine_bytes.ravel()])
-    mine = torch.from_numpy(local).to(loss.device)  # float64: integers exact below 2**53
+    parts = [[0.0, 0.0], stats.num_tokens_per_expert.ravel()]
+    if with_matrices:
+        parts += [stats.dispatch_bytes.ravel(), stats.combine_bytes.ravel()]
+    mine = torch.from_numpy(np.concatenate(parts)).to(loss.device)  # float64: integers exact below 2**53
     mine[0], mine[1] = loss.detach().double(), aux_loss.detach().double()
     everyone = mine.new_empty(G * mine.numel())  # flat: gloo wants (G * n,), not (G, n)
     _all_gather_single(everyone, mine)
-    rows = everyone.cpu().numpy().reshape(G, -1)  # (G, 2 + L*E + 2*L*G)
+    rows = everyone.cpu().numpy().reshape(G, -1)  # (G, 2 + L*E [+ 2*L*G])
     counts = rows[:, 2:2 + L * E].reshape(G, L, E).transpose(1, 0, 2)  # [L, S, E]
-    a2a = rows[:, 2 + L * E:].reshape(G, 2, L, G).transpose(1, 2, 0, 3)  # [2, L, S, T]
+    dispatch = combine = None
+    if with_matrices:
+        a2a = np.rint(rows[:, 2 + L * E:].reshape(G, 2, L, G).transpose(1, 2, 0, 3)).astype(np.int64)
+        dispatch, combine = a2a  # [L, S, T] each
     return StepStats(float(rows[:, 0].mean()), float(rows[:, 1].mean()),
-                     np.rint(counts).astype(np.int64), np.rint(a2a[0]).astype(np.int64),
-                     np.rint(a2a[1]).astype(np.int64))
+                     np.rint(counts).astype(np.int64), dispatch, combine)
 
 
 class MetricsLog:

@@ -35,7 +35,8 @@ from epplan.runtime.model import Transformer
 from epplan.train import checkpoint
 from epplan.train.data import make_data
 from epplan.train.job import Job
-from epplan.train.metrics import FORMAT, VERSION, MetricsLog, ProgressDisplay, gather_step_stats
+from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, gather_step_stats,
+                                  matrix_every)
 from epplan.train.options import TrainOptions
 from epplan.workload.flops import model_costs
 from epplan.workload.routing_stats import write_routing_stats
@@ -234,10 +235,11 @@ class Trainer:
             aux_sum = aux_sum + aux.detach()
         sync_gradients(model)
         # The model's loss includes the auxiliary losses; report the language-model part apart.
-        gathered = gather_step_stats((loss_sum - aux_sum) / opts.micro_batches,
-                                     aux_sum / opts.micro_batches, stats, self.job.num_ranks)
-        grad_norm = global_grad_norm(model)
         step = self.step + 1
+        with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.steps
+        gathered = gather_step_stats((loss_sum - aux_sum) / opts.micro_batches,
+                                     aux_sum / opts.micro_batches, stats, self.job.num_ranks, with_matrices)
+        grad_norm = global_grad_norm(model)
         bad = next((f"{what} is {value}" for what, value in
                     (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm.item()))
                     if not math.isfinite(value)), None)
@@ -259,16 +261,18 @@ class Trainer:
         self.routing_steps += 1
         seconds = time.perf_counter() - start
         tflops = self.costs.model_flops_per_step / seconds / self.job.num_ranks / 1e12
-        return {
+        record = {
             "kind": "step", "step": step, "loss": gathered.loss, "aux_loss": gathered.aux_loss, "lr": lr,
             "grad_norm": grad_norm.item(), "step_time_s": seconds,
             "tokens_per_s": self.config.tokens_per_step / seconds, "tflops_per_gpu": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "tokens_per_expert": gathered.tokens_per_expert.sum(axis=1).tolist(),
             "expert_load_max_over_mean": [round(v, 4) for v in gathered.expert_load().tolist()],
-            "dispatch_bytes": gathered.dispatch_bytes.tolist(),
-            "combine_bytes": gathered.combine_bytes.tolist(),
         }
+        if with_matrices:
+            record["dispatch_bytes"] = gathered.dispatch_bytes.tolist()
+            record["combine_bytes"] = gathered.combine_bytes.tolist()
+        return record
 
     # ----------------------------------------------------------------------------- the run
 
