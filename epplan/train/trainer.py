@@ -234,9 +234,9 @@ class Trainer:
             loss_sum = loss_sum + loss.detach()
             aux_sum = aux_sum + aux.detach()
         sync_gradients(model)
-        # The model's loss includes the auxiliary losses; report the language-model part apart.
         step = self.step + 1
         with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.steps
+        # The model's loss includes the auxiliary losses; report the language-model part apart.
         gathered = gather_step_stats((loss_sum - aux_sum) / opts.micro_batches,
                                      aux_sum / opts.micro_batches, stats, self.job.num_ranks, with_matrices)
         grad_norm = global_grad_norm(model)
