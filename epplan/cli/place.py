@@ -24,6 +24,7 @@ from epplan.placement.solve import SOLVERS, LayerInfo, solve
 from epplan.placement.types import Placement
 from epplan.topology import load_topology
 from epplan.workload import load_model_config, make_traffic
+from epplan.workload.hf_config import model_notes
 
 METHODS = ("ilp", "eplb", "contiguous", "random")
 
@@ -33,7 +34,8 @@ METHODS = ("ilp", "eplb", "contiguous", "random")
 def place(
     topology: Annotated[Path, typer.Option(help="Cluster topology YAML file (see topologies/).", show_default=False)],
     model: Annotated[str, typer.Option(
-        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny) or YAML file.")] = "seed",
+        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny), YAML file, or a Hugging Face "
+             "MoE config.json (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE).")] = "seed",
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
     routing: Annotated[str, typer.Option(
@@ -82,7 +84,7 @@ def place(
             f"[bold]{config.name}[/] on [bold]{topo.name}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
             f"{config.num_moe_layers} MoE layers x {config.num_experts} experts, routing {traffic.source}, "
             f"at most {experts_per_gpu} expert(s) per GPU", highlight=False)
-        for note in traffic.notes:
+        for note in model_notes(model) + traffic.notes:
             console.print(f"  [dim]note: {note}[/]", highlight=False)
 
     plans: dict[str, tuple[Placement, float]] = {}

@@ -48,6 +48,11 @@ class ModelConfig:
     num_shared_experts: int = 0
     router_aux_loss_coef: float = 0.01
     router_bias_rate: float = 0.001
+    # Group-limited routing (DeepSeek-V2/V3's n_group / topk_group): the routed experts form
+    # num_expert_groups equal groups and a token picks its top_k experts inside its best
+    # topk_groups groups. 0 = ungrouped. Recorded for the baselines (EPLB's hierarchical policy).
+    num_expert_groups: int = 0
+    topk_groups: int = 0
 
     def __post_init__(self) -> None:
         positive = ("num_layers", "num_experts", "top_k", "d_model", "d_ff", "num_heads",
@@ -56,7 +61,8 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model {self.name!r}: {field} must be a positive integer, got {value!r}")
-        for field in ("num_dense_layers", "dense_d_ff", "num_shared_experts"):
+        for field in ("num_dense_layers", "dense_d_ff", "num_shared_experts", "num_expert_groups",
+                      "topk_groups"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model {self.name!r}: {field} must be a non-negative integer, got {value!r}")
@@ -74,6 +80,22 @@ class ModelConfig:
                 f"out of num_layers={self.num_layers}")
         if self.num_dense_layers and not self.dense_d_ff:
             raise ConfigError(f"model {self.name!r}: dense layers need dense_d_ff > 0")
+        if self.num_expert_groups:
+            if self.num_experts % self.num_expert_groups:
+                raise ConfigError(
+                    f"model {self.name!r}: num_expert_groups={self.num_expert_groups} does not divide "
+                    f"num_experts={self.num_experts}")
+            if not 1 <= self.topk_groups <= self.num_expert_groups:
+                raise ConfigError(
+                    f"model {self.name!r}: topk_groups={self.topk_groups} must be in "
+                    f"1..num_expert_groups={self.num_expert_groups}")
+            reachable = self.topk_groups * (self.num_experts // self.num_expert_groups)
+            if self.top_k > reachable:
+                raise ConfigError(
+                    f"model {self.name!r}: top_k={self.top_k} exceeds the {reachable} experts of the "
+                    f"topk_groups={self.topk_groups} groups a token may use")
+        elif self.topk_groups:
+            raise ConfigError(f"model {self.name!r}: topk_groups needs num_expert_groups > 0")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"model {self.name!r}: activation {self.activation!r} unknown; known: {', '.join(ACTIVATIONS)}")
@@ -120,7 +142,7 @@ PRESETS: dict[str, ModelConfig] = {
         name="deepseek-v3", num_layers=61, num_experts=256, top_k=8, d_model=7168, d_ff=2048,
         num_heads=128, head_dim=128, num_kv_heads=128, vocab_size=129280, seq_len=4096,
         global_batch=15360, activation="swiglu", num_dense_layers=3, dense_d_ff=18432,
-        num_shared_experts=1),
+        num_shared_experts=1, num_expert_groups=8, topk_groups=4),
     # For CPU tests and the README demo: small enough to train in seconds with gloo.
     "tiny": ModelConfig(
         name="tiny", num_layers=2, num_experts=4, top_k=2, d_model=32, d_ff=64,
@@ -135,15 +157,21 @@ def load_model_config(
     spec: str | Path | ModelConfig = "seed",
     overrides: Mapping[str, Any] | None = None,
 ) -> ModelConfig:
-    """A preset name, a YAML file or a config, with field overrides applied.
+    """A preset name, a YAML file, a Hugging Face ``config.json`` or a config, with field
+    overrides applied.
 
-    A YAML file holds field values, and may start from a preset with ``base: NAME``.
+    A YAML file holds field values, and may start from a preset with ``base: NAME``. A ``.json``
+    file is a Hugging Face model config (``epplan.workload.hf_config``).
     """
     if isinstance(spec, ModelConfig):
         return _apply(spec, dict(overrides or {}), source="override")
     spec_str = str(spec)
     if spec_str in PRESETS:
         config = PRESETS[spec_str]
+    elif spec_str.endswith(".json"):
+        from epplan.workload.hf_config import read_hf_config
+
+        config = read_hf_config(spec_str).config
     elif spec_str.endswith((".yaml", ".yml")) or Path(spec_str).is_file():
         config = _from_yaml(Path(spec_str))
     else:
