@@ -32,7 +32,8 @@ def test_good_document_builds():
 
 @pytest.mark.parametrize("doc,expected", [
     ({**GOOD, "nodes": [{"name": "a", "type": "dgx-h100"}, {"name": "b", "type": "dgx-h200x"}]},
-     "nodes[1].type: unknown node type 'dgx-h200x'; known: dgx-h100, dgx-h200, pcie-8gpu"),
+     "nodes[1].type: unknown node type 'dgx-h200x'; known: dgx-a100, dgx-b200, dgx-h100, dgx-h200, "
+     "gb200-nvl72, mi300x, pcie-8gpu"),
     ({**GOOD, "colour": "blue"}, "colour: unknown key"),
     ({**GOOD, "nodes": [{"name": "a", "type": "dgx-h100", "gpus": 3}]}, "nodes[0].gpus: unknown key"),
     ({"nodes": GOOD["nodes"], "fabric": GOOD["fabric"]}, "name: missing required field"),

@@ -13,6 +13,8 @@ from epplan.cli.common import console, print_json, user_errors
 from epplan.errors import TopologyError
 from epplan.topology import load_topology
 from epplan.topology.generate import FABRICS, generate
+from epplan.topology.library import NODE_TYPES
+from epplan.topology.units import plausibility_warnings
 from epplan.topology.summary import summarize
 
 topo_app = typer.Typer(help="Inspect, check and generate cluster topology files.", no_args_is_help=True)
@@ -79,6 +81,8 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Topology YAML fil
             continue
         console.print(f"[green]✓[/] {file}: {topo.num_nodes} nodes, {topo.num_gpus} GPUs, "
                       f"{topo.num_links} directed links", highlight=False)
+        for warning in plausibility_warnings(topo.spec):
+            console.print(f"    [yellow]warning:[/] {warning}", highlight=False, markup=True)
     if failed:
         raise typer.Exit(1)
 
@@ -94,7 +98,7 @@ def _split_problems(message: str, source: str) -> list[str]:
 @user_errors
 def gen(
     nodes: Annotated[int, typer.Option(help="Number of servers.")],
-    node_type: Annotated[str, typer.Option(help="Built-in server type: dgx-h100, dgx-h200, pcie-8gpu.")] = "dgx-h100",
+    node_type: Annotated[str, typer.Option(help=f"Built-in server type: {', '.join(NODE_TYPES)}.")] = "dgx-h100",
     fabric: Annotated[str, typer.Option(help=f"Inter-node fabric: {', '.join(FABRICS)}.")] = "rail",
     nodes_per_su: Annotated[int, typer.Option(help="Servers per scalable unit (rail and three-tier).")] = 32,
     spines: Annotated[Optional[int], typer.Option(help="Spine switches (rail); default nodes_per_su/2.")] = None,

@@ -34,7 +34,7 @@ from epplan.placement.types import Placement
 
 COMPONENTS = ("dispatch", "combine", "expert_sync", "dense_sync")
 CLASS_LABELS = {
-    "nvlink": "NVLink", "pcie": "PCIe", "socket": "socket", "nic_up": "NIC up",
+    "nvlink": "NVLink", "xgmi": "xGMI", "pcie": "PCIe", "socket": "socket", "nic_up": "NIC up",
     "nic_down": "NIC down", "leaf_spine": "leaf-spine", "spine_core": "spine-core", "fabric": "fabric",
 }
 

@@ -22,10 +22,10 @@ from epplan.errors import TopologyError
 from epplan.topology.load import expand_nodes, resolve_node_type
 from epplan.topology.schema import (
     ExplicitFabric, NodeType, NVSwitchFabric, PCIeFabric, RailOptimizedFabric, SwitchFabric,
-    ThreeTierFabric, TopologySpec,
+    ThreeTierFabric, TopologySpec, XGMIFabric,
 )
 
-LINK_CLASSES = ("nvlink", "pcie", "socket", "nic_up", "nic_down", "leaf_spine", "spine_core", "fabric")
+LINK_CLASSES = ("nvlink", "xgmi", "pcie", "socket", "nic_up", "nic_down", "leaf_spine", "spine_core", "fabric")
 
 
 @dataclass
@@ -187,6 +187,12 @@ def _intra_node(b: _GraphBuilder, name: str, n: int, ntype: NodeType, gpus: list
             b.cable(gpu, sw, fabric.gbps, fabric.latency_us, "nvlink")
         # On HGX boards each NIC shares a PCIe switch with its GPU (GPUDirect RDMA): model the
         # pair as a direct GPU<->NIC PCIe link.
+        return list(gpus)
+    if isinstance(fabric, XGMIFabric):
+        # A full mesh: one cable per GPU pair. Each NIC sits on its GPU's PCIe switch, as on HGX.
+        for i, gi in enumerate(gpus):
+            for gj in gpus[i + 1:]:
+                b.cable(gi, gj, fabric.gbps, fabric.latency_us, "xgmi")
         return list(gpus)
     assert isinstance(fabric, PCIeFabric)
     switches = [b.device(f"{name}/pcie{k}", "pcie_switch", node=n) for k in range(len(fabric.switches))]

@@ -18,7 +18,7 @@ from epplan.errors import TopologyError
 from epplan.topology.library import NODE_TYPES
 from epplan.topology.schema import ExplicitFabric, NodeType, PCIeFabric, TopologySpec
 
-_UNION_TAGS = {"nvswitch", "pcie", "switch", "rail_optimized", "three_tier", "explicit"}
+_UNION_TAGS = {"nvswitch", "xgmi", "pcie", "switch", "rail_optimized", "three_tier", "explicit"}
 
 
 def read_spec(path: str | Path) -> tuple[TopologySpec, str]:
@@ -78,6 +78,8 @@ def _format_errors(exc: ValidationError) -> list[str]:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "missing required field"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         out.append(f"{path}: {msg}" if path else msg)
     if len(exc.errors()) > 10:
         out.append(f"... and {len(exc.errors()) - 10} more")

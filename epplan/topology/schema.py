@@ -3,8 +3,8 @@
 A topology file has four parts (see topologies/*.yaml for worked examples):
 
 - ``node_types``: what one server looks like: GPUs (model, memory, bf16 TFLOP/s, HBM bandwidth),
-  the intra-node fabric (an NVSwitch at a per-GPU bandwidth, or a PCIe tree with optional NVLink
-  bridges) and the NICs (bandwidth, and the GPU each hangs off). The built-in types of
+  the intra-node fabric (an NVSwitch at a per-GPU bandwidth, an xGMI full mesh at a per-link
+  bandwidth, or a PCIe tree with optional NVLink bridges) and the NICs (bandwidth, and the GPU each hangs off). The built-in types of
   ``epplan.topology.library`` can be used by name without being declared.
 - ``nodes``: a list of servers, each of a type, one by ``name`` or many by ``prefix`` + ``count``;
   a node may mark NICs as ``disabled_nics`` (a degraded server).
@@ -15,7 +15,8 @@ A topology file has four parts (see topologies/*.yaml for worked examples):
   traffic evenly hop by hop) or ``rail_aligned`` (NCCL's PXN: traffic first crosses the intra-node
   fabric to the GPU whose NIC is on the destination's rail).
 
-Bandwidths are GB/s per direction; latencies microseconds.
+Bandwidths are GB/s per direction (a bare number), or strings with a unit such as ``400Gb/s``
+(``epplan.topology.units``); latencies microseconds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+
+from epplan.topology.units import Bandwidth
 
 
 class _Strict(BaseModel):
@@ -33,14 +36,23 @@ class GPUSpec(_Strict):
     model: str
     memory_gb: PositiveFloat
     bf16_tflops: PositiveFloat
-    hbm_gbps: PositiveFloat
+    hbm_gbps: Bandwidth
 
 
 class NVSwitchFabric(_Strict):
     """All GPUs of the node on one NVSwitch plane: each GPU has ``gbps`` per direction to it."""
 
     kind: Literal["nvswitch"]
-    gbps: PositiveFloat
+    gbps: Bandwidth
+    latency_us: NonNegativeFloat = 1.0
+
+
+class XGMIFabric(_Strict):
+    """AMD Infinity Fabric (xGMI): every pair of the node's GPUs joined by its own link of
+    ``gbps`` per direction (a full mesh, no switch), as on MI300X platforms."""
+
+    kind: Literal["xgmi"]
+    gbps: Bandwidth
     latency_us: NonNegativeFloat = 1.0
 
 
@@ -54,28 +66,28 @@ class PCIeFabric(_Strict):
 
     kind: Literal["pcie"]
     switches: list[list[NonNegativeInt]]
-    gpu_gbps: PositiveFloat
-    uplink_gbps: PositiveFloat
+    gpu_gbps: Bandwidth
+    uplink_gbps: Bandwidth
     sockets: list[list[NonNegativeInt]] | None = None
-    socket_gbps: PositiveFloat | None = None
+    socket_gbps: Bandwidth | None = None
     nvlink_bridges: list[tuple[NonNegativeInt, NonNegativeInt]] = []
-    bridge_gbps: PositiveFloat | None = None
+    bridge_gbps: Bandwidth | None = None
     latency_us: NonNegativeFloat = 2.0
 
 
 class NICSpec(_Strict):
     """NICs of a node: NIC r hangs off local GPU ``attach[r]`` (its rail is r)."""
 
-    gbps: PositiveFloat
+    gbps: Bandwidth
     attach: list[NonNegativeInt] = Field(min_length=1)
-    pcie_gbps: PositiveFloat
+    pcie_gbps: Bandwidth
     latency_us: NonNegativeFloat = 2.0
 
 
 class NodeType(_Strict):
     gpus: PositiveInt
     gpu: GPUSpec
-    fabric: Annotated[Union[NVSwitchFabric, PCIeFabric], Field(discriminator="kind")]
+    fabric: Annotated[Union[NVSwitchFabric, XGMIFabric, PCIeFabric], Field(discriminator="kind")]
     nics: NICSpec | None = None
     description: str | None = None
 
@@ -133,7 +145,7 @@ class LinkEntry(_Strict):
 
     a: str
     b: str
-    gbps: PositiveFloat
+    gbps: Bandwidth
     latency_us: NonNegativeFloat = 1.0
     one_way: bool = False
 
