@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from epplan.cost import evaluate
-from epplan.placement.baselines import (
-    BASELINES, _pack_to_gpus, _replicate_heaviest, _round_robin, contiguous, eplb, random_placement,
-)
+from epplan.placement.baselines import BASELINES, contiguous, eplb, eplb_hierarchical, random_placement
+from epplan.placement.eplb import rebalance_experts
 from epplan.placement.problem import PlacementProblem
 from epplan.topology import load_topology
 from epplan.workload import make_traffic
@@ -21,11 +20,11 @@ _TOPOS: dict = {}
 
 
 def problem_of(topology: str, num_experts: int, routing: str = "zipf:1.2", experts_per_gpu: int = 1,
-               num_layers: int = 3) -> PlacementProblem:
+               num_layers: int = 3, num_expert_groups: int = 1) -> PlacementProblem:
     topo = _TOPOS.setdefault(topology, load_topology(TOPOLOGIES / f"{topology}.yaml"))
     config = ModelConfig(name="m", num_layers=num_layers, num_experts=num_experts, top_k=2, d_model=64,
                          d_ff=128, num_heads=4, head_dim=16, num_kv_heads=4, vocab_size=100, seq_len=64,
-                         global_batch=topo.num_gpus)
+                         global_batch=topo.num_gpus, num_expert_groups=num_expert_groups)
     traffic = make_traffic(routing, config, topo.num_gpus, seed=1)
     return PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu)
 
@@ -59,8 +58,10 @@ def test_every_baseline_is_feasible(name, topology, num_experts, epg):
         assert held.max() <= epg
         if problem.num_gpus >= num_experts:
             assert np.all(held == 1)  # every GPU holds exactly one expert
-        for split in layer.split:  # even split over replicas
-            np.testing.assert_allclose(split, 1.0 / split.shape[1])
+        for split in layer.split:  # every source splits alike
+            np.testing.assert_allclose(split, np.broadcast_to(split[:1], split.shape))
+            if not name.startswith("eplb"):  # EPLB: shares of its physical replicas
+                np.testing.assert_allclose(split, 1.0 / split.shape[1])
     assert evaluate(placement, problem).step_time_s > 0
 
 
@@ -75,48 +76,70 @@ def test_contiguous_is_megatron_s_layout():
     assert p.layers[0].experts_on_rank(16)[:5] == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
 
 
-def test_replicate_heaviest():
-    # loads 8, 4, 1 and 3 extra slots: 8 -> 2 copies (4 each), then 4 vs 4 (tie: lowest index), ...
-    assert _replicate_heaviest(np.array([8.0, 4.0, 1.0]), 6, 8).tolist() == [3, 2, 1]
-    # capped at the number of GPUs in the pool
-    assert _replicate_heaviest(np.array([100.0, 1.0]), 4, 2).tolist() == [2, 2]
+# DeepSeek EPLB README's worked example: 2 layers x 12 experts, 16 replicas, 4 groups, 2 nodes, 8 GPUs.
+README_WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                          [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+README_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                  [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
 
 
-def test_pack_to_gpus_keeps_replicas_apart_and_fills_every_slot():
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        num_ranks, slots = int(rng.integers(1, 7)), int(rng.integers(1, 4))
-        num_experts = int(rng.integers(1, num_ranks * slots + 1))
-        load = rng.random(num_experts) * 10 ** rng.random(num_experts)
-        if num_experts < slots:  # too few experts to fill a rank without repeating one
-            continue
-        count = _replicate_heaviest(load, num_ranks * slots, num_ranks)
-        replicas: list[list[int]] = [[] for _ in range(num_experts)]
-        _pack_to_gpus(load, count, np.arange(num_ranks) + 10, slots, np.arange(num_experts), replicas)
-        assert [len(r) for r in replicas] == count.tolist()
-        assert all(len(set(r)) == len(r) for r in replicas)
-        per_rank = np.bincount(np.concatenate(replicas) - 10, minlength=num_ranks)
-        assert np.all(per_rank == slots)
+def test_eplb_reproduces_deepseek_readme_example():
+    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
+    assert phy2log.tolist() == README_PHY2LOG
+    assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+    for li in range(2):  # log2phy inverts phy2log, one column per replica rank, -1 padded
+        for e in range(12):
+            slots = log2phy[li, e][log2phy[li, e] >= 0]
+            assert slots.size == logcnt[li, e] and np.all(phy2log[li, slots] == e)
+    # hierarchical: a group's three experts stay on one node (slots 0-7 node 0, 8-15 node 1)
+    for li in range(2):
+        node_of = {e: {s // 8 for s in range(16) if phy2log[li, s] == e} for e in range(12)}
+        for g in range(4):
+            assert len(set().union(*(node_of[e] for e in range(3 * g, 3 * g + 3)))) == 1
 
 
-def test_round_robin_fallback_keeps_replicas_apart():
-    chosen = _round_robin(np.array([3, 1, 2]), 3)  # 6 replicas on 3 ranks, 2 slots each
-    by_expert = {e: sorted(p for x, p in chosen if x == e) for e in range(3)}
-    assert by_expert == {0: [0, 1, 2], 1: [0], 2: [1, 2]}
+def test_eplb_global_policy_when_groups_do_not_divide_over_nodes():
+    # 3 groups on 2 nodes: the global policy, i.e. one group on one node.
+    assert rebalance_experts(README_WEIGHT, 16, 3, 2, 8)[0].tolist() == \
+        rebalance_experts(README_WEIGHT, 16, 1, 1, 8)[0].tolist()
+
+
+def test_eplb_takes_the_model_s_groups():
+    # One group (no group-limited routing): global, a hot expert's replicas span both nodes;
+    # eplb-hier (every expert a group) keeps each expert's replicas on one node.
+    flat = problem_of("dgx-h100-2node", 4, routing="zipf:1.5")
+    node = flat.topology.gpu_node
+    spans = [len(set(node[r].tolist())) for layer in eplb(flat).layers for r in layer.replicas]
+    assert max(spans) == 2
+    assert all(len(set(node[r].tolist())) == 1 for layer in eplb_hierarchical(flat).layers for r in layer.replicas)
+    # Two groups of 4 on 2 nodes: hierarchical, each group on one node.
+    grouped = problem_of("dgx-h100-2node", 8, routing="zipf:1.5", num_expert_groups=2)
+    for layer in eplb(grouped).layers:
+        for g in range(2):
+            assert len({int(n) for e in range(4 * g, 4 * g + 4) for n in node[layer.replicas[e]]}) == 1
+
+
+def test_eplb_placement_is_its_phy2log():
+    """GPU g holds physical slots g * S .. (g + 1) * S - 1; an expert's share of a source's
+    tokens on a GPU is the number of its physical replicas there over its count."""
+    problem = problem_of("h100-8node-oversub", 4, routing="zipf:1.5", experts_per_gpu=3)
+    phy2log, _, logcnt = rebalance_experts(problem.expert_load, 64 * 3, 1, 1, 64)
+    for li, layer in enumerate(eplb(problem).layers):
+        for e, (ranks, split) in enumerate(zip(layer.replicas, layer.split)):
+            slots = np.flatnonzero(phy2log[li] == e)
+            np.testing.assert_array_equal(ranks, np.unique(slots // 3))
+            np.testing.assert_allclose(split[0], [np.sum(slots // 3 == g) / logcnt[li, e] for g in ranks])
 
 
 def test_eplb_replicates_hot_experts_and_balances_gpus():
     problem = problem_of("dgx-h100-2node", 4, routing="zipf:1.5")
-    placement = eplb(problem)
-    for layer, load in zip(placement.layers, problem.expert_load):
-        counts = np.array([r.size for r in layer.replicas])
-        assert counts.sum() == 16
-        assert counts[np.argmax(load)] == counts.max()  # the hottest expert has the most replicas
-        # hierarchical: 4 experts over 2 nodes, each expert's replicas stay inside its node
-        for r in layer.replicas:
-            assert len(set(problem.topology.gpu_node[r].tolist())) == 1
-    busiest = gpu_loads(problem, placement).max(axis=1)
-    assert np.all(busiest < gpu_loads(problem, contiguous(problem)).max(axis=1))
+    for placement in (eplb(problem), eplb_hierarchical(problem)):
+        for layer, load in zip(placement.layers, problem.expert_load):
+            counts = np.array([r.size for r in layer.replicas])
+            assert counts.sum() == 16
+            assert counts[np.argmax(load)] == counts.max()  # the hottest expert has the most replicas
+        busiest = gpu_loads(problem, placement).max(axis=1)
+        assert np.all(busiest < gpu_loads(problem, contiguous(problem)).max(axis=1))
 
 
 @pytest.mark.parametrize("topology,num_experts", [("dgx-h100-2node", 16),  # hierarchical
@@ -128,8 +151,8 @@ def test_eplb_uses_every_slot_the_user_allows(topology, num_experts):
     three = problem_of(topology, num_experts, routing="zipf:1.5", experts_per_gpu=3)
     placement = eplb(three)
     placement.validate(3)
-    for layer in placement.layers:
-        assert np.all(experts_per_rank(layer, three.num_gpus) == 3)
+    for layer in placement.layers:  # EPLB may pack two replicas of one expert on a GPU: one here
+        assert experts_per_rank(layer, three.num_gpus).sum() > 2 * three.num_gpus
     assert np.all(gpu_loads(three, placement).max(axis=1) < gpu_loads(one, eplb(one)).max(axis=1))
     assert all(np.all(experts_per_rank(layer, three.num_gpus) == 1) for layer in contiguous(three).layers)
 
@@ -137,8 +160,8 @@ def test_eplb_uses_every_slot_the_user_allows(topology, num_experts):
 def test_eplb_slots_stop_at_the_experts_a_node_holds():
     # Hierarchical, 4 experts over 2 nodes: a node holds 2, so a GPU can hold at most 2 distinct.
     problem = problem_of("dgx-h100-2node", 4, routing="zipf:1.5", experts_per_gpu=3)
-    for layer in eplb(problem).layers:
-        assert np.all(experts_per_rank(layer, problem.num_gpus) == 2)
+    for layer in eplb_hierarchical(problem).layers:
+        assert np.all(experts_per_rank(layer, problem.num_gpus) <= 2)
 
 
 def test_eplb_global_policy_when_nodes_outnumber_experts():

@@ -1,8 +1,11 @@
 """Baseline placements the planner is measured against: pure functions of a ``PlacementProblem``.
 
 - ``contiguous``: Megatron-Core's expert-parallel layout.
-- ``eplb``: DeepSeek's Expert Parallelism Load Balancer policy (replicate the heaviest, then
-  hierarchical balanced packing), written from its published description.
+- ``eplb``: DeepSeek's Expert Parallelism Load Balancer as DeepSeek and the serving frameworks
+  call it (``epplan.placement.eplb``): the model's expert groups, hierarchical when they divide
+  over the nodes, global otherwise (every model without group-limited routing).
+- ``eplb-hier``: EPLB's hierarchical policy with every expert its own group (replicas confined
+  to one node), the variant epplan compared against before.
 - ``random_placement``: a seeded random feasible placement.
 
 All return the shared ``Placement`` with tokens split evenly over an expert's replicas (every
@@ -20,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from epplan.placement.eplb import is_hierarchical, rebalance_experts
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 
@@ -43,40 +47,50 @@ def contiguous(problem: PlacementProblem) -> Placement:
 
 
 def eplb(problem: PlacementProblem) -> Placement:
-    """DeepSeek EPLB's policy, per layer, on the traffic's expert loads.
+    """DeepSeek EPLB as DeepSeek, vLLM and SGLang call it (``epplan.placement.eplb``), per layer,
+    on the traffic's expert loads: the model's expert groups (``num_expert_groups``; one group
+    without group-limited routing), hierarchical when they divide over the nodes, global otherwise."""
+    return _eplb(problem, max(1, problem.config.num_expert_groups), "eplb")
 
-    Hierarchical when the experts pack evenly over nodes of equal size (E divisible by the
-    number of nodes N): (1) pack experts to nodes, E / N each, balancing load (each expert is its
-    own group: our models have no group-limited routing); (2) within each node, give each of its
-    G/N * S slots beyond one per expert to the expert with the highest load per replica;
-    (3) pack the node's replicas onto its GPUs, S each, balancing load. Otherwise (e.g. more
-    nodes than experts) EPLB's global policy: replicate over all G * S slots, then pack onto all
-    GPUs. A GPU never holds two replicas of one expert. Tokens are split evenly over replicas.
-    S here is ``experts_per_gpu`` (EPLB's redundant experts fill every slot the planner may use),
-    capped at the experts a GPU can choose from; with the default of 1 that is one expert per GPU.
+
+def eplb_hierarchical(problem: PlacementProblem) -> Placement:
+    """EPLB's hierarchical policy with every expert its own group: each expert's replicas stay on
+    the one node its group was packed to (global when the experts do not divide over the nodes)."""
+    return _eplb(problem, problem.num_experts, "eplb-hier")
+
+
+def _eplb(problem: PlacementProblem, num_groups: int, method: str) -> Placement:
+    """EPLB's placement as a ``Placement``: GPU g holds physical slots g * S .. (g + 1) * S - 1
+    of ``phy2log``; replicas of one expert that EPLB packs onto one GPU are one replica there
+    with their shares added. Tokens split evenly over an expert's physical replicas, as the
+    serving frameworks route them. S, EPLB's physical experts per GPU, is ``experts_per_gpu``
+    (its redundant experts fill every slot the planner may use too), capped at the distinct
+    experts a GPU can draw from (its node's under the hierarchical policy, all otherwise).
+    Nodes of unequal size cannot take the hierarchical policy: they get the global one.
     """
     num_gpus, num_experts = problem.num_gpus, problem.num_experts
     node_of = np.asarray(problem.topology.gpu_node)
-    nodes = [np.flatnonzero(node_of == n) for n in range(problem.topology.num_nodes)]
-    sizes = {len(n) for n in nodes}
-    is_hier = (len(nodes) > 1 and len(sizes) == 1 and num_experts % len(nodes) == 0)
-    # EPLB's redundant experts: every slot the user allows (the planner's budget too), but no more
-    # than the distinct experts a GPU can draw from (its node's, or all of them).
-    slots = min(problem.experts_per_gpu, num_experts // len(nodes) if is_hier else num_experts)
+    num_nodes = problem.topology.num_nodes
+    sizes = np.bincount(node_of, minlength=num_nodes)
+    if np.any(sizes != sizes[0]) or np.any(np.diff(node_of) < 0):
+        num_nodes = 1                      # EPLB needs equal nodes with node-major ranks
+    hier = is_hierarchical(num_groups, num_nodes) and num_nodes > 1
+    if not hier:
+        num_groups, num_nodes = 1, 1
+    per_gpu = min(problem.experts_per_gpu, num_experts // num_nodes if hier else num_experts)
+    per_gpu = max(per_gpu, -(-num_experts // num_gpus))
+    phy2log, _, logcnt = rebalance_experts(problem.expert_load, num_gpus * per_gpu, num_groups,
+                                           num_nodes, num_gpus)
+    gpu_of_slot = np.arange(num_gpus * per_gpu) // per_gpu
     layers = []
-    for load in problem.expert_load:                                      # [E] per layer
-        if is_hier:
-            replicas: list[list[int]] = [[] for _ in range(num_experts)]
-            node_experts = _balanced_packing(load, np.arange(num_experts), len(nodes))
-            for ranks, experts in zip(nodes, node_experts):
-                counts = _replicate_heaviest(load[experts], len(ranks) * slots, len(ranks))
-                _pack_to_gpus(load[experts], counts, ranks, slots, experts, replicas)
-        else:
-            replicas = [[] for _ in range(num_experts)]
-            counts = _replicate_heaviest(load, num_gpus * slots, num_gpus)
-            _pack_to_gpus(load, counts, np.arange(num_gpus), slots, np.arange(num_experts), replicas)
-        layers.append(_even_layer([np.array(sorted(r)) for r in replicas], num_gpus))
-    return Placement(num_gpus, num_experts, layers, method="eplb")
+    for li in range(problem.num_layers):
+        replicas, split = [], []
+        for e in range(num_experts):
+            gpus, multiplicity = np.unique(gpu_of_slot[phy2log[li] == e], return_counts=True)
+            replicas.append(gpus.astype(np.int64))
+            split.append(np.tile(multiplicity / logcnt[li, e], (num_gpus, 1)))
+        layers.append(LayerPlacement(replicas, split))
+    return Placement(num_gpus, num_experts, layers, method=method)
 
 
 def random_placement(problem: PlacementProblem, seed: int = 0, *, even_split: bool = True) -> Placement:
@@ -109,6 +123,7 @@ def random_placement(problem: PlacementProblem, seed: int = 0, *, even_split: bo
 BASELINES: dict[str, Callable[[PlacementProblem], Placement]] = {
     "contiguous": contiguous,
     "eplb": eplb,
+    "eplb-hier": eplb_hierarchical,
     "random": random_placement,
 }
 
@@ -126,63 +141,3 @@ def _grouped_shuffle(count: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([starts[e] + np.arange(count[e]) for e in rng.permutation(count.size)])
 
 
-def _replicate_heaviest(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
-    """int64[E] replicas per expert: one each, then each further slot to the expert with the
-    highest load per replica among those with fewer than ``max_replicas`` (ties: lowest index)."""
-    num_experts = load.size
-    assert num_experts <= num_slots <= num_experts * max_replicas, (num_experts, num_slots, max_replicas)
-    count = np.ones(num_experts, dtype=np.int64)
-    for _ in range(num_slots - num_experts):
-        per_replica = np.where(count < max_replicas, load / count, -np.inf)
-        count[int(np.argmax(per_replica))] += 1
-    return count
-
-
-def _balanced_packing(weight: np.ndarray, items: np.ndarray, num_packs: int) -> list[np.ndarray]:
-    """Split ``items`` (with ``weight[i]``) into ``num_packs`` packs of equal size: heaviest
-    first, each to the lightest pack that still has room. Returns the packs' items, sorted."""
-    per_pack = items.size // num_packs
-    assert per_pack * num_packs == items.size
-    packs: list[list[int]] = [[] for _ in range(num_packs)]
-    pack_load = np.zeros(num_packs)
-    for i in sorted(items, key=lambda i: (-weight[i], i)):
-        room = [p for p in range(num_packs) if len(packs[p]) < per_pack]
-        p = min(room, key=lambda p: (pack_load[p], p))
-        packs[p].append(int(i))
-        pack_load[p] += weight[i]
-    return [np.array(sorted(p), dtype=np.int64) for p in packs]
-
-
-def _pack_to_gpus(load: np.ndarray, count: np.ndarray, ranks: np.ndarray, slots: int,
-                  experts: np.ndarray, replicas: list[list[int]]) -> None:
-    """Place ``count[i]`` replicas of local expert i (global id ``experts[i]``, load
-    ``load[i] / count[i]`` each) on ``ranks``, ``slots`` per rank, balancing load, never two of
-    one expert on a rank: heaviest replica first to the lightest rank with room that lacks it.
-    Falls back to dealing round-robin if the greedy corners itself (possible only when an
-    expert's replicas nearly fill the ranks). Appends the chosen ranks to ``replicas``."""
-    num_ranks = ranks.size
-    assert count.sum() == num_ranks * slots and count.max() <= num_ranks
-    items = sorted(((load[i] / count[i], i) for i in range(count.size) for _ in range(count[i])),
-                   key=lambda x: (-x[0], x[1]))
-    filled = np.zeros(num_ranks, dtype=np.int64)
-    rank_load = np.zeros(num_ranks)
-    holds = np.zeros((num_ranks, count.size), dtype=bool)
-    chosen: list[tuple[int, int]] = []
-    for w, i in items:
-        ok = np.flatnonzero((filled < slots) & ~holds[:, i])
-        if ok.size == 0:
-            chosen = _round_robin(count, num_ranks)
-            break
-        p = int(ok[np.argmin(rank_load[ok])])
-        filled[p] += 1
-        rank_load[p] += w
-        holds[p, i] = True
-        chosen.append((i, p))
-    for i, p in chosen:
-        replicas[int(experts[i])].append(int(ranks[p]))
-
-
-def _round_robin(count: np.ndarray, num_ranks: int) -> list[tuple[int, int]]:
-    """Replica k of the list grouped by expert goes to rank k mod num_ranks."""
-    experts = np.repeat(np.arange(count.size), count)
-    return [(int(e), k % num_ranks) for k, e in enumerate(experts)]
