@@ -36,7 +36,7 @@ def test_json_matches_the_library():
     problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, 16))
     cost = evaluate(eplb(problem), problem)
     assert data["step"]["step_time_s"] == pytest.approx(cost.step_time_s)
-    assert data["step"]["bottleneck_total_s"] == pytest.approx(cost.bottleneck_total_s)
+    assert data["step"]["objective_s"] == pytest.approx(cost.objective_s)
     assert data["mfu"]["spec_400_tflops"] == pytest.approx(cost.mfu_spec)
     assert data["memory"]["fits"] is True
     assert data["bandwidth"]["busiest_link"]["class"] in topo.link_class

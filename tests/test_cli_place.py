@@ -27,7 +27,7 @@ def test_place_writes_a_loadable_manifest(tmp_path):
     assert "manifest written" in result.stdout and "lower bound" in result.stdout
     m = load_manifest(out)
     assert m.placement.method == "ilp" and m.world_size == 16 and m.config.num_layers == 4
-    assert m.solver["status"] == "optimal"
+    assert m.solver["status"] in ("optimal", "gap_met") and m.solver["gap"] <= 0.01
 
 
 def test_compare_json(tmp_path):
@@ -38,11 +38,16 @@ def test_compare_json(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = data["compare"]
-    assert set(rows) == {"ilp", "eplb", "contiguous", "random"}
-    for name in ("eplb", "contiguous", "random"):
-        assert rows["ilp"]["bottleneck_total_s"] <= rows[name]["bottleneck_total_s"] * (1 + 1e-6)
+    assert set(rows) == {"ilp", "eplb", "eplb-hier", "contiguous", "random", "eplb+lp", "eplb-hier+lp",
+                         "contiguous+lp"}
+    for name in set(rows) - {"ilp"}:
+        assert rows["ilp"]["objective_s"] <= rows[name]["objective_s"] * (1 + 1e-6)
         assert rows[name]["gap"] is None
-    assert rows["ilp"]["gap"] <= 0.01 and len(rows["ilp"]["link_per_layer_s"]) == 2
+    for name in ("eplb", "eplb-hier", "contiguous"):  # the split LP never makes a placement worse
+        assert rows[f"{name}+lp"]["objective_s"] <= rows[name]["objective_s"] * (1 + 1e-9)
+    # The clock counts the exposed 1/16 of the exchange (overlap across nodes); its bound is looser
+    # than the compute bound that certified the plan when the objective was max(link, GPU).
+    assert 0 <= rows["ilp"]["gap"] <= 0.02 and len(rows["ilp"]["link_per_layer_s"]) == 2
     assert data["manifest_hash"] == load_manifest(out).hash
 
 

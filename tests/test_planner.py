@@ -101,7 +101,7 @@ def test_ilp_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
     best, _ = brute_force(problem)
     placement = solve(problem, gap=0.0, time_limit=30)
     layer = placement.info["layers"][0]
-    cost = evaluate(placement, problem).bottleneck_s[0]
+    cost = evaluate(placement, problem).moe_time_s[0]
     assert layer["status"] == "optimal"
     assert cost == pytest.approx(best, rel=1e-6)
     assert layer["objective_s"] == pytest.approx(cost, rel=1e-9)
@@ -116,7 +116,7 @@ def test_cbc_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
     placement = solve(problem, solver="cbc", gap=0.0, time_limit=30)
     layer = placement.info["layers"][0]
     assert layer["status"] == "optimal" and placement.info["solver"] == "cbc"
-    assert evaluate(placement, problem).bottleneck_s[0] == pytest.approx(best, rel=1e-6)
+    assert evaluate(placement, problem).moe_time_s[0] == pytest.approx(best, rel=1e-6)
     assert best * (1 - 1e-6) <= layer["bound_s"] <= best * (1 + 1e-6)
 
 
@@ -143,9 +143,9 @@ def test_split_lp_matches_evaluate(two_node):
     res = optimal_splits(data, eplb.layers[0].replicas)
     planned = Placement(16, 16, [res.layer] * 4)
     cost = evaluate(planned, two_node)
-    assert cost.bottleneck_s[0] == pytest.approx(res.bottleneck, rel=1e-9)
+    assert cost.moe_time_s[0] == pytest.approx(res.bottleneck, rel=1e-9)
     assert cost.a2a_link_s[0] == pytest.approx(res.link_time, rel=1e-9)
-    assert cost.bottleneck_s[0] <= evaluate(eplb, two_node).bottleneck_s[0] * (1 + 1e-9)
+    assert cost.moe_time_s[0] <= evaluate(eplb, two_node).moe_time_s[0] * (1 + 1e-9)
 
 
 def test_never_worse_than_baselines_and_relabels_layers(two_node):
@@ -153,11 +153,15 @@ def test_never_worse_than_baselines_and_relabels_layers(two_node):
     placement.validate(two_node.experts_per_gpu)
     cost = evaluate(placement, two_node)
     for fn in BASELINES.values():
-        assert np.all(cost.bottleneck_s <= evaluate(fn(two_node), two_node).bottleneck_s * (1 + 1e-9))
+        assert np.all(cost.moe_time_s <= evaluate(fn(two_node), two_node).moe_time_s * (1 + 1e-9))
     infos = placement.info["layers"]
-    np.testing.assert_allclose([i["objective_s"] for i in infos], cost.bottleneck_s, rtol=1e-9)
-    # Zipf layers are one pattern under different expert orders: solved once, relabelled.
-    assert sum(i["same_as"] is None for i in infos) == 1
+    np.testing.assert_allclose([i["objective_s"] for i in infos], cost.moe_time_s, rtol=1e-9)
+    # Zipf layers are one pattern under different expert orders: solved once and relabelled,
+    # unless (the gap being open) a layer's own baselines beat the relabelled plan.
+    assert any(i["same_as"] is not None for i in infos)
+    for i in infos:
+        if i["same_as"] is not None:
+            assert i["objective_s"] == infos[i["same_as"]]["objective_s"]
     assert placement.info["gap"] <= 0.01
 
 

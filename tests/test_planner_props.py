@@ -52,6 +52,6 @@ def test_plans_are_feasible_and_the_manifest_scores_them(problem):
     manifest = manifest_from_doc(build_manifest(placement, problem, cost=cost))
     again = evaluate(manifest.placement, problem)
     reported = np.array([layer["objective_s"] for layer in placement.info["layers"]])
-    np.testing.assert_allclose(again.bottleneck_s, reported, rtol=1e-8)
+    np.testing.assert_allclose(again.moe_time_s, reported, rtol=1e-8)
     bounds = np.array([layer["bound_s"] for layer in placement.info["layers"]])
     assert np.all(bounds <= reported * (1 + 1e-9))

@@ -142,11 +142,11 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
     t.add_column("seconds", justify="right")
     t.add_column("how", style="dim")
     rows = [
-        ("MoE layers (overlap-aware)", step["moe_layers_s"], "sum over layers: dense + max(expert, a2a)"),
+        ("MoE layers", step["moe_layers_s"], f"sum over layers: dense + a2a and experts {cost.schedule.describe()}"),
         ("  attention / router compute", step["dense_compute_s"], "slowest GPU, fwd + bwd"),
         ("  expert compute", step["expert_compute_s"], "busiest GPU per layer, summed"),
         ("  all-to-all", step["a2a_s"], "busiest link per layer: dispatch + combine, fwd + bwd"),
-        ("  per-layer bottleneck (objective)", step["bottleneck_total_s"], "sum of max(expert, a2a)"),
+        ("  a2a and experts (the objective)", step["objective_s"], cost.schedule.describe()),
         ("dense layers + LM head", step["other_compute_s"], "slowest GPU"),
         ("expert gradient sync", step["expert_sync_s"], "rings over each expert's replicas"),
         ("dense gradient sync", step["dense_sync_s"], f"ring over all {topo.num_gpus} ranks"),
@@ -182,10 +182,10 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
 
     if show_layers:
         lt = Table(title="per MoE layer", title_justify="left")
-        for col in ("layer", "bottleneck s", "binds", "a2a s", "a2a link", "expert s", "expert GPU"):
+        for col in ("layer", "MoE s", "binds", "a2a s", "a2a link", "expert s", "expert GPU"):
             lt.add_column(col, justify="right" if col.endswith(" s") or col == "layer" else "left")
         for row in d["layers"]:
-            lt.add_row(str(row["layer"]), f"{row['bottleneck_s']:.4g}", row["binds"], f"{row['a2a_s']:.4g}",
+            lt.add_row(str(row["layer"]), f"{row['moe_time_s']:.4g}", row["binds"], f"{row['a2a_s']:.4g}",
                        row["a2a_link"], f"{row['expert_s']:.4g}", row["expert_gpu"])
         console.print(lt)
 

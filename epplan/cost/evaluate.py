@@ -3,7 +3,8 @@
 Shape legend: L = MoE layers, G = ranks (GPUs), E = experts per layer, K = directed links.
 Units: bytes and seconds per optimizer step; link capacities are GB/s (1e9 bytes/s).
 
-The model (the planner minimises ``bottleneck_s.sum()``; keep the two in step):
+The model (the planner minimises ``moe_time_s.sum()``, through ``epplan.schedule``; keep the two
+in step):
 
 all-to-all   Layer l's flows F[s, t] = placement.layers[l].flows(traffic.counts[l]) are the
              token-assignments s sends to t; b = bytes per assignment. Forward dispatch puts
@@ -15,15 +16,16 @@ all-to-all   Layer l's flows F[s, t] = placement.layers[l].flows(traffic.counts[
 link time    load / (capacity GB/s * 1e9).
 expert time  per GPU: assignments it serves (F's column sum, local ones included) *
              flops_per_assignment * 3 (forward + backward) / achievable FLOP/s of the GPU.
-bottleneck   per layer: max(max over links of the a2a time, max over GPUs of the expert time).
+MoE time     per layer, A = the a2a time of its busiest link, X = the expert time of its busiest
+             GPU, under the runtime's schedule (``problem.schedule``, ``epplan.schedule``):
+             serial A + X, or A / C + max(A (C - 1) / C, X) overlapped in C chunks.
+             ``bottleneck_s`` = max(A, X) is reported beside it.
 
 Reported beside the objective:
 
 dense        per MoE layer and GPU: tokens per rank * (attention, router, shared experts FLOPs)
              * 3 / rate; ``other_compute_s``: dense layers and the LM head, once per step.
-layer time   overlap-aware: max_g dense_l[g] + bottleneck_l, i.e. the expert GEMMs and the
-             all-to-all overlap (chunked pipelining) and whichever is longer shows; attention
-             does not overlap them.
+layer time   max_g dense_l[g] + moe_time_l: attention and the other dense work overlap nothing.
 grad sync    expert replicas: a ring over each expert's replica ranks in sorted order, every hop
              carrying 2 (R - 1) / R * expert parameter bytes (model dtype); dense parameters: a
              ring over all G ranks in rank order, 2 (G - 1) / G * dense parameter bytes per hop.
@@ -33,6 +35,7 @@ grad sync    expert replicas: a ring over each expert's replica ranks in sorted 
              compute = 2/3 of sum_l (max dense_l + max expert_l) + max other. Optimistic: the
              backward all-to-all competes for the same links; ``serial_step_time_s`` is the
              pessimistic bound with nothing overlapped.
+             NOTE: the planner's objective (per layer) leaves this step-level term out.
 step time    sum_l layer_time_l + max_g other_compute[g] + exposed_sync_s.
 MFU          model_flops_per_step / (step_time * sum over GPUs of the peak): ``mfu_datasheet``
              against each GPU's datasheet bf16 TFLOP/s, ``mfu_spec`` against the founding spec's
@@ -62,6 +65,7 @@ from epplan.cost.linkmap import LinkMap, LowRank, link_map
 from epplan.errors import PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
+from epplan.schedule import Schedule
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 SPEC_PEAK_TFLOPS = 400.0   # founding spec: usable bf16 TFLOP/s per H100
@@ -78,6 +82,7 @@ class Cost:
     placement_method: str
     traffic_source: str
     num_gpus: int
+    schedule: Schedule
     # --- per layer and link (bytes per step) ----------------------------------------------------
     dispatch_fwd_bytes: np.ndarray      # float32[L, K] b*loads(F); the combine's backward: same
     combine_fwd_bytes: np.ndarray       # float32[L, K] b*loads(F^T); the dispatch's backward: same
@@ -88,8 +93,9 @@ class Cost:
     expert_compute_s: np.ndarray        # float64[L, G]
     expert_gpu: np.ndarray              # int64[L]   the GPU with the longest expert time
     bottleneck_s: np.ndarray            # float64[L] max(a2a_link_s, expert time of expert_gpu)
+    moe_time_s: np.ndarray              # float64[L] the two under the schedule: the objective
     dense_compute_s: np.ndarray         # float64[L, G] attention, router, shared experts
-    layer_time_s: np.ndarray            # float64[L] overlap-aware
+    layer_time_s: np.ndarray            # float64[L] dense + MoE time
     # --- per step ------------------------------------------------------------------------------
     other_compute_s: np.ndarray         # float64[G] dense layers + LM head
     expert_sync_bytes: np.ndarray       # float32[K] expert replicas' gradient rings
@@ -118,15 +124,15 @@ class Cost:
         return int(self.bottleneck_s.size)
 
     @property
-    def bottleneck_total_s(self) -> float:
-        """The planner's objective: sum over layers of each layer's bottleneck."""
-        return float(self.bottleneck_s.sum())
+    def objective_s(self) -> float:
+        """The planner's objective: the MoE layers' time under the schedule, summed."""
+        return float(self.moe_time_s.sum())
 
     @property
     def binds(self) -> list[str]:
-        """Per layer, what sets the bottleneck: 'link' or 'gpu'."""
+        """Per layer, what sets its MoE time: 'link', 'gpu' or 'both' (``Schedule.binds``)."""
         expert = self.expert_compute_s[np.arange(self.num_layers), self.expert_gpu]
-        return ["link" if a >= x else "gpu" for a, x in zip(self.a2a_link_s, expert)]
+        return [self.schedule.binds(float(a), float(x)) for a, x in zip(self.a2a_link_s, expert)]
 
     @property
     def capacity_bytes_per_s(self) -> np.ndarray:
@@ -179,10 +185,12 @@ class Cost:
             "num_moe_layers": self.num_layers,
             "placement": self.placement_method,
             "traffic": self.traffic_source,
+            "schedule": self.schedule.to_dict(),
             "step": {
                 "step_time_s": self.step_time_s,
                 "serial_step_time_s": self.serial_step_time_s,
-                "bottleneck_total_s": self.bottleneck_total_s,
+                "objective_s": self.objective_s,
+                "bottleneck_total_s": float(self.bottleneck_s.sum()),
                 "moe_layers_s": float(self.layer_time_s.sum()),
                 "dense_compute_s": float(self.dense_compute_s.max(axis=1).sum()),
                 "expert_compute_s": float(expert_max.sum()),
@@ -230,6 +238,7 @@ class Cost:
             "layers": [
                 {
                     "layer": li,
+                    "moe_time_s": float(self.moe_time_s[li]),
                     "bottleneck_s": float(self.bottleneck_s[li]),
                     "binds": self.binds[li],
                     "a2a_s": float(self.a2a_link_s[li]),
@@ -297,13 +306,15 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     expert_gpu = np.argmax(expert_compute_s, axis=1)
     expert_max = expert_compute_s[np.arange(num_layers), expert_gpu]
     bottleneck_s = np.maximum(a2a_link_s, expert_max)
+    schedule = problem.schedule
+    moe_time_s = schedule.moe_time(a2a_link_s, expert_max)
 
     tokens = config.tokens_per_step / num_gpus              # per rank (data parallel)
     dense_flops = costs.flops_fwd_moe_layer - costs.flops_routed_experts
     dense_compute_s = np.broadcast_to(tokens * dense_flops * flops_train / rate, (num_layers, num_gpus)).copy()
     other_flops = config.num_dense_layers * costs.flops_fwd_dense_layer + costs.flops_lm_head
     other_compute_s = tokens * other_flops * flops_train / rate
-    layer_time_s = dense_compute_s.max(axis=1) + bottleneck_s
+    layer_time_s = dense_compute_s.max(axis=1) + moe_time_s
 
     # Gradient synchronisation: one matrix each, all layers summed (links are shared anyway).
     param_bytes = config.dtype_bytes
@@ -323,6 +334,8 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     mfu_datasheet = costs.model_flops_per_step / (step_time_s * peak.sum())
     mfu_spec = costs.mfu(step_time_s, num_gpus, SPEC_PEAK_TFLOPS * 1e12)
 
+    # Sync bytes as the Cost stores them (float32), so that link_step_bytes gives the same numbers.
+    expert_sync, dense_sync = (v.astype(np.float32).astype(np.float64) for v in (expert_sync, dense_sync))
     step_bytes = 2.0 * (dispatch.sum(axis=0, dtype=np.float64) + combine.sum(axis=0, dtype=np.float64)) \
         + expert_sync + dense_sync
     busiest = int(np.argmax(step_bytes / cap))
@@ -331,11 +344,11 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     memory = _memory(placement, problem, served)
     return Cost(
         topology=topo, placement_method=placement.method, traffic_source=problem.traffic.source,
-        num_gpus=num_gpus,
+        num_gpus=num_gpus, schedule=schedule,
         dispatch_fwd_bytes=dispatch, combine_fwd_bytes=combine,
         a2a_link_s=a2a_link_s, a2a_link=a2a_link,
         expert_assignments=served, expert_compute_s=expert_compute_s, expert_gpu=expert_gpu,
-        bottleneck_s=bottleneck_s, dense_compute_s=dense_compute_s, layer_time_s=layer_time_s,
+        bottleneck_s=bottleneck_s, moe_time_s=moe_time_s, dense_compute_s=dense_compute_s, layer_time_s=layer_time_s,
         other_compute_s=other_compute_s,
         expert_sync_bytes=expert_sync.astype(np.float32), dense_sync_bytes=dense_sync.astype(np.float32),
         expert_sync_s=expert_sync_s, dense_sync_s=dense_sync_s, sync_s=sync_s,

@@ -1,4 +1,4 @@
-"""Lower bounds on a layer's bottleneck that hold for every feasible per-GPU placement and split.
+"""Lower bounds on a layer's time (the link and GPU parts, combined by the schedule) that hold for every feasible per-GPU placement and split.
 
 They certify the planner's gap: ``gap = (cost - bound) / cost`` where ``bound`` is the largest of
 these and the MILP's dual bound (``epplan.placement.ilp``), each valid for the true problem (one
@@ -65,14 +65,23 @@ def apportion(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray
 
 
 def cut_bound(data: LayerData) -> float:
-    """Seconds: the busiest link leaving or entering a node (or a GPU) is at least this busy."""
+    """Seconds: the busiest link leaving or entering a cut set (a node, the nodes under a fabric
+    switch, or a GPU) is at least this busy."""
     topo = data.lm.topology
     b2 = 2.0 * data.bytes_per_assignment
     best = 0.0
-    for groups, slots_of in ((_node_sets(topo), None), (_gpu_sets(topo), None)):
-        exit_cap, entry_cap = _cut_capacity(topo, groups)
-        unavoidable = np.zeros(len(groups))
-        for i, members in enumerate(groups):
+    gpu_sets = [(np.array([g]),) + caps for g, caps in zip(range(topo.num_gpus), _gpu_caps(topo))] \
+        if topo.num_gpus > 1 else []
+    node = np.asarray(topo.gpu_node)
+    node_sets = [(np.flatnonzero(np.isin(node, nodes)), exit_cap, entry_cap)
+                 for nodes, exit_cap, entry_cap in cut_sets(topo)]
+    for family in (node_sets, gpu_sets):
+        if not family:
+            continue
+        unavoidable = np.zeros(len(family))
+        exit_cap = np.array([f[1] for f in family])
+        entry_cap = np.array([f[2] for f in family])
+        for i, (members, _, _) in enumerate(family):
             demand = data.counts[members].sum(axis=0)
             held = min(data.num_experts, int(data.slots[members].sum()))
             top = np.sort(demand)[::-1][:held].sum()
@@ -81,50 +90,105 @@ def cut_bound(data: LayerData) -> float:
             own = np.where(exit_cap > 0, b2 * unavoidable / exit_cap, 0.0)
             own_in = np.where(entry_cap > 0, b2 * unavoidable / entry_cap, 0.0)
         best = max(best, float(own.max(initial=0.0)), float(own_in.max(initial=0.0)))
-        if exit_cap.sum() > 0:
-            best = max(best, 2.0 * b2 * float(unavoidable.sum()) / float(exit_cap.sum()))
-        if entry_cap.sum() > 0:
-            best = max(best, 2.0 * b2 * float(unavoidable.sum()) / float(entry_cap.sum()))
+        # Over a partition (the single nodes, the single GPUs) every remote assignment leaves
+        # one set and enters another, both ways.
+        if family is gpu_sets or len(family) >= topo.num_nodes:
+            part = slice(None) if family is gpu_sets else slice(0, topo.num_nodes)
+            if exit_cap[part].sum() > 0:
+                best = max(best, 2.0 * b2 * float(unavoidable[part].sum()) / float(exit_cap[part].sum()))
+            if entry_cap[part].sum() > 0:
+                best = max(best, 2.0 * b2 * float(unavoidable[part].sum()) / float(entry_cap[part].sum()))
     return best
 
 
-def _node_sets(topo) -> list[np.ndarray]:
-    node = np.asarray(topo.gpu_node)
-    return [np.flatnonzero(node == n) for n in range(topo.num_nodes)] if topo.num_nodes > 1 else []
+_CUTS: dict[int, tuple[object, list]] = {}
 
 
-def _gpu_sets(topo) -> list[np.ndarray]:
-    return [np.array([g]) for g in range(topo.num_gpus)] if topo.num_gpus > 1 else []
-
-
-def _cut_capacity(topo, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes/s of the links leaving and entering each group's devices (a GPU group of one: that
-    GPU; a node: every device of the node)."""
-    if not groups:
-        return np.zeros(0), np.zeros(0)
+def cut_sets(topo) -> list[tuple[np.ndarray, float, float]]:
+    """[(nodes int64[...], exit bytes/s, entry bytes/s)]: every node alone (first, in node
+    order), then the nodes under each fabric switch (a rail leaf's scalable unit, a pod's spine,
+    an edge switch's servers), with the capacity of the links leaving and entering the set's
+    devices: its nodes' own and the switches whose every server is in the set. Sets of all
+    nodes (no cut) are left out. Cached per topology."""
+    hit = _CUTS.get(id(topo.paths))
+    if hit is not None and hit[0] is topo.paths:
+        return hit[1]
     graph = topo.graph
-    single = all(g.size == 1 for g in groups)
-    owner: dict[str, int] = {}
-    for i, members in enumerate(groups):
-        if single:
-            owner[topo.gpu_names[int(members[0])]] = i
-        else:
-            node = int(topo.gpu_node[members[0]])
-            for d, n in graph.nodes(data="node"):
-                if n == node:
-                    owner[d] = i
-    exit_cap = np.zeros(len(groups))
-    entry_cap = np.zeros(len(groups))
-    for idx, (u, v) in enumerate(topo.links):
-        ou, ov = owner.get(u), owner.get(v)
-        if ou is not None and ou != ov:
-            exit_cap[ou] += topo.link_capacity[idx] * 1e9
-        if ov is not None and ou != ov:
-            entry_cap[ov] += topo.link_capacity[idx] * 1e9
-    return exit_cap, entry_cap
+    num_nodes = topo.num_nodes
+    if num_nodes < 2:
+        return []
+    below = _servers_below(topo)
+    sets = [frozenset([n]) for n in range(num_nodes)]
+    seen = set(sets)
+    for nodes in below.values():
+        if 1 < len(nodes) < num_nodes and nodes not in seen:
+            seen.add(nodes)
+            sets.append(nodes)
+    out = []
+    for nodes in sets:
+        inside = {d for d, n in graph.nodes(data="node") if n in nodes}
+        inside |= {w for w, under in below.items() if under <= nodes}
+        exit_cap = entry_cap = 0.0
+        for idx, (u, v) in enumerate(topo.links):
+            if (u in inside) != (v in inside):
+                if u in inside:
+                    exit_cap += topo.link_capacity[idx] * 1e9
+                else:
+                    entry_cap += topo.link_capacity[idx] * 1e9
+        out.append((np.array(sorted(nodes), dtype=np.int64), exit_cap, entry_cap))
+    _CUTS.clear()
+    _CUTS[id(topo.paths)] = (topo.paths, out)
+    return out
+
+
+def _servers_below(topo) -> dict[str, frozenset]:
+    """Fabric switch -> the nodes below it: those with a NIC on it, and those below its
+    neighbours one tier down (tier = hops from the nearest NIC)."""
+    graph = topo.graph
+    kind = dict(graph.nodes(data="kind"))
+    node_of = dict(graph.nodes(data="node"))
+    fabric = [d for d, n in node_of.items() if n is None]
+    if not fabric:
+        return {}
+    und = graph.to_undirected(as_view=True)
+    tier: dict[str, int] = {}
+    frontier = [w for w in fabric if any(kind[v] == "nic" for v in und.neighbors(w))]
+    for w in frontier:
+        tier[w] = 1
+    while frontier:
+        nxt = []
+        for w in frontier:
+            for v in und.neighbors(w):
+                if node_of.get(v) is None and v not in tier:
+                    tier[v] = tier[w] + 1
+                    nxt.append(v)
+        frontier = nxt
+    below: dict[str, frozenset] = {}
+    for w in sorted(tier, key=tier.get):
+        nodes = {node_of[v] for v in und.neighbors(w) if kind[v] == "nic"}
+        for v in und.neighbors(w):
+            if v in below and tier[v] < tier[w]:
+                nodes |= below[v]
+        below[w] = frozenset(nodes)
+    return below
+
+
+def _gpu_caps(topo) -> list[tuple[float, float]]:
+    """(exit, entry) bytes/s of each GPU's own links."""
+    idx = {name: g for g, name in enumerate(topo.gpu_names)}
+    caps = np.zeros((topo.num_gpus, 2))
+    for k, (u, v) in enumerate(topo.links):
+        if u in idx:
+            caps[idx[u], 0] += topo.link_capacity[k] * 1e9
+        if v in idx:
+            caps[idx[v], 1] += topo.link_capacity[k] * 1e9
+    return [tuple(c) for c in caps]
 
 
 def lower_bound(data: LayerData) -> tuple[float, str]:
-    """(seconds, which bound) the best of the analytic bounds."""
+    """(seconds, which bound sets it): the layer's time under the schedule with the link time at
+    the cut bound and the GPU time at the compute bound (valid: the time grows with both)."""
     c, k = compute_bound(data), cut_bound(data)
-    return (c, "compute") if c >= k else (k, "cut")
+    schedule = data.schedule
+    bound = schedule.moe_time(k, c)
+    return bound, {"link": "cut", "gpu": "compute", "both": "cut+compute"}[schedule.binds(k, c)]

@@ -4,7 +4,9 @@ Enumerates every way to give each GPU min(slots, E) distinct experts such that e
 a replica (a placement with a free slot is never better than the same placement with that slot
 filled: a replica may receive no tokens), and for each solves the per-source split LP written
 independently of the planner's code: path shares from ``PathModel.pair_fractions``, every link
-(no dominance pruning), one split per source, dense matrices, ``scipy.optimize.linprog``.
+(no dominance pruning), one split per source, dense matrices, ``scipy.optimize.linprog``, and
+the layer's time under the problem's schedule (``epplan.schedule``) as exposed * mu + max(hidden
+* mu, X) for the max link time mu and the max GPU time X.
 
 For tests only: the count of placements grows as C(E, slots)^G.
 
@@ -24,7 +26,7 @@ from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 
 def brute_force(problem, layer: int = 0, *, max_placements: int = 20_000) -> tuple[float, LayerPlacement]:
-    """(least bottleneck in seconds, a placement attaining it) of one MoE layer."""
+    """(least layer time in seconds, a placement attaining it) of one MoE layer."""
     topo = problem.topology
     counts = np.asarray(problem.traffic.counts[layer], dtype=np.float64)     # [G, E]
     num_gpus, num_experts = counts.shape
@@ -49,34 +51,38 @@ def brute_force(problem, layer: int = 0, *, max_placements: int = 20_000) -> tup
         replicas = [np.array([g for g in range(num_gpus) if e in held[g]]) for e in range(num_experts)]
         if any(r.size == 0 for r in replicas):
             continue
-        value, split = _split_lp(counts, replicas, pair, unit)
+        value, split = _split_lp(counts, replicas, pair, unit, problem.schedule)
         if value < best[0] - 1e-15:
             best = (value, LayerPlacement(replicas, split))
     return best
 
 
-def _split_lp(counts: np.ndarray, replicas: list[np.ndarray], pair: np.ndarray, unit: np.ndarray):
-    """min z over per-source splits: y[s, e, r] >= 0 with sum_r y = counts[s, e]."""
+def _split_lp(counts: np.ndarray, replicas: list[np.ndarray], pair: np.ndarray, unit: np.ndarray, schedule):
+    """min exposed mu + z over per-source splits y[s, e, r] >= 0 with sum_r y = counts[s, e]:
+    links <= mu, GPUs <= X, hidden mu <= z, X <= z."""
     num_gpus, num_experts = counts.shape
     num_links = pair.shape[2]
     cols = [(s, e, t) for s in range(num_gpus) for e in range(num_experts) for t in replicas[e]]
-    n = len(cols) + 1
+    n = len(cols) + 3                                           # ..., mu, X, z
     scale = max(counts.sum() / num_gpus, 1e-30)                 # flows in units of one source
     tscale = scale * float(unit.mean())
     a_eq = np.zeros((num_gpus * num_experts, n))
     b_eq = (counts / scale).ravel()
-    a_ub = np.zeros((num_links + num_gpus, n))
+    a_ub = np.zeros((num_links + num_gpus + 2, n))
     for j, (s, e, t) in enumerate(cols):
         a_eq[s * num_experts + e, j] = 1.0
         a_ub[:num_links, j] = pair[s, t] * scale / tscale
         a_ub[num_links + t, j] = unit[t] * scale / tscale
-    a_ub[:, -1] = -1.0
+    a_ub[:num_links, -3] = -1.0
+    a_ub[num_links:num_links + num_gpus, -2] = -1.0
+    a_ub[-2, [-3, -1]] = schedule.hidden, -1.0
+    a_ub[-1, [-2, -1]] = 1.0, -1.0
     c = np.zeros(n)
-    c[-1] = 1.0
-    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(num_links + num_gpus), A_eq=a_eq, b_eq=b_eq,
+    c[-3], c[-1] = schedule.exposed, 1.0
+    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(a_ub.shape[0]), A_eq=a_eq, b_eq=b_eq,
                   bounds=[(0, None)] * n, method="highs")
     assert res.status == 0, res.message
-    y = res.x[:-1] * scale
+    y = res.x[:-3] * scale
     split = []
     for e, ranks in enumerate(replicas):
         sh = np.zeros((num_gpus, ranks.size))
@@ -86,4 +92,4 @@ def _split_lp(counts: np.ndarray, replicas: list[np.ndarray], pair: np.ndarray, 
         tot = sh.sum(axis=1, keepdims=True)
         sh = np.where(tot > 0, sh / np.where(tot > 0, tot, 1.0), 1.0 / ranks.size)
         split.append(sh)
-    return float(res.x[-1] * tscale), split
+    return float(res.fun * tscale), split

@@ -6,16 +6,18 @@ Per layer, solved through PuLP (HiGHS by default, CBC selectable):
     Y[a, e, g] >= 0        assignments source group a sends to e's replica on g (g not a's own
                            source: a GPU's traffic to itself is sigma)
     sigma[g, e] >= 0       assignments source g serves itself (free of links)
-    z                      the layer's bottleneck, seconds (scaled)
+    mu, X, z               the max link time, the max GPU time, the schedule's hidden part
+                           (seconds, scaled): the layer's time is exposed * mu + z
 
     demand    sum_g Y[a, e, g] + sum_{g in a} sigma[g, e] = n[a, e]
     replicas  sum_a Y[a, e, g] + sigma[g, e] <= M_eg x[e, g],  sigma[g, e] <= n[g, e] x[e, g]
               M_eg = min(n_e, z_ub / c_g): no GPU serves more than the incumbent's time allows
     slots     1 <= sum_e x[e, g] <= slots_g;   sum_g x[e, g] >= 1
-    GPUs      c_g (sum_{a, e} Y[a, e, g] + sum_e sigma[g, e]) <= z
-    links     sum_{a, g} W_l(a, g) Y[a, g] <= z                   for each kept link l
-    groups    sum_{a, g} W_L(a, g) Y[a, g] <= |L| z               for groups L of like links
-    LB <= z <= UB
+    GPUs      c_g (sum_{a, e} Y[a, e, g] + sum_e sigma[g, e]) <= X
+    links     sum_{a, g} W_l(a, g) Y[a, g] <= mu                  for each kept link l
+    groups    sum_{a, g} W_L(a, g) Y[a, g] <= |L| mu              for groups L of like links
+    schedule  hidden * mu <= z,  X <= z      (``epplan.schedule``: serial, or C chunks)
+    LB <= exposed * mu + z <= UB;  minimise exposed * mu + z
 
 with W_l(a, g) = min over sources s of a (s != g) of the seconds one assignment s -> g puts on
 link l (both directions of the a2a), and W_L the min over s of the sum over the group's links.
@@ -23,8 +25,8 @@ link l (both directions of the a2a), and W_L the min over s of the sum over the 
 Why the bound is valid for the true per-GPU problem (any per-source split): map a true solution
 to Y = sum over a's sources, sigma = the self-served part. Every true link load is
 sum_s sum_g time(s, g, l) y[s, ., g] >= sum_{a, g} W_l(a, g) Y[a, g] since each term is
->= its group's minimum, and a group of |L| links each within z sums to <= |L| z. So every true
-solution is feasible here at its own z, and the MILP's dual bound is <= the true optimum.
+>= its group's minimum, and a group of |L| links each within mu sums to <= |L| mu. So every true
+solution is feasible here at its own time (which increases with mu and X), and the MILP's dual bound is <= the true optimum.
 With one source per group (small problems) the min is over one source: the model is exact.
 With proportional-row groups the group rows are what make it tight: a node's NIC up-links
 together carry every remote assignment of its sources exactly once, whatever the source, so
@@ -74,6 +76,8 @@ class _Model:
     tau: float                      # seconds per unit of z
     num_x: int                      # x occupies columns [0, num_x), index e * G + g
     col_z: int
+    col_mu: int
+    col_x: int
     index: tuple = ()               # column layout, for the warm start
 
 
@@ -136,8 +140,9 @@ def _build(data: LayerData, group_of: np.ndarray, *, ub: float, lb: float) -> _M
     se, sg = np.nonzero(counts.T > 0)                       # sigma[(g, e)] where g demands e
     nx, ny, ns, nt = e_n * g_n, ya.size, se.size, a_n * g_n
     off_y, off_s, off_t = nx, nx + ny, nx + ny + ns
-    col_z = off_t + nt
-    ncol = col_z + 1
+    col_z, col_mu, col_x = off_t + nt, off_t + nt + 1, off_t + nt + 2
+    ncol = col_x + 1
+    exposed, hidden = data.schedule.exposed, data.schedule.hidden
     rows, cols, vals, lo, hi = [], [], [], [], []
     r = 0
 
@@ -175,7 +180,7 @@ def _build(data: LayerData, group_of: np.ndarray, *, ub: float, lb: float) -> _M
     # GPUs
     add(r + np.arange(nt) % g_n, off_t + np.arange(nt), np.tile(data.gpu_unit, a_n) * scale)
     add(r + sg, off_s + np.arange(ns), data.gpu_unit[sg] * scale)
-    add(r + np.arange(g_n), np.full(g_n, col_z), -np.ones(g_n))
+    add(r + np.arange(g_n), np.full(g_n, col_x), -np.ones(g_n))
     lo.append(np.full(g_n, -np.inf)); hi.append(np.zeros(g_n))
     r += g_n
     # links and link groups
@@ -189,7 +194,7 @@ def _build(data: LayerData, group_of: np.ndarray, *, ub: float, lb: float) -> _M
         remap = np.full(nrow, -1)
         remap[used] = np.arange(used.size)
         add(r + remap[w.col], off_t + w.row, w.data)
-        add(r + np.arange(used.size), np.full(used.size, col_z),
+        add(r + np.arange(used.size), np.full(used.size, col_mu),
             -(np.ones(used.size) if size is None else size[used].astype(np.float64)))
         lo.append(np.full(used.size, -np.inf)); hi.append(np.zeros(used.size))
         r += used.size
@@ -200,18 +205,21 @@ def _build(data: LayerData, group_of: np.ndarray, *, ub: float, lb: float) -> _M
     add(r + np.arange(nx) // g_n, np.arange(nx), np.ones(nx))
     lo.append(np.ones(e_n)); hi.append(np.full(e_n, np.inf))
     r += e_n
+    # schedule: hidden mu - z <= 0, X - z <= 0; the objective between the bounds
+    add([r, r, r + 1, r + 1, r + 2, r + 2], [col_mu, col_z, col_x, col_z, col_mu, col_z],
+        [hidden, -1.0, 1.0, -1.0, exposed, 1.0])
+    lo.append([-np.inf, -np.inf, lb / tau * (1 - 1e-9)]); hi.append([0.0, 0.0, ub / tau * (1 + 1e-9)])
+    r += 3
     a = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, ncol))
     c = np.zeros(ncol)
-    c[col_z] = 1.0
+    c[col_mu], c[col_z] = exposed, 1.0
     col_lo = np.zeros(ncol)
     col_hi = np.full(ncol, np.inf)
     col_hi[:nx] = 1.0
-    col_lo[col_z] = lb / tau * (1 - 1e-9)
-    col_hi[col_z] = ub / tau * (1 + 1e-9)
     is_int = np.zeros(ncol, dtype=bool)
     is_int[:nx] = True
     return _Model(c=c, a=a, row_lo=np.concatenate(lo), row_hi=np.concatenate(hi), col_lo=col_lo,
-                  col_hi=col_hi, is_int=is_int, tau=tau, num_x=nx, col_z=col_z,
+                  col_hi=col_hi, is_int=is_int, tau=tau, num_x=nx, col_z=col_z, col_mu=col_mu, col_x=col_x,
                   index=(off_y, off_s, off_t, ya, ye, yg, se, sg, unit))
 
 
@@ -287,7 +295,9 @@ def _warm_start(model: _Model, data: LayerData, group_of: np.ndarray, layer: Lay
     x0[off_s:off_s + se.size] = selfs[sg, se] / unit
     yt = flow.sum(axis=1).ravel() / unit
     x0[off_t:off_t + yt.size] = yt
-    x0[model.col_z] = model.col_hi[model.col_z]
+    _, link_s, gpu_s = data.time_of(layer.flows(data.counts))
+    x0[model.col_mu], x0[model.col_x] = link_s / model.tau, gpu_s / model.tau
+    x0[model.col_z] = max(data.schedule.hidden * x0[model.col_mu], x0[model.col_x])
     return x0
 
 
@@ -306,7 +316,7 @@ def _run(model: _Model, solver: str, start: np.ndarray, deadline: float | None, 
                   upBound=None if not np.isfinite(model.col_hi[j]) else float(model.col_hi[j]),
                   cat=pulp.LpInteger if model.is_int[j] else pulp.LpContinuous)
           for j in range(ncol)]
-    prob += pulp.LpAffineExpression([(xs[model.col_z], 1.0)])
+    prob += pulp.LpAffineExpression([(xs[j], float(model.c[j])) for j in np.flatnonzero(model.c)])
     a = model.a.tocsr()
     for i in range(a.shape[0]):
         lo_i, hi_i = a.indptr[i], a.indptr[i + 1]

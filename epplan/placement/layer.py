@@ -7,7 +7,9 @@ Everything the planner optimises is in seconds per token-assignment:
   2b (F + F^T)); link time = bytes / capacity;
 - a GPU: one assignment served costs flops_per_assignment * 3 / achievable FLOP/s.
 
-A layer's bottleneck is the max of both over links and GPUs (``epplan.cost.evaluate``).
+A layer's time combines the busiest link's time A and the busiest GPU's time X as the runtime's
+schedule does (``epplan.schedule``): A + X serial, A / C + max(A (C - 1) / C, X) overlapped in C
+chunks; ``evaluate`` reports the same.
 
 Source groups. Sources of one node whose rows counts[s, :] are proportional (every source under
 uniform or Zipf routing; the replicated sources of a trace) are interchangeable for the split: the
@@ -32,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from epplan.placement.linkmodel import LinkModel, link_model
+from epplan.schedule import Schedule
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 # Rows whose normalised patterns differ by less than this are treated as proportional.
@@ -57,6 +60,7 @@ class LayerData:
     group_of: np.ndarray
     weight: np.ndarray
     bytes_per_assignment: float
+    schedule: Schedule
     exact: bool = True
     _coef: sp.csr_matrix | None = field(default=None, repr=False)
 
@@ -92,12 +96,13 @@ class LayerData:
         return self._coef
 
     def time_of(self, flows: np.ndarray) -> tuple[float, float, float]:
-        """(bottleneck, max link time, max GPU time) of flows[s, t] (assignments), all links."""
+        """(layer time under the schedule, max link time, max GPU time) of flows[s, t]
+        (assignments), all links."""
         traffic = flows + flows.T
         link = self.lm.topology.link_loads(traffic) * 2.0 * self.bytes_per_assignment / self.lm.cap
         gpu = flows.sum(axis=0) * self.gpu_unit
         lmax, gmax = float(link.max(initial=0.0)), float(gpu.max(initial=0.0))
-        return max(lmax, gmax), lmax, gmax
+        return self.schedule.moe_time(lmax, gmax), lmax, gmax
 
 
 # Source x replica columns of the split LP up to which every source gets its own split.
@@ -126,7 +131,7 @@ def layer_data(problem, counts: np.ndarray, *, max_groups: int | None = None) ->
         group_of, weight, exact = source_groups(counts, np.asarray(topo.gpu_node), max_groups=max_groups)
     return LayerData(counts=np.asarray(counts, dtype=np.float64), lm=lm, link_unit=link_unit,
                      gpu_unit=gpu_unit, slots=slots, group_of=group_of,
-                     weight=weight, bytes_per_assignment=b, exact=exact)
+                     weight=weight, bytes_per_assignment=b, schedule=problem.schedule, exact=exact)
 
 
 def gpu_slots(problem) -> np.ndarray:

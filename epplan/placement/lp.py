@@ -56,7 +56,9 @@ class LPResult:
 class LP:
     """min c x  s.t.  row_lo <= A x <= row_hi,  col_lo <= x <= col_hi  (A sparse)."""
 
-    def __init__(self, c, a, row_lo, row_hi, col_lo, col_hi, *, threads: int = 1) -> None:
+    def __init__(self, c, a, row_lo, row_hi, col_lo, col_hi, *, threads: int = 1,
+                 integrality=None) -> None:
+        """``integrality``: bool per column, True for an integer column (a MILP), or None."""
         import highspy
 
         self.h = h = new_highs()
@@ -73,6 +75,9 @@ class LP:
         lp.a_matrix_.start_ = a.indptr.astype(np.int32)
         lp.a_matrix_.index_ = a.indices.astype(np.int32)
         lp.a_matrix_.value_ = a.data.astype(np.float64)
+        if integrality is not None:
+            lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                               for i in integrality]
         h.passModel(lp)
 
     def solve(self, time_limit: float | None = None) -> LPResult:
@@ -98,4 +103,9 @@ class LP:
     def set_col_bounds(self, cols, lo, hi) -> None:
         cols = np.atleast_1d(np.asarray(cols, dtype=np.int32))
         self.h.changeColsBounds(cols.size, cols, np.atleast_1d(np.asarray(lo, dtype=np.float64)),
+                                np.atleast_1d(np.asarray(hi, dtype=np.float64)))
+
+    def set_row_bounds(self, rows, lo, hi) -> None:
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int32))
+        self.h.changeRowsBounds(rows.size, rows, np.atleast_1d(np.asarray(lo, dtype=np.float64)),
                                 np.atleast_1d(np.asarray(hi, dtype=np.float64)))

@@ -11,6 +11,7 @@ from functools import cached_property
 
 import numpy as np
 
+from epplan.schedule import MAX_CHUNKS, OVERLAP_MODES, Schedule, default_schedule
 from epplan.errors import PlacementError, TrafficError
 from epplan.topology import Topology
 from epplan.workload.config import ModelConfig
@@ -28,6 +29,9 @@ class PlacementProblem:
     achievable_tflops:  ... or, if given, the achievable TFLOP/s of every GPU, overriding it.
     micro_batches:      gradient-accumulation steps per optimizer step; divides the activation
                         memory, changes no traffic or FLOPs of the step.
+    overlap:            the runtime's schedule of each MoE layer (``epplan.schedule``): auto
+                        (what ``epplan run`` does on GPUs: overlap when the run spans nodes), on
+                        or off; ``num_chunks`` fixes the chunk count when overlapping.
     """
 
     topology: Topology
@@ -37,6 +41,8 @@ class PlacementProblem:
     compute_efficiency: float = 0.6
     achievable_tflops: float | None = None
     micro_batches: int = 1
+    overlap: str = "auto"
+    num_chunks: int | None = None
 
     def __post_init__(self) -> None:
         g, e, layers = self.topology.num_gpus, self.config.num_experts, self.config.num_moe_layers
@@ -52,6 +58,11 @@ class PlacementProblem:
         if self.achievable_tflops is not None and not (
                 math.isfinite(self.achievable_tflops) and self.achievable_tflops > 0):
             raise PlacementError(f"achievable TFLOP/s must be > 0, got {self.achievable_tflops!r}")
+        if self.overlap not in OVERLAP_MODES:
+            raise PlacementError(f"--overlap {self.overlap!r}: use one of {', '.join(OVERLAP_MODES)}")
+        if self.num_chunks is not None and not (_is_positive_int(self.num_chunks)
+                                                and self.num_chunks <= MAX_CHUNKS):
+            raise PlacementError(f"--num-chunks must be an integer in 1..{MAX_CHUNKS}, got {self.num_chunks!r}")
         shape = self.traffic.counts.shape
         if shape != (layers, g, e):
             raise TrafficError(
@@ -95,6 +106,12 @@ class PlacementProblem:
     def bytes_per_assignment(self) -> int:
         """Bytes of one token-assignment on the wire, one exchange (dispatch or combine)."""
         return self.costs.bytes_per_assignment
+
+    @cached_property
+    def schedule(self) -> Schedule:
+        """How the runtime will run each MoE layer, so how link and GPU times add up."""
+        return default_schedule(self.topology, self.config, self.costs, self.micro_batches,
+                                overlap=self.overlap, num_chunks=self.num_chunks)
 
     @cached_property
     def gpu_flops(self) -> np.ndarray:

@@ -3,7 +3,9 @@
 Per MoE layer (layers are independent; a layer whose traffic equals an earlier one's up to a
 relabelling of the experts is solved once and relabelled):
 
-1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, node/GPU cuts);
+1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
+   nodes and the nodes under each fabric switch), combined by the runtime's schedule
+   (``epplan.schedule``), and while the gap is open the node-level LP of ``nodelp.py``;
 2. incumbent: the ``local_first`` construction (``heuristic.py``) with its splits from the split
    LP (``splits.py``); then every baseline (contiguous, EPLB, random), scored with its own even
    split exactly as ``evaluate`` scores it, and re-split by the LP when that could win or while
@@ -37,6 +39,7 @@ from epplan.placement.bounds import lower_bound
 from epplan.placement.heuristic import local_first
 from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
+from epplan.placement.nodelp import node_model
 from epplan.placement.splits import optimal_splits, split_result
 from epplan.placement.types import LayerPlacement, Placement
 
@@ -54,7 +57,7 @@ class LayerInfo:
                            # large to try, and the gap is still above the target)
     objective_s: float
     bound_s: float
-    bound_source: str      # compute | cut | milp
+    bound_source: str      # compute | cut | cut+compute | node-lp | milp (bounds.py, nodelp.py, ilp.py)
     gap: float
     link_s: float          # max link time of the plan (after the network tie-break)
     seconds: float
@@ -162,6 +165,21 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
     return placement
 
 
+def resplit(placement: Placement, problem, *, time_limit: float | None = None) -> Placement:
+    """``placement`` with every layer's token splits from the split LP (same replicas): set
+    beside the placement with its own splits, it separates what a placement buys from what
+    splits buy (``--compare`` reports ``eplb+lp`` so). Never worse than the splits it had."""
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    counts = problem.traffic.counts
+    layers = []
+    for li, layer in enumerate(placement.layers):
+        data = layer_data(problem, counts[li], max_groups=_max_groups(problem))
+        own = split_result(data, layer)
+        res = optimal_splits(data, layer.replicas, time_limit=_budget(deadline, len(placement.layers) - li))
+        layers.append(res.layer if res.bottleneck < own.bottleneck else layer)
+    return Placement(placement.num_ranks, placement.num_experts, layers, method=f"{placement.method}+lp")
+
+
 # ---------------------------------------------------------------------------------------------
 
 _SHARED = None
@@ -218,6 +236,13 @@ def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], s
     cost, link_s, layer, start_name = best
     g = _gap(cost, bound)
     open_as = "time_limit"
+    if g > gap and (budget is None or time.monotonic() - t0 < budget):
+        # The node-level LP sees the fabric's cuts (leaf/spine/core) and couples them with
+        # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts).
+        node = node_model(data, integer=False, time_limit=left())
+        if node.bound > bound:
+            bound, source = min(node.bound, cost), "node-lp"
+            g = _gap(cost, bound)
     if g > gap:
         from epplan.placement.ilp import improve
 

@@ -5,15 +5,16 @@ replicas is an LP (``DESIGN.md``'s model with the placement fixed):
 
     variables  y[a, e, t] >= 0   assignments source group a sends to the replica of e on t
                Y[a, t]           = sum_e y[a, e, t]  (what the links and GPUs see)
-               Z, mu             the layer's bottleneck, the max link time
+               mu, X, Z          the max link time, the max GPU time, the layer's hidden part
     demand     sum_t y[a, e, t] = n[a, e]
     links      sum_{a, t} coef[(a, t), k] Y[a, t] <= mu          (k: kept links)
-    GPUs       gpu_unit[t] * sum_a Y[a, t] <= Z
-               mu <= Z
-    minimise   Z; then, with Z fixed at its optimum, mu
+    GPUs       gpu_unit[t] * sum_a Y[a, t] <= X
+    schedule   hidden * mu <= Z,  X <= Z
+    minimise   exposed * mu + Z (the layer's time under the runtime's schedule, ``epplan.schedule``);
+               then, with it fixed at its optimum, mu
 
-The second stage breaks ties toward the least-loaded network: when expert compute sets the
-bottleneck, any split that keeps the links below it is optimal, and the planner prefers the one
+The second stage breaks ties toward the least-loaded network: when expert compute hides the
+exchange, any split that keeps the links below it is optimal, and the planner prefers the one
 with the idlest links (``--compare`` reports both). Flows are scaled to O(1) units for HiGHS.
 
 Shape legend: G = GPUs, E = experts, A = source groups, R_e = replicas of expert e.
@@ -41,7 +42,7 @@ _REMOTE_ABSENT = 16    # ... for an expert its node does not hold
 @dataclass
 class SplitResult:
     layer: LayerPlacement
-    bottleneck: float     # seconds: max(link, GPU) of the returned splits, every link counted
+    bottleneck: float     # seconds: the layer's time under the schedule, every link counted
     link_time: float      # seconds: max link time of the returned splits
     status: str
     seconds: float
@@ -65,9 +66,9 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     pair = ya * num_gpus + yt                                 # (a, t) of each y
     pairs, y2p = np.unique(pair, return_inverse=True)
     npair = pairs.size
-    col_z, col_mu = ny + npair, ny + npair + 1
-    ncol = ny + npair + 2
-    # Rows: demand (a, e) | aux (a, t) | links | GPUs | mu <= Z.
+    col_z, col_mu, col_x = ny + npair, ny + npair + 1, ny + npair + 2
+    ncol = ny + npair + 3
+    # Rows: demand (a, e) | aux (a, t) | links | GPUs | hidden mu <= Z, X <= Z | objective.
     dem_key = ya * num_experts + ye
     dem_keys, y2d = np.unique(dem_key, return_inverse=True)
     ndem = dem_keys.size
@@ -78,6 +79,7 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     coef = coef[:, is_link]
     nlink = coef.shape[1]
     gpu = data.gpu_unit[pairs % num_gpus] * (unit / tau)
+    exposed, hidden = data.schedule.exposed, data.schedule.hidden
     blocks = []
     r0 = 0
     blocks.append((y2d + r0, np.arange(ny), np.ones(ny)))                      # demand
@@ -90,19 +92,23 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     blocks.append((np.arange(nlink) + r0, np.full(nlink, col_mu), -np.ones(nlink)))
     r0 += nlink
     blocks.append((pairs % num_gpus + r0, ny + np.arange(npair), gpu))          # GPUs: Y
-    blocks.append((np.arange(num_gpus) + r0, np.full(num_gpus, col_z), -np.ones(num_gpus)))
+    blocks.append((np.arange(num_gpus) + r0, np.full(num_gpus, col_x), -np.ones(num_gpus)))
     r0 += num_gpus
-    blocks.append((np.array([r0, r0]), np.array([col_mu, col_z]), np.array([1.0, -1.0])))
+    blocks.append((np.array([r0, r0, r0 + 1, r0 + 1]), np.array([col_mu, col_z, col_x, col_z]),
+                   np.array([hidden, -1.0, 1.0, -1.0])))
+    r0 += 2
+    row_obj = r0
+    blocks.append((np.array([r0, r0]), np.array([col_mu, col_z]), np.array([exposed, 1.0])))
     r0 += 1
     rows = np.concatenate([b[0] for b in blocks])
     cols = np.concatenate([b[1] for b in blocks])
     vals = np.concatenate([b[2] for b in blocks])
     a = sp.csc_matrix((vals, (rows, cols)), shape=(r0, ncol))
     inf = np.inf
-    row_lo = np.concatenate([demand, np.zeros(npair), np.full(nlink + num_gpus + 1, -inf)])
-    row_hi = np.concatenate([demand, np.zeros(npair), np.zeros(nlink + num_gpus + 1)])
+    row_lo = np.concatenate([demand, np.zeros(npair), np.full(nlink + num_gpus + 3, -inf)])
+    row_hi = np.concatenate([demand, np.zeros(npair), np.zeros(nlink + num_gpus + 2), [inf]])
     cost = np.zeros(ncol)
-    cost[col_z] = 1.0
+    cost[col_mu], cost[col_z] = exposed, 1.0
     lp = LP(cost, a, row_lo, row_hi, np.zeros(ncol), np.full(ncol, inf))
     if ncol > _IPM_ABOVE:
         lp.h.setOptionValue("solver", "ipm")   # several times faster than simplex at this size
@@ -112,10 +118,10 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     if res.status != "optimal":
         # Out of time (or numerical trouble): a feasible split that uses no LP.
         return split_result(data, nearest_split(data, replicas), status=res.status, seconds=seconds)
-    x, z = res.x, res.x[col_z]
+    x, best = res.x, exposed * res.x[col_mu] + res.x[col_z]
     left = None if time_limit is None else time_limit - (time.monotonic() - t0)
     if tie_break and nlink and (left is None or left > 0.1):
-        lp.set_col_bounds([col_z], [0.0], [z * (1 + _STAGE2_SLACK) + 1e-12])
+        lp.set_row_bounds([row_obj], [-inf], [best * (1 + _STAGE2_SLACK) + 1e-12])
         c2 = np.zeros(ncol)
         c2[col_mu] = 1.0
         lp.set_cost(c2)

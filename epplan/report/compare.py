@@ -48,7 +48,7 @@ class Comparison:
             row = {
                 "label": plan.label, "placement": cost.placement_method, "manifest_hash": plan.manifest_hash,
                 "topology": cost.topology.name, "step_time_s": cost.step_time_s,
-                "bottleneck_total_s": cost.bottleneck_total_s,
+                "objective_s": cost.objective_s,
                 "link_bytes_total": float(table.total_bytes.sum()),
                 "bottleneck_link": cost.topology.link_name(k), "bottleneck_class": cost.topology.link_class[k],
                 "bottleneck_time_s": table.bottleneck_s,

@@ -36,38 +36,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from epplan.schedule import auto_num_chunks  # noqa: F401  (expert_parallel takes it from here)
 from epplan.runtime.experts import (_can_grouped_mm, expert_mlp_backward_input,
                                     expert_mlp_backward_weight, expert_mlp_forward)
 
-# Automatic chunk count: as many chunks as keep every local expert's GEMM at or above
-# MIN_ROWS_PER_EXPERT rows per chunk, at most MAX_CHUNKS. Measured at the seed spec
-# (docs/benchmarks.md): grouped 4096 x 16384 GEMMs run at least as fast at 1,250 rows per expert
-# as at 20,000. The first dispatch and the last combine of a layer (and their backward mirrors)
-# are not hidden, 1 / C of its exchange time: with the exchange through host memory at 39 GB/s
-# (4 x H200, the cross-node bandwidth regime) 16 chunks left 0.17 of it exposed against 0.24 for 8;
-# over NVLink 16 and 8 chunks were level within the step-to-step spread.
-# Every chunk's forward expert GEMMs also do at least MIN_CHUNK_FLOPS (about 0.8 ms at 650 TF/s),
-# so that the chunks' fixed costs (launches, index work, exchange latency) stay small: a model with
-# d_model 2048 and 4.4 TFLOP of expert GEMMs per rank and layer trained 11 % faster through host
-# memory with 8 chunks, and 1 % with 16 (4 x H200, docs/benchmarks.md).
-MIN_ROWS_PER_EXPERT = 1024
-MIN_CHUNK_FLOPS = 5e11
-MAX_CHUNKS = 16
+# The automatic chunk count (auto_num_chunks and its constants) lives in epplan.schedule, with
+# the cost model of this schedule, so that the planner and the runtime count the same chunks.
 # CTAs of the communicator for hidden exchanges, and SMs the expert GEMMs leave free meanwhile:
 # 4 hid 87-100 % of a chunk's all-to-all under its GEMM at a 5-7 % GEMM cost (docs/benchmarks.md).
 DEFAULT_OVERLAP_CTAS = 4
-
-
-def auto_num_chunks(num_assignments: int, num_ranks: int, num_experts: int,
-                    flops_per_row: float | None = None) -> int:
-    """Chunks proposed by a rank that routes num_assignments: an expert serves about
-    num_assignments * num_ranks / num_experts rows when the load is balanced, and a rank computes
-    about num_assignments rows, each flops_per_row forward GEMM FLOPs (None: no FLOPs limit)."""
-    rows_per_expert = num_assignments * num_ranks // max(num_experts, 1)
-    chunks = min(rows_per_expert // MIN_ROWS_PER_EXPERT, MAX_CHUNKS)
-    if flops_per_row is not None:
-        chunks = min(chunks, int(num_assignments * flops_per_row // MIN_CHUNK_FLOPS))
-    return int(max(chunks, 1))
 
 
 def chunk_parts(counts: np.ndarray, num_chunks: int) -> np.ndarray:

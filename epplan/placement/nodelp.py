@@ -1,0 +1,185 @@
+"""The node-level placement model: a certificate that sees every cut of the network, and a
+placement to disaggregate.
+
+Per layer, with the GPUs of a node taken together (A, B = nodes):
+
+    h[B, e] in {0, 1}      node B holds expert e (relaxed to [0, 1] for the LP bound)
+    f[A, e, B] >= 0        assignments of A's sources for e served on B
+    mu, X, z               busiest link time, busiest GPU time, the schedule's hidden part
+
+    demand    sum_B f[A, e, B] = n[A, e];   f[A, e, B] <= n[A, e] h[B, e]
+    slots     sum_e h[B, e] <= min(E, slots of B);   sum_B h[B, e] >= 1
+    GPUs      sum_{A, e} f[A, e, B] <= X * sum_{g in B} 1 / c_g;   X >= the compute bound
+    cuts      2b (out(S) + in(S)) <= mu * cap(S)  for every cut set S of ``bounds.cut_sets``
+              (each node; the nodes under each fabric switch: a rail-optimised scalable unit, a
+              pod of a three-tier fabric), out(S) = sum_{A in S, B not in S} f, in(S) likewise,
+              cap(S) = the capacity of the links leaving S (and entering it: a row each)
+    schedule  hidden * mu <= z,  X <= z;   minimise exposed * mu + z        (``epplan.schedule``)
+
+Why it is a lower bound for the true problem (per GPU, per source, any split): summing a true
+solution's flows by node gives a feasible point at the solution's own mu and X. Every byte that
+a source in S sends to a replica outside S (dispatch forward, combine backward: 2b) and every
+byte a replica in S returns to a source outside (combine forward, dispatch backward: 2b) crosses
+a link leaving S, so the busiest of those links carries at least their sum over its capacity;
+the busiest GPU of B serves at least B's total at the rate of B's GPUs together. The layer's
+time grows with mu and X, so the model's optimum, and any dual bound of it, is <= the true
+optimum. It is weaker than the per-GPU models only where one node's NICs are loaded unevenly
+or a GPU's own links bind, which the analytic bounds (``bounds.py``) and the per-GPU MILP
+(``ilp.py``) see.
+
+Why this model: the per-GPU MILP has G^2 E flow variables (60,000 at 64 GPUs and 16 experts)
+and a weak big-M, and stops far from its bound; here there are N^2 E flows and N E binaries
+(8 nodes: 1,024 and 128), and the model sees the leaf/spine/core cuts that the analytic bounds
+miss. Measured on scripts/bench_planner.py (docs/benchmarks.md). Its solution also gives each
+node its experts (h) and, by apportioning the node's slots to the loads it serves, its replica
+counts, which ``heuristic.disaggregate`` deals onto the node's GPUs: a new incumbent.
+
+Shape legend: N = nodes, E = experts, G = GPUs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from epplan.placement.bounds import apportion, compute_bound, cut_bound, cut_sets
+from epplan.placement.layer import LayerData
+from epplan.placement.lp import LP
+
+MAX_FLOWS = 400_000     # node-level flow columns above which the model is not built
+
+
+@dataclass
+class NodeResult:
+    bound: float               # seconds, valid for the true problem (0.0 when not solved)
+    replicas: np.ndarray | None  # int64[N, E] replicas per node from the model's h, or None
+    status: str                # optimal | time_limit | skipped | failed
+    seconds: float
+
+
+def node_model(data: LayerData, *, integer: bool = True, time_limit: float | None = None,
+               gap: float = 1e-4) -> NodeResult:
+    """Solve the node-level model of one layer (module docstring); ``integer`` False solves
+    its LP relaxation."""
+    t0 = time.monotonic()
+    topo = data.lm.topology
+    cuts = cut_sets(topo)
+    if not cuts:
+        return NodeResult(0.0, None, "skipped", 0.0)
+    node_of = data.lm.gpu_node
+    num_nodes, num_experts = topo.num_nodes, data.num_experts
+    demand = np.zeros((num_nodes, num_experts))
+    np.add.at(demand, node_of, data.counts)                          # [N, E]
+    fa, fe = np.nonzero(demand > 0)                                  # (A, e) with demand
+    num_f = fa.size * num_nodes
+    if num_f > MAX_FLOWS:
+        return NodeResult(0.0, None, "skipped", time.monotonic() - t0)
+    unit = max(demand.sum() / num_nodes, 1e-30)                      # one node's demand
+    tau = unit * float(np.mean(data.gpu_unit))
+    # Columns: f (A, e, B) | h (B, e) | mu | X | z
+    f_a, f_e = np.repeat(fa, num_nodes), np.repeat(fe, num_nodes)
+    f_b = np.tile(np.arange(num_nodes), fa.size)
+    off_h = num_f
+    col_mu, col_x, col_z = off_h + num_nodes * num_experts, off_h + num_nodes * num_experts + 1, \
+        off_h + num_nodes * num_experts + 2
+    ncol = col_z + 1
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    r = 0
+
+    def add(rr, cc, vv):
+        rows.append(np.asarray(rr)); cols.append(np.asarray(cc)); vals.append(np.asarray(vv, dtype=np.float64))
+
+    # demand: sum_B f = n[A, e]
+    pair = np.repeat(np.arange(fa.size), num_nodes)
+    add(r + pair, np.arange(num_f), np.ones(num_f))
+    lo.append(demand[fa, fe] / unit); hi.append(demand[fa, fe] / unit)
+    r += fa.size
+    # f <= n h
+    add(r + np.arange(num_f), np.arange(num_f), np.ones(num_f))
+    add(r + np.arange(num_f), off_h + f_b * num_experts + f_e, -demand[f_a, f_e] / unit)
+    lo.append(np.full(num_f, -np.inf)); hi.append(np.zeros(num_f))
+    r += num_f
+    # slots per node, cover per expert
+    slots = np.array([min(num_experts, int(data.slots[node_of == b].sum())) for b in range(num_nodes)])
+    hb, he = np.divmod(np.arange(num_nodes * num_experts), num_experts)
+    add(r + hb, off_h + np.arange(num_nodes * num_experts), np.ones(hb.size))
+    lo.append(np.full(num_nodes, -np.inf)); hi.append(slots.astype(np.float64))
+    r += num_nodes
+    add(r + he, off_h + np.arange(num_nodes * num_experts), np.ones(he.size))
+    lo.append(np.ones(num_experts)); hi.append(np.full(num_experts, np.inf))
+    r += num_experts
+    # GPUs: served on B <= X * sum 1/c_g (in units: X column is seconds / tau)
+    rate = np.bincount(node_of, weights=1.0 / data.gpu_unit, minlength=num_nodes)   # assignments/s
+    add(r + f_b, np.arange(num_f), np.full(num_f, unit / tau))
+    add(r + np.arange(num_nodes), np.full(num_nodes, col_x), -rate)
+    lo.append(np.full(num_nodes, -np.inf)); hi.append(np.zeros(num_nodes))
+    r += num_nodes
+    # cuts: 2b (out + in) / cap <= mu, exit and entry rows
+    b2 = 2.0 * data.bytes_per_assignment
+    for nodes, exit_cap, entry_cap in cuts:
+        is_in = np.zeros(num_nodes, dtype=bool)
+        is_in[nodes] = True
+        crosses = np.flatnonzero(is_in[f_a] != is_in[f_b])
+        for cap in {exit_cap, entry_cap}:
+            if cap <= 0 or crosses.size == 0:
+                continue
+            add(np.full(crosses.size, r), crosses, np.full(crosses.size, b2 * unit / cap / tau))
+            add([r], [col_mu], [-1.0])
+            lo.append([-np.inf]); hi.append([0.0])
+            r += 1
+    # schedule
+    exposed, hidden = data.schedule.exposed, data.schedule.hidden
+    add([r, r, r + 1, r + 1], [col_mu, col_z, col_x, col_z], [hidden, -1.0, 1.0, -1.0])
+    lo.append([-np.inf, -np.inf]); hi.append([0.0, 0.0])
+    r += 2
+    a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, ncol))
+    c = np.zeros(ncol)
+    c[col_mu], c[col_z] = exposed, 1.0
+    col_lo = np.zeros(ncol)
+    col_hi = np.full(ncol, np.inf)
+    col_hi[off_h:col_mu] = 1.0
+    col_lo[col_x] = compute_bound(data) / tau
+    col_lo[col_mu] = cut_bound(data) / tau
+    integrality = None
+    if integer:
+        integrality = np.zeros(ncol, dtype=bool)
+        integrality[off_h:col_mu] = True
+    lp = LP(c, a, np.concatenate(lo), np.concatenate(hi), col_lo, col_hi, integrality=integrality)
+    if integer:
+        lp.h.setOptionValue("mip_rel_gap", gap)
+    left = None if time_limit is None else max(0.05, time_limit - (time.monotonic() - t0))
+    res = lp.solve(left)
+    if integer:
+        dual = lp.h.getInfo().mip_dual_bound
+        bound = float(dual) * tau if np.isfinite(dual) else 0.0
+    else:
+        bound = res.objective * tau if res.status == "optimal" else 0.0
+    replicas = None
+    if res.status in ("optimal", "time_limit") and res.x.size == ncol and np.all(np.isfinite(res.x)):
+        held = res.x[off_h:col_mu].reshape(num_nodes, num_experts)
+        served = np.zeros((num_nodes, num_experts))
+        np.add.at(served, (f_b, f_e), np.maximum(res.x[:num_f], 0.0))
+        replicas = _replica_counts(held, served, data, node_of)
+    return NodeResult(max(0.0, bound), replicas, res.status, time.monotonic() - t0)
+
+
+def _replica_counts(held: np.ndarray, served: np.ndarray, data: LayerData, node_of: np.ndarray) -> np.ndarray | None:
+    """int64[N, E]: node B's slots apportioned to the experts it holds (h > 0.5) by the load it
+    serves for them (at most one replica per GPU); None if that leaves an expert nowhere."""
+    num_nodes, num_experts = held.shape
+    m = np.zeros((num_nodes, num_experts), dtype=np.int64)
+    for b in range(num_nodes):
+        experts = np.flatnonzero(held[b] > 0.5)
+        size = int(np.sum(node_of == b))
+        slots = int(data.slots[node_of == b].sum())
+        if experts.size == 0:
+            continue
+        experts = experts[np.argsort(-served[b, experts], kind="stable")][:slots]
+        r = apportion(served[b, experts] + 1e-12, min(slots, experts.size * size), size)
+        m[b, experts] = r
+    if np.any(m.sum(axis=0) == 0):
+        return None
+    return m
