@@ -20,11 +20,12 @@ _TOPOS: dict = {}
 
 
 def problem_of(topology: str, num_experts: int, routing: str = "zipf:1.2", experts_per_gpu: int = 1,
-               num_layers: int = 3, num_expert_groups: int = 1) -> PlacementProblem:
+               num_layers: int = 3, num_expert_groups: int = 0) -> PlacementProblem:
     topo = _TOPOS.setdefault(topology, load_topology(TOPOLOGIES / f"{topology}.yaml"))
     config = ModelConfig(name="m", num_layers=num_layers, num_experts=num_experts, top_k=2, d_model=64,
                          d_ff=128, num_heads=4, head_dim=16, num_kv_heads=4, vocab_size=100, seq_len=64,
-                         global_batch=topo.num_gpus, num_expert_groups=num_expert_groups)
+                         global_batch=topo.num_gpus, num_expert_groups=num_expert_groups,
+                         topk_groups=min(num_expert_groups, 1))
     traffic = make_traffic(routing, config, topo.num_gpus, seed=1)
     return PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu)
 
