@@ -332,3 +332,159 @@ def test_gpu_out_of_memory_is_a_clear_failure_that_is_not_retried(manifests, tmp
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert worker.main.__wrapped__(argv) == 1
     assert worker.read_failure(tmp_path)["message"] == message
+
+
+# ------------------------------------------------------------------------------ faults (issue: nothing lost)
+
+def _fail(*args: str) -> str:
+    result = runner.invoke(app, ["run", *args], terminal_width=400)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "ChildFailedError" not in result.output, result.output
+    return " ".join(result.output.split())
+
+
+def test_a_busy_run_directory_is_one_clear_error(manifests, tmp_path):
+    from epplan.train.rundir import RunLock
+
+    with RunLock(tmp_path) as lock:
+        assert lock.acquire() is None
+        message = _fail(str(manifests["a"]), "--out", str(tmp_path), *TRAIN)
+    assert f"{tmp_path} is in use by another 'epplan run' (pid {__import__('os').getpid()} on" in message
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_lock_left_behind_is_named_when_taken_over(tmp_path):
+    from epplan.train.rundir import RunLock
+
+    (tmp_path / "run.lock").write_text('{"host": "gone-host", "pid": 4242, "since": "yesterday"}')
+    with RunLock(tmp_path) as lock:
+        note = lock.acquire()
+    assert "taking over the lock left by an earlier run (pid 4242 on gone-host, since yesterday)" in note
+    with RunLock(tmp_path) as lock:  # released cleanly: nothing to say
+        assert lock.acquire() is None
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killing_epplan_run_ends_torchrun_and_its_workers(manifests, tmp_path, sig):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "epplan", "run", str(manifests["a"]), "--out", str(out), "--steps", "100000",
+         "--ckpt-every", "100000", "--lr", "0.01", "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or '"kind":"step"' not in (out / "metrics.jsonl").read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        tree = _descendants(launcher.pid)
+        assert len(tree) >= 3  # the agent and two workers
+        os.kill(launcher.pid, getattr(signal, sig))
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in tree):
+            assert time.monotonic() < deadline, f"still running after {sig}: {[p for p in tree if _alive(p)]}"
+            time.sleep(0.2)
+    finally:
+        launcher.kill()
+    from epplan.train.rundir import RunLock
+
+    with RunLock(out) as lock:  # free again, for a --resume
+        lock.acquire()
+        lock.wait_for_workers(timeout_s=0)
+
+
+def _copy_reference(reference: Path, out: Path) -> Path:
+    shutil.copytree(reference, out)
+    return out / "checkpoints"
+
+
+def test_a_corrupted_checkpoint_of_the_right_size_is_skipped_with_a_line(reference, manifests, tmp_path):
+    out = tmp_path / "run"
+    root = _copy_reference(reference, out)
+    shutil.rmtree(root / "step_00000012")
+    with open(root / "step_00000008" / "rank00001.pt", "r+b") as fh:  # 4 KiB flipped, same size
+        fh.seek(600)
+        block = fh.read(4096)
+        fh.seek(600)
+        fh.write(bytes(b ^ 0xFF for b in block))
+    output = _run(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume")
+    start = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "start"][-1]
+    assert start["resumed_from"].endswith("step_00000004"), output
+    assert start["resume_notes"] == [  # the lines rank 0 printed
+        f"skipped {root / 'step_00000008'}: the content of rank00001.pt differs from the checksum written with it",
+        "resuming from the newest intact checkpoint, step_00000004"]
+    mine, ref = _final_state(out), _final_state(reference)
+    for key in ref:  # from step 4 again: bitwise the uninterrupted run
+        assert torch.equal(mine[key], ref[key]), key
+
+
+def test_resume_with_no_intact_checkpoint_refuses_and_keeps_history(reference, manifests, tmp_path):
+    out = tmp_path / "run"
+    root = _copy_reference(reference, out)
+    for ckpt in root.iterdir():  # zero-filled dense files, of the right size
+        size = (ckpt / "dense.pt").stat().st_size
+        (ckpt / "dense.pt").write_bytes(bytes(size))
+    metrics = (out / "metrics.jsonl").read_text()
+    stats = (out / "routing_stats.json").read_text()
+    message = _fail(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume")
+    assert "no intact checkpoint in" in message and "pass --start-over" in message
+    assert "dense.pt differs from the checksum" in message
+    assert (out / "metrics.jsonl").read_text() == metrics and (out / "routing_stats.json").read_text() == stats
+    # Without --resume as well: the earlier run's records are never wiped silently.
+    (root / "step_00000004").rename(root / "junk")
+    shutil.rmtree(root)
+    assert "holds an earlier run's metrics.jsonl" in _fail(str(manifests["a"]), "--out", str(out), *TRAIN)
+    _run(str(manifests["a"]), "--out", str(out), *TRAIN, "--steps", "3", "--start-over")
+    assert (out / "previous-1" / "metrics.jsonl").read_text() == metrics
+    assert [r["step"] for r in _steps(out)] == [1, 2, 3]
+
+
+def test_resume_names_a_changed_seed_and_allow_change_accepts_it(reference, manifests, tmp_path):
+    out = tmp_path / "run"
+    root = _copy_reference(reference, out)
+    shutil.rmtree(root / "step_00000012")
+    message = _fail(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume", "--seed", "5")
+    assert "--resume: seed is 5 but the checkpoint 8 was written with 0" in message
+    assert "--allow-change seed" in message
+    message = _fail(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume", "--global-batch", "16")
+    assert "global_batch is 16 but the checkpoint 8 was written with 8" in message
+    _run(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume", "--seed", "5", "--allow-change", "seed")
+    start = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "start"][-1]
+    assert start["allowed_changes"] == {"seed": {"checkpoint": 0, "now": 5}}
+
+
+def test_worker_errors_are_one_line_with_the_log_kept(manifests, tmp_path):
+    """A user error raised inside the workers: one line, no torchrun report; its log in --out."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000004").mkdir(parents=True)  # not a checkpoint: meta.json missing
+    message = _fail(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume")
+    assert message.count("error:") == 1 and "no meta.json" in message, message
+    assert "Root Cause" in (out / "logs" / "torchrun.node0.log").read_text()  # torchrun's report

@@ -96,19 +96,50 @@ def test_checkpoint_moves_experts_and_their_optimizer_state_to_a_new_placement(t
 def _diverge(rank: int, world_size: int, out: str) -> None:
     from epplan.train.trainer import TrainingDiverged
 
-    trainer = _trainer(_job(A, "A"), out, steps=2)
-    trainer.run(resume=False, show_progress=False)
+    trainer = _trainer(_job(A, "A"), out, steps=4)
+    trainer.run(resume=False, show_progress=False)  # checkpoints at 2 and 4
     with torch.no_grad():
         trainer.model.lm_head.weight[0, 0] = float("nan")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(TrainingDiverged) as caught:
         trainer.train_step()
     message = str(caught.value)
-    assert "training stopped at step 3: the loss is nan" in message
-    assert f"the last good checkpoint is {Path(out) / 'checkpoints' / 'step_00000002'} (step 2)" in message
-    for key, value in trainer.model.state_dict().items():
-        assert torch.equal(value, before[key]) or torch.isnan(value).any(), key  # no optimizer step
+    root = Path(out) / "checkpoints"
+    assert "training stopped at step 5: the loss is nan" in message
+    # Step 4's checkpoint holds the weights step 5 diverged from: the one named is from before.
+    assert f"the last good checkpoint is {root / 'step_00000002'} (step 2)" in message
+    assert "step_00000004, written after the weights diverged, is kept as step_00000004.diverged" in message
+    for key, value in trainer.model.state_dict().items():  # no optimizer step: bitwise the same, NaN included
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    torch.distributed.barrier()
+    assert latest(root).step == 2 and (root / "step_00000004.diverged").is_dir()
 
 
 def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
     run_distributed(_diverge, G, str(tmp_path))
+
+
+def _huge_lr(rank: int, world_size: int, out: str) -> None:
+    """The issue's reproducer: --lr 1e6 --ckpt-every 1 diverges at step 2; step 1's checkpoint
+    already holds the diverged weights and must not be named as good."""
+    from epplan.train.trainer import TrainingDiverged
+
+    trainer = _trainer(_job(A, "A"), out, steps=6, warmup_steps=0)
+    trainer.opts = trainer.opts.__class__(**{**trainer.opts.__dict__, "lr": 1e6, "ckpt_every": 1})
+    trainer.lr = 1e6
+    with pytest.raises(TrainingDiverged) as caught:
+        trainer.run(resume=False, show_progress=False)
+    message = str(caught.value)
+    step = int(message.split("training stopped at step ")[1].split(":")[0])
+    root = Path(out) / "checkpoints"
+    torch.distributed.barrier()
+    good = latest(root)
+    if step <= 2:
+        assert "no checkpoint from before the divergence" in message and good is None, message
+    else:
+        assert good.step == step - 2 and f"(step {step - 2})" in message, message
+    assert (root / f"step_{step - 1:08d}.diverged").is_dir()
+
+
+def test_huge_learning_rate_never_names_the_diverged_checkpoint(tmp_path):
+    run_distributed(_huge_lr, G, str(tmp_path))

@@ -11,7 +11,7 @@ from rich.markup import escape
 from epplan.cli import app
 from epplan.cli.common import console, err_console, user_errors
 from epplan.errors import RuntimeSetupError
-from epplan.train.options import DEVICES, OVERLAP, TrainOptions
+from epplan.train.options import DEVICES, OVERLAP, RESUME_KEYS, TrainOptions
 
 TRAINING = "Training"
 CHECKPOINTS = "Checkpoints and restarts"
@@ -80,9 +80,19 @@ def run(
     keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints to keep; 0 keeps all.",
                                                   rich_help_panel=CHECKPOINTS)] = 2,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the newest complete checkpoint in --out (from step 0 if there is "
-                         "none). A manifest with another placement moves the experts.",
+        "--resume", help="Continue from the newest intact checkpoint in --out (from step 0 if --out holds no "
+                         "earlier run). A manifest with another placement moves the experts. A damaged "
+                         "checkpoint is skipped with a line saying why; with none intact, refuses unless "
+                         "--start-over.", rich_help_panel=CHECKPOINTS)] = False,
+    start_over: Annotated[bool, typer.Option(
+        "--start-over", help="Where --out holds an earlier run with no intact checkpoint (or, without "
+                             "--resume, any earlier run): start at step 0, moving its metrics, routing "
+                             "statistics and checkpoints to --out/previous-N/.",
         rich_help_panel=CHECKPOINTS)] = False,
+    allow_change: Annotated[Optional[list[str]], typer.Option(
+        "--allow-change", help=f"Let --resume continue although KEY differs from the checkpoint's: "
+                               f"{', '.join(RESUME_KEYS)} (repeat for several). Metrics record it.",
+        show_default=False, rich_help_panel=CHECKPOINTS)] = None,
     max_restarts: Annotated[int, typer.Option(
         help="torchrun restarts after a worker dies; each continues from the newest checkpoint.",
         rich_help_panel=CHECKPOINTS)] = 0,
@@ -114,7 +124,7 @@ def run(
 
     from epplan.train import launch
     from epplan.train.job import load_job
-    from epplan.train.worker import FAILURE, read_failure
+    from epplan.train.worker import read_failure
 
     if print_launch not in (None, "torchrun", "slurm"):
         raise RuntimeSetupError(f"--print-launch {print_launch!r}: use torchrun or slurm")
@@ -132,7 +142,8 @@ def run(
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
         activation_checkpointing=activation_checkpointing, overlap=overlap, num_chunks=num_chunks,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every,
-        keep_checkpoints=keep_checkpoints, resume=resume, peak_tflops=peak_tflops, node_rank=node_rank or 0)
+        keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
+        allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0)
     launch_opts = launch.LaunchOptions(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                                        rdzv_id=rdzv_id, rdzv_backend=rdzv_backend, rdzv_conf=rdzv_conf,
                                        max_restarts=max_restarts)
@@ -144,13 +155,15 @@ def run(
         typer.echo(launch.sbatch_script(job, opts, launch_opts), nl=False)
         return
 
-    (out / FAILURE).unlink(missing_ok=True)
-    console.print(f"epplan run: {job.config.name} on {job.describe_nodes()}, {device}, "
-                  f"{'resuming' if resume else 'from step 0'} -> {out}", highlight=False)
-    code = launch.run(job, opts, launch_opts)
+    console.print(f"epplan run: {escape(job.config.name)} on {escape(job.describe_nodes())}, {device}, "
+                  f"{'resuming' if resume else 'from step 0'} -> {escape(str(out))}", highlight=False)
+    code = launch.run(job, opts, launch_opts,
+                      notify=lambda line: console.print(line, highlight=False, markup=False))
     if code != 0:
         failure = read_failure(out)
-        reason = failure["message"] if failure else f"torchrun exited with code {code}; see the output above"
+        log = launch.agent_log(out, launch_opts.node_rank or 0)
+        reason = (failure["message"] if failure else
+                  f"torchrun exited with code {code}; its log is {log}, the workers' output is above")
         err_console.print(f"[bold red]error:[/] {escape(reason)}", highlight=False)
         raise typer.Exit(1)
     _summary(out)

@@ -15,15 +15,23 @@ a checkpoint does not depend on the placement that wrote it: resuming under anot
 whichever files hold them, with their AdamW moments. Each rank reads only the entries it needs
 (memory-mapped ``torch.load``).
 
+    checksums.json   SHA-256 and size of every other file of the directory (written last)
+
 Atomicity: everything is written into ``.step_00000040.tmp/``; after every rank has written and
-synced its file, rank 0 writes ``meta.json`` (with each file's size) and renames the directory.
-A crash at any point leaves either no ``step_*`` directory or a complete one; ``latest`` ignores
-directories whose meta or files are missing or short. ``--out`` must be on a filesystem that all
-nodes share.
+synced its file, rank 0 writes ``meta.json`` (with each file's size), the ranks hash a share of the
+files each, rank 0 writes ``checksums.json`` and renames the directory. A crash at any point leaves
+either no ``step_*`` directory or a complete one; ``list_checkpoints`` ignores directories whose
+meta or files are missing or short, and ``verify`` (run before every load) compares each file's
+content with its checksum, so a damaged checkpoint of the right size is skipped, never loaded.
+``seal`` and ``verify`` look only at the files of a directory, not at how they were written, so
+they serve any checkpoint writer (torch.save here, torch.distributed.checkpoint as well).
+``--out`` must be on a filesystem that all nodes share.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -45,6 +53,8 @@ from epplan.runtime.expert_parallel import ExpertParallelExperts
 FORMAT = "epplan.checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})$")
+CHECKSUMS = "checksums.json"
+DIVERGED = ".diverged"  # suffix of a checkpoint set aside because training diverged right after it
 
 
 class CheckpointError(EpplanError):
@@ -118,23 +128,24 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
             if module.owner[e] == rank:
                 own_model[f"{key}[{e}]"] = w.detach()[j].clone()
                 own_optim[f"{key}[{e}]"] = _slice_state(opt_state, j)
-    _save_synced({"model": own_model, "optim": own_optim, "rng": rng_state()}, tmp / f"rank{rank:05d}.pt")
+    world_size = dist.get_world_size()
+    with _all_or_none(world_size):
+        _save_synced({"model": own_model, "optim": own_optim, "rng": rng_state()}, tmp / f"rank{rank:05d}.pt")
+        if rank == 0:
+            names = {id(p): n for n, p in model.named_parameters()}
+            dense = {k: v for k, v in state_dict.items() if k not in experts}
+            dense_optim = {names[id(p)]: s for p, s in optimizer.state.items() if names[id(p)] not in experts}
+            _save_synced({"model": dense, "optim": dense_optim, "extra": dense_extra}, tmp / "dense.pt")
+    with _all_or_none(world_size):
+        if rank == 0:
+            owners = {name: [int(o) for o in m.owner] for name, m in _expert_modules(model)}
+            files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.pt"))}
+            doc = {"format": FORMAT, "version": VERSION, "step": step, "time": time.time(),
+                   "num_ranks": world_size, **meta, "expert_owners": owners, "files": files}
+            _write_json_synced(tmp / "meta.json", doc)
+    with _all_or_none(world_size):
+        seal(tmp, rank=rank, world_size=world_size)
     if rank == 0:
-        names = {id(p): n for n, p in model.named_parameters()}
-        dense = {k: v for k, v in state_dict.items() if k not in experts}
-        dense_optim = {names[id(p)]: s for p, s in optimizer.state.items() if names[id(p)] not in experts}
-        _save_synced({"model": dense, "optim": dense_optim, "extra": dense_extra}, tmp / "dense.pt")
-    dist.barrier()
-
-    if rank == 0:
-        owners = {name: [int(o) for o in m.owner] for name, m in _expert_modules(model)}
-        files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.pt"))}
-        doc = {"format": FORMAT, "version": VERSION, "step": step, "time": time.time(),
-               "num_ranks": dist.get_world_size(), **meta, "expert_owners": owners, "files": files}
-        with open(tmp / "meta.json", "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
         if final.exists():  # the same step again (a restarted attempt got here before): replace it
             old = root / f".step_{step:08d}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -144,17 +155,129 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         else:
             tmp.rename(final)
         _fsync_dir(root)
-        for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale.path, ignore_errors=True)
+        prune(root, keep)
     dist.barrier()
     return final
 
 
 def _save_synced(obj: Any, path: Path) -> None:
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        path.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {exc}; the earlier checkpoints are intact "
+                              "(free space, then continue with --resume)") from None
+
+
+def _write_json_synced(path: Path, doc: dict) -> None:
+    try:
+        with open(path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; the earlier checkpoints are "
+                              "intact (free space, then continue with --resume)") from None
+
+
+@contextlib.contextmanager
+def _all_or_none(world_size: int):
+    """Collective: the block's ``CheckpointError`` on any rank is raised on every rank (a rank
+    that failed to write must not leave the others waiting in the next barrier)."""
+    error = None
+    try:
+        yield
+    except CheckpointError as exc:
+        error = str(exc)
+    errors = [e for e in _gather(error, world_size) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (0 keeps all)."""
+    for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale.path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ checksums
+
+def _files_of(directory: Path) -> list[str]:
+    """Every regular file under ``directory`` but the checksums, as sorted relative paths."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and p.name != CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _share(items: list[str], rank: int, world_size: int) -> list[str]:
+    return items[rank::world_size]
+
+
+def _gather(mine: Any, world_size: int) -> list[Any]:
+    if world_size == 1 or not dist.is_initialized():
+        return [mine]
+    everyone: list[Any] = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def seal(directory: Path, *, rank: int = 0, world_size: int = 1) -> None:
+    """Write ``directory/checksums.json`` over every file in it (collective when world_size > 1:
+    each rank hashes a share of the files; rank 0 writes). Call after all files are synced."""
+    files = _files_of(directory)
+    mine = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in _share(files, rank, world_size)}
+    sums: dict[str, dict] = {}
+    for part in _gather(mine, world_size):
+        sums.update(part)
+    if rank == 0:
+        _write_json_synced(directory / CHECKSUMS, {"algorithm": "sha256",
+                                                   "files": {name: sums[name] for name in files}})
+
+
+def _read_checksums(path: Path) -> dict[str, dict]:
+    try:
+        doc = json.loads((path / CHECKSUMS).read_text())
+        files = doc["files"]
+        if doc.get("algorithm") != "sha256" or not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+                for v in files.values()):
+            raise ValueError("not a checksum list")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {CHECKSUMS} (an incomplete checkpoint)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}/{CHECKSUMS}: unreadable: {exc}") from None
+    return files
+
+
+def verify(path: Path, *, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why checkpoint ``path`` is damaged (a file missing, short, or not the content sealed), or
+    None if every file is intact. Collective when world_size > 1 (each rank hashes a share); the
+    answer is the same on every rank."""
+    try:
+        sums = _read_checksums(path)
+        problem = None
+        for name in _share(sorted(sums), rank, world_size):
+            file = path / name
+            if not file.is_file():
+                problem = f"{name} is missing"
+            elif file.stat().st_size != sums[name]["size"]:
+                problem = f"{name} is {file.stat().st_size} bytes, {sums[name]['size']} were written"
+            elif _sha256(file) != sums[name]["sha256"]:
+                problem = f"the content of {name} differs from the checksum written with it"
+            if problem:
+                break
+    except CheckpointError as exc:
+        problem = str(exc).removeprefix(f"{path}: ")
+    found = [p for p in _gather(problem, world_size) if p]
+    return found[0] if found else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -173,28 +296,51 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path}: no meta.json (an incomplete checkpoint)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}/meta.json: unreadable: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
-                              f"this epplan reads {FORMAT!r} version {VERSION}")
-    for name, size in meta["files"].items():
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = meta if not isinstance(meta, dict) else f"format {meta.get('format')!r} version {meta.get('version')!r}"
+        raise CheckpointError(f"{path}: {found}; this epplan reads {FORMAT!r} version {VERSION}")
+    for key, kind in (("step", int), ("num_ranks", int), ("files", dict), ("expert_owners", dict),
+                      ("model", dict), ("manifest_hash", str)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{path}/meta.json: {key!r} is missing or not a{'n' * (kind is int)} "
+                                  f"{kind.__name__} (a damaged checkpoint)")
+    sums = _read_checksums(path)
+    for name, entry in sums.items():
         file = path / name
-        if not file.is_file() or file.stat().st_size != size:
-            raise CheckpointError(f"{path}: {name} is missing or not {size} bytes")
+        if not file.is_file() or file.stat().st_size != entry["size"]:
+            raise CheckpointError(f"{path}: {name} is missing or not {entry['size']} bytes")
+    missing = sorted(set(meta["files"]) - set(sums))
+    if missing:
+        raise CheckpointError(f"{path}: {missing[0]} is not in {CHECKSUMS}")
     return meta
 
 
-def list_checkpoints(root: Path) -> list[CheckpointInfo]:
-    """The complete checkpoints under ``root``, oldest first."""
-    found = []
+def scan(root: Path) -> tuple[list[CheckpointInfo], list[str]]:
+    """The complete checkpoints under ``root`` (oldest first), and a line for each ``step_*``
+    directory that is not one (what is wrong with it). Does not read the files' content."""
+    found, damaged = [], []
     for path in root.glob("step_*") if root.is_dir() else []:
         match = _NAME.match(path.name)
         if not match:
             continue
         try:
             found.append(CheckpointInfo(path, int(match.group(1)), read_meta(path)))
-        except CheckpointError:
-            continue
-    return sorted(found, key=lambda c: c.step)
+        except CheckpointError as exc:
+            damaged.append(str(exc))
+    return sorted(found, key=lambda c: c.step), sorted(damaged)
+
+
+def set_diverged(info: CheckpointInfo) -> Path:
+    """Rename a checkpoint that training diverged from, so that --resume skips it (it is kept)."""
+    target = info.path.with_name(info.path.name + DIVERGED)
+    shutil.rmtree(target, ignore_errors=True)
+    info.path.rename(target)
+    return target
+
+
+def list_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """The complete checkpoints under ``root``, oldest first."""
+    return scan(root)[0]
 
 
 def latest(root: Path) -> CheckpointInfo | None:

@@ -9,8 +9,10 @@ group, which continues from the newest checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -22,7 +24,8 @@ from epplan.errors import RuntimeSetupError
 from epplan.train import checkpoint
 from epplan.train.data import check_data_path
 from epplan.train.job import Job
-from epplan.train.options import TrainOptions
+from epplan.train.options import RESUME_KEYS, TrainOptions
+from epplan.train.rundir import FAILURE, RunLock, history, set_aside
 
 DEFAULT_RDZV_PORT = 29500
 
@@ -58,10 +61,7 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
     if launch.node_rank is not None and not 0 <= launch.node_rank < num_nodes:
         raise RuntimeSetupError(f"--node-rank {launch.node_rank} is out of range: the manifest has "
                                 f"{job.describe_nodes()}")
-    for name in ("steps", "ckpt_every", "micro_batches", "num_chunks", "overlap_ctas"):
-        value = getattr(opts, name)
-        if value is not None and value < 1:
-            raise RuntimeSetupError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_numbers(opts, launch)
     global_batch = opts.global_batch or job.config.global_batch
     if global_batch % (G * opts.micro_batches):
         raise RuntimeSetupError(
@@ -77,8 +77,48 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
             raise RuntimeSetupError(f"the manifest puts {gpus} ranks on this node but "
                                     f"{torch.cuda.device_count()} CUDA GPUs are visible; use --device cpu "
                                     "to run on the CPU, or a manifest for this machine")
-    if not opts.resume:
-        checkpoint.refuse_fresh_start(Path(opts.out) / "checkpoints", opts.out)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise RuntimeSetupError(f"--out {out} is a file; name a directory (it is created if missing)")
+
+
+MAX_STEPS = 10**9
+MAX_CHUNKS = 256  # chunks per MoE layer; the runtime's own choice is at most 16
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_numbers(opts: TrainOptions, launch: LaunchOptions) -> None:
+    """Every number of a run in its range, where ``epplan run`` parses it (not in the workers)."""
+    ranges = {  # name: (lowest, highest, lowest allowed itself)
+        "steps": (1, MAX_STEPS, True), "ckpt_every": (1, MAX_STEPS, True), "micro_batches": (1, 2**20, True),
+        "num_chunks": (1, MAX_CHUNKS, True), "overlap_ctas": (1, 1024, True), "global_batch": (1, 2**31, True),
+        "warmup_steps": (0, MAX_STEPS, True), "keep_checkpoints": (0, 10**6, True), "seed": (0, 2**63 - 1, True),
+        "lr": (0.0, 1e9, False), "min_lr_ratio": (0.0, 1.0, True), "weight_decay": (0.0, 1e3, True),
+        "grad_clip": (0.0, 1e12, True), "capacity_factor": (0.0, 1e6, False), "peak_tflops": (0.0, 1e6, False),
+        "node_rank": (0, 10**6, True),
+    }
+    for name, (low, high, low_ok) in ranges.items():
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RuntimeSetupError(f"{_flag(name)} {value}: give a finite number")
+        if value < low or (value == low and not low_ok):
+            hint = "; 0 turns clipping off" if name == "grad_clip" else ""
+            raise RuntimeSetupError(f"{_flag(name)} must be {'at least' if low_ok else 'more than'} {low:g}, "
+                                    f"got {value}{hint}")
+        if value > high:
+            raise RuntimeSetupError(f"{_flag(name)} {value} is too large: at most {high:g}")
+    if not 0 <= launch.max_restarts <= 1000:
+        raise RuntimeSetupError(f"--max-restarts {launch.max_restarts} is out of range: give 0 .. 1000")
+    unknown = [k for k in opts.allowed_changes() if k not in RESUME_KEYS]
+    if unknown:
+        raise RuntimeSetupError(f"--allow-change {unknown[0]}: not a resume check; use one of {', '.join(RESUME_KEYS)}")
+    if opts.allowed_changes() and not opts.resume:
+        raise RuntimeSetupError("--allow-change only applies with --resume")
 
 
 def torchrun_argv(job: Job, opts: TrainOptions, launch: LaunchOptions, node_rank: int,
@@ -144,15 +184,111 @@ def sbatch_script(job: Job, opts: TrainOptions, launch: LaunchOptions) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(job: Job, opts: TrainOptions, launch: LaunchOptions) -> int:
-    """Start torchrun for this node and wait; returns its exit code."""
-    argv = torchrun_argv(job, opts, launch, launch.node_rank or 0)
-    env = dict(os.environ)
-    nproc = len(job.nodes[launch.node_rank or 0].ranks)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    process = subprocess.Popen(argv, env=env)
+class Interrupted(RuntimeSetupError):
+    """``epplan run`` was stopped by a signal; torchrun and its workers were stopped with it."""
+
+
+# Signals that stop 'epplan run' and, through it, torchrun and its workers. SIGKILL cannot be
+# caught: the agent then gets SIGTERM from the kernel (agent.die_with_parent) and the workers see
+# their agent gone (worker._watch_parent).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+AGENT_GRACE_S = 45.0  # torchrun gives its workers 30 s after SIGTERM before SIGKILL
+LOGS = "logs"
+
+
+def agent_log(out: Path, node_rank: int) -> Path:
+    return Path(out) / LOGS / f"torchrun.node{node_rank}.log"
+
+
+def run(job: Job, opts: TrainOptions, launch: LaunchOptions, notify=print) -> int:
+    """Start torchrun for this node and wait; returns its exit code.
+
+    Holds the run directory's lock (``rundir.RunLock``) from before the directory is inspected
+    until the last worker has exited; raises ``rundir.RunDirBusy`` if another run holds it and
+    ``Interrupted`` if a signal stopped the run. ``notify`` shows one-line notes.
+    """
+    out, node_rank = Path(opts.out), launch.node_rank or 0
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, node_rank)
+    note = lock.acquire()
     try:
-        return process.wait()
-    except KeyboardInterrupt:  # the workers got the same SIGINT; let torchrun shut them down
-        return process.wait()
+        if note:
+            notify(note)
+        lock.wait_for_workers()
+        if node_rank == 0:
+            prepare_out(opts)
+        log = agent_log(out, node_rank)
+        log.parent.mkdir(exist_ok=True)
+        argv = torchrun_argv(job, opts, launch, node_rank)
+        argv[1:3] = ["-m", "epplan.train.agent", str(log)]
+        env = dict(os.environ)
+        nproc = len(job.nodes[node_rank].ranks)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env["EPPLAN_LAUNCHER_PID"] = str(os.getpid())
+        env["EPPLAN_LAUNCHED"] = "1"
+        code, stopped_by = _run_agent(argv, env)
+        lock.wait_for_workers()
+    finally:
+        lock.release()
+    if stopped_by is not None:
+        raise Interrupted(f"stopped by {stopped_by.name}: torchrun and its workers were stopped; continue "
+                          f"from the newest checkpoint with 'epplan run ... --out {out} --resume'")
+    return code
+
+
+def _run_agent(argv: list[str], env: dict[str, str]) -> tuple[int, signal.Signals | None]:
+    """Run the agent in a session of its own (a terminal's Ctrl-C reaches 'epplan run' only, which
+    stops the agent); any stop signal is passed on as SIGTERM, then SIGKILL after a grace period."""
+    process = subprocess.Popen(argv, env=env, start_new_session=True)
+    stopped: list[signal.Signals] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopped.append(signal.Signals(signum))
+        try:
+            process.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: the default handling stays
+            break
+    try:
+        while True:
+            try:
+                code = process.wait(timeout=AGENT_GRACE_S if stopped else None)
+                break
+            except subprocess.TimeoutExpired:
+                process.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, (stopped[0] if stopped else None)
+
+
+def prepare_out(opts: TrainOptions) -> None:
+    """Under the run lock, before any worker starts: a fresh run must not mix with, or wipe, an
+    earlier run's records (``--start-over`` sets them aside in ``OUT/previous-N/`` instead)."""
+    out = Path(opts.out)
+    if opts.resume:
+        (out / FAILURE).unlink(missing_ok=True)
+        return  # the workers verify the checkpoints; with none intact they refuse or start over
+    found = checkpoint.latest(out / "checkpoints")
+    if opts.start_over:
+        aside = set_aside(out)
+        if aside is not None:
+            print(f"epplan run: the earlier run's records are set aside in {aside}", flush=True)
+        return
+    (out / FAILURE).unlink(missing_ok=True)
+    if found is not None:
+        raise checkpoint.CheckpointError(
+            f"{out} already holds checkpoints (newest: step {found.step}); pass --resume to continue from it, "
+            "--start-over to start at step 0 with the earlier records set aside, or choose another --out")
+    old = history(out)
+    if old:
+        raise checkpoint.CheckpointError(
+            f"{out} holds an earlier run's {', '.join(old)} and no complete checkpoint; pass --start-over to "
+            "start at step 0 with those set aside in OUT/previous-N, or choose another --out")

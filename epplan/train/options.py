@@ -18,6 +18,8 @@ from typing import Optional
 
 DEVICES = ("cpu", "cuda")
 OVERLAP = ("auto", "on", "off")
+# What a resumed run checks against its checkpoint; --allow-change KEY accepts a difference.
+RESUME_KEYS = ("seed", "data", "global_batch", "micro_batches", "model")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,13 @@ class TrainOptions:
     ckpt_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
+    start_over: bool = False  # with no intact checkpoint, start at step 0 with the old records set aside
+    allow_change: Optional[str] = None  # comma-separated RESUME_KEYS a resume may change knowingly
     peak_tflops: Optional[float] = None  # per GPU, for MFU; None: from the GPU's name
     node_rank: int = 0  # which of the manifest's nodes this torchrun agent is
+
+    def allowed_changes(self) -> tuple[str, ...]:
+        return tuple(k for k in (self.allow_change or "").split(",") if k)
 
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else math.ceil(0.05 * self.steps)

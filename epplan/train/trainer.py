@@ -37,7 +37,8 @@ from epplan.train.data import make_data
 from epplan.train.job import Job
 from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, gather_step_stats,
                                   matrix_every)
-from epplan.train.options import TrainOptions
+from epplan.train.options import RESUME_KEYS, TrainOptions
+from epplan.train.rundir import history, set_aside
 from epplan.workload.flops import model_costs
 from epplan.workload.routing_stats import write_routing_stats
 
@@ -162,44 +163,114 @@ class Trainer:
         self.routing_steps = 0
         self.last_checkpoint: Path | None = None
         self.last_step = 0  # the step of last_checkpoint
+        # A checkpoint is known good once the step after it had a finite loss and gradient;
+        # unconfirmed: the newest one, written after the last step, not yet confirmed.
+        self.good_checkpoints: list[Path] = []
+        self.unconfirmed: Path | None = None
+        self.notes: list[str] = []  # lines about the resume, shown by rank 0
+        self.changes: dict[str, dict[str, Any]] = {}  # --allow-change differences from the checkpoint
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def resume(self) -> tuple[checkpoint.CheckpointInfo, bool] | None:
-        """Load the newest complete checkpoint, if any. Returns it and whether the placement
-        differs from the one that wrote it (experts then move to their new ranks)."""
-        found = [checkpoint.latest(self.ckpt_root) if self.rank == 0 else None]
-        dist.broadcast_object_list(found, src=0)  # every rank loads the one rank 0 chose
-        info = found[0]
+    def resume(self, attempt: int = 0) -> tuple[checkpoint.CheckpointInfo, bool] | None:
+        """Load the newest intact checkpoint, if any. Returns it and whether the placement
+        differs from the one that wrote it (experts then move to their new ranks).
+
+        Damaged checkpoints are skipped, each with a line in ``self.notes`` saying why. With no
+        intact checkpoint where the directory holds an earlier run (damaged checkpoints, or on a
+        first attempt its metrics), refuses unless ``--start-over``, which sets those records aside.
+        """
+        G = self.job.num_ranks
+        found: list[Any] = [checkpoint.scan(self.ckpt_root) + (history(self.out),) if self.rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # every rank considers the ones rank 0 found
+        complete, damaged, old = found[0]
+        skipped = [f"skipped {line}" for line in damaged]
+        info = None
+        for candidate in reversed(complete):
+            problem = checkpoint.verify(candidate.path, rank=self.rank, world_size=G)
+            if problem is None:
+                info = candidate
+                break
+            skipped.append(f"skipped {candidate.path}: {problem}")
+        if info is not None and skipped:
+            skipped.append(f"resuming from the newest intact checkpoint, {info.path.name}")
+        self.notes += skipped
         if info is None:
+            if damaged or complete or (attempt == 0 and old):
+                what = "; ".join(skipped) if skipped else f"it holds an earlier run's {', '.join(old)}"
+                if not self.opts.start_over:
+                    raise checkpoint.CheckpointError(
+                        f"no intact checkpoint in {self.ckpt_root} ({what}); pass --start-over to start at "
+                        "step 0 with the earlier records set aside in OUT/previous-N, or choose another --out")
+                aside = set_aside(self.out) if self.rank == 0 else None
+                self.notes.append(f"no intact checkpoint ({what}); starting at step 0, the earlier records "
+                                  f"are set aside in {aside}")
+                dist.barrier()
             return None
         saved = info.meta["model"]
         for name in SHAPE_FIELDS:
-            if saved[name] != getattr(self.config, name):
+            if saved.get(name) != getattr(self.config, name):
                 raise checkpoint.CheckpointError(
-                    f"{info.path} is of a model with {name}={saved[name]!r}, this manifest's model has "
+                    f"{info.path} is of a model with {name}={saved.get(name)!r}, this manifest's model has "
                     f"{getattr(self.config, name)!r}; resume with a manifest of the same model")
+        self.changes = self._changes_from(info.meta)
         extra = checkpoint.load(info, self.model, self.optimizer, rank=self.rank, device=self.device)
         self.step = self.last_step = info.step
         moved = info.meta["manifest_hash"] != self.job.manifest_hash
-        if not moved:  # routing_stats.json counts the steps run under its manifest only
+        # routing_stats.json counts the steps run under one manifest and one batch size only
+        if not moved and not {"global_batch", "micro_batches"} & set(self.changes):
             self.routing_counts = extra["routing_counts"].numpy().astype(np.int64)
             self.routing_steps = int(extra["routing_steps"])
         if info.meta["num_ranks"] == self.job.num_ranks and "rng" in extra:
             checkpoint.set_rng_state(extra["rng"])
         self.last_checkpoint = info.path
+        # The resumed checkpoint is confirmed by the next step; the ones before it were.
+        self.unconfirmed = info.path
+        self.good_checkpoints = [c.path for c in complete if c.step < info.step][-1:]
         return info, moved
+
+    def _run_facts(self) -> dict[str, Any]:
+        """What a resume must agree on (``options.RESUME_KEYS``), as recorded in a checkpoint."""
+        data = self.data.describe(0)
+        model = {k: v for k, v in self.config.to_dict().items() if k not in ("global_batch",)}
+        return {"seed": self.opts.seed, "data": {k: data[k] for k in ("kind", "path", "files", "bytes") if k in data},
+                "global_batch": self.config.global_batch, "micro_batches": self.opts.micro_batches,
+                "model": model}
+
+    def _changes_from(self, meta: dict) -> dict[str, dict[str, Any]]:
+        """The RESUME_KEYS in which this run differs from checkpoint ``meta``'s run; raises
+        ``CheckpointError`` for one not allowed by ``--allow-change``."""
+        saved = meta.get("run")
+        if not isinstance(saved, dict):
+            return {}  # written before checkpoints recorded their run's facts
+        mine, changes = self._run_facts(), {}
+        for key in RESUME_KEYS:
+            if key in saved and saved[key] != mine[key]:
+                changes[key] = {"checkpoint": saved[key], "now": mine[key]}
+        for key, change in changes.items():
+            if key not in self.opts.allowed_changes():
+                was, now = change["checkpoint"], change["now"]
+                if key == "model":
+                    diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+                    was, now = ({k: d.get(k) for k in diff} for d in (was, now))
+                raise checkpoint.CheckpointError(
+                    f"--resume: {key} is {now!r} but the checkpoint {meta.get('step')} was written with "
+                    f"{was!r}; resume with the same {key}, or pass --allow-change {key} to change it knowingly")
+        return changes
 
     def save(self) -> float:
         """Checkpoint the current step (collective); returns seconds taken."""
         start = time.perf_counter()
         meta = {"manifest_hash": self.job.manifest_hash, "manifest": self.opts.manifest,
-                "model": self.config.to_dict(), "data": self.data.describe(self.step)}  # rank 0's data position
+                "model": self.config.to_dict(), "data": self.data.describe(self.step),  # rank 0's data position
+                "run": self._run_facts()}
         extra = {"routing_counts": torch.from_numpy(self.routing_counts), "routing_steps": self.routing_steps}
-        self.last_checkpoint = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer,
-                                               rank=self.rank, meta=meta, dense_extra=extra,
-                                               keep=self.opts.keep_checkpoints)
-        self.last_step = self.step
+        # keep=0: older checkpoints are pruned only once a step after this one has been finite
+        # (prune_checkpoints), so that one from before a divergence is always left.
+        path = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer,
+                               rank=self.rank, meta=meta, dense_extra=extra, keep=0)
+        self.unconfirmed = path
+        self.last_checkpoint, self.last_step = path, self.step
         if self.rank == 0:
             self.write_routing_stats()
         return time.perf_counter() - start
@@ -211,6 +282,36 @@ class Trainer:
             self.out / ROUTING_STATS, self.routing_counts, steps=self.routing_steps, model=self.config.name,
             top_k=self.config.top_k, tokens_per_rank_per_step=float(self.batch_per_rank * self.config.seq_len),
             manifest_hash=self.job.manifest_hash)
+
+    def _confirm(self) -> None:
+        """The step after the newest checkpoint was finite: it is good; prune the older ones."""
+        if self.unconfirmed is None:
+            return
+        self.good_checkpoints.append(self.unconfirmed)
+        self.unconfirmed = None
+        if self.rank == 0:
+            checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints)
+        self.good_checkpoints = self.good_checkpoints[-1:]
+
+    def _diverged(self, step: int) -> str:
+        """Name the checkpoint to continue from after step ``step`` diverged. The newest checkpoint
+        holds the weights that diverged (step - 1) and is renamed ``.diverged`` (kept, but skipped
+        by --resume); the one before it was followed by a finite step."""
+        if self.unconfirmed is not None and self.rank == 0:
+            info = next((c for c in checkpoint.list_checkpoints(self.ckpt_root) if c.path == self.unconfirmed), None)
+            if info is not None:
+                checkpoint.set_diverged(info)
+        good = self.good_checkpoints[-1] if self.good_checkpoints else None
+        if good is None:
+            return ("no checkpoint from before the divergence" +
+                    (f" ({self.unconfirmed.name} holds the diverged weights, kept as "
+                     f"{self.unconfirmed.name}{checkpoint.DIVERGED})" if self.unconfirmed else "") +
+                    "; lower --lr or --grad-clip and start again")
+        path = good
+        set_aside = (f"; {self.unconfirmed.name}, written after the weights diverged, is kept as "
+                     f"{self.unconfirmed.name}{checkpoint.DIVERGED}" if self.unconfirmed else "")
+        return (f"the last good checkpoint is {path} (step {int(path.name.split('_')[1])}){set_aside}; "
+                "lower --lr or --grad-clip and continue from it with --resume")
 
     # ----------------------------------------------------------------------------- one step
 
@@ -244,10 +345,8 @@ class Trainer:
                     (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm.item()))
                     if not math.isfinite(value)), None)
         if bad is not None:
-            where = (f"the last good checkpoint is {self.last_checkpoint} (step {self.last_step}); "
-                     "lower --lr or --grad-clip and continue from it with --resume"
-                     if self.last_checkpoint is not None else "no checkpoint was written yet")
-            raise TrainingDiverged(f"training stopped at step {step}: {bad}; {where}")
+            raise TrainingDiverged(f"training stopped at step {step}: {bad}; {self._diverged(step)}")
+        self._confirm()
         if opts.grad_clip > 0:
             scale = (opts.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
             for p in model.parameters():
@@ -279,8 +378,10 @@ class Trainer:
     def run(self, *, resume: bool, attempt: int = 0, show_progress: bool = True) -> None:
         """Train up to ``opts.steps`` (collective), resuming from the newest checkpoint if asked."""
         is_main = self.rank == 0
-        resumed = self.resume() if resume else None
+        resumed = self.resume(attempt) if resume else None
         display = ProgressDisplay(self.opts.steps, self.step, enabled=is_main and show_progress)
+        for note in self.notes:
+            display.print(note)
         if resumed is not None:
             info, moved = resumed
             display.print(f"resumed from {info.path} (step {info.step})"
@@ -305,6 +406,8 @@ class Trainer:
                                    "seconds": seconds})
         finally:
             display.close()
+        if is_main:
+            checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints)
         if log is not None:
             stats_path = self.write_routing_stats()
             log.write({"kind": "end", "step": self.step, "routing_stats": str(stats_path) if stats_path else None,
@@ -326,4 +429,5 @@ class Trainer:
             "overlap_ctas": self.overlap_ctas,
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
+            "allowed_changes": self.changes or None, "resume_notes": self.notes or None,
         }

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -29,9 +32,9 @@ from epplan.fileio import atomic_write_text
 from epplan.train import checkpoint
 from epplan.train.job import load_job
 from epplan.train.options import TrainOptions
+from epplan.train.rundir import FAILURE, hold_as_worker
 from epplan.train.trainer import Trainer, TrainingDiverged
 
-FAILURE = "failure.json"
 
 
 def _env_int(name: str) -> int:
@@ -71,14 +74,44 @@ def _device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _write_failure(out: Path, kind: str, message: str, rank: int, attempt: int) -> None:
+def _write_failure(out: Path, kind: str, message: str, rank: int, attempt: int) -> bool:
+    """Record the failure for 'epplan run' to show; False if it could not be written."""
     doc = {"kind": kind, "message": message, "rank": rank, "attempt": attempt,
            "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / FAILURE, json.dumps(doc))
+        return True
     except OSError:
-        pass  # the message is on stderr as well
+        return False
+
+
+def _watch_parent() -> None:
+    """End this process when torchrun's agent dies (its parent changes): a killed agent, as when
+    'epplan run' is killed by SIGKILL, must not leave workers training on."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="epplan-parent-watch", daemon=True).start()
+
+
+def _log_crash(out: Path, rank: int) -> str:
+    """The traceback of an unexpected exception, into OUT/logs/; returns where it went."""
+    text = traceback.format_exc()
+    path = out / "logs" / f"worker.rank{rank if rank >= 0 else 'unknown'}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(text)
+        return str(path)
+    except OSError:
+        sys.stderr.write(text)
+        return "the output above"
 
 
 class OutOfGPUMemory(EpplanError):
@@ -108,41 +141,60 @@ def main(argv: list[str] | None = None) -> int:
     opts = TrainOptions.from_argv(sys.argv[1:] if argv is None else argv)
     out = Path(opts.out)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    launched = os.environ.get("EPPLAN_LAUNCHED") == "1"  # 'epplan run' shows failure.json itself
     rank = -1
     try:
-        failure = read_failure(out)
-        if (attempt > 0 and failure and failure["kind"] in ("diverged", "out_of_memory")
-                and failure["run_id"] == os.environ.get("TORCHELASTIC_RUN_ID")):
-            # Restarting would diverge, or run out of memory, again.
-            raise (TrainingDiverged if failure["kind"] == "diverged" else OutOfGPUMemory)(failure["message"])
-        job = load_job(opts.manifest)
-        local_rank = _env_int("LOCAL_RANK")
-        rank = job.rank_of(opts.node_rank, local_rank, _env_int("LOCAL_WORLD_SIZE"), _env_int("WORLD_SIZE"))
-        if attempt == 0 and not opts.resume:
-            checkpoint.refuse_fresh_start(out / "checkpoints", opts.out)
-        device = _device(opts.device, local_rank)
-        os.environ["RANK"] = str(rank)  # the manifest's rank, not torchrun's
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                store=_process_group_store(rank, attempt), rank=rank,
-                                world_size=job.num_ranks, device_id=device if device.type == "cuda" else None)
         try:
-            Trainer(job, opts, rank, device).run(resume=opts.resume or attempt > 0, attempt=attempt)
-        except torch.OutOfMemoryError as exc:
-            raise OutOfGPUMemory(_out_of_memory_message(job, opts, rank, exc)) from None
-        # Only after success: with a peer dead mid-collective, tearing NCCL down can block, and a
-        # process that never exits keeps torchrun from restarting the group.
-        dist.destroy_process_group()
+            failure = read_failure(out)
+            if (attempt > 0 and failure and failure["kind"] in ("diverged", "out_of_memory", "error")
+                    and failure["run_id"] == os.environ.get("TORCHELASTIC_RUN_ID")):
+                # Restarting would fail, diverge or run out of memory again.
+                raise {"diverged": TrainingDiverged, "out_of_memory": OutOfGPUMemory}.get(
+                    failure["kind"], EpplanError)(failure["message"])
+            job = load_job(opts.manifest)
+            local_rank = _env_int("LOCAL_RANK")
+            rank = job.rank_of(opts.node_rank, local_rank, _env_int("LOCAL_WORLD_SIZE"), _env_int("WORLD_SIZE"))
+            hold_as_worker(out, opts.node_rank)
+            if attempt == 0 and not opts.resume and not launched:
+                checkpoint.refuse_fresh_start(out / "checkpoints", opts.out)
+            device = _device(opts.device, local_rank)
+            os.environ["RANK"] = str(rank)  # the manifest's rank, not torchrun's
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    store=_process_group_store(rank, attempt), rank=rank,
+                                    world_size=job.num_ranks, device_id=device if device.type == "cuda" else None)
+            try:
+                Trainer(job, opts, rank, device).run(resume=opts.resume or attempt > 0, attempt=attempt)
+            except torch.OutOfMemoryError as exc:
+                raise OutOfGPUMemory(_out_of_memory_message(job, opts, rank, exc)) from None
+            # Only after success: with a peer dead mid-collective, tearing NCCL down can block, and a
+            # process that never exits keeps torchrun from restarting the group.
+            dist.destroy_process_group()
+        except OSError as exc:  # a full disk, a vanished file system
+            if exc.errno is None or isinstance(exc, (ConnectionError, TimeoutError)):
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise EpplanError(f"rank {rank}: cannot write or read the run's files{where}: "
+                              f"{exc.strerror or exc}; free space on, or fix, {out}") from None
     except EpplanError as exc:
         kind = ("diverged" if isinstance(exc, TrainingDiverged) else
                 "out_of_memory" if isinstance(exc, OutOfGPUMemory) else "error")
         if kind != "diverged" or rank <= 0:  # a divergence is the same on every rank: say it once
-            print(f"epplan worker (rank {rank if rank >= 0 else '?'}): error: {exc}", file=sys.stderr, flush=True)
-            _write_failure(out, kind, str(exc), rank, attempt)
+            written = _write_failure(out, kind, str(exc), rank, attempt)
+            if not (launched and written):
+                print(f"epplan worker (rank {rank if rank >= 0 else '?'}): error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # a defect of epplan or of the cluster: one line, the traceback in the log
+        where = _log_crash(out, rank)
+        message = (f"rank {rank if rank >= 0 else '?'} failed: {type(exc).__name__}: {exc} "
+                   f"(traceback in {where})")
+        if not (launched and _write_failure(out, "crash", message, rank, attempt)):
+            print(f"epplan worker: error: {message}", file=sys.stderr, flush=True)
         return 1
     return 0
 
 
 if __name__ == "__main__":
+    _watch_parent()
     try:
         code = main()  # @record has written torchrun's error file for an exception
     except SystemExit as exc:  # argparse
