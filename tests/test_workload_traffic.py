@@ -76,7 +76,7 @@ def test_zipf_row_sums_property(alpha: float, num_ranks: int, seed: int) -> None
     ("zipf:-1", "> 0"),
     ("zipf:nan", "> 0"),
     ("zipf:x", "must be a number"),
-    ("counts.npy", "not understood"),
+    ("counts.csv", "not understood"),
     ("/nonexistent/counts.npz", "not found"),
     ("/nonexistent/stats.json", "not found"),
 ])
@@ -151,7 +151,7 @@ def test_npz_fewer_layers_tile_and_empty_rows(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arrays, window, match", [
     ({"counts": np.ones((2, 2, 3))}, None, "3 experts.*num_experts=3"),
-    ({"other": np.ones((2, 2, 4))}, None, "no 'counts' array"),
+        ({"other": np.ones((2, 2, 4)), "more": np.ones(2)}, None, "holds arrays other, more"),
     ({"counts": np.ones((2, 4))}, None, "shape"),
     ({"counts": -np.ones((2, 2, 4))}, None, "non-negative"),
     ({"counts": np.ones((2, 2, 2, 4)), "iterations": np.array([1, 11])}, (2, 10), "no iteration in window"),

@@ -41,8 +41,10 @@ def place(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
     routing: Annotated[str, typer.Option(
-        help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST], or the routing "
-             "statistics .json that 'epplan run' writes (re-plan from real routing).")] = "uniform",
+        help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST], the routing "
+             "statistics .json that 'epplan run' writes (re-plan from real routing), an [L, E] or "
+             "[L, S, E] array (.npy, .npz, .pt), or SGLang's, vLLM's or Megatron-Core's expert-load "
+             "record (.pt).")] = "uniform",
     experts_per_gpu: Annotated[int, typer.Option(
         help="Most experts (replicas included) per GPU per layer.")] = 1,
     method: Annotated[str, typer.Option(

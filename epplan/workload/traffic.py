@@ -17,6 +17,8 @@ assignments spread over the experts) comes from the spec:
   averaged over the iterations whose numbers (the file's ``iterations`` array, else 0, 1, ...)
   lie in FIRST..LAST inclusive; ``@N`` means N:N. Default: all iterations.
 - ``PATH.json``: routing statistics written by ``epplan run`` (``epplan.workload.routing_stats``).
+- ``PATH.npy|.npz|.pt[@FIRST:LAST]``: a plain [L, E] / [L, S, E] / [W, L, S, E] array, or the
+  records SGLang, vLLM and Megatron-Core write (``epplan.workload.routing_import``).
 
 Fitting a file to the problem (every adjustment is reported in ``Traffic.notes``):
 
@@ -40,9 +42,12 @@ import numpy as np
 
 from epplan.errors import TrafficError
 from epplan.workload.config import ModelConfig
+from epplan.workload.routing_import import SUFFIXES as IMPORT_SUFFIXES
+from epplan.workload.routing_import import load_counts_file
 from epplan.workload.routing_stats import read_routing_stats
 
-SPEC_FORMS = "'uniform', 'zipf:ALPHA', 'PATH.npz[@FIRST:LAST]' or 'PATH.json'"
+SPEC_FORMS = ("'uniform', 'zipf:ALPHA', 'PATH.npz[@FIRST:LAST]', 'PATH.json', or an array or "
+              "framework record (.npy, .npz, .pt; see epplan.workload.routing_import)")
 
 
 @dataclass
@@ -117,8 +122,11 @@ def make_traffic(
 
     path_str, window = _split_window(spec, window)
     path = Path(path_str)
-    if path.suffix == ".npz":
+    imported: list[str] = []
+    if path.suffix == ".npz" and _is_trace(path):
         file_counts, source = _load_npz(path, window)
+    elif path.suffix in IMPORT_SUFFIXES:
+        file_counts, source, imported = load_counts_file(path, window)
     elif path.suffix == ".json":
         if window is not None:
             raise TrafficError(f"{path.name}: a window applies to .npz traces only; "
@@ -127,7 +135,7 @@ def make_traffic(
     else:
         raise TrafficError(f"traffic spec {spec!r} not understood; use {SPEC_FORMS}")
     counts, notes = fit_counts(file_counts, config, num_ranks, name=path.name)
-    return Traffic(counts, source=source, notes=notes)
+    return Traffic(counts, source=source, notes=imported + notes)
 
 
 def zipf_pattern(alpha: float, num_layers: int, num_experts: int, seed: int = 0) -> np.ndarray:
@@ -239,7 +247,7 @@ def _split_window(
     """'path.npz@991:1001' -> ('path.npz', (991, 1001)); an '@' elsewhere belongs to the path."""
     path_str, at, text = spec.rpartition("@")
     match = _WINDOW.match(text.strip())
-    if not at or (not match and not path_str.endswith((".npz", ".json"))):
+    if not at or (not match and not path_str.endswith((".json",) + IMPORT_SUFFIXES)):
         return spec, window
     if not match:
         raise TrafficError(f"traffic spec {spec!r}: window {text!r} must be FIRST:LAST or N "
@@ -250,6 +258,15 @@ def _split_window(
         raise TrafficError(f"traffic spec {spec!r} has a window and another one was given "
                            f"({window[0]}:{window[1]}); give it once")
     return path_str, (first, last)
+
+
+def _is_trace(path: Path) -> bool:
+    """A SmartMoE-style trace: an .npz with a 'counts' array (else a plain-array .npz)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return "counts" in data.files
+    except (OSError, ValueError):
+        return True  # let the trace reader report the file
 
 
 def _load_npz(path: Path, window: tuple[int, int] | None) -> tuple[np.ndarray, str]:
