@@ -55,6 +55,12 @@ def test_sglang_stat_dump(tmp_path):
     t = make_traffic(str(tmp_path / "expert_distribution.pt"), TINY, 2)
     np.testing.assert_allclose(t.counts, _reference(tmp_path, LOGICAL[:, None, :]))
     assert "SGLang logical_count, 3 step(s)" in t.source
+    # Over every decoder layer, as SGLang counts them: a leading dense layer is dropped.
+    torch.save({"logical_count": torch.cat([torch.zeros(1, 4), torch.from_numpy(LOGICAL).float()])},
+               tmp_path / "with_dense.pt")
+    t = make_traffic(str(tmp_path / "with_dense.pt"), TINY, 2)
+    np.testing.assert_allclose(t.counts, _reference(tmp_path, LOGICAL[:, None, :]))
+    assert any("first 1 layer(s) route nothing" in n for n in t.notes)
 
 
 def test_vllm_eplb_state_folds_physical_into_logical(tmp_path):

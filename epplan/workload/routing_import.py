@@ -10,8 +10,8 @@ W = recorded steps (a window), P = physical experts (replicas included).
   A step axis is averaged; ``@FIRST:LAST`` keeps steps FIRST..LAST (0-based, inclusive).
 - **SGLang** (``sglang.srt.eplb``, the expert distribution recorder of SGLang 0.4.7 and later,
   ``--expert-distribution-recorder-mode stat``): the ``.pt`` it dumps, a dict whose
-  ``logical_count`` is ``[L, E]`` or ``[W, L, E]``. This is also what SGLang's
-  ``--init-expert-location`` takes.
+  ``logical_count`` is ``[L, E]`` or ``[W, L, E]`` over every decoder layer (leading dense layers
+  count nothing and are dropped). This is also what SGLang's ``--init-expert-location`` takes.
 - **vLLM** (``vllm.distributed.eplb.EplbState``, vLLM 0.10 and later with ``--enable-eplb``):
   a ``.pt`` dict of the state's ``expert_load_window`` ``[W, L, P]`` (or ``expert_load_pass``
   ``[L, P]``) gathered over the EP ranks, with its ``physical_to_logical_map`` ``[L, P]``; the
@@ -91,7 +91,12 @@ def _torch_file(path: Path, window: tuple[int, int] | None) -> tuple[np.ndarray,
             raise TrafficError(f"{name}: logical_count must be [layers, experts] or [steps, layers, "
                                f"experts], got shape {count.shape}")
         steps = _window(name, count, window)
-        return steps.mean(axis=0)[:, None, :], f"{name} (SGLang logical_count, {steps.shape[0]} step(s))", []
+        mean = steps.mean(axis=0)  # [L, E]
+        # SGLang counts every decoder layer; the dense ones ahead of the MoE layers stay zero.
+        routed = np.flatnonzero(mean.sum(axis=1) > 0)
+        dense = int(routed[0]) if routed.size else 0
+        notes = [f"{name}: its first {dense} layer(s) route nothing (dense layers) and are dropped"] if dense else []
+        return mean[dense:, None, :], f"{name} (SGLang logical_count, {steps.shape[0]} step(s))", notes
     if "expert_load_window" in obj or "expert_load_pass" in obj:
         return _vllm(name, obj, window)
     keys = [k for k in obj if isinstance(k, str) and k.endswith("tokens_per_expert")]
