@@ -9,10 +9,11 @@ import typer
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import console, print_json, user_errors
+from epplan.cli.common import console, err_console, print_json, user_errors
 from epplan.errors import TopologyError
 from epplan.topology import load_topology
 from epplan.topology.generate import FABRICS, generate
+from epplan.topology.importers import import_topology
 from epplan.topology.library import NODE_TYPES
 from epplan.topology.units import plausibility_warnings
 from epplan.topology.summary import summarize
@@ -119,6 +120,38 @@ def gen(
         return
     try:
         out.write_text(text)
+    except OSError as exc:
+        raise TopologyError(f"--out {out}: cannot write: {exc.strerror}") from None
+    console.print(f"wrote {out}", highlight=False)
+
+
+@topo_app.command("import")
+@user_errors
+def import_(
+    files: Annotated[list[Path], typer.Argument(
+        help="An NCCL topology XML (NCCL_TOPO_DUMP_FILE) or 'nvidia-smi topo -m' output for the servers, "
+             "and/or a Slurm topology.conf for the switches between them.", show_default=False)],
+    nodes: Annotated[Optional[int], typer.Option(help="Servers, when no topology.conf names them (one switch).",
+                                                 show_default=False)] = None,
+    node_type: Annotated[Optional[str], typer.Option(help="Built-in server type, when no server file is given.",
+                                                     show_default=False)] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="GPU model (a100, h100, h200, b200), when the file does not "
+                                               "say it.", show_default=False)] = None,
+    nic_gbps: Annotated[Optional[str], typer.Option(help="NIC speed with its unit (400Gb/s), when the file does "
+                                                    "not say it.", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Topology name.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write an epplan topology file from NCCL's topology XML, 'nvidia-smi topo -m' output and a Slurm
+    topology.conf (combinable), and say what it assumed."""
+    result = import_topology(files, name=name, nodes=nodes, node_type=node_type, gpu=gpu, nic_gbps=nic_gbps)
+    for note in result.assumptions:
+        err_console.print(f"assumed: {note}", highlight=False, markup=False)
+    if out is None:
+        typer.echo(result.text, nl=False)
+        return
+    try:
+        out.write_text(result.text)
     except OSError as exc:
         raise TopologyError(f"--out {out}: cannot write: {exc.strerror}") from None
     console.print(f"wrote {out}", highlight=False)
