@@ -1,13 +1,15 @@
 """The project's exception types.
 
 Every error a user can cause by bad input is an ``EpplanError`` (or a subclass) whose message
-names what was wrong and how to fix it. The CLI prints the message and exits 1; internal
+names what was wrong and how to fix it. The CLI prints the message and exits 1 (3 for ``DoesNotFit``); internal
 invariants use ``assert`` instead.
 """
 
 
 class EpplanError(Exception):
     """Base class of every user-facing error."""
+
+    exit_code = 1  # what the CLI exits with
 
 
 class TopologyError(EpplanError):
@@ -24,6 +26,12 @@ class TrafficError(EpplanError):
 
 class PlacementError(EpplanError):
     """A placement problem cannot be solved as asked, or a placement is invalid."""
+
+
+class DoesNotFit(PlacementError):
+    """No run settings (micro-batches, recompute, optimizer sharding) fit every GPU's memory."""
+
+    exit_code = 3
 
 
 class ManifestError(EpplanError):

@@ -8,7 +8,8 @@ Format ``epplan.manifest``, schema version 1, one JSON object::
       "topology": {"name", "content_hash", "source", "routing", "node_names": [N]},
       "world_size": G,
       "ranks": {"node": [G node indices], "local_gpu": [G local GPU indices]},
-      "problem": {"experts_per_gpu", "compute_efficiency", "achievable_tflops", "micro_batches"},
+      "problem": {"experts_per_gpu", "compute_efficiency", "achievable_tflops", "micro_batches",
+                  "recompute", "optimizer_sharding"},
       "routing": {"spec", "source", "counts_sha256", "notes": [...], "expert_load": [L][E]},
       "placement": {"method", "num_experts": E,
                     "layers": [{"experts": [{"replicas": [R_e ranks],
@@ -82,6 +83,8 @@ class Manifest:
     compute_efficiency: float
     achievable_tflops: float | None
     micro_batches: int
+    recompute: str
+    optimizer_sharding: str
     routing_spec: str | None
     solver: dict[str, Any]
     predicted: dict[str, Any]
@@ -143,6 +146,8 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
             "compute_efficiency": float(problem.compute_efficiency),
             "achievable_tflops": None if problem.achievable_tflops is None else float(problem.achievable_tflops),
             "micro_batches": int(problem.micro_batches),
+            "recompute": problem.recompute,
+            "optimizer_sharding": problem.optimizer_sharding,
         },
         "routing": {
             "spec": routing_spec,
@@ -244,6 +249,9 @@ class _Problem(_Strict):
     compute_efficiency: float = Field(gt=0, le=1)
     achievable_tflops: float | None = None
     micro_batches: int = Field(ge=1)
+    # The run settings 'epplan place' chose (absent in manifests written before it chose them).
+    recompute: Literal["none", "attention", "block"] = "none"
+    optimizer_sharding: Literal["none", "dense"] = "none"
 
 
 class _Routing(_Strict):
@@ -343,6 +351,7 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         compute_efficiency=parsed.problem.compute_efficiency,
         achievable_tflops=parsed.problem.achievable_tflops,
         micro_batches=parsed.problem.micro_batches,
+        recompute=parsed.problem.recompute, optimizer_sharding=parsed.problem.optimizer_sharding,
         routing_spec=parsed.routing.spec,
         solver=dict(parsed.solver), predicted=dict(parsed.predicted),
         hash=manifest_hash(doc), doc=doc, path=source,

@@ -52,20 +52,35 @@ def test_table_names_the_bottleneck_link_memory_and_targets():
         assert text in result.output, text
 
 
-def test_memory_over_capacity_is_a_clear_failure():
-    result = invoke("--model", "seed")  # the founding spec's model does not fit on 16 x 80 GB
-    assert result.exit_code == 1
+def test_the_seed_fits_its_16_gpus_at_80_and_64_gb_with_the_settings_it_chooses():
+    for cap in ([], ["--memory-gb", "64"]):
+        result = invoke("--model", "seed", "--json", *cap)
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        settings = data["run_settings"]
+        assert data["memory"]["fits"] and settings["fits"]
+        assert data["memory"]["worst_gpu_bytes"]["total"] <= (64e9 if cap else 80e9)
+        # The same settings given as flags: the same estimate.
+        fixed = invoke("--model", "seed", "--json", *cap, "--micro-batches", str(settings["micro_batches"]),
+                       "--recompute", settings["recompute"], "--optimizer-sharding", settings["optimizer_sharding"])
+        assert json.loads(fixed.stdout)["step"] == data["step"]
+    assert settings["optimizer_sharding"] == "dense"  # 64 GB needs the sharded optimizer
+
+
+def test_memory_over_capacity_is_a_clear_failure_with_its_own_exit_code():
+    result = invoke("--model", "seed", "--recompute", "none")  # does not fit on 16 x 80 GB
+    assert result.exit_code == 3
     assert isinstance(result.exception, SystemExit)
-    assert "does not fit in GPU memory" in result.output and "80.0 GB" in result.output
-    assert "activations" in result.output and "Traceback" not in result.output
+    assert "no run settings fit in GPU memory" in result.output and "80 GB" in result.output
+    assert "more GPUs" in result.output and "Traceback" not in result.output
 
 
-def test_memory_failure_suggests_micro_batches():
-    args = ["--model", "seed", "--set", "num_layers=4"]  # 17 GB of states, 85 GB of activations
-    result = invoke(*args)
-    assert result.exit_code == 1
-    assert "--micro-batches" in result.output
-    hint = int(result.output.split("--micro-batches ")[1].split()[0])
+def test_memory_failure_of_fixed_settings_suggests_micro_batches():
+    args = ["--model", "seed", "--set", "num_layers=4", "--recompute", "none", "--optimizer-sharding", "none"]
+    result = invoke(*args, "--micro-batches", "1")
+    assert result.exit_code == 3
+    assert "Try --micro-batches" in result.output
+    hint = int(result.output.split("Try --micro-batches ")[1].split()[0])
     assert invoke(*args, "--micro-batches", str(hint)).exit_code == 0
 
 

@@ -322,7 +322,7 @@ def test_gpu_out_of_memory_is_a_clear_failure_that_is_not_retried(manifests, tmp
     message = failure["message"]
     assert "rank 0 ran out of GPU memory" in message and "15.62 GiB" in message
     assert "4 sequences of 32 tokens per GPU" in message  # tiny: global batch 8 over 2 ranks
-    assert "--micro-batches" in message and "--activation-checkpointing" in message
+    assert "--micro-batches" in message and "--recompute block" in message
 
     class MustNotRun:
         def __init__(self, *args, **kwargs):

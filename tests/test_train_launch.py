@@ -20,7 +20,7 @@ from epplan.workload.config import PRESETS
 def test_options_survive_the_worker_command_line():
     opts = TrainOptions(manifest="m.json", out="runs/a b", steps=7, device="cuda", data="corpus/", seed=3,
                         global_batch=16, micro_batches=2, lr=3e-4, warmup_steps=0, grad_clip=0.0,
-                        capacity_factor=1.25, activation_checkpointing=True, overlap="off", num_chunks=3,
+                        capacity_factor=1.25, recompute="block", optimizer_sharding="dense", overlap="off", num_chunks=3,
                         overlap_ctas=8, ckpt_every=3, resume=True, peak_tflops=400.0, node_rank=1)
     assert TrainOptions.from_argv(opts.to_argv()) == opts
     plain = TrainOptions(manifest="m.json", out="o")

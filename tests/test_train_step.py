@@ -43,7 +43,7 @@ def _check(rank: int, world_size: int, tmp: str, text_file: str) -> None:
     assert abs(accumulated_loss[0] - plain_loss[0]) < 1e-6
     np.testing.assert_allclose(accumulated_loss, plain_loss, rtol=1e-3)
 
-    _, recomputed_loss = _run(f"{tmp}/c", 3, activation_checkpointing=True)
+    _, recomputed_loss = _run(f"{tmp}/c", 3, recompute="attention")
     assert recomputed_loss == plain_loss
 
     _, byte_loss = _run(f"{tmp}/d", 3, data=text_file)

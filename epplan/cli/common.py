@@ -20,7 +20,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(fn: F) -> F:
-    """Turn an ``EpplanError`` raised by a command into one red line on stderr and exit code 1."""
+    """Turn an ``EpplanError`` raised by a command into one red line on stderr and its exit code
+    (1; 3 when no run settings fit in GPU memory)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -28,7 +29,7 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except EpplanError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -15,7 +16,8 @@ from epplan.cli import app
 from epplan.cli.common import console, print_json, user_errors
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
 from epplan.manifest import Manifest, load_manifest
-from epplan.errors import ConfigError, PlacementError
+from epplan.cost.fit import Fit, choose_run_settings
+from epplan.errors import ConfigError, DoesNotFit, PlacementError
 from epplan.placement.baselines import BASELINES, random_placement
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
@@ -48,14 +50,25 @@ def estimate(
         help="Achievable TFLOP/s per GPU; overrides --compute-efficiency.")] = None,
     micro_batches: Annotated[Optional[int], typer.Option(
         help="Gradient-accumulation steps per optimizer step (divides activation memory). Default: the "
-             "--placement manifest's, else 1.", show_default=False)] = None,
+             "--placement manifest's, else the cheapest that fits.", show_default=False)] = None,
+    recompute: Annotated[Optional[str], typer.Option(
+        help="Activation recompute: none, attention or block. Default: the --placement manifest's, else "
+             "the cheapest that fits.", show_default=False)] = None,
+    optimizer_sharding: Annotated[Optional[str], typer.Option(
+        help="AdamW state of the dense parameters: none (on every rank) or dense (sharded over all ranks, "
+             "ZeRO-1). Default: the --placement manifest's, else the cheapest that fits.",
+        show_default=False)] = None,
+    memory_gb: Annotated[Optional[float], typer.Option(
+        help="Cap every GPU's memory at this many GB (e.g. 64, the founding spec's GPUs).",
+        show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of --placement random.")] = 0,
     layers: Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
 ) -> None:
     """Estimate a training step: compute, all-to-all and gradient-sync time, the bottleneck link,
-    memory per GPU and MFU. Exits 1 if the placement does not fit in GPU memory."""
-    topo = load_topology(topology)
+    memory per GPU and MFU, under the cheapest run settings (micro-batches, recompute, optimizer
+    sharding) that fit every GPU's memory. Exits 3 if none fits."""
+    topo = cap_memory(load_topology(topology), memory_gb)
     manifest = load_manifest(Path(placement)) if placement.endswith(".json") else None
     if manifest is None:
         config = load_model_config(model or "seed", parse_overrides(set_ or []))
@@ -71,23 +84,49 @@ def estimate(
                     "or plan again with 'epplan place'")
         experts_per_gpu = manifest.experts_per_gpu if experts_per_gpu is None else experts_per_gpu
         micro_batches = manifest.micro_batches if micro_batches is None else micro_batches
+        recompute = manifest.recompute if recompute is None else recompute
+        optimizer_sharding = manifest.optimizer_sharding if optimizer_sharding is None else optimizer_sharding
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
     experts_per_gpu = 1 if experts_per_gpu is None else experts_per_gpu
-    micro_batches = 1 if micro_batches is None else micro_batches
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
-                               micro_batches=micro_batches)
+                               compute_efficiency=compute_efficiency, achievable_tflops=tflops)
     plan = _placement(placement, problem, seed) if manifest is None else _from_manifest(manifest, problem)
-    cost = evaluate(plan, problem)
+    fit = choose_run_settings(plan, problem, micro_batches=micro_batches, recompute=recompute,
+                              optimizer_sharding=optimizer_sharding)
+    cost = fit.cost
+    problem = dataclasses.replace(problem, **dataclasses.asdict(fit.settings))
     if json:
         data = cost.to_dict()
         data["model"] = config.name
         data["notes"] = traffic.notes
+        data["run_settings"] = {**dataclasses.asdict(fit.settings), "fits": fit.fits}
         print_json(data)
     else:
         _print(cost, problem, show_layers=layers)
-    if not cost.fits_memory:
-        raise PlacementError(_memory_message(cost, problem))
+        print_run_settings(fit)
+    if not fit.fits:  # the settings the user fixed, or the closest: say what would fit
+        fixed = None not in (micro_batches, recompute, optimizer_sharding)
+        raise DoesNotFit(_memory_message(cost, problem) if fixed else fit.refusal)
+
+
+def cap_memory(topo, memory_gb: float | None):
+    """``topo`` with every GPU's memory capped at ``memory_gb`` (None: as the topology says)."""
+    if memory_gb is None:
+        return topo
+    if not memory_gb > 0:
+        raise PlacementError(f"--memory-gb must be > 0, got {memory_gb:g}")
+    topo.gpu_memory_gb = np.minimum(topo.gpu_memory_gb, memory_gb)  # shadows the cached property
+    return topo
+
+
+def print_run_settings(fit: Fit) -> None:
+    """One line: the run settings and whether they fit."""
+    s, cost = fit.settings, fit.cost
+    worst = float(cost.memory_bytes.max()) / _GB
+    cap = float(cost.memory_capacity_bytes[int(np.argmax(cost.memory_bytes))]) / _GB
+    style = "green" if fit.fits else "bold red"
+    console.print(f"run settings: [{style}]{s.describe()}[/] ({worst:.1f} of {cap:.1f} GB on the fullest GPU; "
+                  f"'epplan run' takes them from the manifest)", highlight=False)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -151,6 +190,8 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
         ("expert gradient sync", step["expert_sync_s"], "rings over each expert's replicas"),
         ("dense gradient sync", step["dense_sync_s"], f"ring over all {topo.num_gpus} ranks"),
         ("  both, exposed", step["exposed_sync_s"], f"of {step['sync_s']:.4g} s, rest hidden by backward"),
+        ("optimizer weight all-gather", cost.optimizer_sync_s,
+         f"--optimizer-sharding {problem.optimizer_sharding}: ZeRO's broadcasts after the step"),
         ("[bold]step time[/]", step["step_time_s"], f"nothing overlapped: {step['serial_step_time_s']:.4g} s"),
     ]
     for name, seconds, how in rows:
@@ -169,6 +210,7 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
         ("combine bwd", cost.dispatch_fwd_bytes.sum(axis=0, dtype=np.float64)),
         ("expert grad sync", cost.expert_sync_bytes.astype(np.float64)),
         ("dense grad sync", cost.dense_sync_bytes.astype(np.float64)),
+        ("optimizer all-gather", cost.optimizer_sync_bytes.astype(np.float64)),
         ("everything", cost.link_step_bytes),
     ]
     for name, loads in parts:

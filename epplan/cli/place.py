@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,8 @@ from rich.table import Table
 
 from epplan.cli import app
 from epplan.cli.common import console, err_console, print_json, user_errors
-from epplan.cli.estimate import parse_overrides
+from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
+from epplan.cost.fit import choose_run_settings
 from epplan.cost import Cost, evaluate
 from epplan.errors import PlacementError
 from epplan.manifest import build_manifest, write_manifest
@@ -62,8 +64,17 @@ def place(
         help="Achievable fraction of each GPU's datasheet bf16 TFLOP/s.")] = 0.6,
     tflops: Annotated[Optional[float], typer.Option(
         help="Achievable TFLOP/s per GPU; overrides --compute-efficiency.")] = None,
-    micro_batches: Annotated[int, typer.Option(
-        help="Gradient-accumulation steps per optimizer step (recorded in the manifest).")] = 1,
+    micro_batches: Annotated[Optional[int], typer.Option(
+        help="Gradient-accumulation steps per optimizer step. Default: the cheapest run settings that fit "
+             "(recorded in the manifest; 'epplan run' takes them).", show_default=False)] = None,
+    recompute: Annotated[Optional[str], typer.Option(
+        help="Activation recompute: none, attention or block. Default: the cheapest that fits.",
+        show_default=False)] = None,
+    optimizer_sharding: Annotated[Optional[str], typer.Option(
+        help="none or dense (the dense parameters' AdamW state over all ranks). Default: the cheapest "
+             "that fits.", show_default=False)] = None,
+    memory_gb: Annotated[Optional[float], typer.Option(
+        help="Cap every GPU's memory at this many GB.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of the random baseline.")] = 0,
     workers: Annotated[Optional[int], typer.Option(
         help="Processes solving distinct layers in parallel (default: CPU count, at most 4).")] = None,
@@ -71,7 +82,8 @@ def place(
 ) -> None:
     """Place every MoE layer's experts and replicas to minimise each layer's bottleneck (the
     busiest link's all-to-all time, or the busiest GPU's expert time), and write the manifest
-    that 'epplan run' follows."""
+    that 'epplan run' follows, with the cheapest run settings (micro-batches, recompute,
+    optimizer sharding) that fit every GPU's memory. Exits 3, writing nothing, if none fits."""
     if method not in METHODS:
         raise PlacementError(f"--method {method!r} unknown; use one of {', '.join(METHODS)}")
     if solver not in SOLVERS:
@@ -80,12 +92,11 @@ def place(
         raise PlacementError(f"--time-limit must be > 0 seconds, got {time_limit:g}")
     if not 0 <= gap < 1:
         raise PlacementError(f"--gap must be in [0, 1), got {gap:g}")
-    topo = load_topology(topology)
+    topo = cap_memory(load_topology(topology), memory_gb)
     config = load_model_config(model, parse_overrides(set_ or []))
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
-                               micro_batches=micro_batches)
+                               compute_efficiency=compute_efficiency, achievable_tflops=tflops)
     if not json:
         console.print(
             f"[bold]{config.name}[/] on [bold]{topo.name}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
@@ -104,7 +115,10 @@ def place(
             plan = _baseline(name, problem, seed)
         plans[name] = (plan, time.monotonic() - t0)
     chosen, _ = plans[method]
-    costs = {name: evaluate(plan, problem) for name, (plan, _) in plans.items()}
+    fit = choose_run_settings(chosen, problem, micro_batches=micro_batches, recompute=recompute,
+                              optimizer_sharding=optimizer_sharding).check()
+    problem = dataclasses.replace(problem, **dataclasses.asdict(fit.settings))
+    costs = {name: fit.cost if name == method else evaluate(plan, problem) for name, (plan, _) in plans.items()}
     doc = build_manifest(chosen, problem, cost=costs[method], routing_spec=routing, routing_seed=seed)
     digest = write_manifest(out, doc)
 
@@ -113,12 +127,14 @@ def place(
             "manifest": str(out), "manifest_hash": digest, "method": method,
             "solver": _solver_summary(chosen), "notes": list(traffic.notes),
             "cost": costs[method].to_dict(),
+            "run_settings": dataclasses.asdict(fit.settings),
         }
         if compare:
             data["compare"] = {name: _row(name, plans[name], costs[name]) for name in names}
         print_json(data)
         return
     _print_plan(chosen, costs[method], problem)
+    print_run_settings(fit)
     if compare:
         _print_compare(names, plans, costs, problem)
     console.print(f"manifest written: [bold]{out}[/] (sha256 {digest[:12]})", highlight=False)

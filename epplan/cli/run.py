@@ -12,6 +12,7 @@ from epplan.cli import app
 from epplan.cli.common import console, err_console, user_errors
 from epplan.errors import RuntimeSetupError
 from epplan.train.options import DEVICES, OVERLAP, RESUME_KEYS, TrainOptions
+from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
 
 TRAINING = "Training"
 CHECKPOINTS = "Checkpoints and restarts"
@@ -42,8 +43,17 @@ def run(
     global_batch: Annotated[Optional[int], typer.Option(
         help="Sequences per optimizer step. Default: the model's global_batch.", show_default=False,
         rich_help_panel=TRAINING)] = None,
-    micro_batches: Annotated[int, typer.Option(help="Gradient-accumulation steps per optimizer step.",
-                                               rich_help_panel=TRAINING)] = 1,
+    micro_batches: Annotated[Optional[int], typer.Option(
+        help="Gradient-accumulation steps per optimizer step. Default: the manifest's.", show_default=False,
+        rich_help_panel=TRAINING)] = None,
+    recompute: Annotated[Optional[str], typer.Option(
+        help="Recompute activations in backward: none, attention, or block (each block keeps only its input; "
+             "the MoE routing is replayed, not redone). Default: the manifest's.", show_default=False,
+        rich_help_panel=TRAINING)] = None,
+    optimizer_sharding: Annotated[Optional[str], typer.Option(
+        help="none, or dense: the dense parameters' AdamW state sharded over all ranks "
+             "(ZeroRedundancyOptimizer). Default: the manifest's.", show_default=False,
+        rich_help_panel=TRAINING)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). Default: min(0.01, 1/d_model).",
                                                 show_default=False, rich_help_panel=TRAINING)] = None,
     min_lr_ratio: Annotated[float, typer.Option(help="Cosine decay ends at lr x this.",
@@ -58,7 +68,7 @@ def run(
         help="Expert capacity factor (drops over-capacity assignments). Default: dropless.",
         show_default=False, rich_help_panel=TRAINING)] = None,
     activation_checkpointing: Annotated[bool, typer.Option(
-        "--activation-checkpointing", help="Recompute attention in backward to save memory.",
+        "--activation-checkpointing", help="Same as --recompute attention.", hidden=True,
         rich_help_panel=TRAINING)] = False,
     overlap: Annotated[str, typer.Option(
         help="on: exchange each MoE layer's tokens in chunks overlapped with the expert GEMMs; off: in one "
@@ -135,12 +145,26 @@ def run(
     if overlap not in OVERLAP:
         raise RuntimeSetupError(f"--overlap {overlap!r}: use {', '.join(OVERLAP)}")
     job = load_job(manifest)
+    if activation_checkpointing:
+        if recompute not in (None, "attention"):
+            raise RuntimeSetupError(f"--activation-checkpointing means --recompute attention, not {recompute!r}")
+        recompute = "attention"
+    given = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding}
+    settings = {k: job.run_settings.get(k, 1 if k == "micro_batches" else "none") if v is None else v
+                for k, v in given.items()}
+    overridden = [k for k, v in given.items() if v is not None and v != job.run_settings.get(k)]
+    if settings["recompute"] not in RECOMPUTE:
+        raise RuntimeSetupError(f"--recompute {settings['recompute']!r}: use {', '.join(RECOMPUTE)}")
+    if settings["optimizer_sharding"] not in OPTIMIZER_SHARDING:
+        raise RuntimeSetupError(f"--optimizer-sharding {settings['optimizer_sharding']!r}: use "
+                                f"{', '.join(OPTIMIZER_SHARDING)}")
     opts = TrainOptions(
         manifest=str(manifest), out=str(out), steps=steps, device=device,
         data=None if data is None else str(data), seed=seed, global_batch=global_batch,
-        micro_batches=micro_batches, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
+        micro_batches=settings["micro_batches"], recompute=settings["recompute"],
+        optimizer_sharding=settings["optimizer_sharding"], overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
-        activation_checkpointing=activation_checkpointing, overlap=overlap, num_chunks=num_chunks,
+        overlap=overlap, num_chunks=num_chunks,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every,
         keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
         allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0)
@@ -156,7 +180,11 @@ def run(
         return
 
     console.print(f"epplan run: {escape(job.config.name)} on {escape(job.describe_nodes())}, {device}, "
-                  f"{'resuming' if resume else 'from step 0'} -> {escape(str(out))}", highlight=False)
+                  f"{'resuming' if resume else 'from step 0'} -> {escape(str(out))}; "
+                  f"{settings['micro_batches']} micro-batch(es), recompute {settings['recompute']}, "
+                  f"optimizer sharding {settings['optimizer_sharding']}"
+                  + (f" (flags over the manifest's: {', '.join(overridden)})" if overridden else ""),
+                  highlight=False)
     code = launch.run(job, opts, launch_opts,
                       notify=lambda line: console.print(line, highlight=False, markup=False))
     if code != 0:

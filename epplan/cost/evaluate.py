@@ -66,7 +66,9 @@ from epplan.errors import PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.schedule import Schedule
-from epplan.workload.flops import TRAINING_FLOPS_FACTOR
+from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_FACTOR, optimizer_sync_bytes,
+                                   recompute_exchanges_per_layer, recompute_flops_per_token)
+from epplan.workload.memory import memory_per_gpu
 
 SPEC_PEAK_TFLOPS = 400.0   # founding spec: usable bf16 TFLOP/s per H100
 MFU_TARGET = 0.60
@@ -105,6 +107,9 @@ class Cost:
     sync_s: float
     exposed_sync_s: float
     step_time_s: float
+    optimizer_sync_bytes: np.ndarray    # float32[K] ZeRO's weight broadcasts (0 unsharded)
+    a2a_passes: float                   # times each layer's dispatch and combine run: 2, 3 recomputed
+    optimizer_sync_s: float
     serial_step_time_s: float
     model_flops_per_step: float
     mfu_datasheet: float
@@ -140,14 +145,14 @@ class Cost:
 
     @property
     def a2a_bytes(self) -> np.ndarray:
-        """float64[L, K] all four exchanges of each layer on each link."""
-        return 2.0 * (self.dispatch_fwd_bytes.astype(np.float64) + self.combine_fwd_bytes)
+        """float64[L, K] all four exchanges of each layer on each link (six under block recompute)."""
+        return self.a2a_passes * (self.dispatch_fwd_bytes.astype(np.float64) + self.combine_fwd_bytes)
 
     @property
     def link_step_bytes(self) -> np.ndarray:
         """float64[K] everything a step puts on each link: a2a of all layers + gradient sync."""
         return (self.a2a_bytes.sum(axis=0) + self.expert_sync_bytes.astype(np.float64)
-                + self.dense_sync_bytes)
+                + self.dense_sync_bytes + self.optimizer_sync_bytes)
 
     @property
     def a2a_utilisation(self) -> np.ndarray:
@@ -200,6 +205,7 @@ class Cost:
                 "dense_sync_s": self.dense_sync_s,
                 "sync_s": self.sync_s,
                 "exposed_sync_s": self.exposed_sync_s,
+                "optimizer_sync_s": self.optimizer_sync_s,
             },
             "communication_bytes": {
                 "dispatch_fwd": float(self.dispatch_fwd_bytes.sum(dtype=np.float64)),
@@ -208,6 +214,7 @@ class Cost:
                 "combine_bwd": float(self.dispatch_fwd_bytes.sum(dtype=np.float64)),
                 "expert_sync": float(self.expert_sync_bytes.sum(dtype=np.float64)),
                 "dense_sync": float(self.dense_sync_bytes.sum(dtype=np.float64)),
+                "optimizer_sync": float(self.optimizer_sync_bytes.sum(dtype=np.float64)),
                 "note": "summed over links (a byte crossing 3 links counts 3 times)",
             },
             "mfu": {
@@ -274,6 +281,11 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     def single(t: np.ndarray) -> np.ndarray:
         return lm.loads(t) if fast else topo.link_loads(t)
 
+    # --recompute: a block recompute repeats each layer's dispatch and combine (4 -> 6 exchanges)
+    # and backward repeats forward FLOPs (flops.recompute_flops_per_token).
+    a2a_factor = 2.0 * (EXCHANGES_PER_LAYER_PER_STEP + recompute_exchanges_per_layer(problem.recompute)) \
+        / EXCHANGES_PER_LAYER_PER_STEP
+    again = recompute_flops_per_token(costs, config, problem.recompute)
     dispatch = np.empty((num_layers, topo.num_links), dtype=np.float32)
     combine = np.empty_like(dispatch)
     a2a_link_s = np.empty(num_layers)
@@ -296,13 +308,13 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
             served[li] = flows.sum(axis=0)
             fwd = topo.link_loads(flows)
             bwd = topo.link_loads(np.ascontiguousarray(flows.T))
-        a2a_time = 2.0 * b * (fwd + bwd) / cap
+        a2a_time = a2a_factor * b * (fwd + bwd) / cap
         a2a_link[li] = int(np.argmax(a2a_time))
         a2a_link_s[li] = float(a2a_time[a2a_link[li]])
         dispatch[li], combine[li] = b * fwd, b * bwd
 
     flops_train = TRAINING_FLOPS_FACTOR
-    expert_compute_s = served * costs.flops_per_assignment * flops_train / rate
+    expert_compute_s = served * (costs.flops_per_assignment * flops_train + again["per_assignment"]) / rate
     expert_gpu = np.argmax(expert_compute_s, axis=1)
     expert_max = expert_compute_s[np.arange(num_layers), expert_gpu]
     bottleneck_s = np.maximum(a2a_link_s, expert_max)
@@ -311,9 +323,10 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
 
     tokens = config.tokens_per_step / num_gpus              # per rank (data parallel)
     dense_flops = costs.flops_fwd_moe_layer - costs.flops_routed_experts
-    dense_compute_s = np.broadcast_to(tokens * dense_flops * flops_train / rate, (num_layers, num_gpus)).copy()
+    dense_compute_s = np.broadcast_to(tokens * (dense_flops * flops_train + again["moe_dense"]) / rate,
+                                      (num_layers, num_gpus)).copy()
     other_flops = config.num_dense_layers * costs.flops_fwd_dense_layer + costs.flops_lm_head
-    other_compute_s = tokens * other_flops * flops_train / rate
+    other_compute_s = tokens * (other_flops * flops_train + config.num_dense_layers * again["dense_layer"]) / rate
     layer_time_s = dense_compute_s.max(axis=1) + moe_time_s
 
     # Gradient synchronisation: one matrix each, all layers summed (links are shared anyway).
@@ -327,17 +340,24 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     sync_s = float(((expert_sync + dense_sync) / cap).max(initial=0.0))
     compute_s = float(dense_compute_s.max(axis=1).sum() + expert_max.sum() + other_compute_s.max())
     exposed_sync_s = max(0.0, sync_s - _BWD_SHARE * compute_s)
-    step_time_s = float(layer_time_s.sum() + other_compute_s.max() + exposed_sync_s)
-    serial_step_time_s = float(compute_s + a2a_link_s.sum() + sync_s)
+    # --optimizer-sharding dense: ZeRO broadcasts the updated dense weights after the step (an
+    # all-gather ring over all ranks), exposed: nothing runs beside it.
+    opt_ring = _ring(np.arange(num_gpus), num_gpus,
+                     optimizer_sync_bytes(costs, config, problem.optimizer_sharding) / 2)
+    optimizer_sync = single(opt_ring) if opt_ring.nnz else np.zeros(topo.num_links)
+    optimizer_sync_s = float((optimizer_sync / cap).max(initial=0.0))
+    step_time_s = float(layer_time_s.sum() + other_compute_s.max() + exposed_sync_s + optimizer_sync_s)
+    serial_step_time_s = float(compute_s + a2a_link_s.sum() + sync_s + optimizer_sync_s)
 
     peak = np.asarray(topo.gpu_tflops, dtype=np.float64) * 1e12
     mfu_datasheet = costs.model_flops_per_step / (step_time_s * peak.sum())
     mfu_spec = costs.mfu(step_time_s, num_gpus, SPEC_PEAK_TFLOPS * 1e12)
 
     # Sync bytes as the Cost stores them (float32), so that link_step_bytes gives the same numbers.
-    expert_sync, dense_sync = (v.astype(np.float32).astype(np.float64) for v in (expert_sync, dense_sync))
-    step_bytes = 2.0 * (dispatch.sum(axis=0, dtype=np.float64) + combine.sum(axis=0, dtype=np.float64)) \
-        + expert_sync + dense_sync
+    expert_sync, dense_sync, optimizer_sync = (v.astype(np.float32).astype(np.float64)
+                                               for v in (expert_sync, dense_sync, optimizer_sync))
+    step_bytes = a2a_factor * (dispatch.sum(axis=0, dtype=np.float64) + combine.sum(axis=0, dtype=np.float64)) \
+        + expert_sync + dense_sync + optimizer_sync
     busiest = int(np.argmax(step_bytes / cap))
     utilisation = float(step_bytes[busiest] / (cap[busiest] * step_time_s))
 
@@ -353,6 +373,8 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
         expert_sync_bytes=expert_sync.astype(np.float32), dense_sync_bytes=dense_sync.astype(np.float32),
         expert_sync_s=expert_sync_s, dense_sync_s=dense_sync_s, sync_s=sync_s,
         exposed_sync_s=exposed_sync_s, step_time_s=step_time_s,
+        optimizer_sync_bytes=optimizer_sync.astype(np.float32), optimizer_sync_s=optimizer_sync_s,
+        a2a_passes=a2a_factor,
         serial_step_time_s=serial_step_time_s,
         model_flops_per_step=float(costs.model_flops_per_step),
         mfu_datasheet=float(mfu_datasheet), mfu_spec=float(mfu_spec),
@@ -459,24 +481,22 @@ def _rings(rings: list[np.ndarray], num_gpus: int, param_bytes: float) -> sp.csr
 
 
 def _memory(placement: Placement, problem: PlacementProblem, served: np.ndarray) -> dict[str, np.ndarray]:
-    config, costs, num_gpus = problem.config, problem.costs, problem.num_gpus
+    """Memory per GPU under the problem's run settings (``workload.memory.memory_per_gpu``)."""
+    return {**memory_for(placement, problem, served, problem.micro_batches, problem.recompute,
+                         problem.optimizer_sharding),
+            "memory_capacity_bytes": np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9}
+
+
+def memory_for(placement: Placement, problem: PlacementProblem, served: np.ndarray, micro_batches: int,
+               recompute: str, optimizer_sharding: str) -> dict[str, np.ndarray]:
+    """The weight/grad/optimizer/activation bytes per GPU of ``placement`` under other run
+    settings than the problem's; served: [L, G] assignments each GPU serves per layer."""
+    num_gpus = problem.num_gpus
     held = np.zeros(num_gpus)
     for layer in placement.layers:
-        held += np.bincount(np.concatenate([np.asarray(r) for r in layer.replicas]), minlength=num_gpus)
-    params = costs.params_dense + held * costs.params_per_expert            # [G]
-    dtype_bytes = config.dtype_bytes
-    optimizer_per_param = 8 + (4 if dtype_bytes < 4 else 0)                 # 2 fp32 moments (+ master)
-    tokens = config.tokens_per_step / num_gpus
-    per_token = (config.num_moe_layers * (costs.act_bytes_per_token_attention
-                                          + costs.act_bytes_per_token_moe_local)
-                 + config.num_dense_layers * (costs.act_bytes_per_token_attention
-                                              + costs.act_bytes_per_token_dense_mlp)
-                 + costs.act_bytes_per_token_head)
-    activations = (tokens * per_token + served.sum(axis=0) * costs.act_bytes_per_assignment)
-    return {
-        "weight_bytes": params * dtype_bytes,
-        "grad_bytes": params * dtype_bytes,
-        "optimizer_bytes": params * optimizer_per_param,
-        "activation_bytes": activations / problem.micro_batches,
-        "memory_capacity_bytes": np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9,
-    }
+        held += np.bincount(np.concatenate([np.asarray(r, dtype=np.int64) for r in layer.replicas]),
+                            minlength=num_gpus)
+    return memory_per_gpu(problem.config, problem.costs, replicas_held=held,
+                          tokens_per_rank=problem.config.tokens_per_step / num_gpus, served=served,
+                          micro_batches=micro_batches, recompute=recompute,
+                          optimizer_sharding=optimizer_sharding)

@@ -32,6 +32,10 @@ class PlacementProblem:
     overlap:            the runtime's schedule of each MoE layer (``epplan.schedule``): auto
                         (what ``epplan run`` does on GPUs: overlap when the run spans nodes), on
                         or off; ``num_chunks`` fixes the chunk count when overlapping.
+    recompute:          none, attention or block (``workload.memory``): less activation memory,
+                        more FLOPs (and, for block, a second dispatch and combine) per step.
+    optimizer_sharding: none or dense (ZeRO over all ranks): less optimizer memory, one
+                        all-gather of the dense weights per step.
     """
 
     topology: Topology
@@ -43,6 +47,8 @@ class PlacementProblem:
     micro_batches: int = 1
     overlap: str = "auto"
     num_chunks: int | None = None
+    recompute: str = "none"
+    optimizer_sharding: str = "none"
 
     def __post_init__(self) -> None:
         g, e, layers = self.topology.num_gpus, self.config.num_experts, self.config.num_moe_layers
@@ -50,6 +56,12 @@ class PlacementProblem:
             raise PlacementError(f"--experts-per-gpu must be a positive integer, got {self.experts_per_gpu!r}")
         if not _is_positive_int(self.micro_batches):
             raise PlacementError(f"micro_batches must be a positive integer, got {self.micro_batches!r}")
+        from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
+        if self.recompute not in RECOMPUTE:
+            raise PlacementError(f"--recompute {self.recompute!r}: use {', '.join(RECOMPUTE)}")
+        if self.optimizer_sharding not in OPTIMIZER_SHARDING:
+            raise PlacementError(f"--optimizer-sharding {self.optimizer_sharding!r}: use "
+                                 f"{', '.join(OPTIMIZER_SHARDING)}")
         if not (isinstance(self.compute_efficiency, (int, float))
                 and 0 < self.compute_efficiency <= 1):
             raise PlacementError(

@@ -46,6 +46,7 @@ from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.experts import GroupedExperts, compute_dtype, expert_mlp
 from epplan.runtime.init import init_weights
 from epplan.runtime.model import Transformer
+from epplan.runtime.recompute import record_or_replay
 from epplan.runtime import overlap as _overlap
 from epplan.runtime.overlap import (DEFAULT_OVERLAP_CTAS, ChunkPlan, ExchangeSettings,
                                     auto_num_chunks, chunk_of_row, chunked_experts,
@@ -211,14 +212,10 @@ class ExpertParallelExperts(nn.Module):
             num_matrices = 2 if w3 is None else 3
             flops_per_row = 2 * num_matrices * w1.shape[1] * w1.shape[2]  # w1: (E_loc, D, F)
             proposal = self.num_chunks or auto_num_chunks(num_tokens * top_k, G, E, flops_per_row)
-        send_meta = torch.cat([send_counts, send_counts.new_full((G, 1), proposal)], dim=1)
-        recv_meta = torch.empty_like(send_meta)  # [s, e]: rows from s for my expert e; [s, E]
-        dist.all_to_all_single(recv_meta, send_meta, group=self.group)
-        # NOTE: host sync (the split sizes of the row exchange and the GEMM shapes)
-        send_host, recv_host = torch.stack([send_meta, recv_meta]).cpu().numpy()  # (2, G, E + 1)
-        num_chunks = int(recv_host[:, E].max())
-        send_host, recv_host = send_host[:, :E], recv_host[:, :E]
-        self._record(send_host, recv_host, x)
+        # A block recompute replays the forward's counts (epplan.runtime.recompute): the same
+        # splits, no second counts exchange, statistics recorded once.
+        send_host, recv_host, num_chunks = record_or_replay(
+            self, "counts", partial(self._exchange_counts, send_counts, proposal, x))
         num_sent = int(send_host.sum())
 
         if not self.overlap:
@@ -237,6 +234,21 @@ class ExpertParallelExperts(nn.Module):
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
         out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
         return out.to(out_dtype)
+
+    def _exchange_counts(self, send_counts: torch.Tensor, proposal: int, x: torch.Tensor
+                         ) -> tuple[np.ndarray, np.ndarray, int]:
+        """send_counts: int64 (G, E) -> (send_host, recv_host) int64 (G, E) on the host and the
+        layer's chunk count; records the statistics."""
+        G, E = self.num_ranks, self.num_experts
+        send_meta = torch.cat([send_counts, send_counts.new_full((G, 1), proposal)], dim=1)
+        recv_meta = torch.empty_like(send_meta)  # [s, e]: rows from s for my expert e; [s, E]
+        dist.all_to_all_single(recv_meta, send_meta, group=self.group)
+        # NOTE: host sync (the split sizes of the row exchange and the GEMM shapes)
+        send_host, recv_host = torch.stack([send_meta, recv_meta]).cpu().numpy()  # (2, G, E + 1)
+        num_chunks = int(recv_host[:, E].max())
+        send_host, recv_host = send_host[:, :E], recv_host[:, :E]
+        self._record(send_host, recv_host, x)
+        return send_host, recv_host, num_chunks
 
     def _destination_keys(self, topk_idx: torch.Tensor) -> torch.Tensor:
         """int64 (A,): destination rank * E + expert of every assignment; G * E if dropped.

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from epplan.runtime.experts import GroupedExperts, mlp
+from epplan.runtime.recompute import is_replaying
 from epplan.runtime.router import Router
 from epplan.workload.config import ModelConfig
 
@@ -95,7 +96,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # (N, D)
-        topk_idx, topk_weight, self.aux_loss = self.router(x)  # (N, k), (N, k), ()
+        topk_idx, topk_weight, aux_loss = self.router(x)  # (N, k), (N, k), ()
+        if not is_replaying():  # a recompute's copy is not the loss's term
+            self.aux_loss = aux_loss
         y = self.experts(x, topk_idx, topk_weight)  # (N, D)
         if self.shared is not None:
             y = y + self.shared(x)

@@ -21,12 +21,15 @@ of the global batch, exactly as the single-device model would.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from epplan.runtime.recompute import is_replaying, record_or_replay
 
 
 def count_keys(key: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -92,20 +95,21 @@ class Router(nn.Module):
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         logits = F.linear(x.to(compute_dtype), self.gate.weight.to(compute_dtype))  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
-        scores = probs.detach() + self.bias.to(compute_dtype)  # (N, E), selection only
-        topk_idx = scores.topk(self.top_k, dim=-1).indices  # (N, k)
+        # A block recompute replays the forward's selection (epplan.runtime.recompute).
+        topk_idx = record_or_replay(self, "topk_idx", lambda: self._select(probs))  # (N, k)
         topk_weight = probs.gather(1, topk_idx)  # (N, k)
         topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
 
         # Load and f_e count what the router selected, before any capacity drop.
         num_per_expert = count_keys(topk_idx.reshape(-1), self.num_experts)  # (E,)
-        with torch.no_grad():
-            self.load += num_per_expert.to(self.load.dtype)
+        if not is_replaying():
+            with torch.no_grad():
+                self.load += num_per_expert.to(self.load.dtype)
         aux_loss = probs.new_zeros(())
         if self.aux_loss_coef > 0:
             counts = num_per_expert.to(compute_dtype)
             if self.reduce_load is not None:
-                counts = self.reduce_load(counts)
+                counts = record_or_replay(self, "load", functools.partial(self.reduce_load, counts))
             f = counts / counts.sum()  # (E,) fraction of assignments, no gradient
             aux_loss = self.aux_loss_coef * self.num_experts * (f * probs.mean(dim=0)).sum()
 
@@ -113,10 +117,16 @@ class Router(nn.Module):
             capacity = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
             flat = topk_idx.reshape(-1)  # (A,)
             is_kept = position_in_expert(flat, self.num_experts) < capacity  # (A,)
-            with torch.no_grad():
-                self.num_dropped += (~is_kept).sum()
+            if not is_replaying():
+                with torch.no_grad():
+                    self.num_dropped += (~is_kept).sum()
             topk_idx = torch.where(is_kept, flat, -1).view(num_tokens, self.top_k)
         return topk_idx, topk_weight, aux_loss
+
+    def _select(self, probs: torch.Tensor) -> torch.Tensor:
+        """int64 (N, k): the top-k experts by probability plus the selection-only bias."""
+        scores = probs.detach() + self.bias.to(probs.dtype)  # (N, E)
+        return scores.topk(self.top_k, dim=-1).indices
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -5,15 +5,19 @@ Layout of one checkpoint, ``OUT/checkpoints/step_00000040/``::
     meta.json        format, step, manifest hash, model, files and their sizes, expert owners,
                      data position, run extras (written last)
     dense.pt         rank 0: every non-expert tensor of the model's state_dict (attention, norms,
-                     embeddings, routers and their selection biases) and its optimizer state
+                     embeddings, routers and their selection biases) and, unless the optimizer
+                     is sharded, the dense parameters' optimizer state
     rank00003.pt     rank 3: the experts it owns (lowest replica), one entry per (layer, expert),
-                     with their optimizer state; its RNG states
+                     with their optimizer state; under ``--optimizer-sharding dense`` the dense
+                     parameters' optimizer state that rank 3 keeps; its RNG states
 
 Experts are stored by *logical* id (``layers.1.ffn.experts.w1[5]``), never by slot on a rank, so
 a checkpoint does not depend on the placement that wrote it: resuming under another placement
 (``epplan place`` again, from the run's routing statistics) loads each rank's new experts from
-whichever files hold them, with their AdamW moments. Each rank reads only the entries it needs
-(memory-mapped ``torch.load``).
+whichever files hold them, with their AdamW moments. The dense parameters' optimizer state is
+stored by parameter name (``meta.json``'s ``dense_optim_files`` says which file holds each), so
+a run resumes under another optimizer sharding or world size. Each rank reads only the entries
+it needs (memory-mapped ``torch.load``).
 
     checksums.json   SHA-256 and size of every other file of the directory (written last)
 
@@ -49,6 +53,7 @@ import torch.nn as nn
 
 from epplan.errors import EpplanError
 from epplan.runtime.expert_parallel import ExpertParallelExperts
+from epplan.train.optim import TrainOptimizer
 
 FORMAT = "epplan.checkpoint"
 VERSION = 1
@@ -102,7 +107,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int,
+def save(root: Path, step: int, model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
          meta: dict, dense_extra: dict, keep: int) -> Path:
     """Write checkpoint ``step`` under ``root`` (collective). Returns its directory.
 
@@ -123,25 +128,34 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     state_dict = model.state_dict()
     own_model, own_optim = {}, {}
     for key, (module, w) in experts.items():
-        opt_state = optimizer.state.get(w, {})
+        opt_state = optimizer.state_of(w) or {}
         for j, e in enumerate(module.local_experts):
             if module.owner[e] == rank:
                 own_model[f"{key}[{e}]"] = w.detach()[j].clone()
                 own_optim[f"{key}[{e}]"] = _slice_state(opt_state, j)
     world_size = dist.get_world_size()
+    names = {id(p): n for n, p in model.named_parameters()}
+    dense_optim = {names[id(p)]: s for p, s in optimizer.state_items() if names[id(p)] not in experts}
+    sharded = optimizer.sharding != "none"
     with _all_or_none(world_size):
-        _save_synced({"model": own_model, "optim": own_optim, "rng": rng_state()}, tmp / f"rank{rank:05d}.pt")
+        mine = {"model": own_model, "optim": own_optim, "rng": rng_state()}
+        if sharded:
+            mine["dense_optim"] = dense_optim
+        _save_synced(mine, tmp / f"rank{rank:05d}.pt")
         if rank == 0:
-            names = {id(p): n for n, p in model.named_parameters()}
             dense = {k: v for k, v in state_dict.items() if k not in experts}
-            dense_optim = {names[id(p)]: s for p, s in optimizer.state.items() if names[id(p)] not in experts}
-            _save_synced({"model": dense, "optim": dense_optim, "extra": dense_extra}, tmp / "dense.pt")
+            _save_synced({"model": dense, "optim": {} if sharded else dense_optim, "extra": dense_extra},
+                         tmp / "dense.pt")
+    kept = _gather(sorted(dense_optim) if sharded else [], world_size)  # who keeps which state
     with _all_or_none(world_size):
         if rank == 0:
             owners = {name: [int(o) for o in m.owner] for name, m in _expert_modules(model)}
             files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.pt"))}
+            dense_files = ({n: f"rank{r:05d}.pt" for r, ns in enumerate(kept) for n in ns} if sharded
+                           else {n: "dense.pt" for n in dense_optim})
             doc = {"format": FORMAT, "version": VERSION, "step": step, "time": time.time(),
-                   "num_ranks": world_size, **meta, "expert_owners": owners, "files": files}
+                   "num_ranks": world_size, **meta, "expert_owners": owners,
+                   "optimizer_sharding": optimizer.sharding, "dense_optim_files": dense_files, "files": files}
             _write_json_synced(tmp / "meta.json", doc)
     with _all_or_none(world_size):
         seal(tmp, rank=rank, world_size=world_size)
@@ -358,7 +372,7 @@ def refuse_fresh_start(root: Path, out: str | Path) -> None:
 
 
 @torch.no_grad()
-def load(info: CheckpointInfo, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int,
+def load(info: CheckpointInfo, model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
          device: torch.device) -> dict:
     """Load checkpoint ``info`` into this rank's model and optimizer (not collective).
 
@@ -371,7 +385,14 @@ def load(info: CheckpointInfo, model: nn.Module, optimizer: torch.optim.Optimize
         except Exception as exc:  # any defect of the file: say which file
             raise CheckpointError(f"{info.path / name}: cannot be read: {exc}") from None
 
-    dense = read("dense.pt")
+    files: dict[str, dict] = {"dense.pt": read("dense.pt")}
+
+    def entries(name: str) -> dict:
+        if name not in files:
+            files[name] = read(name)
+        return files[name]
+
+    dense = files["dense.pt"]
     experts = _expert_params(model)
     names = {id(p): n for n, p in model.named_parameters()}
     for key, t in model.state_dict().items():
@@ -382,31 +403,32 @@ def load(info: CheckpointInfo, model: nn.Module, optimizer: torch.optim.Optimize
             raise CheckpointError(f"{info.path}: {key} has shape {tuple(t.shape)} in this model, "
                                   f"{found} in the checkpoint; resume with the model it was written for")
         t.copy_(dense["model"][key])
+    # Written before the optimizer could be sharded: rank 0's dense.pt holds it all.
+    dense_files = info.meta.get("dense_optim_files") or {n: "dense.pt" for n in dense["optim"]}
     for p in model.parameters():
         name = names[id(p)]
-        if name in dense["optim"]:
-            optimizer.state[p] = {k: _state_value(v, device) for k, v in dense["optim"][name].items()}
+        if name in dense_files and optimizer.keeps(p):
+            held = entries(dense_files[name])
+            held = held["optim"] if dense_files[name] == "dense.pt" else held["dense_optim"]
+            optimizer.set_state(p, {k: _state_value(v, device) for k, v in held[name].items()})
 
-    files: dict[str, dict] = {}
     owners = info.meta["expert_owners"]
     for key, (module, w) in experts.items():
         module_name = key.rsplit(".", 1)[0]
         slots = []
         for j, e in enumerate(module.local_experts):
-            file = f"rank{owners[module_name][e]:05d}.pt"
-            if file not in files:
-                files[file] = read(file)
+            file = entries(f"rank{owners[module_name][e]:05d}.pt")
             entry = f"{key}[{e}]"
-            w[j].copy_(files[file]["model"][entry])
-            slots.append(files[file]["optim"][entry])
+            w[j].copy_(file["model"][entry])
+            slots.append(file["optim"][entry])
         if slots and slots[0]:
-            optimizer.state[w] = {k: _state_value(torch.stack([s[k] for s in slots])
+            optimizer.set_state(w, {k: _state_value(torch.stack([s[k] for s in slots])
                                                   if slots[0][k].dim() > 0 else slots[0][k], device)
-                                  for k in slots[0]}
+                                  for k in slots[0]})
     out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in dense["extra"].items()}
     own = f"rank{rank:05d}.pt"
     if own in info.meta["files"]:
-        out["rng"] = (files.get(own) or read(own))["rng"]
+        out["rng"] = entries(own)["rng"]
     return out
 
 

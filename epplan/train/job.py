@@ -9,8 +9,9 @@ launch that does not fit the manifest, before any process group exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from epplan.errors import ManifestError, RuntimeSetupError
 from epplan.placement.types import Placement
@@ -27,12 +28,14 @@ class Node:
 
 @dataclass(frozen=True)
 class Job:
-    """The model, the placement, the manifest hash and the node layout of one run."""
+    """The model, the placement, the manifest hash, the node layout and the run settings that
+    the manifest recorded (``micro_batches``, ``recompute``, ``optimizer_sharding``) of one run."""
 
     config: ModelConfig
     placement: Placement
     manifest_hash: str
     nodes: tuple[Node, ...]
+    run_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_ranks(self) -> int:
@@ -84,4 +87,6 @@ def job_from_manifest(manifest: object) -> Job:
         if sorted(by_gpu) != list(range(len(by_gpu))):
             raise ManifestError(f"node {name}: local GPU indices {sorted(by_gpu)} are not 0..{len(by_gpu) - 1}")
         layout.append(Node(name, tuple(by_gpu[g] for g in range(len(by_gpu)))))
-    return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout))
+    settings = {k: getattr(manifest, k) for k in ("micro_batches", "recompute", "optimizer_sharding")
+                if hasattr(manifest, k)}
+    return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout), settings)

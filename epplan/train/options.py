@@ -40,7 +40,9 @@ class TrainOptions:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global gradient-norm limit; 0 disables clipping
     capacity_factor: Optional[float] = None  # None: dropless routing
-    activation_checkpointing: bool = False
+    recompute: str = "none"  # none|attention|block: activations recomputed in backward
+    optimizer_sharding: str = "none"  # none|dense: the dense parameters' AdamW state over all ranks (ZeRO-1)
+    overridden: Optional[str] = None  # run settings given as flags over the manifest's, comma-separated
     overlap: str = "auto"  # on|off: the runtime's chunked exchange overlapped with the expert GEMMs
     num_chunks: Optional[int] = None  # chunks per MoE layer when overlapping; None: the runtime's choice
     overlap_ctas: Optional[int] = None  # CTAs of the hidden exchanges' communicator; None: the runtime's

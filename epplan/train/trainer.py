@@ -26,19 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 
 from epplan.errors import EpplanError, RuntimeSetupError
 from epplan.runtime.expert_parallel import build_expert_parallel_model, get_stats, sync_gradients
 from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS
 from epplan.runtime.model import Transformer
+from epplan.runtime.recompute import RECOMPUTE, apply_recompute
 from epplan.train import checkpoint
 from epplan.train.data import make_data
 from epplan.train.job import Job
 from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, gather_step_stats,
                                   matrix_every)
+from epplan.train.optim import TrainOptimizer
 from epplan.train.options import RESUME_KEYS, TrainOptions
 from epplan.train.rundir import history, set_aside
+from epplan.workload.memory import OPTIMIZER_SHARDING
 from epplan.workload.flops import model_costs
 from epplan.workload.routing_stats import write_routing_stats
 
@@ -72,17 +74,6 @@ def lr_at(step: int, opts: TrainOptions, peak: float) -> float:
     progress = (step - warmup) / max(1, opts.steps - warmup)
     floor = peak * opts.min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def checkpoint_attention(model: Transformer) -> None:
-    """Recompute each block's attention in backward instead of keeping its activations.
-
-    Attention only: recomputing a MoE layer would repeat its all-to-all exchanges and count its
-    routing twice (router load, statistics).
-    """
-    for block in model.layers:
-        forward = block.attn.forward
-        block.attn.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
 
 
 def global_grad_norm(model: Transformer) -> torch.Tensor:
@@ -145,13 +136,17 @@ class Trainer:
             config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
             overlap=opts.use_overlap(len(job.nodes)), num_chunks=opts.num_chunks,
             overlap_ctas=self.overlap_ctas)
-        if opts.activation_checkpointing:
-            checkpoint_attention(self.model)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices, experts
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm weights
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=(0.9, 0.95), eps=1e-8)
+        if config.dtype == "fp64":  # CPU tests: exact comparisons between run settings
+            self.model.to(torch.float64)
+        if opts.recompute not in RECOMPUTE:
+            raise RuntimeSetupError(f"--recompute {opts.recompute!r}: use {', '.join(RECOMPUTE)}")
+        if opts.optimizer_sharding not in OPTIMIZER_SHARDING:
+            raise RuntimeSetupError(f"--optimizer-sharding {opts.optimizer_sharding!r}: use "
+                                    f"{', '.join(OPTIMIZER_SHARDING)}")
+        apply_recompute(self.model, opts.recompute)
+        # Fused AdamW on GPUs: faster, and no temporaries the size of the moments.
+        self.optimizer = TrainOptimizer(self.model, opts.optimizer_sharding, lr=self.lr,
+                                        weight_decay=opts.weight_decay, fused=device.type == "cuda")
         self.data = make_data(opts.data, vocab_size=config.vocab_size, seq_len=config.seq_len,
                               seed=opts.seed, rank=rank, num_ranks=G, batch_per_rank=self.batch_per_rank,
                               micro_batches=opts.micro_batches)
@@ -423,6 +418,8 @@ class Trainer:
             "manifest": self.opts.manifest, "manifest_hash": self.job.manifest_hash,
             "device": self.device.type, "compute": "bf16 autocast" if self.device.type == "cuda" else "fp32",
             "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
+            "recompute": self.opts.recompute, "optimizer_sharding": self.opts.optimizer_sharding,
+            "run_settings_overridden": self.opts.overridden.split(",") if self.opts.overridden else [],
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
             "overlap": self.opts.use_overlap(len(self.job.nodes)), "num_chunks": self.opts.num_chunks,

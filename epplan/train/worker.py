@@ -125,7 +125,7 @@ def _out_of_memory_message(job, opts: TrainOptions, rank: int, exc: BaseExceptio
     detail = str(exc).split(". See documentation")[0].split("If reserved")[0].strip()
     return (f"rank {rank} ran out of GPU memory ({detail}) with {per_gpu} sequences of "
             f"{config.seq_len} tokens per GPU per micro-batch: raise --micro-batches, lower "
-            f"--global-batch, or pass --activation-checkpointing ('epplan estimate --topology T "
+            f"--global-batch, or pass --recompute block ('epplan estimate --topology T "
             f"--placement {opts.manifest} --micro-batches N' prints the memory per GPU)")
 
 

@@ -235,3 +235,39 @@ def _activation_bytes(c: ModelConfig) -> dict[str, int]:
         "dense_mlp": norm + b * (m * d + (m + 1) * c.dense_d_ff) if c.num_dense_layers else 0,
         "head": norm + b * d + 3 * _FP32_BYTES * c.vocab_size,
     }
+
+
+# --- the run settings' extra work (``--recompute``, ``--optimizer-sharding``) --------------------
+
+def recompute_flops_per_token(costs: ModelCosts, config: ModelConfig, recompute: str) -> dict[str, float]:
+    """Forward FLOPs per token that backward repeats, by where they run: ``dense`` (attention,
+    router, shared experts and dense MLPs, on the token's rank: per MoE layer for "moe_dense",
+    per dense layer for "dense_layer") and ``per_assignment`` (the routed experts, on the rank
+    serving the assignment). ``attention`` repeats attention's projections and scores; ``block``
+    the whole block; the LM head is never recomputed."""
+    attention = costs.flops_attention_proj + costs.flops_attention_scores
+    if recompute == "none":
+        return {"moe_dense": 0.0, "dense_layer": 0.0, "per_assignment": 0.0}
+    if recompute == "attention":
+        return {"moe_dense": attention, "dense_layer": attention, "per_assignment": 0.0}
+    if recompute == "block":
+        return {"moe_dense": costs.flops_fwd_moe_layer - costs.flops_routed_experts,
+                "dense_layer": costs.flops_fwd_dense_layer,
+                "per_assignment": float(costs.flops_per_assignment)}
+    raise ValueError(f"recompute {recompute!r}: use none, attention or block")
+
+
+def recompute_exchanges_per_layer(recompute: str) -> int:
+    """Extra all-to-all exchanges per MoE layer and step: a block recompute dispatches and
+    combines its tokens again (the same splits: the routing is replayed)."""
+    return 2 if recompute == "block" else 0
+
+
+def optimizer_sync_bytes(costs: ModelCosts, config: ModelConfig, optimizer_sharding: str) -> float:
+    """Bytes of the dense parameters that ZeroRedundancyOptimizer broadcasts from their owners
+    after every step (an all-gather of the updated weights, in the storage dtype); 0 unsharded.
+    The gradients are still all-reduced whole (ZeRO-1)."""
+    if optimizer_sharding == "none":
+        return 0.0
+    from epplan.workload.memory import storage_bytes
+    return float(costs.params_dense * storage_bytes(config))

@@ -1,0 +1,114 @@
+"""A plan that fits, or a clear refusal: the run settings ``place`` and ``estimate`` choose.
+
+A run's settings are its micro-batches (gradient accumulation), ``recompute`` (none, attention,
+block) and ``optimizer_sharding`` (none, dense). Each is scored by ``evaluate`` (step time) and
+by ``workload.memory`` (bytes per GPU). ``choose_run_settings`` returns the cheapest that fits
+every GPU: the shortest predicted step; among equal steps (micro-batches change no FLOPs or
+bytes in the model), the fewest micro-batches, then no recompute before attention before block,
+then no sharding. Settings the user fixed are not varied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from epplan.cost.evaluate import Cost, evaluate, memory_for
+from epplan.errors import DoesNotFit, PlacementError
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.types import Placement
+from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
+
+_GB = 1e9
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    micro_batches: int
+    recompute: str
+    optimizer_sharding: str
+
+    def describe(self) -> str:
+        return (f"--micro-batches {self.micro_batches} --recompute {self.recompute} "
+                f"--optimizer-sharding {self.optimizer_sharding}")
+
+
+def micro_batch_choices(problem: PlacementProblem) -> list[int]:
+    """Micro-batch counts that split every rank's sequences evenly (1 .. sequences per rank)."""
+    g, batch = problem.num_gpus, problem.config.global_batch
+    if batch % g:
+        return [1]
+    per_rank = batch // g
+    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The settings chosen, the cost under them, and whether they fit; when nothing fits, the
+    settings that come closest (lowest fill of the fullest GPU) and ``refusal``, the message."""
+
+    settings: RunSettings
+    cost: Cost
+    fits: bool
+    refusal: str = ""
+
+    def check(self) -> "Fit":
+        """Raise ``DoesNotFit`` (the CLI exits 3) unless it fits."""
+        if not self.fits:
+            raise DoesNotFit(self.refusal)
+        return self
+
+
+def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micro_batches: int | None = None,
+                        recompute: str | None = None, optimizer_sharding: str | None = None) -> Fit:
+    """The cheapest settings under which ``placement`` fits every GPU's memory, with its cost
+    (``evaluate`` of the problem under those settings). Arguments given fix that setting."""
+    if recompute is not None and recompute not in RECOMPUTE:
+        raise PlacementError(f"--recompute {recompute!r}: use {', '.join(RECOMPUTE)}")
+    if optimizer_sharding is not None and optimizer_sharding not in OPTIMIZER_SHARDING:
+        raise PlacementError(f"--optimizer-sharding {optimizer_sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
+    ms = [micro_batches] if micro_batches is not None else micro_batch_choices(problem)
+    rs = [recompute] if recompute is not None else list(RECOMPUTE)
+    ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
+    cap = np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9
+    best: tuple[tuple, RunSettings] | None = None
+    closest: tuple[float, RunSettings, np.ndarray] | None = None  # lowest fill of the fullest GPU
+    for r, s in itertools.product(rs, ss):
+        cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s)))
+        for m in ms:
+            total = sum(memory_for(placement, problem, cost.expert_assignments, m, r, s).values())
+            fill = float(np.max(total / cap))
+            settings = RunSettings(m, r, s)
+            if closest is None or fill < closest[0]:
+                closest = (fill, settings, total)
+            if fill > 1.0:
+                continue
+            key = (cost.step_time_s, m, RECOMPUTE.index(r), OPTIMIZER_SHARDING.index(s))
+            if best is None or key < best[0]:
+                best = (key, settings)
+            break  # more micro-batches only tie on time
+    if best is None:
+        _, settings, total = closest
+        return Fit(settings, evaluate(placement, _with(problem, settings)), False,
+                   _refusal(problem, settings, total))
+    return Fit(best[1], evaluate(placement, _with(problem, best[1])), True)
+
+
+def _with(problem: PlacementProblem, settings: RunSettings) -> PlacementProblem:
+    return dataclasses.replace(problem, micro_batches=settings.micro_batches, recompute=settings.recompute,
+                               optimizer_sharding=settings.optimizer_sharding)
+
+
+def _refusal(problem: PlacementProblem, settings: RunSettings, total: np.ndarray) -> str:
+    cap = np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64)
+    g = int(np.argmax(total / (cap * 1e9)))
+    c = problem.config
+    return (f"no run settings fit in GPU memory: the closest, {settings.describe()}, needs "
+            f"{total[g] / _GB:.1f} GB on {problem.topology.gpu_names[g]}, which has {cap[g]:g} GB. "
+            f"Use more GPUs (each then holds fewer expert replicas and tokens), shorter sequences "
+            f"(--set seq_len={max(1, c.seq_len // 2)}), fewer or smaller experts (--set num_experts=N, "
+            f"--set d_ff=N; --experts-per-gpu {problem.experts_per_gpu} allows that many per GPU and layer), "
+            f"or GPUs with more memory")

@@ -1,0 +1,183 @@
+"""Run settings against the plain run, in 3 gloo CPU processes, float64.
+
+- ``--recompute attention|block`` and ``--optimizer-sharding dense`` train exactly like the run
+  with neither: the same losses, gradients and weights after several AdamW steps, the same
+  routing statistics (a block recompute replays its routing: no second count, same splits), on a
+  placement with replicas, uneven splits and a rank that holds no expert of a layer.
+- The cost model's weight, gradient and optimizer bytes per rank are the bytes the ranks hold.
+- A checkpoint written by 3 ranks with a sharded optimizer resumes on 2 ranks, unsharded, under
+  another placement: every weight and every AdamW moment arrives, by name and logical expert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from epplan.placement.types import LayerPlacement, Placement
+from epplan.runtime.testing import run_distributed
+from epplan.train.job import Job, Node
+from epplan.workload.config import PRESETS
+
+CONFIG = PRESETS["tiny"].replace(dtype="fp64", global_batch=12)
+SPLIT = np.array([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]])  # each source rank's shares of a replicated expert
+# Rank 2 holds no expert of layer 0; experts 0 (layer 0) and 1 (layer 1) have two replicas.
+THREE = Placement(3, 4, [
+    LayerPlacement([np.array(r) for r in ([0, 1], [1], [0], [1])],
+                   [SPLIT, np.ones((3, 1)), np.ones((3, 1)), np.ones((3, 1))]),
+    LayerPlacement([np.array(r) for r in ([2], [0, 2], [1], [2])],
+                   [np.ones((3, 1)), SPLIT[:, ::-1].copy(), np.ones((3, 1)), np.ones((3, 1))]),
+], method="test")
+TWO = Placement(2, 4, [LayerPlacement([np.array(r) for r in reps], [np.full((2, len(r)), 1 / len(r)) for r in reps])
+                       for reps in ([[1], [0], [0, 1], [1]], [[0], [1], [1], [0]])], method="test")
+
+
+def _trainer(placement: Placement, out: str, steps: int, **kw):
+    from epplan.train.options import TrainOptions
+    from epplan.train.trainer import Trainer
+
+    nodes = (Node("n0", tuple(range(placement.num_ranks))),)
+    opts = TrainOptions(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=steps, keep_checkpoints=0,
+                        warmup_steps=0, **kw)
+    return Trainer(Job(CONFIG, placement, f"h{placement.num_ranks}", nodes), opts,
+                   torch.distributed.get_rank(), torch.device("cpu"))
+
+
+def _grads(trainer) -> dict[str, torch.Tensor]:
+    """The single-device model's gradient of one more micro-batch (each expert once)."""
+    from epplan.runtime.expert_parallel import gather_state_dict, sync_gradients
+
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    x, y = trainer.data.batch(trainer.step, 0)
+    model(x, y)[1].backward()
+    sync_gradients(model)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(p.grad)
+        grads = gather_state_dict(model)
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return {n: grads[n] for n in saved}
+
+
+def _same_training(rank: int, world_size: int, tmp: str) -> None:
+    from epplan.runtime.expert_parallel import gather_state_dict
+
+    def run(name: str, **kw):
+        trainer = _trainer(THREE, f"{tmp}/{name}", 3, micro_batches=2, **kw)
+        records = [trainer.train_step() for _ in range(3)]
+        return trainer, records
+
+    plain, plain_records = run("plain")
+    plain_weights, plain_grads = gather_state_dict(plain.model), _grads(plain)
+    for kw in ({"recompute": "block"}, {"recompute": "attention", "optimizer_sharding": "dense"},
+               {"recompute": "block", "optimizer_sharding": "dense"}):
+        trainer, records = run("-".join(kw.values()), **kw)
+        for a, b in zip(records, plain_records):
+            np.testing.assert_allclose([a["loss"], a["aux_loss"], a["grad_norm"]],
+                                       [b["loss"], b["aux_loss"], b["grad_norm"]], rtol=1e-12, err_msg=str(kw))
+            assert a["tokens_per_expert"] == b["tokens_per_expert"], kw  # routing counted once
+            assert a["dispatch_bytes"] == b["dispatch_bytes"], kw  # the same splits
+        weights, grads = gather_state_dict(trainer.model), _grads(trainer)
+        for key in plain_weights:
+            torch.testing.assert_close(weights[key], plain_weights[key], rtol=1e-11, atol=1e-13, msg=f"{kw} {key}")
+        for key in plain_grads:
+            torch.testing.assert_close(grads[key], plain_grads[key], rtol=1e-10, atol=1e-13, msg=f"{kw} {key}")
+    # The weights moved: the comparison is not of initial values.
+    initial = gather_state_dict(_trainer(THREE, f"{tmp}/init", 1).model)
+    for key in ("layers.0.ffn.experts.w1", "layers.1.attn.wq.weight"):
+        assert (plain_weights[key] - initial[key]).abs().max() > 1e-3, key
+
+
+def test_recompute_and_sharded_optimizer_train_exactly_like_the_plain_run(tmp_path):
+    run_distributed(_same_training, 3, str(tmp_path))
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _held_bytes(rank: int, world_size: int, tmp: str, results: str) -> None:
+    import json
+
+    for sharding in ("none", "dense"):
+        trainer = _trainer(THREE, f"{tmp}/{sharding}", 1, optimizer_sharding=sharding)
+        trainer.train_step()  # AdamW's state exists after the first step
+        for p in trainer.model.parameters():  # gradients as a step holds them
+            p.grad = torch.zeros_like(p)
+        params = list(trainer.model.parameters())
+        state = [v for _, s in trainer.optimizer.state_items() for v in s.values() if isinstance(v, torch.Tensor)]
+        held = {"weights": _bytes(params), "grads": _bytes(p.grad for p in params), "optimizer": _bytes(state)}
+        with open(f"{results}.{sharding}.{rank}", "w") as fh:
+            json.dump(held, fh)
+
+
+def test_memory_accounting_is_the_bytes_the_ranks_hold(tmp_path):
+    import json
+
+    from epplan.cost.evaluate import memory_for
+    from epplan.placement.problem import PlacementProblem
+    from epplan.topology import build_topology, parse_spec
+    from epplan.workload.traffic import Traffic
+
+    run_distributed(_held_bytes, 3, str(tmp_path), str(tmp_path / "held"))
+    topo = build_topology(parse_spec("""
+name: three
+node_types:
+  box:
+    gpus: 3
+    gpu: {model: X, memory_gb: 80, bf16_tflops: 100, hbm_gbps: 1000}
+    fabric: {kind: nvswitch, gbps: 100}
+nodes:
+  - {name: n0, type: box}
+"""))
+    problem = PlacementProblem(topo, CONFIG, Traffic(np.ones((2, 3, 4)), "test"), experts_per_gpu=4)
+    for sharding in ("none", "dense"):
+        model = memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", sharding)
+        for rank in range(3):
+            held = json.loads((tmp_path / f"held.{sharding}.{rank}").read_text())
+            assert model["weight_bytes"][rank] == held["weights"], (sharding, rank)
+            assert model["grad_bytes"][rank] == held["grads"], (sharding, rank)
+            assert model["optimizer_bytes"][rank] == held["optimizer"], (sharding, rank)
+    sharded = memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", "dense")["optimizer_bytes"]
+    assert sharded.sum() < memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", "none")["optimizer_bytes"].sum()
+
+
+def _save_sharded(rank: int, world_size: int, out: str) -> None:
+    trainer = _trainer(THREE, out, 2, optimizer_sharding="dense", recompute="block")
+    trainer.run(resume=False, show_progress=False)  # checkpoint at step 2
+    state = {n: trainer.optimizer.state_of(p) for n, p in trainer.model.named_parameters()}
+    local = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    experts = {n: m.local_experts for n, m in trainer.model.named_modules() if hasattr(m, "local_experts")}
+    torch.save({"state": {n: s for n, s in state.items() if s}, "weights": local, "experts": experts},
+               f"{out}/held{rank}.pt")
+
+
+def _resume_unsharded_on_two(rank: int, world_size: int, out: str) -> None:
+    trainer = _trainer(TWO, out, 3)
+    info, moved = trainer.resume()
+    assert info.step == 2 and moved
+    saved = [torch.load(f"{out}/held{r}.pt") for r in range(3)]
+    for name, p in trainer.model.named_parameters():
+        state = trainer.optimizer.state_of(p)
+        module = name.rsplit(".", 1)[0]
+        if module not in saved[0]["experts"]:  # dense: the one rank of three that kept it
+            (held,) = [s["state"][name] for s in saved if name in s["state"]]
+            torch.testing.assert_close(p, saved[0]["weights"][name], rtol=0, atol=0)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(state[key], held[key], rtol=0, atol=0)
+            continue
+        for j, e in enumerate(trainer.model.get_submodule(module).local_experts):  # by logical id
+            r = next(r for r in range(3) if e in saved[r]["experts"][module])
+            i = saved[r]["experts"][module].index(e)
+            torch.testing.assert_close(p[j], saved[r]["weights"][name][i], rtol=0, atol=0)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(state[key][j], saved[r]["state"][name][key][i], rtol=0, atol=0)
+    trainer.train_step()  # and it trains on
+
+
+def test_a_sharded_checkpoint_resumes_on_another_world_size_and_placement(tmp_path):
+    run_distributed(_save_sharded, 3, str(tmp_path))
+    run_distributed(_resume_unsharded_on_two, 2, str(tmp_path))
