@@ -35,9 +35,13 @@ def run(
         help="cuda (NCCL, one GPU per process) or cpu (gloo). Default: cuda if a GPU is visible, else cpu; "
              "with --print-launch, cuda.", show_default=False, rich_help_panel=TRAINING)] = None,
     data: Annotated[Optional[Path], typer.Option(
-        help="Text file or directory read as byte tokens (memory-mapped, a shard per rank). "
+        help="Text file or directory read as byte tokens, or a pre-tokenised .bin (nanoGPT uint16, "
+             "Megatron .bin + .idx, or DTYPE:PATH.bin), memory-mapped, a shard per rank. "
              "Default: seeded synthetic sequences whose loss visibly falls.", show_default=False,
         rich_help_panel=TRAINING)] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="Also write the metrics as TensorBoard events to DIR (needs the tensorboard "
+        "package: pip install 'epplan[tensorboard]').", show_default=False, rich_help_panel=TRAINING)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the synthetic data.",
                                       rich_help_panel=TRAINING)] = 0,
     global_batch: Annotated[Optional[int], typer.Option(
@@ -167,7 +171,12 @@ def run(
         overlap=overlap, num_chunks=num_chunks,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every,
         keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
-        allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0)
+        allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0,
+        tensorboard=None if tensorboard is None else str(tensorboard))
+    if tensorboard is not None:
+        from epplan.train.tensorboard import check_available
+
+        check_available()
     launch_opts = launch.LaunchOptions(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                                        rdzv_id=rdzv_id, rdzv_backend=rdzv_backend, rdzv_conf=rdzv_conf,
                                        max_restarts=max_restarts)

@@ -107,6 +107,13 @@ class ByteData:
 
 def check_data_path(data: str | Path, vocab_size: int) -> list[Path]:
     """The files that ``--data`` names, in reading order; ``DataError`` if they do not fit."""
+    from epplan.train.tokens import is_token_file, token_dtype
+
+    if is_token_file(str(data)):  # token ids: their range is checked against the vocabulary on load
+        path = token_dtype(str(data))[0]
+        if not path.is_file():
+            raise DataError(f"--data {data}: no such file")
+        return [path]
     if vocab_size < 256:
         raise DataError(f"--data gives byte tokens 0..255 but the model's vocab_size is {vocab_size}; "
                         "use a model with vocab_size >= 256 or the synthetic data (no --data)")
@@ -128,4 +135,8 @@ def make_data(data: str | None, *, vocab_size: int, seq_len: int, seed: int, ran
               batch_per_rank: int, micro_batches: int) -> SyntheticData | ByteData:
     if data is None:
         return SyntheticData(vocab_size, seq_len, seed, rank, batch_per_rank, micro_batches)
+    from epplan.train.tokens import TokenData, is_token_file
+
+    if is_token_file(data):  # pre-tokenised ids (nanoGPT / Megatron .bin): epplan.train.tokens
+        return TokenData(data, vocab_size, seq_len, rank, num_ranks, batch_per_rank, micro_batches)
     return ByteData(data, vocab_size, seq_len, rank, num_ranks, batch_per_rank, micro_batches)

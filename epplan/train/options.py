@@ -30,7 +30,7 @@ class TrainOptions:
     out: str
     steps: int = 100  # total optimizer steps; a resumed run continues up to this step
     device: str = "cpu"  # cpu (gloo) or cuda (nccl, one GPU per process)
-    data: Optional[str] = None  # byte-level text file or directory; None: synthetic
+    data: Optional[str] = None  # byte-level text file or directory, or a token .bin; None: synthetic
     seed: int = 0
     global_batch: Optional[int] = None  # sequences per optimizer step; None: the model's
     micro_batches: int = 1  # gradient-accumulation steps per optimizer step
@@ -52,6 +52,7 @@ class TrainOptions:
     start_over: bool = False  # with no intact checkpoint, start at step 0 with the old records set aside
     allow_change: Optional[str] = None  # comma-separated RESUME_KEYS a resume may change knowingly
     peak_tflops: Optional[float] = None  # per GPU, for MFU; None: from the GPU's name
+    tensorboard: Optional[str] = None  # also write the metrics as TensorBoard events here
     node_rank: int = 0  # which of the manifest's nodes this torchrun agent is
 
     def allowed_changes(self) -> tuple[str, ...]:

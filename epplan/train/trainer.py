@@ -35,6 +35,7 @@ from epplan.runtime.recompute import RECOMPUTE, apply_recompute
 from epplan.train import checkpoint
 from epplan.train.data import make_data
 from epplan.train.job import Job
+from epplan.train.tensorboard import with_tensorboard
 from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, gather_step_stats,
                                   matrix_every)
 from epplan.train.optim import TrainOptimizer
@@ -385,6 +386,7 @@ class Trainer:
         elif resume:
             display.print(f"no checkpoint in {self.ckpt_root}; starting at step 0")
         log = MetricsLog(self.out / METRICS, self.step if resumed else None) if is_main else None
+        log = with_tensorboard(log, self.opts.tensorboard, self.step + 1 if resumed else None)
         if log is not None:
             log.write(self._start_record(resumed, attempt))
         try:
