@@ -79,6 +79,8 @@ def test_bad_token_files_are_clear_errors(tmp_path, write, spec, vocab, match):
         TokenData(spec.format(d=tmp_path), vocab, 8, 0, 1, 2, 1)
 
 
+# torch.utils.tensorboard's import goes through torch.jit, which warns that it is deprecated.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_run_with_token_data_writes_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
