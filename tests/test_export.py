@@ -97,6 +97,10 @@ def test_cli_vllm_and_sglang_files_and_scores(tmp_path):
     assert any("per-source splits are lost" in n for n in info["notes"])
     report = runner.invoke(app, ["report", str(plan), "--compare", info["scored_manifest"], "--json"])
     assert report.exit_code == 0, report.output
+    # The exported plan runs with the plan's run settings.
+    problem = {k: v for k, v in load_manifest(plan).doc["problem"].items() if k != "experts_per_gpu"}
+    assert {k: v for k, v in json.loads(Path(info["scored_manifest"]).read_text())["problem"].items()
+            if k != "experts_per_gpu"} == problem
 
     out = tmp_path / "loc.json"
     result = runner.invoke(app, ["export", str(plan), "--format", "sglang", "--out", str(out)])

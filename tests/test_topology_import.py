@@ -13,8 +13,8 @@ from epplan.topology.importers import expand_hostlist, import_topology
 runner = CliRunner()
 
 
-def dgx_h100_xml() -> str:
-    """An NCCL_TOPO_DUMP_FILE of an 8 x H100 SXM server as NCCL 2.18+ writes it: two sockets,
+def dgx_h100_xml(device: str = "0x2330") -> str:
+    """An NCCL_TOPO_DUMP_FILE of an 8 x H100 SXM server (``device`` 0x2335: H200) as NCCL 2.18+ writes it: two sockets,
     each GPU and one 400 Gb/s ConnectX-7 under a shared PCIe Gen5 switch, 18 NVLinks per GPU to
     four NVSwitches (5 + 4 + 5 + 4)."""
     switches = ["0000:05:00.0", "0000:06:00.0", "0000:07:00.0", "0000:08:00.0"]
@@ -27,7 +27,7 @@ def dgx_h100_xml() -> str:
             out.append(f'    <pci busid="0000:{0x10 + g * 0x10:02x}:00.0" class="0x060400" vendor="0x1000" '
                        'device="0xc030" link_speed="32.0 GT/s PCIe" link_width="16">')
             out.append(f'      <pci busid="0000:{0x11 + g * 0x10:02x}:00.0" class="0x030200" vendor="0x10de" '
-                       'device="0x2330" subsystem_vendor="0x10de" subsystem_device="0x16c1" '
+                       f'device="{device}" subsystem_vendor="0x10de" subsystem_device="0x16c1" '
                        'link_speed="32.0 GT/s PCIe" link_width="16">')
             out.append(f'        <gpu dev="{g}" sm="90" rank="{g}" gdr="1">')
             for sw, count in zip(switches, (5, 4, 5, 4)):
@@ -117,6 +117,11 @@ def test_nccl_xml_dgx_h100_matches_the_datasheet_node(tmp_path):
     assert ntype.nics.pcie_gbps == pytest.approx(63.0, abs=0.1)  # Gen5 x16, 128b/130b
     assert any("NVSwitch: 18 NVLinks" in n for n in result.assumptions)
     assert result.text.startswith("# Written by `epplan topo import`.\n# assumed:")
+
+
+def test_the_pci_device_names_the_gpu(tmp_path):
+    result = import_topology([_write(tmp_path, "topo.xml", dgx_h100_xml("0x2335"))])
+    assert _node(result.text, tmp_path).node_type(0).gpu.model == "H200-SXM5-141GB"
 
 
 def test_nvidia_smi_matches_the_xml_import(tmp_path):
