@@ -5,8 +5,9 @@
   routing statistics (a block recompute replays its routing: no second count, same splits), on a
   placement with replicas, uneven splits and a rank that holds no expert of a layer.
 - The cost model's weight, gradient and optimizer bytes per rank are the bytes the ranks hold.
-- A checkpoint written by 3 ranks with a sharded optimizer resumes on 2 ranks, unsharded, under
-  another placement: every weight and every AdamW moment arrives, by name and logical expert.
+- A checkpoint written in the background by 3 ranks with a sharded optimizer resumes on 2 ranks,
+  unsharded, under another placement: every weight and every AdamW moment arrives, by name and
+  logical expert.
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ nodes:
 
 
 def _save_sharded(rank: int, world_size: int, out: str) -> None:
-    trainer = _trainer(THREE, out, 2, optimizer_sharding="dense", recompute="block")
-    trainer.run(resume=False, show_progress=False)  # checkpoint at step 2
+    trainer = _trainer(THREE, out, 2, optimizer_sharding="dense", recompute="block", async_checkpoints="on")
+    trainer.run(resume=False, show_progress=False)  # checkpoint at step 2, written in the background
     state = {n: trainer.optimizer.state_of(p) for n, p in trainer.model.named_parameters()}
     local = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     experts = {n: m.local_experts for n, m in trainer.model.named_modules() if hasattr(m, "local_experts")}

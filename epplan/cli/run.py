@@ -11,7 +11,7 @@ from rich.markup import escape
 from epplan.cli import app
 from epplan.cli.common import console, err_console, user_errors
 from epplan.errors import RuntimeSetupError
-from epplan.train.options import DEVICES, OVERLAP, RESUME_KEYS, TrainOptions
+from epplan.train.options import ASYNC_CHECKPOINTS, DEVICES, OVERLAP, RESUME_KEYS, TrainOptions
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
 
 TRAINING = "Training"
@@ -91,6 +91,10 @@ def run(
              "(H100/H200 989, A100 312); none on CPU.", show_default=False, rich_help_panel=TRAINING)] = None,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every K steps (and at the end).",
                                             rich_help_panel=CHECKPOINTS)] = 50,
+    async_checkpoints: Annotated[str, typer.Option(
+        help="on: training stops only to copy the state to host memory; the files are written in the "
+             "background. off: training waits for the files. auto: on with GPUs.",
+        rich_help_panel=CHECKPOINTS)] = "auto",
     keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints to keep; 0 keeps all.",
                                                   rich_help_panel=CHECKPOINTS)] = 2,
     resume: Annotated[bool, typer.Option(
@@ -146,6 +150,8 @@ def run(
         device = "cuda" if print_launch or torch.cuda.is_available() else "cpu"
     if device not in DEVICES:
         raise RuntimeSetupError(f"--device {device!r}: use {' or '.join(DEVICES)}")
+    if async_checkpoints not in ASYNC_CHECKPOINTS:
+        raise RuntimeSetupError(f"--async-checkpoints {async_checkpoints!r}: use {', '.join(ASYNC_CHECKPOINTS)}")
     if overlap not in OVERLAP:
         raise RuntimeSetupError(f"--overlap {overlap!r}: use {', '.join(OVERLAP)}")
     job = load_job(manifest)
@@ -169,7 +175,7 @@ def run(
         optimizer_sharding=settings["optimizer_sharding"], overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
         overlap=overlap, num_chunks=num_chunks,
-        overlap_ctas=overlap_ctas, ckpt_every=ckpt_every,
+        overlap_ctas=overlap_ctas, ckpt_every=ckpt_every, async_checkpoints=async_checkpoints,
         keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
         allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0,
         tensorboard=None if tensorboard is None else str(tensorboard))

@@ -30,6 +30,11 @@ content with its checksum, so a damaged checkpoint of the right size is skipped,
 ``seal`` and ``verify`` look only at the files of a directory, not at how they were written, so
 they serve any checkpoint writer (torch.save here, torch.distributed.checkpoint as well).
 ``--out`` must be on a filesystem that all nodes share.
+
+Writing is split in two: ``stage`` copies a rank's part to the host (into pinned buffers that a
+``Staging`` keeps from one checkpoint to the next) and ``write`` does all of the above from that
+copy, collectively over a group it is given, so that a background thread can write while
+training goes on (``Trainer.save``).
 """
 
 from __future__ import annotations
@@ -84,8 +89,8 @@ def _expert_params(model: nn.Module) -> dict[str, tuple[ExpertParallelExperts, n
 
 
 def _slice_state(state: dict, j: int) -> dict:
-    """Optimizer state of local slot j: per-element tensors sliced, scalars (``step``) kept."""
-    return {k: v[j].clone() if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in state.items()}
+    """Optimizer state of local slot j: per-element tensors sliced (views), scalars (``step``) kept."""
+    return {k: v[j] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in state.items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -107,6 +112,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class Staging:
+    """Pinned host copies of a checkpoint's GPU tensors, kept from one checkpoint to the next, so
+    that taking a checkpoint costs training one device-to-host copy (no allocation after the first)
+    while files are written in the background. CPU tensors are cloned."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.device.type == "cpu":
+            return t.clone()
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self.buffers[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+@dataclass
+class Staged:
+    """One rank's part of a checkpoint, on the host: what ``write`` puts in the files."""
+
+    mine: dict  # this rank's file: its experts (by logical id), their state, RNG (, dense state)
+    dense: dict | None  # rank 0: dense.pt's model and optimizer state
+    owners: dict  # expert owners per layer module
+    sharding: str
+    dense_optim_names: list[str]  # the dense parameters whose optimizer state this rank stores
+
+
+def stage(model: nn.Module, optimizer: TrainOptimizer, *, rank: int, staging: Staging | None = None) -> Staged:
+    """Copy this rank's part of a checkpoint to the host (not collective). Returns once the copy
+    is complete: training may then change the weights and optimizer state."""
+    staging = staging or Staging()
+
+    def copied(prefix: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return staging.copy(prefix, value)
+        if isinstance(value, dict):
+            return {k: copied(f"{prefix}/{k}", v) for k, v in value.items()}
+        return value
+
+    experts = _expert_params(model)
+    own_model, own_optim = {}, {}
+    for key, (module, w) in experts.items():
+        opt_state = optimizer.state_of(w) or {}
+        for j, e in enumerate(module.local_experts):
+            if module.owner[e] == rank:
+                entry = f"{key}[{e}]"
+                own_model[entry] = staging.copy(f"model/{entry}", w[j])
+                own_optim[entry] = copied(f"optim/{entry}", _slice_state(opt_state, j))
+    names = {id(p): n for n, p in model.named_parameters()}
+    dense_optim = {names[id(p)]: copied(f"dense_optim/{names[id(p)]}", s)
+                   for p, s in optimizer.state_items() if names[id(p)] not in experts}
+    sharded = optimizer.sharding != "none"
+    mine = {"model": own_model, "optim": own_optim, "rng": rng_state()}
+    if sharded:
+        mine["dense_optim"] = dense_optim
+    dense = None
+    if rank == 0:
+        dense = {"model": {k: staging.copy(f"dense/{k}", v) for k, v in model.state_dict().items()
+                           if k not in experts},
+                 "optim": {} if sharded else dense_optim}
+    if any(b.is_pinned() for b in staging.buffers.values()) and torch.cuda.is_available():
+        torch.cuda.synchronize()  # NOTE: host sync: the copies are complete before training goes on
+    owners = {name: [int(o) for o in m.owner] for name, m in _expert_modules(model)}
+    return Staged(mine, dense, owners, optimizer.sharding, sorted(dense_optim) if sharded else [])
+
+
 def save(root: Path, step: int, model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
          meta: dict, dense_extra: dict, keep: int) -> Path:
     """Write checkpoint ``step`` under ``root`` (collective). Returns its directory.
@@ -115,50 +192,40 @@ def save(root: Path, step: int, model: nn.Module, optimizer: TrainOptimizer, *, 
     dense_extra: tensors/objects rank 0 stores next to the dense state (e.g. routing counts).
     keep: checkpoints to keep, newest first (older ones are deleted after this one is complete).
     """
+    return write(stage(model, optimizer, rank=rank), root, step, rank=rank, meta=meta,
+                 dense_extra=dense_extra, keep=keep)
+
+
+def write(staged: Staged, root: Path, step: int, *, rank: int, meta: dict, dense_extra: dict, keep: int,
+          group: dist.ProcessGroup | None = None) -> Path:
+    """Write a staged checkpoint: the files, ``meta.json``, the checksums, then the rename that
+    completes it (collective over ``group``, default the world; a background writer passes a
+    group of its own so that its collectives never interleave with training's)."""
     tmp, final = root / f".step_{step:08d}.tmp", root / f"step_{step:08d}"
+    world_size = dist.get_world_size(group)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a crashed attempt
         tmp.mkdir(parents=True)
-    dist.barrier()
+    dist.barrier(group=group)
     if not tmp.is_dir():
         raise CheckpointError(f"rank {rank} cannot see {tmp}, which rank 0 created: --out must be on "
                               "a filesystem shared by all nodes")
-
-    experts = _expert_params(model)
-    state_dict = model.state_dict()
-    own_model, own_optim = {}, {}
-    for key, (module, w) in experts.items():
-        opt_state = optimizer.state_of(w) or {}
-        for j, e in enumerate(module.local_experts):
-            if module.owner[e] == rank:
-                own_model[f"{key}[{e}]"] = w.detach()[j].clone()
-                own_optim[f"{key}[{e}]"] = _slice_state(opt_state, j)
-    world_size = dist.get_world_size()
-    names = {id(p): n for n, p in model.named_parameters()}
-    dense_optim = {names[id(p)]: s for p, s in optimizer.state_items() if names[id(p)] not in experts}
-    sharded = optimizer.sharding != "none"
-    with _all_or_none(world_size):
-        mine = {"model": own_model, "optim": own_optim, "rng": rng_state()}
-        if sharded:
-            mine["dense_optim"] = dense_optim
-        _save_synced(mine, tmp / f"rank{rank:05d}.pt")
+    with _all_or_none(world_size, group):
+        _save_synced(staged.mine, tmp / f"rank{rank:05d}.pt")
         if rank == 0:
-            dense = {k: v for k, v in state_dict.items() if k not in experts}
-            _save_synced({"model": dense, "optim": {} if sharded else dense_optim, "extra": dense_extra},
-                         tmp / "dense.pt")
-    kept = _gather(sorted(dense_optim) if sharded else [], world_size)  # who keeps which state
-    with _all_or_none(world_size):
+            _save_synced({**staged.dense, "extra": dense_extra}, tmp / "dense.pt")
+    kept = _gather(staged.dense_optim_names, world_size, group)  # who stores which dense state
+    with _all_or_none(world_size, group):
         if rank == 0:
-            owners = {name: [int(o) for o in m.owner] for name, m in _expert_modules(model)}
             files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.pt"))}
-            dense_files = ({n: f"rank{r:05d}.pt" for r, ns in enumerate(kept) for n in ns} if sharded
-                           else {n: "dense.pt" for n in dense_optim})
+            dense_files = ({n: f"rank{r:05d}.pt" for r, ns in enumerate(kept) for n in ns}
+                           if staged.sharding != "none" else {n: "dense.pt" for n in staged.dense["optim"]})
             doc = {"format": FORMAT, "version": VERSION, "step": step, "time": time.time(),
-                   "num_ranks": world_size, **meta, "expert_owners": owners,
-                   "optimizer_sharding": optimizer.sharding, "dense_optim_files": dense_files, "files": files}
+                   "num_ranks": world_size, **meta, "expert_owners": staged.owners,
+                   "optimizer_sharding": staged.sharding, "dense_optim_files": dense_files, "files": files}
             _write_json_synced(tmp / "meta.json", doc)
-    with _all_or_none(world_size):
-        seal(tmp, rank=rank, world_size=world_size)
+    with _all_or_none(world_size, group):
+        seal(tmp, rank=rank, world_size=world_size, group=group)
     if rank == 0:
         if final.exists():  # the same step again (a restarted attempt got here before): replace it
             old = root / f".step_{step:08d}.old"
@@ -170,7 +237,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: TrainOptimizer, *, 
             tmp.rename(final)
         _fsync_dir(root)
         prune(root, keep)
-    dist.barrier()
+    dist.barrier(group=group)
     return final
 
 
@@ -198,7 +265,7 @@ def _write_json_synced(path: Path, doc: dict) -> None:
 
 
 @contextlib.contextmanager
-def _all_or_none(world_size: int):
+def _all_or_none(world_size: int, group: dist.ProcessGroup | None = None):
     """Collective: the block's ``CheckpointError`` on any rank is raised on every rank (a rank
     that failed to write must not leave the others waiting in the next barrier)."""
     error = None
@@ -206,7 +273,7 @@ def _all_or_none(world_size: int):
         yield
     except CheckpointError as exc:
         error = str(exc)
-    errors = [e for e in _gather(error, world_size) if e]
+    errors = [e for e in _gather(error, world_size, group) if e]
     if errors:
         raise CheckpointError(errors[0])
 
@@ -234,22 +301,22 @@ def _share(items: list[str], rank: int, world_size: int) -> list[str]:
     return items[rank::world_size]
 
 
-def _gather(mine: Any, world_size: int) -> list[Any]:
+def _gather(mine: Any, world_size: int, group: dist.ProcessGroup | None = None) -> list[Any]:
     if world_size == 1 or not dist.is_initialized():
         return [mine]
     everyone: list[Any] = [None] * world_size
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, mine, group=group)
     return everyone
 
 
-def seal(directory: Path, *, rank: int = 0, world_size: int = 1) -> None:
+def seal(directory: Path, *, rank: int = 0, world_size: int = 1, group: dist.ProcessGroup | None = None) -> None:
     """Write ``directory/checksums.json`` over every file in it (collective when world_size > 1:
     each rank hashes a share of the files; rank 0 writes). Call after all files are synced."""
     files = _files_of(directory)
     mine = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
             for name in _share(files, rank, world_size)}
     sums: dict[str, dict] = {}
-    for part in _gather(mine, world_size):
+    for part in _gather(mine, world_size, group):
         sums.update(part)
     if rank == 0:
         _write_json_synced(directory / CHECKSUMS, {"algorithm": "sha256",

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,13 @@ class Trainer:
         self.routing_counts = np.zeros((config.num_moe_layers, G, config.num_experts), np.int64)
         self.routing_steps = 0
         self.last_checkpoint: Path | None = None
+        # Checkpoints: host copies reused from one to the next; with asynchronous checkpoints, a
+        # gloo group (created here, collectively) for the background writer; the one in flight.
+        self.staging = checkpoint.Staging()
+        use_async = opts.async_checkpoints == "on" or (opts.async_checkpoints == "auto" and device.type == "cuda")
+        self.checkpoint_group = dist.new_group(backend="gloo") if use_async else None
+        self._pending: tuple[threading.Thread | None, dict[str, Any]] | None = None
+        self.log: MetricsLog | None = None
         self.last_step = 0  # the step of last_checkpoint
         # A checkpoint is known good once the step after it had a finite loss and gradient;
         # unconfirmed: the newest one, written after the last step, not yet confirmed.
@@ -255,21 +263,72 @@ class Trainer:
         return changes
 
     def save(self) -> float:
-        """Checkpoint the current step (collective); returns seconds taken."""
+        """Checkpoint the current step (collective); returns the seconds training stopped for.
+
+        The state is first copied to the host (``checkpoint.stage``: into pinned buffers kept
+        from one checkpoint to the next, on GPUs); with asynchronous checkpoints the files, their
+        checksums and the rename that completes the checkpoint are then written by a background
+        thread, whose collectives use a gloo group of their own, while training goes on. The
+        checkpoint counts (``last_checkpoint``, the metrics' "checkpoint" record) once complete.
+
+        torch.distributed.checkpoint's ``async_save`` does the same for DCP's own file layout;
+        this one keeps epplan's layout (experts by logical id, dense optimizer state by name,
+        checksummed), which resumes under any placement, sharding and world size.
+        """
+        self.finish_checkpoint()  # one checkpoint in flight at a time: its buffers are reused
         start = time.perf_counter()
+        step = self.step
         meta = {"manifest_hash": self.job.manifest_hash, "manifest": self.opts.manifest,
-                "model": self.config.to_dict(), "data": self.data.describe(self.step),  # rank 0's data position
+                "model": self.config.to_dict(), "data": self.data.describe(step),  # rank 0's data position
                 "run": self._run_facts()}
-        extra = {"routing_counts": torch.from_numpy(self.routing_counts), "routing_steps": self.routing_steps}
+        extra = {"routing_counts": torch.from_numpy(self.routing_counts.copy()), "routing_steps": self.routing_steps}
+        staged = checkpoint.stage(self.model, self.optimizer, rank=self.rank, staging=self.staging)
+        stall = time.perf_counter() - start
         # keep=0: older checkpoints are pruned only once a step after this one has been finite
-        # (prune_checkpoints), so that one from before a divergence is always left.
-        path = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer,
-                               rank=self.rank, meta=meta, dense_extra=extra, keep=0)
-        self.unconfirmed = path
-        self.last_checkpoint, self.last_step = path, self.step
+        # (_confirm), so that one from before a divergence is always left.
+        write = functools.partial(checkpoint.write, staged, self.ckpt_root, step, rank=self.rank, meta=meta,
+                                  dense_extra=extra, keep=0, group=self.checkpoint_group)
+        result: dict[str, Any] = {"step": step, "stall": stall, "start": start}
+
+        def work() -> None:
+            try:
+                result["path"] = write()
+            except BaseException as exc:  # raised in the training thread by finish_checkpoint
+                result["error"] = exc
+            result["seconds"] = time.perf_counter() - start
+
+        if self.checkpoint_group is None:
+            work()
+            self._pending = (None, result)
+            self.finish_checkpoint()
+        else:
+            thread = threading.Thread(target=work, name="epplan-checkpoint", daemon=True)
+            thread.start()
+            self._pending = (thread, result)
         if self.rank == 0:
             self.write_routing_stats()
-        return time.perf_counter() - start
+        return stall
+
+    def finish_checkpoint(self, block: bool = True) -> None:
+        """Complete the checkpoint in flight, if any (without ``block``, only if its writer is
+        done): it becomes the newest, and rank 0 logs it. Raises the writer's error."""
+        if self._pending is None:
+            return
+        thread, result = self._pending
+        if thread is not None:
+            if not block and thread.is_alive():
+                return
+            thread.join()
+        self._pending = None
+        if "error" in result:
+            raise result["error"]
+        path = result["path"]
+        self.unconfirmed = path
+        self.last_checkpoint, self.last_step = path, result["step"]
+        if self.log is not None:
+            self.log.write({"kind": "checkpoint", "step": result["step"], "path": str(path),
+                            "seconds": result["stall"], "write_seconds": result["seconds"],
+                            "async": thread is not None})
 
     def write_routing_stats(self) -> Path | None:
         if self.routing_steps == 0:
@@ -341,7 +400,9 @@ class Trainer:
                     (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm.item()))
                     if not math.isfinite(value)), None)
         if bad is not None:
+            self.finish_checkpoint()
             raise TrainingDiverged(f"training stopped at step {step}: {bad}; {self._diverged(step)}")
+        self.finish_checkpoint(block=False)
         self._confirm()
         if opts.grad_clip > 0:
             scale = (opts.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
@@ -349,6 +410,13 @@ class Trainer:
                 p.grad.mul_(scale)  # every grad exists: sync_gradients fills unused ones with zeros
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        staging_s = None
+        if self.checkpoint_group is not None and self.device.type == "cuda" and not self.staging.buffers:
+            # Allocate the pinned staging buffers once, now that AdamW's state exists, so that no
+            # checkpoint's stall includes the allocation (it shows in this step's record).
+            t0 = time.perf_counter()
+            checkpoint.stage(self.model, self.optimizer, rank=self.rank, staging=self.staging)
+            staging_s = time.perf_counter() - t0
         model.update_router_biases()
         self.step = step
 
@@ -364,6 +432,12 @@ class Trainer:
             "tokens_per_expert": gathered.tokens_per_expert.sum(axis=1).tolist(),
             "expert_load_max_over_mean": [round(v, 4) for v in gathered.expert_load().tolist()],
         }
+        if staging_s is not None:
+            record["checkpoint_staging_alloc_s"] = staging_s
+            record["checkpoint_staging_bytes"] = self.staging.num_bytes
+        if self.device.type == "cuda":  # this rank's peak since the start, as the caching allocator saw it
+            record["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            record["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         if with_matrices:
             record["dispatch_bytes"] = gathered.dispatch_bytes.tolist()
             record["combine_bytes"] = gathered.combine_bytes.tolist()
@@ -386,7 +460,7 @@ class Trainer:
         elif resume:
             display.print(f"no checkpoint in {self.ckpt_root}; starting at step 0")
         log = MetricsLog(self.out / METRICS, self.step if resumed else None) if is_main else None
-        log = with_tensorboard(log, self.opts.tensorboard, self.step + 1 if resumed else None)
+        log = self.log = with_tensorboard(log, self.opts.tensorboard, self.step + 1 if resumed else None)
         if log is not None:
             log.write(self._start_record(resumed, attempt))
         try:
@@ -397,10 +471,8 @@ class Trainer:
                     log.write(record)
                 display.update(record)
                 if self.step % self.opts.ckpt_every == 0 or self.step == self.opts.steps:
-                    seconds = self.save()
-                    if log is not None:
-                        log.write({"kind": "checkpoint", "step": self.step, "path": str(self.last_checkpoint),
-                                   "seconds": seconds})
+                    self.save()
+            self.finish_checkpoint()
         finally:
             display.close()
         if is_main:
