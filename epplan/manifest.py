@@ -340,6 +340,15 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         if (n, i) in seen:
             raise ManifestError(f"{source}: ranks {r} and another both are GPU {i} of node {nodes[n]}")
         seen.add((n, i))
+    content_hash = parsed.topology.content_hash
+    if len(content_hash) != 64 or any(c not in "0123456789abcdef" for c in content_hash):
+        raise ManifestError(f"{source}: topology.content_hash {content_hash[:70]!r} is not a SHA-256 hex digest; "
+                            "re-plan with 'epplan place'")
+    summary = parsed.predicted.get("summary")
+    planned = summary.get("num_gpus") if isinstance(summary, dict) else None
+    if planned is not None and planned != g:
+        raise ManifestError(f"{source}: world_size {g}, but it was planned for {planned} GPUs "
+                            "(predicted.summary.num_gpus; a hand-edited manifest?); re-plan with 'epplan place'")
     placement = _placement(parsed.placement, g, config, parsed.problem.experts_per_gpu, source)
     placement.info = dict(parsed.solver)
     return Manifest(
@@ -356,6 +365,36 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         solver=dict(parsed.solver), predicted=dict(parsed.predicted),
         hash=manifest_hash(doc), doc=doc, path=source,
     )
+
+
+def check_fits_topology(manifest: Manifest, topo, what: str = "--topology") -> None:
+    """``ManifestError`` unless ``manifest`` was planned on ``topo``: the same content hash (which
+    the manifest must record), GPUs, nodes and rank layout. ``what`` names the topology's origin."""
+    where = manifest.path or "manifest"
+    if not manifest.topology_hash:
+        raise ManifestError(f"{where}: records no topology content hash, so it cannot be checked against a "
+                            "cluster; re-plan it with 'epplan place'")
+    if topo.content_hash and topo.content_hash != manifest.topology_hash:
+        raise ManifestError(
+            f"{where} was planned on topology {manifest.topology_name!r} (content hash "
+            f"{manifest.topology_hash[:12]}), not on {what} {topo.source or topo.name} ({topo.content_hash[:12]}); "
+            "pass the topology it was planned for, or re-plan with 'epplan place'")
+    ranks = [(topo.node_names[int(n)], int(i)) for n, i in zip(topo.gpu_node, topo.gpu_local)]
+    mine = list(zip(manifest.rank_nodes, manifest.rank_local_gpus))
+    if mine != ranks:
+        raise ManifestError(
+            f"{where}: {manifest.world_size} ranks on {manifest.num_nodes} node(s), but {what} "
+            f"{topo.source or topo.name} has {topo.num_gpus} GPUs on {topo.num_nodes} node(s) in another "
+            "layout (a hand-edited manifest?); re-plan with 'epplan place'")
+
+
+def find_topology_file(manifest: Manifest) -> Path | None:
+    """The topology file a manifest records (as written, or beside the manifest), if it exists."""
+    recorded = manifest.topology_source
+    if not recorded:
+        return None
+    here = Path(manifest.path).parent if manifest.path else Path(".")
+    return next((p for p in (Path(recorded), here / recorded) if p.is_file()), None)
 
 
 def _placement(p: _Placement, num_ranks: int, config: ModelConfig, experts_per_gpu: int, source: str) -> Placement:

@@ -488,3 +488,42 @@ def test_worker_errors_are_one_line_with_the_log_kept(manifests, tmp_path):
     message = _fail(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume")
     assert message.count("error:") == 1 and "no meta.json" in message, message
     assert "Root Cause" in (out / "logs" / "torchrun.node0.log").read_text()  # torchrun's report
+
+
+def _edited(manifests, tmp_path, name: str, edit) -> str:
+    doc = json.loads(manifests["a"].read_text())
+    edit(doc)
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def _three_ranks(doc: dict, summary_too: bool) -> None:
+    doc["world_size"] = 3
+    doc["ranks"] = {"node": [0, 0, 0], "local_gpu": [0, 1, 2]}
+    if summary_too:
+        doc["predicted"]["summary"]["num_gpus"] = 3
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: _three_ranks(d, False), "world_size 3, but it was planned for 2 GPUs"),
+    (lambda d: _three_ranks(d, True), "3 ranks on 1 node(s), but topology"),
+    (lambda d: d["topology"].update(content_hash=""), "topology.content_hash '' is not a SHA-256 hex digest"),
+])
+def test_run_checks_the_manifest_against_the_cluster_before_any_worker(manifests, tmp_path, edit, message):
+    path = _edited(manifests, tmp_path, "edited.json", edit)
+    out = tmp_path / "run"
+    assert message in _fail(path, "--out", str(out), *TRAIN)
+    assert not out.exists()  # nothing started
+
+
+def test_estimate_and_report_refuse_a_manifest_of_another_cluster(manifests, tmp_path):
+    two = json.loads(manifests["two"].read_text())
+    two["topology"]["content_hash"] = json.loads(manifests["a"].read_text())["topology"]["content_hash"]
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(two))
+    for argv in (["estimate", "--topology", str(manifests["topology"]), "--placement", str(path)],
+                 ["report", str(path), "--topology", str(manifests["topology"])]):
+        result = runner.invoke(app, argv, terminal_width=400)
+        assert result.exit_code == 1, result.output
+        assert "2 ranks on 2 node(s), but" in " ".join(result.output.split()), result.output

@@ -85,3 +85,20 @@ def test_console_script_exits_1_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gen_out_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    out = tmp_path / "cluster.yaml"
+    out.write_text("old: contents\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    result = runner.invoke(app, ["topo", "gen", "--nodes", "2", "--out", str(out)])
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    assert out.read_text() == "old: contents\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["cluster.yaml"]  # no temporary left behind

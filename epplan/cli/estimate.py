@@ -15,7 +15,7 @@ from rich.table import Table
 from epplan.cli import app
 from epplan.cli.common import console, print_json, user_errors
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
-from epplan.manifest import Manifest, load_manifest
+from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.cost.fit import Fit, choose_run_settings
 from epplan.errors import ConfigError, DoesNotFit, PlacementError
 from epplan.placement.baselines import BASELINES, random_placement
@@ -160,6 +160,7 @@ def _from_manifest(manifest: Manifest, problem: PlacementProblem) -> Placement:
             f"--placement {path}: planned for topology {manifest.topology_name!r} "
             f"({manifest.topology_source or 'unknown file'}), not for --topology {topo.source or topo.name}; "
             "pass the topology the manifest was planned for")
+    check_fits_topology(manifest, topo)
     return manifest.placement
 
 

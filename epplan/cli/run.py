@@ -34,6 +34,9 @@ def run(
     device: Annotated[Optional[str], typer.Option(
         help="cuda (NCCL, one GPU per process) or cpu (gloo). Default: cuda if a GPU is visible, else cpu; "
              "with --print-launch, cuda.", show_default=False, rich_help_panel=TRAINING)] = None,
+    topology: Annotated[Optional[Path], typer.Option(
+        help="Topology file to check the manifest against before any worker starts. Default: the file the "
+             "manifest records, where it exists.", show_default=False, rich_help_panel=LAUNCH)] = None,
     data: Annotated[Optional[Path], typer.Option(
         help="Text file or directory read as byte tokens, or a pre-tokenised .bin (nanoGPT uint16, "
              "Megatron .bin + .idx, or DTYPE:PATH.bin), memory-mapped, a shard per rank. "
@@ -141,7 +144,9 @@ def run(
     import torch
 
     from epplan.train import launch
-    from epplan.train.job import load_job
+    from epplan.manifest import check_fits_topology, find_topology_file, load_manifest
+    from epplan.topology import load_topology
+    from epplan.train.job import job_from_manifest
     from epplan.train.worker import read_failure
 
     if print_launch not in (None, "torchrun", "slurm"):
@@ -154,7 +159,16 @@ def run(
         raise RuntimeSetupError(f"--async-checkpoints {async_checkpoints!r}: use {', '.join(ASYNC_CHECKPOINTS)}")
     if overlap not in OVERLAP:
         raise RuntimeSetupError(f"--overlap {overlap!r}: use {', '.join(OVERLAP)}")
-    job = load_job(manifest)
+    planned = load_manifest(manifest)
+    what = "--topology" if topology is not None else "topology"
+    topology = topology or find_topology_file(planned)
+    if topology is not None:
+        check_fits_topology(planned, load_topology(topology, routing=planned.routing), what)
+    else:
+        err_console.print(f"note: {planned.topology_source or 'the topology file'} (recorded in {manifest}) is "
+                          "not here: the manifest is checked on its own; pass --topology FILE to check it "
+                          "against the cluster", highlight=False, markup=False)
+    job = job_from_manifest(planned)
     if activation_checkpointing:
         if recompute not in (None, "attention"):
             raise RuntimeSetupError(f"--activation-checkpointing means --recompute attention, not {recompute!r}")

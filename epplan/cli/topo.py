@@ -11,6 +11,7 @@ from rich.table import Table
 from epplan.cli import app
 from epplan.cli.common import console, err_console, print_json, user_errors
 from epplan.errors import TopologyError
+from epplan.fileio import atomic_write_text
 from epplan.topology import load_topology
 from epplan.topology.generate import FABRICS, generate
 from epplan.topology.importers import import_topology
@@ -119,7 +120,7 @@ def gen(
         typer.echo(text, nl=False)
         return
     try:
-        out.write_text(text)
+        atomic_write_text(out, text)  # a failed write leaves an existing file as it was
     except OSError as exc:
         raise TopologyError(f"--out {out}: cannot write: {exc.strerror}") from None
     console.print(f"wrote {out}", highlight=False)

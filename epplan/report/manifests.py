@@ -19,7 +19,7 @@ import numpy as np
 
 from epplan.cost import evaluate
 from epplan.errors import EpplanError
-from epplan.manifest import Manifest, load_manifest
+from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.placement.baselines import BASELINES
 from epplan.placement.problem import PlacementProblem
 from epplan.report.compare import PlanView
@@ -91,6 +91,12 @@ def plan_for(spec: str, base: OpenedManifest) -> PlanView:
 
 
 def _topology(manifest: Manifest, path: Path, topology_file, known: Topology | None) -> Topology:
+    topo = _find_topology(manifest, path, topology_file, known)
+    check_fits_topology(manifest, topo, "--topology" if topology_file is not None else "topology")
+    return topo
+
+
+def _find_topology(manifest: Manifest, path: Path, topology_file, known: Topology | None) -> Topology:
     want = manifest.topology_hash
     name = manifest.topology_name
     if topology_file is not None:
