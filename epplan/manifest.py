@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from epplan.errors import ConfigError, ManifestError
 from epplan.fileio import atomic_write_text
+from epplan.inputs import no_bool_numbers
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.workload.config import ModelConfig
 
@@ -224,7 +225,12 @@ def _jsonable(value: Any) -> Any:
 # ------------------------------------------------------------------------------ reading, checking
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return no_bool_numbers(cls, data)
 
 
 class _Open(BaseModel):
@@ -309,7 +315,7 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         raise ManifestError(f"{source}: not an epplan manifest (format {doc.get('format')!r}, "
                             f"expected {FORMAT!r}); write one with 'epplan place'")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         raise ManifestError(f"{source}: manifest schema version {version!r}, this epplan reads version "
                             f"{SCHEMA_VERSION}; re-plan with 'epplan place' (or use the epplan that wrote it)")
     try:
@@ -340,10 +346,6 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         if (n, i) in seen:
             raise ManifestError(f"{source}: ranks {r} and another both are GPU {i} of node {nodes[n]}")
         seen.add((n, i))
-    content_hash = parsed.topology.content_hash
-    if len(content_hash) != 64 or any(c not in "0123456789abcdef" for c in content_hash):
-        raise ManifestError(f"{source}: topology.content_hash {content_hash[:70]!r} is not a SHA-256 hex digest; "
-                            "re-plan with 'epplan place'")
     summary = parsed.predicted.get("summary")
     planned = summary.get("num_gpus") if isinstance(summary, dict) else None
     if planned is not None and planned != g:
@@ -412,12 +414,12 @@ def _placement(p: _Placement, num_ranks: int, config: ModelConfig, experts_per_g
         held = np.zeros(num_ranks, dtype=np.int64)
         replicas, splits = [], []
         for e, ex in enumerate(layer.experts):
-            reps = np.asarray(ex.replicas, dtype=np.int64)
-            if reps.size == 0:
+            if not ex.replicas:
                 raise ManifestError(f"{where}, expert {e}: has no replica")
-            if reps.min() < 0 or reps.max() >= num_ranks:
-                raise ManifestError(f"{where}, expert {e}: replica rank {int(reps[(reps < 0) | (reps >= num_ranks)][0])} "
-                                    f"out of range 0..{num_ranks - 1}")
+            bad = [r for r in ex.replicas if not 0 <= r < num_ranks]
+            if bad:
+                raise ManifestError(f"{where}, expert {e}: replica rank {bad[0]} out of range 0..{num_ranks - 1}")
+            reps = np.asarray(ex.replicas, dtype=np.int64)
             if np.unique(reps).size != reps.size:
                 raise ManifestError(f"{where}, expert {e}: a rank holds two replicas of it")
             order = np.argsort(reps, kind="stable")
@@ -454,17 +456,11 @@ def _placement(p: _Placement, num_ranks: int, config: ModelConfig, experts_per_g
     return Placement(num_ranks, p.num_experts, layers, method=p.method)
 
 
+MAX_MANIFEST_BYTES = 512 << 20
+
+
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: manifest not found") from None
-    except IsADirectoryError:
-        raise ManifestError(f"{path}: is a directory, expected a manifest .json file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: cannot read: {exc}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: corrupted manifest, not valid JSON (line {exc.lineno}, column "
-                            f"{exc.colno}: {exc.msg})") from None
+    from epplan.inputs import load_json, read_text
+
+    text = read_text(path, "manifest", ManifestError, MAX_MANIFEST_BYTES)
+    return load_json(text, f"{path}: corrupted manifest", ManifestError)

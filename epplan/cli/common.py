@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -32,6 +33,19 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_range(flag: str, value: float | int | None, low: float, high: float, *,
+                low_open: bool = False) -> None:
+    """An ``EpplanError`` unless the number given for ``flag`` lies in [low, high] (``low_open``:
+    (low, high]); None (not given) passes. NaN and infinities never do."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EpplanError(f"{flag} {value}: give a finite number")
+    if value < low or (low_open and value == low) or value > high:
+        side = "more than" if low_open else "at least"
+        raise EpplanError(f"{flag} must be {side} {low:g} and at most {high:g}, got {value:g}")
 
 
 def print_json(data: Any) -> None:

@@ -9,11 +9,12 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 import yaml
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import console, print_json, user_errors
+from epplan.cli.common import check_range, console, print_json, user_errors
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
 from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.cost.fit import Fit, choose_run_settings
@@ -68,6 +69,12 @@ def estimate(
     """Estimate a training step: compute, all-to-all and gradient-sync time, the bottleneck link,
     memory per GPU and MFU, under the cheapest run settings (micro-batches, recompute, optimizer
     sharding) that fit every GPU's memory. Exits 3 if none fits."""
+    check_range("--experts-per-gpu", experts_per_gpu, 1, 4096)
+    check_range("--compute-efficiency", compute_efficiency, 0, 1, low_open=True)
+    check_range("--tflops", tflops, 0, 1e6, low_open=True)
+    check_range("--micro-batches", micro_batches, 1, 1 << 20)
+    check_range("--seed", seed, 0, 2**32 - 1)
+    check_range("--memory-gb", memory_gb, 0, 1e5, low_open=True)
     topo = cap_memory(load_topology(topology), memory_gb)
     manifest = load_manifest(Path(placement)) if placement.endswith(".json") else None
     if manifest is None:
@@ -171,11 +178,11 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
     d = cost.to_dict()
     step = d["step"]
     console.print(
-        f"[bold]{config.name}[/] on [bold]{topo.name}[/] ({topo.num_gpus} GPUs), placement "
-        f"[bold]{cost.placement_method}[/], routing {cost.traffic_source}, "
+        f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs), placement "
+        f"[bold]{escape(cost.placement_method)}[/], routing {escape(cost.traffic_source)}, "
         f"{config.tokens_per_step:,} tokens per step", highlight=False)
     for note in problem.traffic.notes:
-        console.print(f"  [dim]note: {note}[/]", highlight=False)
+        console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 
     t = Table(title="time per training step", title_justify="left")
     t.add_column("component")
@@ -220,7 +227,7 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
             c.add_row(name, "0", "0", "-", "-")
             continue
         label = cost.link_label(k)
-        c.add_row(name, f"{loads[k] / _GB:.4g}", f"{loads[k] / cap[k]:.4g}", label["name"], label["class"])
+        c.add_row(name, f"{loads[k] / _GB:.4g}", f"{loads[k] / cap[k]:.4g}", escape(label["name"]), label["class"])
     console.print(c)
 
     if show_layers:
@@ -229,12 +236,12 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
             lt.add_column(col, justify="right" if col.endswith(" s") or col == "layer" else "left")
         for row in d["layers"]:
             lt.add_row(str(row["layer"]), f"{row['moe_time_s']:.4g}", row["binds"], f"{row['a2a_s']:.4g}",
-                       row["a2a_link"], f"{row['expert_s']:.4g}", row["expert_gpu"])
+                       escape(row["a2a_link"]), f"{row['expert_s']:.4g}", escape(row["expert_gpu"]))
         console.print(lt)
 
     m = d["memory"]
     w = m["worst_gpu_bytes"]
-    mt = Table(title=f"memory of the fullest GPU ({m['worst_gpu']}), GB", title_justify="left")
+    mt = Table(title=f"memory of the fullest GPU ({escape(m['worst_gpu'])}), GB", title_justify="left")
     for col in ("weights", "grads", "optimizer", "activations", "total", "capacity"):
         mt.add_column(col, justify="right")
     style = "green" if m["fits"] else "bold red"

@@ -10,11 +10,12 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import console, err_console, print_json, user_errors
+from epplan.cli.common import check_range, console, err_console, print_json, user_errors
 from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
 from epplan.cost.fit import choose_run_settings
 from epplan.cost import Cost, evaluate
@@ -88,8 +89,15 @@ def place(
         raise PlacementError(f"--method {method!r} unknown; use one of {', '.join(METHODS)}")
     if solver not in SOLVERS:
         raise PlacementError(f"--solver {solver!r} unknown; use one of {', '.join(SOLVERS)}")
-    if not time_limit > 0:
-        raise PlacementError(f"--time-limit must be > 0 seconds, got {time_limit:g}")
+    if not 0 < time_limit <= 7 * 86400:  # also NaN and infinity
+        raise PlacementError(f"--time-limit must be > 0 seconds and at most a week, got {time_limit:g}")
+    check_range("--experts-per-gpu", experts_per_gpu, 1, 4096)
+    check_range("--compute-efficiency", compute_efficiency, 0, 1, low_open=True)
+    check_range("--tflops", tflops, 0, 1e6, low_open=True)
+    check_range("--micro-batches", micro_batches, 1, 1 << 20)
+    check_range("--seed", seed, 0, 2**32 - 1)
+    check_range("--memory-gb", memory_gb, 0, 1e5, low_open=True)
+    check_range("--workers", workers, 1, 256)
     if not 0 <= gap < 1:
         raise PlacementError(f"--gap must be in [0, 1), got {gap:g}")
     topo = cap_memory(load_topology(topology), memory_gb)
@@ -99,11 +107,11 @@ def place(
                                compute_efficiency=compute_efficiency, achievable_tflops=tflops)
     if not json:
         console.print(
-            f"[bold]{config.name}[/] on [bold]{topo.name}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
-            f"{config.num_moe_layers} MoE layers x {config.num_experts} experts, routing {traffic.source}, "
+            f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
+            f"{config.num_moe_layers} MoE layers x {config.num_experts} experts, routing {escape(traffic.source)}, "
             f"at most {experts_per_gpu} expert(s) per GPU", highlight=False)
         for note in model_notes(model) + traffic.notes:
-            console.print(f"  [dim]note: {note}[/]", highlight=False)
+            console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 
     plans: dict[str, tuple[Placement, float]] = {}
     names = [method] + ([m for m in METHODS if m != method] + [f"{b}+lp" for b in RESPLIT] if compare else [])
@@ -137,7 +145,7 @@ def place(
     print_run_settings(fit)
     if compare:
         _print_compare(names, plans, costs, problem)
-    console.print(f"manifest written: [bold]{out}[/] (sha256 {digest[:12]})", highlight=False)
+    console.print(f"manifest written: [bold]{escape(str(out))}[/] (sha256 {digest[:12]})", highlight=False)
 
 
 # ------------------------------------------------------------------------------ solving
@@ -219,7 +227,7 @@ def _row(name: str, plan_time: tuple[Placement, float], cost: Cost) -> dict[str,
 def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     info = plan.info or {}
     topo = problem.topology
-    t = Table(title=f"placement: {plan.method}", title_justify="left")
+    t = Table(title=f"placement: {escape(plan.method)}", title_justify="left")
     for col in ("layer", "a2a+experts", "binds", "max link", "busiest link", "expert"):
         t.add_column(col, justify="left" if col in ("binds", "busiest link") else "right")
     layers = info.get("layers")
@@ -229,7 +237,7 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     expert_max = cost.expert_compute_s.max(axis=1)
     for li in range(cost.num_layers):
         row = [str(li), _t(cost.moe_time_s[li]), cost.binds[li], _t(cost.a2a_link_s[li]),
-               topo.link_name(int(cost.a2a_link[li])), _t(expert_max[li])]
+               escape(topo.link_name(int(cost.a2a_link[li]))), _t(expert_max[li])]
         if layers:
             L = layers[li]
             same = f" (= layer {L['same_as']})" if L.get("same_as") is not None else ""
@@ -264,7 +272,7 @@ def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], proble
         total = r["objective_s"]
         saves = "" if name == first or total <= 0 else f"{(total - ref) / total:.1%}"
         t.add_row(name, _t(total), saves, _t(r["link_total_s"]),
-                  r["bottleneck_link"], f"{r['gpu_imbalance']:.2f}x", f"{r['solve_s']:.1f}",
+                  escape(r["bottleneck_link"]), f"{r['gpu_imbalance']:.2f}x", f"{r['solve_s']:.1f}",
                   "-" if r["gap"] is None else f"{r['gap']:.2%}")
     console.print(t)
     baselines = [n for n in names if n != "ilp" and n != "random" and not n.startswith("random")]

@@ -240,4 +240,4 @@ def _summary(out: Path) -> None:
         return
     console.print(f"done: step {end['step']}, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}; "
                   f"checkpoint {end['checkpoint']}; metrics {out / METRICS}; "
-                  f"routing statistics {end['routing_stats']}", highlight=False, soft_wrap=True)
+                  f"routing statistics {end['routing_stats']}", highlight=False, soft_wrap=True, markup=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from epplan.cli import app
@@ -38,11 +39,11 @@ def show(
     if json:
         print_json(info)
         return
-    head = Table(title=f"[bold]{info['name']}[/] — {info['description'] or ''}", show_header=False)
+    head = Table(title=f"[bold]{escape(info['name'])}[/] — {escape(info['description'] or '')}", show_header=False)
     head.add_column(style="cyan")
     head.add_column()
-    head.add_row("nodes", f"{info['nodes']}  ({', '.join(f'{n} x {t}' for t, n in info['node_types'].items())})")
-    head.add_row("GPUs", f"{info['gpus']}  ({', '.join(info['gpu_models'])}; {info['gpu_memory_gb_total']:,.0f} GB in all)")
+    head.add_row("nodes", escape(f"{info['nodes']}  ({', '.join(f'{n} x {t}' for t, n in info['node_types'].items())})"))
+    head.add_row("GPUs", escape(f"{info['gpus']}  ({', '.join(info['gpu_models'])}; {info['gpu_memory_gb_total']:,.0f} GB in all)"))
     head.add_row("fabric / routing", f"{info['fabric']} / {info['routing']}")
     head.add_row("devices", ", ".join(f"{n} {k}" for k, n in info["devices"].items()))
     head.add_row("directed links", f"{info['directed_links']:,}")
@@ -57,7 +58,7 @@ def show(
     for col, justify in (("class", "left"), ("links", "right"), ("min", "right"), ("max", "right"), ("total", "right")):
         links.add_column(col, justify=justify)
     for c in info["link_classes"]:
-        links.add_row(c["class"], f"{c['links']:,}", f"{c['min_gbps']:,.1f}", f"{c['max_gbps']:,.1f}",
+        links.add_row(escape(c["class"]), f"{c['links']:,}", f"{c['min_gbps']:,.1f}", f"{c['max_gbps']:,.1f}",
                       f"{c['total_gbps']:,.0f}")
     console.print(links)
 
@@ -77,11 +78,11 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Topology YAML fil
             topo.paths  # path construction finds unreachable GPUs
         except TopologyError as exc:
             failed += 1
-            console.print(f"[red]✗[/] {file}", highlight=False)
+            console.print(f"[red]✗[/] {escape(str(file))}", highlight=False)
             for problem in _split_problems(str(exc), str(file)):
                 console.print(f"    {problem}", highlight=False, markup=False)
             continue
-        console.print(f"[green]✓[/] {file}: {topo.num_nodes} nodes, {topo.num_gpus} GPUs, "
+        console.print(f"[green]✓[/] {escape(str(file))}: {topo.num_nodes} nodes, {topo.num_gpus} GPUs, "
                       f"{topo.num_links} directed links", highlight=False)
         for warning in plausibility_warnings(topo.spec):
             console.print(f"    [yellow]warning:[/] {warning}", highlight=False, markup=True)
@@ -123,7 +124,7 @@ def gen(
         atomic_write_text(out, text)  # a failed write leaves an existing file as it was
     except OSError as exc:
         raise TopologyError(f"--out {out}: cannot write: {exc.strerror}") from None
-    console.print(f"wrote {out}", highlight=False)
+    console.print(f"wrote {escape(str(out))}", highlight=False)
 
 
 @topo_app.command("import")
@@ -152,7 +153,7 @@ def import_(
         typer.echo(result.text, nl=False)
         return
     try:
-        out.write_text(result.text)
+        atomic_write_text(out, result.text)
     except OSError as exc:
         raise TopologyError(f"--out {out}: cannot write: {exc.strerror}") from None
-    console.print(f"wrote {out}", highlight=False)
+    console.print(f"wrote {escape(str(out))}", highlight=False)

@@ -151,7 +151,12 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
                                                             if has else [])
         if missing:
             raise ReportError(f"{where}: step record lacks {', '.join(missing)}; not written by this epplan's run")
-        times.append(float(rec["step_time_s"]))
+        if not isinstance(rec["step"], int) or isinstance(rec["step"], bool) or rec["step"] < 1:
+            raise ReportError(f"{where}: step is {rec['step']!r}; a step record's step is a positive integer")
+        seconds = rec["step_time_s"]
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 1e7:
+            raise ReportError(f"{where}: step_time_s is {seconds!r}; a step's time is a positive number of seconds")
+        times.append(float(seconds))
         if not has:  # a step of a many-rank run that did not record the matrices
             continue
         for key in _MATRIX_KEYS:
@@ -183,10 +188,9 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of every non-empty line; a line that is not a JSON object means the
     file was cut short (or is not a metrics file)."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: cannot read: {exc}") from None
+    from epplan.inputs import read_text
+
+    text = read_text(path, "metrics file", ReportError, 16 << 30)
     out = []
     lines = text.split("\n")
     for i, line in enumerate(lines, start=1):
@@ -194,6 +198,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             continue
         try:
             rec = json.loads(line)
+        except RecursionError:
+            raise ReportError(f"{path}: line {i} is nested too deeply; not a metrics file of 'epplan run'") from None
         except json.JSONDecodeError as exc:
             last = i == len(lines) or all(not rest.strip() for rest in lines[i:])
             what = "is cut short: the file is truncated" if last else "is not JSON: the file is corrupt"
@@ -215,16 +221,18 @@ def _int_array(value, shape: tuple[int, ...] | None, where: str, layout: str) ->
         raise ReportError(f"{where} must hold integers, got {arr.dtype}")
     if shape is not None and arr.shape != shape:
         raise ReportError(f"{where} has shape {list(arr.shape)}, the manifest needs {list(shape)} {layout}")
+    if arr.size and (arr.min() < 0 or arr.max() >= 2**62):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ReportError(f"{where} holds {bad}; byte and token counts are non-negative and below 2**62")
     return arr.astype(np.int64)
 
 
 def _read_routing(run_dir: Path, records: list[tuple[int, dict]], manifest_hash: str,
                   num_layers: int, num_ranks: int, notes: list[str]) -> RoutingStats | None:
-    """The run's routing statistics: the file the 'end' record names if it exists here, else
-    RUN_DIR/routing_stats.json; None (with a note) if there is none."""
-    named = [rec.get("routing_stats") for _, rec in records if rec.get("kind") == "end"]
-    candidates = [Path(p) for p in named if p] + [run_dir / ROUTING_STATS_FILE]
-    path = next((p for p in candidates if p.is_file()), None)
+    """The run's routing statistics, RUN_DIR/routing_stats.json; None (with a note) if there is none."""
+    # The file in --metrics itself: the path an 'end' record names is where the run wrote it, which
+    # may be another copy of the run (or another run) once the directory has been moved.
+    path = run_dir / ROUTING_STATS_FILE if (run_dir / ROUTING_STATS_FILE).is_file() else None
     if path is None:
         notes.append(f"no {ROUTING_STATS_FILE} in {run_dir}: no replay of the run's own routing")
         return None

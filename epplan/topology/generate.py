@@ -34,6 +34,13 @@ def generate(
         raise TopologyError(f"--nodes must be at least 1, got {nodes}")
     if fabric not in FABRICS:
         raise TopologyError(f"--fabric: unknown fabric {fabric!r}; choose one of {', '.join(FABRICS)}")
+    for flag, value in (("--nodes-per-su", nodes_per_su), ("--spines", spines), ("--spines-per-su", spines_per_su),
+                        ("--cores", cores)):
+        if value is not None and value < 1:  # 0 must not silently mean "the default"
+            raise TopologyError(f"{flag} must be at least 1, got {value}")
+    for flag, ratio in (("--oversubscription", oversubscription), ("--core-oversubscription", core_oversubscription)):
+        if not 1.0 <= ratio <= 1e3:  # also NaN and infinity
+            raise TopologyError(f"{flag} is a downlink:uplink ratio from 1 to 1000, got {ratio}")
     ntype = NODE_TYPES[node_type]
     name = name or f"{node_type}-{nodes}node-{fabric}"
     doc: dict[str, Any] = {

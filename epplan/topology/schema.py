@@ -21,21 +21,34 @@ Bandwidths are GB/s per direction (a bare number), or strings with a unit such a
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, model_validator, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
 
+from epplan.inputs import no_bool_numbers
 from epplan.topology.units import Bandwidth
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: '.inf' and '.nan' are YAML floats, never a bandwidth or a latency.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return no_bool_numbers(cls, data)
+
+
+# Plausible ceilings (a typo of a few orders of magnitude is refused, not planned for).
+Latency = Annotated[NonNegativeFloat, Field(le=1e6)]  # microseconds: up to one second
+Ratio = Annotated[float, Field(ge=1.0, le=1e3)]  # oversubscription
+Switches = Annotated[PositiveInt, Field(le=4096)]  # spines, cores, nodes per scalable unit
 
 
 class GPUSpec(_Strict):
     model: str
-    memory_gb: PositiveFloat
-    bf16_tflops: PositiveFloat
+    memory_gb: Annotated[PositiveFloat, Field(le=1e5)]
+    bf16_tflops: Annotated[PositiveFloat, Field(le=1e6)]
     hbm_gbps: Bandwidth
 
 
@@ -44,7 +57,7 @@ class NVSwitchFabric(_Strict):
 
     kind: Literal["nvswitch"]
     gbps: Bandwidth
-    latency_us: NonNegativeFloat = 1.0
+    latency_us: Latency = 1.0
 
 
 class XGMIFabric(_Strict):
@@ -53,7 +66,7 @@ class XGMIFabric(_Strict):
 
     kind: Literal["xgmi"]
     gbps: Bandwidth
-    latency_us: NonNegativeFloat = 1.0
+    latency_us: Latency = 1.0
 
 
 class PCIeFabric(_Strict):
@@ -72,7 +85,7 @@ class PCIeFabric(_Strict):
     socket_gbps: Bandwidth | None = None
     nvlink_bridges: list[tuple[NonNegativeInt, NonNegativeInt]] = []
     bridge_gbps: Bandwidth | None = None
-    latency_us: NonNegativeFloat = 2.0
+    latency_us: Latency = 2.0
 
 
 class NICSpec(_Strict):
@@ -81,7 +94,7 @@ class NICSpec(_Strict):
     gbps: Bandwidth
     attach: list[NonNegativeInt] = Field(min_length=1)
     pcie_gbps: Bandwidth
-    latency_us: NonNegativeFloat = 2.0
+    latency_us: Latency = 2.0
 
 
 class NodeType(_Strict):
@@ -105,7 +118,7 @@ class NodeEntry(_Strict):
 
 class SwitchFabric(_Strict):
     kind: Literal["switch"]
-    latency_us: NonNegativeFloat = 1.0
+    latency_us: Latency = 1.0
 
 
 class RailOptimizedFabric(_Strict):
@@ -116,10 +129,10 @@ class RailOptimizedFabric(_Strict):
     """
 
     kind: Literal["rail_optimized"]
-    nodes_per_su: PositiveInt
-    spines: PositiveInt
-    oversubscription: float = Field(default=1.0, ge=1.0)
-    latency_us: NonNegativeFloat = 1.0
+    nodes_per_su: Switches
+    spines: Switches
+    oversubscription: Ratio = 1.0
+    latency_us: Latency = 1.0
 
 
 class ThreeTierFabric(_Strict):
@@ -127,12 +140,12 @@ class ThreeTierFabric(_Strict):
     layer wired to every spine. Oversubscription applies at the leaf and at the spine."""
 
     kind: Literal["three_tier"]
-    nodes_per_su: PositiveInt
-    spines_per_su: PositiveInt
-    cores: PositiveInt
-    oversubscription: float = Field(default=1.0, ge=1.0)
-    core_oversubscription: float = Field(default=1.0, ge=1.0)
-    latency_us: NonNegativeFloat = 1.0
+    nodes_per_su: Switches
+    spines_per_su: Switches
+    cores: Switches
+    oversubscription: Ratio = 1.0
+    core_oversubscription: Ratio = 1.0
+    latency_us: Latency = 1.0
 
 
 class SwitchEntry(_Strict):
@@ -146,7 +159,7 @@ class LinkEntry(_Strict):
     a: str
     b: str
     gbps: Bandwidth
-    latency_us: NonNegativeFloat = 1.0
+    latency_us: Latency = 1.0
     one_way: bool = False
 
 

@@ -16,7 +16,7 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PositiveFloat
+from pydantic import Field, BeforeValidator, PositiveFloat
 
 _UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT])\s*(b|B|bit|byte)?\s*(/s|ps)?\s*$")
 _SCALE = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}  # to giga
@@ -45,7 +45,9 @@ def parse_bandwidth(value: Any) -> Any:
     return gbytes
 
 
-Bandwidth = Annotated[PositiveFloat, BeforeValidator(parse_bandwidth)]
+# A plausible ceiling: 1 PB/s per direction is hundreds of times any link built (NVLink 5: 900 GB/s).
+MAX_GBPS = 1e6
+Bandwidth = Annotated[PositiveFloat, Field(le=MAX_GBPS), BeforeValidator(parse_bandwidth)]
 """GB/s per direction: a number, or a string with its unit (see the module docstring)."""
 
 

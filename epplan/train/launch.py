@@ -62,6 +62,9 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
         raise RuntimeSetupError(f"--node-rank {launch.node_rank} is out of range: the manifest has "
                                 f"{job.describe_nodes()}")
     check_numbers(opts, launch)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise RuntimeSetupError(f"--out {out} is a file; name a directory (it is created if missing)")
     global_batch = opts.global_batch or job.config.global_batch
     if global_batch % (G * opts.micro_batches):
         raise RuntimeSetupError(
@@ -77,9 +80,6 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
             raise RuntimeSetupError(f"the manifest puts {gpus} ranks on this node but "
                                     f"{torch.cuda.device_count()} CUDA GPUs are visible; use --device cpu "
                                     "to run on the CPU, or a manifest for this machine")
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise RuntimeSetupError(f"--out {out} is a file; name a directory (it is created if missing)")
 
 
 MAX_STEPS = 10**9

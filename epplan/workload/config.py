@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from epplan.errors import ConfigError
 
 ACTIVATIONS = ("gelu", "silu", "swiglu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+# Upper bounds well above any published MoE (DeepSeek-V3: 61 layers, 256 experts, d_model 7168);
+# beyond them a typo (num_experts=1000000) would allocate for minutes before anything fails.
+MAX_SIZES = {"num_layers": 1024, "num_experts": 4096, "d_model": 1 << 17, "d_ff": 1 << 20,
+             "num_heads": 4096, "head_dim": 4096, "num_kv_heads": 4096, "vocab_size": 1 << 24,
+             "seq_len": 1 << 24, "global_batch": 1 << 31, "num_dense_layers": 1024, "dense_d_ff": 1 << 20,
+             "num_shared_experts": 64}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class ModelConfig:
     topk_groups: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"model name {self.name!r}: give a non-empty string")
         positive = ("num_layers", "num_experts", "top_k", "d_model", "d_ff", "num_heads",
                     "head_dim", "num_kv_heads", "vocab_size", "seq_len", "global_batch")
         for field in positive:
@@ -66,6 +72,14 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model {self.name!r}: {field} must be a non-negative integer, got {value!r}")
+        for field, most in MAX_SIZES.items():
+            if getattr(self, field) > most:
+                raise ConfigError(f"model {self.name!r}: {field}={getattr(self, field):,} is more than epplan "
+                                  f"plans for ({most:,}); check the value")
+        for field in ("router_aux_loss_coef", "router_bias_rate"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e6:
+                raise ConfigError(f"model {self.name!r}: {field} must be a finite number >= 0, got {value!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"model {self.name!r}: top_k={self.top_k} exceeds num_experts={self.num_experts}; "
@@ -181,17 +195,14 @@ def load_model_config(
 
 
 def _from_yaml(path: Path) -> ModelConfig:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: model config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    from epplan.inputs import MiB, load_yaml, read_text
+
+    doc = load_yaml(read_text(path, "model config file", ConfigError, MiB), str(path), ConfigError)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a model config must be a mapping of field: value")
     base_name = doc.pop("base", None)
     if base_name is not None:
-        if base_name not in PRESETS:
+        if not isinstance(base_name, str) or base_name not in PRESETS:
             raise ConfigError(f"{path}: base: unknown preset {base_name!r}; presets: {', '.join(PRESETS)}")
         base = PRESETS[base_name]
     else:
@@ -215,7 +226,7 @@ def _apply(config: ModelConfig, overrides: dict[str, Any], source: str) -> Model
 
 
 def _construct(values: dict[str, Any], source: str) -> ModelConfig:
-    unknown = sorted(set(values) - set(_FIELDS))
+    unknown = sorted(map(str, set(values) - set(_FIELDS)))
     if unknown:
         raise ConfigError(f"{source}: unknown model field(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
     try:

@@ -142,22 +142,15 @@ def read_routing_stats(path: str | os.PathLike[str]) -> RoutingStats:
     """Read and validate a routing-statistics file; any defect is a ``TrafficError`` naming it."""
     path = Path(path)
     name = path.name
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise TrafficError(f"{path}: routing statistics file not found") from None
-    except OSError as exc:
-        raise TrafficError(f"{path}: cannot read routing statistics: {exc.strerror}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TrafficError(f"{name}: not valid JSON (line {exc.lineno}: {exc.msg}); "
-                           "is it a file written by 'epplan run'?") from None
+    from epplan.inputs import MiB, load_json, read_text
+
+    text = read_text(path, "routing statistics file", TrafficError, 1024 * MiB)
+    doc = load_json(text, name, TrafficError)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise TrafficError(f"{name}: format is {found!r}, expected {FORMAT!r}; "
                            "pass a routing statistics file written by 'epplan run'")
-    if doc.get("version") != VERSION:
+    if doc.get("version") != VERSION or isinstance(doc.get("version"), bool):
         raise TrafficError(f"{name}: version {doc.get('version')!r} of {FORMAT} is not supported; "
                            f"this epplan reads version {VERSION}")
     try:
@@ -196,6 +189,8 @@ def _counts_array(name: str, nested: list[Any]) -> np.ndarray:
                            f"got {arr.ndim} level(s) of nesting")
     if arr.dtype.kind not in "iu":
         raise TrafficError(f"{name}: counts must be integers (token-assignments), got {arr.dtype} values")
+    if any(isinstance(v, bool) for layer in nested for row in layer for v in row):  # json true -> 1
+        raise TrafficError(f"{name}: counts holds true/false; counts are integers (token-assignments)")
     if arr.size and arr.min() < 0:
         l, s, e = np.argwhere(arr < 0)[0]
         raise TrafficError(f"{name}: counts[{l}][{s}][{e}] = {arr[l, s, e]} is negative")

@@ -46,6 +46,7 @@ from epplan.workload.routing_import import SUFFIXES as IMPORT_SUFFIXES
 from epplan.workload.routing_import import load_counts_file
 from epplan.workload.routing_stats import read_routing_stats
 
+MAX_TRACE_BYTES = 4 << 30  # uncompressed arrays of one .npz routing trace
 SPEC_FORMS = ("'uniform', 'zipf:ALPHA', 'PATH.npz[@FIRST:LAST]', 'PATH.json', or an array or "
               "framework record (.npy, .npz, .pt; see epplan.workload.routing_import)")
 
@@ -263,21 +264,35 @@ def _split_window(
 def _is_trace(path: Path) -> bool:
     """A SmartMoE-style trace: an .npz with a 'counts' array (else a plain-array .npz)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return True  # an .npy named .npz: the trace reader says so
+        with loaded as data:
             return "counts" in data.files
-    except (OSError, ValueError):
-        return True  # let the trace reader report the file
+    except Exception:  # a bad zip, a directory, ...: let the trace reader report the file
+        return True
 
 
 def _load_npz(path: Path, window: tuple[int, int] | None) -> tuple[np.ndarray, str]:
     """float64[L_f, S, E] per-step counts from a trace, averaged over the window's iterations."""
-    if not path.is_file():
+    if not path.exists():
         raise TrafficError(f"{path}: routing trace not found")
+    if not path.is_file():
+        raise TrafficError(f"{path}: not a regular file; give a .npz routing trace")
     try:
         with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it holds one array, an .npy file; save the trace with np.savez")
+            sizes = {info.filename: info.file_size for info in data.zip.infolist()}
+            if sum(sizes.values()) > MAX_TRACE_BYTES:  # before decompressing anything
+                raise ValueError(f"its arrays hold {sum(sizes.values()):,} bytes, more than "
+                                 f"{MAX_TRACE_BYTES:,}")
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise TrafficError(f"{path.name}: not a readable .npz file ({exc})") from None
+    except AttributeError:  # np.load returned an ndarray, which is not a context manager
+        raise TrafficError(f"{path.name}: not a .npz file but a single .npy array; save the trace "
+                           "with np.savez(path, counts=...)") from None
+    except Exception as exc:  # a bad zip, a truncated member, a pickled object, ...
+        raise TrafficError(f"{path.name}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     if "counts" not in arrays:
         raise TrafficError(f"{path.name}: no 'counts' array (found: {', '.join(arrays) or 'none'}); "
                            "expected counts[iteration, layer, source, expert]")
