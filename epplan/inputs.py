@@ -153,9 +153,18 @@ def no_bool_numbers(model: type, data: Any) -> Any:
     if isinstance(data, dict):
         for name, field in model.model_fields.items():
             value = data.get(field.alias or name)
-            if isinstance(value, bool) and "bool" not in str(field.annotation):
-                raise ValueError(f"{name}: {str(value).lower()} is a boolean; give a number or a string")
+            if "bool" not in str(field.annotation) and has_bool(value):
+                raise ValueError(f"{name}: holds a boolean (true/false); give a number or a string")
     return data
+
+
+def has_bool(value: Any) -> bool:
+    """A boolean in ``value`` or in the lists inside it (nested models check their own fields)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(has_bool(v) for v in value)
+    return False
 
 
 def finite(value: float, name: str, error: type[Exception]) -> float:

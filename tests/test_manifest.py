@@ -128,4 +128,12 @@ def test_several_experts_per_gpu_allowed_by_the_flag(planned):
     bad = _corrupt(doc, lambda d: _expert(d, 0, 1).update(
         replicas=_expert(d, 0, 0)["replicas"], rows=_expert(d, 0, 0)["rows"], row_of=_expert(d, 0, 0)["row_of"]))
     bad["problem"]["experts_per_gpu"] = 2
-    manifest_from_doc(bad).placement.validate(2)
+    placement = manifest_from_doc(bad).placement
+    placement.validate(2)
+    layer = placement.layers[0]
+    rank = int(layer.replicas[0][0])
+    assert [int(r) for r in layer.replicas[1]] == [int(r) for r in layer.replicas[0]]
+    assert sum(rank in reps for reps in layer.replicas) >= 2  # that rank now holds two experts of layer 0
+    bad["problem"]["experts_per_gpu"] = 1  # and without the flag it is refused, naming the rank
+    with pytest.raises(ManifestError, match=f"rank {rank} holds .* experts, more than experts_per_gpu = 1"):
+        manifest_from_doc(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -100,12 +101,14 @@ def test_missing_file(tmp_path):
         load_topology(tmp_path / "nope.yaml")
 
 
-# Property: whatever document is thrown at the loader, it either builds or raises TopologyError.
+# Property: whatever document is thrown at the loader, it either builds a topology whose invariants
+# hold, or raises TopologyError naming the source (and, for a schema error, the key).
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.floats(allow_nan=True),
+                     st.sampled_from([float("inf"), float("nan"), 10**9, 10**30, 1e308, -1e308]),
                      st.text(max_size=6), st.sampled_from(["dgx-h100", "switch", "nvswitch", "pcie", "n0/nic0"]))
 _keys = st.sampled_from(["name", "nodes", "fabric", "kind", "type", "count", "prefix", "gbps", "gpus",
                          "node_types", "attach", "spines", "nodes_per_su", "links", "a", "b", "switches",
-                         "disabled_nics", "routing", "junk"])
+                         "disabled_nics", "routing", "latency_us", "oversubscription", "junk"])
 _docs = st.recursive(_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=5)), max_leaves=25)
 
@@ -117,20 +120,41 @@ def _mutations():
         st.sampled_from(["name", "nodes", "fabric", "node_types", "routing"]), _docs)
 
 
+def _outcome(text: str) -> None:
+    try:
+        topo = build_topology(parse_spec(text, source="fuzz.yaml"))
+        topo.paths
+    except TopologyError as exc:
+        assert str(exc).startswith("fuzz.yaml: "), str(exc)
+        return
+    assert topo.num_gpus >= 1 and topo.num_gpus <= 4096
+    assert np.all(np.isfinite(topo.link_capacity)) and np.all(topo.link_capacity > 0)
+    assert np.all(np.isfinite(topo.link_latency_us)) and np.all(topo.link_latency_us >= 0)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(_docs, _mutations()))
 def test_loader_raises_only_topology_error(doc):
-    text = yaml.safe_dump(doc)
-    try:
-        build_topology(parse_spec(text)).paths
-    except TopologyError:
-        pass
+    _outcome(yaml.safe_dump(doc))
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=80))
 def test_loader_survives_arbitrary_text(text):
-    try:
-        build_topology(parse_spec(text)).paths
-    except TopologyError:
-        pass
+    _outcome(text)
+
+
+@pytest.mark.parametrize("path, value, key", [
+    (("fabric", "gbps"), float("inf"), "gbps"), (("fabric", "gbps"), float("nan"), "gbps"),
+    (("fabric", "latency_us"), float("inf"), "latency_us"), (("gpus",), True, "gpus"),
+    (("gpu", "memory_gb"), 1e308, "memory_gb"), (("gpus",), 10**9, "nodes"),
+])
+def test_infinities_booleans_and_huge_values_are_named(path, value, key):
+    ntype = {"gpus": 8, "gpu": {"model": "g", "memory_gb": 80, "bf16_tflops": 100, "hbm_gbps": 1000},
+             "fabric": {"kind": "nvswitch", "gbps": 100}}
+    node = ntype
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    doc = {**GOOD, "nodes": [{"prefix": "n", "count": 2, "type": "x"}], "node_types": {"x": ntype}}
+    assert key in _error(doc)

@@ -213,6 +213,10 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def _int_array(value, shape: tuple[int, ...] | None, where: str, layout: str) -> np.ndarray:
+    from epplan.inputs import has_bool
+
+    if has_bool(value):
+        raise ReportError(f"{where} holds true/false; expected integers {layout}")
     try:
         arr = np.asarray(value)
     except ValueError:
