@@ -280,15 +280,16 @@ def _load_npz(path: Path, window: tuple[int, int] | None) -> tuple[np.ndarray, s
     if not path.is_file():
         raise TrafficError(f"{path}: not a regular file; give a .npz routing trace")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("it holds one array, an .npy file; save the trace with np.savez")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise AttributeError("an .npy array")
+        with loaded as data:
             sizes = {info.filename: info.file_size for info in data.zip.infolist()}
             if sum(sizes.values()) > MAX_TRACE_BYTES:  # before decompressing anything
                 raise ValueError(f"its arrays hold {sum(sizes.values()):,} bytes, more than "
                                  f"{MAX_TRACE_BYTES:,}")
             arrays = {k: data[k] for k in data.files}
-    except AttributeError:  # np.load returned an ndarray, which is not a context manager
+    except AttributeError:  # np.load returned an ndarray
         raise TrafficError(f"{path.name}: not a .npz file but a single .npy array; save the trace "
                            "with np.savez(path, counts=...)") from None
     except Exception as exc:  # a bad zip, a truncated member, a pickled object, ...
