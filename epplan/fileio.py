@@ -19,12 +19,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600, so
     that other users and nodes sharing a run directory can read it. Raises ``OSError``.
     """
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """``atomic_write_text`` for bytes."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

@@ -5,6 +5,7 @@ Headless: the Agg backend, set on the figure itself (no pyplot, no global state)
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from epplan.fileio import atomic_write_bytes
 from epplan.report.build import Report
 from epplan.report.predicted import CLASS_LABELS, ReportError, pair_bytes
 from epplan.report.render import fmt_bytes
@@ -78,7 +80,9 @@ def write_plot(report: Report, path: str | Path) -> Path:
     ax_bar.set_title(f"hottest {links.size} links (bottleneck in red)", fontsize=10)
     fig.tight_layout()
     try:
-        fig.savefig(path, format="png")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        atomic_write_bytes(path, buffer.getvalue())  # a failed write leaves an existing file as it was
     except OSError as exc:
         raise ReportError(f"--plot {path}: cannot write: {exc.strerror or exc}") from None
     return path

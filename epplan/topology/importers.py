@@ -124,12 +124,9 @@ def detect(text: str) -> str:
 
 
 def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        raise TopologyError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TopologyError(f"{path}: cannot read: {exc}") from None
+    from epplan.inputs import MiB, read_text
+
+    return read_text(path, "topology description", TopologyError, 64 * MiB)
 
 
 def _gpu_model(name: str | None, guess: str, why: str, notes: list[str]) -> tuple[GPUSpec, float, float]:

@@ -31,7 +31,6 @@ on every assumption, so the CLI can print them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,14 +75,9 @@ class HFImport:
 def read_hf_config(path: str | Path, name: str | None = None) -> HFImport:
     """Read a Hugging Face MoE ``config.json``; any defect is a ``ConfigError`` naming it."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: model config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the model config: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    from epplan.inputs import MiB, load_json, read_text
+
+    doc = load_json(read_text(path, "model config file", ConfigError, 16 * MiB), str(path), ConfigError)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a Hugging Face config.json is a JSON object")
     if name is None:
