@@ -9,7 +9,7 @@ Format ``epplan.manifest``, schema version 1, one JSON object::
       "world_size": G,
       "ranks": {"node": [G node indices], "local_gpu": [G local GPU indices]},
       "problem": {"experts_per_gpu", "compute_efficiency", "achievable_tflops", "micro_batches",
-                  "recompute", "optimizer_sharding"},
+                  "recompute", "optimizer_sharding", "schedule": {"overlap": bool, "num_chunks": C}},
       "routing": {"spec", "source", "counts_sha256", "notes": [...], "expert_load": [L][E]},
       "placement": {"method", "num_experts": E,
                     "layers": [{"experts": [{"replicas": [R_e ranks],
@@ -50,6 +50,7 @@ from epplan.errors import ConfigError, ManifestError
 from epplan.fileio import atomic_write_text
 from epplan.inputs import no_bool_numbers
 from epplan.placement.types import LayerPlacement, Placement
+from epplan.schedule import MAX_CHUNKS, Schedule
 from epplan.workload.config import ModelConfig
 
 FORMAT = "epplan.manifest"
@@ -86,12 +87,23 @@ class Manifest:
     micro_batches: int
     recompute: str
     optimizer_sharding: str
+    schedule: Schedule | None   # the schedule the plan was made for (None: older manifests)
     routing_spec: str | None
     solver: dict[str, Any]
     predicted: dict[str, Any]
     hash: str
     doc: dict[str, Any] = field(repr=False)
     path: str | None = None
+
+    def problem_options(self) -> dict[str, Any]:
+        """The ``PlacementProblem`` keywords the plan was made with (its schedule included)."""
+        options = {"experts_per_gpu": self.experts_per_gpu, "compute_efficiency": self.compute_efficiency,
+                   "achievable_tflops": self.achievable_tflops, "micro_batches": self.micro_batches,
+                   "recompute": self.recompute, "optimizer_sharding": self.optimizer_sharding}
+        if self.schedule is not None:
+            options.update(overlap="on" if self.schedule.overlap else "off",
+                           num_chunks=self.schedule.num_chunks if self.schedule.overlap else None)
+        return options
 
     @property
     def world_size(self) -> int:
@@ -149,6 +161,7 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
             "micro_batches": int(problem.micro_batches),
             "recompute": problem.recompute,
             "optimizer_sharding": problem.optimizer_sharding,
+            "schedule": problem.schedule.to_dict(),
         },
         "routing": {
             "spec": routing_spec,
@@ -250,6 +263,11 @@ class _Ranks(_Strict):
     local_gpu: list[int]
 
 
+class _Schedule(_Strict):
+    overlap: bool
+    num_chunks: int = Field(ge=1, le=MAX_CHUNKS)
+
+
 class _Problem(_Strict):
     experts_per_gpu: int = Field(ge=1)
     compute_efficiency: float = Field(gt=0, le=1)
@@ -258,6 +276,7 @@ class _Problem(_Strict):
     # The run settings 'epplan place' chose (absent in manifests written before it chose them).
     recompute: Literal["none", "attention", "block"] = "none"
     optimizer_sharding: Literal["none", "dense"] = "none"
+    schedule: _Schedule | None = None  # absent in manifests written before it was recorded
 
 
 class _Routing(_Strict):
@@ -363,6 +382,8 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         achievable_tflops=parsed.problem.achievable_tflops,
         micro_batches=parsed.problem.micro_batches,
         recompute=parsed.problem.recompute, optimizer_sharding=parsed.problem.optimizer_sharding,
+        schedule=None if parsed.problem.schedule is None else Schedule(parsed.problem.schedule.overlap,
+                                                                      parsed.problem.schedule.num_chunks),
         routing_spec=parsed.routing.spec,
         solver=dict(parsed.solver), predicted=dict(parsed.predicted),
         hash=manifest_hash(doc), doc=doc, path=source,

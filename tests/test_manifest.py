@@ -43,6 +43,8 @@ def test_round_trip(planned, tmp_path):
     assert m.rank_local_gpus[:9] == list(range(8)) + [0]
     assert m.topology_hash == problem.topology.content_hash
     assert m.routing_spec == "zipf:1.2" and m.experts_per_gpu == 1
+    assert m.schedule == problem.schedule and m.schedule.overlap  # two nodes: overlapped
+    assert m.problem_options()["overlap"] == "on" and m.problem_options()["num_chunks"] == m.schedule.num_chunks
     m.placement.validate(1)
     for a, b in zip(m.placement.layers, placement.layers):
         for ra, rb, sa, sb in zip(a.replicas, b.replicas, a.split, b.split):

@@ -10,6 +10,7 @@ import pytest
 
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
+from epplan.schedule import Schedule
 from epplan.train.job import Job, Node, job_from_manifest
 from epplan.train.launch import LaunchOptions, torchrun_argv
 from epplan.train.options import TrainOptions
@@ -37,6 +38,17 @@ def test_overlap_auto_is_on_where_the_exchange_leaves_the_node_and_on_cpu():
     assert TrainOptions(**cuda, overlap="on").use_overlap(num_nodes=1)
     assert not TrainOptions(**cuda, overlap="off").use_overlap(num_nodes=2)
     assert TrainOptions(manifest="m", out="o", device="cpu").use_overlap(num_nodes=1)
+
+
+def test_run_follows_the_schedule_the_plan_was_made_for():
+    cuda = dict(manifest="m", out="o", device="cuda")
+    serial, chunked = Schedule(False, 1), Schedule(True, 6)
+    assert not TrainOptions(**cuda).use_overlap(num_nodes=2, planned=serial)
+    assert TrainOptions(**cuda).use_overlap(num_nodes=1, planned=chunked)
+    assert TrainOptions(**cuda).chunks(chunked) == 6 and TrainOptions(**cuda).chunks(serial) is None
+    assert TrainOptions(**cuda, num_chunks=3).chunks(chunked) == 3           # a flag wins
+    assert TrainOptions(**cuda, overlap="off").use_overlap(num_nodes=1, planned=chunked) is False
+    assert TrainOptions(manifest="m", out="o", device="cpu").chunks(chunked) is None
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():

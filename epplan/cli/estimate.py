@@ -39,7 +39,7 @@ def estimate(
     routing: Annotated[str, typer.Option(
         help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST] or run stats .json.")] = "uniform",
     placement: Annotated[str, typer.Option(
-        help="contiguous, eplb, random, or a placement manifest .json.")] = "contiguous",
+        help="contiguous, eplb, eplb-hier, random, or a placement manifest .json.")] = "contiguous",
     experts_per_gpu: Annotated[Optional[int], typer.Option(
         help="Most experts (replicas included) per GPU per layer. Default: the --placement manifest's, "
              "else 1.", show_default=False)] = None,
@@ -61,6 +61,12 @@ def estimate(
         show_default=False)] = None,
     memory_gb: Annotated[Optional[float], typer.Option(
         help="Cap every GPU's memory at this many GB (e.g. 64, the founding spec's GPUs).",
+        show_default=False)] = None,
+    overlap: Annotated[Optional[str], typer.Option(
+        help="The runtime's MoE schedule: auto (what 'epplan run' does: overlap across nodes), on, off. "
+             "Default: the --placement manifest's, else auto.", show_default=False)] = None,
+    num_chunks: Annotated[Optional[int], typer.Option(
+        help="Chunks per MoE layer when overlapping. Default: the manifest's, else the runtime's choice.",
         show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of --placement random.")] = 0,
     layers: Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")] = False,
@@ -93,10 +99,15 @@ def estimate(
         micro_batches = manifest.micro_batches if micro_batches is None else micro_batches
         recompute = manifest.recompute if recompute is None else recompute
         optimizer_sharding = manifest.optimizer_sharding if optimizer_sharding is None else optimizer_sharding
+        planned = manifest.problem_options()
+        if overlap is None and "overlap" in planned:
+            overlap = planned["overlap"]
+            num_chunks = planned["num_chunks"] if num_chunks is None else num_chunks
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
     experts_per_gpu = 1 if experts_per_gpu is None else experts_per_gpu
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               compute_efficiency=compute_efficiency, achievable_tflops=tflops)
+                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
+                               overlap=overlap or "auto", num_chunks=num_chunks)
     plan = _placement(placement, problem, seed) if manifest is None else _from_manifest(manifest, problem)
     fit = choose_run_settings(plan, problem, micro_batches=micro_batches, recompute=recompute,
                               optimizer_sharding=optimizer_sharding)

@@ -76,6 +76,12 @@ def place(
              "that fits.", show_default=False)] = None,
     memory_gb: Annotated[Optional[float], typer.Option(
         help="Cap every GPU's memory at this many GB.", show_default=False)] = None,
+    overlap: Annotated[str, typer.Option(
+        help="The schedule the plan is made for: auto (what 'epplan run' does on GPUs: overlap the "
+             "exchange with the expert GEMMs when the run spans nodes), on, off (recorded in the "
+             "manifest; 'run' follows it).")] = "auto",
+    num_chunks: Annotated[Optional[int], typer.Option(
+        help="Chunks per MoE layer when overlapping. Default: the runtime's choice.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of the random baseline.")] = 0,
     workers: Annotated[Optional[int], typer.Option(
         help="Processes solving distinct layers in parallel (default: CPU count, at most 4).")] = None,
@@ -104,12 +110,14 @@ def place(
     config = load_model_config(model, parse_overrides(set_ or []))
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               compute_efficiency=compute_efficiency, achievable_tflops=tflops)
+                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
+                               overlap=overlap, num_chunks=num_chunks)
     if not json:
         console.print(
             f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
             f"{config.num_moe_layers} MoE layers x {config.num_experts} experts, routing {escape(traffic.source)}, "
-            f"at most {experts_per_gpu} expert(s) per GPU", highlight=False)
+            f"at most {experts_per_gpu} expert(s) per GPU, MoE layers {problem.schedule.describe()}",
+            highlight=False)
         for note in model_notes(model) + traffic.notes:
             console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 

@@ -59,10 +59,7 @@ def open_manifest(path: str | Path, topology_file: str | Path | None = None,
     notes: list[str] = []
     topo = _topology(manifest, path, topology_file, known)
     traffic = _traffic(manifest, path, topo, notes)
-    problem = PlacementProblem(topo, manifest.config, traffic, experts_per_gpu=manifest.experts_per_gpu,
-                               compute_efficiency=manifest.compute_efficiency,
-                               achievable_tflops=manifest.achievable_tflops, micro_batches=manifest.micro_batches,
-                               recompute=manifest.recompute, optimizer_sharding=manifest.optimizer_sharding)
+    problem = PlacementProblem(topo, manifest.config, traffic, **manifest.problem_options())
     cost = evaluate(manifest.placement, problem)
     stored = manifest.predicted.get("link_bytes_per_step")
     if isinstance(stored, list) and len(stored) == topo.num_links:

@@ -36,6 +36,7 @@ class Job:
     manifest_hash: str
     nodes: tuple[Node, ...]
     run_settings: dict[str, Any] = field(default_factory=dict)
+    schedule: object = None   # epplan.schedule.Schedule the plan was made for (None: not recorded)
 
     @property
     def num_ranks(self) -> int:
@@ -89,4 +90,5 @@ def job_from_manifest(manifest: object) -> Job:
         layout.append(Node(name, tuple(by_gpu[g] for g in range(len(by_gpu)))))
     settings = {k: getattr(manifest, k) for k in ("micro_batches", "recompute", "optimizer_sharding")
                 if hasattr(manifest, k)}
-    return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout), settings)
+    return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout), settings,
+               getattr(manifest, "schedule", None))

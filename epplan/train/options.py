@@ -67,8 +67,9 @@ class TrainOptions:
         # Small models take large steps; 1 / d_model gives 2.4e-4 at d_model 4096.
         return self.lr if self.lr is not None else min(0.01, 1.0 / d_model)
 
-    def use_overlap(self, num_nodes: int) -> bool:
-        """auto: on where the exchange leaves the node, and on CPU (so that CI runs the path).
+    def use_overlap(self, num_nodes: int, planned=None) -> bool:
+        """auto: as the plan's schedule says (``planned``, a ``Schedule`` the planner minimised),
+        else on where the exchange leaves the node; on CPU always (so that CI runs the path).
 
         Measured on 4 x H200 (docs/benchmarks.md): with the exchange at cross-node speed (through
         host memory, 39 GB/s) overlap made training steps 11 % and the spec's block 21 % shorter;
@@ -77,7 +78,18 @@ class TrainOptions:
         """
         if self.overlap != "auto":
             return self.overlap == "on"
-        return self.device != "cuda" or num_nodes > 1
+        if self.device != "cuda":
+            return True
+        return planned.overlap if planned is not None else num_nodes > 1
+
+    def chunks(self, planned=None) -> int | None:
+        """Chunks per MoE layer: --num-chunks, else the plan's when the run follows the plan's
+        overlap (auto, on GPUs), else None (the runtime's choice, by the rule the planner uses)."""
+        if self.num_chunks is not None:
+            return self.num_chunks
+        if self.overlap == "auto" and self.device == "cuda" and planned is not None and planned.overlap:
+            return planned.num_chunks
+        return None
 
     def to_argv(self, always: tuple[str, ...] = ("out",)) -> list[str]:
         """The worker's arguments: the manifest, then ``--flag value`` for the fields named in

@@ -136,7 +136,8 @@ class Trainer:
         self.overlap_ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
         self.model = build_expert_parallel_model(
             config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
-            overlap=opts.use_overlap(len(job.nodes)), num_chunks=opts.num_chunks,
+            overlap=opts.use_overlap(len(job.nodes), job.schedule),
+            num_chunks=opts.chunks(job.schedule),
             overlap_ctas=self.overlap_ctas)
         if config.dtype == "fp64":  # CPU tests: exact comparisons between run settings
             self.model.to(torch.float64)
@@ -496,7 +497,8 @@ class Trainer:
             "run_settings_overridden": self.opts.overridden.split(",") if self.opts.overridden else [],
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
-            "overlap": self.opts.use_overlap(len(self.job.nodes)), "num_chunks": self.opts.num_chunks,
+            "overlap": self.opts.use_overlap(len(self.job.nodes), self.job.schedule),
+            "num_chunks": self.opts.chunks(self.job.schedule),
             "overlap_ctas": self.overlap_ctas,
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
