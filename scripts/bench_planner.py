@@ -13,6 +13,10 @@ baseline.
 
     python scripts/bench_planner.py                 # all ten
     python scripts/bench_planner.py 6 7 --json bench.json
+    python scripts/bench_planner.py 6 7 9 --free-network   # also: planned on a network 1000x faster
+
+``--free-network`` also plans each instance with every link 1000x faster and scores that plan on
+the real cluster: how much of the ILP's plan comes from choosing GPUs by the network.
 
 Instances:
   1. seed model, 2 x DGX H100 on one switch (topologies/dgx-h100-2node.yaml), uniform routing.
@@ -37,6 +41,7 @@ Instances:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -114,7 +119,16 @@ def build(spec: dict) -> PlacementProblem:
     return PlacementProblem(topo, config, traffic, experts_per_gpu=spec["experts_per_gpu"])
 
 
-def run(number: int, solver: str, workers: int | None) -> dict:
+def free_network(problem: PlacementProblem) -> PlacementProblem:
+    """The same problem on a network whose every link is 1000x faster (a new path model)."""
+    fast = dataclasses.replace(problem.topology, link_capacity=problem.topology.link_capacity * 1000.0,
+                               _paths=None)
+    return PlacementProblem(fast, problem.config, problem.traffic, experts_per_gpu=problem.experts_per_gpu,
+                            overlap="on" if problem.schedule.overlap else "off",
+                            num_chunks=problem.schedule.num_chunks if problem.schedule.overlap else None)
+
+
+def run(number: int, solver: str, workers: int | None, with_free_network: bool = False) -> dict:
     spec = INSTANCES[number]
     t0 = time.perf_counter()
     problem = build(spec)
@@ -136,6 +150,10 @@ def run(number: int, solver: str, workers: int | None) -> dict:
         totals[name] = base.objective_s
         worse_layers[name] = int(np.sum(cost.moe_time_s > base.moe_time_s * (1 + 1e-6)))
     strongest = min((n for n in totals if n not in ("ilp", "random")), key=totals.get)
+    if with_free_network:
+        blind = solve(free_network(problem), solver=solver, time_limit=spec["limit"], workers=workers)
+        blind.method = "ilp (free network)"
+        totals["ilp-free-network"] = evaluate(blind, problem).objective_s
     info = plan.info
     layers = info["layers"]
     worst = max(layers, key=lambda layer: layer["gap"])
@@ -165,6 +183,8 @@ def main() -> None:
     ap.add_argument("--solver", default="highs", choices=("highs", "cbc"))
     ap.add_argument("--workers", type=int, default=None, help="processes for distinct layers")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--free-network", action="store_true",
+                    help="also plan with every link 1000x faster and score that plan on the real network")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"solver {args.solver}")
@@ -174,7 +194,7 @@ def main() -> None:
     print(header)
     results = []
     for number in args.instances:
-        r = run(number, args.solver, args.workers)
+        r = run(number, args.solver, args.workers, args.free_network)
         results.append(r)
         t = r["total_s"]
         print(f"{number:>2} {r['gpus']:>5} {r['model']:>11} {r['moe_layers']:>3}x{r['experts']:<3} "
@@ -182,6 +202,10 @@ def main() -> None:
               f"{t['ilp']:>8.4f} {t['eplb']:>8.4f} {t['eplb-hier']:>9.4f} {t['eplb+lp']:>8.4f} "
               f"{t['contiguous']:>8.4f} {r['saving_vs_strongest']:>6.1%} {r['strongest']:>9} "
               f"{'ok' if r['meets_bar'] else 'MISS':>4}", flush=True)
+        if args.free_network:
+            blind = t["ilp-free-network"]
+            print(f"   planned on a free network: {blind:.4f} s on the real one; choosing GPUs by the "
+                  f"network saves {1 - t['ilp'] / blind:.1%}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if not all(r["meets_bar"] for r in results):

@@ -113,8 +113,8 @@ def node_model(data: LayerData, *, integer: bool = True, time_limit: float | Non
     r += num_experts
     # GPUs: served on B <= X * sum 1/c_g (in units: X column is seconds / tau)
     rate = np.bincount(node_of, weights=1.0 / data.gpu_unit, minlength=num_nodes)   # assignments/s
-    add(r + f_b, np.arange(num_f), np.full(num_f, unit / tau))
-    add(r + np.arange(num_nodes), np.full(num_nodes, col_x), -rate)
+    add(r + f_b, np.arange(num_f), unit / (tau * rate[f_b]))                          # seconds / tau
+    add(r + np.arange(num_nodes), np.full(num_nodes, col_x), -np.ones(num_nodes))
     lo.append(np.full(num_nodes, -np.inf)); hi.append(np.zeros(num_nodes))
     r += num_nodes
     # cuts: 2b (out + in) / cap <= mu, exit and entry rows
