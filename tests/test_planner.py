@@ -3,6 +3,8 @@ pair fractions, and ``evaluate`` (the one cost function)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -190,3 +192,23 @@ def test_bad_arguments():
         solve(problem, solver="gurobi")
     with pytest.raises(PlacementError, match="--time-limit"):
         solve(problem, time_limit=0)
+
+
+def test_time_limit_is_a_wall(monkeypatch):
+    """Layers still solving at the limit are stopped: each gets its best baseline, scored, with
+    the analytic bound, and the solve returns within the limit plus the grace."""
+    import epplan.placement.solve as solve_module
+
+    def stuck(*args, **kwargs):
+        time.sleep(60)
+
+    monkeypatch.setattr(solve_module, "_solve_layer", stuck)
+    problem = toy_problem(2, 2, 4, layers=3, seed=5)
+    t0 = time.monotonic()
+    placement = solve(problem, time_limit=1.0, workers=2)
+    assert time.monotonic() - t0 < 1.0 + solve_module._GRACE_S + 3.0
+    placement.validate(1)
+    cost = evaluate(placement, problem)
+    for layer, info in zip(cost.moe_time_s, placement.info["layers"]):
+        assert info["status"] == "time_limit" and info["objective_s"] == pytest.approx(layer, rel=1e-9)
+        assert 0 < info["bound_s"] <= info["objective_s"]

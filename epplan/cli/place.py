@@ -128,7 +128,7 @@ def place(
         if name == "ilp":
             plan = _solve(problem, solver, time_limit, gap, workers, quiet=json)
         else:
-            plan = _baseline(name, problem, seed)
+            plan = _baseline(name, problem, seed, time_limit)
         plans[name] = (plan, time.monotonic() - t0)
     chosen, _ = plans[method]
     fit = choose_run_settings(chosen, problem, micro_batches=micro_batches, recompute=recompute,
@@ -177,11 +177,11 @@ def _solve(problem: PlacementProblem, solver: str, time_limit: float, gap: float
         return solve(problem, solver=solver, time_limit=time_limit, gap=gap, progress=report, workers=workers)
 
 
-def _baseline(name: str, problem: PlacementProblem, seed: int) -> Placement:
+def _baseline(name: str, problem: PlacementProblem, seed: int, time_limit: float) -> Placement:
     base = name.removesuffix("+lp")
     plan = random_placement(problem, seed) if base == "random" else BASELINES[base](problem)
     if name.endswith("+lp"):
-        plan = resplit(plan, problem)
+        plan = resplit(plan, problem, time_limit=time_limit)
     plan.info = {"solver": None, "status": "baseline", "seconds": 0.0}
     return plan
 

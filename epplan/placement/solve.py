@@ -40,12 +40,13 @@ from epplan.placement.heuristic import local_first
 from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
 from epplan.placement.nodelp import node_model
-from epplan.placement.splits import optimal_splits, split_result
+from epplan.placement.splits import nearest_split, optimal_splits, split_result
 from epplan.placement.types import LayerPlacement, Placement
 
 SOLVERS = ("highs", "cbc")
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
 _TIE = 1e-6     # bottlenecks this close are equal; the idler network wins
+_GRACE_S = 2.0  # seconds past the time limit a layer may take to return what it found
 
 
 @dataclass
@@ -130,20 +131,37 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
     num_workers = _workers(workers, len(todo))
     if "fork" not in mp.get_all_start_methods():
         num_workers = 1   # the workers inherit the problem and the link model by forking
-    if num_workers <= 1:
+    if num_workers <= 1 and deadline is None:
         for i, (li, base) in enumerate(tasks):
             budget = _budget(deadline, len(tasks) - i)
             layer, info = _solve_layer(problem, li, base, solver, budget, gap)
             finish(li, layer, info)
     else:
+        # Worker processes, so that the time limit is a wall: layers still solving at the
+        # deadline (plus a grace for the pool to hand back what it has) are stopped and get the
+        # best baseline with the analytic bound.
         ctx = mp.get_context("fork")
         global _SHARED
         _SHARED = problem
-        with ctx.Pool(num_workers) as pool:
-            jobs = [(li, base, solver, deadline, len(tasks), num_workers, gap) for li, base in tasks]
-            for li, layer, info in pool.imap_unordered(_worker, jobs):
+        pool = ctx.Pool(max(1, num_workers))
+        try:
+            jobs = [(li, base, solver, deadline, len(tasks), max(1, num_workers), gap) for li, base in tasks]
+            results_iter = pool.imap_unordered(_worker, jobs)
+            for _ in jobs:
+                wait = None if deadline is None else max(0.0, deadline + _GRACE_S - time.monotonic())
+                try:
+                    li, layer, info = results_iter.next(timeout=wait)
+                except mp.TimeoutError:
+                    break
                 finish(li, layer, info)
-        _SHARED = None
+        finally:
+            pool.terminate()
+            pool.join()
+            _SHARED = None
+        for li, base in tasks:
+            if li not in results:
+                layer, info = _fallback_layer(problem, li, base, time.monotonic() - start)
+                finish(li, layer, info)
 
     # A relabelled layer is as good as its representative; unless that one is proven optimal,
     # check the layer's own baselines (not label-equivariant) and solve it itself if one wins.
@@ -155,8 +173,10 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
         own = min(data.time_of(pl.layers[lj].flows(counts[lj]))[0] for pl in baselines.values())
         if own < info.objective_s * (1 - 1e-9):
             base = {name: pl.layers[lj] for name, pl in baselines.items()}
-            layer, info = _solve_layer(problem, lj, base, solver, _budget(deadline, 1), gap)
-            results[lj] = (layer, info)
+            if deadline is not None and time.monotonic() >= deadline:   # out of time: the baseline
+                results[lj] = _fallback_layer(problem, lj, base, 0.0)
+            else:
+                results[lj] = _solve_layer(problem, lj, base, solver, _budget(deadline, 1), gap)
 
     layers = [results[li][0] for li in range(num_layers)]
     infos = [results[li][1] for li in range(num_layers)]
@@ -261,6 +281,27 @@ def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], s
                      bound_source=source, gap=float(g), link_s=float(link_s),
                      seconds=time.monotonic() - t0, start=start_name)
     return layer, info
+
+
+def _fallback_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement],
+                    seconds: float) -> tuple[LayerPlacement, LayerInfo]:
+    """A layer the time limit stopped: the best baseline as it is, with the analytic bound."""
+    data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
+    bound, source = lower_bound(data)
+    best = None
+    for name, base in baseline_layers.items():
+        if _fits(base.replicas, data):
+            res = split_result(data, base)
+            if best is None or res.bottleneck < best[0].bottleneck:
+                best = (res, name)
+    if best is None:   # no baseline fits the GPUs' memory: the construction, split without an LP
+        best = (split_result(data, nearest_split(data, local_first(data))), "local")
+    res, name = best
+    info = LayerInfo(layer=li, status="time_limit", objective_s=float(res.bottleneck),
+                     bound_s=float(min(bound, res.bottleneck)), bound_source=source,
+                     gap=float(_gap(res.bottleneck, min(bound, res.bottleneck))),
+                     link_s=float(res.link_time), seconds=seconds, start=name)
+    return res.layer, info
 
 
 def _better(cost: float, link: float, best) -> bool:
