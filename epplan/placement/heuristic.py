@@ -18,6 +18,11 @@ best splits:
    they lower the busier GPU (a Gale-Ryser placement first if the greedy corners itself).
 3. the split LP.
 
+With one slot per GPU on a cluster with a network, ``local_candidates`` also builds a second
+placement whose replica counts weigh each replica's NIC (a cold expert's lone replica serves its
+whole remote demand through one NIC) against compute under the schedule (``_counts_network``);
+the planner splits both and keeps the better.
+
 Shape legend: G = GPUs, E = experts, N = nodes.
 """
 
@@ -36,14 +41,24 @@ _HOT_SHARE = 0.5   # most of a GPU's fluid share one replica of a hot expert is 
 def local_first(data: LayerData) -> list[np.ndarray]:
     """replicas[e]: sorted ranks holding expert e (every expert >= 1, every GPU >= 1 where
     possible, at most ``data.slots[g]`` per GPU, never two of one expert on a GPU)."""
+    return local_candidates(data)[0]
+
+
+def local_candidates(data: LayerData) -> list[list[np.ndarray]]:
+    """Constructions to split and compare: ``local_first``'s, and with one slot per GPU on a
+    cluster with a network, the one whose replica counts also spread each expert's remote
+    serving over the NICs (``_counts_network``)."""
     node_of = data.lm.gpu_node
     nodes = [np.flatnonzero(node_of == n) for n in range(int(node_of.max()) + 1)]
     demand = np.stack([data.counts[m].sum(axis=0) for m in nodes])          # [N, E]
-    if np.all(data.slots <= 1):
-        m = _counts_one_slot(data, nodes, demand)
-    else:
-        m = _counts_multi_slot(data, nodes, demand)
-    return _to_gpus(data, nodes, demand, m)
+    if not np.all(data.slots <= 1):
+        return [_to_gpus(data, nodes, demand, _counts_multi_slot(data, nodes, demand))]
+    out = [_to_gpus(data, nodes, demand, _counts_one_slot(data, nodes, demand))]
+    if data.lm.has_network and len(nodes) > 1:
+        m = _counts_network(data, nodes, demand)
+        if m is not None:
+            out.append(_to_gpus(data, nodes, demand, m))
+    return out
 
 
 def _counts_one_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray:
@@ -55,6 +70,57 @@ def _counts_one_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndarra
     size = np.array([m.size for m in nodes])
     share = np.where(load > 0, demand / np.where(load > 0, load, 1.0), (cap / cap.sum())[:, None])
     target = share * r[None, :]                                            # [N, E]
+    return _largest_remainder(target, r, cap, size)
+
+
+def _counts_network(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray | None:
+    """int64[N, E] replicas per node (one slot per GPU) chosen for the NICs as well as compute.
+
+    The compute-optimal counts (``apportion``) give a cold expert one replica, whose GPU then
+    serves the expert's whole remote demand through one NIC. Here each further slot goes to the
+    expert whose extra replica shortens the layer's estimated time most (the schedule applied
+    to the busiest NIC and the busiest GPU), a replica of e estimated at compute c * load_e / r_e
+    and NIC time u * (R + remote_e / r_e): remote_e = the demand of the nodes without a replica
+    of e (replicas spread one per node first), R = the remote demand a source sends per GPU.
+    Replicas are then spread over nodes, one per node first, the rest by demand.
+    """
+    num_nodes, num_experts = demand.shape
+    num_gpus = data.num_gpus
+    slots = int(data.slots.sum())
+    if slots < num_experts:
+        return None
+    nic = float(np.median(_nic_unit(data)))
+    comp = float(np.mean(data.gpu_unit))
+    if nic <= 0:
+        return None
+    load = demand.sum(axis=0)
+    schedule = data.schedule
+    size = np.array([m.size for m in nodes])
+    r = np.ones(num_experts, dtype=np.int64)
+
+    def estimate(r: np.ndarray) -> tuple[float, float]:
+        """(layer time under the schedule, a smooth tie-break) of replica counts r."""
+        covered = np.minimum(r, num_nodes) / num_nodes          # share of sources with e on their node
+        remote = load * (1.0 - covered)
+        nic_s = nic * (remote.sum() / num_gpus + remote / r)   # [E] a replica's GPU's NIC
+        comp_s = comp * load / r                               # [E] its GEMMs
+        return (schedule.moe_time(float(nic_s.max()), float(comp_s.max())),
+                float(np.sum(nic_s ** 2 + comp_s ** 2)))
+
+    for _ in range(slots - num_experts):
+        best = None
+        for e in np.flatnonzero(r < num_gpus):
+            r[e] += 1
+            key = estimate(r)
+            r[e] -= 1
+            if best is None or key < best[0]:
+                best = (key, e)
+        r[best[1]] += 1
+    cap = np.array([int(data.slots[m].sum()) for m in nodes])
+    share = np.where(load > 0, demand / np.where(load > 0, load, 1.0), (cap / cap.sum())[:, None])
+    # One replica per node first (what the estimate assumes), the rest by the nodes' demand.
+    first = np.minimum(r, num_nodes)
+    target = share * (r - first)[None, :] + first[None, :] / num_nodes
     return _largest_remainder(target, r, cap, size)
 
 

@@ -6,10 +6,11 @@ relabelling of the experts is solved once and relabelled):
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
    nodes and the nodes under each fabric switch), combined by the runtime's schedule
    (``epplan.schedule``), and while the gap is open the node-level LP of ``nodelp.py``;
-2. incumbent: the ``local_first`` construction (``heuristic.py``) with its splits from the split
-   LP (``splits.py``); then every baseline (contiguous, EPLB, random), scored with its own even
-   split exactly as ``evaluate`` scores it, and re-split by the LP when that could win or while
-   the gap is open: the plan is never worse than a baseline;
+2. incumbent: the constructions of ``heuristic.py`` (compute-first, and network-aware where the
+   layer has a network) with their splits from the split LP (``splits.py``); then every
+   baseline (contiguous, EPLB in both modes, random), scored with its own split exactly as
+   ``evaluate`` scores it, and re-split by the LP when that could win or while the gap is open:
+   the plan is never worse than a baseline;
 3. if the gap to the bound is still above ``gap``: the MILP of ``ilp.py``, warm-started from the
    incumbent, raises the bound and may find a better placement (re-split by the LP), within the
    time left.
@@ -36,7 +37,7 @@ import numpy as np
 
 from epplan.errors import PlacementError
 from epplan.placement.bounds import lower_bound
-from epplan.placement.heuristic import local_first
+from epplan.placement.heuristic import local_candidates, local_first
 from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
 from epplan.placement.nodelp import node_model
@@ -236,8 +237,11 @@ def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], s
     data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
     bound, source = lower_bound(data)
     # The construction, split by the LP.
-    res = optimal_splits(data, local_first(data), time_limit=left())
-    best = (res.bottleneck, res.link_time, res.layer, "local")
+    best = None
+    for replicas in local_candidates(data):
+        res = optimal_splits(data, replicas, time_limit=left())
+        if _better(res.bottleneck, res.link_time, best):
+            best = (res.bottleneck, res.link_time, res.layer, "local")
     # Baselines: scored with their own (even) splits, as evaluate scores them; re-split by the
     # LP when that could beat the incumbent, or to find a better start while the gap is open.
     for name, base in baseline_layers.items():
