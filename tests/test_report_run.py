@@ -135,7 +135,8 @@ def test_table_and_bad_metrics(real_run, tmp_path):
     cut = tmp_path / "cut"
     cut.mkdir()
     text = (run_dir / "metrics.jsonl").read_text()
-    (cut / "metrics.jsonl").write_text(text[:len(text) // 2])
+    middle = text.rindex("\n", 0, len(text) // 2) + 10  # inside a record, whatever the lengths
+    (cut / "metrics.jsonl").write_text(text[:middle])
     truncated = _invoke(manifest, "--metrics", cut)
     assert truncated.exit_code == 1
     assert truncated.stderr.count("\n") == 1 and "the file is truncated" in truncated.stderr
