@@ -30,6 +30,19 @@ def test_place_writes_a_loadable_manifest(tmp_path):
     assert m.solver["status"] in ("optimal", "gap_met") and m.solver["gap"] <= 0.01
 
 
+def test_place_records_run_settings_that_fit_or_refuses_with_exit_code_3(tmp_path):
+    out = tmp_path / "m.json"
+    args = ["place", "--topology", TWO_NODE, "--model", "seed", "--method", "contiguous", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    m = load_manifest(out)
+    assert (m.micro_batches, m.recompute, m.optimizer_sharding) == (4, "block", "none")  # 72.5 of 80 GB
+    too_big = tmp_path / "big.json"
+    result = runner.invoke(app, [*args[:-1], str(too_big), "--set", "num_layers=32", "--set", "seq_len=40000"])
+    assert result.exit_code == 3 and not too_big.exists()
+    assert "no run settings fit in GPU memory" in result.output and "Traceback" not in result.output
+
+
 def test_compare_json(tmp_path):
     out = tmp_path / "m.json"
     result = runner.invoke(app, ["place", "--topology", str(TOPOLOGIES / "h100-8node-oversub.yaml"),
