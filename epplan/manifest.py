@@ -94,6 +94,7 @@ class Manifest:
     hash: str
     doc: dict[str, Any] = field(repr=False)
     path: str | None = None
+    calibrated: bool = True  # planned on calibrated rates (False: a flat --tflops/--compute-efficiency)
 
     def problem_options(self) -> dict[str, Any]:
         """The ``PlacementProblem`` keywords the plan was made with (its schedule included)."""
@@ -162,6 +163,7 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
             "recompute": problem.recompute,
             "optimizer_sharding": problem.optimizer_sharding,
             "schedule": problem.schedule.to_dict(),
+            "calibrated": problem.calibration is not None,
         },
         "routing": {
             "spec": routing_spec,
@@ -277,6 +279,7 @@ class _Problem(_Strict):
     recompute: Literal["none", "attention", "block"] = "none"
     optimizer_sharding: Literal["none", "dense"] = "none"
     schedule: _Schedule | None = None  # absent in manifests written before it was recorded
+    calibrated: bool = True
 
 
 class _Routing(_Strict):
@@ -386,7 +389,7 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
                                                                       parsed.problem.schedule.num_chunks),
         routing_spec=parsed.routing.spec,
         solver=dict(parsed.solver), predicted=dict(parsed.predicted),
-        hash=manifest_hash(doc), doc=doc, path=source,
+        hash=manifest_hash(doc), doc=doc, path=source, calibrated=parsed.problem.calibrated,
     )
 
 

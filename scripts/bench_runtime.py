@@ -502,12 +502,12 @@ def main() -> None:
         del out
         recorded = bench.record_exchanges()
         row["num_exchanges"] = len(recorded)
-        if name == "reference":
+        if name == "reference" and recorded:  # one rank exchanges nothing
             dispatch_splits = recorded[0][:2]  # (output_splits, input_splits) of the dispatch
         # Full steps and compute-only steps alternate, so that clock drift between them cancels.
         row.update(bench.time_paired(args.rounds, args.warmup))
-        row["comm_only_ms"] = slowest(replay_ms(recorded, args.iters))
-        row["exposed_fraction"] = row["exposed_ms"] / row["comm_only_ms"]
+        row["comm_only_ms"] = slowest(replay_ms(recorded, args.iters)) if recorded else 0.0
+        row["exposed_fraction"] = row["exposed_ms"] / row["comm_only_ms"] if recorded else 0.0
         row["tflops_per_gpu"] = flops / (row["step_ms"] * 1e-3) / 1e12
         row["mfu_989"] = row["tflops_per_gpu"] * 1e12 / H100_PEAK
         row["peak_mem_gib"] = slowest(torch.cuda.max_memory_allocated() / 2**30
@@ -517,7 +517,7 @@ def main() -> None:
         save()
     reference_comm = result["block"]["variants"]["reference"]["comm_only_ms"]
     for row in result["block"]["variants"].values():
-        row["exposed_fraction_of_unchunked_comm"] = row["exposed_ms"] / reference_comm
+        row["exposed_fraction_of_unchunked_comm"] = row["exposed_ms"] / reference_comm if reference_comm else 0.0
     del ref_out, ref_grad_x
 
     # NCCL stream priority and CTA limits (all exchanges on one group), at the best chunk count.
@@ -584,7 +584,7 @@ def main() -> None:
         "moe": slowest(statistics.median(events_ms(moe_half, args.iters, args.warmup)))}
     log("halves", json.dumps(result["block"]["halves_ms"]))
 
-    if "a2a" not in skip:
+    if "a2a" not in skip and G > 1:
         recv_rows, send_rows = dispatch_splits
         for ctas in [int(k) for k in args.overlap_ctas.split(",")]:
             thin(ctas)
@@ -613,6 +613,22 @@ def bench_peer_megatron(bench: "BlockBench", iters: int, warmup: int) -> dict:
     TE's fused attention at 10,000 tokens, so only the MoE layers are compared.
     """
     import megatron.core
+
+    moe, theirs, ours = megatron_and_ours(bench)
+    c = bench.config
+    costs = model_costs(c)
+    flops = 3 * (costs.flops_routed_experts + costs.flops_router) * bench.tokens
+    res = {"megatron_core": megatron.core.__version__,
+           "experts": type(moe.experts).__name__, "dispatcher": type(moe.token_dispatcher).__name__}
+    for name, fn in (("megatron_ms", theirs), ("ours_ms", ours)):
+        res[name] = slowest(statistics.median(events_ms(fn, iters, warmup)))
+        res[name.replace("_ms", "_tflops")] = flops / (res[name] * 1e-3) / 1e12
+    return res
+
+
+def megatron_and_ours(bench: "BlockBench"):
+    """(Megatron-Core's MoELayer, a forward + backward of it, a forward + backward of ours) on
+    the bench's tokens, the same layer shape."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.backends import LocalSpecProvider
@@ -652,15 +668,7 @@ def bench_peer_megatron(bench: "BlockBench", iters: int, warmup: int) -> dict:
         for p in bench.block.ffn.parameters():
             p.grad = None
         bench.block.ffn(ours_x).backward(bench.grad)
-
-    costs = model_costs(c)
-    flops = 3 * (costs.flops_routed_experts + costs.flops_router) * bench.tokens
-    res = {"megatron_core": megatron.core.__version__,
-           "experts": type(moe.experts).__name__, "dispatcher": type(moe.token_dispatcher).__name__}
-    for name, fn in (("megatron_ms", theirs), ("ours_ms", ours)):
-        res[name] = slowest(statistics.median(events_ms(fn, iters, warmup)))
-        res[name.replace("_ms", "_tflops")] = flops / (res[name] * 1e-3) / 1e12
-    return res
+    return moe, theirs, ours
 
 
 def print_summary(r: dict) -> None:

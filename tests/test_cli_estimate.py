@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from epplan.cli import app
 from epplan.cli.estimate import parse_overrides
 from epplan.cost import evaluate
+from epplan.cost.calibration import resolve_calibrations
 from epplan.placement.baselines import eplb
 from epplan.placement.problem import PlacementProblem
 from epplan.topology import load_topology
@@ -33,8 +34,10 @@ def test_json_matches_the_library():
     data = json.loads(result.output)
     topo = load_topology(TWO_NODES)
     config = load_model_config("tiny", {"num_experts": 16})
-    problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, 16))
+    cals, _ = resolve_calibrations(topo)  # by default: the table shipped for the H100s
+    problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, 16), calibration=cals)
     cost = evaluate(eplb(problem), problem)
+    assert cals[0].source == "shipped:h100" and cost.step_parts is not None
     assert data["step"]["step_time_s"] == pytest.approx(cost.step_time_s)
     assert data["step"]["objective_s"] == pytest.approx(cost.objective_s)
     assert data["mfu"]["spec_400_tflops"] == pytest.approx(cost.mfu_spec)

@@ -45,6 +45,7 @@ def real_run(tmp_path_factory):
     """(manifest, run directory): tiny (4 experts, one per rank, contiguous) on 2 x 2 GPUs whose
     inter-node traffic crosses NVLink to the NIC's GPU first."""
     pytest.importorskip("epplan.train.trainer")
+    from epplan.cost.calibration import resolve_calibrations
     from epplan.manifest import build_manifest, load_manifest, write_manifest
     from epplan.placement.baselines import contiguous
     from epplan.placement.problem import PlacementProblem
@@ -58,7 +59,8 @@ def real_run(tmp_path_factory):
     (folder / "mini.yaml").write_text(MINI_TOPOLOGY)
     topo = load_topology(folder / "mini.yaml")
     config = PRESETS["tiny"]
-    problem = PlacementProblem(topo, config, make_traffic("uniform", config, topo.num_gpus))
+    cals, _ = resolve_calibrations(topo)  # the H100 table, as 'epplan place' does by default
+    problem = PlacementProblem(topo, config, make_traffic("uniform", config, topo.num_gpus), calibration=cals)
     manifest = folder / "m.json"
     write_manifest(manifest, build_manifest(contiguous(problem), problem, routing_spec="uniform"))
     run_dir = folder / "run"
@@ -140,3 +142,36 @@ def test_table_and_bad_metrics(real_run, tmp_path):
     truncated = _invoke(manifest, "--metrics", cut)
     assert truncated.exit_code == 1
     assert truncated.stderr.count("\n") == 1 and "the file is truncated" in truncated.stderr
+
+
+def test_component_timings_of_the_run(real_run, tmp_path):
+    """The run writes per-step component timings; on CPU the report compares no times, and a
+    run on the topology's GPUs is compared per component against the calibrated prediction."""
+    manifest, run_dir = real_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timing = [r for r in records if r["kind"] == "timing"]
+    assert [r["step"] for r in timing] == [1, 2, 3]
+    for r in timing:
+        parts = r["components_s"]
+        assert {"attention", "moe", "lm_head_loss", "optimizer", "step"} <= set(parts)
+        assert all(v >= 0 for k, v in parts.items() if k != "other")
+        assert sum(v for k, v in parts.items() if k not in ("step", "other", "exchange")) <= parts["step"]
+    cpu = json.loads(_invoke(manifest, "--metrics", run_dir, "--json").stdout)["measured"]["components"]
+    assert cpu["comparable"] is False and "for the topology's GPUs (H100-SXM5-80GB)" in cpu["note"]
+    assert cpu["components"]["step"]["predicted_s"] is None
+
+    gpu_run = tmp_path / "gpu"
+    gpu_run.mkdir()
+    for r in records:
+        if r["kind"] == "start":
+            r["device"] = "cuda"
+    (gpu_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = _invoke(manifest, "--metrics", gpu_run, "--json")
+    assert result.exit_code == 0, result.output
+    comp = json.loads(result.stdout)["measured"]["components"]
+    assert comp["comparable"] is True and "shipped:h100" in comp["note"]
+    rows = comp["components"]
+    assert rows["step"]["predicted_s"] > rows["attention"]["predicted_s"] > 0
+    assert rows["moe"]["predicted_s"] > 0 and rows["optimizer"]["predicted_s"] > 0
+    table = _invoke(manifest, "--metrics", gpu_run)
+    assert "time per step by component, predicted vs measured" in table.stdout

@@ -212,3 +212,8 @@ def _wrong_world(rank: int, world_size: int) -> None:
 
 def test_placement_for_another_world_size_is_refused():
     run_distributed(_wrong_world, 2)
+
+
+def test_ep_matches_single_device_1_rank():
+    """One rank takes the local path (no exchange, no chunks): still the single-device model."""
+    run_distributed(_check, 1, [Scenario("one rank", Placement(1, 4, [_layer([[0]] * 4, {}, 1)] * 2))])

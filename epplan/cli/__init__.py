@@ -27,6 +27,7 @@ def _register() -> None:
     from epplan.cli import run  # noqa: F401
     from epplan.cli import place  # noqa: F401
     from epplan.cli import export  # noqa: F401
+    from epplan.cli import calibrate  # noqa: F401
 
 
 _register()

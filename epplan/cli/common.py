@@ -6,7 +6,8 @@ import functools
 import json
 import math
 import sys
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +19,17 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The GPUs' rates, shared by estimate, place and report (``rates_for``).
+CalibrationOption = Annotated[Optional[Path], typer.Option(
+    help="Rates measured by 'epplan calibrate' on the GPUs. Default: the topology's node-type "
+         "calibration files, else the tables shipped for H100 and H200.", show_default=False)]
+EfficiencyOption = Annotated[Optional[float], typer.Option(
+    help="What-if: every part of the step at this fraction of the datasheet bf16 TFLOP/s "
+         "(no calibration).", show_default=False)]
+TflopsOption = Annotated[Optional[float], typer.Option(
+    help="What-if: every part of the step at this TFLOP/s per GPU; overrides --compute-efficiency.",
+    show_default=False)]
 
 
 def user_errors(fn: F) -> F:
@@ -52,3 +64,19 @@ def print_json(data: Any) -> None:
     """Plain JSON on stdout (no rich markup), for scripts."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
+
+
+def rates_for(topology: Any, calibration: Any, compute_efficiency: float | None,
+              tflops: float | None) -> tuple[dict[str, Any], list[str]]:
+    """PlacementProblem keyword arguments for the GPUs' rates, and notes saying where they came
+    from: --compute-efficiency or --tflops (a what-if: one flat rate), else --calibration FILE,
+    the topology's node-type calibration files, or the shipped table of the GPU model."""
+    from epplan.cost.calibration import resolve_calibrations
+
+    if compute_efficiency is not None or tflops is not None:
+        what = f"{tflops:g} TFLOP/s" if tflops is not None else f"{compute_efficiency:g} x datasheet TFLOP/s"
+        return ({"compute_efficiency": 0.6 if compute_efficiency is None else compute_efficiency,
+                 "achievable_tflops": tflops},
+                [f"rates: flat {what} for every part of the step (no calibration)"])
+    cals, notes = resolve_calibrations(topology, calibration)
+    return {"calibration": cals}, notes

@@ -14,7 +14,8 @@ import yaml
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import check_range, console, print_json, user_errors
+from epplan.cli.common import (CalibrationOption, EfficiencyOption, TflopsOption, check_range, console, print_json,
+                               rates_for, user_errors)
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
 from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.cost.fit import Fit, choose_run_settings
@@ -45,10 +46,9 @@ def estimate(
              "else 1.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
-    compute_efficiency: Annotated[float, typer.Option(
-        help="Achievable fraction of each GPU's datasheet bf16 TFLOP/s.")] = 0.6,
-    tflops: Annotated[Optional[float], typer.Option(
-        help="Achievable TFLOP/s per GPU; overrides --compute-efficiency.")] = None,
+    calibration: CalibrationOption = None,
+    compute_efficiency: EfficiencyOption = None,
+    tflops: TflopsOption = None,
     micro_batches: Annotated[Optional[int], typer.Option(
         help="Gradient-accumulation steps per optimizer step (divides activation memory). Default: the "
              "--placement manifest's, else the cheapest that fits.", show_default=False)] = None,
@@ -105,9 +105,9 @@ def estimate(
             num_chunks = planned["num_chunks"] if num_chunks is None else num_chunks
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
     experts_per_gpu = 1 if experts_per_gpu is None else experts_per_gpu
+    rates, rate_notes = rates_for(topo, calibration, compute_efficiency, tflops)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
-                               overlap=overlap or "auto", num_chunks=num_chunks)
+                               overlap=overlap or "auto", num_chunks=num_chunks, **rates)
     plan = _placement(placement, problem, seed) if manifest is None else _from_manifest(manifest, problem)
     fit = choose_run_settings(plan, problem, micro_batches=micro_batches, recompute=recompute,
                               optimizer_sharding=optimizer_sharding)
@@ -116,11 +116,11 @@ def estimate(
     if json:
         data = cost.to_dict()
         data["model"] = config.name
-        data["notes"] = traffic.notes
+        data["notes"] = traffic.notes + rate_notes
         data["run_settings"] = {**dataclasses.asdict(fit.settings), "fits": fit.fits}
         print_json(data)
     else:
-        _print(cost, problem, show_layers=layers)
+        _print(cost, problem, show_layers=layers, notes=rate_notes)
         print_run_settings(fit)
     if not fit.fits:  # the settings the user fixed, or the closest: say what would fit
         fixed = None not in (micro_batches, recompute, optimizer_sharding)
@@ -184,7 +184,7 @@ def _from_manifest(manifest: Manifest, problem: PlacementProblem) -> Placement:
 
 # ------------------------------------------------------------------------------ output
 
-def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
+def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list[str] = ()) -> None:
     topo, config = problem.topology, problem.config
     d = cost.to_dict()
     step = d["step"]
@@ -192,7 +192,7 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
         f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs), placement "
         f"[bold]{escape(cost.placement_method)}[/], routing {escape(cost.traffic_source)}, "
         f"{config.tokens_per_step:,} tokens per step", highlight=False)
-    for note in problem.traffic.notes:
+    for note in [*problem.traffic.notes, *notes, *_calibration_notes(problem)]:
         console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 
     t = Table(title="time per training step", title_justify="left")
@@ -273,6 +273,11 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool) -> None:
     s.add_row("bandwidth utilisation, busiest link", _pct(cost.bandwidth_utilisation, BANDWIDTH_TARGET),
               f"{link['name']} ({link['class']}, {link['capacity_gbps']:g} GB/s); target {BANDWIDTH_TARGET:.0%}")
     console.print(s)
+
+
+def _calibration_notes(problem: PlacementProblem) -> list[str]:
+    seen = {id(c): c for c in problem.calibration or []}
+    return [n for c in seen.values() for n in c.notes]
 
 
 def _pct(value: float, target: float) -> str:

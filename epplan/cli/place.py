@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import check_range, console, err_console, print_json, user_errors
+from epplan.cli.common import (CalibrationOption, EfficiencyOption, TflopsOption, check_range, console, err_console,
+                               print_json, rates_for, user_errors)
 from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
 from epplan.cost.fit import choose_run_settings
 from epplan.cost import Cost, evaluate
@@ -61,10 +62,9 @@ def place(
         "--compare", help="Also score every method side by side: the ILP, the baselines, and eplb, "
                           "eplb-hier and contiguous re-split by the split LP (+lp).")] = False,
     out: Annotated[Path, typer.Option(help="Where to write the manifest.")] = Path("manifest.json"),
-    compute_efficiency: Annotated[float, typer.Option(
-        help="Achievable fraction of each GPU's datasheet bf16 TFLOP/s.")] = 0.6,
-    tflops: Annotated[Optional[float], typer.Option(
-        help="Achievable TFLOP/s per GPU; overrides --compute-efficiency.")] = None,
+    calibration: CalibrationOption = None,
+    compute_efficiency: EfficiencyOption = None,
+    tflops: TflopsOption = None,
     micro_batches: Annotated[Optional[int], typer.Option(
         help="Gradient-accumulation steps per optimizer step. Default: the cheapest run settings that fit "
              "(recorded in the manifest; 'epplan run' takes them).", show_default=False)] = None,
@@ -109,16 +109,16 @@ def place(
     topo = cap_memory(load_topology(topology), memory_gb)
     config = load_model_config(model, parse_overrides(set_ or []))
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
+    rates, rate_notes = rates_for(topo, calibration, compute_efficiency, tflops)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               compute_efficiency=compute_efficiency, achievable_tflops=tflops,
-                               overlap=overlap, num_chunks=num_chunks)
+                               overlap=overlap, num_chunks=num_chunks, **rates)
     if not json:
         console.print(
             f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
             f"{config.num_moe_layers} MoE layers x {config.num_experts} experts, routing {escape(traffic.source)}, "
             f"at most {experts_per_gpu} expert(s) per GPU, MoE layers {problem.schedule.describe()}",
             highlight=False)
-        for note in model_notes(model) + traffic.notes:
+        for note in model_notes(model) + traffic.notes + rate_notes:
             console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 
     plans: dict[str, tuple[Placement, float]] = {}

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from epplan.cli import app
-from epplan.cli.common import console, err_console, print_json, user_errors
+from epplan.cli.common import CalibrationOption, console, err_console, print_json, user_errors
 from epplan.report import PlanView, ReportError, build_report, read_run
 from epplan.report.manifests import open_manifest, plan_for
 from epplan.report.plot import write_plot
@@ -35,6 +35,7 @@ def report(
     metrics: Annotated[Optional[Path], typer.Option(
         "--metrics", metavar="RUN_DIR", help="A run directory of this manifest ('epplan run --out'): "
         "measured all-to-all bytes per link beside the prediction.", show_default=False)] = None,
+    calibration: CalibrationOption = None,
     compare: Annotated[Optional[list[str]], typer.Option(
         "--compare", metavar="OTHER", help="Another manifest of the same cluster, or a baseline "
         "(contiguous, eplb, random) on this manifest's problem, side by side (repeatable).",
@@ -56,7 +57,8 @@ def report(
     """Per-link load tables of a placement manifest: every link's predicted bytes per step by
     component (dispatch, combine, expert and dense gradient all-reduce), its time and utilisation,
     hottest first; a per link-class summary; per GPU compute and memory; with --metrics the run's
-    measured bytes beside the prediction; with --compare other placements side by side."""
+    measured bytes beside the prediction, and its time per component (attention, MoE layers,
+    exchange, LM head and loss, optimizer) beside the predicted; with --compare other placements side by side."""
     formats = [name for name, on in (("--json", json_), ("--csv", csv_), ("--markdown", markdown)) if on]
     if len(formats) > 1:
         raise ReportError(f"{' and '.join(formats)}: choose one output format")
@@ -64,7 +66,7 @@ def report(
         raise ReportError("--top and --all: give one (--all shows every row)")
     rows = None if all_ else (top if top is not None else _DEFAULT_TOP)
 
-    opened = open_manifest(manifest, topology)
+    opened = open_manifest(manifest, topology, calibration=calibration)
     plan = opened.plan
     others: list[PlanView] = []
     for spec in compare or []:

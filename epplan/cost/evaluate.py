@@ -62,6 +62,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from epplan.cost.linkmap import LinkMap, LowRank, link_map
+from epplan.cost.step import StepParts, step_parts
 from epplan.errors import PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
@@ -122,6 +123,8 @@ class Cost:
     optimizer_bytes: np.ndarray
     activation_bytes: np.ndarray
     memory_capacity_bytes: np.ndarray
+    # --- with a calibration: the step's parts per GPU (epplan.cost.step) -------------------------
+    step_parts: StepParts | None = None
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -315,6 +318,11 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
 
     flops_train = TRAINING_FLOPS_FACTOR
     expert_compute_s = served * (costs.flops_per_assignment * flops_train + again["per_assignment"]) / rate
+    # --- calibrated rates (epplan.cost.step): every part of the step from measured rates; the
+    # expert GEMMs at each GPU's own rows per expert unless --tflops overrides the rate.
+    parts = calibrated_step_parts(placement, problem, served) if problem.calibration is not None else None
+    if parts is not None and problem.achievable_tflops is None:
+        expert_compute_s = parts.experts
     expert_gpu = np.argmax(expert_compute_s, axis=1)
     expert_max = expert_compute_s[np.arange(num_layers), expert_gpu]
     bottleneck_s = np.maximum(a2a_link_s, expert_max)
@@ -327,6 +335,9 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
                                       (num_layers, num_gpus)).copy()
     other_flops = config.num_dense_layers * costs.flops_fwd_dense_layer + costs.flops_lm_head
     other_compute_s = tokens * (other_flops * flops_train + config.num_dense_layers * again["dense_layer"]) / rate
+    if parts is not None:
+        dense_compute_s = parts.attention + parts.moe_dense
+        other_compute_s = parts.lm_head_loss + parts.embedding + parts.optimizer + parts.dense_layers
     layer_time_s = dense_compute_s.max(axis=1) + moe_time_s
 
     # Gradient synchronisation: one matrix each, all layers summed (links are shared anyway).
@@ -379,8 +390,20 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
         model_flops_per_step=float(costs.model_flops_per_step),
         mfu_datasheet=float(mfu_datasheet), mfu_spec=float(mfu_spec),
         busiest_link=busiest, bandwidth_utilisation=utilisation,
-        **memory,
+        **memory, step_parts=parts,
     )
+
+
+def calibrated_step_parts(placement: Placement, problem: PlacementProblem, served: np.ndarray) -> StepParts:
+    """``epplan.cost.step.step_parts`` of the placement: served float64[L, G] assignments."""
+    held = np.zeros((problem.num_layers, problem.num_gpus), dtype=np.int64)
+    for li, layer in enumerate(placement.layers):
+        held[li] = np.bincount(np.concatenate([np.asarray(r) for r in layer.replicas]),
+                               minlength=problem.num_gpus)
+    return step_parts(problem.config, problem.costs, problem.calibration,
+                      problem.config.tokens_per_step / problem.num_gpus, served, held,
+                      problem.micro_batches, chunks=problem.schedule.num_chunks if problem.schedule.overlap else 0,
+                      recompute=problem.recompute)
 
 
 def _layer_loads(lm: LinkMap, layer: LayerPlacement, counts: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -12,11 +12,16 @@ from functools import cached_property
 import numpy as np
 
 from epplan.schedule import MAX_CHUNKS, OVERLAP_MODES, Schedule, default_schedule
+from typing import TYPE_CHECKING
+
 from epplan.errors import PlacementError, TrafficError
 from epplan.topology import Topology
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import ModelCosts, model_costs
 from epplan.workload.traffic import Traffic
+
+if TYPE_CHECKING:  # epplan.cost imports this module
+    from epplan.cost.calibration import Calibration
 
 
 @dataclass(eq=False)
@@ -36,6 +41,11 @@ class PlacementProblem:
                         more FLOPs (and, for block, a second dispatch and combine) per step.
     optimizer_sharding: none or dense (ZeRO over all ranks): less optimizer memory, one
                         all-gather of the dense weights per step.
+    calibration:        measured rates of the GPUs (``epplan.cost.calibration``), one per GPU;
+                        None: the flat efficiency above. With it, ``gpu_flops`` is the grouped
+                        expert rate at the plan's expected rows per expert and ``evaluate`` times
+                        every part of the step from the measured rates (``epplan.cost.step``).
+                        ``achievable_tflops`` still overrides the expert rate.
     """
 
     topology: Topology
@@ -49,8 +59,12 @@ class PlacementProblem:
     num_chunks: int | None = None
     recompute: str = "none"
     optimizer_sharding: str = "none"
+    calibration: list[Calibration] | None = None
 
     def __post_init__(self) -> None:
+        if self.calibration is not None and len(self.calibration) != self.topology.num_gpus:
+            raise PlacementError(f"calibration: {len(self.calibration)} entries for "
+                                 f"{self.topology.num_gpus} GPUs; give one per GPU")
         g, e, layers = self.topology.num_gpus, self.config.num_experts, self.config.num_moe_layers
         if not _is_positive_int(self.experts_per_gpu):
             raise PlacementError(f"--experts-per-gpu must be a positive integer, got {self.experts_per_gpu!r}")
@@ -130,7 +144,22 @@ class PlacementProblem:
         """float64[G] achievable FLOP/s of each GPU (efficiency x datasheet, or the override)."""
         if self.achievable_tflops is not None:
             return np.full(self.num_gpus, self.achievable_tflops * 1e12)
+        if self.calibration is not None:
+            c = self.config
+            rows = self.expected_rows_per_expert
+            path = "chunked" if self.schedule.overlap else "unchunked"
+            return np.array([cal.expert_flops(c.d_model, c.d_ff, c.activation, rows, path)
+                             for cal in self.calibration])
         return self.compute_efficiency * np.asarray(self.topology.gpu_tflops, dtype=np.float64) * 1e12
+
+    @property
+    def expected_rows_per_expert(self) -> float:
+        """Rows one expert (replica) computes per grouped GEMM under balanced routing: a
+        micro-batch's assignments over the experts, or over the GPUs when replicas fill them;
+        with overlap, per chunk."""
+        c = self.config
+        rows = c.tokens_per_step * c.top_k / max(c.num_experts, self.num_gpus) / self.micro_batches
+        return rows / self.schedule.num_chunks if self.schedule.overlap else rows
 
     @cached_property
     def expert_load(self) -> np.ndarray:

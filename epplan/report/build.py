@@ -19,6 +19,8 @@ from epplan.report.predicted import (
     ClassRow, GpuTable, LinkTable, ReportError, check_layer, class_summary, gpu_row, gpu_table, link_row, link_table,
 )
 
+from epplan.report.components import ComponentComparison, compare_components  # noqa: E402
+
 FORMAT = "epplan.report"
 VERSION = 1
 
@@ -40,6 +42,7 @@ class Report:
     run: RunMetrics | None = None
     comparison: Comparison | None = None
     notes: list[str] = field(default_factory=list)
+    components: ComponentComparison | None = None
 
     @property
     def shown_links(self) -> np.ndarray:
@@ -111,6 +114,7 @@ class Report:
                        "max_link_relative_error": _max_rel(replayed, m.measured_total)},
             "links": rows,
             "notes": m.notes,
+            "components": None if self.components is None else self.components.to_dict(),
         }
 
     def _compare_dict(self) -> dict[str, Any]:
@@ -131,6 +135,7 @@ def build_report(plan: PlanView, *, layer: int | None = None, top: int | None = 
     if run is not None:
         report.run = run
         report.measured = compare_measured(plan.cost, plan.placement, plan.problem, run, layer)
+        report.components = compare_components(run.run_dir, plan.problem, plan.placement)
     if others:
         report.comparison = compare_plans([plan, *others], layer, top)
         models = {p.problem.config for p in [plan, *others]}

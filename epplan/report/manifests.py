@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from epplan.cost.calibration import resolve_calibrations
 from epplan.cost import evaluate
 from epplan.errors import EpplanError
 from epplan.manifest import Manifest, check_fits_topology, load_manifest
@@ -48,18 +49,25 @@ class OpenedManifest:
 
 
 def open_manifest(path: str | Path, topology_file: str | Path | None = None,
-                  known: Topology | None = None) -> OpenedManifest:
+                  known: Topology | None = None, calibration: str | Path | None = None) -> OpenedManifest:
     """Load, check and score the manifest at ``path``.
 
     ``known``: an already loaded topology used when its content hash is the manifest's (for
-    compared manifests of the same cluster).
+    compared manifests of the same cluster). ``calibration``: a calibration file for the rates
+    (default: the topology's node-type files, else the shipped tables; a manifest planned on a
+    flat --tflops or --compute-efficiency keeps it).
     """
     path = Path(path)
     manifest = load_manifest(path)
     notes: list[str] = []
     topo = _topology(manifest, path, topology_file, known)
     traffic = _traffic(manifest, path, topo, notes)
-    problem = PlacementProblem(topo, manifest.config, traffic, **manifest.problem_options())
+    options = manifest.problem_options()
+    if manifest.calibrated:  # the rates the plan was made on: the topology's calibration files or tables
+        cals, rate_notes = resolve_calibrations(topo, calibration)
+        options["calibration"] = cals
+        notes += rate_notes
+    problem = PlacementProblem(topo, manifest.config, traffic, **options)
     cost = evaluate(manifest.placement, problem)
     stored = manifest.predicted.get("link_bytes_per_step")
     if isinstance(stored, list) and len(stored) == topo.num_links:

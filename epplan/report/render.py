@@ -77,6 +77,9 @@ def sections(report: Report) -> list[Section]:
     out = [_links_section(report), _classes_section(report), _gpus_section(report)]
     if report.measured is not None:
         out.append(_measured_section(report))
+    components = _components_section(report)
+    if components is not None:
+        out.append(components)
     if report.comparison is not None:
         out += _compare_sections(report)
     return out
@@ -189,10 +192,12 @@ def _measured_section(report: Report) -> Section:
     lines = [
         f"measured in {run.run_dir}: {run.num_steps} steps on {run.device or '?'}"
         + ("" if run.is_finished else " (unfinished)"),
-        f"step time: predicted {fmt_time(m.predicted_step_time_s)}, measured {fmt_time(m.measured_step_time_s)} "
-        f"(median, first step left out)"
-        + (f", predicted from the run's routing {fmt_time(m.replayed_step_time_s)}"
-           if m.replayed_step_time_s is not None else ""),
+        (f"step time: predicted {fmt_time(m.predicted_step_time_s)}, measured {fmt_time(m.measured_step_time_s)} "
+         f"(median, first step left out)"
+         + (f", predicted from the run's routing {fmt_time(m.replayed_step_time_s)}"
+            if m.replayed_step_time_s is not None else "")) if run.device == "cuda" else
+        (f"step time: measured {fmt_time(m.measured_step_time_s)} on {run.device or '?'}; the prediction "
+         f"({fmt_time(m.predicted_step_time_s)}) is for the topology's GPUs, so only bytes are compared"),
         f"all-to-all bytes on links: predicted {fmt_bytes(m.predicted_total.sum())}, measured "
         f"{fmt_bytes(m.measured_total.sum())} (ratio {fmt_ratio(total_ratio)})",
         f"bytes per token-assignment: runtime {m.runtime_bytes_per_assignment:,.0f}, cost model "
@@ -211,6 +216,23 @@ def _measured_section(report: Report) -> Section:
     return Section(f"measured vs predicted all-to-all, hottest measured first ({shown}; {scope})",
                    columns, rows, lines=lines, notes=notes,
                    optional=["measured combine", "measured dispatch", "class"])
+
+
+def _components_section(report: Report) -> Section | None:
+    comp = report.components
+    if comp is None:
+        return None
+    rows = []
+    for name, row in comp.to_dict()["components"].items():
+        if row["measured_s"] is None and row["predicted_s"] is None:
+            continue
+        rows.append([name.replace("_", " "), fmt_time(row["predicted_s"]), fmt_time(row["measured_s"]),
+                     fmt_ratio(row["predicted_over_measured"])])
+    columns = [("component", "left"), ("predicted", "right"), ("measured", "right"), ("predicted / measured", "right")]
+    return Section(f"time per step by component, predicted vs measured ({comp.num_steps} steps, medians)",
+                   columns, rows, lines=[f"note: {comp.note}"],
+                   notes=["measured: 'epplan run''s own timings, CUDA events on GPUs (attention and MoE: norm + layer, forward + backward; "
+                          "exchange: the unchunked exchanges the compute stream waits for)."])
 
 
 def _compare_sections(report: Report) -> list[Section]:

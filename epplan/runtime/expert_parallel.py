@@ -55,6 +55,28 @@ from epplan.runtime.router import count_keys, position_in_expert
 from epplan.workload.config import ModelConfig
 
 
+# Optional timer of the unchunked exchanges (``start(name)`` / ``stop(name)``, e.g.
+# ``epplan.train.timing.StepTimer``): marks on the compute stream before each exchange is issued
+# and after the stream waits for it.
+_exchange_timer: Any = None
+
+
+def set_exchange_timer(timer: Any) -> None:
+    """Time every unchunked row exchange as ``timer``'s "exchange" component (None: stop)."""
+    global _exchange_timer
+    _exchange_timer = timer
+
+
+def _exchange(out: torch.Tensor, x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+              group: dist.ProcessGroup | None) -> None:
+    timer = _exchange_timer
+    if timer is not None:
+        timer.start("exchange")
+    _overlap.exchange_rows(out, x, output_splits, input_splits, group).wait()
+    if timer is not None:
+        timer.stop("exchange")
+
+
 class _AllToAll(torch.autograd.Function):
     """Rows of x go to ranks in input_splits sizes; backward sends gradients back the same way."""
 
@@ -63,15 +85,14 @@ class _AllToAll(torch.autograd.Function):
                 group: dist.ProcessGroup | None) -> torch.Tensor:
         ctx.splits, ctx.group = (output_splits, input_splits), group
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        _overlap.exchange_rows(out, x.contiguous(), output_splits, input_splits, group).wait()
+        _exchange(out, x.contiguous(), output_splits, input_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         output_splits, input_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
-        _overlap.exchange_rows(grad_in, grad_out.contiguous(), input_splits, output_splits,
-                              ctx.group).wait()
+        _exchange(grad_in, grad_out.contiguous(), input_splits, output_splits, ctx.group)
         return grad_in, None, None, None
 
 
@@ -218,6 +239,14 @@ class ExpertParallelExperts(nn.Module):
             self, "counts", partial(self._exchange_counts, send_counts, proposal, x))
         num_sent = int(send_host.sum())
 
+        if G == 1:  # nothing to exchange, nothing to overlap: the rows stay, in expert order
+            order = torch.argsort(key, stable=True)[:num_sent]  # (S,) by expert
+            token_of_row = order // top_k  # (S,)
+            y = expert_mlp(x[token_of_row], send_host[0].tolist(), w1, w2, w3, self.activation,
+                           self.impl)  # (S, D)
+            weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
+            out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+            return out.to(out_dtype)
         if not self.overlap:
             order = torch.argsort(key, stable=True)[:num_sent]  # (S,) by (dest, expert)
             return self._forward_reference(x, order, topk_weight, send_host, recv_host,
@@ -241,8 +270,10 @@ class ExpertParallelExperts(nn.Module):
         layer's chunk count; records the statistics."""
         G, E = self.num_ranks, self.num_experts
         send_meta = torch.cat([send_counts, send_counts.new_full((G, 1), proposal)], dim=1)
-        recv_meta = torch.empty_like(send_meta)  # [s, e]: rows from s for my expert e; [s, E]
-        dist.all_to_all_single(recv_meta, send_meta, group=self.group)
+        recv_meta = send_meta  # [s, e]: rows from s for my expert e; [s, E]
+        if G > 1:
+            recv_meta = torch.empty_like(send_meta)
+            dist.all_to_all_single(recv_meta, send_meta, group=self.group)
         # NOTE: host sync (the split sizes of the row exchange and the GEMM shapes)
         send_host, recv_host = torch.stack([send_meta, recv_meta]).cpu().numpy()  # (2, G, E + 1)
         num_chunks = int(recv_host[:, E].max())
@@ -435,6 +466,8 @@ def sync_gradients(model: Transformer) -> None:
         if p.grad is None:  # never used on this rank this step: contributes zero, still reduced
             p.grad = torch.zeros_like(p)
 
+    if state.num_ranks == 1:  # the mean over one rank is the gradient itself
+        return
     dense = [p for p in params if id(p) not in expert_params]
     for dtype in sorted({p.dtype for p in dense}, key=str):
         grads = [p.grad for p in dense if p.dtype == dtype]
@@ -453,9 +486,9 @@ def sync_gradients(model: Transformer) -> None:
         work.wait()
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
-    for layer in state.layers:
-        for w in _weights(layer):
-            w.grad /= state.num_ranks
+    expert_grads = [w.grad for layer in state.layers for w in _weights(layer)]
+    if expert_grads:
+        torch._foreach_div_(expert_grads, state.num_ranks)
 
 
 @torch.no_grad()

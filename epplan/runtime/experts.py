@@ -20,6 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EXPERT_IMPLS = ("grouped", "loop")
+# From this many rows per expert (the mean of one call) up, "grouped" on CUDA runs one cuBLAS GEMM
+# per expert instead of torch._grouped_mm: at 20,000 rows per expert the grouped kernel ran at
+# 0.89-0.93 of torch.mm's rate on H200, at 1,250-4,096 rows at 1.02-1.29 (docs/benchmarks.md).
+LOOP_MIN_ROWS = 8192
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
@@ -73,11 +77,49 @@ def expert_mlp(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2:
     if impl != "grouped":
         raise ValueError(f"unknown expert impl {impl!r}; known: {', '.join(EXPERT_IMPLS)}")
     if _can_grouped_mm(x, w1):
-        offs = torch.tensor(list(itertools.accumulate(num_tokens)), dtype=torch.int32, device=x.device)
-        h = torch._grouped_mm(x, w1, offs=offs)  # (M, F)
-        g = None if w3 is None else torch._grouped_mm(x, w3, offs=offs)
-        return torch._grouped_mm(_act(h, g, activation), w2, offs=offs)  # (M, D)
+        bounds = [0, *itertools.accumulate(num_tokens)]
+        offs = None  # one cuBLAS GEMM per expert
+        if x.shape[0] < LOOP_MIN_ROWS * num_experts:
+            offs = torch.tensor(bounds[1:], dtype=torch.int32, device=x.device)
+        return segment_mlp(x, bounds, offs, w1, w2, w3, activation)
     return _padded_bmm(x, num_tokens, w1, w2, w3, activation)
+
+
+class _SegmentMLP(torch.autograd.Function):
+    """Autograd for ``expert_mlp_forward``: backward is ``expert_mlp_backward_input`` then
+    ``expert_mlp_backward_weight`` (one GEMM per expert for the weight gradients, whose K is the
+    expert's rows: autograd through torch._grouped_mm would run them as one ragged-K kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, bounds, offsets, activation):
+        y, saved = expert_mlp_forward(x, bounds, offsets, w1, w2, w3, activation)
+        ctx.bounds, ctx.offsets, ctx.activation = bounds, offsets, activation
+        ctx.has_w3 = w3 is not None
+        h, g, a = saved
+        ctx.save_for_backward(x, w1, w2, *((w3, g) if w3 is not None else ()), h, a)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.has_w3:
+            x, w1, w2, w3, g, h, a = ctx.saved_tensors
+        else:
+            (x, w1, w2, h, a), w3, g = ctx.saved_tensors, None, None
+        saved = (h, g, a)
+        dy = dy.contiguous()
+        dx, dh, dg = expert_mlp_backward_input(dy, saved, ctx.bounds, ctx.offsets, w1, w2, w3,
+                                               ctx.activation)
+        grads = tuple(None if w is None else torch.empty_like(w) for w in (w1, w2, w3))
+        expert_mlp_backward_weight(x, dy, dh, dg, saved, ctx.bounds, grads, accumulate=False)
+        return dx, *grads, None, None, None
+
+
+def segment_mlp(x: torch.Tensor, bounds: Sequence[int], offsets: torch.Tensor | None,
+                w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``expert_mlp`` on rows x (M, D) split by ``bounds`` (E + 1 host ints), with autograd;
+    offsets: int32 (E,) device copy of bounds[1:] for torch._grouped_mm, None for one GEMM per
+    expert. Returns (M, D)."""
+    return _SegmentMLP.apply(x, w1, w2, w3, list(bounds), offsets, activation)
 
 
 def _segment_mm(x: torch.Tensor, w: torch.Tensor, bounds: Sequence[int],
@@ -90,7 +132,11 @@ def _segment_mm(x: torch.Tensor, w: torch.Tensor, bounds: Sequence[int],
         return x.new_empty(0, w.shape[2])
     if offsets is not None:
         return torch._grouped_mm(x, w, offs=offsets)
-    return torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(w.shape[0])])
+    out = x.new_empty(x.shape[0], w.shape[2])
+    for e in range(w.shape[0]):
+        if bounds[e + 1] > bounds[e]:
+            torch.mm(x[bounds[e]:bounds[e + 1]], w[e], out=out[bounds[e]:bounds[e + 1]])
+    return out
 
 
 def expert_mlp_forward(x: torch.Tensor, bounds: Sequence[int], offsets: torch.Tensor | None,

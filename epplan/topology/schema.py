@@ -98,11 +98,15 @@ class NICSpec(_Strict):
 
 
 class NodeType(_Strict):
+    """``calibration``: a file written by ``epplan calibrate`` on this node type's GPUs (a path
+    relative to the topology file); the cost model then uses its measured rates."""
+
     gpus: PositiveInt
     gpu: GPUSpec
     fabric: Annotated[Union[NVSwitchFabric, XGMIFabric, PCIeFabric], Field(discriminator="kind")]
     nics: NICSpec | None = None
     description: str | None = None
+    calibration: str | None = None
 
 
 class NodeEntry(_Strict):

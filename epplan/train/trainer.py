@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from epplan.errors import EpplanError, RuntimeSetupError
-from epplan.runtime.expert_parallel import build_expert_parallel_model, get_stats, sync_gradients
+from epplan.runtime.expert_parallel import (build_expert_parallel_model, get_stats, set_exchange_timer,
+                                            sync_gradients)
 from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS
 from epplan.runtime.model import Transformer
 from epplan.runtime.recompute import RECOMPUTE, apply_recompute
@@ -43,6 +44,7 @@ from epplan.train.optim import TrainOptimizer
 from epplan.train.options import RESUME_KEYS, TrainOptions
 from epplan.train.rundir import history, set_aside
 from epplan.workload.memory import OPTIMIZER_SHARDING
+from epplan.train.timing import StepTimer, instrument, timing_record
 from epplan.workload.flops import model_costs
 from epplan.workload.routing_stats import write_routing_stats
 
@@ -91,11 +93,12 @@ def global_grad_norm(model: Transformer) -> torch.Tensor:
                                 dtype=torch.float32)
         for w in layer.parameters(recurse=False):
             expert_params.add(id(w))
-            per_slot = w.grad.float().pow(2).flatten(1).sum(dim=1)  # (E_loc,)
+            # (E_loc,) squared norms, reduced in fp32 without a squared copy of the gradient
+            per_slot = torch.linalg.vector_norm(w.grad.flatten(1), dim=1, dtype=torch.float32).square()
             term = (per_slot * is_owner.to(per_slot.device)).sum()
             owned_sq = term if owned_sq is None else owned_sq + term
-    dense_sq = sum(p.grad.float().pow(2).sum() for p in model.parameters()
-                   if id(p) not in expert_params and p.grad is not None)
+    dense = [p.grad for p in model.parameters() if id(p) not in expert_params and p.grad is not None]
+    dense_sq = torch.stack(torch._foreach_norm(dense, dtype=torch.float32)).square().sum()
     owned_sq = owned_sq if owned_sq is not None else torch.zeros((), device=dense_sq.device)
     dist.all_reduce(owned_sq, group=state.group)
     return (dense_sq + owned_sq).sqrt()
@@ -150,6 +153,9 @@ class Trainer:
         # Fused AdamW on GPUs: faster, and no temporaries the size of the moments.
         self.optimizer = TrainOptimizer(self.model, opts.optimizer_sharding, lr=self.lr,
                                         weight_decay=opts.weight_decay, fused=device.type == "cuda")
+        self.timer = StepTimer(device)
+        instrument(self.model, self.timer)
+        self.last_timing: tuple[int, dict[str, float]] | None = None  # of the step before the last
         self.data = make_data(opts.data, vocab_size=config.vocab_size, seq_len=config.seq_len,
                               seed=opts.seed, rank=rank, num_ranks=G, batch_per_rank=self.batch_per_rank,
                               micro_batches=opts.micro_batches)
@@ -374,7 +380,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """Run optimizer step ``self.step + 1`` (collective); returns its metrics record."""
         start = time.perf_counter()
-        model, opts = self.model, self.opts
+        model, opts, timer = self.model, self.opts, self.timer
+        timer.start("step")
+        set_exchange_timer(timer)
         model.train()
         stats = get_stats(model)
         stats.reset()
@@ -390,6 +398,8 @@ class Trainer:
             (loss / opts.micro_batches).backward()
             loss_sum = loss_sum + loss.detach()
             aux_sum = aux_sum + aux.detach()
+        set_exchange_timer(None)
+        timer.start("optimizer")
         sync_gradients(model)
         step = self.step + 1
         with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.steps
@@ -397,8 +407,10 @@ class Trainer:
         gathered = gather_step_stats((loss_sum - aux_sum) / opts.micro_batches,
                                      aux_sum / opts.micro_batches, stats, self.job.num_ranks, with_matrices)
         grad_norm = global_grad_norm(model)
+        grad_norm_value = grad_norm.item()  # NOTE: host sync (the finite check below)
+        self.last_timing = timer.collect()  # the previous step's marks are complete by now
         bad = next((f"{what} is {value}" for what, value in
-                    (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm.item()))
+                    (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm_value))
                     if not math.isfinite(value)), None)
         if bad is not None:
             self.finish_checkpoint()
@@ -407,8 +419,8 @@ class Trainer:
         self._confirm()
         if opts.grad_clip > 0:
             scale = (opts.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            for p in model.parameters():
-                p.grad.mul_(scale)  # every grad exists: sync_gradients fills unused ones with zeros
+            # every grad exists: sync_gradients fills unused ones with zeros
+            torch._foreach_mul_([p.grad for p in model.parameters()], scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         staging_s = None
@@ -419,6 +431,9 @@ class Trainer:
             checkpoint.stage(self.model, self.optimizer, rank=self.rank, staging=self.staging)
             staging_s = time.perf_counter() - t0
         model.update_router_biases()
+        timer.stop("optimizer")
+        timer.stop("step")
+        timer.finish_step(step)
         self.step = step
 
         self.routing_counts += gathered.tokens_per_expert
@@ -427,7 +442,7 @@ class Trainer:
         tflops = self.costs.model_flops_per_step / seconds / self.job.num_ranks / 1e12
         record = {
             "kind": "step", "step": step, "loss": gathered.loss, "aux_loss": gathered.aux_loss, "lr": lr,
-            "grad_norm": grad_norm.item(), "step_time_s": seconds,
+            "grad_norm": grad_norm_value, "step_time_s": seconds,
             "tokens_per_s": self.config.tokens_per_step / seconds, "tflops_per_gpu": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "tokens_per_expert": gathered.tokens_per_expert.sum(axis=1).tolist(),
@@ -470,6 +485,8 @@ class Trainer:
                 record = self.train_step()
                 if log is not None:
                     log.write(record)
+                    if self.last_timing is not None:
+                        log.write(timing_record(*self.last_timing))
                 display.update(record)
                 if self.step % self.opts.ckpt_every == 0 or self.step == self.opts.steps:
                     self.save()
@@ -478,6 +495,9 @@ class Trainer:
             display.close()
         if is_main:
             checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints)
+        last = self.timer.flush()
+        if log is not None and last is not None:
+            log.write(timing_record(*last))
         if log is not None:
             stats_path = self.write_routing_stats()
             log.write({"kind": "end", "step": self.step, "routing_stats": str(stats_path) if stats_path else None,

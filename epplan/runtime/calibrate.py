@@ -1,0 +1,304 @@
+"""``epplan calibrate``'s measurements: the step's parts, timed on this GPU with the runtime's code.
+
+Every timing is the median of ``iters`` runs after ``warmup`` runs, with CUDA events (host clocks
+on CPU), on random data (never zeros). Each result is stored as a rate in the units of
+``epplan.cost.calibration``: FLOP-bound parts as TFLOP/s (FLOPs as ``epplan.workload.flops``
+counts them), memory-bound parts as GB/s over ``epplan.cost.step``'s byte count for that part.
+
+What is timed (forward + backward unless said):
+
+    gemm       F.linear on bf16 (tokens, k) x (n, k) for the model's attention projections and LM head
+    expert     ``expert_mlp`` (grouped GEMMs, the activation) over ``num_local`` experts, at rows
+               per expert from 128 to 16,384; "unchunked" is the path ``epplan run`` takes without
+               overlap (and on one GPU), "chunked" one chunk of the overlap path
+    attention  SDPA with the kernel order ``epplan run`` uses (``model.SDPA_BACKENDS``)
+    norm       F.rms_norm on an fp32 residual stream under bf16 autocast
+    cast       an fp32 weight cast to bf16, its gradient accumulated into the fp32 gradient
+    loss       fp32 cross-entropy of bf16 logits
+    moe_local  the MoE layer on one rank (router, permutation, exchange, combine) minus its expert GEMMs
+    optimizer  gradient norm, clipping and fused AdamW (``epplan run``'s optimizer step)
+    embedding  token + position embeddings
+    collectives (several ranks, under torchrun): all_to_all_single and all_reduce over the world
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from epplan.cost import step as bytes_of
+from epplan.runtime.experts import (expert_mlp, expert_mlp_backward_input, expert_mlp_backward_weight,
+                                    expert_mlp_forward)
+from epplan.runtime.model import SDPA_BACKENDS
+from epplan.workload.config import ModelConfig
+from epplan.workload.flops import model_costs
+
+ROWS_PER_EXPERT = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class Timer:
+    def __init__(self, device: torch.device, iters: int, warmup: int) -> None:
+        self.device, self.iters, self.warmup = device, iters, warmup
+
+    def seconds(self, fn: Callable[[], Any]) -> float:
+        """Median seconds of fn() on the device."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.iters):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e-3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def _rand(*shape: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0,
+          requires_grad: bool = False) -> torch.Tensor:
+    t = (torch.randn(*shape, device=device) * scale).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _backward(y: torch.Tensor, g: torch.Tensor, *inputs: torch.Tensor) -> None:
+    torch.autograd.backward(y, g)
+    for t in inputs:
+        t.grad = None
+
+
+def measure_gemm(timer: Timer, k: int, n: int, tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    dev = timer.device
+    x = _rand(tokens, k, device=dev, dtype=dtype, requires_grad=True)
+    w = _rand(n, k, device=dev, dtype=dtype, scale=0.02, requires_grad=True)
+    g = _rand(tokens, n, device=dev, dtype=dtype)
+    s = timer.seconds(lambda: _backward(F.linear(x, w), g, x, w))
+    return {"k": k, "n": n, "tokens": tokens, "tflops": 3 * 2 * tokens * k * n / s / 1e12}
+
+
+def measure_expert(timer: Timer, config: ModelConfig, num_local: int, rows: tuple[int, ...],
+                   dtype: torch.dtype, chunked: bool) -> dict[str, Any]:
+    dev, d, f = timer.device, config.d_model, config.d_ff
+    w1 = _rand(num_local, d, f, device=dev, dtype=dtype, scale=0.02, requires_grad=True)
+    w2 = _rand(num_local, f, d, device=dev, dtype=dtype, scale=0.02, requires_grad=True)
+    w3 = (_rand(num_local, d, f, device=dev, dtype=dtype, scale=0.02, requires_grad=True)
+          if config.activation == "swiglu" else None)
+    flops_per_row = 2 * (3 if w3 is not None else 2) * d * f
+    points = []
+    for m in rows:
+        counts = [m] * num_local
+        x = _rand(m * num_local, d, device=dev, dtype=dtype, requires_grad=not chunked)
+        g = _rand(m * num_local, d, device=dev, dtype=dtype)
+        if chunked:
+            bounds = [i * m for i in range(num_local + 1)]
+            grouped = dev.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            offs = torch.tensor(bounds[1:], dtype=torch.int32, device=dev) if grouped else None
+            grads = tuple(None if w is None else torch.empty_like(w) for w in (w1, w2, w3))
+
+            def run() -> None:
+                with torch.no_grad():
+                    y, saved = expert_mlp_forward(x, bounds, offs, w1, w2, w3, config.activation)
+                    dx, dh, dg = expert_mlp_backward_input(g, saved, bounds, offs, w1, w2, w3,
+                                                           config.activation)
+                    expert_mlp_backward_weight(x, g, dh, dg, saved, bounds, grads, accumulate=False)
+        else:
+            def run() -> None:
+                y = expert_mlp(x, counts, w1, w2, w3, config.activation)
+                _backward(y, g, x, w1, w2, *(() if w3 is None else (w3,)))
+        s = timer.seconds(run)
+        points.append([m, 3 * flops_per_row * m * num_local / s / 1e12])
+        del x, g
+    return {"d_model": d, "d_ff": f, "activation": config.activation, "num_local": num_local,
+            "path": "chunked" if chunked else "unchunked", "points": points}
+
+
+def measure_attention(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    dev, c = timer.device, config
+    batch = max(1, tokens // c.seq_len)
+    q, k, v = (_rand(batch, c.num_heads, c.seq_len, c.head_dim, device=dev, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    g = _rand(batch, c.num_heads, c.seq_len, c.head_dim, device=dev, dtype=dtype)
+    backend = "none"
+    for b in SDPA_BACKENDS:  # the first kernel that runs these inputs is the one run picks
+        try:
+            with sdpa_kernel([b]):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+            backend = b.name
+            break
+        except RuntimeError:
+            continue
+
+    def run() -> None:
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        _backward(y, g, q, k, v)
+    s = timer.seconds(run)
+    flops = 3 * model_costs(c).flops_attention_scores * batch * c.seq_len
+    return {"seq_len": c.seq_len, "num_heads": c.num_heads, "head_dim": c.head_dim, "batch": batch,
+            "backend": backend, "tflops": flops / s / 1e12}
+
+
+def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> dict[str, float]:
+    """GB/s of each memory-bound part over its byte count (``epplan.cost.step``)."""
+    dev, c, out = timer.device, config, {}
+    d = c.d_model
+    def autocast() -> torch.autocast:
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    x = _rand(tokens, d, device=dev, dtype=torch.float32, requires_grad=True)
+    w = torch.ones(d, device=dev, requires_grad=True)
+    gy = _rand(tokens, d, device=dev, dtype=torch.float32)
+
+    def norm() -> None:
+        with autocast():
+            y = F.rms_norm(x, (d,), w, 1e-6)
+        _backward(y, gy, x, w)
+    out["norm"] = bytes_of.norm_bytes(tokens, d) / timer.seconds(norm) / 1e9
+    del x, gy
+
+    params = 64 * 2**20 if dev.type == "cuda" else 2**20
+    master = _rand(params, device=dev, dtype=torch.float32, scale=0.02, requires_grad=True)
+    gcast = _rand(params, device=dev, dtype=dtype)
+    master.grad = torch.zeros_like(master)
+
+    def cast() -> None:
+        master.to(dtype).backward(gcast)  # accumulates into master.grad, as a later micro-batch does
+    out["cast"] = bytes_of.cast_bytes(params) / timer.seconds(cast) / 1e9
+    del master, gcast
+
+    loss_tokens = max(1, min(tokens, (2**31 // 8) // c.vocab_size))  # logits under 2 GiB in fp32... x4
+    logits = _rand(loss_tokens, c.vocab_size, device=dev, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, c.vocab_size, (loss_tokens,), device=dev)
+
+    def loss() -> None:
+        F.cross_entropy(logits.float(), target).backward()
+        logits.grad = None
+    out["loss"] = bytes_of.loss_bytes(loss_tokens, c.vocab_size) / timer.seconds(loss) / 1e9
+    del logits
+
+    tensors = [_rand(params // 8, device=dev, dtype=torch.float32, scale=0.02).requires_grad_() for _ in range(8)]
+    for t in tensors:
+        t.grad = _rand(*t.shape, device=dev, dtype=torch.float32, scale=1e-3)
+    opt = torch.optim.AdamW(tensors, lr=1e-4, fused=dev.type == "cuda")
+
+    def optimizer() -> None:  # as Trainer.train_step: the norm, the clip, the step
+        grads = [t.grad for t in tensors]
+        norm = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum().sqrt()
+        torch._foreach_mul_(grads, (1.0 / (norm + 1e-6)).clamp(max=1.0))
+        opt.step()
+    out["optimizer"] = bytes_of.optimizer_bytes(params) / timer.seconds(optimizer) / 1e9
+    del tensors, opt
+
+    emb = nn.Embedding(c.vocab_size, d, device=dev)
+    pos = nn.Embedding(c.seq_len, d, device=dev)
+    seqs = max(1, tokens // c.seq_len)
+    idx = torch.randint(0, c.vocab_size, (seqs, c.seq_len), device=dev)
+    ge = _rand(seqs, c.seq_len, d, device=dev, dtype=torch.float32)
+
+    def embedding() -> None:
+        y = emb(idx) + pos(torch.arange(c.seq_len, device=dev))
+        _backward(y, ge, emb.weight, pos.weight)
+    out["embedding"] = bytes_of.embedding_bytes(seqs * c.seq_len, d) / timer.seconds(embedding) / 1e9
+    del emb, pos, ge
+
+    out["moe_local"] = _measure_moe_local(timer, c, tokens, dtype)
+    return out
+
+
+def _measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> float:
+    """The MoE layer on one rank (``parallelize_experts`` on a group of this process alone, no
+    overlap: the path of a one-node ``epplan run``) minus its expert GEMMs alone, as GB/s."""
+    from epplan.placement.types import Placement, LayerPlacement
+    from epplan.runtime.expert_parallel import parallelize_experts
+    from epplan.runtime.model import Transformer
+    import numpy as np
+
+    dev, c = timer.device, config.replace(num_layers=1, num_dense_layers=0, num_shared_experts=0)
+    group = dist.new_group([dist.get_rank()])
+    E = c.num_experts
+    layer = LayerPlacement(replicas=[np.array([0]) for _ in range(E)], split=[np.ones((1, 1)) for _ in range(E)])
+    with torch.device(dev):
+        model = Transformer(c)
+    # parallelize_experts checks the placement against the group's size (1), not the world's.
+    parallelize_experts(model, Placement(1, E, [layer]), group=group, overlap=False)
+    moe = model.layers[0].ffn
+    moe.experts.to(dtype)  # bf16 expert weights: their casts are timed as "cast"
+    # As in training: the fp32 residual stream under autocast (the router computes in fp32).
+    x = _rand(tokens, d := c.d_model, device=dev, dtype=torch.float32, requires_grad=True)
+    g = _rand(tokens, d, device=dev, dtype=torch.float32)
+
+    def run() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            y = moe(x.view(1, tokens, d)).view(tokens, d)
+        _backward(y, g, x, *moe.parameters())
+    moe_s = timer.seconds(run)
+    # The expert GEMMs alone at the same rows (balanced: the rows the router gives are close).
+    experts = moe.experts
+    rows = tokens * c.top_k // E
+    xe = _rand(rows * E, d, device=dev, dtype=dtype, requires_grad=True)
+    ge = _rand(rows * E, d, device=dev, dtype=dtype)
+    ws = [w for w in (experts.w1, experts.w2, experts.w3) if w is not None]
+    expert_s = timer.seconds(lambda: _backward(
+        expert_mlp(xe, [rows] * E, experts.w1, experts.w2, experts.w3, c.activation), ge, xe, *ws))
+    local_s = max(moe_s - expert_s, 1e-6)
+    return bytes_of.moe_local_bytes(tokens, d, c.top_k) / local_s / 1e9
+
+
+def measure_collectives(timer: Timer, sizes: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
+    """all_to_all_single and all_reduce over the world, bytes per rank in ``sizes``, GB/s algbw."""
+    dev, G = timer.device, dist.get_world_size()
+    a2a, ar = [], []
+    for nbytes in sizes:
+        n = max(G, nbytes // 2 // G * G)
+        x = torch.randn(n, device=dev).to(torch.bfloat16)
+        y = torch.empty_like(x)
+        a2a.append([n * 2, n * 2 / timer.seconds(lambda: dist.all_to_all_single(y, x)) / 1e9])
+        ar.append([n * 2, n * 2 / timer.seconds(lambda: dist.all_reduce(x)) / 1e9])
+    return {"all_to_all": [{"group_size": G, "points": a2a}], "all_reduce": [{"group_size": G, "points": ar}]}
+
+
+def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32768,
+              num_local: int = 8, iters: int = 5, warmup: int = 2,
+              rows: tuple[int, ...] = ROWS_PER_EXPERT) -> dict[str, Any]:
+    """Every table of a calibration file for ``configs``' shapes, on ``device`` (a dict; the
+    caller adds provenance). Needs ``torch.distributed`` initialised (a group of one is fine)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    timer = Timer(device, iters, warmup)
+    gemm, expert, attention, memory = {}, [], {}, {}
+    seen_expert = set()
+    for c in configs:
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for k, n in ((c.d_model, q_width), (c.d_model, 2 * kv_width), (q_width, c.d_model),
+                     (c.d_model, c.vocab_size)):
+            if (k, n) not in gemm:
+                gemm[(k, n)] = measure_gemm(timer, k, n, min(tokens, 16384) if n > 65536 else tokens, dtype)
+        shapes = [(c.d_model, c.d_ff, c.activation)]
+        for shape in shapes:
+            if shape not in seen_expert:
+                seen_expert.add(shape)
+                for chunked in (False, True):
+                    expert.append(measure_expert(timer, c, num_local, rows, dtype, chunked))
+        key = (c.seq_len, c.num_heads, c.head_dim)
+        if key not in attention:
+            attention[key] = measure_attention(timer, c, tokens, dtype)
+        if not memory:
+            memory = measure_memory(timer, c, tokens, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out = {"gemm": list(gemm.values()), "expert": expert, "attention": list(attention.values()),
+           "memory": memory, "collectives": {}}
+    if dist.get_world_size() > 1:
+        out["collectives"] = measure_collectives(timer, (2**20, 2**24, 2**28))
+    return out

@@ -1,0 +1,8 @@
+# Run here (pulp is not on the device machine): the one-GPU manifests of scripts/device/dev11.sh.
+set -e
+T=scripts/device/gpu-h200.yaml
+mkdir -p runs
+epplan place --topology $T --model seed --set num_layers=2 --set global_batch=8 --experts-per-gpu 16 --micro-batches 2 --out runs/h200-seed2.json
+epplan place --topology $T --model seed --set num_layers=4 --set num_experts=8 --set global_batch=8 --experts-per-gpu 8 --micro-batches 4 --out runs/h200-seed4.json
+epplan place --topology $T --model mixtral-8x7b --set num_layers=2 --set global_batch=16 --experts-per-gpu 8 --micro-batches 2 --out runs/h200-mixtral2.json
+epplan place --topology $T --model scripts/device/medium.yaml --experts-per-gpu 8 --out runs/h200-medium.json

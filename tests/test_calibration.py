@@ -1,0 +1,120 @@
+"""Calibration files: ``epplan calibrate`` (tiny dims on CPU), lookups, errors, shipped tables, and
+the cost model reading them (estimate --calibration, a topology node type naming one)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from epplan.cli import app
+from epplan.cost import evaluate
+from epplan.cost.calibration import (Calibration, CalibrationError, load_calibration, resolve_calibrations,
+                                     shipped_for, shipped_tables)
+from epplan.cost.step import cast_bytes, moe_local_bytes, optimizer_bytes
+from epplan.placement.baselines import contiguous
+from epplan.placement.problem import PlacementProblem
+from epplan.topology import load_topology
+from epplan.workload import load_model_config, make_traffic
+
+runner = CliRunner()
+TOPOLOGY = """\
+name: one-box
+node_types:
+  box:
+    gpus: 2
+    gpu: {model: L40S-48GB, memory_gb: 48, bf16_tflops: 362, hbm_gbps: 864}
+    fabric: {kind: nvswitch, gbps: 100}
+    calibration: cal.json
+nodes:
+  - {name: n0, type: box}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_calibration(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "cal.json"
+    result = runner.invoke(app, ["calibrate", "--model", "tiny", "--device", "cpu", "--tokens", "64",
+                                 "--rows", "8,32", "--iters", "1", "--experts", "2", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_calibrate_writes_a_file_the_cost_model_reads(tiny_calibration, tmp_path):
+    cal = load_calibration(tiny_calibration)
+    data = json.loads(tiny_calibration.read_text())
+    assert data["format"] == "epplan.calibration" and data["version"] == 1
+    assert {r["path"] for r in cal.expert} == {"unchunked", "chunked"}
+    assert [p[0] for p in cal.expert[0]["points"]] == [8, 32]
+    assert set(cal.memory) == {"norm", "cast", "loss", "optimizer", "embedding", "moe_local"}
+    assert all(v > 0 for v in cal.memory.values()) and cal.attention[0]["tflops"] > 0
+    # A node type names the file (relative to the topology): the L40S has no shipped table.
+    (tmp_path / "cal.json").write_text(tiny_calibration.read_text())
+    (tmp_path / "topo.yaml").write_text(TOPOLOGY)
+    topo = load_topology(tmp_path / "topo.yaml")
+    cals, notes = resolve_calibrations(topo)
+    assert len(cals) == 2 and cals[0] is cals[1] and "cal.json" in notes[0]
+    config = load_model_config("tiny")
+    problem = PlacementProblem(topo, config, make_traffic("uniform", config, 2), experts_per_gpu=2,
+                               calibration=cals)
+    cost = evaluate(contiguous(problem), problem)
+    parts = cost.step_parts
+    rate = cals[0].expert_flops(32, 64, "gelu", problem.expected_rows_per_expert)
+    assert problem.gpu_flops[0] == pytest.approx(rate)
+    served = cost.expert_assignments
+    expect = served * problem.costs.flops_per_assignment * 3 / parts.expert_rate \
+        + cast_bytes(2 * problem.costs.params_per_expert) / cals[0].memory_rate("cast")
+    np.testing.assert_allclose(cost.expert_compute_s, expect)
+    tokens = config.tokens_per_step / 2
+    assert parts.optimizer[0] == pytest.approx(
+        optimizer_bytes(problem.costs.params_dense + 2 * 2 * problem.costs.params_per_expert)
+        / cals[0].memory_rate("optimizer"))
+    assert parts.moe_dense[0, 0] > moe_local_bytes(tokens, 32, 2) / cals[0].memory_rate("moe_local")
+    est = runner.invoke(app, ["estimate", "--topology", str(tmp_path / "topo.yaml"), "--model", "tiny",
+                              "--experts-per-gpu", "2", "--json"])
+    assert est.exit_code == 0, est.output
+    out = json.loads(est.output)
+    assert out["step"]["step_time_s"] == pytest.approx(cost.step_time_s)
+    assert any("cal.json" in n for n in out["notes"])
+    flat = json.loads(runner.invoke(app, ["estimate", "--topology", str(tmp_path / "topo.yaml"), "--model",
+                                          "tiny", "--experts-per-gpu", "2", "--tflops", "100", "--json"]).output)
+    assert any("flat 100 TFLOP/s" in n for n in flat["notes"])
+
+
+def test_lookups_interpolate_and_name_the_nearest_shape():
+    cal = shipped_tables()["h200"]
+    seed = [r for r in cal.expert if r["d_model"] == 4096 and r["activation"] == "gelu" and r["path"] == "unchunked"][0]
+    pts = dict((int(a), b) for a, b in seed["points"])
+    mid = cal.expert_flops(4096, 16384, "gelu", np.sqrt(1024 * 2048))  # halfway in log(rows)
+    assert mid == pytest.approx((pts[1024] + pts[2048]) / 2 * 1e12)
+    assert cal.expert_flops(4096, 16384, "gelu", 10) == pytest.approx(pts[128] * 1e12)  # held outside
+    assert not cal.notes
+    cal.expert_flops(7168, 2048, "swiglu", 4096)
+    assert "not measured" in cal.notes[0]
+    assert shipped_for("H100-SXM5-80GB").source == "shipped:h100"
+    assert shipped_for("L40S-48GB") is None
+    for table in shipped_tables().values():
+        assert table.provenance and "docs/benchmarks.md" in table.provenance
+
+
+def test_bad_calibration_files(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(CalibrationError, match="not an epplan calibration file"):
+        load_calibration(bad)
+    doc = shipped_tables()["h200"].to_dict()
+    bad.write_text(json.dumps({**doc, "version": 99}))
+    with pytest.raises(CalibrationError, match="version 99"):
+        load_calibration(bad)
+    doc["memory"] = {"norm": -1}
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(CalibrationError, match="positive"):
+        load_calibration(bad)
+    result = runner.invoke(app, ["estimate", "--topology", "topologies/h100-pair.yaml", "--model", "tiny",
+                                 "--experts-per-gpu", "2", "--calibration", str(tmp_path / "none.json")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert isinstance(Calibration.from_dict(shipped_tables()["h100"].to_dict(), "x"), Calibration)
