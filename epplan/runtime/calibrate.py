@@ -188,7 +188,10 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     out["loss"] = bytes_of.loss_bytes(loss_tokens, c.vocab_size) / timer.seconds(loss) / 1e9
     del logits
 
-    tensors = [_rand(params // 8, device=dev, dtype=torch.float32, scale=0.02).requires_grad_() for _ in range(8)]
+    # Large tensors: at 64 Mi parameters the step ran at 2.4-2.6 TB/s over its bytes, against
+    # 3.4 TB/s in training with 4.7 G parameters (one H200, docs/benchmarks.md).
+    opt_params = 8 * params if dev.type == "cuda" else params
+    tensors = [_rand(opt_params // 8, device=dev, dtype=torch.float32, scale=0.02).requires_grad_() for _ in range(8)]
     for t in tensors:
         t.grad = _rand(*t.shape, device=dev, dtype=torch.float32, scale=1e-3)
     opt = torch.optim.AdamW(tensors, lr=1e-4, fused=dev.type == "cuda")
@@ -198,7 +201,7 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
         norm = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum().sqrt()
         torch._foreach_mul_(grads, (1.0 / (norm + 1e-6)).clamp(max=1.0))
         opt.step()
-    out["optimizer"] = bytes_of.optimizer_bytes(params) / timer.seconds(optimizer) / 1e9
+    out["optimizer"] = bytes_of.optimizer_bytes(opt_params) / timer.seconds(optimizer) / 1e9
     del tensors, opt
 
     emb = nn.Embedding(c.vocab_size, d, device=dev)

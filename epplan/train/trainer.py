@@ -80,6 +80,10 @@ def lr_at(step: int, opts: TrainOptions, peak: float) -> float:
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def global_grad_norm(model: Transformer) -> torch.Tensor:
     """Collective: the L2 norm of the whole (single-device) model's gradient, on every rank.
 
@@ -94,11 +98,12 @@ def global_grad_norm(model: Transformer) -> torch.Tensor:
         for w in layer.parameters(recurse=False):
             expert_params.add(id(w))
             # (E_loc,) squared norms, reduced in fp32 without a squared copy of the gradient
-            per_slot = torch.linalg.vector_norm(w.grad.flatten(1), dim=1, dtype=torch.float32).square()
+            per_slot = torch.linalg.vector_norm(w.grad.flatten(1), dim=1,
+                                                dtype=_at_least_fp32(w.grad)).square()
             term = (per_slot * is_owner.to(per_slot.device)).sum()
             owned_sq = term if owned_sq is None else owned_sq + term
     dense = [p.grad for p in model.parameters() if id(p) not in expert_params and p.grad is not None]
-    dense_sq = torch.stack(torch._foreach_norm(dense, dtype=torch.float32)).square().sum()
+    dense_sq = torch.stack(torch._foreach_norm(dense, dtype=_at_least_fp32(dense[0]))).square().sum()
     owned_sq = owned_sq if owned_sq is not None else torch.zeros((), device=dense_sq.device)
     dist.all_reduce(owned_sq, group=state.group)
     return (dense_sq + owned_sq).sqrt()

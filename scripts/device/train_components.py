@@ -10,7 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
-SKIP = 3  # first steps left out (warm-up, allocator growth)
+SKIP = 2  # first steps left out (warm-up, allocator growth)
 
 
 def main(paths: list[str]) -> None:
