@@ -105,6 +105,8 @@ def test_model_directory_and_huge_sizes(tmp_path):
         "estimate", "--topology", topo, "--model", "tiny", "--set", "num_layers=1000000")
     assert "router_aux_loss_coef" in _error("estimate", "--topology", topo, "--model", "tiny",
                                             "--set", "router_aux_loss_coef=.nan")
+    assert "global_batch=1,000,000,000 is more than" in _error(  # it ran for minutes in the memory fit
+        "estimate", "--topology", topo, "--model", "tiny", "--set", "global_batch=1000000000")
 
 
 def test_routing_inputs(tmp_path):

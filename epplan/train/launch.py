@@ -94,7 +94,7 @@ def check_numbers(opts: TrainOptions, launch: LaunchOptions) -> None:
     """Every number of a run in its range, where ``epplan run`` parses it (not in the workers)."""
     ranges = {  # name: (lowest, highest, lowest allowed itself)
         "steps": (1, MAX_STEPS, True), "ckpt_every": (1, MAX_STEPS, True), "micro_batches": (1, 2**20, True),
-        "num_chunks": (1, MAX_CHUNKS, True), "overlap_ctas": (1, 1024, True), "global_batch": (1, 2**31, True),
+        "num_chunks": (1, MAX_CHUNKS, True), "overlap_ctas": (1, 1024, True), "global_batch": (1, 1 << 20, True),
         "warmup_steps": (0, MAX_STEPS, True), "keep_checkpoints": (0, 10**6, True), "seed": (0, 2**63 - 1, True),
         "lr": (0.0, 1e9, False), "min_lr_ratio": (0.0, 1.0, True), "weight_decay": (0.0, 1e3, True),
         "grad_clip": (0.0, 1e12, True), "capacity_factor": (0.0, 1e6, False), "peak_tflops": (0.0, 1e6, False),

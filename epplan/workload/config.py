@@ -20,7 +20,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 # beyond them a typo (num_experts=1000000) would allocate for minutes before anything fails.
 MAX_SIZES = {"num_layers": 1024, "num_experts": 4096, "d_model": 1 << 17, "d_ff": 1 << 20,
              "num_heads": 4096, "head_dim": 4096, "num_kv_heads": 4096, "vocab_size": 1 << 24,
-             "seq_len": 1 << 24, "global_batch": 1 << 31, "num_dense_layers": 1024, "dense_d_ff": 1 << 20,
+             "seq_len": 1 << 24, "global_batch": 1 << 20, "num_dense_layers": 1024, "dense_d_ff": 1 << 20,
              "num_shared_experts": 64}
 
 
