@@ -151,7 +151,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
                                                             if has else [])
         if missing:
             raise ReportError(f"{where}: step record lacks {', '.join(missing)}; not written by this epplan's run")
-        if not isinstance(rec["step"], int) or isinstance(rec["step"], bool) or rec["step"] < 1:
+        if not isinstance(rec["step"], int) or isinstance(rec["step"], bool) or not 1 <= rec["step"] < 2**62:
             raise ReportError(f"{where}: step is {rec['step']!r}; a step record's step is a positive integer")
         seconds = rec["step_time_s"]
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 1e7:
