@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from epplan.placement.layer import LayerData, pair_incidence_sym, source_groups
+from epplan.placement.layer import LayerData, pair_incidence_sym
 from epplan.placement.splits import optimal_splits
 from epplan.placement.types import LayerPlacement
 
@@ -93,10 +93,6 @@ def improve(data: LayerData, layer: LayerPlacement, cost: float, bound: float, *
         exact = num_gpus * num_experts * num_gpus <= MAX_FLOW_VARS // 2
     group_of = np.arange(num_gpus) if exact else data.group_of
     num_groups = int(group_of.max()) + 1
-    if num_groups * num_experts * num_gpus > MAX_FLOW_VARS:
-        # Sources of a node with proportional rows as one group (valid: the min-weight rows).
-        group_of = source_groups(data.counts, data.lm.gpu_node)[0]
-        num_groups = int(group_of.max()) + 1
     if num_groups * num_experts * num_gpus > MAX_FLOW_VARS:
         return Improved(None, cost, 0.0, bound, "skipped", time.monotonic() - t0)
     model = _build(data, group_of, ub=cost, lb=bound)

@@ -165,19 +165,32 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
                 finish(li, layer, info)
 
     # A relabelled layer is as good as its representative; unless that one is proven optimal,
-    # check the layer's own baselines (not label-equivariant) and solve it itself if one wins.
-    for lj in range(num_layers):
-        info = results[lj][1]
-        if info.same_as is None or info.gap <= _EXACT:
-            continue
+    # check the layer's own baselines (not label-equivariant): as they are, and EPLB's two modes
+    # re-split by the LP (the strongest baselines), keeping whichever is best.
+    relabelled = [lj for lj in range(num_layers)
+                  if results[lj][1].same_as is not None and results[lj][1].gap > _EXACT]
+    for i, lj in enumerate(relabelled):
+        layer, info = results[lj]
         data = layer_data(problem, counts[lj], max_groups=_max_groups(problem))
-        own = min(data.time_of(pl.layers[lj].flows(counts[lj]))[0] for pl in baselines.values())
-        if own < info.objective_s * (1 - 1e-9):
-            base = {name: pl.layers[lj] for name, pl in baselines.items()}
-            if deadline is not None and time.monotonic() >= deadline:   # out of time: the baseline
-                results[lj] = _fallback_layer(problem, lj, base, 0.0)
-            else:
-                results[lj] = _solve_layer(problem, lj, base, solver, _budget(deadline, 1), gap)
+        best = (info.objective_s, info.link_s, layer, info.start)
+        for name, pl in baselines.items():
+            base = pl.layers[lj]
+            if not _fits(base.replicas, data):
+                continue
+            own = split_result(data, base)
+            if _better(own.bottleneck, own.link_time, best):
+                best = (own.bottleneck, own.link_time, own.layer, name)
+            if name.startswith("eplb") and (deadline is None or time.monotonic() < deadline):
+                res = optimal_splits(data, base.replicas, time_limit=_budget(deadline, 2 * (len(relabelled) - i)))
+                if _better(res.bottleneck, res.link_time, best):
+                    best = (res.bottleneck, res.link_time, res.layer, name)
+        if best[2] is not layer:
+            cost, link_s, new, start_name = best
+            g = _gap(cost, min(info.bound_s, cost))
+            status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else info.status)
+            results[lj] = (new, LayerInfo(**{**asdict(info), "objective_s": float(cost), "link_s": float(link_s),
+                                             "gap": float(g), "status": status, "start": start_name,
+                                             "same_as": None}))
 
     layers = [results[li][0] for li in range(num_layers)]
     infos = [results[li][1] for li in range(num_layers)]
