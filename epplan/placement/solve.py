@@ -130,9 +130,8 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
 
     tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
     num_workers = _workers(workers, len(todo))
-    if "fork" not in mp.get_all_start_methods():
-        num_workers = 1   # the workers inherit the problem and the link model by forking
-    if num_workers <= 1 and deadline is None:
+    has_fork = "fork" in mp.get_all_start_methods()  # workers inherit the problem by forking
+    if not has_fork or (num_workers <= 1 and deadline is None):
         for i, (li, base) in enumerate(tasks):
             budget = _budget(deadline, len(tasks) - i)
             layer, info = _solve_layer(problem, li, base, solver, budget, gap)
