@@ -87,8 +87,8 @@ def place(
         help="Processes solving distinct layers in parallel (default: CPU count, at most 4).")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
 ) -> None:
-    """Place every MoE layer's experts and replicas to minimise each layer's bottleneck (the
-    busiest link's all-to-all time, or the busiest GPU's expert time), and write the manifest
+    """Place every MoE layer's experts and replicas to minimise each layer's all-to-all and expert
+    time as 'epplan run' will spend it (serial, or overlapped in chunks), and write the manifest
     that 'epplan run' follows, with the cheapest run settings (micro-batches, recompute,
     optimizer sharding) that fit every GPU's memory. Exits 3, writing nothing, if none fits."""
     if method not in METHODS:
