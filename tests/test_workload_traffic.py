@@ -206,7 +206,74 @@ def test_routing_stats_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(stats.per_step(), counts / 5)
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
     doc = json.loads(path.read_text())
-    assert doc["format"] == "epplan.routing-stats" and doc["version"] == 1
+    assert doc["format"] == "epplan.routing-stats" and doc["version"] == 2
+    assert stats.pairs is None and stats.node_rows is None and stats.nodes is None
+
+
+def _v2_arrays(rng: np.random.Generator, L=2, G=4, E=4, top_k=2, tokens=50):
+    """counts, pairs, node_rows, gpu_rows of random top-k routing on 2 nodes of 2 GPUs, expert e
+    on GPU e: the statistics a run would record."""
+    counts = np.zeros((L, G, E), np.int64)
+    pairs = np.zeros((L, G, E, E), np.int64)
+    node_rows = np.zeros((L, G, 2), np.int64)
+    gpu_rows = np.zeros((L, G, G), np.int64)
+    for l in range(L):
+        for s in range(G):
+            for _ in range(tokens):
+                chosen = np.sort(rng.choice(E, size=top_k, replace=False))
+                counts[l, s, chosen] += 1
+                pairs[l, s, chosen[0], chosen[1]] += 1
+                gpu_rows[l, s, np.unique(chosen)] += 1
+                node_rows[l, s, np.unique(chosen // 2)] += 1
+    return counts, pairs, node_rows, gpu_rows
+
+
+def test_routing_stats_v2_round_trip(tmp_path: Path) -> None:
+    counts, pairs, node_rows, gpu_rows = _v2_arrays(np.random.default_rng(0))
+    nodes = [("a", [0, 1]), ("b", [2, 3])]
+    path = write_routing_stats(tmp_path / "r.json", counts, steps=2, model="tiny", top_k=2,
+                               tokens_per_rank_per_step=25.0, pairs=pairs, node_rows=node_rows,
+                               gpu_rows=gpu_rows, nodes=nodes, dispatch="hierarchical")
+    stats = read_routing_stats(path)
+    for got, want in ((stats.counts, counts), (stats.pairs, pairs), (stats.node_rows, node_rows),
+                      (stats.gpu_rows, gpu_rows)):
+        np.testing.assert_array_equal(got, want)
+    assert stats.nodes == (("a", (0, 1)), ("b", (2, 3))) and stats.dispatch == "hierarchical"
+    doc = json.loads(path.read_text())
+    assert len(doc["pairs"][0][0]) == 4 * 3 // 2  # the upper triangle, row-major
+    assert doc["pairs"][1][2] == pairs[1, 2][np.triu_indices(4, k=1)].tolist()
+
+
+def test_routing_stats_v1_still_read(tmp_path: Path) -> None:
+    stats = read_routing_stats(_write_text(tmp_path / "v1.json", json.dumps(_good_doc())))
+    assert stats.counts.tolist() == [[[1, 3], [2, 2]]] and stats.pairs is None and stats.dispatch is None
+
+
+def _good_v2_doc() -> dict:
+    return _good_doc() | {"version": 2, "top_k": 2, "counts": [[[1, 3, 2], [2, 2, 0]]], "num_experts": 3,
+                          "dispatch": "flat", "nodes": [{"name": "a", "ranks": [0]}, {"name": "b", "ranks": [1]}],
+                          "pairs": [[[1, 0, 2], [2, 0, 0]]], "node_rows": [[[3, 0], [0, 2]]],
+                          "gpu_rows": [[[3, 0], [0, 2]]]}
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"version": 1}, "dispatch is a version 2 field"),
+    ({"dispatch": "sideways"}, "dispatch"),
+    ({"pairs": [[[1, 0], [2, 0]]]}, r"pairs has shape .* num_experts \(num_experts - 1\) / 2"),
+    ({"pairs": [[[1, 0, 3], [2, 0, 0]]]}, r"experts \(1, 2\) is 3, more than the counts"),
+    ({"node_rows": [[[3], [2]]]}, "node_rows has shape"),
+    ({"nodes": None}, "node_rows needs nodes"),
+    ({"nodes": [{"name": "a", "ranks": [0, 1]}, {"name": "b", "ranks": [1]}]}, "every rank 0..1 exactly once"),
+    ({"gpu_rows": [[[7, 0], [0, 2]]]}, "gpu_rows of layer 0, rank 0 sum to more"),
+    ({"node_rows": [[[1, 0], [0, 2]]]}, r"node_rows\[0\]\[0\]\[0\] = 1 does not fit gpu_rows"),
+    ({"gpu_rows": [[[3, 0], [0, True]]]}, "true/false"),
+])
+def test_routing_stats_v2_errors(tmp_path: Path, change: dict, match: str) -> None:
+    read_routing_stats(_write_text(tmp_path / "good.json", json.dumps(_good_v2_doc())))
+    path = _write_text(tmp_path / "bad.json", json.dumps(_good_v2_doc() | change))
+    with pytest.raises(TrafficError, match=match) as exc:
+        read_routing_stats(path)
+    assert "bad.json" in str(exc.value)
 
 
 def test_json_traffic_matches_per_step_pattern(tmp_path: Path) -> None:
@@ -228,7 +295,7 @@ def _good_doc() -> dict:
 
 @pytest.mark.parametrize("change, match", [
     ({"format": "something-else"}, "expected 'epplan.routing-stats'"),
-    ({"version": 2}, "version 2 .* not supported"),
+    ({"version": 3}, "version 3 .* not supported"),
     ({"steps": 0}, "steps"),
     ({"num_ranks": True}, "num_ranks"),
     ({"surprise": 1}, "surprise"),
