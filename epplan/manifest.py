@@ -9,7 +9,8 @@ Format ``epplan.manifest``, schema version 1, one JSON object::
       "world_size": G,
       "ranks": {"node": [G node indices], "local_gpu": [G local GPU indices]},
       "problem": {"experts_per_gpu", "compute_efficiency", "achievable_tflops", "micro_batches",
-                  "recompute", "optimizer_sharding", "schedule": {"overlap": bool, "num_chunks": C}},
+                  "recompute", "optimizer_sharding", "schedule": {"overlap": bool, "num_chunks": C},
+                  "dispatch": "flat" | "hierarchical"},
       "routing": {"spec", "source", "counts_sha256", "notes": [...], "expert_load": [L][E]},
       "placement": {"method", "num_experts": E,
                     "layers": [{"experts": [{"replicas": [R_e ranks],
@@ -95,12 +96,14 @@ class Manifest:
     doc: dict[str, Any] = field(repr=False)
     path: str | None = None
     calibrated: bool = True  # planned on calibrated rates (False: a flat --tflops/--compute-efficiency)
+    dispatch: str = "flat"   # the exchange the plan was scored for: flat | hierarchical (epplan.cost.dispatch)
 
     def problem_options(self) -> dict[str, Any]:
         """The ``PlacementProblem`` keywords the plan was made with (its schedule included)."""
         options = {"experts_per_gpu": self.experts_per_gpu, "compute_efficiency": self.compute_efficiency,
                    "achievable_tflops": self.achievable_tflops, "micro_batches": self.micro_batches,
-                   "recompute": self.recompute, "optimizer_sharding": self.optimizer_sharding}
+                   "recompute": self.recompute, "optimizer_sharding": self.optimizer_sharding,
+                   "dispatch": self.dispatch}
         if self.schedule is not None:
             options.update(overlap="on" if self.schedule.overlap else "off",
                            num_chunks=self.schedule.num_chunks if self.schedule.overlap else None)
@@ -164,6 +167,7 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
             "optimizer_sharding": problem.optimizer_sharding,
             "schedule": problem.schedule.to_dict(),
             "calibrated": problem.calibration is not None,
+            "dispatch": problem.dispatch,
         },
         "routing": {
             "spec": routing_spec,
@@ -280,6 +284,7 @@ class _Problem(_Strict):
     optimizer_sharding: Literal["none", "dense"] = "none"
     schedule: _Schedule | None = None  # absent in manifests written before it was recorded
     calibrated: bool = True
+    dispatch: Literal["flat", "hierarchical"] = "flat"  # absent in manifests written before it was recorded
 
 
 class _Routing(_Strict):
@@ -390,6 +395,7 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         routing_spec=parsed.routing.spec,
         solver=dict(parsed.solver), predicted=dict(parsed.predicted),
         hash=manifest_hash(doc), doc=doc, path=source, calibrated=parsed.problem.calibrated,
+        dispatch=parsed.problem.dispatch,
     )
 
 

@@ -13,6 +13,11 @@ all-to-all   Layer l's flows F[s, t] = placement.layers[l].flows(traffic.counts[
              layer's a2a matrix is 2b (F + F^T) (the diagonal stays local), and per link
              ``dispatch_fwd_bytes`` = b loads(F) (= the combine's backward) and
              ``combine_fwd_bytes`` = b loads(F^T) (= the dispatch's backward).
+hierarchical ``problem.dispatch == "hierarchical"``: the same four exchanges, but each carries
+dispatch     one row per (token, destination node) over the network (to the rail peer) and one
+             per (token, GPU) inside the node (``epplan.cost.dispatch``: rows predicted from the
+             counts and the pair counts, put on links by the same link map); b = bytes per row
+             (a row is one token's vector, as an assignment is).
 link time    load / (capacity GB/s * 1e9).
 expert time  per GPU: assignments it serves (F's column sum, local ones included) *
              flops_per_assignment * 3 (forward + backward) / achievable FLOP/s of the GPU.
@@ -61,6 +66,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from epplan.cost.dispatch import hierarchical_link_loads, hierarchical_rows, hierarchical_traffic
 from epplan.cost.linkmap import LinkMap, LowRank, link_map
 from epplan.cost.step import StepParts, step_parts
 from epplan.errors import PlacementError
@@ -125,6 +131,7 @@ class Cost:
     memory_capacity_bytes: np.ndarray
     # --- with a calibration: the step's parts per GPU (epplan.cost.step) -------------------------
     step_parts: StepParts | None = None
+    dispatch: str = "flat"              # flat | hierarchical (problem.dispatch)
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -194,6 +201,7 @@ class Cost:
             "placement": self.placement_method,
             "traffic": self.traffic_source,
             "schedule": self.schedule.to_dict(),
+            "dispatch": self.dispatch,
             "step": {
                 "step_time_s": self.step_time_s,
                 "serial_step_time_s": self.serial_step_time_s,
@@ -295,16 +303,22 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     a2a_link = np.empty(num_layers, dtype=np.int64)
     served = np.empty((num_layers, num_gpus))
     seen: list[int] = []  # layers computed so far whose inputs differ from each other
+    hierarchical = problem.dispatch == "hierarchical"
+    pairs = problem.traffic.pairs
     for li in range(num_layers):
         same = next((m for m in seen if _same_layer(placement.layers[m], placement.layers[li],
-                                                    counts[m], counts[li])), None)
+                                                    counts[m], counts[li])
+                     and (not hierarchical or pairs is None or np.array_equal(pairs[m], pairs[li]))), None)
         if same is not None:  # identical placement and traffic: identical loads (uniform routing)
             dispatch[li], combine[li], served[li] = dispatch[same], combine[same], served[same]
             a2a_link_s[li], a2a_link[li] = a2a_link_s[same], a2a_link[same]
             continue
         seen.append(li)
         layer = placement.layers[li]
-        if fast:
+        if hierarchical:
+            fwd, bwd = hierarchical_loads(problem, layer, li, lm if fast else None)
+            served[li] = served_assignments(layer, counts[li])
+        elif fast:
             fwd, bwd, served[li] = _layer_loads(lm, layer, counts[li])
         else:
             flows = layer.flows(counts[li])              # [G, G]
@@ -390,7 +404,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
         model_flops_per_step=float(costs.model_flops_per_step),
         mfu_datasheet=float(mfu_datasheet), mfu_spec=float(mfu_spec),
         busiest_link=busiest, bandwidth_utilisation=utilisation,
-        **memory, step_parts=parts,
+        **memory, step_parts=parts, dispatch=problem.dispatch,
     )
 
 
@@ -425,6 +439,29 @@ def _layer_loads(lm: LinkMap, layer: LayerPlacement, counts: np.ndarray) -> tupl
         bwd += f_t
         served += dense_t.sum(axis=1)
     return fwd, bwd, served
+
+
+def hierarchical_loads(problem: PlacementProblem, layer: LayerPlacement, li: int,
+                       lm: LinkMap | None) -> tuple[np.ndarray, np.ndarray]:
+    """(loads float64[K] of the dispatch's rows, of the combine's) of layer ``li`` under
+    hierarchical dispatch, in rows (``epplan.cost.dispatch``); lm None: ``Topology.link_loads``."""
+    topo = problem.topology
+    pairs = problem.traffic.pairs
+    node_rows, gpu_rows = hierarchical_rows(problem.traffic.counts[li], None if pairs is None else pairs[li],
+                                            layer, topo.gpu_node, top_k=problem.config.top_k)
+    if lm is not None:
+        return hierarchical_link_loads(lm, node_rows, gpu_rows, 1.0)
+    network, intra = hierarchical_traffic(node_rows, gpu_rows, topo.gpu_node, topo.gpu_local)
+    rows = network + intra
+    return topo.link_loads(rows), topo.link_loads(np.ascontiguousarray(rows.T))
+
+
+def served_assignments(layer: LayerPlacement, counts: np.ndarray) -> np.ndarray:
+    """float64[G] assignments each GPU serves: column sums of ``layer.flows(counts)``."""
+    served = np.zeros(counts.shape[0])
+    for e, (ranks, split) in enumerate(zip(layer.replicas, layer.split)):
+        served[ranks] += counts[:, e] @ split                             # (G,) @ (G, R_e)
+    return served
 
 
 def layer_flow_parts(layer: LayerPlacement, counts: np.ndarray) -> tuple[LowRank | None, np.ndarray | None]:

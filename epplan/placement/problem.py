@@ -20,6 +20,8 @@ from epplan.workload.config import ModelConfig
 from epplan.workload.flops import ModelCosts, model_costs
 from epplan.workload.traffic import Traffic
 
+DISPATCH_MODES = ("flat", "hierarchical")
+
 if TYPE_CHECKING:  # epplan.cost imports this module
     from epplan.cost.calibration import Calibration
 
@@ -41,6 +43,9 @@ class PlacementProblem:
                         more FLOPs (and, for block, a second dispatch and combine) per step.
     optimizer_sharding: none or dense (ZeRO over all ranks): less optimizer memory, one
                         all-gather of the dense weights per step.
+    dispatch:           flat (one row per token and expert) or hierarchical (one row per token
+                        and destination node over the network, forwarded inside the node;
+                        ``epplan.cost.dispatch``): how the runtime's exchange is scored.
     calibration:        measured rates of the GPUs (``epplan.cost.calibration``), one per GPU;
                         None: the flat efficiency above. With it, ``gpu_flops`` is the grouped
                         expert rate at the plan's expected rows per expert and ``evaluate`` times
@@ -60,6 +65,7 @@ class PlacementProblem:
     recompute: str = "none"
     optimizer_sharding: str = "none"
     calibration: list[Calibration] | None = None
+    dispatch: str = "flat"
 
     def __post_init__(self) -> None:
         if self.calibration is not None and len(self.calibration) != self.topology.num_gpus:
@@ -84,6 +90,8 @@ class PlacementProblem:
         if self.achievable_tflops is not None and not (
                 math.isfinite(self.achievable_tflops) and self.achievable_tflops > 0):
             raise PlacementError(f"achievable TFLOP/s must be > 0, got {self.achievable_tflops!r}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise PlacementError(f"--dispatch {self.dispatch!r}: use one of {', '.join(DISPATCH_MODES)}")
         if self.overlap not in OVERLAP_MODES:
             raise PlacementError(f"--overlap {self.overlap!r}: use one of {', '.join(OVERLAP_MODES)}")
         if self.num_chunks is not None and not (_is_positive_int(self.num_chunks)
@@ -95,6 +103,10 @@ class PlacementProblem:
                 f"traffic ({self.traffic.source}) has shape [layers, ranks, experts] = {list(shape)}, "
                 f"the problem needs [{layers}, {g}, {e}] (model {self.config.name!r} on "
                 f"{self.topology.name!r}); build it with make_traffic(spec, config, {g})")
+        pairs = self.traffic.pairs
+        if pairs is not None and pairs.shape != (layers, g, e, e):
+            raise TrafficError(f"traffic ({self.traffic.source}) has pair counts of shape {list(pairs.shape)}, "
+                               f"the problem needs [{layers}, {g}, {e}, {e}]")
         if e > g * self.experts_per_gpu:
             need = -(-e // g)
             raise PlacementError(

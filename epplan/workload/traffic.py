@@ -13,6 +13,9 @@ assignments spread over the experts) comes from the spec:
 - ``zipf:ALPHA``: the expert of popularity rank r (1-based) gets a share proportional to
   1 / r**ALPHA; which expert holds which rank is a seeded random permutation, drawn anew per
   layer; every source rank has the same distribution.
+- ``coact:SIZE:SHARE[:ALPHA]``: synthetic correlated top-k with pair counts (``epplan.workload.coact``):
+  experts in seeded random groups of SIZE, a token's further experts drawn from its first
+  expert's group with probability SHARE, popularity zipf:ALPHA (default 0: none).
 - ``PATH.npz[@FIRST:LAST]``: ``counts[..., layer, source, expert]``; a leading iteration axis is
   averaged over the iterations whose numbers (the file's ``iterations`` array, else 0, 1, ...)
   lie in FIRST..LAST inclusive; ``@N`` means N:N. Default: all iterations.
@@ -41,13 +44,14 @@ from pathlib import Path
 import numpy as np
 
 from epplan.errors import TrafficError
+from epplan.workload.coact import SAMPLE_TOKENS, coact_statistics, parse_coact
 from epplan.workload.config import ModelConfig
 from epplan.workload.routing_import import SUFFIXES as IMPORT_SUFFIXES
 from epplan.workload.routing_import import load_counts_file
 from epplan.workload.routing_stats import read_routing_stats
 
 MAX_TRACE_BYTES = 4 << 30  # uncompressed arrays of one .npz routing trace
-SPEC_FORMS = ("'uniform', 'zipf:ALPHA', 'PATH.npz[@FIRST:LAST]', 'PATH.json', or an array or "
+SPEC_FORMS = ("'uniform', 'zipf:ALPHA', 'coact:SIZE:SHARE[:ALPHA]', 'PATH.npz[@FIRST:LAST]', 'PATH.json', or an array or "
               "framework record (.npy, .npz, .pt; see epplan.workload.routing_import)")
 
 
@@ -59,11 +63,16 @@ class Traffic:
             MoE layer l; each row counts[l, g, :] sums to tokens_per_step / G * top_k.
     source: what the pattern came from, for humans ("zipf:1.2 (seed 0)", "counts.npz@991:1001").
     notes:  how the spec was fitted to the problem (rescaling, layer mapping), one line each.
+    pairs:  float64[L, G, E, E] or None: pairs[l, g, i, j] = tokens of rank g that selected both
+            experts i < j (upper triangle, zeros on and below the diagonal), on the same scale as
+            counts; possibly a view broadcast over ranks. None: the source has no pair counts
+            (hierarchical dispatch then assumes independent co-occurrence, ``cost.dispatch``).
     """
 
     counts: np.ndarray
     source: str
     notes: list[str] = field(default_factory=list)
+    pairs: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -120,6 +129,21 @@ def make_traffic(
                          f"more than top-{config.top_k} routing can (at most {1 / config.top_k:.0%}); "
                          "kept as asked")
         return Traffic(counts, source=f"zipf:{alpha:g} (seed {seed})", notes=notes)
+
+    if spec.startswith("coact"):
+        if window is not None:
+            raise TrafficError("a window applies to .npz traces only, not to coact")
+        params = parse_coact(spec)
+        if params.group_size > config.num_experts:
+            raise TrafficError(f"traffic spec {spec!r}: SIZE {params.group_size} exceeds the model's "
+                               f"{config.num_experts} experts")
+        share, pairs = coact_statistics(params, config.num_moe_layers, config.num_experts, config.top_k, seed)
+        counts = np.broadcast_to(share[:, None, :] * row_total, shape).copy()
+        tokens = config.tokens_per_step / num_ranks
+        pairs = np.broadcast_to((pairs * tokens)[:, None], shape + (config.num_experts,))
+        return Traffic(counts, source=f"{params.spec} (seed {seed})", pairs=pairs,
+                       notes=[f"{params.spec}: counts and pair counts of {SAMPLE_TOKENS:,} sampled tokens "
+                              "per layer, scaled to the model's volume; every rank routes alike"])
 
     path_str, window = _split_window(spec, window)
     path = Path(path_str)

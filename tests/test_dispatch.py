@@ -1,0 +1,210 @@
+"""Hierarchical dispatch's cost model against per-token simulation, its link loads against a
+per-token reference, and the coact routing source."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from epplan.cost import evaluate, link_map
+from epplan.cost.dispatch import (hierarchical_link_loads, hierarchical_rows, rail_peers, replica_choice,
+                                  simulate_rows, split_counts, token_statistics)
+from epplan.errors import TrafficError
+from epplan.manifest import build_manifest, manifest_from_doc
+from epplan.placement.baselines import contiguous, eplb
+from epplan.placement.problem import PlacementProblem
+from epplan.placement.types import LayerPlacement
+from epplan.runtime.expert_parallel import split_assignments
+from epplan.topology import build_topology, parse_spec
+from epplan.workload import make_traffic
+from epplan.workload.coact import Coact, coact_statistics, layer_model, layer_rng, sample_tokens
+from epplan.workload.config import ModelConfig
+
+# Four servers of two GPUs, one NIC per GPU (rails 0 and 1), one switch.
+BOX = ("{gpus: 2, gpu: {model: X, memory_gb: 80, bf16_tflops: 100, hbm_gbps: 1000}, "
+       "fabric: {kind: nvswitch, gbps: 100}, nics: {gbps: 10, attach: [0, 1], pcie_gbps: 40}}")
+FOUR_BY_TWO = (f"{{name: four-by-two, node_types: {{box: {BOX}}}, "
+               "nodes: [{prefix: n, count: 4, type: box}], fabric: {kind: switch}}")
+G, NODES = 8, 4
+
+
+@pytest.fixture(scope="module")
+def topo():
+    return build_topology(parse_spec(FOUR_BY_TWO))
+
+
+def tokens_of(params: Coact, num_experts: int, top_k: int, num_tokens: int, seed: int):
+    """(topk_idx int64[T, k], source int64[T] sorted): coact tokens spread over the G sources."""
+    rng = np.random.default_rng(seed)
+    topk = sample_tokens(params, num_experts, top_k, num_tokens, rng)
+    return topk, np.sort(rng.integers(G, size=num_tokens))
+
+
+def single_replica(num_experts: int, seed: int) -> LayerPlacement:
+    """Experts on GPUs in a random order, num_experts / G per GPU, no replicas."""
+    gpu = np.random.default_rng(seed).permutation(num_experts) % G
+    return LayerPlacement([np.array([g]) for g in gpu], [np.ones((G, 1)) for _ in gpu])
+
+
+def replicated(num_experts: int, seed: int) -> LayerPlacement:
+    """Every expert on two GPUs of different nodes, uneven per-source splits (one share 0)."""
+    rng = np.random.default_rng(seed)
+    gpu = rng.permutation(num_experts) % G
+    replicas, splits = [], []
+    for e, g in enumerate(gpu):
+        ranks = np.array(sorted({int(g), int((g + 3) % G)}))
+        share = rng.random((G, ranks.size))
+        share[e % G, 0] = 0.0
+        replicas.append(ranks)
+        splits.append(share / share.sum(axis=1, keepdims=True))
+    return LayerPlacement(replicas, splits)
+
+
+def predict(topk, source, layer, top_k, num_experts):
+    counts, pairs = token_statistics(topk, source, G, num_experts)
+    return hierarchical_rows(counts.astype(float), pairs.astype(float), layer, np.repeat(np.arange(NODES), 2),
+                             top_k=top_k)
+
+
+def test_top2_without_replicas_is_exact():
+    gpu_node = np.repeat(np.arange(NODES), 2)
+    for num_experts, seed in ((8, 0), (16, 1), (16, 2)):  # one and two experts per GPU
+        topk, source = tokens_of(Coact(4, 0.8), num_experts, 2, 3000, seed)
+        layer = single_replica(num_experts, seed)
+        node_rows, gpu_rows = predict(topk, source, layer, 2, num_experts)
+        want_node, want_gpu = simulate_rows(topk, source, layer, gpu_node, G)
+        np.testing.assert_array_equal(node_rows, want_node)
+        np.testing.assert_array_equal(gpu_rows, want_gpu)
+
+
+@pytest.mark.parametrize("top_k", [4, 8])
+def test_topk_without_replicas_close_to_simulation(top_k):
+    gpu_node = np.repeat(np.arange(NODES), 2)
+    num_experts = 32
+    topk, source = tokens_of(Coact(8, 0.7, 1.0), num_experts, top_k, 4000, 3)
+    layer = single_replica(num_experts, 3)
+    node_rows, _ = predict(topk, source, layer, top_k, num_experts)
+    want, _ = simulate_rows(topk, source, layer, gpu_node, G)
+    counts, _ = token_statistics(topk, source, G, num_experts)
+    assert np.all(want <= counts @ np.eye(NODES)[gpu_node[np.array([r[0] for r in layer.replicas])]])
+    rel = abs(node_rows.sum() - want.sum()) / want.sum()
+    assert rel < 0.03, rel                       # measured 0.3-0.9 %
+    assert np.abs(node_rows - want).max() / want.max() < 0.08
+
+
+def test_replicas_top2_close_to_the_runtime_rule():
+    gpu_node = np.repeat(np.arange(NODES), 2)
+    num_experts = 8
+    topk, source = tokens_of(Coact(4, 0.8), num_experts, 2, 6000, 4)
+    layer = replicated(num_experts, 4)
+    node_rows, gpu_rows = predict(topk, source, layer, 2, num_experts)
+    want_node, want_gpu = simulate_rows(topk, source, layer, gpu_node, G)
+    assert abs(node_rows.sum() - want_node.sum()) / want_node.sum() < 0.01
+    assert abs(gpu_rows.sum() - want_gpu.sum()) / want_gpu.sum() < 0.01
+
+
+def test_replica_rule_is_the_runtimes():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        shares = rng.random(4) * (rng.random(4) > 0.3)
+        shares = shares / shares.sum() if shares.sum() > 0 else np.array([1.0, 0, 0, 0])
+        num = int(rng.integers(0, 50))
+        want = split_assignments(torch.tensor([num]), torch.tensor(shares[None, :]))[0].numpy()
+        np.testing.assert_array_equal(split_counts(num, shares), want)
+
+
+def test_link_loads_match_a_per_token_route(topo):
+    """Measured rows on links equal routing every token's rows one by one (the contract)."""
+    num_experts = 16
+    topk, source = tokens_of(Coact(4, 0.6), num_experts, 4, 500, 6)
+    layer = replicated(num_experts, 6)
+    node_rows, gpu_rows = simulate_rows(topk, source, layer, topo.gpu_node, G)
+    dest = replica_choice(topk, source, layer)
+    peers = rail_peers(topo.gpu_node, topo.gpu_local)
+    rows = np.zeros((G, G))
+    for s, gpus in zip(source, dest):
+        for g in set(gpus.tolist()):
+            n = topo.gpu_node[g]
+            p = peers[s, n]
+            if g != p:
+                rows[p, g] += 1                 # inside node n
+        for n in {int(topo.gpu_node[g]) for g in gpus}:
+            if n != topo.gpu_node[s]:
+                rows[s, peers[s, n]] += 1       # across the network, once per node
+    row_bytes = 4096.0
+    fwd, bwd = hierarchical_link_loads(link_map(topo), node_rows, gpu_rows, row_bytes)
+    np.testing.assert_allclose(fwd, row_bytes * topo.link_loads(rows), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(bwd, row_bytes * topo.link_loads(rows.T.copy()), rtol=0, atol=1e-6)
+    # Every network row stays on its rail: one NIC up, one NIC down.
+    assert np.all(np.diag(peers[:, topo.gpu_node]) == np.arange(G))
+
+
+def small_model(**kw) -> ModelConfig:
+    fields = dict(name="small", num_layers=2, num_experts=8, top_k=2, d_model=8, d_ff=16, num_heads=2,
+                  head_dim=4, num_kv_heads=2, vocab_size=16, seq_len=4, global_batch=64)
+    fields.update(kw)
+    return ModelConfig(**fields)
+
+
+def test_evaluate_hierarchical_fast_equals_reference_and_is_recorded(topo):
+    config = small_model()
+    traffic = make_traffic("coact:4:0.9", config, G, seed=1)
+    problem = PlacementProblem(topo, config, traffic, dispatch="hierarchical", achievable_tflops=100)
+    plan = eplb(problem)
+    fast, ref = evaluate(plan, problem), evaluate(plan, problem, fast=False)
+    np.testing.assert_allclose(fast.dispatch_fwd_bytes, ref.dispatch_fwd_bytes, rtol=1e-6)
+    np.testing.assert_allclose(fast.combine_fwd_bytes, ref.combine_fwd_bytes, rtol=1e-6)
+    assert fast.to_dict()["dispatch"] == "hierarchical"
+    flat = evaluate(plan, PlacementProblem(topo, config, traffic, achievable_tflops=100))
+    nic = np.array([c == "nic_up" for c in topo.link_class])
+    assert fast.dispatch_fwd_bytes[:, nic].sum() < flat.dispatch_fwd_bytes[:, nic].sum()
+    manifest = manifest_from_doc(build_manifest(plan, problem, cost=fast))
+    assert manifest.dispatch == "hierarchical" and manifest.problem_options()["dispatch"] == "hierarchical"
+
+
+def test_dispatch_mode_is_checked(topo):
+    config = small_model()
+    with pytest.raises(Exception, match="--dispatch 'pxn'"):
+        PlacementProblem(topo, config, make_traffic("uniform", config, G), dispatch="pxn")
+
+
+# ------------------------------------------------------------------------------ the routing source
+
+def test_coact_is_seeded_and_consistent():
+    config = small_model(num_experts=16, top_k=4)
+    a = make_traffic("coact:4:0.8:1.0", config, G, seed=7)
+    b = make_traffic("coact:4:0.8:1.0", config, G, seed=7)
+    c = make_traffic("coact:4:0.8:1.0", config, G, seed=8)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.pairs, b.pairs)
+    assert not np.array_equal(a.pairs, c.pairs)
+    tokens = config.tokens_per_step / G
+    np.testing.assert_allclose(a.counts.sum(axis=2), tokens * config.top_k)
+    np.testing.assert_allclose(a.pairs.sum(axis=(2, 3)), tokens * 6)            # C(4, 2) per token
+    assert np.all(np.tril(a.pairs[0, 0]) == 0)
+    # Each pair count is at most either expert's tokens.
+    per_token = a.counts[0, 0] / config.top_k
+    assert np.all(a.pairs[0, 0] <= np.minimum.outer(a.counts[0, 0], a.counts[0, 0]) + 1e-9)
+    assert per_token.sum() > 0
+
+
+def test_coact_share_sets_the_co_activation():
+    """SHARE 1 keeps a token's experts in its group; SHARE 0 spreads pairs like independence."""
+    share, pairs = coact_statistics(Coact(4, 1.0), 1, 16, 2, seed=0, num_tokens=4000)
+    weight, group_of = layer_model(Coact(4, 1.0), 16, layer_rng(0, 0))
+    i, j = np.nonzero(pairs[0])
+    assert np.all(group_of[i] == group_of[j])
+    _, pairs0 = coact_statistics(Coact(4, 0.0), 1, 16, 2, seed=0, num_tokens=4000)
+    same = group_of[:, None] == group_of[None, :]
+    upper = np.triu(np.ones((16, 16), dtype=bool), 1)
+    assert pairs0[0][same & upper].sum() < 0.3       # 18 of 120 pairs are in a group: 15 % expected
+    np.testing.assert_allclose(share.sum(), 1.0)
+
+
+@pytest.mark.parametrize("spec, match", [("coact:1:0.5", "SIZE"), ("coact:4:1.5", "SHARE"),
+                                         ("coact:4", "coact:SIZE:SHARE"), ("coact:x:0.5", "integer"),
+                                         ("coact:4:0.5:-1", "ALPHA"), ("coact:64:0.5", "exceeds")])
+def test_coact_spec_errors(spec, match):
+    with pytest.raises(TrafficError, match=match):
+        make_traffic(spec, small_model(), G)
