@@ -15,6 +15,7 @@ from epplan.placement.bounds import lower_bound
 from epplan.placement.bruteforce import brute_force
 from epplan.placement.layer import layer_data
 from epplan.placement.linkmodel import link_model
+from tests.link_reference import reference_link_loads
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.solve import solve
 from epplan.placement.splits import optimal_splits
@@ -63,7 +64,7 @@ def toy_problem(nodes: int, gpus: int, experts: int, *, experts_per_gpu: int = 1
                                           ("h100-8node-oversub", "rail_aligned"),
                                           ("explicit-2node", "ecmp"), ("hetero-degraded", "rail_aligned"),
                                           ("pcie-8gpu", "ecmp")])
-def test_pair_incidence_matches_pair_fractions(name, routing):
+def test_pair_incidence_matches_the_matrix_form(name, routing):
     topo = load_topology(f"{TOPOLOGIES}/{name}.yaml", routing=routing)
     lm = link_model(topo)
     rng = np.random.default_rng(0)
@@ -71,10 +72,9 @@ def test_pair_incidence_matches_pair_fractions(name, routing):
     keep = src != dst
     inc = lm.pair_incidence(src[keep], dst[keep], all_links=True).toarray()
     for row, (s, t) in zip(inc, zip(src[keep], dst[keep])):
-        ref = np.zeros(topo.num_links)
-        for link, share in topo.paths.pair_fractions(int(s), int(t)).items():
-            ref[link] = share
-        np.testing.assert_allclose(row, ref, atol=1e-12)
+        unit = np.zeros((topo.num_gpus, topo.num_gpus))
+        unit[s, t] = 1.0
+        np.testing.assert_allclose(row, reference_link_loads(topo, unit), atol=1e-12)
     # Dropped links never carry the maximum alone, whatever the traffic.
     for _ in range(3):
         traffic = rng.random((topo.num_gpus, topo.num_gpus)) ** 4

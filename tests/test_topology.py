@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from epplan.topology import load_topology, parse_spec, build_topology
-from epplan.topology.paths import ecmp_fractions
+from epplan.cost.linkmap import link_map
+from tests.link_reference import reference_pair
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 SHIPPED = sorted(TOPOLOGIES.glob("*.yaml"))
@@ -125,61 +126,7 @@ def test_explicit_fabric_trunk():
     assert trunk == 100.0  # two parallel cables add up
 
 
-# ---------------------------------------------------------------- slow reference for link_loads
-
-def _reference_pair(topo, s, t):
-    """Per-pair fractions composed directly from the graph, one pair at a time."""
-    g = topo.graph
-    kinds = dict(g.nodes(data="kind"))
-    src, dst = topo.gpu_names[s], topo.gpu_names[t]
-    ns, nt = int(topo.gpu_node[s]), int(topo.gpu_node[t])
-
-    def server(n, keep):
-        devs = {d for d, k in kinds.items() if g.nodes[d].get("node") == n and k not in ("gpu", "nic")}
-        devs |= keep
-        return {u: [v for v in g.successors(u) if v in devs] for u in devs}
-
-    def seg(n, a, b, keep=frozenset()):
-        return ecmp_fractions(server(n, {a, b} | set(keep)), a, b)
-
-    def nics(n):
-        return {g.nodes[d]["rail"]: d for d, k in kinds.items() if k == "nic" and g.nodes[d]["node"] == n}
-
-    def proxy(nic):
-        return {f"{nic.rsplit('/', 1)[0]}/gpu{g.nodes[nic]['gpu']}"}
-
-    def near(n, gpu):
-        lengths = {r: sum(seg(n, gpu, nic, proxy(nic)).values()) for r, nic in nics(n).items()}
-        best = min(lengths.values())
-        return [nics(n)[r] for r, v in lengths.items() if abs(v - best) < 1e-9]
-
-    total = {}
-
-    def add(fr, w):
-        for e, f in fr.items():
-            idx = g.edges[e]["idx"]
-            total[idx] = total.get(idx, 0.0) + w * f
-
-    if ns == nt:
-        add(seg(ns, src, dst), 1.0)
-        return total
-    switches = {d for d in kinds if g.nodes[d].get("node") is None}
-    recv = near(nt, dst)
-    for nic_b in recv:
-        wb = 1.0 / len(recv)
-        rail = g.nodes[nic_b]["rail"]
-        if topo.routing == "rail_aligned" and rail in nics(ns):
-            senders = [nics(ns)[rail]]
-        else:
-            senders = near(ns, src)
-        for nic_a in senders:
-            w = wb / len(senders)
-            add(seg(ns, src, nic_a, proxy(nic_a)), w)
-            fab = {u: [v for v in g.successors(u) if v in switches | {nic_b}] for u in switches | {nic_a}}
-            add(ecmp_fractions(fab, nic_a, nic_b), w)
-            add(seg(nt, nic_b, dst, proxy(nic_b)), w)
-    return total
-
+# ------------------------------------------- both forms of the link map against a slow reference
 
 @pytest.mark.parametrize("name,routing", [
     ("dgx-h100-2node", None), ("h100-8node-oversub", "ecmp"), ("h100-8node-oversub", "rail_aligned"),
@@ -195,11 +142,16 @@ def test_link_loads_match_slow_reference(name, routing):
     sub = np.zeros_like(traffic)
     sub[sources] = traffic[sources]
     expected = np.zeros(topo.num_links)
+    lm = link_map(topo)
     for s in sources:
-        for t in range(G):
-            if s != t and sub[s, t]:
-                for idx, f in _reference_pair(topo, int(s), t).items():
-                    expected[idx] += sub[s, t] * f
+        dst = np.array([t for t in range(G) if t != s])
+        incidence = lm.pair_incidence(np.full(dst.size, s), dst).toarray()   # (G - 1, L)
+        for t, row in zip(dst, incidence):
+            ref = np.zeros(topo.num_links)
+            for idx, f in reference_pair(topo, int(s), int(t)).items():
+                ref[idx] = f
+            np.testing.assert_allclose(row, ref, atol=1e-12)
+            expected += sub[s, t] * ref
     np.testing.assert_allclose(topo.link_loads(sub), expected, rtol=1e-9, atol=1e-9)
 
 

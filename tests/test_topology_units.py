@@ -14,7 +14,7 @@ from epplan.topology import build_topology, parse_spec
 from epplan.topology.generate import generate
 from epplan.topology.library import NODE_TYPES
 from epplan.topology.units import parse_bandwidth, plausibility_warnings
-from test_topology import _reference_pair
+from tests.link_reference import reference_pair
 
 runner = CliRunner()
 
@@ -105,6 +105,6 @@ def test_mi300x_link_loads_match_slow_reference():
     for s in range(16):
         for t in range(16):
             if s != t:
-                for idx, f in _reference_pair(topo, s, t).items():
+                for idx, f in reference_pair(topo, s, t).items():
                     expected[idx] += traffic[s, t] * f
     np.testing.assert_allclose(topo.link_loads(traffic), expected, rtol=1e-9, atol=1e-9)

@@ -277,8 +277,8 @@ class Cost:
 def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = True) -> Cost:
     """Score ``placement`` on ``problem``; see the module docstring for every definition.
 
-    ``fast=False`` takes the reference path (``LayerPlacement.flows`` and
-    ``Topology.link_loads`` per matrix): same numbers, for tests.
+    ``fast=False`` takes the plain path (``LayerPlacement.flows`` as dense [G, G] matrices,
+    ``Topology.link_loads`` on each, no low-rank factors): same numbers, for tests.
     """
     topo, config, costs = problem.topology, problem.config, problem.costs
     num_gpus, num_layers = problem.num_gpus, problem.num_layers

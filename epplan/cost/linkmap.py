@@ -1,43 +1,48 @@
-"""Link loads of many traffic matrices, fast: the path model's linear map as a few thin GEMMs.
+"""The one map from traffic to link loads: a [G, G] matrix, or single GPU pairs, to per-link load.
 
-``Topology.link_loads(T)`` (``epplan.topology.paths.PathModel``) is the reference: a linear map
-from a [G, G] traffic matrix to per-link loads. Scoring a placement needs it for every MoE layer
-and both directions of the all-to-all (dispatch s->t, combine t->s), some 30 matrices at 1,024
-GPUs, and each reference call walks the dense matrix several times (~0.1 s).
+``epplan.topology.paths.PathModel`` holds the path tables a topology's routing gives (the
+segments inside servers, the NICs' up- and down-links, the fabric routes between edge switches,
+and which NIC sends what: ``PathModel.send_nics``). This module applies them, in two forms of the
+same linear map:
 
-``LinkMap`` computes exactly the same numbers from a handful of contractions of the matrix with
-thin dense matrices (G x k, k = a few rails and edge switches), which it precomputes from the
-path model's tables. A matrix and its transpose share the two GEMMs (``T @ D`` and ``T.T @ D``),
-so ``pair_loads(T)`` returns loads(T) and loads(T.T) for about the price of one. T may also be
-scipy-sparse (gradient rings) or ``LowRank`` factors T = A @ B: a layer whose experts split
-every source's tokens alike has flows C @ S of rank <= E, scored in O(G * E).
+- ``LinkMap.loads(T)`` / ``pair_loads(T)``: per-link loads of whole traffic matrices (the cost
+  function scores every MoE layer in both directions, forward and backward; some 30 matrices at
+  1,024 GPUs), as a handful of contractions of T with thin precomputed matrices (G x k, k = a few
+  rails and edge switches). A matrix and its transpose share the two GEMMs (``T @ D`` and
+  ``T.T @ D``), so ``pair_loads(T)`` returns loads(T) and loads(T.T) for about the price of one.
+  T may be dense, scipy-sparse (gradient rings) or ``LowRank`` factors T = A @ B: a layer whose
+  experts split every source's tokens alike has flows C @ S of rank <= E, scored in O(G * E).
+- ``LinkMap.pair_incidence(src, dst)``: the map's coefficients, the share of one unit sent
+  src[i] -> dst[i] on each link (what an optimisation model needs; ``epplan.placement.linkmodel``
+  keeps the links that can bind).
 
-Why this is exact (``PathModel.link_loads`` in the same notation): everything a cross-node pair
-puts on a link depends on the traffic only through
+``Topology.link_loads`` is ``link_map(topology).loads``. The tests hold a slow reference
+composed pair by pair from the graph and compare both forms against it (tests/test_topology.py,
+tests/test_cost.py, tests/test_planner.py).
+
+Why the matrix form is exact: everything a cross-node pair puts on a link depends on the traffic
+only through
   - per source s and receiving rail r:  Y[s, r] = sum_t cross[s, t] * recv_rail[t, r];
   - per destination t and rail r:       Z[t, r] = sum_s cross[s, t] * w[s, r], where w says
-    whether s's node sends rail r's traffic itself (rail-aligned PXN) or through its nearest NIC;
+    whether s's node sends rail r's traffic from its own NIC on that rail (``own_rail``,
+    rail-aligned PXN) or through s's nearest NICs;
   - per source s and (rail, edge switch) j of the receiving NIC: Q[s, j] (the fabric routes);
-  - row and column sums,
+  - column sums,
 and the same-node part through the traffic of same-node pairs only. ``cross`` (T without its
 same-node entries) is never built: products are taken on T and the same-node entries' share is
-subtracted with a sparse matrix of G x gpus_per_node entries.
-
-The map is checked against the reference on a random dense matrix when it is built (once per
-topology object); if they disagree (the path model changed underneath), ``LinkMap`` falls back
-to the reference and warns.
+subtracted with a sparse matrix of G x gpus_per_node entries. ECMP is the case own_rail = 0.
 
 Shape legend: G = GPUs, L = links, C = NICs, R = rails, W = edge switches, J = distinct
-(rail, edge switch) pairs of NICs, P = same-node ordered pairs (s != t).
+(rail, edge switch) pairs of NICs, P = pairs.
 """
 
 from __future__ import annotations
 
-import warnings
 import weakref
 
 import numpy as np
 import scipy.sparse as sp
+
 
 class LowRank:
     """A [G, G] traffic matrix kept as factors: T = a @ b, a float64[G, r], b float64[r, G]."""
@@ -85,38 +90,21 @@ def link_map(topology) -> "LinkMap":
 
 
 class LinkMap:
-    """loads(T) = topology.link_loads(T), for [G, G] matrices, via precomputed thin factors."""
+    """Traffic -> per-link load of one topology (module docstring): ``loads``, ``pair_loads``,
+    ``pair_incidence``."""
 
-    def __init__(self, topology, *, check: bool = True) -> None:
+    def __init__(self, topology) -> None:
         # Weak: the cache maps the topology's path model to this map, so a strong reference back
         # would keep every topology ever scored alive.
         self._topology = weakref.ref(topology)
         self.name = topology.name
-        pm = topology.paths
-        self.num_gpus = g = topology.num_gpus
+        self.pm = pm = topology.paths
+        self.num_gpus = topology.num_gpus
         self.num_links = topology.num_links
-        self.exact = True
-        try:
-            self._build(pm)
-        except (AttributeError, ValueError, IndexError, AssertionError) as exc:  # tables changed shape
-            self._fallback(f"cannot read the path model's tables ({exc!r})")
-            return
-        if check:
-            rng = np.random.default_rng(12345)
-            probe = rng.random((g, g))
-            ref, ref_t = topology.link_loads(probe), topology.link_loads(probe.T)
-            got, got_t = self.pair_loads(probe)
-            scale = max(float(ref.max(initial=0.0)), 1e-30)
-            if not (np.allclose(got, ref, rtol=1e-9, atol=1e-9 * scale)
-                    and np.allclose(got_t, ref_t, rtol=1e-9, atol=1e-9 * scale)):
-                self._fallback("its link loads disagree with Topology.link_loads")
-
-    def _fallback(self, why: str) -> None:
-        warnings.warn(f"epplan.cost: fast link map of {self.name!r} disabled, {why}; "
-                      "scoring with Topology.link_loads (slower)", RuntimeWarning, stacklevel=3)
-        self.exact = False
-
-    # ------------------------------------------------------------------ construction
+        self.gpu_node = np.asarray(topology.gpu_node)
+        self.has_network = pm.num_nics > 0 and topology.num_nodes > 1
+        self._build_factors(pm)
+        self._build_segments(pm)
 
     @property
     def topology(self):
@@ -124,12 +112,13 @@ class LinkMap:
         assert topo is not None, "the topology of this LinkMap was garbage-collected"
         return topo
 
-    def _build(self, pm) -> None:
-        topo = self.topology
-        g = self.num_gpus
-        self.intra = pm.intra.tocsr()                       # (P, L)
+    # ------------------------------------------------------------------ matrix form: construction
+
+    def _build_factors(self, pm) -> None:
+        topo, g = self.topology, self.num_gpus
+        gpu_node = self.gpu_node
+        self.intra = pm.intra.tocsr()                       # (P_same, L)
         self.intra_src, self.intra_dst = pm.intra_src, pm.intra_dst
-        gpu_node = np.asarray(topo.gpu_node)
         # Same-node pairs including s == t: what ``cross`` removes from T.
         same_s, same_t = [], []
         for n in range(topo.num_nodes):
@@ -138,17 +127,14 @@ class LinkMap:
             same_t.append(np.tile(ranks, ranks.size))
         self.same_s = np.concatenate(same_s) if same_s else np.zeros(0, np.int64)
         self.same_t = np.concatenate(same_t) if same_t else np.zeros(0, np.int64)
-        self.has_network = pm.num_nics > 0 and topo.num_nodes > 1
         if not self.has_network:
             return
-        self.routing = pm.routing
         num_rails = pm.num_rails
-        recv_near, send_near = pm.recv_near.tocoo(), pm.send_near.tocsr()
+        recv_near = pm.recv_near.tocoo()
         onehot = pm.nic_rail_onehot
         self.recv_rail = np.asarray((pm.recv_near @ onehot).todense())   # (G, R)
         self.send_rail = np.asarray((pm.send_near @ onehot).todense())   # (G, R)
-        self.send_near_t = send_near.T.tocsr()                             # (C, G)
-        self.recv_near_t = pm.recv_near.T.tocsr()                          # (C, G)
+        self.send_near_t = pm.send_near.T.tocsr()                          # (C, G)
         self.rn_t, self.rn_q, self.rn_v = recv_near.row, recv_near.col, recv_near.data
         self.nic_rail = pm.nic_rail
         self.nic_up, self.nic_down = pm.nic_up, pm.nic_down
@@ -156,47 +142,30 @@ class LinkMap:
         self.num_nics, self.num_rails = pm.num_nics, num_rails
         self.num_switches = num_w = pm.num_edge_switches
         nic_switch = pm.nic_switch
+        own = pm.is_own_rail.astype(np.float64)                            # (G, R)
+        self.own_g, self.near_g = own, 1.0 - own
+        self.any_own = bool(pm.is_own_rail.any())
+        sn1 = np.asarray(pm.send_near.sum(axis=1)).ravel()
+        w = own + sn1[:, None] * self.near_g                               # (G, R)
+        # The NIC of the source's node on rail r where it sends that rail itself, else -1.
+        self.src_nic = np.where(pm.is_own_rail, pm.node_rail_nic[gpu_node], -1)  # (G, R)
+        right = [self.recv_rail]                                           # -> Y
+        left = [np.ones((g, 1)), w]                                        # -> column sums, Z
         if num_w > 1:
             self.fabric_routes_t = pm.fabric_routes.T.tocsr()               # (L, W*W)
             assert np.all(nic_switch >= 0)
-        right, left = [], []
-        if self.routing == "rail_aligned":
-            has = pm.node_rail_nic >= 0                                     # (N, R)
-            self.has_g = has[gpu_node].astype(np.float64)                   # (G, R)
-            self.um_g = 1.0 - self.has_g
-            sn1 = np.asarray(pm.send_near.sum(axis=1)).ravel()
-            w = self.has_g + sn1[:, None] * self.um_g                       # (G, R)
-            # NIC of the source's node on rail r (valid where has_g).
-            self.src_nic = pm.node_rail_nic[gpu_node]                       # (G, R), -1 if none
-            right.append(self.recv_rail)                                    # -> Y
-            left.append(np.ones((g, 1)))                                    # -> column sums
-            left.append(w)                                                  # -> Z
-            if num_w > 1:
-                combo = pm.nic_rail * num_w + nic_switch                    # (C,) (rail, switch) id
-                combos, cq = np.unique(combo, return_inverse=True)
-                self.j_rail, self.j_switch = combos // num_w, combos % num_w
-                self.j_onehot = np.eye(num_w)[self.j_switch]                 # (J, W)
-                k = np.zeros((g, combos.size))
-                np.add.at(k, (self.rn_t, cq[self.rn_q]), self.rn_v)        # (G, J)
-                right.append(k)                                             # -> Q
-                # swAR[s, j]: edge switch of the NIC that source s's node sends rail r_j on.
-                sw_src = np.where(self.src_nic >= 0, nic_switch[np.maximum(self.src_nic, 0)], 0)
-                self.sw_src_j = sw_src[:, self.j_rail]                      # (G, J)
-                self.has_j = self.has_g[:, self.j_rail]                     # (G, J)
-                self.um_j = self.um_g[:, self.j_rail]
-                n2s = pm.nic_to_switch
-                self.send_switch_t = (pm.send_near @ n2s).T.tocsr()         # (W, G)
-        else:
-            r1 = np.asarray(pm.recv_near.sum(axis=1)).ravel()
-            sn1 = np.asarray(pm.send_near.sum(axis=1)).ravel()
-            right.append(np.ones((g, 1)))                                   # -> row sums
-            right.append(r1[:, None])
-            left.append(np.ones((g, 1)))                                    # -> column sums
-            left.append(sn1[:, None])
-            if num_w > 1:
-                n2s = pm.nic_to_switch
-                right.append(np.asarray((pm.recv_near @ n2s).todense()))    # Pr (G, W)
-                self.send_switch_t = (pm.send_near @ n2s).T.tocsr()         # Ps^T (W, G)
+            combo = pm.nic_rail * num_w + nic_switch                        # (C,) (rail, switch) id
+            combos, cq = np.unique(combo, return_inverse=True)
+            self.j_rail, self.j_switch = combos // num_w, combos % num_w
+            self.j_onehot = np.eye(num_w)[self.j_switch]                     # (J, W)
+            k = np.zeros((g, combos.size))
+            np.add.at(k, (self.rn_t, cq[self.rn_q]), self.rn_v)            # (G, J)
+            right.append(k)                                                 # -> Q
+            # Edge switch of the NIC that source s's node sends rail r_j on (where it does).
+            sw_src = np.where(self.src_nic >= 0, nic_switch[np.maximum(self.src_nic, 0)], 0)
+            self.sw_src_j = sw_src[:, self.j_rail]                          # (G, J)
+            self.own_j, self.near_j = own[:, self.j_rail], self.near_g[:, self.j_rail]
+            self.send_switch_t = (pm.send_near @ pm.nic_to_switch).T.tocsr()  # (W, G)
         self.d_right = np.ascontiguousarray(np.hstack(right))   # (G, kr)
         self.d_left = np.ascontiguousarray(np.hstack(left))     # (G, kl)
         self.d_rl = np.hstack([self.d_right, self.d_left])
@@ -206,7 +175,7 @@ class LinkMap:
         self.same_s, self.same_t = self.same_s[order], self.same_t[order]
         self._same_indptr = np.searchsorted(self.same_s, np.arange(g + 1)).astype(np.int64)
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ matrix form: evaluation
 
     def loads(self, traffic: np.ndarray) -> np.ndarray:
         """float64[L] per-link load of traffic[s, t] (any unit); the diagonal is ignored."""
@@ -226,10 +195,6 @@ class LinkMap:
         else:
             t = np.asarray(traffic, dtype=np.float64)
         assert t.shape == (self.num_gpus, self.num_gpus), t.shape
-        if not self.exact:
-            dense = t.dense() if isinstance(t, LowRank) else (t.toarray() if sp.issparse(t) else t)
-            ref = self.topology.link_loads
-            return ref(dense), (ref(np.ascontiguousarray(dense.T)) if transpose else None)
         out = self.intra.T @ _entries(t, self.intra_src, self.intra_dst)
         out_t = self.intra.T @ _entries(t, self.intra_dst, self.intra_src) if transpose else None
         if not self.has_network:
@@ -259,38 +224,142 @@ class LinkMap:
         loads = np.zeros(self.num_links)
         colsum = left[:, 0]
         received = self.recv_rail * colsum[:, None]                         # (G, R)
-        nic_row = np.zeros(self.num_nics)
-        if self.routing == "rail_aligned":
-            y = right[:, :num_rails]                                        # (G, R)
-            z = left[:, 1:1 + num_rails]                                    # (G, R)
-            unmatched = (self.um_g * y).sum(axis=1)                         # (G,)
-            sent = self.has_g * y + self.send_rail * unmatched[:, None]
-            is_m = self.src_nic >= 0
-            nic_row += np.bincount(self.src_nic[is_m], weights=y[is_m], minlength=self.num_nics)
-            nic_row += self.send_near_t @ unmatched
-            nic_col = np.bincount(self.rn_q, weights=self.rn_v * z[self.rn_t, self.nic_rail[self.rn_q]],
-                                  minlength=self.num_nics)
-            if num_w > 1:
-                q = right[:, num_rails:]                                    # (G, J)
-                sw = np.bincount((self.sw_src_j * num_w + self.j_switch).ravel(),
-                                 weights=(self.has_j * q).ravel(), minlength=num_w * num_w)
-                sw = sw.reshape(num_w, num_w)
-                u = self.um_j * q                                           # (G, J)
-                if np.any(u):
-                    sw += (self.send_switch_t @ u) @ self.j_onehot          # (W, J) @ (J, W)
-        else:
-            rowsum, to_recv, from_send = right[:, 0], right[:, 1], left[:, 1]
-            sent = self.send_rail * rowsum[:, None]
-            nic_row += self.send_near_t @ to_recv
-            nic_col = self.recv_near_t @ from_send
-            if num_w > 1:
-                sw = self.send_switch_t @ right[:, 2:2 + num_w]             # (W, W)
+        y = right[:, :num_rails]                                            # (G, R)
+        z = left[:, 1:1 + num_rails]                                        # (G, R)
+        via_near = (self.near_g * y).sum(axis=1)                            # (G,)
+        sent = self.own_g * y + self.send_rail * via_near[:, None]
+        nic_row = self.send_near_t @ via_near
+        if self.any_own:
+            is_own = self.src_nic >= 0
+            nic_row += np.bincount(self.src_nic[is_own], weights=y[is_own], minlength=self.num_nics)
+        nic_col = np.bincount(self.rn_q, weights=self.rn_v * z[self.rn_t, self.nic_rail[self.rn_q]],
+                              minlength=self.num_nics)
         loads += self.egress_t @ sent.ravel()
         loads += self.ingress_t @ received.ravel()
         np.add.at(loads, self.nic_up, nic_row)
         np.add.at(loads, self.nic_down, nic_col)
         if num_w > 1:
+            q = right[:, num_rails:]                                        # (G, J)
+            sw = (self.send_switch_t @ (self.near_j * q)) @ self.j_onehot   # (W, J) @ (J, W)
+            if self.any_own:
+                sw += np.bincount((self.sw_src_j * num_w + self.j_switch).ravel(),
+                                  weights=(self.own_j * q).ravel(),
+                                  minlength=num_w * num_w).reshape(num_w, num_w)
             sw = np.asarray(sw)
             np.fill_diagonal(sw, 0.0)
             loads += self.fabric_routes_t @ sw.ravel()
         return loads
+
+    # ------------------------------------------------------------------ pair form
+
+    def _build_segments(self, pm) -> None:
+        """Segments x links: rows [same-node pairs | egress (G*R) | ingress (G*R) | up (C) |
+        down (C) | fabric (W*W)]; the offsets are kept on ``self``."""
+        g, num_links = self.num_gpus, self.num_links
+        self.intra_row = np.full((g, g), -1, dtype=np.int64)               # same-node pair -> row
+        self.intra_row[pm.intra_src, pm.intra_dst] = np.arange(pm.intra_src.size)
+        blocks = [pm.intra.tocsr()]
+        self.off_egress = pm.intra.shape[0]
+        if not self.has_network:
+            self.off_ingress = self.off_up = self.off_down = self.off_fabric = self.off_egress
+            self.segment_links = sp.vstack(blocks).tocsr()
+            return
+        gr = pm.egress.shape[0]
+        c = pm.num_nics
+        up = sp.csr_matrix((np.ones(c), (np.arange(c), pm.nic_up)), shape=(c, num_links))
+        down = sp.csr_matrix((np.ones(c), (np.arange(c), pm.nic_down)), shape=(c, num_links))
+        blocks += [pm.egress.tocsr(), pm.ingress.tocsr(), up, down]
+        self.off_ingress = self.off_egress + gr
+        self.off_up = self.off_ingress + gr
+        self.off_down = self.off_up + c
+        self.off_fabric = self.off_down + c
+        if pm.num_edge_switches > 1:
+            blocks.append(pm.fabric_routes.tocsr())
+        self.segment_links = sp.vstack(blocks).tocsr()                      # (segments, L)
+        self.near_nic, self.near_w = _padded(pm.send_near)                  # (G, k) each
+        self.recv_nic, self.recv_w = _padded(pm.recv_near)
+
+    @property
+    def num_segments(self) -> int:
+        return self.segment_links.shape[0]
+
+    def pair_segments(self, src: np.ndarray, dst: np.ndarray) -> sp.csr_matrix:
+        """float64[P, segments] (rows of ``segment_links``): what one unit sent src[i] -> dst[i]
+        puts on each segment; pairs must have src != dst."""
+        pm = self.pm
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        rows, cols, vals = [], [], []
+        same = self.gpu_node[src] == self.gpu_node[dst]
+        idx = np.flatnonzero(same)
+        if idx.size:
+            r = self.intra_row[src[idx], dst[idx]]
+            assert np.all(r >= 0), "same-node pair without an intra-node path"
+            rows.append(idx); cols.append(r); vals.append(np.ones(idx.size))
+        idx = np.flatnonzero(~same)
+        if idx.size and self.has_network:
+            s, t = src[idx], dst[idx]
+            rail = pm.nic_rail
+            for k in range(self.recv_nic.shape[1]):   # the destination's nearest NICs
+                c2, v = self.recv_nic[t, k], self.recv_w[t, k]
+                ok = c2 >= 0
+                if not ok.any():
+                    continue
+                i, c2, v, si, ti = idx[ok], c2[ok], v[ok], s[ok], t[ok]
+                rows += [i, i]
+                cols += [self.off_down + c2, self.off_ingress + ti * pm.num_rails + rail[c2]]
+                vals += [v, v]
+                # The sending NIC: the node's own on the receiving rail where it sends that rail
+                # itself, else the source's nearest ones (``PathModel.is_own_rail``).
+                own = pm.is_own_rail[si, rail[c2]]
+                if own.any():
+                    c1 = pm.node_rail_nic[self.gpu_node[si[own]], rail[c2[own]]]
+                    self._send(rows, cols, vals, i[own], si[own], c1, c2[own], v[own])
+                near = ~own
+                for k1 in range(self.near_nic.shape[1]):
+                    c1, w1 = self.near_nic[si, k1], self.near_w[si, k1]
+                    m = near & (c1 >= 0)
+                    if m.any():
+                        self._send(rows, cols, vals, i[m], si[m], c1[m], c2[m], v[m] * w1[m])
+        shape = (src.size, self.num_segments)
+        if not rows:
+            return sp.csr_matrix(shape)
+        m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=shape)
+        m.sum_duplicates()
+        return m
+
+    def _send(self, rows, cols, vals, i, s, c1, c2, v) -> None:
+        """Append the sending half of pairs i (source s, sending NIC c1, receiving NIC c2)."""
+        pm = self.pm
+        rows += [i, i]
+        cols += [self.off_egress + s * pm.num_rails + pm.nic_rail[c1], self.off_up + c1]
+        vals += [v, v]
+        if pm.num_edge_switches > 1:
+            sw = pm.nic_switch
+            differ = sw[c1] != sw[c2]
+            if differ.any():
+                rows.append(i[differ])
+                cols.append(self.off_fabric + sw[c1][differ] * pm.num_edge_switches + sw[c2][differ])
+                vals.append(v[differ])
+
+    def pair_incidence(self, src: np.ndarray, dst: np.ndarray) -> sp.csr_matrix:
+        """float64[P, L]: share of one unit sent src[i] -> dst[i] on each link (src != dst)."""
+        return (self.pair_segments(src, dst) @ self.segment_links).tocsr()
+
+    def pair_fractions(self, src: int, dst: int) -> dict[int, float]:
+        """{link index: fraction} of one unit sent from rank ``src`` to rank ``dst`` (src != dst)."""
+        row = self.pair_incidence(np.array([src]), np.array([dst]))
+        row.eliminate_zeros()
+        return {int(i): float(f) for i, f in zip(row.indices, row.data) if f > 1e-12}
+
+
+def _padded(m: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse [G, C] share table as padded columns: int64[G, k] NIC (-1 = none), float64[G, k]."""
+    m = m.tocsr()
+    width = max(1, int(np.diff(m.indptr).max(initial=0)))
+    counts = np.diff(m.indptr)
+    nic = np.full((m.shape[0], width), -1, dtype=np.int64)
+    w = np.zeros((m.shape[0], width))
+    rows = np.repeat(np.arange(m.shape[0]), counts)
+    pos = np.arange(m.indices.size) - np.repeat(m.indptr[:-1], counts)
+    nic[rows, pos], w[rows, pos] = m.indices, m.data
+    return nic, w

@@ -3,8 +3,8 @@
 Enumerates every way to give each GPU min(slots, E) distinct experts such that every expert has
 a replica (a placement with a free slot is never better than the same placement with that slot
 filled: a replica may receive no tokens), and for each solves the per-source split LP written
-independently of the planner's code: path shares from ``PathModel.pair_fractions``, every link
-(no dominance pruning), one split per source, dense matrices, ``scipy.optimize.linprog``, and
+independently of the planner's code: path shares from ``PathModel.pair_fractions`` (the one
+link map, checked in tests against a per-pair walk of the graph), every link (no dominance pruning), one split per source, dense matrices, ``scipy.optimize.linprog``, and
 the layer's time under the problem's schedule (``epplan.schedule``) as exposed * mu + max(hidden
 * mu, X) for the max link time mu and the max GPU time X.
 

@@ -347,7 +347,7 @@ def _nic_unit(data: LayerData) -> np.ndarray:
     if not data.lm.has_network:
         return out
     for g in range(data.num_gpus):
-        nics = data.lm.near_nic[g][data.lm.near_nic[g] >= 0]
+        nics = data.lm.map.near_nic[g][data.lm.map.near_nic[g] >= 0]
         if nics.size:
             out[g] = 2.0 * data.bytes_per_assignment / data.lm.cap[pm.nic_up[nics]].min()
     return out

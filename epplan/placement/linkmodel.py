@@ -1,13 +1,12 @@
 """The planner's view of the network: per GPU pair, the links its traffic crosses, in seconds.
 
-``Topology.link_loads`` (``epplan.topology.paths``) maps a whole [G, G] traffic matrix to link
-loads. An optimisation model needs the map's coefficients instead: for a pair (s, t), the share of
-one unit sent s -> t that lands on each link. ``pair_incidence`` rebuilds them from the path
-model's sparse segment tables (the same tables ``link_loads`` applies), so that
+An optimisation model needs the traffic -> link-load map's coefficients: for a pair (s, t), the
+share of one unit sent s -> t that lands on each link, ``LinkMap.pair_incidence``
+(``epplan.cost.linkmap``, the one owner of the map), so that
 
     link_loads(T)[l] == sum over pairs (s, t), s != t, of T[s, t] * incidence[(s, t), l]
 
-for every T (tested against ``PathModel.pair_fractions``).
+for every T (tested against a slow per-pair reference composed from the graph).
 
 Most links can never be a layer's bottleneck, whatever the traffic; ``LinkModel`` drops them so
 that the models stay small. A link l is *dominated* when its load is at most a fixed combination
@@ -34,6 +33,8 @@ import weakref
 import numpy as np
 import scipy.sparse as sp
 
+from epplan.cost.linkmap import link_map as link_map_of
+
 _CACHE: "weakref.WeakKeyDictionary[object, LinkModel]" = weakref.WeakKeyDictionary()
 
 
@@ -56,156 +57,29 @@ class LinkModel:
 
     def __init__(self, topology) -> None:
         self.topology = topology
-        pm = topology.paths
-        self.pm = pm
-        self.num_gpus = g = topology.num_gpus
+        self.pm = topology.paths
+        self.map = link_map_of(topology)
+        self.num_gpus = topology.num_gpus
         self.num_links = topology.num_links
         self.cap = np.asarray(topology.link_capacity, dtype=np.float64) * 1e9
         self.gpu_node = np.asarray(topology.gpu_node)
-        self.has_network = pm.num_nics > 0 and topology.num_nodes > 1
-        # Same-node pair -> row of pm.intra.
-        self.intra_row = np.full((g, g), -1, dtype=np.int64)
-        self.intra_row[pm.intra_src, pm.intra_dst] = np.arange(pm.intra_src.size)
-        self._near()
+        self.has_network = self.map.has_network
         self.kept = self._undominated()
         self.col_of = np.full(self.num_links, -1, dtype=np.int64)
         self.col_of[self.kept] = np.arange(self.kept.size)
 
-    # ------------------------------------------------------------------ incidence
-
-    def _near(self) -> None:
-        """Padded per-GPU NIC tables: near_nic[g, k] (-1 = none), near_w[g, k]."""
-        pm = self.pm
-        if not self.has_network:
-            self.near_nic = np.full((self.num_gpus, 1), -1, dtype=np.int64)
-            self.near_w = np.zeros((self.num_gpus, 1))
-            self.recv_nic, self.recv_w = self.near_nic, self.near_w
-            return
-
-        def padded(m):
-            m = m.tocsr()
-            width = max(1, int(np.diff(m.indptr).max()))
-            nic = np.full((m.shape[0], width), -1, dtype=np.int64)
-            w = np.zeros((m.shape[0], width))
-            for g in range(m.shape[0]):
-                lo, hi = m.indptr[g], m.indptr[g + 1]
-                nic[g, :hi - lo] = m.indices[lo:hi]
-                w[g, :hi - lo] = m.data[lo:hi]
-            return nic, w
-
-        self.near_nic, self.near_w = padded(pm.send_near)
-        self.recv_nic, self.recv_w = padded(pm.recv_near)
-
-    def _segment_links(self) -> sp.csr_matrix:
-        """Segments x links: rows [intra pairs | egress (G*R) | ingress (G*R) | up (C) | down (C) |
-        fabric (W*W)]; the offsets are stored on ``self``."""
-        pm, num_links = self.pm, self.num_links
-        blocks = [pm.intra.tocsr()]
-        self.off_egress = pm.intra.shape[0]
-        if not self.has_network:
-            self.off_ingress = self.off_up = self.off_down = self.off_fabric = self.off_egress
-            return sp.vstack(blocks).tocsr()
-        gr = pm.egress.shape[0]
-        blocks += [pm.egress.tocsr(), pm.ingress.tocsr()]
-        self.off_ingress = self.off_egress + gr
-        self.off_up = self.off_ingress + gr
-        c = pm.num_nics
-        up = sp.csr_matrix((np.ones(c), (np.arange(c), pm.nic_up)), shape=(c, num_links))
-        down = sp.csr_matrix((np.ones(c), (np.arange(c), pm.nic_down)), shape=(c, num_links))
-        blocks += [up, down]
-        self.off_down = self.off_up + c
-        self.off_fabric = self.off_down + c
-        if pm.num_edge_switches > 1:
-            blocks.append(pm.fabric_routes.tocsr())
-        return sp.vstack(blocks).tocsr()
-
-    def _pair_segments(self, src: np.ndarray, dst: np.ndarray) -> sp.csr_matrix:
-        """Pairs x segments (see ``_segment_links``) for pairs src[i] -> dst[i], src != dst."""
-        pm = self.pm
-        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
-        num_pairs = src.size
-        rows, cols, vals = [], [], []
-        same = self.gpu_node[src] == self.gpu_node[dst]
-        idx = np.flatnonzero(same)
-        if idx.size:
-            r = self.intra_row[src[idx], dst[idx]]
-            assert np.all(r >= 0), "same-node pair without an intra-node path"
-            rows.append(idx); cols.append(r); vals.append(np.ones(idx.size))
-        idx = np.flatnonzero(~same)
-        if idx.size and self.has_network:
-            s, t = src[idx], dst[idx]
-            num_rails, num_w = pm.num_rails, pm.num_edge_switches
-            rail, sw = pm.nic_rail, pm.nic_switch
-            # Receiving side: the destination's nearest NICs.
-            for k in range(self.recv_nic.shape[1]):
-                c2 = self.recv_nic[t, k]
-                v = self.recv_w[t, k]
-                ok = c2 >= 0
-                if not ok.any():
-                    continue
-                i, c2, v, si, ti = idx[ok], c2[ok], v[ok], s[ok], t[ok]
-                rows += [i, i]
-                cols += [self.off_down + c2, self.off_ingress + ti * num_rails + rail[c2]]
-                vals += [v, v]
-                # Sending side: the source's nearest NICs (ecmp), or its node's NIC on the
-                # receiving rail where it has one (rail_aligned, PXN).
-                if pm.routing == "rail_aligned":
-                    c1 = pm.node_rail_nic[self.gpu_node[si], rail[c2]]
-                    m = c1 >= 0
-                    if m.any():
-                        self._send(rows, cols, vals, i[m], si[m], c1[m], c2[m], v[m], rail, sw, num_rails, num_w)
-                    um = ~m
-                else:
-                    um = np.ones(i.size, dtype=bool)
-                if um.any():
-                    for k1 in range(self.near_nic.shape[1]):
-                        c1 = self.near_nic[si[um], k1]
-                        w1 = self.near_w[si[um], k1]
-                        okk = c1 >= 0
-                        if okk.any():
-                            self._send(rows, cols, vals, i[um][okk], si[um][okk], c1[okk], c2[um][okk],
-                                       v[um][okk] * w1[okk], rail, sw, num_rails, num_w)
-        if not rows:
-            return sp.csr_matrix((num_pairs, self._num_segments()))
-        m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                          shape=(num_pairs, self._num_segments()))
-        m.sum_duplicates()
-        return m
-
-    def _send(self, rows, cols, vals, i, s, c1, c2, v, rail, sw, num_rails, num_w) -> None:
-        rows += [i, i]
-        cols += [self.off_egress + s * num_rails + rail[c1], self.off_up + c1]
-        vals += [v, v]
-        if num_w > 1:
-            differ = sw[c1] != sw[c2]
-            if differ.any():
-                rows.append(i[differ])
-                cols.append(self.off_fabric + sw[c1][differ] * num_w + sw[c2][differ])
-                vals.append(v[differ])
-
-    def _num_segments(self) -> int:
-        pm = self.pm
-        if not self.has_network:
-            return pm.intra.shape[0]
-        n = self.off_fabric
-        if pm.num_edge_switches > 1:
-            n += pm.num_edge_switches ** 2
-        return n
-
     def pair_incidence(self, src: np.ndarray, dst: np.ndarray, *, all_links: bool = False) -> sp.csr_matrix:
         """float64[P, K] (or [P, L] with ``all_links``): share of one unit sent src[i] -> dst[i]
-        on each kept link. Pairs must have src != dst (a GPU's traffic to itself is local)."""
-        if not hasattr(self, "_seg_links_all"):
-            self._seg_links_all = self._segment_links()
-        seg = self._seg_links_all if all_links else self._seg_links_kept
-        return (self._pair_segments(src, dst) @ seg).tocsr()
+        on each kept link (``LinkMap.pair_incidence`` restricted). Pairs must have src != dst."""
+        seg = self.map.segment_links if all_links else self._seg_links_kept
+        return (self.map.pair_segments(src, dst) @ seg).tocsr()
 
     # ------------------------------------------------------------------ dominance
 
     def _undominated(self) -> np.ndarray:
         """int64[K] links that are not provably dominated (module docstring)."""
         pm, num_links = self.pm, self.num_links
-        self._seg_links_all = seg = self._segment_links()
+        seg = self.map.segment_links
         keep = np.ones(num_links, dtype=bool)
         if self.has_network:
             cap_up, cap_down = self.cap[pm.nic_up], self.cap[pm.nic_down]
@@ -257,9 +131,9 @@ class LinkModel:
             cross = self.gpu_node[src] != self.gpu_node[dst]
             src, dst = src[cross], dst[cross]
             for a, b in ((src, dst), (dst, src)):
-                ps = self._pair_segments(a, b)                              # (P, segments)
+                ps = self.map.pair_segments(a, b)                           # (P, segments)
                 on = (ps @ seg_cand).tocoo()                                # (P, k)
-                for off, alpha in ((self.off_up, alpha_up), (self.off_down, alpha_down)):
+                for off, alpha in ((self.map.off_up, alpha_up), (self.map.off_down, alpha_down)):
                     share = ps[:, off:off + pm.num_nics].tocsr()
                     share.eliminate_zeros()
                     counts = np.diff(share.indptr)

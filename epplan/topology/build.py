@@ -100,8 +100,11 @@ class Topology:
         return self._paths
 
     def link_loads(self, traffic: np.ndarray) -> np.ndarray:
-        """float64[L] bytes (or any unit) on each link for a [G, G] traffic matrix."""
-        return self.paths.link_loads(traffic)
+        """float64[L] bytes (or any unit) on each link for a [G, G] traffic matrix (its diagonal
+        ignored): ``epplan.cost.linkmap``, the one map from traffic to link loads."""
+        from epplan.cost.linkmap import link_map
+
+        return link_map(self).loads(traffic)
 
     def link_name(self, idx: int) -> str:
         u, v = self.links[idx]

@@ -16,8 +16,9 @@ traffic only between the intra-node fabric and its own NIC (the PXN proxy path).
 
 The model never materialises a pairs x links matrix. It keeps sparse per-segment tables: per
 same-node pair, per (GPU, rail) egress and ingress segment, per (edge switch, edge switch) fabric
-route. ``link_loads`` applies them to a [G, G] traffic matrix with a few sparse products, so a
-1,024-GPU cluster is scored in milliseconds.
+route, and which NIC sends a cross-node pair's traffic (``send_near``, ``is_own_rail``: the one
+place the routing's rail-aligned case is decided). ``epplan.cost.linkmap`` applies the tables,
+to [G, G] traffic matrices and to single pairs; ``Topology.link_loads`` is that map.
 
 Shape legend: G = GPUs, L = links, N = nodes, C = NICs, R = rails (max NICs per node),
 W = edge switches (those NICs plug into).
@@ -145,8 +146,13 @@ class PathModel:
         # NIC -> rail one-hot, to fold per-NIC amounts into per-(GPU, rail) rows of egress/ingress.
         self.nic_rail_onehot = sp.csr_matrix(
             (np.ones(self.num_nics), (np.arange(self.num_nics), self.nic_rail)), shape=(self.num_nics, num_rails))
-        self.node_of_gpu = sp.csr_matrix(
-            (np.ones(num_gpus), (topo.gpu_node, np.arange(num_gpus))), shape=(topo.num_nodes, num_gpus))
+        # The sending NIC of a cross-node pair whose receiving NIC is on rail r: under
+        # ``rail_aligned`` routing (NCCL's PXN) the source node's NIC on rail r where it has one,
+        # reached over the intra-node fabric; otherwise (and always under ``ecmp``) the source's
+        # nearest NICs, ``send_near``.
+        self.is_own_rail = np.zeros((num_gpus, num_rails), dtype=bool)   # bool[G, R]
+        if self.routing == "rail_aligned":
+            self.is_own_rail = self.node_rail_nic[topo.gpu_node] >= 0
         self._fabric(graph, nic_names, nic_id, kinds)
 
     # ------------------------------------------------------------------ construction
@@ -241,63 +247,10 @@ class PathModel:
             (np.ones(int(valid.sum())), (np.flatnonzero(valid), nic_switch[valid])),
             shape=(self.num_nics, max(num_w, 1)))
 
-    # ------------------------------------------------------------------ evaluation
-
-    def link_loads(self, traffic) -> np.ndarray:
-        """float64[L] load on every directed link for traffic[s, t] (any unit, per direction).
-
-        ``traffic`` is float[G, G] (dense or scipy sparse); its diagonal (a GPU to itself) is
-        ignored.
-        """
-        if sp.issparse(traffic):
-            traffic = traffic.toarray()
-        traffic = np.asarray(traffic, dtype=np.float64)
-        num_gpus, num_rails = self.num_gpus, self.num_rails
-        assert traffic.shape == (num_gpus, num_gpus), traffic.shape
-        loads = self.intra.T @ traffic[self.intra_src, self.intra_dst]
-        if self.num_nics == 0 or self.topo.num_nodes == 1:
-            return loads
-        cross = traffic.copy()
-        cross[self.intra_src, self.intra_dst] = 0.0
-        np.fill_diagonal(cross, 0.0)
-        # (G, G) @ (G, C): what each source sends to each receiving NIC
-        to_nic = (self.recv_near.T @ cross.T).T
-        if self.routing == "rail_aligned":
-            send_nic = self._rail_send_nic()                       # (N, C) sending NIC, -1 if none
-            matched = (send_nic[self.topo.gpu_node] >= 0)          # (G, C)
-            to_nic_m = np.where(matched, to_nic, 0.0)
-            to_nic_u = to_nic - to_nic_m
-            per_node = self.node_of_gpu @ to_nic_m                 # (N, C)
-            nic2nic = np.zeros((self.num_nics, self.num_nics))
-            a, q = np.nonzero(send_nic >= 0)
-            np.add.at(nic2nic, (send_nic[a, q], q), per_node[a, q])
-            nic2nic += (self.send_near.T @ to_nic_u)
-            sent = (self.nic_rail_onehot.T @ to_nic_m.T).T        # (G, R) by the receiving rail
-            sent += (self.send_near @ self.nic_rail_onehot).toarray() * to_nic_u.sum(axis=1, keepdims=True)
-        else:
-            nic2nic = self.send_near.T @ to_nic                    # (C, C)
-            sent = (self.send_near @ self.nic_rail_onehot).toarray() * cross.sum(axis=1, keepdims=True)
-        received = (self.recv_near @ self.nic_rail_onehot).toarray() * cross.sum(axis=0)[:, None]
-        loads += self.egress.T @ sent.reshape(num_gpus * num_rails)
-        loads += self.ingress.T @ received.reshape(num_gpus * num_rails)
-        np.add.at(loads, self.nic_up, nic2nic.sum(axis=1))
-        np.add.at(loads, self.nic_down, nic2nic.sum(axis=0))
-        if self.num_edge_switches > 1:
-            sw2sw = np.asarray(self.nic_to_switch.T @ (self.nic_to_switch.T @ nic2nic.T).T)  # (W, W)
-            np.fill_diagonal(sw2sw, 0.0)
-            loads += self.fabric_routes.T @ sw2sw.reshape(-1)
-        return loads
-
-    def _rail_send_nic(self) -> np.ndarray:
-        """int64[N, C]: the NIC of node a on receiving NIC q's rail, or -1 where a has none."""
-        if not hasattr(self, "_rail_send_cache"):
-            self._rail_send_cache = self.node_rail_nic[:, self.nic_rail]
-        return self._rail_send_cache
+    # ------------------------------------------------------------------ per pair
 
     def pair_fractions(self, src: int, dst: int) -> dict[int, float]:
         """{link index: fraction} of one unit sent from rank ``src`` to rank ``dst``."""
-        unit = np.zeros((self.num_gpus, self.num_gpus))
-        unit[src, dst] = 1.0
-        loads = self.link_loads(unit)
-        nz = np.flatnonzero(loads > 1e-12)
-        return {int(i): float(loads[i]) for i in nz}
+        from epplan.cost.linkmap import link_map
+
+        return link_map(self.topo).pair_fractions(src, dst)
