@@ -73,6 +73,15 @@ class Migration:
     def num_moves(self) -> int:
         return len(self.moves)
 
+    def seconds_per_layer(self, problem: PlacementProblem) -> np.ndarray:
+        """float64[L] the predicted seconds of each layer's moves alone (their sum bounds
+        ``seconds`` from above: moved together, layers share the links' time)."""
+        g = problem.num_gpus
+        traffic = np.zeros((problem.num_layers, g, g))
+        for m in self.moves:
+            traffic[m.layer, m.src_rank, m.dst_rank] += m.bytes
+        return np.array([_seconds(t, problem) for t in traffic])
+
     def bytes_per_layer(self, num_layers: int) -> np.ndarray:
         """float64[L] bytes moved in each MoE layer."""
         out = np.zeros(num_layers)
@@ -146,8 +155,21 @@ def plan_migration(old: Placement, new: Placement, problem: PlacementProblem) ->
                 src = closest_source(held, int(dst), gpu_node, rails)
                 moves.append(Move(li, e, src, int(dst), per_replica))
                 traffic[src, dst] += per_replica
-    link_bytes = link_map(problem.topology).loads(traffic) if moves else np.zeros(problem.topology.num_links)
-    capacity = np.asarray(problem.topology.link_capacity, dtype=np.float64) * 1e9
-    seconds = float((link_bytes / capacity).max(initial=0.0))
+    link_bytes = _link_bytes(traffic, problem)
     return Migration(moves=tuple(moves), bytes_moved=float(sum(m.bytes for m in moves)),
-                     link_bytes=link_bytes, seconds=seconds)
+                     link_bytes=link_bytes, seconds=_seconds(traffic, problem, link_bytes))
+
+
+def _link_bytes(traffic: np.ndarray, problem: PlacementProblem) -> np.ndarray:
+    """float64[K] the path model's routing of traffic[src, dst] bytes."""
+    if not traffic.any():
+        return np.zeros(problem.topology.num_links)
+    return link_map(problem.topology).loads(traffic)
+
+
+def _seconds(traffic: np.ndarray, problem: PlacementProblem, link_bytes: np.ndarray | None = None) -> float:
+    """The busiest link's time for traffic[src, dst] bytes sent at once."""
+    if link_bytes is None:
+        link_bytes = _link_bytes(traffic, problem)
+    capacity = np.asarray(problem.topology.link_capacity, dtype=np.float64) * 1e9
+    return float((link_bytes / capacity).max(initial=0.0))

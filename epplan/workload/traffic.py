@@ -19,6 +19,8 @@ assignments spread over the experts) comes from the spec:
 - ``PATH.npz[@FIRST:LAST]``: ``counts[..., layer, source, expert]``; a leading iteration axis is
   averaged over the iterations whose numbers (the file's ``iterations`` array, else 0, 1, ...)
   lie in FIRST..LAST inclusive; ``@N`` means N:N. Default: all iterations.
+- ``drift:KEY=VALUE,...[@FIRST:LAST]``: zipf shares whose expert order rotates and whose
+  exponent changes with the step, averaged over steps FIRST..LAST (``epplan.workload.drift``).
 - ``PATH.json``: routing statistics written by ``epplan run`` (``epplan.workload.routing_stats``).
 - ``PATH.npy|.npz|.pt[@FIRST:LAST]``: a plain [L, E] / [L, S, E] / [W, L, S, E] array, or the
   records SGLang, vLLM and Megatron-Core write (``epplan.workload.routing_import``).
@@ -45,13 +47,18 @@ import numpy as np
 
 from epplan.errors import TrafficError
 from epplan.workload.coact import SAMPLE_TOKENS, coact_statistics, parse_coact
+from epplan.workload.drift import MAX_STEP as MAX_DRIFT_STEP
+from epplan.workload.drift import PREFIX as DRIFT_PREFIX
+from epplan.workload.drift import parse_drift
 from epplan.workload.config import ModelConfig
 from epplan.workload.routing_import import SUFFIXES as IMPORT_SUFFIXES
 from epplan.workload.routing_import import load_counts_file
 from epplan.workload.routing_stats import read_routing_stats
 
+MAX_DRIFT_WINDOW = 100_000  # steps averaged by one drift window
 MAX_TRACE_BYTES = 4 << 30  # uncompressed arrays of one .npz routing trace
-SPEC_FORMS = ("'uniform', 'zipf:ALPHA', 'coact:SIZE:SHARE[:ALPHA]', 'PATH.npz[@FIRST:LAST]', 'PATH.json', or an array or "
+SPEC_FORMS = ("'uniform', 'zipf:ALPHA', 'coact:SIZE:SHARE[:ALPHA]', 'drift:KEY=VALUE,...[@FIRST:LAST]', "
+              "'PATH.npz[@FIRST:LAST]', 'PATH.json', or an array or "
               "framework record (.npy, .npz, .pt; see epplan.workload.routing_import)")
 
 
@@ -144,6 +151,8 @@ def make_traffic(
         return Traffic(counts, source=f"{params.spec} (seed {seed})", pairs=pairs,
                        notes=[f"{params.spec}: counts and pair counts of {SAMPLE_TOKENS:,} sampled tokens "
                               "per layer, scaled to the model's volume; every rank routes alike"])
+    if spec.startswith(DRIFT_PREFIX):
+        return _drift_traffic(spec, config, shape, row_total, seed, window)
 
     path_str, window = _split_window(spec, window)
     path = Path(path_str)
@@ -161,6 +170,31 @@ def make_traffic(
         raise TrafficError(f"traffic spec {spec!r} not understood; use {SPEC_FORMS}")
     counts, notes = fit_counts(file_counts, config, num_ranks, name=path.name)
     return Traffic(counts, source=source, notes=imported + notes)
+
+
+def _drift_traffic(spec: str, config: ModelConfig, shape: tuple[int, int, int], row_total: float,
+                   seed: int, window: tuple[int, int] | None) -> Traffic:
+    body, at, text = spec.rpartition("@")
+    if not at:
+        body = spec
+    else:
+        match = _WINDOW.match(text.strip())
+        if not match:
+            raise TrafficError(f"routing {spec!r}: window {text!r} must be FIRST:LAST or N (steps), "
+                               "e.g. drift:alpha=1.2,rotate=500@0:999")
+        first = int(match.group(1))
+        got = (first, int(match.group(2)) if match.group(2) is not None else first)
+        if window is not None and tuple(window) != got:
+            raise TrafficError(f"routing {spec!r} has a window and another one was given; give it once")
+        window = got
+    first, last = window if window is not None else (0, 0)
+    if not 0 <= first <= last <= MAX_DRIFT_STEP or last - first >= MAX_DRIFT_WINDOW:
+        raise TrafficError(f"routing {spec!r}: window {first}:{last} must have 0 <= FIRST <= LAST <= "
+                           f"{MAX_DRIFT_STEP:,} and at most {MAX_DRIFT_WINDOW:,} steps")
+    drift = parse_drift(body)
+    pattern = drift.shares(config.num_moe_layers, config.num_experts, first, last, seed)
+    counts = np.broadcast_to(pattern[:, None, :] * row_total, shape).copy()
+    return Traffic(counts, source=f"{drift.describe()}@{first}:{last} (seed {seed})")
 
 
 def zipf_pattern(alpha: float, num_layers: int, num_experts: int, seed: int = 0) -> np.ndarray:
