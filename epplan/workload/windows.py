@@ -71,5 +71,8 @@ def mean_traffic(windows: list[Traffic]) -> Traffic:
         return windows[0]
     counts = np.mean([w.counts for w in windows], axis=0)
     notes = list(dict.fromkeys(n for w in windows for n in w.notes))
+    # Pair counts (co-activation) are linear in the tokens too: their mean, where every window has them.
+    pairs = (np.mean([w.pairs for w in windows], axis=0)
+             if all(w.pairs is not None for w in windows) else None)
     return Traffic(counts, source=f"mean of {len(windows)} windows ({windows[0].source} .. "
-                                  f"{windows[-1].source})", notes=notes)
+                                  f"{windows[-1].source})", notes=notes, pairs=pairs)
