@@ -208,3 +208,22 @@ def test_coact_share_sets_the_co_activation():
 def test_coact_spec_errors(spec, match):
     with pytest.raises(TrafficError, match=match):
         make_traffic(spec, small_model(), G)
+
+
+def test_routing_statistics_pairs_reach_the_cost_model(tmp_path, topo):
+    """A run's v2 statistics (counts + pairs) -> make_traffic -> hierarchical rows equal the
+    per-token rows of the same tokens, scaled to the model's volume (top-2: exact)."""
+    from epplan.workload.routing_stats import write_routing_stats
+
+    config = small_model(num_layers=1, num_experts=16)
+    topk, source = tokens_of(Coact(4, 0.8), 16, 2, 2000, 9)
+    counts, pairs = token_statistics(topk, source, G, 16)
+    path = write_routing_stats(tmp_path / "routing.json", counts[None], steps=2, model="small", top_k=2,
+                               tokens_per_rank_per_step=1.0, pairs=pairs[None])
+    traffic = make_traffic(str(path), config, G)
+    layer = single_replica(16, 9)
+    node_rows, gpu_rows = hierarchical_rows(traffic.counts[0], traffic.pairs[0], layer, topo.gpu_node, top_k=2)
+    want_node, want_gpu = simulate_rows(topk, source, layer, topo.gpu_node, G)
+    scale = traffic.counts[0].sum(axis=1) / counts.sum(axis=1)           # per source
+    np.testing.assert_allclose(node_rows, want_node * scale[:, None], rtol=1e-12)
+    np.testing.assert_allclose(gpu_rows, want_gpu * scale[:, None], rtol=1e-12)

@@ -157,6 +157,7 @@ def make_traffic(
     path_str, window = _split_window(spec, window)
     path = Path(path_str)
     imported: list[str] = []
+    file_pairs = None
     if path.suffix == ".npz" and _is_trace(path):
         file_counts, source = _load_npz(path, window)
     elif path.suffix in IMPORT_SUFFIXES:
@@ -165,11 +166,12 @@ def make_traffic(
         if window is not None:
             raise TrafficError(f"{path.name}: a window applies to .npz traces only; "
                                "routing statistics files are already summed over their steps")
-        file_counts, source = _load_json(path)
+        file_counts, file_pairs, source = _load_json(path)
     else:
         raise TrafficError(f"traffic spec {spec!r} not understood; use {SPEC_FORMS}")
     counts, notes = fit_counts(file_counts, config, num_ranks, name=path.name)
-    return Traffic(counts, source=source, notes=imported + notes)
+    pairs = None if file_pairs is None else fit_pairs(file_pairs, file_counts, counts)
+    return Traffic(counts, source=source, notes=imported + notes, pairs=pairs)
 
 
 def _drift_traffic(spec: str, config: ModelConfig, shape: tuple[int, int, int], row_total: float,
@@ -284,6 +286,31 @@ def fit_counts(
     return counts, notes
 
 
+def fit_pairs(file_pairs: np.ndarray, file_counts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float64[L, G, E, E] pair counts fitted as ``fit_counts`` fitted ``file_counts`` (float64[L_f,
+    S, E]) to ``counts`` (float64[L, G, E]): the same layers and sources, each (layer, rank)
+    scaled by the factor its counts were scaled by (pairs are tokens, counts assignments of the
+    same tokens); a rank that took its layer's mean pattern takes the layer's pooled pairs."""
+    num_file_layers, num_sources = file_counts.shape[:2]
+    num_layers, num_ranks = counts.shape[:2]
+    layer_of = np.arange(num_layers) % num_file_layers
+    if num_ranks % num_sources == 0:
+        groups = [[g // (num_ranks // num_sources)] for g in range(num_ranks)]
+    elif num_sources % num_ranks == 0:
+        m = num_sources // num_ranks
+        groups = [list(range(g * m, g * m + m)) for g in range(num_ranks)]
+    else:
+        groups = [[g * num_sources // num_ranks] for g in range(num_ranks)]
+    out = np.empty(counts.shape + counts.shape[2:])
+    for li, lf in enumerate(layer_of):
+        pooled_pairs, pooled = file_pairs[lf].sum(axis=0), file_counts[lf].sum()
+        for g, members in enumerate(groups):
+            raw = file_counts[lf, members].sum()
+            pairs, total = (file_pairs[lf, members].sum(axis=0), raw) if raw > 0 else (pooled_pairs, pooled)
+            out[li, g] = pairs * (counts[li, g].sum() / total)
+    return out
+
+
 def _parse_alpha(spec: str) -> float:
     head, _, value = spec.partition(":")
     if head != "zipf" or not value:
@@ -383,8 +410,10 @@ def _load_npz(path: Path, window: tuple[int, int] | None) -> tuple[np.ndarray, s
             f"{path.name}@{first}:{last} ({int(is_in.sum())} iterations)")
 
 
-def _load_json(path: Path) -> tuple[np.ndarray, str]:
-    """float64[L_f, S, E] per-step counts from routing statistics."""
+def _load_json(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(float64[L_f, S, E] per-step counts, float64[L_f, S, E, E] per-step pairs or None: a
+    version 1 file, or one recorded without them) from routing statistics."""
     stats = read_routing_stats(path)
     source = f"{path.name} (model {stats.model!r}, {stats.steps} steps)"
-    return stats.per_step(), source
+    pairs = None if stats.pairs is None else stats.pairs.astype(np.float64) / stats.steps
+    return stats.per_step(), pairs, source
