@@ -3,6 +3,8 @@ per-token reference, and the coact routing source."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from epplan.errors import TrafficError
 from epplan.manifest import build_manifest, manifest_from_doc
 from epplan.placement.baselines import contiguous, eplb
 from epplan.placement.problem import PlacementProblem
-from epplan.placement.types import LayerPlacement
+from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.expert_parallel import split_assignments
 from epplan.topology import build_topology, parse_spec
 from epplan.workload import make_traffic
@@ -227,3 +229,87 @@ def test_routing_statistics_pairs_reach_the_cost_model(tmp_path, topo):
     scale = traffic.counts[0].sum(axis=1) / counts.sum(axis=1)           # per source
     np.testing.assert_allclose(node_rows, want_node * scale[:, None], rtol=1e-12)
     np.testing.assert_allclose(gpu_rows, want_gpu * scale[:, None], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------ the planner
+
+def _nic_bytes(cost, topo) -> float:
+    nic = np.array([c == "nic_up" for c in topo.link_class])
+    return float(cost.dispatch_fwd_bytes[:, nic].sum(dtype=np.float64))
+
+
+@pytest.mark.parametrize("spec, top_k, experts", [("coact:4:0.9", 2, 8), ("coact:4:0.8", 4, 16),
+                                                  ("uniform", 2, 8)])
+def test_planner_never_worse_than_the_co_activation_blind_plan(topo, spec, top_k, experts):
+    from epplan.placement.hierarchical import improve_hierarchical
+    from epplan.placement.solve import solve
+
+    config = small_model(num_experts=experts, top_k=top_k, d_model=512, d_ff=64)
+    traffic = make_traffic(spec, config, G, seed=2)
+    options = dict(experts_per_gpu=experts // G, achievable_tflops=100, overlap="off")
+    flat = PlacementProblem(topo, config, traffic, **options)
+    hier = PlacementProblem(topo, config, traffic, dispatch="hierarchical", **options)
+    blind = solve(flat, time_limit=20, workers=1)
+    aware = solve(hier, time_limit=20, workers=1)
+    blind_cost, aware_cost = evaluate(blind, hier), evaluate(aware, hier)
+    assert np.all(aware_cost.moe_time_s <= blind_cost.moe_time_s * (1 + 1e-12))
+    for base in (contiguous(hier), eplb(hier)):
+        improved = improve_hierarchical(base, hier)
+        assert np.all(evaluate(improved, hier).moe_time_s <= evaluate(base, hier).moe_time_s * (1 + 1e-12))
+    info = aware.info
+    assert info["dispatch"] == "hierarchical" and info["bound_s"] <= info["objective_s"] + 1e-12
+    if spec.startswith("coact"):  # the network binds at d_model 512: co-location pays
+        assert _nic_bytes(aware_cost, topo) < _nic_bytes(blind_cost, topo)
+        assert aware_cost.objective_s < blind_cost.objective_s
+
+
+def test_hierarchical_bound_below_every_placement(topo):
+    """The bound under hierarchical dispatch against every placement of 8 experts on 8 GPUs up to
+    the order inside a node and of the nodes (all sources route alike: 105 partitions)."""
+    import itertools
+
+    from epplan.placement.hierarchical import hierarchical_bound
+    from epplan.placement.layer import layer_data
+
+    config = small_model(num_experts=8, top_k=4, num_layers=1, d_model=512, d_ff=64)
+    traffic = make_traffic("coact:2:1.0", config, G, seed=3)
+    problem = PlacementProblem(topo, config, traffic, dispatch="hierarchical", achievable_tflops=100, overlap="off")
+    bound = hierarchical_bound(layer_data(problem, traffic.counts[0]), config.top_k)
+    best = np.inf
+    for order in itertools.permutations(range(8)):
+        if any(order[2 * n] > order[2 * n + 1] for n in range(NODES)) or list(order[::2]) != sorted(order[::2]):
+            continue
+        gpu = np.empty(8, dtype=np.int64)
+        gpu[list(order)] = np.arange(8)
+        layer = LayerPlacement([np.array([g]) for g in gpu], [np.ones((G, 1)) for _ in gpu])
+        best = min(best, evaluate(Placement(G, 8, [layer]), problem).objective_s)
+    assert 0 < bound <= best
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+def test_place_dispatch_flag_records_the_choice(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from epplan.cli import app
+    from epplan.manifest import load_manifest
+
+    topology = str(Path(__file__).resolve().parent.parent / "topologies" / "dgx-h100-2node.yaml")
+    args = ["place", "--topology", topology, "--model", "tiny", "--routing", "coact:4:1.0", "--set",
+            "num_experts=16", "--time-limit", "20", "--gap", "0.6", "--workers", "1", "--json"]
+    chosen = {}
+    for mode in ("flat", "hierarchical", "auto"):
+        out = tmp_path / f"{mode}.json"
+        result = CliRunner().invoke(app, [*args, "--dispatch", mode, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        chosen[mode] = data["dispatch"]
+        assert load_manifest(out).dispatch == data["dispatch"]["chosen"] == data["cost"]["dispatch"]
+    assert chosen["flat"]["chosen"] == "flat" and chosen["hierarchical"]["chosen"] == "hierarchical"
+    auto = chosen["auto"]["predicted_step_time_s"]
+    assert set(auto) == {"flat", "hierarchical"}
+    assert chosen["auto"]["chosen"] == min(auto, key=auto.get)
+    bad = CliRunner().invoke(app, [*args, "--dispatch", "pxn", "--out", str(tmp_path / "x.json")])
+    assert bad.exit_code == 1 and "--dispatch 'pxn'" in bad.output and "Traceback" not in bad.output

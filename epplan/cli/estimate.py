@@ -38,7 +38,8 @@ def estimate(
         help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny) or YAML file. Default: the "
              "--placement manifest's model, else seed.", show_default=False)] = None,
     routing: Annotated[str, typer.Option(
-        help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST] or run stats .json.")] = "uniform",
+        help="Expected routing: uniform, zipf:ALPHA, coact:SIZE:SHARE\\[:ALPHA] (see 'place --help'), "
+             "TRACE.npz\\[@FIRST:LAST] or run stats .json.")] = "uniform",
     placement: Annotated[str, typer.Option(
         help="contiguous, eplb, eplb-hier, random, or a placement manifest .json.")] = "contiguous",
     experts_per_gpu: Annotated[Optional[int], typer.Option(
@@ -68,7 +69,11 @@ def estimate(
     num_chunks: Annotated[Optional[int], typer.Option(
         help="Chunks per MoE layer when overlapping. Default: the manifest's, else the runtime's choice.",
         show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of --placement random.")] = 0,
+    dispatch: Annotated[Optional[str], typer.Option(
+        help="The runtime's exchange: flat (one row per token and expert) or hierarchical (one row per "
+             "token and destination node over the network, forwarded inside the node). Default: the "
+             "--placement manifest's, else flat.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of zipf's and coact's expert order and of --placement random.")] = 0,
     layers: Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
 ) -> None:
@@ -100,6 +105,7 @@ def estimate(
         recompute = manifest.recompute if recompute is None else recompute
         optimizer_sharding = manifest.optimizer_sharding if optimizer_sharding is None else optimizer_sharding
         planned = manifest.problem_options()
+        dispatch = planned["dispatch"] if dispatch is None else dispatch
         if overlap is None and "overlap" in planned:
             overlap = planned["overlap"]
             num_chunks = planned["num_chunks"] if num_chunks is None else num_chunks
@@ -107,7 +113,8 @@ def estimate(
     experts_per_gpu = 1 if experts_per_gpu is None else experts_per_gpu
     rates, rate_notes = rates_for(topo, calibration, compute_efficiency, tflops)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               overlap=overlap or "auto", num_chunks=num_chunks, **rates)
+                               overlap=overlap or "auto", num_chunks=num_chunks, **rates,
+                               dispatch=dispatch or "flat")
     plan = _placement(placement, problem, seed) if manifest is None else _from_manifest(manifest, problem)
     fit = choose_run_settings(plan, problem, micro_batches=micro_batches, recompute=recompute,
                               optimizer_sharding=optimizer_sharding)
@@ -191,7 +198,7 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list
     console.print(
         f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs), placement "
         f"[bold]{escape(cost.placement_method)}[/], routing {escape(cost.traffic_source)}, "
-        f"{config.tokens_per_step:,} tokens per step", highlight=False)
+        f"{config.tokens_per_step:,} tokens per step, {problem.dispatch} dispatch", highlight=False)
     for note in [*problem.traffic.notes, *notes, *_calibration_notes(problem)]:
         console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 

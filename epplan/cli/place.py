@@ -23,8 +23,8 @@ from epplan.cost import Cost, evaluate
 from epplan.errors import PlacementError
 from epplan.manifest import build_manifest, write_manifest
 from epplan.placement.baselines import BASELINES, random_placement
-from epplan.placement.problem import PlacementProblem
-from epplan.placement.solve import SOLVERS, LayerInfo, resplit, solve
+from epplan.placement.problem import DISPATCH_MODES, PlacementProblem
+from epplan.placement.solve import SOLVERS, LayerInfo, plan_hierarchical, resplit, solve
 from epplan.placement.types import Placement
 from epplan.topology import load_topology
 from epplan.workload import load_model_config, make_traffic
@@ -45,7 +45,10 @@ def place(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
     routing: Annotated[str, typer.Option(
-        help="Expected routing: uniform, zipf:ALPHA, TRACE.npz\\[@FIRST:LAST], the routing "
+        help="Expected routing: uniform, zipf:ALPHA, coact:SIZE:SHARE\\[:ALPHA] (synthetic correlated "
+             "top-k with pair counts: experts in seeded random groups of SIZE, each further expert of a "
+             "token from its first expert's group with probability SHARE, zipf:ALPHA popularity, default "
+             "0), TRACE.npz\\[@FIRST:LAST], the routing "
              "statistics .json that 'epplan run' writes (re-plan from real routing), an [L, E] or "
              "[L, S, E] array (.npy, .npz, .pt), or SGLang's, vLLM's or Megatron-Core's expert-load "
              "record (.pt).")] = "uniform",
@@ -82,7 +85,12 @@ def place(
              "manifest; 'run' follows it).")] = "auto",
     num_chunks: Annotated[Optional[int], typer.Option(
         help="Chunks per MoE layer when overlapping. Default: the runtime's choice.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Seed of zipf's expert order and of the random baseline.")] = 0,
+    dispatch: Annotated[str, typer.Option(
+        help="The exchange the plan is made for: flat (one row per token and expert), hierarchical "
+             "(one row per token and destination node over the network, forwarded inside the node "
+             "over NVLink; co-activated experts placed together), or auto: the one with the lower "
+             "predicted step time (recorded in the manifest; 'run' follows it).")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of zipf's and coact's expert order and of the random baseline.")] = 0,
     workers: Annotated[Optional[int], typer.Option(
         help="Processes solving distinct layers in parallel (default: CPU count, at most 4).")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
@@ -93,6 +101,8 @@ def place(
     optimizer sharding) that fit every GPU's memory. Exits 3, writing nothing, if none fits."""
     if method not in METHODS:
         raise PlacementError(f"--method {method!r} unknown; use one of {', '.join(METHODS)}")
+    if dispatch not in ("auto",) + DISPATCH_MODES:
+        raise PlacementError(f"--dispatch {dispatch!r}: use auto, {', '.join(DISPATCH_MODES)}")
     if solver not in SOLVERS:
         raise PlacementError(f"--solver {solver!r} unknown; use one of {', '.join(SOLVERS)}")
     if not 0 < time_limit <= 7 * 86400:  # also NaN and infinity
@@ -111,7 +121,8 @@ def place(
     traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
     rates, rate_notes = rates_for(topo, calibration, compute_efficiency, tflops)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               overlap=overlap, num_chunks=num_chunks, **rates)
+                               overlap=overlap, num_chunks=num_chunks, **rates,
+                               dispatch="flat" if dispatch == "auto" else dispatch)
     if not json:
         console.print(
             f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
@@ -123,14 +134,19 @@ def place(
 
     plans: dict[str, tuple[Placement, float]] = {}
     names = [method] + ([m for m in METHODS if m != method] + [f"{b}+lp" for b in RESPLIT] if compare else [])
-    for name in names:
+    t0 = time.monotonic()
+    chosen, problem, predicted = _plan_for_dispatch(method, dispatch, problem, solver, time_limit, gap, workers,
+                                                    seed, quiet=json)
+    plans[method] = (chosen, time.monotonic() - t0)
+    for name in names[1:]:
         t0 = time.monotonic()
         if name == "ilp":
             plan = _solve(problem, solver, time_limit, gap, workers, quiet=json)
         else:
             plan = _baseline(name, problem, seed, time_limit)
         plans[name] = (plan, time.monotonic() - t0)
-    chosen, _ = plans[method]
+    if not json:
+        console.print(_dispatch_line(problem.dispatch, dispatch, predicted), highlight=False)
     fit = choose_run_settings(chosen, problem, micro_batches=micro_batches, recompute=recompute,
                               optimizer_sharding=optimizer_sharding).check()
     problem = dataclasses.replace(problem, **dataclasses.asdict(fit.settings))
@@ -144,6 +160,7 @@ def place(
             "solver": _solver_summary(chosen), "notes": list(traffic.notes),
             "cost": costs[method].to_dict(),
             "run_settings": dataclasses.asdict(fit.settings),
+            "dispatch": {"chosen": problem.dispatch, "asked": dispatch, "predicted_step_time_s": predicted},
         }
         if compare:
             data["compare"] = {name: _row(name, plans[name], costs[name]) for name in names}
@@ -175,6 +192,39 @@ def _solve(problem: PlacementProblem, solver: str, time_limit: float, gap: float
                 f"{info.status} ({how})"))
 
         return solve(problem, solver=solver, time_limit=time_limit, gap=gap, progress=report, workers=workers)
+
+
+def _plan_for_dispatch(method: str, dispatch: str, problem: PlacementProblem, solver: str, time_limit: float,
+                       gap: float, workers: int | None, seed: int,
+                       quiet: bool) -> tuple[Placement, PlacementProblem, dict[str, float]]:
+    """(plan, the problem with the dispatch it is for, predicted step time per dispatch tried).
+
+    auto plans for the flat exchange (70 % of the time limit for the ILP), then for hierarchical
+    dispatch from that plan (``plan_hierarchical``), and keeps the one of lower predicted step
+    time (flat on a tie: the simpler exchange). A baseline is scored under both."""
+    modes = DISPATCH_MODES if dispatch == "auto" else (dispatch,)
+    start = time.monotonic()
+    flat_limit = time_limit * 0.7 if dispatch == "auto" else time_limit
+    plans: dict[str, tuple[Placement, PlacementProblem]] = {}
+    for mode in modes:
+        mode_problem = dataclasses.replace(problem, dispatch=mode)
+        if method != "ilp":
+            plan = _baseline(method, mode_problem, seed, time_limit)
+        elif mode == "hierarchical" and "flat" in plans:
+            plan = plan_hierarchical(plans["flat"][0], mode_problem, deadline=start + time_limit, gap=gap)
+            plan.info["time_limit_s"] = time_limit
+        else:
+            plan = _solve(mode_problem, solver, flat_limit, gap, workers, quiet=quiet)
+        plans[mode] = (plan, mode_problem)
+    predicted = {mode: evaluate(plan, p).step_time_s for mode, (plan, p) in plans.items()}
+    mode = min(modes, key=lambda m: (predicted[m], modes.index(m)))
+    return plans[mode][0], plans[mode][1], predicted
+
+
+def _dispatch_line(chosen: str, asked: str, predicted: dict[str, float]) -> str:
+    times = ", ".join(f"{mode} {_t(t)}" for mode, t in predicted.items())
+    how = "the lower predicted step time" if asked == "auto" else "--dispatch"
+    return f"dispatch: [bold]{chosen}[/] ({how}; predicted step time: {times})"
 
 
 def _baseline(name: str, problem: PlacementProblem, seed: int, time_limit: float) -> Placement:

@@ -102,10 +102,22 @@ def hierarchical_rows(counts: np.ndarray, pairs: np.ndarray | None, layer: Layer
     gpu_node = np.asarray(gpu_node, dtype=np.int64)
     num_nodes = int(gpu_node.max()) + 1
     tokens = counts.sum(axis=1) / top_k                                   # (G,)
-    # Per set (a GPU, a node): the blocks of the split it serves, (expert, lo float64[G], hi float64[G]):
-    # source s's assignments to e whose relative position lies in [lo[s], hi[s]) go there.
-    on_gpu: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(num_gpus)]
-    on_node: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(num_nodes)]
+    on_gpu, on_node = layer_blocks(layer, gpu_node)
+    sym = None if pairs is None else symmetric_pairs(pairs)
+    node_rows = set_rows(counts, sym, on_node, tokens, top_k)
+    gpu_rows = set_rows(counts, sym, on_gpu, tokens, top_k)
+    return node_rows, gpu_rows
+
+
+Blocks = list[tuple[int, np.ndarray, np.ndarray]]
+
+
+def layer_blocks(layer: LayerPlacement, gpu_node: np.ndarray) -> tuple[list[Blocks], list[Blocks]]:
+    """(per GPU, per node) the blocks of the split each serves: (expert e, lo float64[G], hi
+    float64[G]): source s's assignments to e at relative positions in [lo[s], hi[s]) go there."""
+    num_gpus, num_nodes = gpu_node.size, int(gpu_node.max()) + 1
+    on_gpu: list[Blocks] = [[] for _ in range(num_gpus)]
+    on_node: list[Blocks] = [[] for _ in range(num_nodes)]
     for e, (ranks, split) in enumerate(zip(layer.replicas, layer.split)):
         hi = np.cumsum(split, axis=1)                                     # (G, R_e)
         lo = hi - split
@@ -113,13 +125,10 @@ def hierarchical_rows(counts: np.ndarray, pairs: np.ndarray | None, layer: Layer
             block = (e, lo[:, r], hi[:, r])
             on_gpu[g].append(block)
             on_node[gpu_node[g]].append(block)
-    sym = None if pairs is None else _symmetric(pairs)
-    node_rows = _set_rows(counts, sym, on_node, tokens, top_k)
-    gpu_rows = _set_rows(counts, sym, on_gpu, tokens, top_k)
-    return node_rows, gpu_rows
+    return on_gpu, on_node
 
 
-def _symmetric(pairs: np.ndarray) -> np.ndarray:
+def symmetric_pairs(pairs: np.ndarray) -> np.ndarray:
     """float64[G, E, E] pairs + pairs^T (a broadcast input stays broadcast)."""
     pairs = np.asarray(pairs, dtype=np.float64)
     if pairs.shape[0] > 1 and pairs.strides[0] == 0:
@@ -128,11 +137,11 @@ def _symmetric(pairs: np.ndarray) -> np.ndarray:
     return pairs + np.swapaxes(pairs, 1, 2)
 
 
-def _set_rows(counts: np.ndarray, sym: np.ndarray | None,
-              sets: list[list[tuple[int, np.ndarray, np.ndarray]]], tokens: np.ndarray,
-              top_k: int) -> np.ndarray:
+def set_rows(counts: np.ndarray, sym: np.ndarray | None, sets: list[Blocks], tokens: np.ndarray,
+             top_k: int) -> np.ndarray:
     """float64[G, S] rows of each source to each set (a node or a GPU) from the split blocks each
-    set serves (``hierarchical_rows``): c from the blocks' lengths, q from their overlaps."""
+    set serves (``layer_blocks``): c from the blocks' lengths, q from their overlaps. counts
+    float64[G, E], sym float64[G, E, E] (``symmetric_pairs``) or None, tokens float64[G]."""
     num_gpus, num_sets = counts.shape[0], len(sets)
     total = counts.sum(axis=1)                                            # (G,) = k T
     rows = np.zeros((num_gpus, num_sets))

@@ -22,10 +22,18 @@ which bound), gap, seconds and the incumbent that the layer's plan came from.
 
 Distinct layers run in parallel processes (fork) when ``workers`` allows; each solver runs
 single-threaded.
+
+Under hierarchical dispatch (``problem.dispatch``) the steps above plan for the flat exchange
+(most of the time limit), then ``plan_hierarchical`` moves co-activated experts onto common
+nodes (``hierarchical.py``), from that plan and from EPLB's, and keeps per layer the best of
+those and of every baseline under the hierarchical cost. The flat link bounds (cut, node LP,
+MILP) do not hold there; the bound reported is ``hierarchical_bound`` (compute, and the cut
+bound over top_k).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing as mp
 import os
@@ -48,6 +56,7 @@ SOLVERS = ("highs", "cbc")
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
 _TIE = 1e-6     # bottlenecks this close are equal; the idler network wins
 _GRACE_S = 2.0  # seconds past the time limit a layer may take to return what it found
+_FLAT_SHARE = 0.7  # of the time limit, for the flat plan that hierarchical dispatch starts from
 
 
 @dataclass
@@ -86,6 +95,14 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
         raise PlacementError(f"--time-limit must be > 0 seconds, got {time_limit}")
     if not 0 <= gap < 1:
         raise PlacementError(f"gap must be in [0, 1), got {gap}")
+    if problem.dispatch == "hierarchical":
+        start = time.monotonic()
+        flat = solve(dataclasses.replace(problem, dispatch="flat"), solver=solver, gap=gap, progress=progress,
+                     workers=workers, time_limit=None if time_limit is None else _FLAT_SHARE * time_limit)
+        deadline = None if time_limit is None else start + time_limit
+        plan = plan_hierarchical(flat, problem, deadline=deadline, gap=gap)
+        plan.info["time_limit_s"] = time_limit
+        return plan
     start = time.monotonic()
     deadline = None if time_limit is None else start + time_limit
     slots = gpu_slots(problem)
@@ -196,6 +213,51 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
     placement = Placement(problem.num_gpus, problem.num_experts, layers, method="ilp")
     placement.info = _summary(infos, solver, time_limit, gap, time.monotonic() - start)
     return placement
+
+
+def plan_hierarchical(flat: Placement, problem, *, deadline: float | None = None, gap: float = 0.01) -> Placement:
+    """The plan for hierarchical dispatch from ``flat`` (``solve``'s plan for the flat exchange):
+    per layer the best under ``evaluate`` of ``flat`` and EPLB after ``improve_hierarchical``, and
+    of every baseline as it is; ``info`` re-states objective, bound (``hierarchical_bound``) and
+    gap under the hierarchical cost, and keeps the flat plan's objective."""
+    from epplan.cost import evaluate
+    from epplan.placement.hierarchical import hierarchical_bound, improve_hierarchical
+
+    t0 = time.monotonic()
+    baselines = _baselines(problem)
+    starts = {"ilp": flat}
+    if "eplb" in baselines:
+        starts["eplb"] = baselines["eplb"]
+    candidates: dict[str, Placement] = {}
+    for i, (name, plan) in enumerate(starts.items()):
+        left = None if deadline is None else t0 + (deadline - t0) * (i + 1) / len(starts)
+        candidates[f"{name}+coact"] = improve_hierarchical(plan, problem, deadline=left)
+    candidates.update(baselines)
+    costs = {name: evaluate(plan, problem) for name, plan in candidates.items()}
+    times = {name: cost.moe_time_s for name, cost in costs.items()}
+    names = list(candidates)
+    best = [min(names, key=lambda n: (times[n][li], names.index(n))) for li in range(problem.num_layers)]
+    layers = [candidates[name].layers[li] for li, name in enumerate(best)]
+    out = Placement(problem.num_gpus, problem.num_experts, layers, method="ilp")
+    flat_info = dict(flat.info)
+    infos = []
+    for li, name in enumerate(best):
+        data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
+        cost = float(times[name][li])
+        bound = min(hierarchical_bound(data, problem.config.top_k), cost)
+        g = _gap(cost, bound)
+        before = (flat_info.get("layers") or [{}] * problem.num_layers)[li]
+        status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else "gap_open")
+        infos.append(LayerInfo(layer=li, status=status, objective_s=cost, bound_s=bound,
+                               bound_source="hierarchical", gap=g, link_s=float(costs[name].a2a_link_s[li]),
+                               seconds=float(before.get("seconds", 0.0)), start=name))
+    out.info = _summary(infos, flat_info.get("solver", "highs"), flat_info.get("time_limit_s"), gap,
+                        float(flat_info.get("seconds", 0.0)) + time.monotonic() - t0)
+    out.info["dispatch"] = "hierarchical"
+    out.info["flat_plan"] = {k: flat_info.get(k) for k in ("status", "objective_s", "bound_s", "gap")}
+    out.info["coact_swaps"] = {name: plan.info.get("hierarchical", {}).get("swaps")
+                               for name, plan in candidates.items() if name.endswith("+coact")}
+    return out
 
 
 def resplit(placement: Placement, problem, *, time_limit: float | None = None) -> Placement:
