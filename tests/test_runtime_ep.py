@@ -8,58 +8,30 @@ weights after AdamW steps, the router biases and the routing statistics must agr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 from epplan.errors import RuntimeSetupError
-from epplan.placement.types import LayerPlacement, Placement
+from epplan.placement.types import Placement
 from epplan.runtime.expert_parallel import (ExpertParallelExperts, gather_state_dict, get_stats,
                                             parallelize_experts, split_assignments, sync_gradients)
 from epplan.runtime.model import Transformer
-from epplan.runtime.testing import run_distributed
+from epplan.runtime.testing import (Scenario, check_scenarios, gather_byte_matrices,
+                                    layer_placement as _layer, run_distributed, tiny_model)
 from epplan.workload.config import PRESETS
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
-@dataclass
-class Scenario:
-    name: str
-    placement: Placement
-    overrides: dict = field(default_factory=dict)
-    biases: dict = field(default_factory=dict)  # (moe layer, expert) -> initial router bias
-    batch_per_rank: int = 2
-    seq: int = 8
-    steps: int = 2
-
-
-def _layer(replicas: list[list[int]], splits: dict[int, np.ndarray], num_ranks: int) -> LayerPlacement:
-    """Replica lists; split rows given per expert where replicated (default: even shares)."""
-    reps = [np.array(r, dtype=np.int64) for r in replicas]
-    split = [np.asarray(splits[e], dtype=np.float64) if e in splits
-             else np.full((num_ranks, len(r)), 1.0 / len(r)) for e, r in enumerate(reps)]
-    return LayerPlacement(replicas=reps, split=split)
-
-
 def _check(rank: int, world_size: int, scenarios: list[Scenario]) -> None:
-    for sc in scenarios:
-        try:
-            _check_scenario(rank, world_size, sc)
-        except AssertionError as exc:
-            raise AssertionError(f"scenario {sc.name!r}, rank {rank}: {exc}") from exc
+    check_scenarios(_check_scenario, rank, world_size, scenarios)
 
 
 def _check_scenario(rank: int, world_size: int, sc: Scenario) -> None:
-    config = PRESETS["tiny"].replace(router_bias_rate=0.05, **sc.overrides)
-    torch.manual_seed(0)
-    ref = Transformer(config).double()
-    with torch.no_grad():
-        for (li, e), value in sc.biases.items():
-            ref.moe_layers()[li].router.bias[e] = value
+    ref = tiny_model(sc.overrides, sc.biases)
+    config = ref.config
     ep = copy.deepcopy(ref)
     parallelize_experts(ep, sc.placement)
     expert_names = {f"{name}.{w}": module.local_experts
@@ -129,12 +101,7 @@ def _check_stats(rank: int, world_size: int, ref: Transformer, ep: Transformer,
         assert np.all(np.abs(rows - expected_rows) <= num_experts), (li, rows, expected_rows)
         assert rows.sum() == stats.num_tokens_per_expert[li].sum()
     # What s dispatches to t, t combines back to s.
-    both = torch.from_numpy(np.stack([stats.dispatch_bytes, stats.combine_bytes]))  # (2, L, G)
-    gathered = [torch.empty_like(both) for _ in range(world_size)]
-    dist.all_gather(gathered, both)
-    dispatch = torch.stack([g[0] for g in gathered])  # (s, L, t)
-    combine = torch.stack([g[1] for g in gathered])  # (t, L, s)
-    assert torch.equal(dispatch, combine.permute(2, 1, 0))
+    dispatch, _ = gather_byte_matrices(stats, world_size)
 
 
 def _check_replicas_identical(ep: Transformer) -> None:

@@ -28,6 +28,10 @@ replica set), so replicas stay identical after every optimizer step.
 
 All exchanges use ``dist.all_to_all_single`` with uneven splits, which both NCCL and gloo (CPU)
 support; backward is the same exchange with the splits swapped (``_AllToAll``).
+
+``dispatch="hierarchical"`` replaces the one exchange by two, over rail and node process groups,
+sending a token once per destination node (``hierarchical.py``); the replica choice, the
+experts, the statistics and the gradient synchronisation are the same.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import torch.nn as nn
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.experts import GroupedExperts, compute_dtype, expert_mlp
+from epplan.runtime.hierarchical import (DISPATCH, HierarchicalDispatch, NodeLayout, distinct_rows,
+                                         new_hierarchical_groups, pair_counts)
 from epplan.runtime.init import init_weights
 from epplan.runtime.model import Transformer
 from epplan.runtime.recompute import record_or_replay
@@ -136,22 +142,37 @@ class ExpertParallelStats:
         (rows * d_model * element size); column ``rank`` never leaves the device.
     combine_bytes:  int64 [L, G], bytes this rank sent to each rank in combine (results of the
         rows it received). Backward sends the same amounts again (its dispatch gradient mirrors
-        combine and vice versa), so a training step moves twice these numbers.
+        combine and vice versa), so a training step moves twice these numbers. Under
+        hierarchical dispatch both stages' rows count (a pair of ranks on different nodes only
+        ever exchanges stage-1 rows, a pair on one node stage-2 rows); the diagonal holds both
+        stages' rows a rank passes to itself.
+    pairs:     int64 [L, E, E], this rank's tokens that selected both i and j (i < j; zeros on
+        and below the diagonal).
+    gpu_rows:  int64 [L, G], distinct (token, GPU) pairs of this rank's tokens per GPU.
+    node_rows: int64 [L, M], distinct (token, node) pairs per node (M = nodes of the layout).
     """
 
     num_tokens_per_expert: np.ndarray
     dispatch_bytes: np.ndarray
     combine_bytes: np.ndarray
+    pairs: np.ndarray
+    gpu_rows: np.ndarray
+    node_rows: np.ndarray
     num_forward: int = 0  # forward calls of the whole model (counted at MoE layer 0)
 
     @classmethod
-    def zeros(cls, num_layers: int, num_experts: int, num_ranks: int) -> "ExpertParallelStats":
+    def zeros(cls, num_layers: int, num_experts: int, num_ranks: int,
+              num_nodes: int = 1) -> "ExpertParallelStats":
         return cls(np.zeros((num_layers, num_experts), np.int64),
                    np.zeros((num_layers, num_ranks), np.int64),
-                   np.zeros((num_layers, num_ranks), np.int64))
+                   np.zeros((num_layers, num_ranks), np.int64),
+                   np.zeros((num_layers, num_experts, num_experts), np.int64),
+                   np.zeros((num_layers, num_ranks), np.int64),
+                   np.zeros((num_layers, num_nodes), np.int64))
 
     def reset(self) -> None:
-        for array in (self.num_tokens_per_expert, self.dispatch_bytes, self.combine_bytes):
+        for array in (self.num_tokens_per_expert, self.dispatch_bytes, self.combine_bytes,
+                      self.pairs, self.gpu_rows, self.node_rows):
             array.fill(0)
         self.num_forward = 0
 
@@ -167,12 +188,16 @@ class ExpertParallelExperts(nn.Module):
                 differ: the layer uses the largest any rank asks for.
     overlap_group, reserve_sms: see ``overlap.ExchangeSettings`` (default: hidden exchanges on
                 ``group``, no SMs reserved).
+    node_of:    int64 (G,) node of each rank (statistics per node); None: one node.
+    hierarchical: the layer's hierarchical exchange, or None for flat dispatch.
     """
 
     def __init__(self, experts: GroupedExperts, layer: LayerPlacement, layer_index: int,
                  group: dist.ProcessGroup | None, stats: ExpertParallelStats,
                  overlap: bool = True, num_chunks: int | None = None,
-                 overlap_group: dist.ProcessGroup | None = None, reserve_sms: int = 0) -> None:
+                 overlap_group: dist.ProcessGroup | None = None, reserve_sms: int = 0,
+                 node_of: np.ndarray | None = None,
+                 hierarchical: HierarchicalDispatch | None = None) -> None:
         super().__init__()
         if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 1):
             raise RuntimeSetupError(f"num_chunks must be a positive integer or None (automatic), "
@@ -186,6 +211,9 @@ class ExpertParallelExperts(nn.Module):
         self.overlap_group, self.reserve_sms = overlap_group, reserve_sms
         self.layer_index = layer_index
         self.stats = stats
+        self.hierarchical = hierarchical
+        node_of = np.zeros(self.num_ranks, np.int64) if node_of is None else np.asarray(node_of, np.int64)
+        self.num_nodes = int(node_of.max()) + 1
         self.local_experts = layer.experts_on_rank(self.num_ranks)[self.rank]
         # The lowest-ranked replica owns an expert in gathered checkpoints.
         self.owner = [int(ranks[0]) for ranks in layer.replicas]
@@ -204,9 +232,9 @@ class ExpertParallelExperts(nn.Module):
             row = np.clip(np.asarray(split[self.rank], dtype=np.float64), 0.0, None)
             replica_ranks[e, :len(ranks)] = torch.as_tensor(np.asarray(ranks, dtype=np.int64))
             shares[e, :len(ranks)] = torch.as_tensor(row / row.sum())
-        self._tables = (replica_ranks, shares)
+        self._tables = (replica_ranks, shares, torch.from_numpy(node_of))
 
-    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if self._tables[0].device != device:
             self._tables = tuple(t.to(device) for t in self._tables)
         return self._tables
@@ -224,6 +252,9 @@ class ExpertParallelExperts(nn.Module):
         num_tokens, top_k = topk_idx.shape
         G, E = self.num_ranks, self.num_experts
         key = self._destination_keys(topk_idx)  # (A,) dest * E + expert; G * E if dropped
+        routing = self._routing_rows(key, topk_idx)  # (E * E + G + M,) for the statistics
+        if self.hierarchical is not None and G > 1:
+            return self._forward_hierarchical(x, key, topk_weight, routing, (w1, w2, w3)).to(out_dtype)
         send_counts = count_keys(key, G * E + 1)[:G * E].view(G, E)  # [t, e]
 
         # Counts exchange, with each rank's chunk proposal in an extra column so that every
@@ -236,7 +267,7 @@ class ExpertParallelExperts(nn.Module):
         # A block recompute replays the forward's counts (epplan.runtime.recompute): the same
         # splits, no second counts exchange, statistics recorded once.
         send_host, recv_host, num_chunks = record_or_replay(
-            self, "counts", partial(self._exchange_counts, send_counts, proposal, x))
+            self, "counts", partial(self._exchange_counts, send_counts, proposal, routing, x))
         num_sent = int(send_host.sum())
 
         if G == 1:  # nothing to exchange, nothing to overlap: the rows stay, in expert order
@@ -264,10 +295,10 @@ class ExpertParallelExperts(nn.Module):
         out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
         return out.to(out_dtype)
 
-    def _exchange_counts(self, send_counts: torch.Tensor, proposal: int, x: torch.Tensor
-                         ) -> tuple[np.ndarray, np.ndarray, int]:
+    def _exchange_counts(self, send_counts: torch.Tensor, proposal: int, routing: torch.Tensor,
+                         x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """send_counts: int64 (G, E) -> (send_host, recv_host) int64 (G, E) on the host and the
-        layer's chunk count; records the statistics."""
+        layer's chunk count; records the statistics (``routing``: see ``_routing_rows``)."""
         G, E = self.num_ranks, self.num_experts
         send_meta = torch.cat([send_counts, send_counts.new_full((G, 1), proposal)], dim=1)
         recv_meta = send_meta  # [s, e]: rows from s for my expert e; [s, E]
@@ -275,11 +306,55 @@ class ExpertParallelExperts(nn.Module):
             recv_meta = torch.empty_like(send_meta)
             dist.all_to_all_single(recv_meta, send_meta, group=self.group)
         # NOTE: host sync (the split sizes of the row exchange and the GEMM shapes)
-        send_host, recv_host = torch.stack([send_meta, recv_meta]).cpu().numpy()  # (2, G, E + 1)
+        host = torch.cat([torch.stack([send_meta, recv_meta]).reshape(-1), routing]).cpu().numpy()
+        send_host, recv_host = host[:2 * send_meta.numel()].reshape(2, G, E + 1)
         num_chunks = int(recv_host[:, E].max())
         send_host, recv_host = send_host[:, :E], recv_host[:, :E]
-        self._record(send_host, recv_host, x)
+        row_bytes = x.shape[1] * x.element_size()
+        self._record(send_host.sum(axis=0), send_host.sum(axis=1) * row_bytes,
+                     recv_host.sum(axis=1) * row_bytes, host[2 * send_meta.numel():])
         return send_host, recv_host, num_chunks
+
+    def _routing_rows(self, key: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """int64 (E * E + G + M,): this forward's expert pairs (``pair_counts``), distinct
+        (token, GPU) and distinct (token, node) rows, for the statistics."""
+        G, E, M = self.num_ranks, self.num_experts, self.num_nodes
+        node_of = self._tables_on(key.device)[2]
+        dest = torch.where(key < G * E, key // E, G).view(topk_idx.shape)  # (N, k); G if dropped
+        node = torch.where(dest < G, node_of[dest.clamp(max=G - 1)], M)
+        return torch.cat([pair_counts(topk_idx, E), distinct_rows(dest, G), distinct_rows(node, M)])
+
+    def _forward_hierarchical(self, x: torch.Tensor, key: torch.Tensor, topk_weight: torch.Tensor,
+                              routing: torch.Tensor,
+                              weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """Two-stage dispatch and combine (``hierarchical.py``), chunked when overlapping."""
+        hier = self.hierarchical
+        num_chunks = 1
+        if self.overlap:
+            num_chunks = self.num_chunks or record_or_replay(
+                self, "chunks", partial(self._agree_num_chunks, key.numel(), weights[0]))
+        send1 = hier.count_message(key, topk_weight.shape[1], num_chunks)
+        counts = record_or_replay(self, "counts", partial(self._exchange_hier_counts, send1, routing, x))
+        return hier.forward(x, key, topk_weight, counts, self.local_experts, weights,
+                            self.activation, self.impl)
+
+    def _agree_num_chunks(self, num_assignments: int, w1: torch.Tensor) -> int:
+        """The largest chunk count any rank proposes (``auto_num_chunks``).
+        NOTE: host sync (the chunk count shapes the counts message)."""
+        num_matrices = 2 if self.w3 is None else 3
+        flops_per_row = 2 * num_matrices * w1.shape[1] * w1.shape[2]  # w1: (E_loc, D, F)
+        proposal = torch.tensor([auto_num_chunks(num_assignments, self.num_ranks, self.num_experts,
+                                                 flops_per_row)], device=w1.device)
+        dist.all_reduce(proposal, op=dist.ReduceOp.MAX, group=self.group)
+        return int(proposal.item())
+
+    def _exchange_hier_counts(self, send1: torch.Tensor, routing: torch.Tensor, x: torch.Tensor):
+        counts, routing_host = self.hierarchical.exchange_counts(send1, routing)
+        found = self.hierarchical.statistics(counts)
+        row_bytes = x.shape[1] * x.element_size()
+        self._record(found["tokens"], found["dispatch_rows"] * row_bytes,
+                     found["combine_rows"] * row_bytes, routing_host)
+        return counts
 
     def _destination_keys(self, topk_idx: torch.Tensor) -> torch.Tensor:
         """int64 (A,): destination rank * E + expert of every assignment; G * E if dropped.
@@ -288,7 +363,7 @@ class ExpertParallelExperts(nn.Module):
         falls in r's block of split_assignments' counts.
         """
         G, E = self.num_ranks, self.num_experts
-        replica_ranks, shares = self._tables_on(topk_idx.device)
+        replica_ranks, shares, _ = self._tables_on(topk_idx.device)
         flat = topk_idx.reshape(-1)  # (A,)
         is_valid = flat >= 0
         expert = flat.clamp(min=0)  # (A,)
@@ -331,12 +406,18 @@ class ExpertParallelExperts(nn.Module):
                                         output_size=int(num_local.sum()))  # (Q,) block of each row
         return torch.argsort((block % max(E_loc, 1)) * G + block // max(E_loc, 1), stable=True)
 
-    def _record(self, send_host: np.ndarray, recv_host: np.ndarray, x: torch.Tensor) -> None:
-        row_bytes = x.shape[1] * x.element_size()
-        self.stats.num_tokens_per_expert[self.layer_index] += send_host.sum(axis=0)
-        self.stats.dispatch_bytes[self.layer_index] += send_host.sum(axis=1) * row_bytes
-        self.stats.combine_bytes[self.layer_index] += recv_host.sum(axis=1) * row_bytes
-        if self.layer_index == 0:
+    def _record(self, num_tokens: np.ndarray, dispatch_bytes: np.ndarray, combine_bytes: np.ndarray,
+                routing: np.ndarray) -> None:
+        """num_tokens (E,), dispatch_bytes / combine_bytes (G,) to each rank, routing: host
+        ``_routing_rows``."""
+        G, E, li = self.num_ranks, self.num_experts, self.layer_index
+        self.stats.num_tokens_per_expert[li] += num_tokens
+        self.stats.dispatch_bytes[li] += dispatch_bytes
+        self.stats.combine_bytes[li] += combine_bytes
+        self.stats.pairs[li] += routing[:E * E].reshape(E, E)
+        self.stats.gpu_rows[li] += routing[E * E:E * E + G]
+        self.stats.node_rows[li] += routing[E * E + G:]
+        if li == 0:
             self.stats.num_forward += 1
 
 
@@ -352,6 +433,8 @@ class ExpertParallelState:
     # (process group, [(layer module, local slot)]) per replica set (>1 rank) holding this rank.
     replica_groups: list[tuple[dist.ProcessGroup, list[tuple[ExpertParallelExperts, int]]]] = \
         field(default_factory=list)
+    dispatch: str = "flat"
+    node_ranks: tuple[tuple[int, ...], ...] = ()  # the ranks of each node, local GPU order
 
 
 def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -363,13 +446,20 @@ def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.T
 def parallelize_experts(model: Transformer, placement: Placement,
                         group: dist.ProcessGroup | None = None, overlap: bool = True,
                         num_chunks: int | None = None,
-                        overlap_ctas: int | None = DEFAULT_OVERLAP_CTAS) -> Transformer:
+                        overlap_ctas: int | None = DEFAULT_OVERLAP_CTAS,
+                        dispatch: str = "flat",
+                        nodes: list[list[int]] | tuple[tuple[int, ...], ...] | None = None) -> Transformer:
     """Make ``model`` expert-parallel over ``group`` (default: the world), in place.
 
     overlap, num_chunks: see ``ExpertParallelExperts`` (default: chunked, automatic count).
     overlap_ctas: with overlap, exchanges hidden under expert GEMMs go through a second
         communicator of the same ranks limited to this many CTAs, and the GEMMs leave as many
         SMs free (``overlap.ExchangeSettings``); None: they share ``group``, no SMs reserved.
+        (Flat dispatch only: the hierarchical exchange runs on its rail and node groups.)
+    dispatch: "flat" (one row per (token, expert)) or "hierarchical" (one row per (token,
+        node) across nodes, ``hierarchical.py``).
+    nodes: the ranks of each node in local GPU order (the manifest's layout); None: one node.
+        Hierarchical dispatch needs the same number of GPUs on every node.
 
     Every rank must start from the same full model (same weights; or all on the meta device, as
     ``build_expert_parallel_model`` does, so that only local weights are ever allocated) and call
@@ -393,17 +483,28 @@ def parallelize_experts(model: Transformer, placement: Placement,
             f"model {config.name!r} has {len(moes)} x {config.num_experts}")
     placement.validate(experts_per_gpu=config.num_experts)  # the per-GPU limit is the planner's
 
+    if dispatch not in DISPATCH:
+        raise RuntimeSetupError(f"dispatch {dispatch!r}: use {' or '.join(DISPATCH)}")
+    layout = NodeLayout.one_node(num_ranks) if nodes is None else \
+        NodeLayout(tuple(tuple(int(r) for r in ranks) for ranks in nodes))
+    layout.check(num_ranks, dispatch)
+
     group_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-    overlap_group = None
-    if overlap and overlap_ctas:
+    overlap_group = hierarchical = None
+    if dispatch == "hierarchical":
+        hierarchical = HierarchicalDispatch(new_hierarchical_groups(layout, group_ranks, rank),
+                                            num_ranks, config.num_experts)
+    elif overlap and overlap_ctas:
         overlap_group = new_overlap_group(group_ranks, max_ctas=overlap_ctas)
-    stats = ExpertParallelStats.zeros(len(moes), config.num_experts, num_ranks)
-    state = ExpertParallelState(group, rank, num_ranks, stats, layers=[])
+    stats = ExpertParallelStats.zeros(len(moes), config.num_experts, num_ranks, layout.num_nodes)
+    state = ExpertParallelState(group, rank, num_ranks, stats, layers=[], dispatch=dispatch,
+                                node_ranks=layout.node_ranks)
     for li, (moe, layer) in enumerate(zip(moes, placement.layers)):
         moe.experts = ExpertParallelExperts(moe.experts, layer, li, group, stats,
                                             overlap=overlap, num_chunks=num_chunks,
                                             overlap_group=overlap_group,
-                                            reserve_sms=overlap_ctas if overlap_group else 0)
+                                            reserve_sms=overlap_ctas if overlap_group else 0,
+                                            node_of=layout.node_of(), hierarchical=hierarchical)
         moe.router.reduce_load = partial(_all_reduce_sum, group=group)
         state.layers.append(moe.experts)
 
