@@ -11,7 +11,8 @@ Format ``epplan.manifest``, schema version 1, one JSON object::
       "problem": {"experts_per_gpu", "compute_efficiency", "achievable_tflops", "micro_batches",
                   "recompute", "optimizer_sharding", "schedule": {"overlap": bool, "num_chunks": C},
                   "dispatch": "flat" | "hierarchical"},
-      "routing": {"spec", "source", "counts_sha256", "notes": [...], "expert_load": [L][E]},
+      "routing": {"spec", "source", "counts_sha256", "notes": [...], "expert_load": [L][E],
+                  "windows": [{"spec", "source", "counts_sha256"}, ...]?, "objective": "mean" | "worst"?},
       "placement": {"method", "num_experts": E,
                     "layers": [{"experts": [{"replicas": [R_e ranks],
                                              "rows": [[[r, share], ...], ...],
@@ -19,6 +20,10 @@ Format ``epplan.manifest``, schema version 1, one JSON object::
       "solver": {"solver", "status", "objective_s", "bound_s", "gap", "seconds", "layers": [...]},
       "predicted": {"summary": Cost.to_dict(), "link_bytes_per_step": [K], "link_a2a_s": [L][K]?}
     }
+
+A plan made over several routing windows (``epplan place --routing A --routing B``,
+``epplan.placement.robust``) records each window and the ``objective`` it minimised over them;
+its ``spec`` is then null and its counts are the windows' mean.
 
 Splits are stored compactly: for expert e, ``rows`` holds each distinct split row once, sparse
 ([replica index, share] for the non-zero shares), and ``row_of`` gives each source rank's row
@@ -121,13 +126,16 @@ class Manifest:
 # ------------------------------------------------------------------------------ building, writing
 
 def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: str | None = None,
-                   routing_seed: int | None = None, link_layers: bool = False) -> dict[str, Any]:
+                   routing_seed: int | None = None, link_layers: bool = False,
+                   windows: list[tuple[str, Any]] | None = None, objective: str | None = None) -> dict[str, Any]:
     """The manifest document (a JSON-ready dict) of ``placement`` on ``problem``.
 
     cost:         ``evaluate(placement, problem)`` (computed here if None): the predicted loads.
     routing_spec: the routing spec the traffic was built from (``zipf:1.2``, a file, ...).
     routing_seed: the seed ``make_traffic`` was given (zipf's expert order), to rebuild it.
     link_layers:  also store every layer's a2a time on every link ([L][K] floats).
+    windows:      (spec, Traffic) of each routing window of a plan made over several, and the
+    objective:    it minimised over them (``epplan.placement.robust``).
     """
     from epplan import __version__
     from epplan.cost import evaluate
@@ -173,10 +181,13 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
             "spec": routing_spec,
             "seed": routing_seed,
             "source": problem.traffic.source,
-            "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest(),
+            "counts_sha256": counts_sha256(counts),
             "notes": list(problem.traffic.notes),
             "expert_load": counts.sum(axis=1).tolist(),
-        },
+            **({} if windows is None else {
+                "windows": [{"spec": spec, "source": t.source, "counts_sha256": counts_sha256(t.counts)}
+                            for spec, t in windows],
+                "objective": objective})},
         "placement": {
             "method": placement.method,
             "num_experts": int(placement.num_experts),
@@ -186,6 +197,11 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
         "solver": _jsonable(info),
         "predicted": predicted,
     }
+
+
+def counts_sha256(counts: np.ndarray) -> str:
+    """The SHA-256 a manifest records of a traffic's counts (float64, C order)."""
+    return hashlib.sha256(np.ascontiguousarray(counts, dtype=np.float64).tobytes()).hexdigest()
 
 
 def write_manifest(path: str | Path, doc: dict[str, Any]) -> str:
@@ -287,6 +303,12 @@ class _Problem(_Strict):
     dispatch: Literal["flat", "hierarchical"] = "flat"  # absent in manifests written before it was recorded
 
 
+class _Window(_Strict):
+    spec: str
+    source: str
+    counts_sha256: str
+
+
 class _Routing(_Strict):
     spec: str | None
     seed: int | None = None  # absent in manifests written before it was recorded
@@ -294,6 +316,8 @@ class _Routing(_Strict):
     counts_sha256: str
     notes: list[str]
     expert_load: list[list[float]]
+    windows: list[_Window] | None = None   # a plan made over several routing windows ...
+    objective: Literal["mean", "worst"] | None = None   # ... and what it minimised over them
 
 
 class _Expert(_Strict):

@@ -21,14 +21,16 @@ from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
 from epplan.cost.fit import choose_run_settings
 from epplan.cost import Cost, evaluate
 from epplan.errors import PlacementError
-from epplan.manifest import build_manifest, write_manifest
+from epplan.manifest import build_manifest, check_fits_topology, load_manifest, write_manifest
 from epplan.placement.baselines import BASELINES, random_placement
 from epplan.placement.problem import DISPATCH_MODES, PlacementProblem
+from epplan.placement.robust import OBJECTIVES, solve_robust, window_problems, window_times
 from epplan.placement.solve import SOLVERS, LayerInfo, plan_hierarchical, resplit, solve
 from epplan.placement.types import Placement
 from epplan.topology import load_topology
 from epplan.workload import load_model_config, make_traffic
 from epplan.workload.hf_config import model_notes
+from epplan.workload.windows import mean_traffic, window_specs
 
 METHODS = ("ilp", "eplb", "eplb-hier", "contiguous", "random")
 # --compare also scores these baselines with the split LP's splits (same replicas).
@@ -44,14 +46,29 @@ def place(
              "MoE config.json (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE).")] = "seed",
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
-    routing: Annotated[str, typer.Option(
+    routing: Annotated[Optional[list[str]], typer.Option(
         help="Expected routing: uniform, zipf:ALPHA, coact:SIZE:SHARE\\[:ALPHA] (synthetic correlated "
              "top-k with pair counts: experts in seeded random groups of SIZE, each further expert of a "
              "token from its first expert's group with probability SHARE, zipf:ALPHA popularity, default "
-             "0), TRACE.npz\\[@FIRST:LAST], the routing "
+             "0), drift:KEY=VALUE,...\\[@FIRST:LAST] (zipf that drifts over steps), TRACE.npz\\[@FIRST:LAST], the routing "
              "statistics .json that 'epplan run' writes (re-plan from real routing), an [L, E] or "
              "[L, S, E] array (.npy, .npz, .pt), or SGLang's, vLLM's or Megatron-Core's expert-load "
-             "record (.pt).")] = "uniform",
+             "record (.pt). Several windows: repeat the flag, cut a range with @FIRST:LAST:WIDTH, or "
+             "give a directory of routing statistics; the plan is made for all (--objective). "
+             "\\[default: uniform]", show_default=False)] = None,
+    objective: Annotated[str, typer.Option(
+        help="Over several routing windows: mean (the mean step) or worst (every layer's worst "
+             "window) of the per-window layer times.")] = "mean",
+    from_manifest: Annotated[Optional[Path], typer.Option(
+        help="The plan in force: count the expert replicas that move from it (weights and AdamW "
+             "state) and prefer plans that move less (--max-move-bytes, --amortize-steps).",
+        show_default=False)] = None,
+    max_move_bytes: Annotated[Optional[float], typer.Option(
+        help="With --from-manifest: move at most this many bytes, all layers together (0: keep "
+             "every replica where it is, re-split only).", show_default=False)] = None,
+    amortize_steps: Annotated[Optional[int], typer.Option(
+        help="With --from-manifest: charge the move's predicted seconds spread over this many "
+             "steps (the steps the plan will run) in the objective.", show_default=False)] = None,
     experts_per_gpu: Annotated[int, typer.Option(
         help="Most experts (replicas included) per GPU per layer.")] = 1,
     method: Annotated[str, typer.Option(
@@ -116,9 +133,31 @@ def place(
     check_range("--workers", workers, 1, 256)
     if not 0 <= gap < 1:
         raise PlacementError(f"--gap must be in [0, 1), got {gap:g}")
+    if objective not in OBJECTIVES:
+        raise PlacementError(f"--objective {objective!r}: use {' or '.join(OBJECTIVES)}")
+    check_range("--max-move-bytes", max_move_bytes, 0, 1e18)
+    check_range("--amortize-steps", amortize_steps, 1, 10**9)
+    if from_manifest is None and (max_move_bytes is not None or amortize_steps is not None):
+        raise PlacementError("--max-move-bytes and --amortize-steps need the plan in force: "
+                             "add --from-manifest OLD.json")
+    if from_manifest is not None and method != "ilp":
+        raise PlacementError(f"--from-manifest needs --method ilp (the baseline {method!r} does not "
+                             "look at the plan in force)")
     topo = cap_memory(load_topology(topology), memory_gb)
     config = load_model_config(model, parse_overrides(set_ or []))
-    traffic = make_traffic(routing, config, topo.num_gpus, seed=seed)
+    specs = window_specs(routing or ["uniform"])
+    windows = [make_traffic(spec, config, topo.num_gpus, seed=seed) for spec in specs]
+    traffic = mean_traffic(windows)
+    several = len(windows) > 1
+    robust = None
+    if several or from_manifest is not None:
+        if dispatch == "hierarchical":
+            raise PlacementError("--dispatch hierarchical plans for one routing window without a plan in "
+                                 "force; plan over several windows or --from-manifest with --dispatch flat")
+        dispatch = "flat"  # the robust planner plans the flat exchange (auto would compare on the mean only)
+        robust = RobustOptions(windows, objective, None if from_manifest is None else
+                               _plan_in_force(from_manifest, topo, config),
+                               max_move_bytes, 0.0 if amortize_steps is None else 1.0 / amortize_steps)
     rates, rate_notes = rates_for(topo, calibration, compute_efficiency, tflops)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
                                overlap=overlap, num_chunks=num_chunks, **rates,
@@ -136,7 +175,7 @@ def place(
     names = [method] + ([m for m in METHODS if m != method] + [f"{b}+lp" for b in RESPLIT] if compare else [])
     t0 = time.monotonic()
     chosen, problem, predicted = _plan_for_dispatch(method, dispatch, problem, solver, time_limit, gap, workers,
-                                                    seed, quiet=json)
+                                                    seed, quiet=json, robust=robust)
     plans[method] = (chosen, time.monotonic() - t0)
     for name in names[1:]:
         t0 = time.monotonic()
@@ -151,7 +190,9 @@ def place(
                               optimizer_sharding=optimizer_sharding).check()
     problem = dataclasses.replace(problem, **dataclasses.asdict(fit.settings))
     costs = {name: fit.cost if name == method else evaluate(plan, problem) for name, (plan, _) in plans.items()}
-    doc = build_manifest(chosen, problem, cost=costs[method], routing_spec=routing, routing_seed=seed)
+    doc = build_manifest(chosen, problem, cost=costs[method], routing_spec=None if several else specs[0],
+                         routing_seed=seed, windows=list(zip(specs, windows)) if several else None,
+                         objective=objective if several else None)
     digest = write_manifest(out, doc)
 
     if json:
@@ -162,11 +203,20 @@ def place(
             "run_settings": dataclasses.asdict(fit.settings),
             "dispatch": {"chosen": problem.dispatch, "asked": dispatch, "predicted_step_time_s": predicted},
         }
+        if several:
+            data["objective"] = objective
+            data["windows"] = _window_rows(chosen, problem, specs, windows)
+        if from_manifest is not None:
+            data["migration"] = chosen.info.get("migration")
         if compare:
             data["compare"] = {name: _row(name, plans[name], costs[name]) for name in names}
         print_json(data)
         return
     _print_plan(chosen, costs[method], problem)
+    if several:
+        _print_windows(chosen, problem, specs, windows, objective)
+    if from_manifest is not None:
+        _print_migration(chosen.info["migration"], from_manifest)
     print_run_settings(fit)
     if compare:
         _print_compare(names, plans, costs, problem)
@@ -194,14 +244,26 @@ def _solve(problem: PlacementProblem, solver: str, time_limit: float, gap: float
         return solve(problem, solver=solver, time_limit=time_limit, gap=gap, progress=report, workers=workers)
 
 
+@dataclasses.dataclass
+class RobustOptions:
+    """A plan over several routing windows and/or from a plan in force (``solve_robust``)."""
+
+    windows: list            # Traffic per window
+    objective: str
+    old: Placement | None
+    max_move_bytes: float | None
+    move_weight: float
+
+
 def _plan_for_dispatch(method: str, dispatch: str, problem: PlacementProblem, solver: str, time_limit: float,
-                       gap: float, workers: int | None, seed: int,
-                       quiet: bool) -> tuple[Placement, PlacementProblem, dict[str, float]]:
+                       gap: float, workers: int | None, seed: int, quiet: bool,
+                       robust: RobustOptions | None = None) -> tuple[Placement, PlacementProblem, dict[str, float]]:
     """(plan, the problem with the dispatch it is for, predicted step time per dispatch tried).
 
     auto plans for the flat exchange (70 % of the time limit for the ILP), then for hierarchical
     dispatch from that plan (``plan_hierarchical``), and keeps the one of lower predicted step
-    time (flat on a tie: the simpler exchange). A baseline is scored under both."""
+    time (flat on a tie: the simpler exchange). A baseline is scored under both. ``robust``: the
+    ILP plans over its windows and from its plan in force (``solve_robust``), flat dispatch."""
     modes = DISPATCH_MODES if dispatch == "auto" else (dispatch,)
     start = time.monotonic()
     flat_limit = time_limit * 0.7 if dispatch == "auto" else time_limit
@@ -213,6 +275,12 @@ def _plan_for_dispatch(method: str, dispatch: str, problem: PlacementProblem, so
         elif mode == "hierarchical" and "flat" in plans:
             plan = plan_hierarchical(plans["flat"][0], mode_problem, deadline=start + time_limit, gap=gap)
             plan.info["time_limit_s"] = time_limit
+        elif robust is not None:
+            several = len(robust.windows) > 1
+            plan = solve_robust(mode_problem, window_problems(mode_problem, robust.windows) if several
+                                else [mode_problem], objective=robust.objective, old=robust.old,
+                                max_move_bytes=robust.max_move_bytes, move_weight=robust.move_weight,
+                                solver=solver, time_limit=flat_limit, gap=gap, workers=workers)
         else:
             plan = _solve(mode_problem, solver, flat_limit, gap, workers, quiet=quiet)
         plans[mode] = (plan, mode_problem)
@@ -225,6 +293,16 @@ def _dispatch_line(chosen: str, asked: str, predicted: dict[str, float]) -> str:
     times = ", ".join(f"{mode} {_t(t)}" for mode, t in predicted.items())
     how = "the lower predicted step time" if asked == "auto" else "--dispatch"
     return f"dispatch: [bold]{chosen}[/] ({how}; predicted step time: {times})"
+
+
+def _plan_in_force(path: Path, topo, config) -> Placement:
+    """The placement of the manifest at ``path``, checked to be of this cluster and model."""
+    old = load_manifest(path)
+    check_fits_topology(old, topo, "--topology")
+    if old.config != config:
+        raise PlacementError(f"--from-manifest {path}: planned for model {old.config.name!r} with other "
+                             f"dimensions than {config.name!r} here; give the same --model and --set")
+    return old.placement
 
 
 def _baseline(name: str, problem: PlacementProblem, seed: int, time_limit: float) -> Placement:
@@ -282,12 +360,46 @@ def _row(name: str, plan_time: tuple[Placement, float], cost: Cost) -> dict[str,
     }
 
 
+def _window_rows(plan: Placement, problem: PlacementProblem, specs: list[str], windows: list) -> list[dict]:
+    """Per window: its spec and source, and the plan's MoE time on it (``Cost.objective_s``)."""
+    times = window_times(plan, window_problems(problem, windows)).sum(axis=1)
+    return [{"spec": spec, "source": w.source, "objective_s": float(t)} for spec, w, t in zip(specs, windows, times)]
+
+
+def _print_windows(plan: Placement, problem: PlacementProblem, specs: list[str], windows: list,
+                   objective: str) -> None:
+    rows = _window_rows(plan, problem, specs, windows)
+    t = Table(title=f"the plan on each routing window, with the run settings below (objective: {objective})", title_justify="left")
+    for col in ("window", "routing", "a2a+experts"):
+        t.add_column(col, justify="right" if col == "a2a+experts" else "left")
+    for i, row in enumerate(rows):
+        t.add_row(str(i), escape(row["source"]), _t(row["objective_s"]))
+    values = [r["objective_s"] for r in rows]
+    t.add_row("mean", "", _t(sum(values) / len(values)))
+    t.add_row("worst", "", _t(max(values)))
+    console.print(t)
+
+
+def _print_migration(info: dict, path: Path) -> None:
+    limit = info.get("max_move_bytes")
+    console.print(
+        f"from {escape(str(path))}: {info['moves']} expert replica(s) move, {info['bytes_moved'] / 1e9:.3f} GB "
+        f"(weights and AdamW state), predicted {_t(info['seconds'])} on this cluster"
+        + ("" if limit is None else f" (at most {limit / 1e9:.3f} GB allowed)"), highlight=False)
+
+
 def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     info = plan.info or {}
     topo = problem.topology
-    t = Table(title=f"placement: {escape(plan.method)}", title_justify="left")
+    # A plan over several windows: the table shows it on their mean, the bound is the objective's.
+    robust = info.get("num_windows", 1) > 1
+    label = f"{info.get('objective')} of {info.get('num_windows')} windows" if robust else ""
+    t = Table(title=f"placement: {escape(plan.method)}" + (f" (on the windows' mean routing; bound: {label})"
+                                                           if robust else ""), title_justify="left")
     for col in ("layer", "a2a+experts", "binds", "max link", "busiest link", "expert"):
         t.add_column(col, justify="left" if col in ("binds", "busiest link") else "right")
+    if robust:
+        t.add_column(info["objective"], justify="right")
     layers = info.get("layers")
     if layers:
         for col in ("bound", "gap", "status"):
@@ -296,6 +408,8 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     for li in range(cost.num_layers):
         row = [str(li), _t(cost.moe_time_s[li]), cost.binds[li], _t(cost.a2a_link_s[li]),
                escape(topo.link_name(int(cost.a2a_link[li]))), _t(expert_max[li])]
+        if robust:
+            row.append(_t(layers[li]["objective_s"]))
         if layers:
             L = layers[li]
             same = f" (= layer {L['same_as']})" if L.get("same_as") is not None else ""
@@ -304,12 +418,19 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     console.print(t)
     line = (f"a2a and expert GEMMs, {cost.schedule.describe()}: [bold]{_t(cost.objective_s)}[/] per step "
             "summed over the MoE layers")
+    if robust:
+        line += (f" on the windows' mean routing; objective ({label}, per layer, summed) "
+                 f"[bold]{_t(info['objective_s'])}[/]")
     if layers:
         line += (f", lower bound {_t(info['bound_s'])} (gap {info.get('total_gap', 0):.2%}, worst "
                  f"layer {info['gap']:.2%}), {info.get('solver')} {info['status']}, solved in {info['seconds']:.1f} s")
         if info["status"] == "time_limit":
             line += (f"; [yellow]time limit {info.get('time_limit_s')} s reached: this is the best plan found, "
                      f"its gap above the target {info.get('gap_target', 0):.0%}[/]")
+        elif info["status"] == "gap_open" and robust:
+            line += (f"; [yellow]the gap stays above the target {info.get('gap_target', 0):.0%}: the bound "
+                     "(each window's bound, combined as the objective, or the mean routing's) is valid, "
+                     "the plan may be better than it shows[/]")
         elif info["status"] == "gap_open":
             line += (f"; [yellow]the gap stays above the target {info.get('gap_target', 0):.0%}: the MILP "
                      "ended or was too large for these layers; the bound is valid, the plan may be better "

@@ -11,9 +11,12 @@ import typer
 from epplan.cli import app
 from epplan.cli.common import CalibrationOption, console, err_console, print_json, user_errors
 from epplan.report import PlanView, ReportError, build_report, read_run
-from epplan.report.manifests import open_manifest, plan_for
+from epplan.report.aging import score_windows
+from epplan.report.manifests import manifest_seed, open_manifest, plan_for
 from epplan.report.plot import write_plot
 from epplan.report.render import print_rich, to_csv, to_markdown
+from epplan.workload.traffic import make_traffic
+from epplan.workload.windows import window_specs
 
 OUTPUT = "Output"
 _DEFAULT_TOP = 15
@@ -40,6 +43,11 @@ def report(
         "--compare", metavar="OTHER", help="Another manifest of the same cluster, or a baseline "
         "(contiguous, eplb, random) on this manifest's problem, side by side (repeatable).",
         show_default=False)] = None,
+    routing: Annotated[Optional[list[str]], typer.Option(
+        help="Score the plan on these routing windows instead (as 'epplan place --routing' reads "
+             "them: repeat, cut a range with @FIRST:LAST:WIDTH, or a directory of routing "
+             "statistics), to see how it ages: its MoE and step time on each, against the routing "
+             "it was planned for.", show_default=False)] = None,
     layer: Annotated[Optional[int], typer.Option(
         help="One MoE layer's all-to-all instead of the whole step.", show_default=False)] = None,
     top: Annotated[Optional[int], typer.Option(
@@ -68,6 +76,20 @@ def report(
 
     opened = open_manifest(manifest, topology, calibration=calibration)
     plan = opened.plan
+    if routing:
+        if compare or metrics is not None or plot is not None or csv_ or markdown or layer is not None:
+            raise ReportError("--routing scores the plan on routing windows on its own; leave out "
+                              "--compare, --metrics, --plot, --csv, --markdown and --layer")
+        specs = window_specs(routing)
+        seed = manifest_seed(opened.manifest)
+        windows = [(spec, make_traffic(spec, plan.problem.config, plan.problem.num_gpus, seed=seed))
+                   for spec in specs]
+        aged = score_windows(plan, windows)
+        if json_:
+            print_json(aged)
+        else:
+            _print_aging(aged, opened.notes)
+        return
     others: list[PlanView] = []
     for spec in compare or []:
         others.append(plan_for(spec, opened))
@@ -88,3 +110,23 @@ def report(
     if plot is not None:
         path = write_plot(result, plot)
         (err_console if formats else console).print(f"wrote {path}", highlight=False)
+
+
+def _print_aging(aged: dict, notes: list[str]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from epplan.cli.place import _t
+
+    planned = aged["planned"]
+    console.print(f"[bold]{escape(aged['manifest'])}[/], planned for {escape(planned['source'])}: "
+                  f"MoE layers {_t(planned['objective_s'])}, step {_t(planned['step_time_s'])}", highlight=False)
+    for note in notes:
+        console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
+    t = Table(title="the plan on each routing window", title_justify="left")
+    for col in ("window", "routing", "a2a+experts", "vs planned", "step", "worst layer"):
+        t.add_column(col, justify="left" if col in ("routing", "worst layer") else "right")
+    for i, row in enumerate(aged["windows"]):
+        t.add_row(str(i), escape(row["source"]), _t(row["objective_s"]), f"{row['vs_planned']:+.1%}",
+                  _t(row["step_time_s"]), f"{row['worst_layer']} ({row['worst_layer_binds']})")
+    console.print(t)

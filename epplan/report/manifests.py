@@ -10,7 +10,6 @@ prediction, which is compared with the re-scored one.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,14 @@ import numpy as np
 from epplan.cost.calibration import resolve_calibrations
 from epplan.cost import evaluate
 from epplan.errors import EpplanError
-from epplan.manifest import Manifest, check_fits_topology, load_manifest
+from epplan.manifest import Manifest, check_fits_topology, counts_sha256, load_manifest
 from epplan.placement.baselines import BASELINES
 from epplan.placement.problem import PlacementProblem
 from epplan.report.compare import PlanView
 from epplan.report.predicted import ReportError
 from epplan.topology import Topology, load_topology
 from epplan.workload.traffic import Traffic, make_traffic
+from epplan.workload.windows import mean_traffic
 
 _SEED = re.compile(r"\(seed (\d+)\)")
 
@@ -129,26 +129,25 @@ def _find_topology(manifest: Manifest, path: Path, topology_file, known: Topolog
 
 
 def _traffic(manifest: Manifest, path: Path, topo: Topology, notes: list[str]) -> Traffic:
-    """The expected routing the plan was made for, rebuilt from its spec and checked by hash."""
+    """The expected routing the plan was made for, rebuilt from its spec (or its windows' specs,
+    averaged) and checked by hash."""
     routing = manifest.doc["routing"]
     spec = routing.get("spec")
     want = routing.get("counts_sha256")
-    if spec:
-        seed = routing.get("seed")
-        if seed is None:  # manifests from before the seed was recorded: it is in the source text
-            seed_match = _SEED.search(routing.get("source", ""))
-            seed = int(seed_match.group(1)) if seed_match else 0
-        candidates = [spec]
-        if not spec.startswith(("uniform", "zipf")):  # a file: also try it next to the manifest
-            candidates.append(str(path.parent / spec))
-        for candidate in candidates:
-            try:
-                traffic = make_traffic(candidate, manifest.config, topo.num_gpus, seed=seed)
-            except EpplanError:
-                continue
-            counts = np.ascontiguousarray(traffic.counts, dtype=np.float64)
-            if not want or hashlib.sha256(counts.tobytes()).hexdigest() == want:
+    seed = manifest_seed(manifest)
+    windows = routing.get("windows")
+    if not spec and windows:
+        rebuilt = [_rebuild(w["spec"], manifest, path, topo, seed, w["counts_sha256"]) for w in windows]
+        if all(t is not None for t in rebuilt):
+            traffic = mean_traffic(rebuilt)
+            if not want or counts_sha256(traffic.counts) == want:
                 return traffic
+        spec = f"{len(windows)} windows"
+    if spec and not windows:
+        traffic = _rebuild(spec, manifest, path, topo, seed, want)
+        if traffic is not None:
+            return traffic
+    if spec:
         notes.append(f"routing {spec!r} of {path.name} could not be rebuilt as planned (file missing or "
                      "changed): using its recorded per-expert loads, spread evenly over the source ranks")
     else:
@@ -158,3 +157,30 @@ def _traffic(manifest: Manifest, path: Path, topo: Topology, notes: list[str]) -
     counts = np.broadcast_to(load[:, None, :] / topo.num_gpus,
                              (load.shape[0], topo.num_gpus, load.shape[1])).copy()
     return Traffic(counts, source=f"{routing.get('source', '?')} (per-expert loads only)")
+
+
+def manifest_seed(manifest: Manifest) -> int:
+    """The seed the manifest's routing was built with (zipf's and drift's expert order)."""
+    routing = manifest.doc["routing"]
+    seed = routing.get("seed")
+    if seed is None:  # manifests from before the seed was recorded: it is in the source text
+        seed_match = _SEED.search(routing.get("source", ""))
+        seed = int(seed_match.group(1)) if seed_match else 0
+    return int(seed)
+
+
+def _rebuild(spec: str, manifest: Manifest, path: Path, topo: Topology, seed: int,
+             want: str | None) -> Traffic | None:
+    """``spec``'s traffic as planned (its counts' hash ``want``), trying a file next to the
+    manifest too; None if it cannot be rebuilt so."""
+    candidates = [spec]
+    if not spec.startswith(("uniform", "zipf", "drift:", "coact")):  # a file: also try it next to the manifest
+        candidates.append(str(path.parent / spec))
+    for candidate in candidates:
+        try:
+            traffic = make_traffic(candidate, manifest.config, topo.num_gpus, seed=seed)
+        except EpplanError:
+            continue
+        if not want or counts_sha256(traffic.counts) == want:
+            return traffic
+    return None
