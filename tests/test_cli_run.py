@@ -32,7 +32,7 @@ from epplan.manifest import build_manifest, load_manifest, write_manifest
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.topology import load_topology
-from epplan.train.checkpoint import latest, list_checkpoints
+from epplan.train.checkpoint import latest, list_checkpoints, read_tensors
 from epplan.train.metrics import read_metrics
 from epplan.train.options import TrainOptions
 from epplan.workload import make_traffic
@@ -86,16 +86,9 @@ def _steps(out: Path) -> list[dict]:
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the newest checkpoint (model and optimizer), by file and key."""
-    info = latest(out / "checkpoints")
-    flat = {}
-    for file in sorted(info.path.glob("*.pt")):
-        doc = torch.load(file, weights_only=True)
-        for part in ("model", "optim"):
-            for key, value in doc[part].items():
-                for sub, t in (value.items() if isinstance(value, dict) else [("", value)]):
-                    flat[f"{part}/{key}/{sub}"] = t
-    return flat
+    """Every tensor of the newest checkpoint (model and optimizer state), by entry name."""
+    entries = read_tensors(latest(out / "checkpoints").path)
+    return {k: v for k, v in entries.items() if k.startswith(("model.", "optim."))}
 
 
 def _place(*args: str) -> None:
@@ -430,7 +423,7 @@ def test_a_corrupted_checkpoint_of_the_right_size_is_skipped_with_a_line(referen
     out = tmp_path / "run"
     root = _copy_reference(reference, out)
     shutil.rmtree(root / "step_00000012")
-    with open(root / "step_00000008" / "rank00001.pt", "r+b") as fh:  # 4 KiB flipped, same size
+    with open(root / "step_00000008" / "__1_0.distcp", "r+b") as fh:  # 4 KiB flipped, same size
         fh.seek(600)
         block = fh.read(4096)
         fh.seek(600)
@@ -439,7 +432,7 @@ def test_a_corrupted_checkpoint_of_the_right_size_is_skipped_with_a_line(referen
     start = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "start"][-1]
     assert start["resumed_from"].endswith("step_00000004"), output
     assert start["resume_notes"] == [  # the lines rank 0 printed
-        f"skipped {root / 'step_00000008'}: the content of rank00001.pt differs from the checksum written with it",
+        f"skipped {root / 'step_00000008'}: the content of __1_0.distcp differs from the checksum written with it",
         "resuming from the newest intact checkpoint, step_00000004"]
     mine, ref = _final_state(out), _final_state(reference)
     for key in ref:  # from step 4 again: bitwise the uninterrupted run
@@ -449,14 +442,14 @@ def test_a_corrupted_checkpoint_of_the_right_size_is_skipped_with_a_line(referen
 def test_resume_with_no_intact_checkpoint_refuses_and_keeps_history(reference, manifests, tmp_path):
     out = tmp_path / "run"
     root = _copy_reference(reference, out)
-    for ckpt in root.iterdir():  # zero-filled dense files, of the right size
-        size = (ckpt / "dense.pt").stat().st_size
-        (ckpt / "dense.pt").write_bytes(bytes(size))
+    for ckpt in root.iterdir():  # zero-filled DCP indexes, of the right size
+        size = (ckpt / ".metadata").stat().st_size
+        (ckpt / ".metadata").write_bytes(bytes(size))
     metrics = (out / "metrics.jsonl").read_text()
     stats = (out / "routing_stats.json").read_text()
     message = _fail(str(manifests["a"]), "--out", str(out), *TRAIN, "--resume")
     assert "no intact checkpoint in" in message and "pass --start-over" in message
-    assert "dense.pt differs from the checksum" in message
+    assert ".metadata differs from the checksum" in message
     assert (out / "metrics.jsonl").read_text() == metrics and (out / "routing_stats.json").read_text() == stats
     # Without --resume as well: the earlier run's records are never wiped silently.
     (root / "step_00000004").rename(root / "junk")

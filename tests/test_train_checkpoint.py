@@ -4,7 +4,10 @@
   other ranks, one replicated, a rank holding no expert of a layer), holds the same single-device
   model; one more step from it under B matches one more step under A, which needs the AdamW
   moments to have moved with the experts.
-- Atomicity: half-written and damaged checkpoint directories are ignored.
+- Atomicity: half-written and damaged checkpoint directories are ignored; a write that fails on
+  one rank fails on all, and the earlier checkpoint stays the newest.
+- Asynchronous save: the checkpoint holds the state at ``save``, not what training wrote after.
+- --keep-checkpoints 1 never deletes the newest known-good checkpoint for a newer, unconfirmed one.
 - Divergence: a NaN loss stops the step before the optimizer touches the weights, with a message
   naming the step and the last good checkpoint.
 """
@@ -45,7 +48,8 @@ def _trainer(job: Job, out: str, steps: int, **kw):
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
-    opts = TrainOptions(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=2, keep_checkpoints=0, **kw)
+    opts = TrainOptions(**{"manifest": "m.json", "out": out, "steps": steps, "lr": 0.01, "ckpt_every": 2,
+                           "keep_checkpoints": 0, **kw})
     return Trainer(job, opts, torch.distributed.get_rank(), torch.device("cpu"))
 
 
@@ -79,7 +83,8 @@ def test_checkpoint_moves_experts_and_their_optimizer_state_to_a_new_placement(t
     meta = json.loads((tmp_path / "checkpoints" / "step_00000004" / "meta.json").read_text())
     assert meta["expert_owners"] == {"layers.0.ffn.experts": [0, 0, 1, 1], "layers.1.ffn.experts": [0, 0, 1, 1]}
     assert meta["manifest_hash"] == "A" and meta["data"]["next_step"] == 4
-    assert set(meta["files"]) == {"dense.pt", "rank00000.pt", "rank00001.pt"}
+    assert set(meta["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}  # DCP's files
+    assert meta["writer"] == "torch.distributed.checkpoint" and meta["optimizer_sharding"] == "none"
 
     # Atomicity: damaged or half-written checkpoints are skipped, the newest good one wins.
     root = tmp_path / "checkpoints"
@@ -88,7 +93,7 @@ def test_checkpoint_moves_experts_and_their_optimizer_state_to_a_new_placement(t
     shutil.copytree(root / "step_00000004", root / "step_00000007")
     (root / "step_00000007" / "meta.json").unlink()  # no meta: never completed
     shutil.copytree(root / "step_00000004", root / "step_00000008")
-    with open(root / "step_00000008" / "rank00001.pt", "r+b") as fh:
+    with open(root / "step_00000008" / "__1_0.distcp", "r+b") as fh:
         fh.truncate(100)  # a short file
     assert latest(root).step == 4
 
@@ -143,3 +148,79 @@ def _huge_lr(rank: int, world_size: int, out: str) -> None:
 
 def test_huge_learning_rate_never_names_the_diverged_checkpoint(tmp_path):
     run_distributed(_huge_lr, G, str(tmp_path))
+
+
+def _async_copy_and_failed_write(rank: int, world_size: int, out: str) -> None:
+    """dcp.async_save's host copy is the checkpoint: the weights changed right after ``save``
+    returns do not reach the files. A write that fails on one rank fails on both, with a message,
+    and leaves the earlier checkpoint the newest."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from epplan.train import checkpoint
+    from epplan.train.checkpoint import CheckpointError
+
+    trainer = _trainer(_job(A, "A"), out, steps=2, async_checkpoints="on")
+    for _ in range(2):
+        trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {n: trainer.optimizer.state_of(p)["exp_avg"].clone() for n, p in trainer.model.named_parameters()}
+    trainer.save()  # returns once staged; DCP's thread writes the files
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.fill_(float("nan"))
+            trainer.optimizer.state_of(p)["exp_avg"].fill_(float("nan"))
+    trainer.finish_checkpoint()
+    fresh = _trainer(_job(A, "A"), out, steps=4)
+    info, _ = fresh.resume()
+    assert info.step == 2
+    for key, value in fresh.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for name, p in fresh.model.named_parameters():
+        assert torch.equal(fresh.optimizer.state_of(p)["exp_avg"], moments[name]), name
+
+    write_data = dcp.FileSystemWriter.write_data
+
+    def disk_full_on_rank_1(self, plan, planner):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_data(self, plan, planner)
+
+    dcp.FileSystemWriter.write_data = disk_full_on_rank_1
+    fresh.train_step()
+    with pytest.raises(CheckpointError) as caught:
+        fresh.save()
+    assert "cannot write the checkpoint" in str(caught.value) and "the earlier checkpoints are intact" in str(caught.value)
+    assert "No space left on device" in str(caught.value)
+    dcp.FileSystemWriter.write_data = write_data
+    torch.distributed.barrier()
+    assert [c.step for c in checkpoint.list_checkpoints(Path(out) / "checkpoints")] == [2]
+
+
+def test_async_checkpoint_is_the_state_at_save_and_a_failed_write_keeps_the_last(tmp_path):
+    run_distributed(_async_copy_and_failed_write, G, str(tmp_path))
+
+
+def _prune_race(rank: int, world_size: int, out: str) -> None:
+    """--keep-checkpoints 1 with a background writer: when a step confirms checkpoint 1, a newer
+    checkpoint (2) may already be complete on disk though not yet known good (its writer has
+    renamed it and not returned). Confirming 1 must not delete 1 for it."""
+    trainer = _trainer(_job(A, "A"), out, steps=3, keep_checkpoints=1)
+    trainer.train_step()
+    trainer.save()  # checkpoint 1: complete, unconfirmed
+    root = Path(out) / "checkpoints"
+    if rank == 0:  # what the writer of checkpoint 2 leaves between its rename and its return
+        shutil.copytree(root / "step_00000001", root / "step_00000002")
+    torch.distributed.barrier()
+    trainer.train_step()  # finite: confirms checkpoint 1, and prunes
+    torch.distributed.barrier()
+    assert [c.step for c in list_checkpoints(root)] == [1, 2]
+    trainer.unconfirmed, trainer.last_step = root / "step_00000002", 2  # the writer returns
+    trainer.train_step()  # confirms 2: now 1 goes
+    torch.distributed.barrier()
+    assert [c.step for c in list_checkpoints(root)] == [2]
+
+
+def test_keep_one_never_prunes_the_last_good_checkpoint_for_an_unconfirmed_one(tmp_path):
+    run_distributed(_prune_race, G, str(tmp_path))

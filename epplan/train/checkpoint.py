@@ -1,52 +1,52 @@
-"""Checkpoints that survive crashes and re-placement.
+"""Checkpoints through ``torch.distributed.checkpoint`` (DCP) that survive crashes and re-placement.
 
 Layout of one checkpoint, ``OUT/checkpoints/step_00000040/``::
 
+    .metadata        DCP's index: every entry's name, shape, dtype, and where its bytes are
+    __3_0.distcp     DCP's file of rank 3: the entries DCP gave that rank to write
     meta.json        format, step, manifest hash, model, files and their sizes, expert owners,
-                     data position, run extras (written last)
-    dense.pt         rank 0: every non-expert tensor of the model's state_dict (attention, norms,
-                     embeddings, routers and their selection biases) and, unless the optimizer
-                     is sharded, the dense parameters' optimizer state
-    rank00003.pt     rank 3: the experts it owns (lowest replica), one entry per (layer, expert),
-                     with their optimizer state; under ``--optimizer-sharding dense`` the dense
-                     parameters' optimizer state that rank 3 keeps; its RNG states
-
-Experts are stored by *logical* id (``layers.1.ffn.experts.w1[5]``), never by slot on a rank, so
-a checkpoint does not depend on the placement that wrote it: resuming under another placement
-(``epplan place`` again, from the run's routing statistics) loads each rank's new experts from
-whichever files hold them, with their AdamW moments. The dense parameters' optimizer state is
-stored by parameter name (``meta.json``'s ``dense_optim_files`` says which file holds each), so
-a run resumes under another optimizer sharding or world size. Each rank reads only the entries
-it needs (memory-mapped ``torch.load``).
-
+                     optimizer sharding, data position, run facts (written after the files)
     checksums.json   SHA-256 and size of every other file of the directory (written last)
 
-Atomicity: everything is written into ``.step_00000040.tmp/``; after every rank has written and
-synced its file, rank 0 writes ``meta.json`` (with each file's size), the ranks hash a share of the
-files each, rank 0 writes ``checksums.json`` and renames the directory. A crash at any point leaves
+The entries (one flat DCP state dict; ``state_to_save``): ``model.<name>`` for every
+non-expert tensor of the model (the same on all ranks: DCP writes each once, spread over the
+ranks); each expert's weight by *logical* id, ``model.layers.1.ffn.experts.w1[5]``, and its
+AdamW state, ``optim.layers.1.ffn.experts.w1[5].exp_avg`` (written by its owner, the lowest
+replica); ``optim.<name>.<field>`` for the dense parameters' AdamW state (by whichever rank
+keeps it under the run's ``--optimizer-sharding``); ``rng.rank00003``, each rank's RNG states;
+``extra`` (rank 0: routing counts). A checkpoint therefore does not depend on the placement,
+world size or optimizer sharding that wrote it: on load each rank asks DCP for the entries it
+needs now (the experts it holds under the new placement, the optimizer state it keeps under the
+new sharding), wherever they were written, and reads only those.
+
+Atomicity: DCP writes into ``.step_00000040.tmp/`` (each file fsynced); after every rank has
+written, rank 0 writes ``meta.json`` (with each file's size), the ranks hash a share of the files
+each, rank 0 writes ``checksums.json`` and renames the directory. A crash at any point leaves
 either no ``step_*`` directory or a complete one; ``list_checkpoints`` ignores directories whose
 meta or files are missing or short, and ``verify`` (run before every load) compares each file's
 content with its checksum, so a damaged checkpoint of the right size is skipped, never loaded.
-``seal`` and ``verify`` look only at the files of a directory, not at how they were written, so
-they serve any checkpoint writer (torch.save here, torch.distributed.checkpoint as well).
 ``--out`` must be on a filesystem that all nodes share.
 
-Writing is split in two: ``stage`` copies a rank's part to the host (into pinned buffers that a
-``Staging`` keeps from one checkpoint to the next) and ``write`` does all of the above from that
-copy, collectively over a group it is given, so that a background thread can write while
-training goes on (``Trainer.save``).
+Writing is split in two so that training need not wait for the files: ``begin_save`` hands the
+state to ``dcp.async_save``, which copies it to host memory (``make_stager``: pinned buffers
+cached from one checkpoint to the next) and writes the files from that copy in its own thread;
+``complete_save`` then waits for the files and seals and renames the directory, collectively over
+a gloo group of the writer's own, in a thread of the trainer's (``Trainer.save``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
 import re
 import shutil
 import time
+import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,14 +54,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from epplan.errors import EpplanError
 from epplan.runtime.expert_parallel import ExpertParallelExperts
 from epplan.train.optim import TrainOptimizer
 
 FORMAT = "epplan.checkpoint"
-VERSION = 1
+VERSION = 2  # 1: a torch.save file per rank (epplan before DCP), not read
+WRITER = "torch.distributed.checkpoint"
 _NAME = re.compile(r"^step_(\d{8})$")
 CHECKSUMS = "checksums.json"
 DIVERGED = ".diverged"  # suffix of a checkpoint set aside because training diverged right after it
@@ -88,11 +93,6 @@ def _expert_params(model: nn.Module) -> dict[str, tuple[ExpertParallelExperts, n
             for wname, w in m.named_parameters(recurse=False)}
 
 
-def _slice_state(state: dict, j: int) -> dict:
-    """Optimizer state of local slot j: per-element tensors sliced (views), scalars (``step``) kept."""
-    return {k: v[j] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in state.items()}
-
-
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -112,97 +112,151 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class Staging:
-    """Pinned host copies of a checkpoint's GPU tensors, kept from one checkpoint to the next, so
-    that taking a checkpoint costs training one device-to-host copy (no allocation after the first)
-    while files are written in the background. CPU tensors are cloned."""
+# ------------------------------------------------------------------ experts by logical id
+#
+# An expert's tensors are named by (layer module, weight, logical expert id), never by rank or
+# slot: checkpoints store them so, and code that moves experts between ranks (re-placement)
+# can address them so. AdamW keeps one state per parameter tensor, and an expert weight tensor is
+# (E_loc, ...) over a rank's slots: slot j's moments are state[...][j], its step the tensor's.
 
-    def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
-    def copy(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if t.device.type == "cpu":
-            return t.clone()
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self.buffers[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return buf.copy_(t, non_blocking=True)
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+def expert_key(module_name: str, weight_name: str, expert: int) -> str:
+    """('layers.1.ffn.experts', 'w1', 5) -> 'layers.1.ffn.experts.w1[5]'."""
+    return f"{module_name}.{weight_name}[{expert}]"
+
+
+def adamw_state_like(optimizer: TrainOptimizer, p: nn.Parameter) -> dict[str, torch.Tensor]:
+    """A fresh AdamW state for ``p`` laid out as ``torch.optim.AdamW`` lays out its own at the
+    first step (zero moments like p; the step a float32 scalar, on p's device when the group is
+    fused or capturable, else on the CPU), installed in ``optimizer`` and returned, to be
+    filled in place (a checkpoint's load, an expert moved from another rank)."""
+    group = next(g for opt in optimizer._local() for g in opt.param_groups if any(p is q for q in g["params"]))
+    assert not group.get("amsgrad"), "the trainer's AdamW keeps no max_exp_avg_sq"
+    on_device = group.get("fused") or group.get("capturable")
+    state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    optimizer.set_state(p, state)
+    return state
+
+
+def expert_entries(model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
+                   owned_only: bool = True) -> dict[str, torch.Tensor]:
+    """This rank's expert weights and their AdamW state by logical id, as views (no copy):
+    ``model.<key>`` -> (D, F) or (F, D) weight, ``optim.<key>.exp_avg`` / ``.exp_avg_sq`` -> its
+    moments, ``optim.<key>.step`` -> the step (a scalar), with ``<key>`` from ``expert_key``.
+    owned_only: only the experts this rank owns (their lowest replica), as checkpoints store them;
+    otherwise every local slot. Experts without optimizer state yet (before the first step)
+    have no ``optim.`` entries."""
+    out: dict[str, torch.Tensor] = {}
+    for key, (module, w) in _expert_params(model).items():
+        module_name, wname = key.rsplit(".", 1)
+        state = optimizer.state_of(w) or {}
+        for j, e in enumerate(module.local_experts):
+            if owned_only and module.owner[e] != rank:
+                continue
+            name = expert_key(module_name, wname, e)
+            out[f"model.{name}"] = w.detach()[j]
+            for field, value in state.items():
+                out[f"optim.{name}.{field}"] = value if value.dim() == 0 else value[j]
+    return out
+
+
+def expert_targets(model: nn.Module, optimizer: TrainOptimizer) -> dict[str, torch.Tensor]:
+    """Writable views of every local expert slot's weight and AdamW state by logical id (the keys
+    of ``expert_entries``), with a fresh AdamW state installed for each expert tensor that holds a
+    slot (``adamw_state_like``): what was saved under those keys, copied in, becomes this
+    rank's experts and their state. The slots of one tensor share its ``step``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, (module, w) in _expert_params(model).items():
+        if not module.local_experts:
+            continue  # an empty (0, ...) tensor: AdamW makes its state at the next step
+        module_name, wname = key.rsplit(".", 1)
+        state = adamw_state_like(optimizer, w)
+        for j, e in enumerate(module.local_experts):
+            name = expert_key(module_name, wname, e)
+            out[f"model.{name}"] = w.detach()[j]
+            out.update({f"optim.{name}.{f}": v if v.dim() == 0 else v[j] for f, v in state.items()})
+    return out
+
+
+# ------------------------------------------------------------------ writing
+
+def _pack(obj: Any) -> bytes:
+    """A non-tensor entry (RNG states, run extras): DCP stores a ``bytes`` value as one opaque item."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _rng_key(rank: int) -> str:
+    return f"rng.rank{rank:05d}"
+
+
+def state_to_save(model: nn.Module, optimizer: TrainOptimizer, *, rank: int, extra: dict) -> dict[str, Any]:
+    """This rank's part of a checkpoint as a flat DCP state dict of views (no copy).
+
+    ``model.<name>``: every non-expert tensor of the model's state_dict (identical on all ranks:
+    DCP writes each once); experts and their AdamW state by logical id (``expert_entries``,
+    owners only); ``optim.<name>.<field>``: the AdamW state of each dense parameter this rank keeps
+    (all of them unsharded, its share under ``--optimizer-sharding dense``); this rank's RNG
+    states; on rank 0, ``extra`` (routing counts and the like).
+    """
+    experts = _expert_params(model)
+    out: dict[str, Any] = {f"model.{k}": v for k, v in model.state_dict().items() if k not in experts}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, state in optimizer.state_items():
+        if names[id(p)] not in experts:
+            out.update({f"optim.{names[id(p)]}.{f}": v for f, v in state.items()})
+    out.update(expert_entries(model, optimizer, rank=rank))
+    out[_rng_key(rank)] = _pack(rng_state())
+    if rank == 0:
+        out["extra"] = _pack(extra)
+    return out
+
+
+def make_stager(device: torch.device) -> AsyncStager:
+    """The host-side staging for ``dcp.async_save``, kept from one checkpoint to the next: it
+    caches one CPU copy per storage (pinned, on GPUs), so a checkpoint costs training one
+    device-to-host copy, with no allocation after the first. Staging is synchronous: training
+    must not change the weights before the copy is complete."""
+    cuda = device.type == "cuda"
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:  # torch < 2.9: a cached, pinned copy of the whole state dict
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager
+        return BlockingAsyncStager(cache_staged_state_dict=True)
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=cuda))
 
 
 @dataclass
-class Staged:
-    """One rank's part of a checkpoint, on the host: what ``write`` puts in the files."""
+class PendingSave:
+    """A checkpoint whose files are being written (``begin_save``); ``complete_save`` finishes it."""
 
-    mine: dict  # this rank's file: its experts (by logical id), their state, RNG (, dense state)
-    dense: dict | None  # rank 0: dense.pt's model and optimizer state
-    owners: dict  # expert owners per layer module
-    sharding: str
-    dense_optim_names: list[str]  # the dense parameters whose optimizer state this rank stores
-
-
-def stage(model: nn.Module, optimizer: TrainOptimizer, *, rank: int, staging: Staging | None = None) -> Staged:
-    """Copy this rank's part of a checkpoint to the host (not collective). Returns once the copy
-    is complete: training may then change the weights and optimizer state."""
-    staging = staging or Staging()
-
-    def copied(prefix: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return staging.copy(prefix, value)
-        if isinstance(value, dict):
-            return {k: copied(f"{prefix}/{k}", v) for k, v in value.items()}
-        return value
-
-    experts = _expert_params(model)
-    own_model, own_optim = {}, {}
-    for key, (module, w) in experts.items():
-        opt_state = optimizer.state_of(w) or {}
-        for j, e in enumerate(module.local_experts):
-            if module.owner[e] == rank:
-                entry = f"{key}[{e}]"
-                own_model[entry] = staging.copy(f"model/{entry}", w[j])
-                own_optim[entry] = copied(f"optim/{entry}", _slice_state(opt_state, j))
-    names = {id(p): n for n, p in model.named_parameters()}
-    dense_optim = {names[id(p)]: copied(f"dense_optim/{names[id(p)]}", s)
-                   for p, s in optimizer.state_items() if names[id(p)] not in experts}
-    sharded = optimizer.sharding != "none"
-    mine = {"model": own_model, "optim": own_optim, "rng": rng_state()}
-    if sharded:
-        mine["dense_optim"] = dense_optim
-    dense = None
-    if rank == 0:
-        dense = {"model": {k: staging.copy(f"dense/{k}", v) for k, v in model.state_dict().items()
-                           if k not in experts},
-                 "optim": {} if sharded else dense_optim}
-    if any(b.is_pinned() for b in staging.buffers.values()) and torch.cuda.is_available():
-        torch.cuda.synchronize()  # NOTE: host sync: the copies are complete before training goes on
-    owners = {name: [int(o) for o in m.owner] for name, m in _expert_modules(model)}
-    return Staged(mine, dense, owners, optimizer.sharding, sorted(dense_optim) if sharded else [])
+    tmp: Path
+    final: Path
+    step: int
+    rank: int
+    group: dist.ProcessGroup | None
+    future: Future | None  # DCP's background write; None once written
+    facts: dict  # for meta.json: expert owners, optimizer sharding
 
 
-def save(root: Path, step: int, model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
-         meta: dict, dense_extra: dict, keep: int) -> Path:
-    """Write checkpoint ``step`` under ``root`` (collective). Returns its directory.
-
-    meta: JSON-able facts for ``meta.json`` (manifest hash, model, data position, ...).
-    dense_extra: tensors/objects rank 0 stores next to the dense state (e.g. routing counts).
-    keep: checkpoints to keep, newest first (older ones are deleted after this one is complete).
-    """
-    return write(stage(model, optimizer, rank=rank), root, step, rank=rank, meta=meta,
-                 dense_extra=dense_extra, keep=keep)
-
-
-def write(staged: Staged, root: Path, step: int, *, rank: int, meta: dict, dense_extra: dict, keep: int,
-          group: dist.ProcessGroup | None = None) -> Path:
-    """Write a staged checkpoint: the files, ``meta.json``, the checksums, then the rename that
-    completes it (collective over ``group``, default the world; a background writer passes a
-    group of its own so that its collectives never interleave with training's)."""
+def begin_save(root: Path, step: int, state: dict[str, Any], *, rank: int, facts: dict,
+               group: dist.ProcessGroup | None = None, stager: AsyncStager | None = None) -> PendingSave:
+    """Start writing checkpoint ``step`` of ``state`` (``state_to_save``) into ``root/.step_N.tmp``
+    (collective over ``group``, default the world). With a ``stager``, ``dcp.async_save``: returns
+    once the state is copied to host memory, and DCP's thread writes the files (its collectives
+    over ``group``, which must be a gloo group apart from training's); without, ``dcp.save``
+    writes them before returning. facts: JSON-able facts of the state for meta.json."""
     tmp, final = root / f".step_{step:08d}.tmp", root / f"step_{step:08d}"
-    world_size = dist.get_world_size(group)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a crashed attempt
         tmp.mkdir(parents=True)
@@ -210,47 +264,74 @@ def write(staged: Staged, root: Path, step: int, *, rank: int, meta: dict, dense
     if not tmp.is_dir():
         raise CheckpointError(f"rank {rank} cannot see {tmp}, which rank 0 created: --out must be on "
                               "a filesystem shared by all nodes")
+    writer = dcp.FileSystemWriter(tmp, sync_files=True)
+    pending = PendingSave(tmp, final, step, rank, group, None, facts)
+    if stager is None:
+        with _write_errors(tmp):
+            dcp.save(state, storage_writer=writer, process_group=group)
+    else:
+        pending.future = dcp.async_save(state, storage_writer=writer, process_group=group, async_stager=stager)
+    return pending
+
+
+@contextlib.contextmanager
+def _write_errors(tmp: Path):
+    """DCP's failure on any rank (a full disk, say), raised on every rank, as a CheckpointError."""
+    try:
+        yield
+    except (CheckpointException, OSError, RuntimeError) as exc:
+        cause = exc
+        if isinstance(exc, CheckpointException) and exc.failures:
+            cause = next(iter(exc.failures.values()))
+            cause = getattr(cause, "exc", cause)  # DCP wraps a rank's exception with its traceback
+        what = getattr(cause, "strerror", None) or cause
+        raise CheckpointError(f"cannot write the checkpoint {tmp}: {what}; the earlier checkpoints are intact "
+                              "(free space, then continue with --resume)") from None
+
+
+def complete_save(pending: PendingSave, *, meta: dict) -> Path:
+    """Finish ``pending`` (collective over its group): wait for its files, write ``meta.json``,
+    the checksums, and rename the directory, which completes the checkpoint. Returns its path."""
+    tmp, final, rank, group = pending.tmp, pending.final, pending.rank, pending.group
+    if pending.future is not None:
+        with _write_errors(tmp):
+            pending.future.result()
+        pending.future = None
+    world_size = dist.get_world_size(group)
     with _all_or_none(world_size, group):
-        _save_synced(staged.mine, tmp / f"rank{rank:05d}.pt")
         if rank == 0:
-            _save_synced({**staged.dense, "extra": dense_extra}, tmp / "dense.pt")
-    kept = _gather(staged.dense_optim_names, world_size, group)  # who stores which dense state
-    with _all_or_none(world_size, group):
-        if rank == 0:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.pt"))}
-            dense_files = ({n: f"rank{r:05d}.pt" for r, ns in enumerate(kept) for n in ns}
-                           if staged.sharding != "none" else {n: "dense.pt" for n in staged.dense["optim"]})
-            doc = {"format": FORMAT, "version": VERSION, "step": step, "time": time.time(),
-                   "num_ranks": world_size, **meta, "expert_owners": staged.owners,
-                   "optimizer_sharding": staged.sharding, "dense_optim_files": dense_files, "files": files}
+            files = {name: (tmp / name).stat().st_size for name in _files_of(tmp)}
+            doc = {"format": FORMAT, "version": VERSION, "writer": WRITER, "step": pending.step,
+                   "time": time.time(), "num_ranks": world_size, **meta, **pending.facts, "files": files}
             _write_json_synced(tmp / "meta.json", doc)
     with _all_or_none(world_size, group):
         seal(tmp, rank=rank, world_size=world_size, group=group)
     if rank == 0:
         if final.exists():  # the same step again (a restarted attempt got here before): replace it
-            old = root / f".step_{step:08d}.old"
+            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        _fsync_dir(root)
-        prune(root, keep)
+        _fsync_dir(final.parent)
     dist.barrier(group=group)
     return final
 
 
-def _save_synced(obj: Any, path: Path) -> None:
-    try:
-        with open(path, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        path.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {exc}; the earlier checkpoints are intact "
-                              "(free space, then continue with --resume)") from None
+def save_facts(model: nn.Module, optimizer: TrainOptimizer) -> dict:
+    """What meta.json says of a checkpoint's state: who owned each expert, the optimizer sharding."""
+    return {"expert_owners": {name: [int(o) for o in m.owner] for name, m in _expert_modules(model)},
+            "optimizer_sharding": optimizer.sharding}
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
+         meta: dict, extra: dict, group: dist.ProcessGroup | None = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` and complete it (collective, synchronous)."""
+    state = state_to_save(model, optimizer, rank=rank, extra=extra)
+    pending = begin_save(root, step, state, rank=rank, facts=save_facts(model, optimizer), group=group)
+    return complete_save(pending, meta=meta)
 
 
 def _write_json_synced(path: Path, doc: dict) -> None:
@@ -278,9 +359,13 @@ def _all_or_none(world_size: int, group: dist.ProcessGroup | None = None):
         raise CheckpointError(errors[0])
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints (0 keeps all)."""
-    for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
+def prune(root: Path, keep: int, *, through_step: int | None = None) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (0 keeps all) among those of step
+    ``through_step`` or earlier (default: all). A checkpoint after ``through_step`` (completed by a
+    background writer, not yet known good) is neither deleted nor counted, so the newest known
+    good one always stays."""
+    found = [c for c in list_checkpoints(root) if through_step is None or c.step <= through_step]
+    for stale in found[:-keep] if keep > 0 else []:
         shutil.rmtree(stale.path, ignore_errors=True)
 
 
@@ -379,7 +464,10 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path}/meta.json: unreadable: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         found = meta if not isinstance(meta, dict) else f"format {meta.get('format')!r} version {meta.get('version')!r}"
-        raise CheckpointError(f"{path}: {found}; this epplan reads {FORMAT!r} version {VERSION}")
+        if isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("version") == 1:
+            found = "written by an earlier epplan as a torch.save file per rank (format version 1)"
+        raise CheckpointError(f"{path}: {found}; this epplan reads {FORMAT!r} version {VERSION} "
+                              f"({WRITER}): continue that run with the epplan that wrote it")
     for key, kind in (("step", int), ("num_ranks", int), ("files", dict), ("expert_owners", dict),
                       ("model", dict), ("manifest_hash", str)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
@@ -438,71 +526,69 @@ def refuse_fresh_start(root: Path, out: str | Path) -> None:
                               "to continue from it, or choose another --out")
 
 
+def _saved_entries(path: Path) -> dict[str, Any]:
+    """The checkpoint's DCP metadata: entry name -> its ``TensorStorageMetadata`` or ``BytesStorageMetadata``."""
+    try:
+        return dict(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    except Exception as exc:  # any defect of the file: say which
+        raise CheckpointError(f"{path}/.metadata: cannot be read: {exc}") from None
+
+
+def _check_targets(path: Path, targets: dict[str, Any], saved: dict[str, Any]) -> None:
+    for key, t in targets.items():
+        entry = saved.get(key)
+        if entry is None:
+            raise CheckpointError(f"{path} holds no {key}; resume with the model and run it was written for")
+        if isinstance(t, torch.Tensor) and (not isinstance(entry, TensorStorageMetadata) or entry.size != t.shape):
+            found = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else "no tensor"
+            raise CheckpointError(f"{path}: {key.split('.', 1)[1]} has shape {tuple(t.shape)} in this model, "
+                                  f"{found} in the checkpoint; resume with the model it was written for")
+
+
+def _read(path: Path, targets: dict[str, Any]) -> None:
+    """DCP's load of ``targets`` in place, by this process alone (each rank reads only its entries)."""
+    try:
+        with warnings.catch_warnings():  # that no_dist means one process is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(targets, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    except Exception as exc:  # any defect of the files: say which checkpoint
+        raise CheckpointError(f"{path}: cannot be read: {exc}") from None
+
+
 @torch.no_grad()
 def load(info: CheckpointInfo, model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
          device: torch.device) -> dict:
     """Load checkpoint ``info`` into this rank's model and optimizer (not collective).
 
-    The model must be expert-parallel already, under any placement with the same model shape.
-    Returns dense.pt's ``extra`` and, when this rank's file exists, its RNG states under "rng".
+    The model must be expert-parallel already, under any placement with the same model shape,
+    and the optimizer of any sharding: each rank reads the dense tensors, the experts it holds now
+    (by logical id) and the AdamW state it keeps now, wherever they were written. Returns rank 0's
+    ``extra`` and, when the checkpoint holds this rank's RNG states, them under "rng".
     """
-    def read(name: str) -> dict:
-        try:
-            return torch.load(info.path / name, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as exc:  # any defect of the file: say which file
-            raise CheckpointError(f"{info.path / name}: cannot be read: {exc}") from None
-
-    files: dict[str, dict] = {"dense.pt": read("dense.pt")}
-
-    def entries(name: str) -> dict:
-        if name not in files:
-            files[name] = read(name)
-        return files[name]
-
-    dense = files["dense.pt"]
+    saved = _saved_entries(info.path)
     experts = _expert_params(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    for key, t in model.state_dict().items():
-        if key in experts:
-            continue
-        if key not in dense["model"] or dense["model"][key].shape != t.shape:
-            found = tuple(dense["model"][key].shape) if key in dense["model"] else "nothing"
-            raise CheckpointError(f"{info.path}: {key} has shape {tuple(t.shape)} in this model, "
-                                  f"{found} in the checkpoint; resume with the model it was written for")
-        t.copy_(dense["model"][key])
-    # Written before the optimizer could be sharded: rank 0's dense.pt holds it all.
-    dense_files = info.meta.get("dense_optim_files") or {n: "dense.pt" for n in dense["optim"]}
-    for p in model.parameters():
-        name = names[id(p)]
-        if name in dense_files and optimizer.keeps(p):
-            held = entries(dense_files[name])
-            held = held["optim"] if dense_files[name] == "dense.pt" else held["dense_optim"]
-            optimizer.set_state(p, {k: _state_value(v, device) for k, v in held[name].items()})
-
-    owners = info.meta["expert_owners"]
-    for key, (module, w) in experts.items():
-        module_name = key.rsplit(".", 1)[0]
-        slots = []
-        for j, e in enumerate(module.local_experts):
-            file = entries(f"rank{owners[module_name][e]:05d}.pt")
-            entry = f"{key}[{e}]"
-            w[j].copy_(file["model"][entry])
-            slots.append(file["optim"][entry])
-        if slots and slots[0]:
-            optimizer.set_state(w, {k: _state_value(torch.stack([s[k] for s in slots])
-                                                  if slots[0][k].dim() > 0 else slots[0][k], device)
-                                  for k in slots[0]})
-    out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in dense["extra"].items()}
-    own = f"rank{rank:05d}.pt"
-    if own in info.meta["files"]:
-        out["rng"] = entries(own)["rng"]
+    targets: dict[str, Any] = {f"model.{k}": t for k, t in model.state_dict().items() if k not in experts}
+    for name, p in model.named_parameters():
+        if name not in experts and optimizer.keeps(p):
+            targets.update({f"optim.{name}.{f}": v for f, v in adamw_state_like(optimizer, p).items()})
+    targets.update(expert_targets(model, optimizer))
+    targets["extra"] = b""
+    if _rng_key(rank) in saved:
+        targets[_rng_key(rank)] = b""
+    _check_targets(info.path, targets, saved)
+    _read(info.path, targets)
+    out = _unpack(targets["extra"])
+    if _rng_key(rank) in targets:
+        out["rng"] = _unpack(targets[_rng_key(rank)])
     return out
 
 
-def _state_value(v: Any, device: torch.device) -> Any:
-    """An optimizer-state value loaded from a file: per-element tensors go to ``device``; scalar
-    tensors (AdamW's ``step``) stay on the CPU, where non-capturable optimizers keep them. Always a
-    copy, never a view of the memory-mapped file."""
-    if not isinstance(v, torch.Tensor):
-        return v
-    return v.clone() if v.dim() == 0 else v.to(device=device, copy=True)
+def read_tensors(path: Path) -> dict[str, Any]:
+    """Every entry of checkpoint ``path``, read whole into this process (for tools and tests; a
+    large checkpoint needs that much memory): tensors, and the unpacked non-tensor entries."""
+    out: dict[str, Any] = {}
+    for key, entry in _saved_entries(path).items():
+        out[key] = (torch.empty(entry.size, dtype=entry.properties.dtype)
+                    if isinstance(entry, TensorStorageMetadata) else b"")
+    _read(path, out)
+    return {k: _unpack(v) if isinstance(v, bytes) else v for k, v in out.items()}

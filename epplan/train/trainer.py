@@ -171,11 +171,12 @@ class Trainer:
         self.routing_counts = np.zeros((config.num_moe_layers, G, config.num_experts), np.int64)
         self.routing_steps = 0
         self.last_checkpoint: Path | None = None
-        # Checkpoints: host copies reused from one to the next; with asynchronous checkpoints, a
+        # Asynchronous checkpoints: DCP's host staging, kept from one checkpoint to the next, and a
         # gloo group (created here, collectively) for the background writer; the one in flight.
-        self.staging = checkpoint.Staging()
         use_async = opts.async_checkpoints == "on" or (opts.async_checkpoints == "auto" and device.type == "cuda")
         self.checkpoint_group = dist.new_group(backend="gloo") if use_async else None
+        self.stager = checkpoint.make_stager(device) if use_async else None
+        self.stager_ready = False  # the staging buffers exist (allocated after the first step)
         self._pending: tuple[threading.Thread | None, dict[str, Any]] | None = None
         self.log: MetricsLog | None = None
         self.last_step = 0  # the step of last_checkpoint
@@ -277,15 +278,11 @@ class Trainer:
     def save(self) -> float:
         """Checkpoint the current step (collective); returns the seconds training stopped for.
 
-        The state is first copied to the host (``checkpoint.stage``: into pinned buffers kept
-        from one checkpoint to the next, on GPUs); with asynchronous checkpoints the files, their
-        checksums and the rename that completes the checkpoint are then written by a background
-        thread, whose collectives use a gloo group of their own, while training goes on. The
-        checkpoint counts (``last_checkpoint``, the metrics' "checkpoint" record) once complete.
-
-        torch.distributed.checkpoint's ``async_save`` does the same for DCP's own file layout;
-        this one keeps epplan's layout (experts by logical id, dense optimizer state by name,
-        checksummed), which resumes under any placement, sharding and world size.
+        With asynchronous checkpoints, ``dcp.async_save`` first copies the state to the host
+        (into pinned buffers kept from one checkpoint to the next, on GPUs); DCP's thread then
+        writes the files while training goes on, and a thread of ours waits for them and seals
+        and renames the checkpoint, over a gloo group of its own. The checkpoint counts
+        (``last_checkpoint``, the metrics' "checkpoint" record) once complete.
         """
         self.finish_checkpoint()  # one checkpoint in flight at a time: its buffers are reused
         start = time.perf_counter()
@@ -293,23 +290,20 @@ class Trainer:
         meta = {"manifest_hash": self.job.manifest_hash, "manifest": self.opts.manifest,
                 "model": self.config.to_dict(), "data": self.data.describe(step),  # rank 0's data position
                 "run": self._run_facts()}
-        extra = {"routing_counts": torch.from_numpy(self.routing_counts.copy()), "routing_steps": self.routing_steps}
-        staged = checkpoint.stage(self.model, self.optimizer, rank=self.rank, staging=self.staging)
+        pending = checkpoint.begin_save(self.ckpt_root, step, self._checkpoint_state(), rank=self.rank,
+                                        facts=checkpoint.save_facts(self.model, self.optimizer),
+                                        group=self.checkpoint_group, stager=self.stager)
         stall = time.perf_counter() - start
-        # keep=0: older checkpoints are pruned only once a step after this one has been finite
-        # (_confirm), so that one from before a divergence is always left.
-        write = functools.partial(checkpoint.write, staged, self.ckpt_root, step, rank=self.rank, meta=meta,
-                                  dense_extra=extra, keep=0, group=self.checkpoint_group)
         result: dict[str, Any] = {"step": step, "stall": stall, "start": start}
 
         def work() -> None:
             try:
-                result["path"] = write()
+                result["path"] = checkpoint.complete_save(pending, meta=meta)
             except BaseException as exc:  # raised in the training thread by finish_checkpoint
                 result["error"] = exc
             result["seconds"] = time.perf_counter() - start
 
-        if self.checkpoint_group is None:
+        if self.stager is None:
             work()
             self._pending = (None, result)
             self.finish_checkpoint()
@@ -320,6 +314,11 @@ class Trainer:
         if self.rank == 0:
             self.write_routing_stats()
         return stall
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """This rank's checkpoint entries (views of the live tensors, ``checkpoint.state_to_save``)."""
+        extra = {"routing_counts": torch.from_numpy(self.routing_counts.copy()), "routing_steps": self.routing_steps}
+        return checkpoint.state_to_save(self.model, self.optimizer, rank=self.rank, extra=extra)
 
     def finish_checkpoint(self, block: bool = True) -> None:
         """Complete the checkpoint in flight, if any (without ``block``, only if its writer is
@@ -355,9 +354,11 @@ class Trainer:
         if self.unconfirmed is None:
             return
         self.good_checkpoints.append(self.unconfirmed)
-        self.unconfirmed = None
         if self.rank == 0:
-            checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints)
+            # Only up to this one: a newer checkpoint that the background writer completed since
+            # is not known good yet, and must not push this one out of --keep-checkpoints.
+            checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints, through_step=self.last_step)
+        self.unconfirmed = None
         self.good_checkpoints = self.good_checkpoints[-1:]
 
     def _diverged(self, step: int) -> str:
@@ -428,13 +429,16 @@ class Trainer:
             torch._foreach_mul_([p.grad for p in model.parameters()], scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        staging_s = None
-        if self.checkpoint_group is not None and self.device.type == "cuda" and not self.staging.buffers:
-            # Allocate the pinned staging buffers once, now that AdamW's state exists, so that no
+        staging_s = staging_bytes = None
+        if self.stager is not None and self.device.type == "cuda" and not self.stager_ready:
+            # Allocate (and pin) the staging buffers once, now that AdamW's state exists, so that no
             # checkpoint's stall includes the allocation (it shows in this step's record).
             t0 = time.perf_counter()
-            checkpoint.stage(self.model, self.optimizer, rank=self.rank, staging=self.staging)
+            staged = self.stager.stage(self._checkpoint_state())
             staging_s = time.perf_counter() - t0
+            staging_bytes = sum({id(t.untyped_storage()): t.untyped_storage().nbytes()
+                                 for t in staged.values() if isinstance(t, torch.Tensor)}.values())
+            self.stager_ready = True
         model.update_router_biases()
         timer.stop("optimizer")
         timer.stop("step")
@@ -455,7 +459,7 @@ class Trainer:
         }
         if staging_s is not None:
             record["checkpoint_staging_alloc_s"] = staging_s
-            record["checkpoint_staging_bytes"] = self.staging.num_bytes
+            record["checkpoint_staging_bytes"] = staging_bytes
         if self.device.type == "cuda":  # this rank's peak since the start, as the caching allocator saw it
             record["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             record["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
