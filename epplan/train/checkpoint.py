@@ -28,7 +28,7 @@ content with its checksum, so a damaged checkpoint of the right size is skipped,
 ``--out`` must be on a filesystem that all nodes share.
 
 Writing is split in two so that training need not wait for the files: ``begin_save`` hands the
-state to ``dcp.async_save``, which copies it to host memory (``make_stager``: pinned buffers
+state to ``dcp.async_save``, which copies it to host memory (``HostStaging``: pinned buffers
 cached from one checkpoint to the next) and writes the files from that copy in its own thread;
 ``complete_save`` then waits for the files and seals and renames the directory, collectively over
 a gloo group of the writer's own, in a thread of the trainer's (``Trainer.save``).
@@ -221,19 +221,47 @@ def state_to_save(model: nn.Module, optimizer: TrainOptimizer, *, rank: int, ext
     return out
 
 
-def make_stager(device: torch.device) -> AsyncStager:
-    """The host-side staging for ``dcp.async_save``, kept from one checkpoint to the next: it
-    caches one CPU copy per storage (pinned, on GPUs), so a checkpoint costs training one
-    device-to-host copy, with no allocation after the first. Staging is synchronous: training
-    must not change the weights before the copy is complete."""
-    cuda = device.type == "cuda"
-    try:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError:  # torch < 2.9: a cached, pinned copy of the whole state dict
-        from torch.distributed.checkpoint.staging import BlockingAsyncStager
-        return BlockingAsyncStager(cache_staged_state_dict=True)
-    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                        use_async_staging=False, use_non_blocking_copy=cuda))
+class HostStaging(AsyncStager):
+    """``dcp.async_save``'s staging: a host copy of every tensor of the state dict, into buffers
+    kept from one checkpoint to the next (pinned on GPUs, so the copy runs at PCIe speed and
+    allocates nothing after the first checkpoint); training waits for the copy, not the files.
+
+    Why not a stager torch ships: torch 2.11's ``DefaultStager`` clears its cache and its
+    deep-copy table after every stage, so each checkpoint pins its buffers anew and the second
+    ``async_save`` fails (``KeyError: <class 'type'>`` on an H200, 2026-12-02); the cache of
+    ``BlockingAsyncStager`` always pins (no CUDA, no pinning), and without its cache older torch
+    hands CPU tensors over uncopied, which training would then change under the writer.
+    """
+
+    _synchronize_after_execute = False
+
+    def __init__(self, pin_memory: bool) -> None:
+        self.pin_memory = pin_memory
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory and t.is_cuda)
+        return buf.copy_(t, non_blocking=buf.is_pinned())
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The host copy of the flat ``state_dict`` (tensors copied; other values as they are)."""
+        out = {k: self._copy(k, v) if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+        if self.pin_memory and torch.cuda.is_available():
+            torch.cuda.synchronize()  # NOTE: host sync: the copies are complete before training goes on
+        return out
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: ``stage`` returns once the copy is complete."""
+
+    def close(self) -> None:
+        self.buffers.clear()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
 @dataclass
@@ -250,7 +278,7 @@ class PendingSave:
 
 
 def begin_save(root: Path, step: int, state: dict[str, Any], *, rank: int, facts: dict,
-               group: dist.ProcessGroup | None = None, stager: AsyncStager | None = None) -> PendingSave:
+               group: dist.ProcessGroup | None = None, stager: HostStaging | None = None) -> PendingSave:
     """Start writing checkpoint ``step`` of ``state`` (``state_to_save``) into ``root/.step_N.tmp``
     (collective over ``group``, default the world). With a ``stager``, ``dcp.async_save``: returns
     once the state is copied to host memory, and DCP's thread writes the files (its collectives

@@ -175,7 +175,7 @@ class Trainer:
         # gloo group (created here, collectively) for the background writer; the one in flight.
         use_async = opts.async_checkpoints == "on" or (opts.async_checkpoints == "auto" and device.type == "cuda")
         self.checkpoint_group = dist.new_group(backend="gloo") if use_async else None
-        self.stager = checkpoint.make_stager(device) if use_async else None
+        self.stager = checkpoint.HostStaging(pin_memory=device.type == "cuda") if use_async else None
         self.stager_ready = False  # the staging buffers exist (allocated after the first step)
         self._pending: tuple[threading.Thread | None, dict[str, Any]] | None = None
         self.log: MetricsLog | None = None
@@ -434,10 +434,9 @@ class Trainer:
             # Allocate (and pin) the staging buffers once, now that AdamW's state exists, so that no
             # checkpoint's stall includes the allocation (it shows in this step's record).
             t0 = time.perf_counter()
-            staged = self.stager.stage(self._checkpoint_state())
+            self.stager.stage(self._checkpoint_state())
             staging_s = time.perf_counter() - t0
-            staging_bytes = sum({id(t.untyped_storage()): t.untyped_storage().nbytes()
-                                 for t in staged.values() if isinstance(t, torch.Tensor)}.values())
+            staging_bytes = self.stager.num_bytes
             self.stager_ready = True
         model.update_router_biases()
         timer.stop("optimizer")

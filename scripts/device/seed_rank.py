@@ -8,7 +8,7 @@ The manifest is a 1-GPU plan of the seed model with one expert per layer (``--se
 sequences of 10,000 tokens per step and the run settings of one rank of
 ``epplan place --topology topologies/dgx-h100-2node.yaml --model seed`` (its optimizer is not
 sharded at 80 GB, so one GPU holds the same share). Trains N steps through ``Trainer`` (NCCL,
-one process); with ``--checkpoint-after K`` it checkpoints after step K (asynchronously), so that
+one process); with ``--checkpoint-after K`` it checkpoints after step K (``dcp.async_save``), so that
 step K + 1 runs while the files are written, and reports the stall.
 """
 
@@ -87,6 +87,9 @@ def main() -> None:
                                     if "checkpoint_staging_alloc_s" in r), None),
            "checkpoint_stall_s": stall, "checkpoint_complete_after_s": write_s,
            "checkpoint_bytes": ckpt_bytes,
+           "checkpoint_path": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+           "checkpoint_writer": (json.loads((trainer.last_checkpoint / "meta.json").read_text())["writer"]
+                                 if trainer.last_checkpoint else None),
            "step_during_checkpoint_s": records[a.checkpoint_after]["step_time_s"]
            if a.checkpoint_after and a.checkpoint_after < len(records) else None}
     print(json.dumps(out), flush=True)
