@@ -4,4 +4,4 @@ The package is layered one way (see ../shared/DESIGN.md):
 topology -> workload (model config, traffic) -> placement -> cost -> manifest -> runtime -> report.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -13,7 +13,7 @@ epplan topo show topologies/dgx-h100-2node.yaml
 
 echo "== 2. plan the seed model (16 layers x 16 experts, top-2) for it, against the baselines"
 epplan place --topology topologies/dgx-h100-2node.yaml --model seed --routing zipf:1.2 \
-  --compare --out "$out/seed.json"
+  --compare-all --out "$out/seed.json"
 
 echo "== 3. where the bytes go: the hottest links of the plan, and the plan vs EPLB"
 epplan report "$out/seed.json" --top 8 --compare eplb

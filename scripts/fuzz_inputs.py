@@ -140,7 +140,7 @@ def build_cases(root: Path, good: dict[str, str], rng: random.Random) -> list[tu
     for value in (float("inf"), 0.5, -2, float("nan")):
         f = c.file("topology", ".yaml", _dump_yaml(_set(TOPOLOGY, ("fabric", "oversubscription"), value)))
         c.add(f"topology oversubscription={value!r} (place)",
-              ["place", "--topology", f, "--model", "tiny", "--method", "contiguous", "--out", str(root / "m.json")])
+              ["place", "--topology", f, "--model", "tiny", "--placement", "contiguous", "--out", str(root / "m.json")])
     dup = _dump_yaml(TOPOLOGY).replace("name: fuzz-pair\n", "name: fuzz-pair\nname: other\n", 1)
     c.add("topology duplicate key", ["topo", "show", c.file("topology", ".yaml", dup)])
     dup = _dump_yaml(TOPOLOGY).replace("    gpus: 2\n", "    gpus: 2\n    gpus: 8\n", 1)
@@ -283,7 +283,7 @@ def build_cases(root: Path, good: dict[str, str], rng: random.Random) -> list[tu
     for args in (["--nodes", "0"], ["--nodes", "-1"], ["--nodes", "1000000000"], ["--nodes", "2", "--spines", "0"],
                  ["--nodes", "2", "--spines", "-1"], ["--nodes", "2", "--oversubscription", "0.5"],
                  ["--nodes", "2", "--oversubscription", "inf"], ["--nodes", "2", "--oversubscription", "nan"],
-                 ["--nodes", "2", "--nodes-per-su", "0"], ["--nodes", "4", "--fabric", "three-tier", "--cores", "0"],
+                 ["--nodes", "2", "--nodes-per-su", "0"], ["--nodes", "4", "--fabric", "three_tier", "--cores", "0"],
                  ["--nodes", "2", "--node-type", "nope"], ["--nodes", "2", "--fabric", "nope"], ["--nodes", "x"],
                  ["--nodes", "2", "--out", str(root)]):
         c.add(f"topo gen {' '.join(args)}", gen + args)
@@ -291,12 +291,12 @@ def build_cases(root: Path, good: dict[str, str], rng: random.Random) -> list[tu
     for args in (["--time-limit", "-1"], ["--time-limit", "0"], ["--time-limit", "nan"], ["--time-limit", "inf"],
                  ["--gap", "-1"], ["--gap", "nan"], ["--gap", "2"], ["--experts-per-gpu", "0"],
                  ["--experts-per-gpu", "-3"], ["--compute-efficiency", "0"], ["--compute-efficiency", "1.5"],
-                 ["--compute-efficiency", "nan"], ["--tflops", "0"], ["--tflops", "inf"], ["--tflops", "-1"],
+                 ["--compute-efficiency", "nan"], ["--achievable-tflops", "0"], ["--achievable-tflops", "inf"], ["--achievable-tflops", "-1"],
                  ["--micro-batches", "0"], ["--workers", "0"], ["--workers", "-1"], ["--seed", "-1"],
-                 ["--method", "nope"], ["--solver", "nope"], ["--routing", "zipf:-1"], ["--routing", "zipf:nan"],
+                 ["--placement", "nope"], ["--solver", "nope"], ["--routing", "zipf:-1"], ["--routing", "zipf:nan"],
                  ["--routing", "nope"], ["--set", "num_experts=1000000", "--time-limit", "5"]):
         c.add(f"place {' '.join(args)}", place + args)
-    for args in (["--compute-efficiency", "0"], ["--tflops", "nan"], ["--micro-batches", "-1"], ["--seed", "-5"],
+    for args in (["--compute-efficiency", "0"], ["--achievable-tflops", "nan"], ["--micro-batches", "-1"], ["--seed", "-5"],
                  ["--experts-per-gpu", "0"], ["--placement", "nope"], ["--set", "num_layers=1000000"]):
         c.add(f"estimate {' '.join(args)}", est + ["--model", "tiny"] + args)
     launch = ["run", good["manifest"], "--out", str(root / "r"), "--print-launch", "torchrun", "--nnodes", "2"]
@@ -444,7 +444,7 @@ def main() -> int:
         root = Path(tmp)
         good = make_good(root)
         for label, argv in (("good place", ["place", "--topology", good["topology"], "--model", "tiny",
-                                            "--method", "contiguous", "--out", good["manifest"]]),):
+                                            "--placement", "contiguous", "--out", good["manifest"]]),):
             code, output = run_case(argv, 120)
             if code != 0:
                 print(f"the unmutated inputs fail ({label}): {output}")

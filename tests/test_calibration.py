@@ -79,7 +79,7 @@ def test_calibrate_writes_a_file_the_cost_model_reads(tiny_calibration, tmp_path
     assert out["step"]["step_time_s"] == pytest.approx(cost.step_time_s)
     assert any("cal.json" in n for n in out["notes"])
     flat = json.loads(runner.invoke(app, ["estimate", "--topology", str(tmp_path / "topo.yaml"), "--model",
-                                          "tiny", "--experts-per-gpu", "2", "--tflops", "100", "--json"]).output)
+                                          "tiny", "--experts-per-gpu", "2", "--achievable-tflops", "100", "--json"]).output)
     assert any("flat 100 TFLOP/s" in n for n in flat["notes"])
 
 

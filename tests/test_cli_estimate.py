@@ -48,7 +48,7 @@ def test_json_matches_the_library():
 
 
 def test_table_names_the_bottleneck_link_memory_and_targets():
-    result = invoke(*SMALL, "--placement", "random", "--layers")
+    result = invoke(*SMALL, "--placement", "random", "--per-layer")
     assert result.exit_code == 0, result.output
     for text in ("step time", "all-to-all", "dense gradient sync", "dgx", "memory", "MFU", "target 60%",
                  "bandwidth utilisation", "per MoE layer"):
@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_not_a_traceback():
 
 def test_manifest_placement_and_topology_mismatch(tmp_path):
     plan = tmp_path / "plan.json"
-    placed = CliRunner().invoke(app, ["place", "--topology", TWO_NODES, *SMALL, "--method", "eplb",
+    placed = CliRunner().invoke(app, ["place", "--topology", TWO_NODES, *SMALL, "--placement", "eplb",
                                       "--out", str(plan)])
     assert placed.exit_code == 0, placed.output
     by_manifest = json.loads(invoke(*SMALL, "--placement", str(plan), "--json").stdout)

@@ -146,7 +146,7 @@ def test_topo_gen_flags(tmp_path, args, message):
 def planned(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("planned")
     topo = _topology(root)
-    result = runner.invoke(app, ["place", "--topology", topo, "--model", "tiny", "--method", "contiguous",
+    result = runner.invoke(app, ["place", "--topology", topo, "--model", "tiny", "--placement", "contiguous",
                                  "--out", str(root / "m.json")])
     assert result.exit_code == 0, result.output
     return topo, str(root / "m.json")

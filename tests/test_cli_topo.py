@@ -66,7 +66,7 @@ def test_validate_every_shipped_file():
 
 def test_gen_writes_a_loadable_file(tmp_path):
     out = tmp_path / "gen.yaml"
-    result = runner.invoke(app, ["topo", "gen", "--nodes", "6", "--fabric", "three-tier", "--nodes-per-su", "2",
+    result = runner.invoke(app, ["topo", "gen", "--nodes", "6", "--fabric", "three_tier", "--nodes-per-su", "2",
                                  "--core-oversubscription", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     shown = runner.invoke(app, ["topo", "show", str(out), "--json"])

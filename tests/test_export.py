@@ -75,7 +75,7 @@ def test_layout_keeps_every_replica_and_fills_every_slot(seed):
 
 
 def test_a_full_even_plan_exports_unchanged(tmp_path):
-    plan = _plan(tmp_path, "--experts-per-gpu", "2", "--method", "contiguous")
+    plan = _plan(tmp_path, "--experts-per-gpu", "2", "--placement", "contiguous")
     m = load_manifest(plan)
     layout = physical_layout(m.placement)
     assert layout.padded == []

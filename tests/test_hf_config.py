@@ -163,7 +163,7 @@ def test_place_reads_config_json_and_says_what_it_used(tmp_path):
     path = _write(tmp_path, "Mixtral-8x7B-v0.1", MIXTRAL)
     result = CliRunner().invoke(app, [
         "place", "--topology", str(TOPOLOGIES / "dgx-h100-1node.yaml"), "--model", str(path),
-        "--set", "num_layers=2", "--method", "eplb", "--out", str(tmp_path / "plan.json")])
+        "--set", "num_layers=2", "--placement", "eplb", "--out", str(tmp_path / "plan.json")])
     assert result.exit_code == 0, result.output
     assert "mixtral config: used" in result.stdout and "ignored (not modelled)" in result.stdout
     assert "Mixtral-8x7B-v0.1" in result.stdout

@@ -141,7 +141,7 @@ def test_routing_statistics(tmp_path_factory, key, value):
 def manifest_doc(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("planned")
     (root / "t.yaml").write_text(yaml.safe_dump(TOPOLOGY))
-    result = runner.invoke(app, ["place", "--topology", str(root / "t.yaml"), "--model", "tiny", "--method",
+    result = runner.invoke(app, ["place", "--topology", str(root / "t.yaml"), "--model", "tiny", "--placement",
                                  "contiguous", "--out", str(root / "m.json")])
     assert result.exit_code == 0, result.output
     return json.loads((root / "m.json").read_text())

@@ -190,5 +190,5 @@ def test_cli_writes_a_file_that_places(tmp_path):
     assert result.exit_code == 0 and "32 GPUs" in result.stdout and "warning" not in result.stdout
     plan = tmp_path / "plan.json"
     result = runner.invoke(app, ["place", "--topology", str(out), "--set", "num_layers=1", "--set",
-                                 "num_experts=32", "--method", "eplb", "--out", str(plan)])
+                                 "num_experts=32", "--placement", "eplb", "--out", str(plan)])
     assert result.exit_code == 0, result.output

@@ -7,25 +7,102 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any
+
 import typer
+import typer.core
+from rich.markup import escape
+
+try:  # typer >= 0.23 carries its own copy of click
+    from typer._click.exceptions import BadParameter, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import BadParameter, UsageError
+
+import epplan
+from epplan.cli.common import err_console
+
+
+
+class _Group(typer.core.TyperGroup):
+    """The command tree, with typer's usage errors (an unknown flag, a value not among a flag's
+    choices) printed as one line and exit code 1, like every other bad input."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        message = exc.format_message()
+        if isinstance(exc, BadParameter) and exc.param is not None and exc.param.opts:  # a value
+            message = f"{max(exc.param.opts, key=len)} {_choice_message(exc.message)}"
+        err_console.print(f"[bold red]error:[/] {escape(message)}{where}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _choice_message(message: str) -> str:
+    """typer's "Value error, 'x' is not one of 'a', 'b'." as "'x': use a or b"."""
+    found = re.fullmatch(r"(?:Value error, )?('.*') is not one of (.*?)\.?", message)
+    if found is None:
+        return message.replace("Value error, ", "")
+    values = [v.strip("'") for v in found.group(2).split(", ")]
+    listed = " or ".join(values) if len(values) == 2 else "one of " + ", ".join(values)
+    return f"{found.group(1)}: use {listed}"
+
 
 app = typer.Typer(
     name="epplan",
+    cls=_Group,
     help="Plan and run topology-aware expert parallelism for Mixture-of-Experts training.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    epilog="Exit codes: 0 done; 1 bad input (the message says what and how to fix it); 3 no run settings fit in GPU memory (place, estimate); 4 the "
+           "time limit ended the solve before the gap target was met (place; the manifest is written).",
 )
+
+
+def _switch_type(self: typer.core.TyperOption, ctx: object) -> str | None:
+    # typer (0.2x) prints "<bool>" beside every switch, --help included; a switch takes no value.
+    return "" if self.is_flag and not self.count else _option_type(self, ctx)
+
+
+_option_type = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _option_type is not None:  # older typer prints nothing beside a switch
+    typer.core.TyperOption.display_type_rich = _switch_type  # type: ignore[method-assign]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"epplan {epplan.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print epplan's version and exit.")] = False) -> None:
+    """Plan and run topology-aware expert parallelism for Mixture-of-Experts training."""
 
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from epplan.cli import topo  # noqa: F401
+    from epplan.cli import place  # noqa: F401
     from epplan.cli import estimate  # noqa: F401
     from epplan.cli import report  # noqa: F401
     from epplan.cli import run  # noqa: F401
-    from epplan.cli import place  # noqa: F401
     from epplan.cli import export  # noqa: F401
     from epplan.cli import calibrate  # noqa: F401
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from epplan.cli import app
-from epplan.cli.common import console, print_json, user_errors
+from epplan.cli.common import DeviceOption, JsonOption, SetOption, console, out_option, print_json, user_errors
 from epplan.cli.estimate import parse_overrides
 from epplan.cost.calibration import Calibration, save_calibration
 from epplan.errors import ConfigError
@@ -28,23 +28,23 @@ from epplan.workload import load_model_config
     "(calibration: h200.json)."))
 @user_errors
 def calibrate(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration file to write (JSON).", show_default=False)],
+    out: Annotated[Path, out_option("Calibration file to write (JSON).")],
     model: Annotated[Optional[list[str]], typer.Option(
-        help="Model preset or YAML whose shapes to measure (repeatable). Default: seed.",
+        metavar="NAME|FILE", help="Model preset or YAML whose shapes to measure (repeatable). Default: seed.",
         show_default=False)] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a field of every --model, e.g. --set d_ff=8192 (repeatable).")] = None,
-    device: Annotated[Optional[str], typer.Option(
-        help="cuda or cpu. Default: cuda if a GPU is visible, else cpu.", show_default=False)] = None,
+    set_: SetOption = None,
+    device: DeviceOption = None,
     tokens: Annotated[int, typer.Option(help="Tokens per timed call of the per-token parts.")] = 32768,
     experts: Annotated[int, typer.Option(help="Local experts in each grouped-GEMM timing.")] = 8,
     iters: Annotated[int, typer.Option(help="Timed runs per measurement (the median is kept).")] = 5,
     rows: Annotated[Optional[str], typer.Option(
         help="Rows per expert to time, comma-separated. Default: 128,256,...,16384.",
         show_default=False)] = None,
-    json: Annotated[bool, typer.Option("--json", help="Also print the file's content as JSON.")] = False,
+    json: JsonOption = False,
 ) -> None:
-    """Time the parts of a training step on this machine's GPU with epplan's own code: expert
+    """Measure this GPU's rates for the cost model and write a calibration file.
+
+    Time the parts of a training step on this machine's GPU with epplan's own code: expert
     GEMMs over the rows per expert a plan produces, attention with the kernel 'epplan run' uses,
     the memory-bound parts (norms, casts, loss, routing, optimizer) and, under torchrun with
     several GPUs, all-to-all and all-reduce. 'estimate', 'place' and 'report' read the file
@@ -57,8 +57,6 @@ def calibrate(
     configs = [load_model_config(m, parse_overrides(set_ or [])) for m in (model or ["seed"])]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cuda", "cpu"):
-        raise ConfigError(f"--device {device!r}: use cuda or cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no GPU is visible to torch on this machine; run calibrate "
                           "on the GPU machine, or pass --device cpu")

@@ -1,35 +1,205 @@
-"""Shared pieces of the CLI: consoles and the user-error boundary."""
+"""Shared pieces of the CLI: the vocabulary of its options (one name, short flag, help text and
+set of choices per concept), consoles and the user-error boundary."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
 import sys
+from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar, get_args
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from epplan.errors import EpplanError
+from epplan.placement.baselines import BASELINES
+from epplan.placement.problem import DISPATCH_MODES
+from epplan.placement.robust import OBJECTIVES
+from epplan.placement.solve import SOLVERS
+from epplan.schedule import OVERLAP_MODES
+from epplan.train.options import DEVICES
+from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# ------------------------------------------------------------------------------ choices
+# Every flag that takes one of a fixed set of values takes a ``Choice``: typer lists the values in
+# --help and offers them to shell completion. The values themselves are owned by the library
+# (the tuples imported above); the shared options below hand the command the plain string.
+
+
+class Choice(str, Enum):
+    """One of a flag's fixed values; ``str()`` and f-strings give the value itself."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+def choices(name: str, values: Iterable[str]) -> type[Choice]:
+    """A ``Choice`` enum whose members are ``values`` (a library tuple), in that order."""
+    return Choice(name, [(v, v) for v in values])  # type: ignore[return-value]
+
+
+# place --placement: the planner or a baseline, in the order --compare-all shows them.
+Method = choices("Method", ("ilp", "eplb", "eplb-hier", "contiguous", "random"))
+assert {m.value for m in Method} == {"ilp", *BASELINES}, "a baseline is missing from Method"
+Baseline = choices("Baseline", (m.value for m in Method if m.value != "ilp"))
+Solver = choices("Solver", SOLVERS)
+Overlap = choices("Overlap", OVERLAP_MODES)
+Recompute = choices("Recompute", RECOMPUTE)
+OptimizerSharding = choices("OptimizerSharding", OPTIMIZER_SHARDING)
+Device = choices("Device", DEVICES)
+Dispatch = choices("Dispatch", DISPATCH_MODES)
+Objective = choices("Objective", OBJECTIVES)  # place: over several routing windows
+PlanDispatch = choices("PlanDispatch", ("auto", *DISPATCH_MODES))  # place: auto picks the faster
+
+
+def listed(values: Iterable[str]) -> dict[str, Any]:
+    """``typer.Option`` keywords that list ``values`` in --help and offer them to completion, for a
+    flag whose value the library checks itself (its error names what it expected)."""
+    values = tuple(values)
+    return {"metavar": "|".join(values),
+            "autocompletion": lambda incomplete: [v for v in values if v.startswith(incomplete)]}
+
+
+def complete_placement(incomplete: str) -> list[str]:
+    """Shell completion of a "which plan" flag: the baselines (a manifest is typed as a path)."""
+    return [b.value for b in Baseline if b.value.startswith(incomplete)]
+
+
+def plain(value: Any) -> Any:
+    """Typer callback: a ``Choice`` (or a list of them) as its string, so that commands and the
+    library only ever see plain values."""
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value.value if isinstance(value, Enum) else value
+
+
+def renamed(old: str, new: str) -> Callable[[Any], Any]:
+    """Typer callback of a hidden old spelling ``old`` of flag ``new``: a deprecation line on
+    stderr when it is given; the value passes through (``prefer`` merges it into the new flag)."""
+
+    def callback(value: Any) -> Any:
+        if value not in (None, False, [], ()):
+            err_console.print(f"warning: {old} is deprecated and goes in the next release: use {new}",
+                              highlight=False, markup=False)
+        return plain(value)
+
+    return callback
+
+
+def prefer(new_value: Any, old_value: Any, new: str, old: str) -> Any:
+    """The value of flag ``new``, or of its old spelling ``old`` when only that was given."""
+    given = old_value not in (None, False, [], ())
+    if given and new_value not in (None, False, [], ()) and new_value != old_value:
+        raise EpplanError(f"{new} and {old} (its old spelling) disagree: give {new} only")
+    return old_value if given and new_value in (None, False, [], ()) else new_value
+
+
+def in_panel(option: Any, panel: str) -> Any:
+    """A shared option type shown under ``panel`` in --help (the commands with many options group
+    them in panels); name, short flag, help and choices stay the shared ones."""
+    base, info = get_args(option)
+    info = copy.copy(info)
+    info.rich_help_panel = panel
+    return Annotated[base, info]
+
+
+# ------------------------------------------------------------------------------ shared options
+# One name, one short flag and one help text per concept, for every command that takes it.
+# Switches carry metavar="" (a switch takes no value; typer would print "<bool>").
+
+
+
+def out_option(help: str, **kwargs: Any) -> Any:
+    """``-o/--out`` with this command's words for what it writes."""
+    return typer.Option("--out", "-o", metavar="PATH", help=help, show_default=False, **kwargs)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", metavar="", help=(
+    "Print JSON for scripts instead of tables (its 'format' and 'version' keys name the layout: "
+    "docs/json.md)."))]
+TopologyOption = Annotated[Path, typer.Option(
+    "--topology", metavar="FILE", help="Cluster topology YAML file (see topologies/).", show_default=False)]
+ManifestTopologyOption = Annotated[Optional[Path], typer.Option(
+    "--topology", metavar="FILE", help="The topology file the manifest was planned on, where its "
+    "recorded path is not there (its content hash must match).", show_default=False)]
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", metavar="NAME|FILE", help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny), YAML "
+    "file, or a Hugging Face MoE config.json (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE). Default: "
+    "a manifest's model, else seed.", show_default=False)]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="FIELD=VALUE", help="Override a model field, e.g. --set num_experts=32 (repeatable).",
+    show_default=False)]
+_ROUTING_HELP = (
+    "Expected routing: uniform, zipf:ALPHA, coact:SIZE:SHARE\\[:ALPHA] (synthetic correlated top-k with "
+    "pair counts: experts in seeded random groups of SIZE, each further expert of a token from its first "
+    "expert's group with probability SHARE, zipf:ALPHA popularity, default 0), drift:KEY=VALUE,..."
+    "\\[@FIRST:LAST] (zipf that drifts over steps), TRACE.npz\\[@FIRST:LAST], the routing statistics "
+    ".json that 'epplan run' writes (re-plan from real routing), an [L, E] or [L, S, E] array (.npy, "
+    ".npz, .pt), or SGLang's, vLLM's or Megatron-Core's expert-load record (.pt).")
+RoutingOption = Annotated[str, typer.Option("--routing", metavar="SPEC", help=_ROUTING_HELP)]
+RoutingWindowsOption = Annotated[Optional[list[str]], typer.Option(
+    "--routing", metavar="SPEC", show_default=False, help=_ROUTING_HELP + (
+        " Several windows: repeat the flag, cut a range with @FIRST:LAST:WIDTH, or give a directory of "
+        "routing statistics; the plan is made for all (--objective). \\[default: uniform]"))]
+ExpertsPerGpuOption = Annotated[Optional[int], typer.Option(
+    "--experts-per-gpu", help="Most experts (replicas included) per GPU per layer. Default: a "
+    "manifest's, else 1.", show_default=False)]
+SeedOption = Annotated[int, typer.Option(
+    "--seed", help="Seed of zipf's and coact's expert order and of the random baseline.")]
+MemoryGbOption = Annotated[Optional[float], typer.Option(
+    "--memory-gb", help="Cap every GPU's memory at this many GB (e.g. 64, the founding spec's GPUs).",
+    show_default=False)]
+
 # The GPUs' rates, shared by estimate, place and report (``rates_for``).
 CalibrationOption = Annotated[Optional[Path], typer.Option(
-    help="Rates measured by 'epplan calibrate' on the GPUs. Default: the topology's node-type "
-         "calibration files, else the tables shipped for H100 and H200.", show_default=False)]
-EfficiencyOption = Annotated[Optional[float], typer.Option(
-    help="What-if: every part of the step at this fraction of the datasheet bf16 TFLOP/s "
-         "(no calibration).", show_default=False)]
-TflopsOption = Annotated[Optional[float], typer.Option(
-    help="What-if: every part of the step at this TFLOP/s per GPU; overrides --compute-efficiency.",
+    "--calibration", metavar="FILE", help="Rates measured by 'epplan calibrate' on the GPUs. Default: "
+    "the topology's node-type calibration files, else the tables shipped for H100 and H200.",
     show_default=False)]
+EfficiencyOption = Annotated[Optional[float], typer.Option(
+    "--compute-efficiency", help="What-if: every part of the step at this fraction of the datasheet "
+    "bf16 TFLOP/s (no calibration).", show_default=False)]
+AchievableTflopsOption = Annotated[Optional[float], typer.Option(
+    "--achievable-tflops", help="What-if: every part of the step runs at this many TFLOP/s per GPU "
+    "(no calibration); overrides --compute-efficiency.", show_default=False)]
+OldTflopsOption = Annotated[Optional[float], typer.Option(
+    "--tflops", hidden=True, callback=renamed("--tflops", "--achievable-tflops"))]
+PeakTflopsOption = Annotated[Optional[float], typer.Option(
+    "--peak-tflops", help="The peak TFLOP/s per GPU that MFU divides by. Default: the GPU's dense "
+    "bf16 datasheet figure (H100/H200 989, A100 312); none on CPU.", show_default=False)]
+
+# The run settings: the manifest records them, 'epplan run' follows them.
+MicroBatchesOption = Annotated[Optional[int], typer.Option(
+    "--micro-batches", help="Gradient-accumulation steps per optimizer step (divides activation "
+    "memory). Default: a manifest's, else the cheapest run settings that fit.", show_default=False)]
+RecomputeOption = Annotated[Optional[Recompute], typer.Option(
+    "--recompute", callback=plain, help="Activations recomputed in backward: none, attention, or "
+    "block (each block keeps only its input). Default: a manifest's, else the cheapest that fits.",
+    show_default=False)]
+OptimizerShardingOption = Annotated[Optional[OptimizerSharding], typer.Option(
+    "--optimizer-sharding", callback=plain, help="AdamW state of the dense parameters: none (on every "
+    "rank) or dense (sharded over all ranks, ZeRO-1). Default: a manifest's, else the cheapest that "
+    "fits.", show_default=False)]
+OverlapOption = Annotated[Optional[Overlap], typer.Option(
+    "--overlap", callback=plain, help="The MoE layers' schedule: on overlaps each layer's exchange "
+    "with its expert GEMMs in chunks, off runs them one after the other, auto is what 'epplan run' "
+    "does on GPUs (on when the run spans nodes). Default: a manifest's, else auto.", show_default=False)]
+NumChunksOption = Annotated[Optional[int], typer.Option(
+    "--num-chunks", help="Chunks per MoE layer when overlapping. Default: a manifest's, else the "
+    "runtime's choice.", show_default=False)]
+DeviceOption = Annotated[Optional[Device], typer.Option(
+    "--device", callback=plain, help="cuda (NCCL, one GPU per process) or cpu (gloo). Default: cuda "
+    "if a GPU is visible, else cpu.", show_default=False)]
 
 
 def user_errors(fn: F) -> F:

@@ -14,8 +14,11 @@ import yaml
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import (CalibrationOption, EfficiencyOption, TflopsOption, check_range, console, print_json,
-                               rates_for, user_errors)
+from epplan.cli.common import (AchievableTflopsOption, CalibrationOption, Dispatch, EfficiencyOption, ExpertsPerGpuOption,
+                               JsonOption, MemoryGbOption, MicroBatchesOption, ModelOption, NumChunksOption,
+                               OldTflopsOption, OptimizerShardingOption, OverlapOption, RecomputeOption,
+                               RoutingOption, SeedOption, SetOption, TopologyOption, check_range,
+                               complete_placement, console, plain, prefer, print_json, rates_for, renamed, user_errors)
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
 from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.cost.fit import Fit, choose_run_settings
@@ -32,57 +35,45 @@ _GB = 1e9
 @app.command("estimate")
 @user_errors
 def estimate(
-    topology: Annotated[Path, typer.Option(
-        help="Cluster topology YAML file (see topologies/).", show_default=False)],
-    model: Annotated[Optional[str], typer.Option(
-        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny) or YAML file. Default: the "
-             "--placement manifest's model, else seed.", show_default=False)] = None,
-    routing: Annotated[str, typer.Option(
-        help="Expected routing: uniform, zipf:ALPHA, coact:SIZE:SHARE\\[:ALPHA] (see 'place --help'), "
-             "TRACE.npz\\[@FIRST:LAST] or run stats .json.")] = "uniform",
+    topology: TopologyOption,
+    model: ModelOption = None,
+    routing: RoutingOption = "uniform",
     placement: Annotated[str, typer.Option(
-        help="contiguous, eplb, eplb-hier, random, or a placement manifest .json.")] = "contiguous",
-    experts_per_gpu: Annotated[Optional[int], typer.Option(
-        help="Most experts (replicas included) per GPU per layer. Default: the --placement manifest's, "
-             "else 1.", show_default=False)] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
+        metavar="NAME|FILE", autocompletion=complete_placement,
+        help="A baseline (eplb, eplb-hier, contiguous, random) or a manifest .json that 'epplan "
+             "place' wrote.")] = "contiguous",
+    experts_per_gpu: ExpertsPerGpuOption = None,
+    set_: SetOption = None,
     calibration: CalibrationOption = None,
     compute_efficiency: EfficiencyOption = None,
-    tflops: TflopsOption = None,
-    micro_batches: Annotated[Optional[int], typer.Option(
-        help="Gradient-accumulation steps per optimizer step (divides activation memory). Default: the "
-             "--placement manifest's, else the cheapest that fits.", show_default=False)] = None,
-    recompute: Annotated[Optional[str], typer.Option(
-        help="Activation recompute: none, attention or block. Default: the --placement manifest's, else "
-             "the cheapest that fits.", show_default=False)] = None,
-    optimizer_sharding: Annotated[Optional[str], typer.Option(
-        help="AdamW state of the dense parameters: none (on every rank) or dense (sharded over all ranks, "
-             "ZeRO-1). Default: the --placement manifest's, else the cheapest that fits.",
-        show_default=False)] = None,
-    memory_gb: Annotated[Optional[float], typer.Option(
-        help="Cap every GPU's memory at this many GB (e.g. 64, the founding spec's GPUs).",
-        show_default=False)] = None,
-    overlap: Annotated[Optional[str], typer.Option(
-        help="The runtime's MoE schedule: auto (what 'epplan run' does: overlap across nodes), on, off. "
-             "Default: the --placement manifest's, else auto.", show_default=False)] = None,
-    num_chunks: Annotated[Optional[int], typer.Option(
-        help="Chunks per MoE layer when overlapping. Default: the manifest's, else the runtime's choice.",
-        show_default=False)] = None,
-    dispatch: Annotated[Optional[str], typer.Option(
+    achievable_tflops: AchievableTflopsOption = None,
+    tflops: OldTflopsOption = None,
+    micro_batches: MicroBatchesOption = None,
+    recompute: RecomputeOption = None,
+    optimizer_sharding: OptimizerShardingOption = None,
+    memory_gb: MemoryGbOption = None,
+    overlap: OverlapOption = None,
+    num_chunks: NumChunksOption = None,
+    dispatch: Annotated[Optional[Dispatch], typer.Option(
+        callback=plain,
         help="The runtime's exchange: flat (one row per token and expert) or hierarchical (one row per "
              "token and destination node over the network, forwarded inside the node). Default: the "
              "--placement manifest's, else flat.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Seed of zipf's and coact's expert order and of --placement random.")] = 0,
-    layers: Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
+    seed: SeedOption = 0,
+    per_layer: Annotated[bool, typer.Option("--per-layer", metavar="", help="Also print the per-layer table.")] = False,
+    layers: Annotated[bool, typer.Option("--layers", hidden=True, callback=renamed("--layers", "--per-layer"))] = False,
+    json: JsonOption = False,
 ) -> None:
-    """Estimate a training step: compute, all-to-all and gradient-sync time, the bottleneck link,
+    """Estimate a training step's time, memory and MFU without GPUs.
+
+    Estimate a training step: compute, all-to-all and gradient-sync time, the bottleneck link,
     memory per GPU and MFU, under the cheapest run settings (micro-batches, recompute, optimizer
     sharding) that fit every GPU's memory. Exits 3 if none fits."""
     check_range("--experts-per-gpu", experts_per_gpu, 1, 4096)
     check_range("--compute-efficiency", compute_efficiency, 0, 1, low_open=True)
-    check_range("--tflops", tflops, 0, 1e6, low_open=True)
+    tflops = prefer(achievable_tflops, tflops, "--achievable-tflops", "--tflops")
+    layers = per_layer or layers
+    check_range("--achievable-tflops", tflops, 0, 1e6, low_open=True)
     check_range("--micro-batches", micro_batches, 1, 1 << 20)
     check_range("--seed", seed, 0, 2**32 - 1)
     check_range("--memory-gb", memory_gb, 0, 1e5, low_open=True)

@@ -12,7 +12,7 @@ import numpy as np
 import typer
 
 from epplan.cli import app
-from epplan.cli.common import console, print_json, user_errors
+from epplan.cli.common import JsonOption, choices, console, out_option, plain, print_json, user_errors
 from epplan.cost import evaluate
 from epplan.errors import EpplanError, PlacementError
 from epplan.export import dispatch_placement, eplb_maps, megatron_expert_order, physical_layout
@@ -21,6 +21,7 @@ from epplan.manifest import build_manifest, load_manifest, write_manifest
 
 FORMATS = ("eplb", "vllm", "sglang", "megatron", "json")
 _SUFFIX = {"eplb": ".json", "vllm": ".pt", "sglang": ".json", "megatron": ".json", "json": ".json"}
+ExportFormat = choices("ExportFormat", FORMATS)
 _DISPATCH = {"eplb": "even", "vllm": "even", "sglang": "local_first"}
 
 
@@ -31,21 +32,21 @@ _DISPATCH = {"eplb": "even", "vllm": "even", "sglang": "local_first"}
     "  epplan export plan.json --format megatron --out expert-order.json"))
 @user_errors
 def export(
-    plan: Annotated[Path, typer.Argument(help="Placement manifest written by 'epplan place'.", show_default=False)],
-    format: Annotated[str, typer.Option("--format", help=f"Target: {', '.join(FORMATS)}.", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option(help="File to write [default: PLAN's name + the target].",
-                                                show_default=False)] = None,
+    plan: Annotated[Path, typer.Argument(metavar="PLAN", help="Placement manifest written by 'epplan place'.", show_default=False)],
+    format: Annotated[ExportFormat, typer.Option("--format", callback=plain, help="Target framework.",
+                                                 show_default=False)],
+    out: Annotated[Optional[Path], out_option("File to write [default: PLAN's name + the target].")] = None,
     topology: Annotated[Optional[Path], typer.Option(
         help="The plan's topology file, if its recorded path is not there (to score the export).",
         show_default=False)] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_: JsonOption = False,
 ) -> None:
-    """Write the plan as EPLB's phy2log/log2phy/logcnt (eplb), vLLM's EplbState maps (vllm),
+    """Write a plan in the layout EPLB, vLLM, SGLang or Megatron-Core reads.
+
+    Write the plan as EPLB's phy2log/log2phy/logcnt (eplb), vLLM's EplbState maps (vllm),
     SGLang's --init-expert-location file (sglang), Megatron-Core's expert order (megatron) or
     plain JSON with every split (json). Targets that cannot express per-source splits also get an
     epplan manifest of what they will run, scored beside the original."""
-    if format not in FORMATS:
-        raise PlacementError(f"--format {format!r} unknown; use one of {', '.join(FORMATS)}")
     manifest = load_manifest(plan)
     placement, config = manifest.placement, manifest.config
     out = out or plan.with_name(f"{plan.stem}.{format}{_SUFFIX[format]}")

@@ -15,8 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import (CalibrationOption, EfficiencyOption, TflopsOption, check_range, console, err_console,
-                               print_json, rates_for, user_errors)
+from epplan.cli.common import (AchievableTflopsOption, CalibrationOption, EfficiencyOption, ExpertsPerGpuOption,
+                               JsonOption, MemoryGbOption, Method, MicroBatchesOption, ModelOption, NumChunksOption,
+                               Objective, OldTflopsOption, OptimizerShardingOption, OverlapOption, PlanDispatch,
+                               RecomputeOption, RoutingWindowsOption, SeedOption, SetOption, Solver, TopologyOption,
+                               check_range, console, err_console, out_option, plain, prefer, print_json, rates_for,
+                               renamed, user_errors)
 from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
 from epplan.cost.fit import choose_run_settings
 from epplan.cost import Cost, evaluate
@@ -24,44 +28,33 @@ from epplan.errors import PlacementError
 from epplan.manifest import build_manifest, check_fits_topology, load_manifest, write_manifest
 from epplan.placement.baselines import BASELINES, random_placement
 from epplan.placement.problem import DISPATCH_MODES, PlacementProblem
-from epplan.placement.robust import OBJECTIVES, solve_robust, window_problems, window_times
-from epplan.placement.solve import SOLVERS, LayerInfo, plan_hierarchical, resplit, solve
+from epplan.placement.robust import solve_robust, window_problems, window_times
+from epplan.placement.solve import LayerInfo, plan_hierarchical, resplit, solve
 from epplan.placement.types import Placement
 from epplan.topology import load_topology
 from epplan.workload import load_model_config, make_traffic
 from epplan.workload.hf_config import model_notes
 from epplan.workload.windows import mean_traffic, window_specs
 
-METHODS = ("ilp", "eplb", "eplb-hier", "contiguous", "random")
+METHODS = tuple(m.value for m in Method)
 # --compare also scores these baselines with the split LP's splits (same replicas).
 RESPLIT = ("eplb", "eplb-hier", "contiguous")
+EXIT_TIME_LIMIT = 4  # the time limit ended the solve before every layer met the gap target
 
 
 @app.command("place")
 @user_errors
 def place(
-    topology: Annotated[Path, typer.Option(help="Cluster topology YAML file (see topologies/).", show_default=False)],
-    model: Annotated[str, typer.Option(
-        help="Model preset (seed, mixtral-8x7b, deepseek-v3, tiny), YAML file, or a Hugging Face "
-             "MoE config.json (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE).")] = "seed",
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a model field, e.g. --set num_experts=32 (repeatable).")] = None,
-    routing: Annotated[Optional[list[str]], typer.Option(
-        help="Expected routing: uniform, zipf:ALPHA, coact:SIZE:SHARE\\[:ALPHA] (synthetic correlated "
-             "top-k with pair counts: experts in seeded random groups of SIZE, each further expert of a "
-             "token from its first expert's group with probability SHARE, zipf:ALPHA popularity, default "
-             "0), drift:KEY=VALUE,...\\[@FIRST:LAST] (zipf that drifts over steps), TRACE.npz\\[@FIRST:LAST], the routing "
-             "statistics .json that 'epplan run' writes (re-plan from real routing), an [L, E] or "
-             "[L, S, E] array (.npy, .npz, .pt), or SGLang's, vLLM's or Megatron-Core's expert-load "
-             "record (.pt). Several windows: repeat the flag, cut a range with @FIRST:LAST:WIDTH, or "
-             "give a directory of routing statistics; the plan is made for all (--objective). "
-             "\\[default: uniform]", show_default=False)] = None,
-    objective: Annotated[str, typer.Option(
-        help="Over several routing windows: mean (the mean step) or worst (every layer's worst "
-             "window) of the per-window layer times.")] = "mean",
+    topology: TopologyOption,
+    model: ModelOption = None,
+    set_: SetOption = None,
+    routing: RoutingWindowsOption = None,
+    objective: Annotated[Objective, typer.Option(
+        callback=plain, help="Over several routing windows: mean (the mean step) or worst (every layer's "
+        "worst window) of the per-window layer times.")] = Objective.mean,
     from_manifest: Annotated[Optional[Path], typer.Option(
-        help="The plan in force: count the expert replicas that move from it (weights and AdamW "
-             "state) and prefer plans that move less (--max-move-bytes, --amortize-steps).",
+        metavar="FILE", help="The plan in force: count the expert replicas that move from it (weights and "
+        "AdamW state) and prefer plans that move less (--max-move-bytes, --amortize-steps).",
         show_default=False)] = None,
     max_move_bytes: Annotated[Optional[float], typer.Option(
         help="With --from-manifest: move at most this many bytes, all layers together (0: keep "
@@ -69,72 +62,64 @@ def place(
     amortize_steps: Annotated[Optional[int], typer.Option(
         help="With --from-manifest: charge the move's predicted seconds spread over this many "
              "steps (the steps the plan will run) in the objective.", show_default=False)] = None,
-    experts_per_gpu: Annotated[int, typer.Option(
-        help="Most experts (replicas included) per GPU per layer.")] = 1,
-    method: Annotated[str, typer.Option(
+    experts_per_gpu: ExpertsPerGpuOption = None,
+    placement: Annotated[Method, typer.Option(
+        "--placement", callback=plain,
         help="ilp (the planner) or a baseline: eplb (DeepSeek EPLB as the serving frameworks call it), "
-             "eplb-hier (EPLB, every expert its own group), contiguous (Megatron), random.")] = "ilp",
-    solver: Annotated[str, typer.Option(help="MILP solver: highs or cbc.")] = "highs",
+             "eplb-hier (EPLB, every expert its own group), contiguous (Megatron), random.")] = Method.ilp,
+    method: Annotated[Optional[Method], typer.Option(hidden=True, callback=renamed("--method", "--placement"))] = None,
+    solver: Annotated[Solver, typer.Option(callback=plain, help="MILP solver.")] = Solver.highs,
     time_limit: Annotated[float, typer.Option(
         help="Seconds for the whole solve; the best plan found is kept, with its bound and gap.")] = 120.0,
     gap: Annotated[float, typer.Option(help="Stop a layer once its proven gap is at most this.")] = 0.01,
-    compare: Annotated[bool, typer.Option(
-        "--compare", help="Also score every method side by side: the ILP, the baselines, and eplb, "
-                          "eplb-hier and contiguous re-split by the split LP (+lp).")] = False,
-    out: Annotated[Path, typer.Option(help="Where to write the manifest.")] = Path("manifest.json"),
+    compare_all: Annotated[bool, typer.Option(
+        "--compare-all", metavar="", help="Also score every method side by side: the ILP, the baselines, "
+        "and eplb, eplb-hier and contiguous re-split by the split LP (+lp).")] = False,
+    compare: Annotated[bool, typer.Option("--compare", hidden=True, callback=renamed("--compare", "--compare-all"))] = False,
+    out: Annotated[Path, out_option("Where to write the manifest [default: manifest.json].")] = Path("manifest.json"),
     calibration: CalibrationOption = None,
     compute_efficiency: EfficiencyOption = None,
-    tflops: TflopsOption = None,
-    micro_batches: Annotated[Optional[int], typer.Option(
-        help="Gradient-accumulation steps per optimizer step. Default: the cheapest run settings that fit "
-             "(recorded in the manifest; 'epplan run' takes them).", show_default=False)] = None,
-    recompute: Annotated[Optional[str], typer.Option(
-        help="Activation recompute: none, attention or block. Default: the cheapest that fits.",
-        show_default=False)] = None,
-    optimizer_sharding: Annotated[Optional[str], typer.Option(
-        help="none or dense (the dense parameters' AdamW state over all ranks). Default: the cheapest "
-             "that fits.", show_default=False)] = None,
-    memory_gb: Annotated[Optional[float], typer.Option(
-        help="Cap every GPU's memory at this many GB.", show_default=False)] = None,
-    overlap: Annotated[str, typer.Option(
-        help="The schedule the plan is made for: auto (what 'epplan run' does on GPUs: overlap the "
-             "exchange with the expert GEMMs when the run spans nodes), on, off (recorded in the "
-             "manifest; 'run' follows it).")] = "auto",
-    num_chunks: Annotated[Optional[int], typer.Option(
-        help="Chunks per MoE layer when overlapping. Default: the runtime's choice.", show_default=False)] = None,
-    dispatch: Annotated[str, typer.Option(
+    achievable_tflops: AchievableTflopsOption = None,
+    tflops: OldTflopsOption = None,
+    micro_batches: MicroBatchesOption = None,
+    recompute: RecomputeOption = None,
+    optimizer_sharding: OptimizerShardingOption = None,
+    memory_gb: MemoryGbOption = None,
+    overlap: OverlapOption = None,
+    num_chunks: NumChunksOption = None,
+    dispatch: Annotated[PlanDispatch, typer.Option(
+        callback=plain,
         help="The exchange the plan is made for: flat (one row per token and expert), hierarchical "
              "(one row per token and destination node over the network, forwarded inside the node "
              "over NVLink; co-activated experts placed together), or auto: the one with the lower "
-             "predicted step time (recorded in the manifest; 'run' follows it).")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of zipf's and coact's expert order and of the random baseline.")] = 0,
+             "predicted step time (recorded in the manifest; 'run' follows it).")] = PlanDispatch.auto,
+    seed: SeedOption = 0,
     workers: Annotated[Optional[int], typer.Option(
         help="Processes solving distinct layers in parallel (default: CPU count, at most 4).")] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
+    json: JsonOption = False,
 ) -> None:
-    """Place every MoE layer's experts and replicas to minimise each layer's all-to-all and expert
+    """Plan where every MoE layer's experts go and write the manifest that 'epplan run' follows.
+
+    Place every MoE layer's experts and replicas to minimise each layer's all-to-all and expert
     time as 'epplan run' will spend it (serial, or overlapped in chunks), and write the manifest
     that 'epplan run' follows, with the cheapest run settings (micro-batches, recompute,
     optimizer sharding) that fit every GPU's memory. Exits 3, writing nothing, if none fits."""
-    if method not in METHODS:
-        raise PlacementError(f"--method {method!r} unknown; use one of {', '.join(METHODS)}")
-    if dispatch not in ("auto",) + DISPATCH_MODES:
-        raise PlacementError(f"--dispatch {dispatch!r}: use auto, {', '.join(DISPATCH_MODES)}")
-    if solver not in SOLVERS:
-        raise PlacementError(f"--solver {solver!r} unknown; use one of {', '.join(SOLVERS)}")
+    method = method or placement  # --method: the old spelling
+    compare = compare_all or compare
+    tflops = prefer(achievable_tflops, tflops, "--achievable-tflops", "--tflops")
+    model = model or "seed"
+    experts_per_gpu = 1 if experts_per_gpu is None else experts_per_gpu
     if not 0 < time_limit <= 7 * 86400:  # also NaN and infinity
         raise PlacementError(f"--time-limit must be > 0 seconds and at most a week, got {time_limit:g}")
     check_range("--experts-per-gpu", experts_per_gpu, 1, 4096)
     check_range("--compute-efficiency", compute_efficiency, 0, 1, low_open=True)
-    check_range("--tflops", tflops, 0, 1e6, low_open=True)
+    check_range("--achievable-tflops", tflops, 0, 1e6, low_open=True)
     check_range("--micro-batches", micro_batches, 1, 1 << 20)
     check_range("--seed", seed, 0, 2**32 - 1)
     check_range("--memory-gb", memory_gb, 0, 1e5, low_open=True)
     check_range("--workers", workers, 1, 256)
     if not 0 <= gap < 1:
         raise PlacementError(f"--gap must be in [0, 1), got {gap:g}")
-    if objective not in OBJECTIVES:
-        raise PlacementError(f"--objective {objective!r}: use {' or '.join(OBJECTIVES)}")
     check_range("--max-move-bytes", max_move_bytes, 0, 1e18)
     check_range("--amortize-steps", amortize_steps, 1, 10**9)
     if from_manifest is None and (max_move_bytes is not None or amortize_steps is not None):
@@ -160,7 +145,7 @@ def place(
                                max_move_bytes, 0.0 if amortize_steps is None else 1.0 / amortize_steps)
     rates, rate_notes = rates_for(topo, calibration, compute_efficiency, tflops)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
-                               overlap=overlap, num_chunks=num_chunks, **rates,
+                               overlap=overlap or "auto", num_chunks=num_chunks, **rates,
                                dispatch="flat" if dispatch == "auto" else dispatch)
     if not json:
         console.print(
@@ -211,16 +196,18 @@ def place(
         if compare:
             data["compare"] = {name: _row(name, plans[name], costs[name]) for name in names}
         print_json(data)
-        return
-    _print_plan(chosen, costs[method], problem)
-    if several:
-        _print_windows(chosen, problem, specs, windows, objective)
-    if from_manifest is not None:
-        _print_migration(chosen.info["migration"], from_manifest)
-    print_run_settings(fit)
-    if compare:
-        _print_compare(names, plans, costs, problem)
-    console.print(f"manifest written: [bold]{escape(str(out))}[/] (sha256 {digest[:12]})", highlight=False)
+    else:
+        _print_plan(chosen, costs[method], problem)
+        if several:
+            _print_windows(chosen, problem, specs, windows, objective)
+        if from_manifest is not None:
+            _print_migration(chosen.info["migration"], from_manifest)
+        print_run_settings(fit)
+        if compare:
+            _print_compare(names, plans, costs, problem)
+        console.print(f"manifest written: [bold]{escape(str(out))}[/] (sha256 {digest[:12]})", highlight=False)
+    if (chosen.info or {}).get("status") == "time_limit":  # the plan is written: the best one found
+        raise typer.Exit(EXIT_TIME_LIMIT)
 
 
 # ------------------------------------------------------------------------------ solving

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from epplan.cli import app
-from epplan.cli.common import CalibrationOption, console, err_console, print_json, user_errors
+from epplan.cli.common import (CalibrationOption, JsonOption, ManifestTopologyOption, complete_placement, console,
+                               err_console, in_panel, print_json, user_errors)
 from epplan.report import PlanView, ReportError, build_report, read_run
 from epplan.report.aging import score_windows
 from epplan.report.manifests import manifest_seed, open_manifest, plan_for
@@ -30,17 +31,15 @@ _DEFAULT_TOP = 15
     "  epplan report plan.json --layer 3 --all --csv > layer3.csv"))
 @user_errors
 def report(
-    manifest: Annotated[Path, typer.Argument(help="Placement manifest written by 'epplan place'.",
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="Placement manifest written by 'epplan place'.",
                                              show_default=False)],
-    topology: Annotated[Optional[Path], typer.Option(
-        help="The topology file the manifest was planned on, if the manifest's recorded path is not "
-             "there (its content hash must match).", show_default=False)] = None,
+    topology: ManifestTopologyOption = None,
     metrics: Annotated[Optional[Path], typer.Option(
         "--metrics", metavar="RUN_DIR", help="A run directory of this manifest ('epplan run --out'): "
         "measured all-to-all bytes per link beside the prediction.", show_default=False)] = None,
     calibration: CalibrationOption = None,
     compare: Annotated[Optional[list[str]], typer.Option(
-        "--compare", metavar="OTHER", help="Another manifest of the same cluster, or a baseline "
+        "--compare", metavar="NAME|FILE", autocompletion=complete_placement, help="Another manifest of the same cluster, or a baseline "
         "(contiguous, eplb, random) on this manifest's problem, side by side (repeatable).",
         show_default=False)] = None,
     routing: Annotated[Optional[list[str]], typer.Option(
@@ -53,16 +52,19 @@ def report(
     top: Annotated[Optional[int], typer.Option(
         help=f"Rows per table, hottest first [default: {_DEFAULT_TOP}].", show_default=False,
         rich_help_panel=OUTPUT)] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Every link and GPU.", rich_help_panel=OUTPUT)] = False,
-    json_: Annotated[bool, typer.Option("--json", help="JSON for scripts.", rich_help_panel=OUTPUT)] = False,
-    csv_: Annotated[bool, typer.Option("--csv", help="The per-link table as CSV.", rich_help_panel=OUTPUT)] = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables, for docs.",
+    all_: Annotated[bool, typer.Option("--all", metavar="", help="Every link and GPU.", rich_help_panel=OUTPUT)] = False,
+    json_: in_panel(JsonOption, OUTPUT) = False,
+    csv_: Annotated[bool, typer.Option("--csv", metavar="", help="The per-link table as CSV.",
+                                       rich_help_panel=OUTPUT)] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", metavar="", help="Markdown tables, for docs.",
                                            rich_help_panel=OUTPUT)] = False,
     plot: Annotated[Optional[Path], typer.Option(
         metavar="FILE.png", help="Also draw a GPU x GPU traffic heatmap and the hottest links' "
         "utilisation (bottleneck marked).", show_default=False, rich_help_panel=OUTPUT)] = None,
 ) -> None:
-    """Per-link load tables of a placement manifest: every link's predicted bytes per step by
+    """A plan's per-link loads, predicted and measured, with plots.
+
+    Per-link load tables of a placement manifest: every link's predicted bytes per step by
     component (dispatch, combine, expert and dense gradient all-reduce), its time and utilisation,
     hottest first; a per link-class summary; per GPU compute and memory; with --metrics the run's
     measured bytes beside the prediction, and its time per component (attention, MoE layers,

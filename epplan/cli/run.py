@@ -9,10 +9,15 @@ import typer
 from rich.markup import escape
 
 from epplan.cli import app
-from epplan.cli.common import console, err_console, user_errors
+from epplan.cli.common import (DeviceOption, MicroBatchesOption, NumChunksOption, OptimizerShardingOption,
+                               OverlapOption, PeakTflopsOption, RecomputeOption, choices, console, err_console,
+                               in_panel, listed, out_option, plain, user_errors)
 from epplan.errors import RuntimeSetupError
-from epplan.train.options import ASYNC_CHECKPOINTS, DEVICES, OVERLAP, RESUME_KEYS, TrainOptions
+from epplan.train.options import ASYNC_CHECKPOINTS, RESUME_KEYS, TrainOptions
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
+
+Switch = choices("Switch", ASYNC_CHECKPOINTS)
+PrintLaunch = choices("PrintLaunch", ("torchrun", "slurm"))
 
 TRAINING = "Training"
 CHECKPOINTS = "Checkpoints and restarts"
@@ -26,14 +31,12 @@ LAUNCH = "Launch (torchrun)"
     "  epplan run manifest.json --out runs/a --print-launch slurm > job.sbatch"))
 @user_errors
 def run(
-    manifest: Annotated[Path, typer.Argument(help="Placement manifest written by 'epplan place'.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints/, metrics.jsonl, "
-                                      "routing_stats.json. Shared by all nodes.", show_default=False)],
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="Placement manifest written by 'epplan place'.", show_default=False)],
+    out: Annotated[Path, out_option("Run directory: checkpoints/, metrics.jsonl, routing_stats.json. "
+                                    "Shared by all nodes.")],
     steps: Annotated[int, typer.Option(help="Total optimizer steps (a resumed run continues up to this step).",
                                        rich_help_panel=TRAINING)] = 100,
-    device: Annotated[Optional[str], typer.Option(
-        help="cuda (NCCL, one GPU per process) or cpu (gloo). Default: cuda if a GPU is visible, else cpu; "
-             "with --print-launch, cuda.", show_default=False, rich_help_panel=TRAINING)] = None,
+    device: in_panel(DeviceOption, TRAINING) = None,
     topology: Annotated[Optional[Path], typer.Option(
         help="Topology file to check the manifest against before any worker starts. Default: the file the "
              "manifest records, where it exists.", show_default=False, rich_help_panel=LAUNCH)] = None,
@@ -44,23 +47,15 @@ def run(
         rich_help_panel=TRAINING)] = None,
     tensorboard: Annotated[Optional[Path], typer.Option(
         metavar="DIR", help="Also write the metrics as TensorBoard events to DIR (needs the tensorboard "
-        "package: pip install 'epplan[tensorboard]').", show_default=False, rich_help_panel=TRAINING)] = None,
+        "package: pip install 'epplan\\[tensorboard]').", show_default=False, rich_help_panel=TRAINING)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the synthetic data.",
                                       rich_help_panel=TRAINING)] = 0,
     global_batch: Annotated[Optional[int], typer.Option(
         help="Sequences per optimizer step. Default: the model's global_batch.", show_default=False,
         rich_help_panel=TRAINING)] = None,
-    micro_batches: Annotated[Optional[int], typer.Option(
-        help="Gradient-accumulation steps per optimizer step. Default: the manifest's.", show_default=False,
-        rich_help_panel=TRAINING)] = None,
-    recompute: Annotated[Optional[str], typer.Option(
-        help="Recompute activations in backward: none, attention, or block (each block keeps only its input; "
-             "the MoE routing is replayed, not redone). Default: the manifest's.", show_default=False,
-        rich_help_panel=TRAINING)] = None,
-    optimizer_sharding: Annotated[Optional[str], typer.Option(
-        help="none, or dense: the dense parameters' AdamW state sharded over all ranks "
-             "(ZeroRedundancyOptimizer). Default: the manifest's.", show_default=False,
-        rich_help_panel=TRAINING)] = None,
+    micro_batches: in_panel(MicroBatchesOption, TRAINING) = None,
+    recompute: in_panel(RecomputeOption, TRAINING) = None,
+    optimizer_sharding: in_panel(OptimizerShardingOption, TRAINING) = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). Default: min(0.01, 1/d_model).",
                                                 show_default=False, rich_help_panel=TRAINING)] = None,
     min_lr_ratio: Annotated[float, typer.Option(help="Cosine decay ends at lr x this.",
@@ -77,42 +72,34 @@ def run(
     activation_checkpointing: Annotated[bool, typer.Option(
         "--activation-checkpointing", help="Same as --recompute attention.", hidden=True,
         rich_help_panel=TRAINING)] = False,
-    overlap: Annotated[str, typer.Option(
-        help="on: exchange each MoE layer's tokens in chunks overlapped with the expert GEMMs; off: in one "
-             "piece; auto: on when the run spans several nodes (and on cpu), off inside one GPU node, where "
-             "NVLink makes the exchange a few percent of the step.",
-        rich_help_panel=TRAINING)] = "auto",
-    num_chunks: Annotated[Optional[int], typer.Option(
-        help="Chunks per MoE layer when overlapping. Default: chosen by the runtime.", show_default=False,
-        rich_help_panel=TRAINING)] = None,
+    overlap: in_panel(OverlapOption, TRAINING) = None,
+    num_chunks: in_panel(NumChunksOption, TRAINING) = None,
     overlap_ctas: Annotated[Optional[int], typer.Option(
         help="When overlapping: CTAs of the NCCL communicator that carries the hidden exchanges, and SMs "
              "the expert GEMMs leave free for it. Default: 4 (docs/benchmarks.md).", show_default=False,
         rich_help_panel=TRAINING)] = None,
-    peak_tflops: Annotated[Optional[float], typer.Option(
-        help="Peak TFLOP/s per GPU for MFU. Default: the GPU's dense bf16 datasheet figure "
-             "(H100/H200 989, A100 312); none on CPU.", show_default=False, rich_help_panel=TRAINING)] = None,
+    peak_tflops: in_panel(PeakTflopsOption, TRAINING) = None,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every K steps (and at the end).",
                                             rich_help_panel=CHECKPOINTS)] = 50,
-    async_checkpoints: Annotated[str, typer.Option(
-        help="on: training stops only to copy the state to host memory; the files are written in the "
+    async_checkpoints: Annotated[Switch, typer.Option(
+        callback=plain, help="on: training stops only to copy the state to host memory; the files are written in the "
              "background. off: training waits for the files. auto: on with GPUs.",
-        rich_help_panel=CHECKPOINTS)] = "auto",
+        rich_help_panel=CHECKPOINTS)] = Switch.auto,
     keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints to keep; 0 keeps all.",
                                                   rich_help_panel=CHECKPOINTS)] = 2,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the newest intact checkpoint in --out (from step 0 if --out holds no "
+        "--resume", metavar="", help="Continue from the newest intact checkpoint in --out (from step 0 if --out holds no "
                          "earlier run). A manifest with another placement moves the experts. A damaged "
                          "checkpoint is skipped with a line saying why; with none intact, refuses unless "
                          "--start-over.", rich_help_panel=CHECKPOINTS)] = False,
     start_over: Annotated[bool, typer.Option(
-        "--start-over", help="Where --out holds an earlier run with no intact checkpoint (or, without "
+        "--start-over", metavar="", help="Where --out holds an earlier run with no intact checkpoint (or, without "
                              "--resume, any earlier run): start at step 0, moving its metrics, routing "
                              "statistics and checkpoints to --out/previous-N/.",
         rich_help_panel=CHECKPOINTS)] = False,
     allow_change: Annotated[Optional[list[str]], typer.Option(
-        "--allow-change", help=f"Let --resume continue although KEY differs from the checkpoint's: "
-                               f"{', '.join(RESUME_KEYS)} (repeat for several). Metrics record it.",
+        "--allow-change", **listed(RESUME_KEYS), help="Let --resume continue although KEY differs from the "
+                                               "checkpoint's (repeat for several). Metrics record it.",
         show_default=False, rich_help_panel=CHECKPOINTS)] = None,
     max_restarts: Annotated[int, typer.Option(
         help="torchrun restarts after a worker dies; each continues from the newest checkpoint.",
@@ -130,8 +117,8 @@ def run(
     rdzv_backend: Annotated[str, typer.Option(help="torchrun rendezvous backend.", rich_help_panel=LAUNCH)] = "c10d",
     rdzv_conf: Annotated[Optional[str], typer.Option(help="torchrun --rdzv-conf key=value,...",
                                                      show_default=False, rich_help_panel=LAUNCH)] = None,
-    print_launch: Annotated[Optional[str], typer.Option(
-        help="Print instead of running: 'torchrun' (one command line per node) or 'slurm' (an sbatch script).",
+    print_launch: Annotated[Optional[PrintLaunch], typer.Option(
+        callback=plain, help="Print instead of running: 'torchrun' (one command line per node) or 'slurm' (an sbatch script).",
         show_default=False, rich_help_panel=LAUNCH)] = None,
 ) -> None:
     """Train the manifest's model with its expert placement, through torchrun.
@@ -149,16 +136,9 @@ def run(
     from epplan.train.job import job_from_manifest
     from epplan.train.worker import read_failure
 
-    if print_launch not in (None, "torchrun", "slurm"):
-        raise RuntimeSetupError(f"--print-launch {print_launch!r}: use torchrun or slurm")
     if device is None:
         device = "cuda" if print_launch or torch.cuda.is_available() else "cpu"
-    if device not in DEVICES:
-        raise RuntimeSetupError(f"--device {device!r}: use {' or '.join(DEVICES)}")
-    if async_checkpoints not in ASYNC_CHECKPOINTS:
-        raise RuntimeSetupError(f"--async-checkpoints {async_checkpoints!r}: use {', '.join(ASYNC_CHECKPOINTS)}")
-    if overlap not in OVERLAP:
-        raise RuntimeSetupError(f"--overlap {overlap!r}: use {', '.join(OVERLAP)}")
+    overlap = overlap or "auto"
     planned = load_manifest(manifest)
     what = "--topology" if topology is not None else "topology"
     topology = topology or find_topology_file(planned)

@@ -10,18 +10,31 @@ from rich.markup import escape
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import console, err_console, print_json, user_errors
+from epplan.cli.common import JsonOption, choices, console, listed, err_console, out_option, plain, print_json, user_errors
 from epplan.errors import TopologyError
 from epplan.fileio import atomic_write_text
 from epplan.topology import load_topology
-from epplan.topology.generate import FABRICS, generate
+from epplan.topology.generate import FABRICS, OLD_FABRICS, generate
 from epplan.topology.importers import import_topology
 from epplan.topology.library import NODE_TYPES
+from epplan.topology.schema import ROUTINGS
 from epplan.topology.units import plausibility_warnings
 from epplan.topology.summary import summarize
 
 topo_app = typer.Typer(help="Inspect, check and generate cluster topology files.", no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
+
+PathRouting = choices("PathRouting", ROUTINGS)
+
+
+def _fabric(value: str) -> str:
+    """--fabric's value; its old spellings (rail, three-tier) with a deprecation line."""
+    if value in OLD_FABRICS:
+        err_console.print(f"warning: --fabric {value} is deprecated and goes in the next release: use "
+                          f"--fabric {OLD_FABRICS[value]}", highlight=False, markup=False)
+        return OLD_FABRICS[value]
+    return value  # generate() checks it
+
 
 TopologyFile = Annotated[Path, typer.Argument(help="Topology YAML file (see topologies/).", show_default=False)]
 
@@ -30,8 +43,8 @@ TopologyFile = Annotated[Path, typer.Argument(help="Topology YAML file (see topo
 @user_errors
 def show(
     file: TopologyFile,
-    routing: Annotated[Optional[str], typer.Option(help="Override the file's routing: ecmp or rail_aligned.")] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")] = False,
+    routing: Annotated[Optional[PathRouting], typer.Option(callback=plain, help="Override the file's routing.")] = None,
+    json: JsonOption = False,
 ) -> None:
     """Summarise a cluster: nodes, GPUs, link classes, bisection and injection bandwidth."""
     topo = load_topology(file, routing=routing)
@@ -101,17 +114,19 @@ def _split_problems(message: str, source: str) -> list[str]:
 @user_errors
 def gen(
     nodes: Annotated[int, typer.Option(help="Number of servers.")],
-    node_type: Annotated[str, typer.Option(help=f"Built-in server type: {', '.join(NODE_TYPES)}.")] = "dgx-h100",
-    fabric: Annotated[str, typer.Option(help=f"Inter-node fabric: {', '.join(FABRICS)}.")] = "rail",
+    node_type: Annotated[str, typer.Option(**listed(NODE_TYPES), help="Built-in server type.")] = "dgx-h100",
+    fabric: Annotated[str, typer.Option(**listed(FABRICS), callback=_fabric,
+                                        help="Inter-node fabric, as a topology file's fabric.kind names it.")
+                      ] = "rail_optimized",
     nodes_per_su: Annotated[int, typer.Option(help="Servers per scalable unit (rail and three-tier).")] = 32,
     spines: Annotated[Optional[int], typer.Option(help="Spine switches (rail); default nodes_per_su/2.")] = None,
     spines_per_su: Annotated[Optional[int], typer.Option(help="Spines per scalable unit (three-tier).")] = None,
     cores: Annotated[Optional[int], typer.Option(help="Core switches (three-tier).")] = None,
     oversubscription: Annotated[float, typer.Option(help="Leaf downlink:uplink ratio, >= 1.")] = 1.0,
     core_oversubscription: Annotated[float, typer.Option(help="Spine downlink:uplink ratio (three-tier), >= 1.")] = 1.0,
-    routing: Annotated[str, typer.Option(help="ecmp or rail_aligned (NCCL PXN).")] = "ecmp",
+    routing: Annotated[PathRouting, typer.Option(callback=plain, help="ecmp, or rail_aligned (NCCL PXN).")] = PathRouting.ecmp,
     name: Annotated[Optional[str], typer.Option(help="Topology name; default from the shape.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    out: Annotated[Optional[Path], out_option("Write here instead of stdout.")] = None,
 ) -> None:
     """Write a topology file for a common cluster shape."""
     text = generate(nodes=nodes, node_type=node_type, fabric=fabric, nodes_per_su=nodes_per_su, spines=spines,
@@ -135,14 +150,14 @@ def import_(
              "and/or a Slurm topology.conf for the switches between them.", show_default=False)],
     nodes: Annotated[Optional[int], typer.Option(help="Servers, when no topology.conf names them (one switch).",
                                                  show_default=False)] = None,
-    node_type: Annotated[Optional[str], typer.Option(help="Built-in server type, when no server file is given.",
-                                                     show_default=False)] = None,
+    node_type: Annotated[Optional[str], typer.Option(
+        **listed(NODE_TYPES), help="Built-in server type, when no server file is given.", show_default=False)] = None,
     gpu: Annotated[Optional[str], typer.Option(help="GPU model (a100, h100, h200, b200), when the file does not "
                                                "say it.", show_default=False)] = None,
     nic_gbps: Annotated[Optional[str], typer.Option(help="NIC speed with its unit (400Gb/s), when the file does "
                                                     "not say it.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="Topology name.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    out: Annotated[Optional[Path], out_option("Write here instead of stdout.")] = None,
 ) -> None:
     """Write an epplan topology file from NCCL's topology XML, 'nvidia-smi topo -m' output and a Slurm
     topology.conf (combinable), and say what it assumed."""

@@ -21,12 +21,16 @@ Bandwidths are GB/s per direction (a bare number), or strings with a unit such a
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
 
 from epplan.inputs import no_bool_numbers
 from epplan.topology.units import Bandwidth
+
+# How traffic between two nodes picks its path (``routing:``); ``epplan topo --routing`` lists these.
+Routing = Literal["ecmp", "rail_aligned"]
+ROUTINGS: tuple[str, ...] = get_args(Routing)
 
 
 class _Strict(BaseModel):
@@ -185,4 +189,4 @@ class TopologySpec(_Strict):
     node_types: dict[str, NodeType] = {}
     nodes: list[NodeEntry] = Field(min_length=1)
     fabric: Fabric | None = None
-    routing: Literal["ecmp", "rail_aligned"] = "ecmp"
+    routing: Routing = "ecmp"

@@ -1,0 +1,134 @@
+"""One vocabulary across commands: every command's --help walked, shared options checked."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+import epplan
+from epplan.cli import app
+
+runner = CliRunner()
+ROOT = typer.main.get_command(app)
+
+# Flags whose value is one of a fixed set: --help must list the values and completion offer them.
+CHOICE_FLAGS = {"--placement": ("place",), "--solver": ("place",), "--overlap": ("place", "estimate", "run"),
+                "--recompute": ("place", "estimate", "run"), "--optimizer-sharding": ("place", "estimate", "run"),
+                "--device": ("run", "calibrate"), "--format": ("export",), "--fabric": ("topo gen",),
+                "--node-type": ("topo gen", "topo import"), "--routing": ("topo show", "topo gen"),
+                "--print-launch": ("run",), "--async-checkpoints": ("run",), "--allow-change": ("run",)}
+
+
+def _commands(group=ROOT, path=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*path, name))
+        else:
+            yield " ".join((*path, name)), cmd
+
+
+COMMANDS = dict(_commands())
+
+
+def _options(cmd):
+    return [p for p in cmd.params if getattr(p, "opts", None) and p.opts[0].startswith("-") and not p.hidden]
+
+
+def test_every_help_reads_at_80_columns_without_type_noise():
+    for path in ["", *COMMANDS]:
+        result = runner.invoke(app, [*path.split(), "--help"], terminal_width=80, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "<bool>" not in result.output, path
+        assert all(len(line) <= 80 for line in result.output.splitlines()), path
+
+
+def test_shared_options_have_one_name_and_one_short_flag():
+    spellings = defaultdict(set)
+    for path, cmd in COMMANDS.items():
+        for p in _options(cmd):
+            long = max(p.opts, key=len)
+            spellings[long].add(tuple(sorted(p.opts + p.secondary_opts)))
+    assert {k: v for k, v in spellings.items() if len(v) > 1} == {}
+    assert spellings["--out"] == {("--out", "-o")}
+    shared = {"--topology", "--model", "--set", "--routing", "--placement", "--calibration", "--json", "--out",
+              "--achievable-tflops", "--peak-tflops", "--micro-batches", "--recompute", "--optimizer-sharding",
+              "--overlap", "--num-chunks", "--experts-per-gpu", "--memory-gb", "--seed", "--device"}
+    assert shared <= set(spellings)
+
+
+def test_choices_are_listed_in_help_and_offered_to_completion():
+    for flag, paths in CHOICE_FLAGS.items():
+        for path in paths:
+            (param,) = [p for p in _options(COMMANDS[path]) if flag in p.opts]
+            ctx = COMMANDS[path].make_context(path, [], resilient_parsing=True)
+            offered = [item.value for item in param.shell_complete(ctx, "")]
+            assert len(offered) >= 2, (path, flag)
+            help_text = runner.invoke(app, [*path.split(), "--help"], env={"COLUMNS": "200"}).output
+            assert "|".join(offered) in help_text, (path, flag, offered)
+
+
+def test_completion_offers_a_flags_choices_through_the_shell_protocol():
+    result = runner.invoke(app, [], prog_name="epplan", env={
+        "_EPPLAN_COMPLETE": "complete_bash", "COMP_WORDS": "epplan place --overlap ", "COMP_CWORD": "3"})
+    assert result.exit_code == 0 and result.output.split() == ["auto", "on", "off"], result.output
+    shown = runner.invoke(app, ["--show-completion", "bash"], prog_name="epplan")
+    assert shown.exit_code == 0 and "_EPPLAN_COMPLETE=complete_bash" in shown.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"epplan {epplan.__version__}"
+
+
+def test_help_states_the_exit_codes():
+    text = " ".join(runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output.split())
+    for code in ("1 bad input", "3 no run settings fit", "4 the time limit ended the solve"):
+        assert code in text
+
+
+@pytest.mark.parametrize("args", [["--placement", "nope"], ["--solver", "nope"], ["--overlap", "sideways"],
+                                  ["--no-such-flag"]])
+def test_a_value_outside_the_choices_is_one_line_and_exit_1(args):
+    result = runner.invoke(app, ["place", "--topology", "t.yaml", *args])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: ") and "place --help" in result.stderr
+
+
+@pytest.mark.parametrize("cmd, old, new", [
+    (["topo", "gen", "--nodes", "2"], ["--fabric", "three-tier"], ["--fabric", "three_tier"]),
+    (["topo", "gen", "--nodes", "2"], ["--fabric", "rail"], ["--fabric", "rail_optimized"]),
+])
+def test_old_spellings_still_work_with_a_deprecation_line(cmd, old, new):
+    before, after = runner.invoke(app, cmd + old), runner.invoke(app, cmd + new)
+    assert before.exit_code == after.exit_code == 0, before.output
+    assert before.stdout == after.stdout
+    assert before.stderr.startswith(f"warning: {old[0]} {old[1]} is deprecated") and after.stderr == ""
+
+
+TWO_NODES = str(Path(__file__).resolve().parent.parent / "topologies" / "dgx-h100-2node.yaml")
+SMALL = ["--topology", TWO_NODES, "--model", "tiny", "--set", "num_experts=16"]
+
+
+@pytest.mark.parametrize("old, new", [
+    (["estimate", *SMALL, "--tflops", "100", "--json"], ["estimate", *SMALL, "--achievable-tflops", "100", "--json"]),
+    (["estimate", *SMALL, "--layers"], ["estimate", *SMALL, "--per-layer"]),
+])
+def test_old_flags_still_work_with_a_deprecation_line(old, new):
+    before, after = runner.invoke(app, old), runner.invoke(app, new)
+    assert before.exit_code == after.exit_code == 0, before.output
+    assert before.stdout == after.stdout and after.stderr == ""
+    flag = next(a for a in old if a not in new)
+    assert before.stderr == f"warning: {flag} is deprecated and goes in the next release: use {new[old.index(flag)]}\n"
+
+
+def test_place_method_is_the_old_spelling_of_placement(tmp_path):
+    args = ["place", *SMALL, "--set", "num_layers=2", "--json"]
+    before = runner.invoke(app, [*args, "--method", "eplb", "--out", str(tmp_path / "a.json")])
+    after = runner.invoke(app, [*args, "--placement", "eplb", "--out", str(tmp_path / "b.json")])
+    assert before.exit_code == after.exit_code == 0, before.output
+    assert "--method is deprecated" in before.stderr and after.stderr == ""
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
