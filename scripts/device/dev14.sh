@@ -1,6 +1,6 @@
 # DCP checkpoints on one H200 (issue 14): a DCP checkpoint written asynchronously on the GPU
 # resumes exactly (resume_check.py, the tiny model); one rank of the seed model's 16-GPU plan
-# (seed_rank.py) with a dcp.async_save checkpoint after step 2, then 8 micro-batches with and
+# (seed_rank.py) with a dcp.async_save checkpoint after step 1 (the staging buffers are allocated at its end), then 8 micro-batches with and
 # without block recompute. Run from the repository root with the wheels in .whl/ and the
 # manifests in runs/ (make_seed_rank.sh writes runs/seed-rank.json; runs/tiny-one.json is
 # `epplan place --topology scripts/device/gpu-one.yaml --model tiny --experts-per-gpu 4`).
@@ -15,7 +15,7 @@ L=$OUT/r/all.log
 python3 scripts/device/resume_check.py runs/tiny-one.json --out /tmp/rc --json $OUT/r/resume.json 2>&1 | grep -v Warn | tee -a $L
 D=$(df --output=avail,target /tmp /dev/shm | tail -n +2 | sort -n | tail -1 | awk '{print $2}')  # the roomier
 echo "seed-rank checkpoint under $D" | tee -a $L
-python3 scripts/device/seed_rank.py runs/seed-rank.json --out $D/plan --steps 3 --checkpoint-after 2 --json $OUT/r/plan.json 2>&1 | grep -v Warn | tee -a $L
+python3 scripts/device/seed_rank.py runs/seed-rank.json --out $D/plan --steps 2 --checkpoint-after 1 --json $OUT/r/plan.json 2>&1 | grep -v Warn | tee -a $L
 ls -la $D/plan/checkpoints/* 2>&1 | tee -a $L
 rm -rf $D/plan
 [ "$1" = "--checkpoint-only" ] && { date -u | tee -a $L; exit 0; }  # call 2: the recompute pair ran in call 1
