@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -132,3 +133,22 @@ def test_place_method_is_the_old_spelling_of_placement(tmp_path):
     assert before.exit_code == after.exit_code == 0, before.output
     assert "--method is deprecated" in before.stderr and after.stderr == ""
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_every_json_names_its_format_and_version(tmp_path):
+    plan = tmp_path / "plan.json"
+    outputs = {
+        "place": runner.invoke(app, ["place", *SMALL, "--set", "num_layers=2", "--placement", "eplb", "--json",
+                                     "--out", str(plan)]),
+        "estimate": runner.invoke(app, ["estimate", *SMALL, "--json"]),
+        "topo show": runner.invoke(app, ["topo", "show", TWO_NODES, "--json"]),
+    }
+    outputs["report"] = runner.invoke(app, ["report", str(plan), "--json"])
+    outputs["export"] = runner.invoke(app, ["export", str(plan), "--format", "json", "--json",
+                                            "--out", str(tmp_path / "x.json")])
+    documented = (Path(__file__).resolve().parent.parent / "docs" / "json.md").read_text()
+    for command, result in outputs.items():
+        assert result.exit_code == 0, (command, result.output)
+        data = json.loads(result.stdout)
+        assert isinstance(data["format"], str) and data["version"] == 1, command
+        assert f'"format": "{data["format"]}"' in documented, command

@@ -162,7 +162,7 @@ def test_renderers(two_node, tmp_path):
     console = Console(file=io.StringIO(), width=200)
     print_rich(report, console)
     text = console.file.getvalue()
-    assert "bottleneck link switch → dgx" in text and "per link class" in text
+    assert "bottleneck link switch -> dgx" in text and "per link class" in text
     layer = build_report(two_node, layer=2, top=3)
     assert "MoE layer 2" in to_markdown(layer) and "expert grad" not in to_markdown(layer).split("###")[1]
 

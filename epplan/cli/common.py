@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar, get_args
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from epplan.errors import EpplanError
 from epplan.placement.baselines import BASELINES
@@ -202,6 +204,36 @@ DeviceOption = Annotated[Optional[Device], typer.Option(
     "if a GPU is visible, else cpu.", show_default=False)]
 
 
+# ------------------------------------------------------------------------------ tables
+# Plain words for the solver's states and for what sets a layer's time (the JSON keeps the keys).
+STATUS_WORDS = {"optimal": "optimal", "gap_met": "gap met", "gap_open": "gap open",
+                "time_limit": "time limit", "baseline": "baseline"}
+BINDS_WORDS = {"link": "network", "gpu": "GPU", "both": "both"}
+WORDS_HELP = (
+    "In the tables, 'set by' says what sets a MoE layer's time: the network (its busiest link's "
+    "exchange), the GPU (the busiest GPU's expert GEMMs) or both (equal). A solve's status: optimal "
+    "(proven), gap met (within --gap of the lower bound), gap open (the MILP ended, or was too large, "
+    "above the gap target: the bound holds and the plan may be better than it shows), time limit "
+    "(--time-limit stopped it first: the best plan found; exit code 4).")
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 node', '2 nodes' ('1 switch', '2 switches' with ``plural``)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def time_unit(seconds: Iterable[float]) -> tuple[str, float]:
+    """The unit that suits the largest of ``seconds`` (s, ms or us) and its factor from seconds,
+    so that a table states the unit once, in its header."""
+    top = max((abs(float(v)) for v in seconds), default=0.0)
+    return ("s", 1.0) if top >= 1 else ("ms", 1e3) if top >= 1e-3 else ("us", 1e6)
+
+
+def narrow_table(title: str, **kwargs: Any) -> Table:
+    """A table that reads at 80 columns: a rule under the header, no vertical lines."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, **kwargs)
+
+
 def user_errors(fn: F) -> F:
     """Turn an ``EpplanError`` raised by a command into one red line on stderr and its exit code
     (1; 3 when no run settings fit in GPU memory)."""
@@ -230,8 +262,19 @@ def check_range(flag: str, value: float | int | None, low: float, high: float, *
         raise EpplanError(f"{flag} must be {side} {low:g} and at most {high:g}, got {value:g}")
 
 
-def print_json(data: Any) -> None:
-    """Plain JSON on stdout (no rich markup), for scripts."""
+# What each command's --json prints: its "format" name and "version" (docs/json.md describes each).
+# A version goes up when a key changes meaning or goes away; new keys keep the version.
+JSON_FORMATS = {"place": "epplan.place", "estimate": "epplan.estimate", "export": "epplan.export",
+                "topo show": "epplan.topology-summary"}
+JSON_VERSION = 1
+
+
+def print_json(data: dict[str, Any], command: str | None = None) -> None:
+    """Plain JSON on stdout (no rich markup), for scripts: ``command``'s format name and version
+    first (``data`` that names its own format, as a report or a calibration does, goes as it is)."""
+    if command is not None:
+        data = {"format": JSON_FORMATS[command], "version": JSON_VERSION, **data}
+    assert "format" in data and "version" in data, "every --json names its format and version"
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
 

@@ -16,9 +16,10 @@ from rich.table import Table
 from epplan.cli import app
 from epplan.cli.common import (AchievableTflopsOption, CalibrationOption, Dispatch, EfficiencyOption, ExpertsPerGpuOption,
                                JsonOption, MemoryGbOption, MicroBatchesOption, ModelOption, NumChunksOption,
-                               OldTflopsOption, OptimizerShardingOption, OverlapOption, RecomputeOption,
+                               OldTflopsOption, OptimizerShardingOption, OverlapOption, PeakTflopsOption, RecomputeOption,
                                RoutingOption, SeedOption, SetOption, TopologyOption, check_range,
-                               complete_placement, console, plain, prefer, print_json, rates_for, renamed, user_errors)
+                               complete_placement, console, plain, prefer, print_json, rates_for, renamed, user_errors, BINDS_WORDS,
+                               WORDS_HELP)
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
 from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.cost.fit import Fit, choose_run_settings
@@ -32,7 +33,7 @@ from epplan.workload import load_model_config, make_traffic
 _GB = 1e9
 
 
-@app.command("estimate")
+@app.command("estimate", epilog=WORDS_HELP)
 @user_errors
 def estimate(
     topology: TopologyOption,
@@ -59,6 +60,7 @@ def estimate(
         help="The runtime's exchange: flat (one row per token and expert) or hierarchical (one row per "
              "token and destination node over the network, forwarded inside the node). Default: the "
              "--placement manifest's, else flat.", show_default=False)] = None,
+    peak_tflops: PeakTflopsOption = None,
     seed: SeedOption = 0,
     per_layer: Annotated[bool, typer.Option("--per-layer", metavar="", help="Also print the per-layer table.")] = False,
     layers: Annotated[bool, typer.Option("--layers", hidden=True, callback=renamed("--layers", "--per-layer"))] = False,
@@ -74,6 +76,7 @@ def estimate(
     tflops = prefer(achievable_tflops, tflops, "--achievable-tflops", "--tflops")
     layers = per_layer or layers
     check_range("--achievable-tflops", tflops, 0, 1e6, low_open=True)
+    check_range("--peak-tflops", peak_tflops, 0, 1e6, low_open=True)
     check_range("--micro-batches", micro_batches, 1, 1 << 20)
     check_range("--seed", seed, 0, 2**32 - 1)
     check_range("--memory-gb", memory_gb, 0, 1e5, low_open=True)
@@ -116,9 +119,11 @@ def estimate(
         data["model"] = config.name
         data["notes"] = traffic.notes + rate_notes
         data["run_settings"] = {**dataclasses.asdict(fit.settings), "fits": fit.fits}
-        print_json(data)
+        if peak_tflops is not None:
+            data["mfu"].update(peak_tflops=peak_tflops, at_peak_tflops=mfu_at(cost, peak_tflops))
+        print_json(data, "estimate")
     else:
-        _print(cost, problem, show_layers=layers, notes=rate_notes)
+        _print(cost, problem, show_layers=layers, notes=rate_notes, peak_tflops=peak_tflops)
         print_run_settings(fit)
     if not fit.fits:  # the settings the user fixed, or the closest: say what would fit
         fixed = None not in (micro_batches, recompute, optimizer_sharding)
@@ -182,7 +187,13 @@ def _from_manifest(manifest: Manifest, problem: PlacementProblem) -> Placement:
 
 # ------------------------------------------------------------------------------ output
 
-def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list[str] = ()) -> None:
+def mfu_at(cost: Cost, peak_tflops: float) -> float:
+    """MFU against ``peak_tflops`` per GPU (``Cost.mfu_spec`` is against the spec's 400)."""
+    return cost.mfu_spec * SPEC_PEAK_TFLOPS / peak_tflops
+
+
+def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list[str] = (),
+           peak_tflops: float | None = None) -> None:
     topo, config = problem.topology, problem.config
     d = cost.to_dict()
     step = d["step"]
@@ -241,10 +252,10 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list
 
     if show_layers:
         lt = Table(title="per MoE layer", title_justify="left")
-        for col in ("layer", "MoE s", "binds", "a2a s", "a2a link", "expert s", "expert GPU"):
+        for col in ("layer", "MoE s", "set by", "a2a s", "a2a link", "GEMM s", "busiest GPU"):
             lt.add_column(col, justify="right" if col.endswith(" s") or col == "layer" else "left")
         for row in d["layers"]:
-            lt.add_row(str(row["layer"]), f"{row['moe_time_s']:.4g}", row["binds"], f"{row['a2a_s']:.4g}",
+            lt.add_row(str(row["layer"]), f"{row['moe_time_s']:.4g}", BINDS_WORDS[row["binds"]], f"{row['a2a_s']:.4g}",
                        escape(row["a2a_link"]), f"{row['expert_s']:.4g}", escape(row["expert_gpu"]))
         console.print(lt)
 
@@ -263,10 +274,12 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list
     s.add_column()
     s.add_column(justify="right")
     s.add_column(style="dim")
-    s.add_row(f"MFU vs spec peak ({SPEC_PEAK_TFLOPS:.0f} TFLOP/s)", _pct(cost.mfu_spec, MFU_TARGET),
-              f"target {MFU_TARGET:.0%}")
-    s.add_row("MFU vs datasheet peak", f"{cost.mfu_datasheet:.1%}",
-              f"{float(np.mean(topo.gpu_tflops)):.0f} TFLOP/s per GPU")
+    s.add_row("MFU, datasheet peak", _pct(cost.mfu_datasheet, MFU_TARGET),
+              f"{float(np.mean(topo.gpu_tflops)):.0f} TFLOP/s per GPU (dense bf16); target {MFU_TARGET:.0%}")
+    if peak_tflops is not None:
+        s.add_row(f"MFU, {peak_tflops:g} TFLOP/s peak", _pct(mfu_at(cost, peak_tflops), MFU_TARGET),
+                  f"--peak-tflops {peak_tflops:g}"
+                  + (" (the founding spec's usable H100 rate)" if peak_tflops == SPEC_PEAK_TFLOPS else ""))
     link = bw["busiest_link"]
     s.add_row("bandwidth utilisation, busiest link", _pct(cost.bandwidth_utilisation, BANDWIDTH_TARGET),
               f"{link['name']} ({link['class']}, {link['capacity_gbps']:g} GB/s); target {BANDWIDTH_TARGET:.0%}")

@@ -12,7 +12,7 @@ import numpy as np
 import typer
 
 from epplan.cli import app
-from epplan.cli.common import JsonOption, choices, console, out_option, plain, print_json, user_errors
+from epplan.cli.common import JsonOption, choices, console, count, out_option, plain, print_json, user_errors
 from epplan.cost import evaluate
 from epplan.errors import EpplanError, PlacementError
 from epplan.export import dispatch_placement, eplb_maps, megatron_expert_order, physical_layout
@@ -50,7 +50,7 @@ def export(
     manifest = load_manifest(plan)
     placement, config = manifest.placement, manifest.config
     out = out or plan.with_name(f"{plan.stem}.{format}{_SUFFIX[format]}")
-    info: dict[str, Any] = {"plan": str(plan), "format": format, "out": str(out), "notes": []}
+    info: dict[str, Any] = {"plan": str(plan), "target": format, "out": str(out), "notes": []}
     notes: list[str] = info["notes"]
 
     if format == "json":
@@ -88,7 +88,7 @@ def export(
             info["flags"] = (f"--ep-size {placement.num_ranks} --ep-num-redundant-experts {redundant} "
                              f"--init-expert-location {out}")
         if layout.padded:
-            notes.append(f"every GPU needs {layout.slots} physical expert(s): {len(layout.padded)} free slot(s) "
+            notes.append(f"every GPU needs {count(layout.slots, 'physical expert')}: {count(len(layout.padded), 'free slot')} "
                          "filled with extra replicas of the most loaded experts they lacked")
         how = ("each rank's tokens go to the replica on that rank if there is one, else to one replica "
                "(replicas balanced by ranks served)" if _DISPATCH[format] == "local_first"
@@ -99,7 +99,7 @@ def export(
         info.update(_score(plan, topology, manifest, exported, out, notes))
 
     if json_:
-        print_json(info)
+        print_json(info, "export")
         return
     console.print(f"wrote [bold]{out}[/] ({format})", highlight=False)
     for note in notes:

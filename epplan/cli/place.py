@@ -15,12 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import (AchievableTflopsOption, CalibrationOption, EfficiencyOption, ExpertsPerGpuOption,
-                               JsonOption, MemoryGbOption, Method, MicroBatchesOption, ModelOption, NumChunksOption,
-                               Objective, OldTflopsOption, OptimizerShardingOption, OverlapOption, PlanDispatch,
-                               RecomputeOption, RoutingWindowsOption, SeedOption, SetOption, Solver, TopologyOption,
-                               check_range, console, err_console, out_option, plain, prefer, print_json, rates_for,
-                               renamed, user_errors)
+from epplan.cli.common import (AchievableTflopsOption, BINDS_WORDS, CalibrationOption, check_range, console, count,
+                               EfficiencyOption, err_console, ExpertsPerGpuOption, JsonOption, MemoryGbOption,
+                               Method, MicroBatchesOption, ModelOption, narrow_table, NumChunksOption, Objective,
+                               OldTflopsOption, OptimizerShardingOption, out_option, OverlapOption, plain,
+                               PlanDispatch, prefer, print_json, rates_for, RecomputeOption, renamed,
+                               RoutingWindowsOption, SeedOption, SetOption, Solver, STATUS_WORDS, time_unit,
+                               TopologyOption, user_errors, WORDS_HELP)
 from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
 from epplan.cost.fit import choose_run_settings
 from epplan.cost import Cost, evaluate
@@ -42,7 +43,7 @@ RESPLIT = ("eplb", "eplb-hier", "contiguous")
 EXIT_TIME_LIMIT = 4  # the time limit ended the solve before every layer met the gap target
 
 
-@app.command("place")
+@app.command("place", epilog=WORDS_HELP)
 @user_errors
 def place(
     topology: TopologyOption,
@@ -149,9 +150,9 @@ def place(
                                dispatch="flat" if dispatch == "auto" else dispatch)
     if not json:
         console.print(
-            f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs, {topo.num_nodes} nodes), "
-            f"{config.num_moe_layers} MoE layers x {config.num_experts} experts, routing {escape(traffic.source)}, "
-            f"at most {experts_per_gpu} expert(s) per GPU, MoE layers {problem.schedule.describe()}",
+            f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({count(topo.num_gpus, 'GPU')}, {count(topo.num_nodes, 'node')}), "
+            f"{count(config.num_moe_layers, 'MoE layer')} x {count(config.num_experts, 'expert')}, routing {escape(traffic.source)}, "
+            f"at most {count(experts_per_gpu, 'expert')} per GPU, MoE layers {problem.schedule.describe()}",
             highlight=False)
         for note in model_notes(model) + traffic.notes + rate_notes:
             console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
@@ -195,7 +196,7 @@ def place(
             data["migration"] = chosen.info.get("migration")
         if compare:
             data["compare"] = {name: _row(name, plans[name], costs[name]) for name in names}
-        print_json(data)
+        print_json(data, "place")
     else:
         _print_plan(chosen, costs[method], problem)
         if several:
@@ -381,28 +382,37 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     # A plan over several windows: the table shows it on their mean, the bound is the objective's.
     robust = info.get("num_windows", 1) > 1
     label = f"{info.get('objective')} of {info.get('num_windows')} windows" if robust else ""
-    t = Table(title=f"placement: {escape(plan.method)}" + (f" (on the windows' mean routing; bound: {label})"
-                                                           if robust else ""), title_justify="left")
-    for col in ("layer", "a2a+experts", "binds", "max link", "busiest link", "expert"):
-        t.add_column(col, justify="left" if col in ("binds", "busiest link") else "right")
-    if robust:
-        t.add_column(info["objective"], justify="right")
     layers = info.get("layers")
-    if layers:
-        for col in ("bound", "gap", "status"):
-            t.add_column(col, justify="right")
     expert_max = cost.expert_compute_s.max(axis=1)
+    unit, k = time_unit([*cost.moe_time_s, *cost.a2a_link_s, *expert_max])
+    t = narrow_table(f"placement: {escape(plan.method)}" + (f" (on the windows' mean routing; bound: {label})"
+                                                            if robust else ""))
+    t.add_column("layer", justify="right", no_wrap=True)
+    t.add_column(f"MoE {unit}", justify="right", no_wrap=True)
+    t.add_column("set by", no_wrap=True)
+    t.add_column(f"link {unit}", justify="right", no_wrap=True)
+    t.add_column(f"GEMM {unit}", justify="right", no_wrap=True)
+    if robust:
+        t.add_column(f"{info['objective']} {unit}", justify="right", no_wrap=True)
+    if layers:
+        t.add_column(f"bound {unit}", justify="right", no_wrap=True)
+        t.add_column("gap", justify="right", no_wrap=True)
+        t.add_column("status")
     for li in range(cost.num_layers):
-        row = [str(li), _t(cost.moe_time_s[li]), cost.binds[li], _t(cost.a2a_link_s[li]),
-               escape(topo.link_name(int(cost.a2a_link[li]))), _t(expert_max[li])]
+        row = [str(li), f"{cost.moe_time_s[li] * k:.4g}", BINDS_WORDS[cost.binds[li]],
+               f"{cost.a2a_link_s[li] * k:.4g}", f"{expert_max[li] * k:.4g}"]
         if robust:
-            row.append(_t(layers[li]["objective_s"]))
+            row.append(f"{layers[li]['objective_s'] * k:.4g}")
         if layers:
             L = layers[li]
-            same = f" (= layer {L['same_as']})" if L.get("same_as") is not None else ""
-            row += [_t(L["bound_s"]), f"{L['gap']:.2%}", L["status"] + same]
+            same = f" (= {L['same_as']})" if L.get("same_as") is not None else ""
+            row += [f"{L['bound_s'] * k:.4g}", f"{L['gap']:.2%}", STATUS_WORDS.get(L["status"], L["status"]) + same]
         t.add_row(*row)
     console.print(t)
+    busiest = [topo.link_name(int(cost.a2a_link[li])) for li in range(cost.num_layers)]
+    console.print(f"  busiest link: {escape(_grouped(list(range(cost.num_layers)), busiest, 'layer'))}; MoE: "
+                  "a2a and expert GEMMs as scheduled, link: the busiest link's time, GEMM: the busiest GPU's",
+                  highlight=False, style="dim")
     line = (f"a2a and expert GEMMs, {cost.schedule.describe()}: [bold]{_t(cost.objective_s)}[/] per step "
             "summed over the MoE layers")
     if robust:
@@ -410,7 +420,7 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
                  f"[bold]{_t(info['objective_s'])}[/]")
     if layers:
         line += (f", lower bound {_t(info['bound_s'])} (gap {info.get('total_gap', 0):.2%}, worst "
-                 f"layer {info['gap']:.2%}), {info.get('solver')} {info['status']}, solved in {info['seconds']:.1f} s")
+                 f"layer {info['gap']:.2%}), {info.get('solver')} {STATUS_WORDS.get(info['status'], info['status'])}, solved in {info['seconds']:.1f} s")
         if info["status"] == "time_limit":
             line += (f"; [yellow]time limit {info.get('time_limit_s')} s reached: this is the best plan found, "
                      f"its gap above the target {info.get('gap_target', 0):.0%}[/]")
@@ -427,20 +437,24 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
 
 def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], problem: PlacementProblem) -> None:
     rows = {name: _row(name, plans[name], costs[name]) for name in names}
-    t = Table(title="methods side by side (scored by the same cost function)", title_justify="left")
     first = names[0]
-    for col in ("method", "a2a+experts", f"{first} saves", "max link (sum)", "busiest link (worst layer)",
-                "GPU imbalance", "solve s", "gap"):
-        t.add_column(col, justify="left" if col in ("method", "busiest link (worst layer)") else "right")
+    unit, k = time_unit(r["objective_s"] for r in rows.values())
+    t = narrow_table("methods side by side (scored by the same cost function)")
+    t.add_column("method", no_wrap=True)
+    for col in (f"MoE {unit}", f"{first} saves", f"link {unit}", "GPU load", "solve s", "gap"):
+        t.add_column(col, justify="right", no_wrap=True)
     ref = rows[first]["objective_s"]
     for name in names:
         r = rows[name]
         total = r["objective_s"]
         saves = "" if name == first or total <= 0 else f"{(total - ref) / total:.1%}"
-        t.add_row(name, _t(total), saves, _t(r["link_total_s"]),
-                  escape(r["bottleneck_link"]), f"{r['gpu_imbalance']:.2f}x", f"{r['solve_s']:.1f}",
-                  "-" if r["gap"] is None else f"{r['gap']:.2%}")
+        t.add_row(name, f"{total * k:.4g}", saves, f"{r['link_total_s'] * k:.4g}", f"{r['gpu_imbalance']:.2f}x",
+                  f"{r['solve_s']:.1f}", "-" if r["gap"] is None else f"{r['gap']:.2%}")
     console.print(t)
+    worst = _grouped(names, [r["bottleneck_link"] for r in rows.values()])
+    console.print(f"  busiest link in the worst layer: {escape(worst)}; MoE: a2a and expert GEMMs per step; "
+                  "link: the busiest link's time, summed over layers; GPU load: the busiest GPU's expert "
+                  "work over the mean (worst layer)", highlight=False, style="dim")
     baselines = [n for n in names if n != "ilp" and n != "random" and not n.startswith("random")]
     if "ilp" in rows and baselines:
         strongest = min(baselines, key=lambda n: rows[n]["objective_s"])
@@ -448,11 +462,49 @@ def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], proble
         saving = 0.0 if best <= 0 else (best - ilp) / best
         verdict = "a tie" if abs(saving) < 1e-3 else f"the ILP saves {saving:.1%}"
         console.print(f"strongest baseline: [bold]{strongest}[/] ({_t(best)}); {verdict}", highlight=False)
-    per = Table(title="max link time per layer", title_justify="left")
-    per.add_column("layer", justify="right")
-    for name in names:
-        per.add_column(name, justify="right")
-    for li in range(problem.num_layers):
-        per.add_row(str(li), *(_t(rows[n]["link_per_layer_s"][li]) for n in names))
-    per.add_row("total", *(_t(rows[n]["link_total_s"]) for n in names))
-    console.print(per)
+    _print_per_layer(names, rows, problem.num_layers)
+
+
+def _grouped(items: list, values: list[str], noun: str = "") -> str:
+    """'layers 0-2 a -> b, layer 3 c -> d' (``noun``, items are consecutive integers) or
+    'ilp, eplb: a -> b' : the items that share a value, in order of first appearance."""
+    groups: dict[str, list] = {}
+    for item, value in zip(items, values):
+        groups.setdefault(value, []).append(item)
+    if len(groups) == 1 and noun:
+        return next(iter(groups))
+    parts = []
+    for value, members in groups.items():
+        if noun:
+            spans, start = [], members[0]
+            for a, b in zip(members, members[1:] + [None]):
+                if b != a + 1:
+                    spans.append(f"{start}" if start == a else f"{start}-{a}")
+                    start = b
+            parts.append(f"{noun}{'s' if len(members) > 1 else ''} {','.join(spans)} {value}")
+        else:
+            parts.append(f"{', '.join(members)}: {value}")
+    return "; ".join(parts)
+
+
+def _print_per_layer(names: list[str], rows: dict[str, dict], num_layers: int) -> None:
+    """The busiest link's time per layer, a row per method; layers in as many tables as the
+    console's width needs."""
+    unit, k = time_unit(v for r in rows.values() for v in r["link_per_layer_s"])
+    cells = {n: [f"{v * k:.4g}" for v in rows[n]["link_per_layer_s"]] for n in names}
+    width = max(len(n) for n in names) + 1
+    col = max(len(c) for cs in cells.values() for c in cs + [str(num_layers - 1)]) + 2
+    per_table = max(1, (console.width - width - col) // col)
+    for start in range(0, num_layers, per_table):
+        stop = min(num_layers, start + per_table)
+        part = f" (layers {start}-{stop - 1})" if per_table < num_layers else ""
+        per = narrow_table(f"busiest link's time per layer, {unit}{part}")
+        per.add_column("method", no_wrap=True)
+        for li in range(start, stop):
+            per.add_column(str(li), justify="right", no_wrap=True)
+        if stop == num_layers:
+            per.add_column("total", justify="right", no_wrap=True)
+        for n in names:
+            total = [f"{rows[n]['link_total_s'] * k:.4g}"] if stop == num_layers else []
+            per.add_row(n, *cells[n][start:stop], *total)
+        console.print(per)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from epplan.cli import app
 from epplan.cli.common import (DeviceOption, MicroBatchesOption, NumChunksOption, OptimizerShardingOption,
-                               OverlapOption, PeakTflopsOption, RecomputeOption, choices, console, err_console,
+                               OverlapOption, PeakTflopsOption, RecomputeOption, choices, console, count, err_console,
                                in_panel, listed, out_option, plain, user_errors)
 from epplan.errors import RuntimeSetupError
 from epplan.train.options import ASYNC_CHECKPOINTS, RESUME_KEYS, TrainOptions
@@ -190,7 +190,7 @@ def run(
 
     console.print(f"epplan run: {escape(job.config.name)} on {escape(job.describe_nodes())}, {device}, "
                   f"{'resuming' if resume else 'from step 0'} -> {escape(str(out))}; "
-                  f"{settings['micro_batches']} micro-batch(es), recompute {settings['recompute']}, "
+                  f"{count(settings['micro_batches'], 'micro-batch', 'micro-batches')}, recompute {settings['recompute']}, "
                   f"optimizer sharding {settings['optimizer_sharding']}"
                   + (f" (flags over the manifest's: {', '.join(overridden)})" if overridden else ""),
                   highlight=False)

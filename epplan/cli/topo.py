@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import JsonOption, choices, console, listed, err_console, out_option, plain, print_json, user_errors
+from epplan.cli.common import (JsonOption, choices, console, count, err_console, listed, out_option, plain, print_json,
+                               user_errors)
 from epplan.errors import TopologyError
 from epplan.fileio import atomic_write_text
 from epplan.topology import load_topology
@@ -50,7 +51,7 @@ def show(
     topo = load_topology(file, routing=routing)
     info = summarize(topo)
     if json:
-        print_json(info)
+        print_json(info, "topo show")
         return
     head = Table(title=f"[bold]{escape(info['name'])}[/] — {escape(info['description'] or '')}", show_header=False)
     head.add_column(style="cyan")
@@ -95,7 +96,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Topology YAML fil
             for problem in _split_problems(str(exc), str(file)):
                 console.print(f"    {problem}", highlight=False, markup=False)
             continue
-        console.print(f"[green]✓[/] {escape(str(file))}: {topo.num_nodes} nodes, {topo.num_gpus} GPUs, "
+        console.print(f"[green]✓[/] {escape(str(file))}: {count(topo.num_nodes, 'node')}, {count(topo.num_gpus, 'GPU')}, "
                       f"{topo.num_links} directed links", highlight=False)
         for warning in plausibility_warnings(topo.spec):
             console.print(f"    [yellow]warning:[/] {warning}", highlight=False, markup=True)

@@ -52,7 +52,8 @@ class Comparison:
                 "link_bytes_total": float(table.total_bytes.sum()),
                 "bottleneck_link": cost.topology.link_name(k), "bottleneck_class": cost.topology.link_class[k],
                 "bottleneck_time_s": table.bottleneck_s,
-                "mfu_spec": cost.mfu_spec, "bandwidth_utilisation": cost.bandwidth_utilisation,
+                "mfu_spec": cost.mfu_spec, "mfu_datasheet": cost.mfu_datasheet,
+                "bandwidth_utilisation": cost.bandwidth_utilisation,
                 "fits_memory": cost.fits_memory,
             }
             if table.layer is not None:

@@ -68,7 +68,7 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def _link(src: str, dst: str) -> str:
-    return f"{src} → {dst}"
+    return f"{src} -> {dst}"
 
 
 # ------------------------------------------------------------------------------ layout
@@ -100,8 +100,8 @@ def header_lines(report: Report) -> list[str]:
         f"{fmt_time(table.bottleneck_s)} = {fmt_pct(table.busy[k])} of the {period}",
     ]
     if report.layer is None:
-        lines.append(f"MFU {fmt_pct(cost.mfu_spec)} (spec 400 TFLOP/s), {fmt_pct(cost.mfu_datasheet)} "
-                     f"(datasheet); memory {'fits' if cost.fits_memory else 'DOES NOT FIT'}")
+        lines.append(f"MFU {fmt_pct(cost.mfu_datasheet)} of the GPUs' datasheet bf16 peak; memory "
+                     f"{'fits' if cost.fits_memory else 'DOES NOT FIT'}")
     return lines + [f"note: {n}" for n in report.notes]
 
 
@@ -245,10 +245,10 @@ def _compare_sections(report: Report) -> list[Section]:
         ("step time", lambda t: fmt_time(t["step_time_s"])),
         ("MoE layers (the objective)", lambda t: fmt_time(t["objective_s"])),
         ("bottleneck link time", lambda t: fmt_time(t["bottleneck_time_s"])),
-        ("bottleneck link", lambda t: f"{t['bottleneck_link'].replace(' -> ', ' → ')} "
+        ("bottleneck link", lambda t: f"{t['bottleneck_link']} "
                                       f"({CLASS_LABELS.get(t['bottleneck_class'], t['bottleneck_class'])})"),
         ("bytes on links (sum)", lambda t: fmt_bytes(t["link_bytes_total"])),
-        ("MFU (spec)", lambda t: fmt_pct(t["mfu_spec"])),
+        ("MFU (datasheet)", lambda t: fmt_pct(t["mfu_datasheet"])),
         ("bandwidth utilisation", lambda t: fmt_pct(t["bandwidth_utilisation"])),
         ("fits memory", lambda t: "yes" if t["fits_memory"] else "NO"),
     ]
