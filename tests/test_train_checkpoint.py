@@ -224,3 +224,16 @@ def _prune_race(rank: int, world_size: int, out: str) -> None:
 
 def test_keep_one_never_prunes_the_last_good_checkpoint_for_an_unconfirmed_one(tmp_path):
     run_distributed(_prune_race, G, str(tmp_path))
+
+
+def test_a_checkpoint_of_the_torch_save_format_is_named_not_loaded(tmp_path):
+    from epplan.train.checkpoint import scan
+
+    old = tmp_path / "step_00000003"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({"format": "epplan.checkpoint", "version": 1, "step": 3}))
+    (old / "dense.pt").write_bytes(b"x")
+    complete, damaged = scan(tmp_path)
+    assert complete == [] and len(damaged) == 1
+    assert "written by an earlier epplan as a torch.save file per rank (format version 1)" in damaged[0]
+    assert "continue that run with the epplan that wrote it" in damaged[0]

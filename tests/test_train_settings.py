@@ -6,8 +6,8 @@
   placement with replicas, uneven splits and a rank that holds no expert of a layer.
 - The cost model's weight, gradient and optimizer bytes per rank are the bytes the ranks hold.
 - A checkpoint written in the background by 3 ranks with a sharded optimizer resumes on 2 ranks,
-  unsharded, under another placement: every weight and every AdamW moment arrives, by name and
-  logical expert.
+  unsharded, under another placement, and one written by 2 unsharded ranks resumes sharded on 3:
+  every weight and every AdamW moment arrives, by name and logical expert (DCP reshards on load).
 """
 
 from __future__ import annotations
@@ -146,9 +146,10 @@ nodes:
     assert sharded.sum() < memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", "none")["optimizer_bytes"].sum()
 
 
-def _save_sharded(rank: int, world_size: int, out: str) -> None:
-    trainer = _trainer(THREE, out, 2, optimizer_sharding="dense", recompute="block", async_checkpoints="on")
-    trainer.run(resume=False, show_progress=False)  # checkpoint at step 2, written in the background
+def _save_and_hold(rank: int, world_size: int, out: str, sharding: str, run_async: str) -> None:
+    placement = THREE if world_size == 3 else TWO
+    trainer = _trainer(placement, out, 2, optimizer_sharding=sharding, recompute="block", async_checkpoints=run_async)
+    trainer.run(resume=False, show_progress=False)  # checkpoint at step 2
     state = {n: trainer.optimizer.state_of(p) for n, p in trainer.model.named_parameters()}
     local = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     experts = {n: m.local_experts for n, m in trainer.model.named_modules() if hasattr(m, "local_experts")}
@@ -156,29 +157,39 @@ def _save_sharded(rank: int, world_size: int, out: str) -> None:
                f"{out}/held{rank}.pt")
 
 
-def _resume_unsharded_on_two(rank: int, world_size: int, out: str) -> None:
-    trainer = _trainer(TWO, out, 3)
+def _resume_and_compare(rank: int, world_size: int, out: str, sharding: str, saved_ranks: int) -> None:
+    trainer = _trainer(THREE if world_size == 3 else TWO, out, 3, optimizer_sharding=sharding)
     info, moved = trainer.resume()
     assert info.step == 2 and moved
-    saved = [torch.load(f"{out}/held{r}.pt") for r in range(3)]
+    saved = [torch.load(f"{out}/held{r}.pt") for r in range(saved_ranks)]
     for name, p in trainer.model.named_parameters():
         state = trainer.optimizer.state_of(p)
         module = name.rsplit(".", 1)[0]
-        if module not in saved[0]["experts"]:  # dense: the one rank of three that kept it
-            (held,) = [s["state"][name] for s in saved if name in s["state"]]
+        if module not in saved[0]["experts"]:  # dense: from a rank that kept it
             torch.testing.assert_close(p, saved[0]["weights"][name], rtol=0, atol=0)
+            if state is None:
+                assert sharding == "dense"  # another rank keeps it now
+                continue
+            held = next(s["state"][name] for s in saved if name in s["state"])
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 torch.testing.assert_close(state[key], held[key], rtol=0, atol=0)
             continue
         for j, e in enumerate(trainer.model.get_submodule(module).local_experts):  # by logical id
-            r = next(r for r in range(3) if e in saved[r]["experts"][module])
+            r = next(r for r in range(saved_ranks) if e in saved[r]["experts"][module])
             i = saved[r]["experts"][module].index(e)
             torch.testing.assert_close(p[j], saved[r]["weights"][name][i], rtol=0, atol=0)
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(state[key][j], saved[r]["state"][name][key][i], rtol=0, atol=0)
+    kept = sum(trainer.optimizer.state_of(p) is not None for p in trainer.model.parameters())
+    assert kept < len(list(trainer.model.parameters())) or sharding == "none"
     trainer.train_step()  # and it trains on
 
 
 def test_a_sharded_checkpoint_resumes_on_another_world_size_and_placement(tmp_path):
-    run_distributed(_save_sharded, 3, str(tmp_path))
-    run_distributed(_resume_unsharded_on_two, 2, str(tmp_path))
+    run_distributed(_save_and_hold, 3, str(tmp_path), "dense", "on")  # written in the background
+    run_distributed(_resume_and_compare, 2, str(tmp_path), "none", 3)
+
+
+def test_an_unsharded_checkpoint_resumes_sharded_on_more_ranks(tmp_path):
+    run_distributed(_save_and_hold, 2, str(tmp_path), "none", "off")
+    run_distributed(_resume_and_compare, 3, str(tmp_path), "dense", 2)
