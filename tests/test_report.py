@@ -20,7 +20,7 @@ from epplan.placement.baselines import contiguous, eplb, random_placement
 from epplan.placement.problem import PlacementProblem
 from epplan.report import PlanView, ReportError, build_report
 from epplan.report.predicted import COMPONENTS, class_summary, gpu_table, link_table, pair_bytes
-from epplan.report.plot import write_plot
+from epplan.report.plot import plotted_series, write_plot
 from epplan.report.render import csv_rows, print_rich, to_csv, to_markdown
 from epplan.topology import load_topology
 from epplan.workload import load_model_config, make_traffic
@@ -173,6 +173,19 @@ def test_plot_png(two_node, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     with pytest.raises(ReportError, match="png"):
         write_plot(build_report(two_node), tmp_path / "r.svg")
+
+
+def test_plot_draws_every_compared_plan_or_says_why_not(two_node, two_node_random, tmp_path):
+    other_cluster = _plan("h100-16node-rail.yaml", eplb, num_experts=8)
+    report = build_report(two_node, top=5, others=[two_node_random, other_cluster])
+    links, series, refused = plotted_series(report)
+    assert list(links) == list(report.links.order[:5])
+    assert len(series) == 2 and np.allclose(series[two_node.label], report.links.busy[links])
+    (drawn,) = [v for k, v in series.items() if k != two_node.label]
+    assert np.allclose(drawn, report.comparison.tables[1].busy[links])
+    assert len(refused) == 1 and other_cluster.label in refused[0] and "another topology" in refused[0]
+    write_plot(report, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
 def test_superpod_1024_in_seconds(tmp_path):

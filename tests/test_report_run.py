@@ -175,3 +175,21 @@ def test_component_timings_of_the_run(real_run, tmp_path):
     assert rows["moe"]["predicted_s"] > 0 and rows["optimizer"]["predicted_s"] > 0
     table = _invoke(manifest, "--metrics", gpu_run)
     assert "time per step by component, predicted vs measured" in table.stdout
+
+
+def test_plot_draws_the_runs_measured_bytes(real_run, tmp_path):
+    from epplan.report import build_report, read_run
+    from epplan.report.manifests import open_manifest
+    from epplan.report.plot import plotted_series, write_plot
+
+    manifest, run_dir = real_run
+    opened = open_manifest(manifest, None)
+    run = read_run(run_dir, manifest_hash=opened.hash, num_layers=2, num_ranks=4)
+    report = build_report(opened.plan, top=6, run=run)
+    links, series, refused = plotted_series(report)
+    capacity = opened.plan.cost.capacity_bytes_per_s
+    expected = report.measured.measured_total[links] / capacity[links] / report.links.period_s
+    assert refused == [] and list(series)[1] == "measured (--metrics)"
+    assert series["measured (--metrics)"] == pytest.approx(expected) and expected.max() > 0
+    write_plot(report, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 10_000

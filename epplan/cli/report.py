@@ -14,7 +14,7 @@ from epplan.cli.common import (CalibrationOption, JsonOption, ManifestTopologyOp
 from epplan.report import PlanView, ReportError, build_report, read_run
 from epplan.report.aging import score_windows
 from epplan.report.manifests import manifest_seed, open_manifest, plan_for
-from epplan.report.plot import write_plot
+from epplan.report.plot import plotted_series, write_plot
 from epplan.report.render import print_rich, to_csv, to_markdown
 from epplan.workload.traffic import make_traffic
 from epplan.workload.windows import window_specs
@@ -110,6 +110,8 @@ def report(
     else:
         print_rich(result, console)
     if plot is not None:
+        for line in plotted_series(result)[2]:
+            err_console.print(f"note: {line}", highlight=False, markup=False)
         path = write_plot(result, plot)
         (err_console if formats else console).print(f"wrote {path}", highlight=False)
 
