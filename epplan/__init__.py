@@ -1,6 +1,6 @@
 """epplan: topology-aware expert parallelism for Mixture-of-Experts training.
 
-The package is layered one way (see ../shared/DESIGN.md):
+The package is layered one way (see docs/design.md):
 topology -> workload (model config, traffic) -> placement -> cost -> manifest -> runtime -> report.
 """
 

@@ -268,10 +268,6 @@ class _Strict(BaseModel):
         return no_bool_numbers(cls, data)
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
 class _Topology(_Strict):
     name: str
     content_hash: str

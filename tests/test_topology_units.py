@@ -44,7 +44,7 @@ def test_a_400_gbit_nic_with_its_unit_is_50_gbytes():
     topo = build_topology(parse_spec(yaml.safe_dump(_node_type({"gbps": "400Gb/s"}))))
     nic_up = topo.link_class_index["nic_up"]
     assert np.all(topo.link_capacity[nic_up] == 50.0)
-    assert topo.gpu_hbm_gbps[0] == 3350.0
+    assert topo.node_type(topo.gpu_node[0]).gpu.hbm_gbps == 3350.0
     assert plausibility_warnings(topo.spec) == []
 
 

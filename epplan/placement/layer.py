@@ -83,10 +83,6 @@ class LayerData:
         np.add.at(out, self.group_of, self.counts)
         return out
 
-    @property
-    def group_members(self) -> list[np.ndarray]:
-        return [np.flatnonzero(self.group_of == a) for a in range(self.num_groups)]
-
     def coef(self) -> sp.csr_matrix:
         """float64[A * G, K]: seconds on each kept link per assignment group a serves on GPU t
         (row a * G + t)."""

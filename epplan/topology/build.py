@@ -81,10 +81,6 @@ class Topology:
         return np.array([self.node_type(n).gpu.bf16_tflops for n in self.gpu_node])
 
     @cached_property
-    def gpu_hbm_gbps(self) -> np.ndarray:
-        return np.array([self.node_type(n).gpu.hbm_gbps for n in self.gpu_node])
-
-    @cached_property
     def link_class_index(self) -> dict[str, np.ndarray]:
         """class -> int64 indices of its links."""
         classes = np.array(self.link_class)

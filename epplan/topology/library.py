@@ -4,7 +4,7 @@ Numbers are datasheet figures (per direction):
 - DGX H100: 8 x H100 SXM5 80 GB (989 dense bf16 TFLOP/s, 3.35 TB/s HBM3), NVLink4 through
   NVSwitch at 450 GB/s per GPU, eight ConnectX-7 400 Gb/s NICs (50 GB/s), one per GPU on its PCIe
   Gen5 x16 switch (64 GB/s). NCCL achieves about 370 GB/s on NVLink and 48-50 GB/s per NIC
-  (../shared/DESIGN.md); files that want effective figures override ``gbps``.
+  (docs/design.md); files that want effective figures override ``gbps``.
 - DGX H200: as DGX H100 with H200 141 GB (4.8 TB/s HBM3e).
 - DGX A100: 8 x A100 SXM4 80 GB (312 dense bf16 TFLOP/s, 2,039 GB/s HBM2e), NVLink3 through
   NVSwitch at 300 GB/s per GPU (12 links x 25 GB/s; "600 GB/s" is both directions), eight
