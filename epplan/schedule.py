@@ -29,6 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Tokens per chunk of the LM head's chunked cross-entropy (``epplan.runtime.loss``), here with
+# the other schedule constants that the runtime and the cost model (``epplan.cost.step``) share:
+# (8192, 32,000) fp32 logits are 1 GiB at a time.
+LOSS_CHUNK_TOKENS = 8192
+
 # Automatic chunk count: as many chunks as keep every local expert's GEMM at or above
 # MIN_ROWS_PER_EXPERT rows per chunk, at most MAX_CHUNKS. Measured at the seed spec
 # (docs/benchmarks.md): grouped 4096 x 16384 GEMMs run at least as fast at 1,250 rows per expert

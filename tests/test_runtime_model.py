@@ -198,3 +198,89 @@ def test_segment_mlp_matches_the_loop_reference(activation):
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.count_nonzero(grads[1][1]) == 0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_segment_mlp_with_fp32_masters_of_bf16_rows(activation):
+    """Mixed precision on the segment path: fp32 master weights, bf16 rows. The weights are cast
+    once until they change, and two micro-batches accumulate their weight gradients straight
+    into the masters' fp32 .grad; against autograd through w.to(bf16) (the plain cast) and a
+    float64 reference."""
+    from epplan.runtime.experts import compute_copy, segment_mlp
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 8, 16, activation)  # fp32
+    ws = [w for w in (experts.w1, experts.w2, experts.w3) if w is not None]
+    num_tokens, bounds = [5, 0, 7], [0, 5, 5, 12]
+    xs = [torch.randn(12, 8).bfloat16().requires_grad_() for _ in range(2)]
+    gs = [torch.randn(12, 8).bfloat16() for _ in range(2)]
+    for x, g in zip(xs, gs):
+        segment_mlp(x, bounds, None, experts.w1, experts.w2, experts.w3, activation).backward(g)
+    assert all(w.grad.dtype == torch.float32 for w in ws)
+    copy1 = compute_copy(experts.w1, torch.bfloat16)
+    assert copy1 is compute_copy(experts.w1, torch.bfloat16), "cast once while the weight is unchanged"
+
+    ref_ws = [w.detach().clone().requires_grad_() for w in ws]
+    w3_ref = ref_ws[2] if activation == "swiglu" else None
+    ref_xs = [x.detach().clone().requires_grad_() for x in xs]
+    for x, g in zip(ref_xs, gs):
+        expert_mlp(x, num_tokens, *[w.to(torch.bfloat16) for w in ref_ws[:2]],
+                   None if w3_ref is None else w3_ref.to(torch.bfloat16), activation, impl="loop").backward(g)
+    exact_ws = [w.detach().double().requires_grad_() for w in ws]
+    w3_exact = exact_ws[2] if activation == "swiglu" else None
+    for x, g in zip(xs, gs):
+        expert_mlp(x.detach().double(), num_tokens, exact_ws[0], exact_ws[1], w3_exact, activation,
+                   impl="loop").backward(g.double())
+    for w, ref, exact in zip(ws, ref_ws, exact_ws):
+        torch.testing.assert_close(w.grad, ref.grad, rtol=2e-2, atol=2e-3)
+        err = (w.grad.double() - exact.grad).norm() / exact.grad.norm()
+        assert err < 2e-2, err
+    assert torch.count_nonzero(ws[0].grad[1]) == 0  # expert 1 had no rows
+    for x, ref in zip(xs, ref_xs):
+        torch.testing.assert_close(x.grad, ref.grad, rtol=2e-2, atol=2e-3)
+
+    with torch.no_grad():  # as the optimizer's step: in place, a new version
+        experts.w1.mul_(0.5)
+    copy2 = compute_copy(experts.w1, torch.bfloat16)
+    assert copy2 is not copy1 and torch.equal(copy2, experts.w1.detach().bfloat16())
+
+
+@pytest.mark.parametrize("num_tokens", [37, 8, 0])
+def test_linear_cross_entropy_matches_the_plain_loss(num_tokens):
+    """The chunked LM head + loss (gradient made in the forward) against F.cross_entropy of the
+    full logits, in float64: loss, input and weight gradients, for chunks that do not divide
+    the tokens, one chunk, and no tokens."""
+    from epplan.runtime.loss import linear_cross_entropy, reference_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(num_tokens, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (num_tokens,))
+    loss = linear_cross_entropy(h, w, t, chunk_tokens=8)
+    (2.5 * loss).backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = reference_cross_entropy(ref_h, ref_w, t)
+    if num_tokens == 0:
+        assert loss.item() == 0.0 and torch.count_nonzero(w.grad) == 0
+        return
+    (2.5 * ref).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_in_the_model_matches_the_logits_path():
+    config = PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = Transformer(config).double()
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    _, ref = model(idx, idx)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    model.fused_loss = True
+    logits, loss = model(idx, idx)
+    assert logits is None
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

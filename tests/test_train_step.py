@@ -108,3 +108,27 @@ def _gather_with_and_without_matrices(rank: int, world_size: int) -> None:
 
 def test_gather_step_stats_without_matrices():
     run_distributed(_gather_with_and_without_matrices, 2)
+
+
+def test_clip_inside_fused_adamw_matches_multiplying_first():
+    """Fused AdamW takes the clipping scale in its kernel (grad_scale); the step equals
+    multiplying the gradients first and stepping, to float rounding."""
+    from epplan.train.optim import TrainOptimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [TrainOptimizer(m, "none", lr=1e-2, weight_decay=0.1, fused=fused)
+            for m, fused in zip(models, (True, False))]
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        for m in models:
+            m.zero_grad()
+            m(x).square().sum().backward()
+        scale = torch.tensor(0.3)
+        for opt in opts:
+            opt.step(grad_scale=scale)
+        assert all(getattr(o, "grad_scale", None) is None for opt in opts for o in opt._local())
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(models[0][0].weight, torch.nn.Linear(6, 5).weight)

@@ -248,7 +248,9 @@ class ExpertParallelExperts(nn.Module):
         out_dtype = x.dtype
         dtype = compute_dtype(x)
         x = x.to(dtype)
-        w1, w2, w3 = (None if w is None else w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        # The experts cast the (fp32 master) weights to x's dtype themselves: once per change
+        # of the weights, gradients straight into the masters (experts.py, "Mixed precision").
+        w1, w2, w3 = self.w1, self.w2, self.w3
         num_tokens, top_k = topk_idx.shape
         G, E = self.num_ranks, self.num_experts
         key = self._destination_keys(topk_idx)  # (A,) dest * E + expert; G * E if dropped

@@ -8,6 +8,15 @@ Layout: the rows given to ``expert_mlp`` are sorted by expert; ``num_tokens[e]``
 follow those of expert e - 1. ``GroupedExperts`` produces that layout from the router's output
 (permute once), runs the experts and combines the rows back into tokens with their gate weights.
 The expert-parallel module (``expert_parallel.py``) reuses ``expert_mlp`` on the rows it receives.
+
+Mixed precision. Under bf16 autocast the weights stay fp32 (the optimizer's master copy) and the
+GEMMs run in bf16. On the segment path (``segment_mlp``) a weight is cast once until it changes
+(``compute_copy``: the bf16 copy is kept against the weight's version counter, which the
+optimizer's in-place step and a checkpoint load advance), not once per micro-batch, and its
+gradient is accumulated straight into the fp32 ``.grad`` by the weight-gradient GEMMs (fp32
+output, beta = 1 after the first micro-batch), as Megatron-Core's gradient-accumulation fusion
+does: no bf16 gradient, no cast back, no separate accumulation. At the seed dims that is 14 bytes
+of traffic per expert parameter per step with 2 micro-batches instead of 32.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 EXPERT_IMPLS = ("grouped", "loop")
 # From this many rows per expert (the mean of one call) up, "grouped" on CUDA runs one cuBLAS GEMM
@@ -45,10 +55,91 @@ def _act(h: torch.Tensor, g: torch.Tensor | None, activation: str) -> torch.Tens
 
 
 def _can_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
-    # torch._grouped_mm wants bf16 on sm90+ with 16-byte aligned rows.
+    # torch._grouped_mm wants bf16 on sm90+ with 16-byte aligned rows. The weights run in x's
+    # dtype (fp32 master weights are cast by compute_copy), so only x's dtype matters.
     return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and w1.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and w1.dtype in (torch.bfloat16, torch.float32)
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
             and w1.shape[1] % 8 == 0 and w1.shape[2] % 8 == 0)
+
+
+# weight -> ((version, data_ptr, dtype), its copy in dtype); entries go with their weights.
+_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def compute_copy(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``w`` (a master weight) in ``dtype``, without autograd, cast again only once w changed.
+
+    Changed means a new version counter (any in-place write through torch: the optimizer's step,
+    ``copy_`` from a checkpoint, ``init_weights``) or new storage. Writes that bypass the counter
+    (``w.data`` assignments, collectives writing into w) are not seen; the runtime makes none to
+    expert weights. The copy is kept between steps (one bf16 copy of this rank's expert weights).
+    """
+    if w is None or w.dtype == dtype:
+        return w
+    key = (w._version, w.data_ptr(), dtype)
+    cached = _COPIES.get(w)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, w.detach().to(dtype))
+        _COPIES[w] = cached
+    return cached[1]
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) runs there
+
+
+def _has_mm_out_dtype(device: torch.device) -> bool:
+    """Whether bf16 GEMMs can write fp32 output (``torch.mm(a, b, out_dtype=)``, CUDA) here."""
+    if device.type not in _MM_OUT_DTYPE:
+        try:
+            a = torch.randn(16, 16, device=device)
+            b = torch.randn(16, 16, device=device)
+            got = torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
+            ref = a.bfloat16().double() @ b.bfloat16().double()
+            ok = got.dtype == torch.float32 and bool(torch.allclose(got.double(), ref, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, NotImplementedError, TypeError):
+            ok = False
+        _MM_OUT_DTYPE[device.type] = ok
+    return _MM_OUT_DTYPE[device.type]
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b; out may be wider than a and b (fp32 gradients of bf16
+    GEMMs): then the GEMM writes fp32 itself where torch can, else through a temporary."""
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif _has_mm_out_dtype(out.device):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+    elif accumulate:
+        out.add_(a @ b)
+    else:
+        out.copy_(a @ b)
+
+
+def grad_targets(masters: Sequence[torch.Tensor | None], compute: Sequence[torch.Tensor | None]
+                 ) -> tuple[tuple[torch.Tensor | None, ...], bool, bool]:
+    """Where a backward writes the weight gradients of ``compute`` (the copies its GEMMs ran on).
+
+    Returns (buffers, accumulate, returned): with fp32 masters of bf16 copies, the masters'
+    ``.grad`` themselves (created on the first micro-batch; accumulate then True from the second),
+    and the backward returns None for the weights; otherwise fresh buffers of the weights' dtype
+    that the backward returns to autograd.
+    """
+    fused = masters[0] is not compute[0]
+    if not fused:
+        return tuple(None if w is None else torch.empty_like(w) for w in compute), False, True
+    accumulate = masters[0].grad is not None
+    for w in masters:
+        if w is not None and w.grad is None:
+            w.grad = torch.empty_like(w)
+    return tuple(None if w is None else w.grad for w in masters), accumulate, False
 
 
 def expert_mlp(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2: torch.Tensor,
@@ -57,7 +148,8 @@ def expert_mlp(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2:
 
     x:          (M, D), rows sorted by expert.
     num_tokens: E host ints, rows per expert, summing to M (host values: no device sync here).
-    w1, w3:     (E, D, F);  w2: (E, F, D).
+    w1, w3:     (E, D, F);  w2: (E, F, D); of x's dtype, or wider (fp32 master weights under
+                bf16 autocast: cast to x's dtype, see the module docstring).
     impl:       "grouped": torch._grouped_mm on CUDA bf16, else a padded batched matmul;
                 "loop": one matmul per expert (the reference).
     Returns (M, D), rows in the order of x.
@@ -69,6 +161,7 @@ def expert_mlp(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2:
         # the autograd graph stays connected and the reverse exchange runs on every rank.
         return x
     if impl == "loop":
+        w1, w2, w3 = (None if w is None else w.to(x.dtype) for w in (w1, w2, w3))
         bounds = [0, *itertools.accumulate(num_tokens)]
         # Zero-row segments still run, keeping every weight in the graph (zero gradients).
         outs = [mlp(x[bounds[e]:bounds[e + 1]], w1[e], w2[e], None if w3 is None else w3[e], activation)
@@ -82,21 +175,27 @@ def expert_mlp(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2:
         if x.shape[0] < LOOP_MIN_ROWS * num_experts:
             offs = torch.tensor(bounds[1:], dtype=torch.int32, device=x.device)
         return segment_mlp(x, bounds, offs, w1, w2, w3, activation)
+    w1, w2, w3 = (None if w is None else w.to(x.dtype) for w in (w1, w2, w3))
     return _padded_bmm(x, num_tokens, w1, w2, w3, activation)
 
 
 class _SegmentMLP(torch.autograd.Function):
     """Autograd for ``expert_mlp_forward``: backward is ``expert_mlp_backward_input`` then
     ``expert_mlp_backward_weight`` (one GEMM per expert for the weight gradients, whose K is the
-    expert's rows: autograd through torch._grouped_mm would run them as one ragged-K kernel)."""
+    expert's rows: autograd through torch._grouped_mm would run them as one ragged-K kernel).
+    w1, w2, w3 may be fp32 masters of bf16 x: the GEMMs run on ``compute_copy``s and the weight
+    gradients go into the masters' ``.grad`` (``grad_targets``)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, bounds, offsets, activation):
-        y, saved = expert_mlp_forward(x, bounds, offsets, w1, w2, w3, activation)
+        c1, c2, c3 = (compute_copy(w, x.dtype) for w in (w1, w2, w3))
+        y, saved = expert_mlp_forward(x, bounds, offsets, c1, c2, c3, activation)
         ctx.bounds, ctx.offsets, ctx.activation = bounds, offsets, activation
         ctx.has_w3 = w3 is not None
+        # the masters by reference (their .grad is written), the copies as saved tensors
+        ctx.masters = (w1, w2, w3) if c1 is not w1 else None
         h, g, a = saved
-        ctx.save_for_backward(x, w1, w2, *((w3, g) if w3 is not None else ()), h, a)
+        ctx.save_for_backward(x, c1, c2, *((c3, g) if c3 is not None else ()), h, a)
         return y
 
     @staticmethod
@@ -109,9 +208,9 @@ class _SegmentMLP(torch.autograd.Function):
         dy = dy.contiguous()
         dx, dh, dg = expert_mlp_backward_input(dy, saved, ctx.bounds, ctx.offsets, w1, w2, w3,
                                                ctx.activation)
-        grads = tuple(None if w is None else torch.empty_like(w) for w in (w1, w2, w3))
-        expert_mlp_backward_weight(x, dy, dh, dg, saved, ctx.bounds, grads, accumulate=False)
-        return dx, *grads, None, None, None
+        grads, accumulate, returned = grad_targets(ctx.masters or (w1, w2, w3), (w1, w2, w3))
+        expert_mlp_backward_weight(x, dy, dh, dg, saved, ctx.bounds, grads, accumulate=accumulate)
+        return dx, *(grads if returned else (None, None, None)), None, None, None
 
 
 def segment_mlp(x: torch.Tensor, bounds: Sequence[int], offsets: torch.Tensor | None,
@@ -188,7 +287,8 @@ def expert_mlp_backward_weight(x: torch.Tensor, dy: torch.Tensor, dh: torch.Tens
 
     accumulate=False overwrites, True adds (the GEMM's beta = 1: a chunked caller sums its
     chunks' contributions without a separate pass). One GEMM per expert: each has K = its rows
-    and a large D x F output, so the loop costs nothing against a grouped kernel.
+    and a large D x F output, so the loop costs nothing against a grouped kernel. grads may be
+    fp32 for bf16 rows (``grad_targets``): the GEMMs then write fp32.
     """
     a = saved[2]
     dw1, dw2, dw3 = grads
@@ -197,10 +297,7 @@ def expert_mlp_backward_weight(x: torch.Tensor, dy: torch.Tensor, dh: torch.Tens
         for dw, left, right in ((dw1, x, dh), (dw2, a, dy), (dw3, x, dg)):
             if dw is None:
                 continue
-            if accumulate:
-                dw[e].addmm_(left[rows].t(), right[rows])
-            else:
-                torch.mm(left[rows].t(), right[rows], out=dw[e])
+            _mm_into(dw[e], left[rows].t(), right[rows], accumulate)
 
 
 def _padded_bmm(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2: torch.Tensor,
@@ -249,7 +346,7 @@ class GroupedExperts(nn.Module):
         """
         out_dtype, dtype = x.dtype, compute_dtype(x)
         x = x.to(dtype)
-        w1, w2, w3 = (None if w is None else w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = self.w1, self.w2, self.w3  # expert_mlp casts them to x's dtype
         num_tokens, top_k = topk_idx.shape
         flat = topk_idx.reshape(-1)  # (A,)
         key = torch.where(flat >= 0, flat, self.num_experts)  # (A,) dropped sort last

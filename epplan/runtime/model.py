@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from epplan.runtime.experts import GroupedExperts, mlp
+from epplan.runtime.loss import linear_cross_entropy
 from epplan.runtime.recompute import is_replaying
 from epplan.runtime.router import Router
 from epplan.workload.config import ModelConfig
@@ -131,7 +132,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token + learned position embeddings, blocks, final norm, LM head (untied)."""
+    """Token + learned position embeddings, blocks, final norm, LM head (untied).
+
+    ``fused_loss``: with targets, the LM head and the loss run in chunks of tokens without the
+    full logits (``epplan.runtime.loss``; forward then returns None for the logits). Off by
+    default; ``epplan run`` turns it on.
+    """
 
     def __init__(self, config: ModelConfig, capacity_factor: float | None = None,
                  expert_impl: str = "grouped") -> None:
@@ -144,6 +150,7 @@ class Transformer(nn.Module):
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.fused_loss = False
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -154,7 +161,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: int64 (B, T) -> logits (B, T, V), loss () = mean cross-entropy + aux losses."""
+        """idx, targets: int64 (B, T) -> logits (B, T, V) (None with ``fused_loss`` and targets),
+        loss () = mean cross-entropy + aux losses."""
         B, T = idx.shape
         if T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
@@ -162,11 +170,16 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, D)
         for block in self.layers:
             x = block(x)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        if targets is None:
-            return logits, None
-        logits_hi = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no bf16 softmax
-        loss = F.cross_entropy(logits_hi.reshape(B * T, -1), targets.reshape(-1))
+        h = self.norm(x)  # (B, T, D)
+        if targets is not None and self.fused_loss:
+            logits = None
+            loss = linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        else:
+            logits = self.lm_head(h)  # (B, T, V)
+            if targets is None:
+                return logits, None
+            logits_hi = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no bf16 softmax
+            loss = F.cross_entropy(logits_hi.reshape(B * T, -1), targets.reshape(-1))
         for moe in self.moe_layers():
             loss = loss + moe.aux_loss
         return logits, loss

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from epplan.schedule import auto_num_chunks  # noqa: F401  (expert_parallel takes it from here)
-from epplan.runtime.experts import (_can_grouped_mm, expert_mlp_backward_input,
-                                    expert_mlp_backward_weight, expert_mlp_forward)
+from epplan.runtime.experts import (_can_grouped_mm, compute_copy, expert_mlp_backward_input,
+                                    expert_mlp_backward_weight, expert_mlp_forward, grad_targets)
 
 # The automatic chunk count (auto_num_chunks and its constants) lives in epplan.schedule, with
 # the cost model of this schedule, so that the planner and the runtime count the same chunks.
@@ -171,11 +171,17 @@ class ExchangeSettings:
 
 
 class ChunkedExperts(torch.autograd.Function):
-    """send_x (S, D) rows in chunk-major order -> (S, D) expert outputs for the same rows."""
+    """send_x (S, D) rows in chunk-major order -> (S, D) expert outputs for the same rows.
+
+    w1, w2, w3 may be fp32 masters of bf16 rows: as ``experts.segment_mlp``, the GEMMs run on
+    their ``compute_copy``s and the weight gradients go into the masters' ``.grad``."""
 
     @staticmethod
     def forward(ctx, send_x: torch.Tensor, plan: ChunkPlan, settings: ExchangeSettings,
                 w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor:
+        masters = (w1, w2, w3)
+        w1, w2, w3 = (compute_copy(w, send_x.dtype) for w in masters)
+        ctx.masters = masters if w1 is not masters[0] else None
         send_x = send_x.contiguous()
         C = plan.num_chunks
         send_per_chunk = plan.send_rows.sum(axis=1).tolist()  # S_c
@@ -228,8 +234,7 @@ class ChunkedExperts(torch.autograd.Function):
         grad_in = torch.empty_like(grad_out)  # (S, D)
         grads_out, grads_in = grad_out.split(ctx.send_per_chunk), grad_in.split(ctx.send_per_chunk)
         recvs = recv.split(ctx.recv_per_chunk)
-        grads = (torch.empty_like(w1), torch.empty_like(w2),
-                 None if w3 is None else torch.empty_like(w3))
+        grads, accumulate, returned = grad_targets(ctx.masters or (w1, w2, w3), (w1, w2, w3))
 
         def combine_grad(c: int) -> dist.Work:  # the reverse of combine: same way as dispatch
             return exchange_rows(recvs[c], grads_out[c], plan.recv_rows[c].tolist(),
@@ -251,14 +256,15 @@ class ChunkedExperts(torch.autograd.Function):
                 dx, dh, dg = expert_mlp_backward_input(dy, keep, plan.bounds[c], offsets, w1, w2, w3,
                                                        settings.activation)
             recv.index_copy_(0, rows, dx)
-            expert_mlp_backward_weight(x_e, dy, dh, dg, keep, plan.bounds[c], grads, accumulate=c > 0)
+            expert_mlp_backward_weight(x_e, dy, dh, dg, keep, plan.bounds[c], grads,
+                                       accumulate=accumulate or c > 0)
             dispatches.append(exchange_rows(grads_in[c], recvs[c], plan.send_rows[c].tolist(),
                                             plan.recv_rows[c].tolist(), settings.pick(c + 1 < C)))
             ctx.saved[c] = None  # free this chunk's activations now
             pending = upcoming
         for work in dispatches:
             work.wait()
-        return grad_in, None, None, *grads
+        return grad_in, None, None, *(grads if returned else (None, None, None))
 
 
 def chunked_experts(send_x: torch.Tensor, plan: ChunkPlan, settings: ExchangeSettings,

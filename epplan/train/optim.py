@@ -45,6 +45,7 @@ class TrainOptimizer:
         if sharding not in OPTIMIZER_SHARDING:
             raise ValueError(f"optimizer sharding {sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
         self.sharding = sharding
+        self.fused = fused
         expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts)
                       for p in m.parameters(recurse=False)}
         params = list(model.parameters())
@@ -69,9 +70,27 @@ class TrainOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        """One AdamW step of every optimizer; ``grad_scale``: a () tensor the gradients are
+        multiplied by first (gradient clipping), on the device, so that no host sync is needed.
+
+        Fused AdamW takes the scale inside its kernel (the ``grad_scale`` it divides by, as
+        ``torch.amp.GradScaler`` passes it): one pass over the gradients fewer than multiplying
+        them first. Unfused (CPU), the gradients are multiplied in place first.
+        """
+        if grad_scale is not None and self.fused:
+            inverse = grad_scale.reciprocal().to(torch.float32)
+            for opt in self._local():
+                opt.grad_scale = inverse
+        elif grad_scale is not None:
+            torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"]
+                                 if p.grad is not None], grad_scale)
+        try:
+            for opt in self.optimizers:
+                opt.step()
+        finally:
+            for opt in self._local():
+                opt.grad_scale = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:

@@ -155,6 +155,7 @@ class Trainer:
             raise RuntimeSetupError(f"--optimizer-sharding {opts.optimizer_sharding!r}: use "
                                     f"{', '.join(OPTIMIZER_SHARDING)}")
         apply_recompute(self.model, opts.recompute)
+        self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss)
         # Fused AdamW on GPUs: faster, and no temporaries the size of the moments.
         self.optimizer = TrainOptimizer(self.model, opts.optimizer_sharding, lr=self.lr,
                                         weight_decay=opts.weight_decay, fused=device.type == "cuda")
@@ -423,11 +424,9 @@ class Trainer:
             raise TrainingDiverged(f"training stopped at step {step}: {bad}; {self._diverged(step)}")
         self.finish_checkpoint(block=False)
         self._confirm()
-        if opts.grad_clip > 0:
-            scale = (opts.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            # every grad exists: sync_gradients fills unused ones with zeros
-            torch._foreach_mul_([p.grad for p in model.parameters()], scale)
-        self.optimizer.step()
+        # every grad exists: sync_gradients fills unused ones with zeros
+        clip = (opts.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if opts.grad_clip > 0 else None
+        self.optimizer.step(grad_scale=clip)
         self.optimizer.zero_grad(set_to_none=True)
         staging_s = staging_bytes = None
         if self.stager is not None and self.device.type == "cuda" and not self.stager_ready:

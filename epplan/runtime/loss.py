@@ -1,0 +1,114 @@
+"""The LM head and its cross-entropy, in chunks of tokens, with the gradient made in the forward.
+
+Shape legend: N = tokens, D = d_model, V = vocab, n = tokens of one chunk.
+
+``F.cross_entropy(lm_head(h).float(), targets)`` keeps the whole (N, V) logits in bf16 and in
+fp32 and makes their fp32 gradient: at the seed dims (40,000 tokens a micro-batch, V = 32,000)
+about 36 bytes of traffic and 6 bytes of memory per logit, 46 GB and 7.7 GB. Here each chunk of
+``chunk_tokens`` tokens is projected, reduced to its loss and turned into the gradient of its
+logits (softmax - one-hot) at once; its input gradient and the head's weight gradient (fp32,
+accumulated over chunks by the GEMM) follow, and the chunk's logits are dropped. The backward only
+scales what the forward kept by the loss's incoming gradient. The loss is the mean over tokens,
+computed in fp32 from logits of the head's compute dtype, as before.
+
+On CUDA the elementwise part of a chunk (upcast, log-sum-exp, the target's logit, the softmax
+and its cast) is compiled by ``torch.compile`` into reads of the logits and one write of their
+gradient; elsewhere, or if compiling fails, it runs eagerly (the same function). Liger-Kernel's
+fused linear cross-entropy does the same with hand-written Triton; this keeps to torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from epplan.runtime.experts import _mm_into, compute_copy
+from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
+
+
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (n, V), targets int64 (n,) -> (summed loss () in at least fp32, d(loss sum)/d(logits)
+    (n, V) in the logits' dtype)."""
+    lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(lf, dim=1, keepdim=True)  # (n, 1)
+    is_target = torch.arange(lf.shape[1], device=lf.device)[None, :] == targets[:, None]  # (n, V)
+    picked = torch.where(is_target, lf, 0.0).sum(dim=1, keepdim=True)  # (n, 1)
+    grad = torch.exp(lf - lse) - is_target.to(lf.dtype)
+    return (lse - picked).sum(), grad.to(logits.dtype)
+
+
+_compiled = None  # torch.compile'd _chunk_loss, built on first CUDA use; False if it failed
+
+
+def _chunk_loss_fn(device: torch.device):
+    global _compiled
+    if device.type != "cuda" or _compiled is False:
+        return _chunk_loss
+    if _compiled is None:
+        _compiled = torch.compile(_chunk_loss, dynamic=True)
+    return _compiled
+
+
+def _run_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    global _compiled
+    fn = _chunk_loss_fn(logits.device)
+    if fn is _chunk_loss:
+        return fn(logits, targets)
+    try:
+        return fn(logits, targets)
+    except Exception as exc:  # a compiler failure costs speed, never the run
+        _compiled = False
+        warnings.warn(f"torch.compile of the chunked cross-entropy failed ({type(exc).__name__}: {exc}); "
+                      "running it eagerly")
+        return _chunk_loss(logits, targets)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """h (N, D), weight (V, D), targets (N,) -> mean cross-entropy of h @ weight.T ()."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk_tokens):
+        w = compute_copy(weight, dtype)  # (V, D), cast once until the weight changes
+        hc = h.to(dtype)
+        num_tokens = h.shape[0]
+        grad_h = torch.empty_like(hc)  # (N, D)
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)  # (V, D)
+        total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
+        for i, start in enumerate(range(0, num_tokens, chunk_tokens)):
+            rows = slice(start, min(start + chunk_tokens, num_tokens))
+            logits = hc[rows] @ w.t()  # (n, V)
+            loss, grad_logits = _run_chunk(logits, targets[rows])
+            del logits
+            total += loss
+            torch.mm(grad_logits, w, out=grad_h[rows])
+            _mm_into(grad_w, grad_logits.t(), hc[rows], accumulate=i > 0)
+        if num_tokens == 0:
+            grad_w.zero_()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.h_dtype, ctx.num_tokens = h.dtype, max(num_tokens, 1)
+        return total / ctx.num_tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.num_tokens
+        return (grad_h * scale.to(grad_h.dtype)).to(ctx.h_dtype), grad_w * scale, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean cross-entropy of the logits h (N, D) @ weight (V, D).T against targets int64 (N,),
+    without the (N, V) logits (module docstring). Under autocast the GEMMs run in its dtype, the
+    loss in fp32; the gradients come back in h's and weight's dtypes."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk_tokens)
+
+
+def reference_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain form ``linear_cross_entropy`` replaces (for tests)."""
+    logits = F.linear(h, weight)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
