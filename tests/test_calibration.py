@@ -13,7 +13,7 @@ from epplan.cli import app
 from epplan.cost import evaluate
 from epplan.cost.calibration import (Calibration, CalibrationError, load_calibration, resolve_calibrations,
                                      shipped_for, shipped_tables)
-from epplan.cost.step import cast_bytes, moe_local_bytes, optimizer_bytes
+from epplan.cost.step import master_bytes, moe_local_bytes, optimizer_bytes
 from epplan.placement.baselines import contiguous
 from epplan.placement.problem import PlacementProblem
 from epplan.topology import load_topology
@@ -65,13 +65,24 @@ def test_calibrate_writes_a_file_the_cost_model_reads(tiny_calibration, tmp_path
     assert problem.gpu_flops[0] == pytest.approx(rate)
     served = cost.expert_assignments
     expect = served * problem.costs.flops_per_assignment * 3 / parts.expert_rate \
-        + cast_bytes(2 * problem.costs.params_per_expert) / cals[0].memory_rate("cast")
+        + master_bytes(2 * problem.costs.params_per_expert, 1) / cals[0].memory_rate("cast")
     np.testing.assert_allclose(cost.expert_compute_s, expect)
     tokens = config.tokens_per_step / 2
     assert parts.optimizer[0] == pytest.approx(
         optimizer_bytes(problem.costs.params_dense + 2 * 2 * problem.costs.params_per_expert)
         / cals[0].memory_rate("optimizer"))
-    assert parts.moe_dense[0, 0] > moe_local_bytes(tokens, 32, 2) / cals[0].memory_rate("moe_local")
+    assert parts.moe_dense[0, 0] > moe_local_bytes(tokens, 32, 2) / cals[0].moe_local_rate(32, 4, 2)
+    # The attention half and the routing work were measured at the model's own shape.
+    assert [(r["d_model"], r["num_kv_heads"]) for r in cal.attention_block] == [(32, config.num_kv_heads)]
+    assert cal.attention_block_flops(32, config.seq_len, config.num_heads, config.num_kv_heads,
+                                     config.head_dim) == pytest.approx(cal.attention_block[0]["tflops"] * 1e12)
+    assert cal.attention_block_flops(64, config.seq_len, config.num_heads, config.num_kv_heads,
+                                     config.head_dim) is None  # another shape: composed
+    assert cal.moe_local_rate(32, config.num_experts, 2) == pytest.approx(cal.moe_local[0]["gbps"] * 1e9)
+    att = config.seq_len and (problem.costs.flops_attention_proj + problem.costs.flops_attention_scores)
+    assert parts.attention[0, 0] == pytest.approx(
+        tokens * 3 * att / cal.attention_block_flops(32, config.seq_len, config.num_heads,
+                                                     config.num_kv_heads, config.head_dim))
     est = runner.invoke(app, ["estimate", "--topology", str(tmp_path / "topo.yaml"), "--model", "tiny",
                               "--experts-per-gpu", "2", "--json"])
     assert est.exit_code == 0, est.output

@@ -112,5 +112,11 @@ def calibrate(
     for row in cal.attention:
         console.print(f"  attention T={row['seq_len']} H={row['num_heads']} ({row['backend']}): "
                       f"{row['tflops']:.3g} TFLOP/s", highlight=False)
+    for row in cal.attention_block:
+        console.print(f"  attention half d={row['d_model']} T={row['seq_len']} H={row['num_heads']} "
+                      f"Hkv={row['num_kv_heads']}: {row['tflops']:.3g} TFLOP/s", highlight=False)
     console.print("  memory-bound, GB/s: " + ", ".join(f"{k} {v:.3g}" for k, v in cal.memory.items()),
                   highlight=False)
+    for row in cal.moe_local:
+        console.print(f"  moe_local d={row['d_model']} E={row['num_experts']} k={row['top_k']}: "
+                      f"{row['gbps']:.3g} GB/s", highlight=False)

@@ -12,6 +12,12 @@ A calibration file (JSON, format ``epplan.calibration`` version 1) holds, for on
   counts them (causal: half the square);
 - ``memory``: effective bytes/s of the step's memory-bound parts, each over the byte count
   ``epplan.cost.step`` defines for it (norm, cast, loss, moe_local, optimizer, embedding);
+- ``attention_block`` (optional): training rate, TFLOP/s, of a block's whole attention half as
+  ``epplan run`` runs it (norm, projections, SDPA, the head layouts, key/value repeats for grouped
+  heads, on the fp32 residual stream under bf16 autocast with fp32 weights), per model shape
+  (d_model, seq_len, num_heads, num_kv_heads, head_dim); FLOPs: the projections' and the scores';
+- ``moe_local`` (optional): ``memory``'s moe_local rate, GB/s, measured at each model's own
+  (d_model, num_experts, top_k);
 - ``collectives`` (several GPUs): algorithm bandwidth, GB/s, of ``all_to_all`` and ``all_reduce``
   per group size, as points [bytes per rank, GB/s].
 
@@ -55,6 +61,8 @@ class Calibration:
     attention: list[dict[str, Any]]
     memory: dict[str, float]
     collectives: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    attention_block: list[dict[str, Any]] = field(default_factory=list)
+    moe_local: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""  # the file it was read from, or "shipped:NAME"
     notes: list[str] = field(default_factory=list, compare=False)
 
@@ -77,6 +85,20 @@ class Calibration:
         row = self._nearest(self.attention, "attention",
                             {"seq_len": seq_len, "num_heads": num_heads, "head_dim": head_dim})
         return row["tflops"] * 1e12
+
+    def attention_block_flops(self, d_model: int, seq_len: int, num_heads: int, num_kv_heads: int,
+                              head_dim: int) -> float | None:
+        """FLOP/s of the whole attention half measured at exactly this shape, or None."""
+        want = {"d_model": d_model, "seq_len": seq_len, "num_heads": num_heads,
+                "num_kv_heads": num_kv_heads, "head_dim": head_dim}
+        row = next((r for r in self.attention_block if all(r[k] == v for k, v in want.items())), None)
+        return None if row is None else row["tflops"] * 1e12
+
+    def moe_local_rate(self, d_model: int, num_experts: int, top_k: int) -> float:
+        """Bytes/s of the MoE layer's routing work: measured at this shape, else ``memory``'s."""
+        want = {"d_model": d_model, "num_experts": num_experts, "top_k": top_k}
+        row = next((r for r in self.moe_local if all(r[k] == v for k, v in want.items())), None)
+        return self.memory_rate("moe_local") if row is None else row["gbps"] * 1e9
 
     def memory_rate(self, op: str) -> float:
         """Effective bytes/s of memory-bound op ``op`` (over ``epplan.cost.step``'s byte count)."""
@@ -107,7 +129,8 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "gpu": self.gpu, "provenance": self.provenance,
                 "software": self.software, "gemm": self.gemm, "expert": self.expert,
-                "attention": self.attention, "memory": self.memory, "collectives": self.collectives}
+                "attention": self.attention, "memory": self.memory, "collectives": self.collectives,
+                "attention_block": self.attention_block, "moe_local": self.moe_local}
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> "Calibration":
@@ -122,7 +145,9 @@ class Calibration:
                       software=dict(data.get("software", {})), gemm=list(data["gemm"]),
                       expert=list(data["expert"]), attention=list(data["attention"]),
                       memory={str(k): float(v) for k, v in data["memory"].items()},
-                      collectives=dict(data.get("collectives", {})), source=source)
+                      collectives=dict(data.get("collectives", {})),
+                      attention_block=list(data.get("attention_block", [])),
+                      moe_local=list(data.get("moe_local", [])), source=source)
             for row in cal.gemm:
                 _positive(row, ("k", "n", "tflops"), source, "gemm")
             for row in cal.expert:
@@ -131,6 +156,11 @@ class Calibration:
                 str(row["activation"])
             for row in cal.attention:
                 _positive(row, ("seq_len", "num_heads", "head_dim", "tflops"), source, "attention")
+            for row in cal.attention_block:
+                _positive(row, ("d_model", "seq_len", "num_heads", "num_kv_heads", "head_dim", "tflops"),
+                          source, "attention_block")
+            for row in cal.moe_local:
+                _positive(row, ("d_model", "num_experts", "top_k", "gbps"), source, "moe_local")
             for op, rows in cal.collectives.items():
                 for row in rows:
                     _positive(row, ("group_size",), source, op)

@@ -5,22 +5,28 @@ Shape legend: L = MoE layers, G = GPUs.
 Each component is FLOPs over a calibrated FLOP/s plus bytes over a calibrated bytes/s
 (``epplan.cost.calibration``); the byte counts below are the ones ``epplan calibrate`` divides its
 timings by, so that a calibrated shape is reproduced exactly and others scale by their bytes.
-Training = forward + backward; ``M`` micro-batches run the same work on 1 / M of the tokens, and
-the weights are cast to bf16 once per micro-batch (fp32 weights under bf16 autocast, as
-``epplan run`` trains).
+Training = forward + backward; ``M`` micro-batches run the same work on 1 / M of the tokens.
+Weights are fp32 under bf16 autocast, as ``epplan run`` trains: the attention projections are
+cast by autocast once per micro-batch; the experts and the LM head keep a bf16 copy until the
+optimizer changes them and accumulate fp32 gradients straight from their GEMMs
+(``epplan.runtime.experts``, ``epplan.runtime.loss``).
 
-    attention     per layer: tokens * 3 * projection FLOPs / gemm rate of each projection
-                  + tokens * 3 * score FLOPs / attention rate + norm bytes + projection casts
+    attention     per layer: tokens * 3 * (projection + score FLOPs) / the attention half's
+                  measured rate at this model's shape (``attention_block``); for a shape not
+                  calibrated, composed: each projection at its gemm rate, the scores at the
+                  attention rate, norm bytes and projection casts
     moe_dense     per MoE layer: the router's and shared experts' GEMMs, the norm, and the
                   memory-bound routing work (``moe_local_bytes``: router, permutation, combine,
-                  the unchunked exchange's local copies)
+                  the unchunked exchange's local copies) at the rate measured at this model's
+                  shape (else the first calibrated model's)
     experts       per MoE layer and GPU: assignments served * 3 * FLOPs per assignment / the
-                  grouped expert rate at the GPU's rows per expert (per micro-batch), + casts
-    lm_head_loss  tokens * 3 * LM-head FLOPs / gemm rate + loss bytes + final norm + cast
+                  grouped expert rate at the GPU's rows per expert (per micro-batch), + master
+                  weight bytes
+    lm_head_loss  tokens * 3 * LM-head FLOPs / gemm rate + loss bytes + final norm + master bytes
     embedding     token and position embedding, forward + backward
     dense_layers  models with dense layers: their attention and MLP (the MLP at the grouped
                   expert rate of its shape at all the micro-batch's tokens)
-    optimizer     every parameter the GPU holds: norm for clipping, clip, fused AdamW
+    optimizer     every parameter the GPU holds: norm for clipping, fused AdamW with the clip
 
 Byte counts (per step unless said):
 
@@ -28,22 +34,32 @@ Byte counts (per step unless said):
                dy and writes dx backward
     cast       16 per parameter per micro-batch: fp32 -> bf16 copy (4 + 2), the bf16 gradient's
                cast back and accumulation into the fp32 gradient (2 + 4 + 4)
-    loss       36 V per token: bf16 logits -> fp32 (2 + 4), log-softmax (4 + 4), its backward
-               (4 + 4 + 4) and the cast of the gradient to bf16 (4 + 2), plus 4 for the target pick
+    master     2 + 6 M per expert parameter: the bf16 copy once per step (4 + 2), and the weight-
+               gradient GEMMs writing fp32 instead of bf16 (+2 on the first micro-batch, +6 on each
+               later one, which reads and writes the fp32 gradient); at the cast rate
+    head       the LM head's weight, per parameter: its bf16 copy (6), per micro-batch its fp32
+               gradient written by the first chunk's GEMM and read and written by each later
+               one's (4 + 8 (C - 1), C = chunks of ``schedule.LOSS_CHUNK_TOKENS``), scaled (8), and
+               accumulated from the second micro-batch on (12); at the cast rate
+    loss       6 V per token: a chunk's bf16 logits read twice (log-sum-exp, then the softmax)
+               and their bf16 gradient written
     moe_local  per token: 24 d k (k assignments, each gathered, exchanged, regrouped and combined
                forward and backward in bf16) + 16 d (the router's fp32 input and its gradient)
-    optimizer  40 per parameter: the gradient read for its norm (4), the clip (4 + 4), AdamW
-               (parameter, gradient and two moments read, parameter and moments written: 28)
+    optimizer  36 per parameter: the gradient read for its norm (4), fused AdamW (parameter,
+               gradient and two moments read, parameter and moments written: 28) with the clip
+               scale in its kernel, which writes the scaled gradient back (4)
     embedding  24 d per token: two gathers and the sum forward, two scatter-adds backward (fp32)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from epplan.cost.calibration import Calibration
+from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR, ModelCosts
 
@@ -58,8 +74,17 @@ def cast_bytes(params: float) -> float:
     return 16.0 * params
 
 
+def master_bytes(params: float, micro_batches: int) -> float:
+    return (2.0 + 6.0 * micro_batches) * params
+
+
+def head_bytes(params: float, micro_batches: int, tokens_per_micro_batch: float) -> float:
+    chunks = max(1, math.ceil(tokens_per_micro_batch / CHUNK_TOKENS))
+    return params * (6.0 + micro_batches * (4.0 + 8.0 * (chunks - 1) + 8.0) + 12.0 * (micro_batches - 1))
+
+
 def loss_bytes(tokens: float, vocab_size: int) -> float:
-    return 36.0 * tokens * vocab_size
+    return 6.0 * tokens * vocab_size
 
 
 def moe_local_bytes(tokens: float, d_model: int, top_k: int) -> float:
@@ -67,7 +92,7 @@ def moe_local_bytes(tokens: float, d_model: int, top_k: int) -> float:
 
 
 def optimizer_bytes(params: float) -> float:
-    return 40.0 * params
+    return 36.0 * params
 
 
 def embedding_bytes(tokens: float, d_model: int) -> float:
@@ -141,19 +166,25 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
     for gpus in by_cal.values():
         cal = calibrations[gpus[0]]
         mem = cal.memory_rate
-        # Attention of one layer: projections, scores, its norm, the projections' weight casts.
-        proj = sum(2 * k * n / cal.gemm_flops(k, n) for k, n in
-                   ((d, q_width), (d, 2 * kv_width), (q_width, d)))
-        att = (tokens * f3 * proj
-               + tokens * f3 * costs.flops_attention_scores / cal.attention_flops(c.seq_len, c.num_heads,
-                                                                                   c.head_dim)
-               + norm_bytes(tokens, d) / mem("norm")
-               + micro_batches * cast_bytes(costs.params_attention) / mem("cast"))
+        # Attention of one layer: the whole half as measured at this shape, else composed of
+        # projections, scores, its norm and the projections' weight casts.
+        half = cal.attention_block_flops(d, c.seq_len, c.num_heads, c.num_kv_heads, c.head_dim)
+        if half is not None:
+            att = (tokens * f3 * (costs.flops_attention_proj + costs.flops_attention_scores) / half
+                   + (micro_batches - 1) * cast_bytes(costs.params_attention) / mem("cast"))
+        else:
+            proj = sum(2 * k * n / cal.gemm_flops(k, n) for k, n in
+                       ((d, q_width), (d, 2 * kv_width), (q_width, d)))
+            att = (tokens * f3 * proj
+                   + tokens * f3 * costs.flops_attention_scores / cal.attention_flops(c.seq_len, c.num_heads,
+                                                                                       c.head_dim)
+                   + norm_bytes(tokens, d) / mem("norm")
+                   + micro_batches * cast_bytes(costs.params_attention) / mem("cast"))
         attention[gpus] = att * att_scale
         # The MoE layer's own dense work: router (fp32, tiny), shared experts, norm, routing.
         shared = costs.flops_shared_experts
         moe = (norm_bytes(tokens, d) / mem("norm")
-               + moe_local_bytes(tokens, d, c.top_k) / mem("moe_local"))
+               + moe_local_bytes(tokens, d, c.top_k) / cal.moe_local_rate(d, c.num_experts, c.top_k))
         if shared:
             moe += tokens * f3 * shared / cal.expert_flops(d, c.num_shared_experts * c.d_ff, c.activation,
                                                            tokens / micro_batches)
@@ -162,12 +193,12 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
             for li in range(num_layers):
                 rate[li, g] = cal.expert_flops(d, c.d_ff, c.activation, max(rows[li, g], 1.0), path)
         experts[:, gpus] = block_scale * served[:, gpus] * costs.flops_per_assignment * f3 / rate[:, gpus]
-        experts[:, gpus] += (micro_batches * cast_bytes(experts_held[:, gpus] * costs.params_per_expert)
+        experts[:, gpus] += (master_bytes(experts_held[:, gpus] * costs.params_per_expert, micro_batches)
                              / mem("cast"))
         lm_head[gpus] = (tokens * f3 * costs.flops_lm_head / cal.gemm_flops(d, c.vocab_size)
                          + loss_bytes(tokens, c.vocab_size) / mem("loss")
                          + norm_bytes(tokens, d) / mem("norm")
-                         + micro_batches * cast_bytes(costs.params_lm_head) / mem("cast"))
+                         + head_bytes(costs.params_lm_head, micro_batches, tokens / micro_batches) / mem("cast"))
         embedding[gpus] = embedding_bytes(tokens, d) / mem("embedding")
         optimizer[gpus] = optimizer_bytes(costs.params_dense + expert_params_held[gpus]) / mem("optimizer")
     # Dense layers (models with num_dense_layers) count as attention + a dense MLP each; their

@@ -12,11 +12,15 @@ What is timed (forward + backward unless said):
                per expert from 128 to 16,384; "unchunked" is the path ``epplan run`` takes without
                overlap (and on one GPU), "chunked" one chunk of the overlap path
     attention  SDPA with the kernel order ``epplan run`` uses (``model.SDPA_BACKENDS``)
+    attention_block  per model: a block's norm + attention as ``epplan run`` runs them (fp32
+               weights and residual stream under bf16 autocast)
     norm       F.rms_norm on an fp32 residual stream under bf16 autocast
     cast       an fp32 weight cast to bf16, its gradient accumulated into the fp32 gradient
-    loss       fp32 cross-entropy of bf16 logits
-    moe_local  the MoE layer on one rank (router, permutation, exchange, combine) minus its expert GEMMs
-    optimizer  gradient norm, clipping and fused AdamW (``epplan run``'s optimizer step)
+    loss       one chunk of ``epplan.runtime.loss``'s cross-entropy (bf16 logits in, their
+               gradient out; compiled on CUDA as in training)
+    moe_local  per model: the MoE layer on one rank (router, permutation, exchange, combine)
+               minus its expert GEMMs
+    optimizer  gradient norm and fused AdamW with the clipping scale (``epplan run``'s step)
     embedding  token + position embeddings
     collectives (several ranks, under torchrun): all_to_all_single and all_reduce over the world
 """
@@ -36,7 +40,8 @@ from torch.nn.attention import sdpa_kernel
 from epplan.cost import step as bytes_of
 from epplan.runtime.experts import (expert_mlp, expert_mlp_backward_input, expert_mlp_backward_weight,
                                     expert_mlp_forward)
-from epplan.runtime.model import SDPA_BACKENDS
+from epplan.runtime.loss import CHUNK_TOKENS, _run_chunk
+from epplan.runtime.model import SDPA_BACKENDS, Attention, RMSNorm
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import model_costs
 
@@ -150,6 +155,31 @@ def measure_attention(timer: Timer, config: ModelConfig, tokens: int, dtype: tor
             "backend": backend, "tflops": flops / s / 1e12}
 
 
+def measure_attention_block(timer: Timer, config: ModelConfig, tokens: int) -> dict[str, Any]:
+    """A block's attention half (``RMSNorm`` + ``Attention``) as ``epplan run`` trains it: fp32
+    weights and residual stream, bf16 autocast on CUDA; TFLOP/s over the projections' and the
+    scores' FLOPs."""
+    dev, c = timer.device, config
+    batch = max(1, tokens // c.seq_len)
+    with torch.device(dev):
+        norm, attn = RMSNorm(c.d_model), Attention(c)
+    for w in attn.parameters():
+        nn.init.normal_(w, std=0.02)
+    x = _rand(batch, c.seq_len, c.d_model, device=dev, dtype=torch.float32, requires_grad=True)
+    g = _rand(batch, c.seq_len, c.d_model, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+    def run() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            y = attn(norm(x))
+        _backward(y, g.to(y.dtype), x, *norm.parameters(), *attn.parameters())
+    s = timer.seconds(run)
+    costs = model_costs(c)
+    flops = 3 * batch * c.seq_len * (costs.flops_attention_proj + costs.flops_attention_scores)
+    return {"d_model": c.d_model, "seq_len": c.seq_len, "num_heads": c.num_heads,
+            "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "batch": batch,
+            "tflops": flops / s / 1e12}
+
+
 def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> dict[str, float]:
     """GB/s of each memory-bound part over its byte count (``epplan.cost.step``)."""
     dev, c, out = timer.device, config, {}
@@ -178,14 +208,13 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     out["cast"] = bytes_of.cast_bytes(params) / timer.seconds(cast) / 1e9
     del master, gcast
 
-    loss_tokens = max(1, min(tokens, (2**31 // 8) // c.vocab_size))  # logits under 2 GiB in fp32... x4
-    logits = _rand(loss_tokens, c.vocab_size, device=dev, dtype=dtype, requires_grad=True)
+    # One chunk of the chunked LM-head loss, as training runs it (compiled on CUDA: the first
+    # warm-up call compiles).
+    loss_tokens = min(tokens, CHUNK_TOKENS)
+    logits = _rand(loss_tokens, c.vocab_size, device=dev, dtype=dtype)
     target = torch.randint(0, c.vocab_size, (loss_tokens,), device=dev)
-
-    def loss() -> None:
-        F.cross_entropy(logits.float(), target).backward()
-        logits.grad = None
-    out["loss"] = bytes_of.loss_bytes(loss_tokens, c.vocab_size) / timer.seconds(loss) / 1e9
+    out["loss"] = (bytes_of.loss_bytes(loss_tokens, c.vocab_size)
+                   / timer.seconds(lambda: _run_chunk(logits, target)) / 1e9)
     del logits
 
     # Large tensors: at 64 Mi parameters the step ran at 2.4-2.6 TB/s over its bytes, against
@@ -194,13 +223,19 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     tensors = [_rand(opt_params // 8, device=dev, dtype=torch.float32, scale=0.02).requires_grad_() for _ in range(8)]
     for t in tensors:
         t.grad = _rand(*t.shape, device=dev, dtype=torch.float32, scale=1e-3)
-    opt = torch.optim.AdamW(tensors, lr=1e-4, fused=dev.type == "cuda")
+    fused = dev.type == "cuda"
+    opt = torch.optim.AdamW(tensors, lr=1e-4, fused=fused)
 
-    def optimizer() -> None:  # as Trainer.train_step: the norm, the clip, the step
+    def optimizer() -> None:  # as Trainer.train_step and TrainOptimizer.step: norm, clip, step
         grads = [t.grad for t in tensors]
         norm = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum().sqrt()
-        torch._foreach_mul_(grads, (1.0 / (norm + 1e-6)).clamp(max=1.0))
+        scale = (1.0 / (norm + 1e-6)).clamp(max=1.0)
+        if fused:
+            opt.grad_scale = scale.reciprocal()
+        else:
+            torch._foreach_mul_(grads, scale)
         opt.step()
+        opt.grad_scale = None
     out["optimizer"] = bytes_of.optimizer_bytes(opt_params) / timer.seconds(optimizer) / 1e9
     del tensors, opt
 
@@ -216,11 +251,11 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     out["embedding"] = bytes_of.embedding_bytes(seqs * c.seq_len, d) / timer.seconds(embedding) / 1e9
     del emb, pos, ge
 
-    out["moe_local"] = _measure_moe_local(timer, c, tokens, dtype)
+    out["moe_local"] = measure_moe_local(timer, c, tokens, dtype)
     return out
 
 
-def _measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> float:
+def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> float:
     """The MoE layer on one rank (``parallelize_experts`` on a group of this process alone, no
     overlap: the path of a one-node ``epplan run``) minus its expert GEMMs alone, as GB/s."""
     from epplan.placement.types import Placement, LayerPlacement
@@ -279,7 +314,7 @@ def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32
     caller adds provenance). Needs ``torch.distributed`` initialised (a group of one is fine)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device, iters, warmup)
-    gemm, expert, attention, memory = {}, [], {}, {}
+    gemm, expert, attention, memory, blocks, moe_local = {}, [], {}, {}, {}, {}
     seen_expert = set()
     for c in configs:
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -296,12 +331,20 @@ def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32
         key = (c.seq_len, c.num_heads, c.head_dim)
         if key not in attention:
             attention[key] = measure_attention(timer, c, tokens, dtype)
+        key = (c.d_model, c.seq_len, c.num_heads, c.num_kv_heads, c.head_dim)
+        if key not in blocks:
+            blocks[key] = measure_attention_block(timer, c, tokens)
         if not memory:
             memory = measure_memory(timer, c, tokens, dtype)
+            moe_local[(c.d_model, c.num_experts, c.top_k)] = memory["moe_local"]
+        elif (c.d_model, c.num_experts, c.top_k) not in moe_local:
+            moe_local[(c.d_model, c.num_experts, c.top_k)] = measure_moe_local(timer, c, tokens, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out = {"gemm": list(gemm.values()), "expert": expert, "attention": list(attention.values()),
-           "memory": memory, "collectives": {}}
+           "memory": memory, "collectives": {}, "attention_block": list(blocks.values()),
+           "moe_local": [{"d_model": d, "num_experts": e, "top_k": k, "gbps": v}
+                         for (d, e, k), v in moe_local.items()]}
     if dist.get_world_size() > 1:
         out["collectives"] = measure_collectives(timer, (2**20, 2**24, 2**28))
     return out
