@@ -115,7 +115,9 @@ def default_schedule(topology, config, costs, micro_batches: int = 1, *, overlap
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"overlap must be one of {OVERLAP_MODES}, got {overlap!r}")
     on = topology.num_nodes > 1 if overlap == "auto" else overlap == "on"
-    if not on:
+    # One GPU: the runtime keeps the rows in place and runs the unchunked path (nothing to
+    # exchange, nothing to hide), whatever --overlap says.
+    if not on or topology.num_gpus == 1:
         return Schedule(False, 1)
     if num_chunks is None:
         tokens = config.tokens_per_step // (topology.num_gpus * micro_batches)

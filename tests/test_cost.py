@@ -387,3 +387,18 @@ def test_one_gpu_per_node_has_no_same_node_pairs():
         for name in ("dispatch_fwd_bytes", "combine_fwd_bytes", "expert_sync_bytes", "dense_sync_bytes"):
             np.testing.assert_allclose(getattr(fast, name), getattr(ref, name), rtol=1e-5)
         assert fast.dense_sync_bytes.sum() > 0
+
+
+def test_one_gpu_is_scored_unchunked_whatever_the_overlap_flag():
+    """The runtime keeps a single rank's rows in place and never chunks them, so a one-GPU
+    topology's schedule is serial even with overlap on; two GPUs keep the chunks."""
+    from epplan.schedule import default_schedule
+    from epplan.topology import load_topology
+    from epplan.workload import load_model_config
+    from epplan.workload.flops import model_costs
+
+    config = load_model_config("seed")
+    one = load_topology("scripts/device/gpu-h200.yaml")
+    assert not default_schedule(one, config, model_costs(config), overlap="on", num_chunks=8).overlap
+    two = load_topology("topologies/h100-pair.yaml")
+    assert default_schedule(two, config, model_costs(config), overlap="on", num_chunks=8).num_chunks == 8

@@ -86,6 +86,12 @@ def compute_copy(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return cached[1]
 
 
+def forget_copies() -> None:
+    """Drop every ``compute_copy`` (after weights were written by means that may bypass their
+    version counters, such as a checkpoint load)."""
+    _COPIES.clear()
+
+
 _MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) runs there
 
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from epplan.errors import EpplanError, RuntimeSetupError
 from epplan.runtime.expert_parallel import (build_expert_parallel_model, get_stats, set_exchange_timer,
                                             sync_gradients)
+from epplan.runtime.experts import forget_copies
 from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS
 from epplan.runtime.model import Transformer
 from epplan.runtime.recompute import RECOMPUTE, apply_recompute
@@ -233,6 +234,7 @@ class Trainer:
                     f"{getattr(self.config, name)!r}; resume with a manifest of the same model")
         self.changes = self._changes_from(info.meta)
         extra = checkpoint.load(info, self.model, self.optimizer, rank=self.rank, device=self.device)
+        forget_copies()  # DCP may write weights without advancing their version counters
         self.step = self.last_step = info.step
         moved = info.meta["manifest_hash"] != self.job.manifest_hash
         # routing_stats.json counts the steps run under one manifest and one batch size only
