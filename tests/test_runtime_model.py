@@ -239,10 +239,19 @@ def test_segment_mlp_with_fp32_masters_of_bf16_rows(activation):
     for x, ref in zip(xs, ref_xs):
         torch.testing.assert_close(x.grad, ref.grad, rtol=2e-2, atol=2e-3)
 
-    with torch.no_grad():  # as the optimizer's step: in place, a new version
+    # An in-place write through autograd-visible ops advances the version: a new copy.
+    with torch.no_grad():
         experts.w1.mul_(0.5)
     copy2 = compute_copy(experts.w1, torch.bfloat16)
     assert copy2 is not copy1 and torch.equal(copy2, experts.w1.detach().bfloat16())
+    # Fused AdamW (epplan run's step on GPUs) does not advance it: TrainOptimizer.step drops the
+    # copies, so that the next forward sees the new weights.
+    from epplan.train.optim import TrainOptimizer
+
+    opt = TrainOptimizer(experts, "none", lr=1e-2, weight_decay=0.0, fused=True)
+    opt.step()
+    copy3 = compute_copy(experts.w1, torch.bfloat16)
+    assert copy3 is not copy2 and torch.equal(copy3, experts.w1.detach().bfloat16())
 
 
 @pytest.mark.parametrize("num_tokens", [37, 8, 0])

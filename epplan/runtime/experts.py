@@ -11,8 +11,9 @@ The expert-parallel module (``expert_parallel.py``) reuses ``expert_mlp`` on the
 
 Mixed precision. Under bf16 autocast the weights stay fp32 (the optimizer's master copy) and the
 GEMMs run in bf16. On the segment path (``segment_mlp``) a weight is cast once until it changes
-(``compute_copy``: the bf16 copy is kept against the weight's version counter, which the
-optimizer's in-place step and a checkpoint load advance), not once per micro-batch, and its
+(``compute_copy``: the bf16 copy is kept against the weight's version counter and storage, and
+dropped by ``forget_copies``, which the optimizer step and a checkpoint load call: fused AdamW
+writes the weights without advancing their version counters), not once per micro-batch, and its
 gradient is accumulated straight into the fp32 ``.grad`` by the weight-gradient GEMMs (fp32
 output, beta = 1 after the first micro-batch), as Megatron-Core's gradient-accumulation fusion
 does: no bf16 gradient, no cast back, no separate accumulation. At the seed dims that is 14 bytes
@@ -70,10 +71,12 @@ _COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def compute_copy(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``w`` (a master weight) in ``dtype``, without autograd, cast again only once w changed.
 
-    Changed means a new version counter (any in-place write through torch: the optimizer's step,
-    ``copy_`` from a checkpoint, ``init_weights``) or new storage. Writes that bypass the counter
-    (``w.data`` assignments, collectives writing into w) are not seen; the runtime makes none to
-    expert weights. The copy is kept between steps (one bf16 copy of this rank's expert weights).
+    Changed means a new version counter (an in-place write through autograd-visible ops:
+    ``copy_``, ``mul_``, ``init_weights``) or new storage. Writes that bypass the counter are not
+    seen: fused optimizer kernels (``torch.optim.AdamW(fused=True)`` leaves it as it was),
+    collectives writing into w, ``w.data`` assignments; whoever makes them calls
+    ``forget_copies`` (``TrainOptimizer.step`` does, after every step). The copy is kept until
+    then (one bf16 copy of this rank's expert and LM-head weights).
     """
     if w is None or w.dtype == dtype:
         return w
@@ -87,8 +90,8 @@ def compute_copy(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 
 def forget_copies() -> None:
-    """Drop every ``compute_copy`` (after weights were written by means that may bypass their
-    version counters, such as a checkpoint load)."""
+    """Drop every ``compute_copy`` (after weights were written by means that bypass their
+    version counters: the fused optimizer step, a checkpoint load)."""
     _COPIES.clear()
 
 

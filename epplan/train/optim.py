@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from epplan.runtime.expert_parallel import ExpertParallelExperts
+from epplan.runtime.experts import forget_copies
 from epplan.workload.memory import OPTIMIZER_SHARDING
 
 
@@ -91,6 +92,9 @@ class TrainOptimizer:
         finally:
             for opt in self._local():
                 opt.grad_scale = None
+            # The weights changed under their bf16 copies: fused AdamW (and ZeRO's broadcast)
+            # write them without advancing their version counters (epplan.runtime.experts).
+            forget_copies()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
