@@ -40,7 +40,7 @@ from torch.nn.attention import sdpa_kernel
 from epplan.cost import step as bytes_of
 from epplan.runtime.experts import (expert_mlp, expert_mlp_backward_input, expert_mlp_backward_weight,
                                     expert_mlp_forward)
-from epplan.runtime.loss import CHUNK_TOKENS, _run_chunk
+from epplan.runtime.loss import CHUNK_TOKENS, chunk_loss
 from epplan.runtime.model import SDPA_BACKENDS, Attention, RMSNorm
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import model_costs
@@ -214,7 +214,7 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     logits = _rand(loss_tokens, c.vocab_size, device=dev, dtype=dtype)
     target = torch.randint(0, c.vocab_size, (loss_tokens,), device=dev)
     out["loss"] = (bytes_of.loss_bytes(loss_tokens, c.vocab_size)
-                   / timer.seconds(lambda: _run_chunk(logits, target)) / 1e9)
+                   / timer.seconds(lambda: chunk_loss(logits, target)) / 1e9)
     del logits
 
     # Large tensors: at 64 Mi parameters the step ran at 2.4-2.6 TB/s over its bytes, against

@@ -113,7 +113,7 @@ def _has_mm_out_dtype(device: torch.device) -> bool:
     return _MM_OUT_DTYPE[device.type]
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """out = a @ b, or out += a @ b; out may be wider than a and b (fp32 gradients of bf16
     GEMMs): then the GEMM writes fp32 itself where torch can, else through a temporary."""
     if out.dtype == a.dtype:
@@ -306,7 +306,7 @@ def expert_mlp_backward_weight(x: torch.Tensor, dy: torch.Tensor, dh: torch.Tens
         for dw, left, right in ((dw1, x, dh), (dw2, a, dy), (dw3, x, dg)):
             if dw is None:
                 continue
-            _mm_into(dw[e], left[rows].t(), right[rows], accumulate)
+            mm_into(dw[e], left[rows].t(), right[rows], accumulate)
 
 
 def _padded_bmm(x: torch.Tensor, num_tokens: Sequence[int], w1: torch.Tensor, w2: torch.Tensor,

@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from epplan.runtime.experts import _mm_into, compute_copy
+from epplan.runtime.experts import mm_into, compute_copy
 from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 
 
@@ -51,7 +51,9 @@ def _chunk_loss_fn(device: torch.device):
     return _compiled
 
 
-def _run_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_chunk_loss`` as training runs it: compiled on CUDA (eager if compiling fails), eager
+    elsewhere. logits (n, V), targets int64 (n,) -> (loss sum (), gradient of the logits (n, V))."""
     global _compiled
     fn = _chunk_loss_fn(logits.device)
     if fn is _chunk_loss:
@@ -79,11 +81,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i, start in enumerate(range(0, num_tokens, chunk_tokens)):
             rows = slice(start, min(start + chunk_tokens, num_tokens))
             logits = hc[rows] @ w.t()  # (n, V)
-            loss, grad_logits = _run_chunk(logits, targets[rows])
+            loss, grad_logits = chunk_loss(logits, targets[rows])
             del logits
             total += loss
             torch.mm(grad_logits, w, out=grad_h[rows])
-            _mm_into(grad_w, grad_logits.t(), hc[rows], accumulate=i > 0)
+            mm_into(grad_w, grad_logits.t(), hc[rows], accumulate=i > 0)
         if num_tokens == 0:
             grad_w.zero_()
         ctx.save_for_backward(grad_h, grad_w)
