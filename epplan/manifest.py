@@ -426,11 +426,13 @@ def check_fits_topology(manifest: Manifest, topo, what: str = "--topology") -> N
     if not manifest.topology_hash:
         raise ManifestError(f"{where}: records no topology content hash, so it cannot be checked against a "
                             "cluster; re-plan it with 'epplan place'")
-    if topo.content_hash and topo.content_hash != manifest.topology_hash:
+    if topo.content_hash and topo.content_hash != manifest.topology_hash:  # the one hash check
+        name = Path(where).name
         raise ManifestError(
-            f"{where} was planned on topology {manifest.topology_name!r} (content hash "
-            f"{manifest.topology_hash[:12]}), not on {what} {topo.source or topo.name} ({topo.content_hash[:12]}); "
-            "pass the topology it was planned for, or re-plan with 'epplan place'")
+            f"{what} {topo.source or topo.name}: content hash {topo.content_hash[:12]} differs from the one "
+            f"{name} was planned on ({manifest.topology_hash[:12]}): {name} was planned for topology "
+            f"{manifest.topology_name!r} ({manifest.topology_source or 'no recorded file'}); pass that file "
+            "with --topology FILE, or re-plan with 'epplan place'")
     ranks = [(topo.node_names[int(n)], int(i)) for n, i in zip(topo.gpu_node, topo.gpu_local)]
     mine = list(zip(manifest.rank_nodes, manifest.rank_local_gpus))
     if mine != ranks:

@@ -24,7 +24,7 @@ from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, ev
 from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.cost.fit import Fit, choose_run_settings
 from epplan.errors import ConfigError, DoesNotFit, PlacementError
-from epplan.placement.baselines import BASELINES, random_placement
+from epplan.placement.baselines import BASELINES, baseline
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 from epplan.topology import load_topology
@@ -166,22 +166,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _placement(spec: str, problem: PlacementProblem, seed: int) -> Placement:
-    if spec == "random":
-        return random_placement(problem, seed)
     if spec in BASELINES:
-        return BASELINES[spec](problem)
+        return baseline(spec, problem, seed)
     raise PlacementError(f"--placement {spec!r}: use {', '.join(BASELINES)} or a manifest .json file")
 
 
 def _from_manifest(manifest: Manifest, problem: PlacementProblem) -> Placement:
-    path = manifest.path
-    topo = problem.topology
-    if manifest.topology_hash and topo.content_hash and manifest.topology_hash != topo.content_hash:
-        raise PlacementError(
-            f"--placement {path}: planned for topology {manifest.topology_name!r} "
-            f"({manifest.topology_source or 'unknown file'}), not for --topology {topo.source or topo.name}; "
-            "pass the topology the manifest was planned for")
-    check_fits_topology(manifest, topo)
+    check_fits_topology(manifest, problem.topology, "--topology")
     return manifest.placement
 
 

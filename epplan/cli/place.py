@@ -27,7 +27,7 @@ from epplan.cost.fit import choose_run_settings
 from epplan.cost import Cost, evaluate
 from epplan.errors import PlacementError
 from epplan.manifest import build_manifest, check_fits_topology, load_manifest, write_manifest
-from epplan.placement.baselines import BASELINES, random_placement
+from epplan.placement.baselines import baseline
 from epplan.placement.problem import DISPATCH_MODES, PlacementProblem
 from epplan.placement.robust import solve_robust, window_problems, window_times
 from epplan.placement.solve import LayerInfo, plan_hierarchical, resplit, solve
@@ -295,7 +295,7 @@ def _plan_in_force(path: Path, topo, config) -> Placement:
 
 def _baseline(name: str, problem: PlacementProblem, seed: int, time_limit: float) -> Placement:
     base = name.removesuffix("+lp")
-    plan = random_placement(problem, seed) if base == "random" else BASELINES[base](problem)
+    plan = baseline(base, problem, seed)
     if name.endswith("+lp"):
         plan = resplit(plan, problem, time_limit=time_limit)
     plan.info = {"solver": None, "status": "baseline", "seconds": 0.0}

@@ -38,15 +38,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from epplan.errors import EpplanError
+from epplan.errors import CalibrationError
 
 FORMAT = "epplan.calibration"
 VERSION = 1
 _TABLES = "tables"
-
-
-class CalibrationError(EpplanError):
-    """A calibration file is missing, malformed, or does not cover what is asked of it."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from epplan.errors import PlacementError
 from epplan.placement.eplb import is_hierarchical, rebalance_experts
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
@@ -126,6 +127,16 @@ BASELINES: dict[str, Callable[[PlacementProblem], Placement]] = {
     "eplb-hier": eplb_hierarchical,
     "random": random_placement,
 }
+
+
+
+
+def baseline(name: str, problem: PlacementProblem, seed: int = 0) -> Placement:
+    """The baseline called ``name`` (a key of ``BASELINES``) on ``problem``; ``seed`` is the random
+    baseline's. The one way every command and the planner build a baseline."""
+    if name not in BASELINES:
+        raise PlacementError(f"unknown baseline {name!r}; the baselines are {', '.join(BASELINES)}")
+    return random_placement(problem, seed) if name == "random" else BASELINES[name](problem)
 
 
 # ---------------------------------------------------------------------------------------------

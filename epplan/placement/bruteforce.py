@@ -21,16 +21,17 @@ import numpy as np
 from scipy.optimize import linprog
 
 from epplan.placement.layer import gpu_slots
+from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 
-def brute_force(problem, layer: int = 0, *, max_placements: int = 20_000) -> tuple[float, LayerPlacement]:
+def brute_force(problem: PlacementProblem, layer: int = 0, *, max_placements: int = 20_000) -> tuple[float, LayerPlacement]:
     """(least layer time in seconds, a placement attaining it) of one MoE layer."""
     return brute_force_windows([problem], "mean", layer, max_placements=max_placements)
 
 
-def brute_force_windows(problems: list, objective: str, layer: int = 0, *,
+def brute_force_windows(problems: list[PlacementProblem], objective: str, layer: int = 0, *,
                         max_placements: int = 20_000) -> tuple[float, LayerPlacement]:
     """(least objective, a placement attaining it) of one MoE layer over several routing windows
     (``epplan.placement.robust``): problems alike but for their traffic; one split for all

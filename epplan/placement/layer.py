@@ -29,6 +29,7 @@ Shape legend: G = GPUs, E = experts, A = source groups, K = kept links.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,6 +37,9 @@ import scipy.sparse as sp
 from epplan.placement.linkmodel import LinkModel, link_model
 from epplan.schedule import Schedule
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR
+
+if TYPE_CHECKING:  # problem.py imports nothing of the planner; the planner's modules import it
+    from epplan.placement.problem import PlacementProblem
 
 # Rows whose normalised patterns differ by less than this are treated as proportional.
 _PATTERN_TOL = 1e-9
@@ -105,7 +109,7 @@ class LayerData:
 SINGLE_SOURCE_COLUMNS = 100_000
 
 
-def layer_data(problem, counts: np.ndarray, *, max_groups: int | None = None) -> LayerData:
+def layer_data(problem: PlacementProblem, counts: np.ndarray, *, max_groups: int | None = None) -> LayerData:
     """The ``LayerData`` of one layer's counts float64[G, E] on ``problem``.
 
     Every source is its own group while G x (all slots) <= ``SINGLE_SOURCE_COLUMNS`` (the split
@@ -130,7 +134,7 @@ def layer_data(problem, counts: np.ndarray, *, max_groups: int | None = None) ->
                      weight=weight, bytes_per_assignment=b, schedule=problem.schedule, exact=exact)
 
 
-def gpu_slots(problem) -> np.ndarray:
+def gpu_slots(problem: PlacementProblem) -> np.ndarray:
     """int64[G] experts each GPU may hold per layer: ``experts_per_gpu``, and no more than its
     memory holds the expert weights of (model dtype, all MoE layers alike)."""
     topo, costs, config = problem.topology, problem.costs, problem.config

@@ -12,15 +12,19 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import highspy
 
 _BANNER_LOCK = threading.Lock()
 _BANNER_DONE = False
 
 
-def new_highs():
+def new_highs() -> "highspy.Highs":
     """A silent ``highspy.Highs``."""
     global _BANNER_DONE
     import highspy

@@ -49,6 +49,7 @@ from epplan.placement.heuristic import local_candidates, local_first
 from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
 from epplan.placement.nodelp import node_model
+from epplan.placement.problem import PlacementProblem
 from epplan.placement.splits import nearest_split, optimal_splits, split_result
 from epplan.placement.types import LayerPlacement, Placement
 
@@ -79,7 +80,7 @@ class LayerInfo:
 ProgressFn = Callable[[LayerInfo, int, int], None]
 
 
-def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, gap: float = 0.01,
+def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float | None = 120.0, gap: float = 0.01,
           progress: ProgressFn | None = None, workers: int | None = None) -> Placement:
     """Plan every MoE layer of ``problem`` (see the module docstring).
 
@@ -215,7 +216,7 @@ def solve(problem, *, solver: str = "highs", time_limit: float | None = 120.0, g
     return placement
 
 
-def plan_hierarchical(flat: Placement, problem, *, deadline: float | None = None, gap: float = 0.01) -> Placement:
+def plan_hierarchical(flat: Placement, problem: PlacementProblem, *, deadline: float | None = None, gap: float = 0.01) -> Placement:
     """The plan for hierarchical dispatch from ``flat`` (``solve``'s plan for the flat exchange):
     per layer the best under ``evaluate`` of ``flat`` and EPLB after ``improve_hierarchical``, and
     of every baseline as it is; ``info`` re-states objective, bound (``hierarchical_bound``) and
@@ -260,7 +261,7 @@ def plan_hierarchical(flat: Placement, problem, *, deadline: float | None = None
     return out
 
 
-def resplit(placement: Placement, problem, *, time_limit: float | None = None) -> Placement:
+def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: float | None = None) -> Placement:
     """``placement`` with every layer's token splits from the split LP (same replicas): set
     beside the placement with its own splits, it separates what a placement buys from what
     splits buy (``--compare`` reports ``eplb+lp`` so). Never worse than the splits it had."""
@@ -301,7 +302,7 @@ def _budget(deadline: float | None, tasks_left: int) -> float | None:
     return max(0.5, (deadline - time.monotonic()) / max(1, tasks_left))
 
 
-def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
+def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
                  budget: float | None, gap: float) -> tuple[LayerPlacement, LayerInfo]:
     t0 = time.monotonic()
 
@@ -361,7 +362,7 @@ def _solve_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement], s
     return layer, info
 
 
-def _fallback_layer(problem, li: int, baseline_layers: dict[str, LayerPlacement],
+def _fallback_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, LayerPlacement],
                     seconds: float) -> tuple[LayerPlacement, LayerInfo]:
     """A layer the time limit stopped: the best baseline as it is, with the analytic bound."""
     data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
@@ -394,7 +395,7 @@ def _gap(cost: float, bound: float) -> float:
     return 0.0 if cost <= 0 else max(0.0, (cost - bound) / cost)
 
 
-def _max_groups(problem) -> int:
+def _max_groups(problem: PlacementProblem) -> int:
     # Keep the split LP near 1e5-1e6 columns: groups x replicas.
     return max(problem.topology.num_nodes, 300_000 // max(1, problem.num_gpus))
 
@@ -404,16 +405,11 @@ def _fits(replicas: list[np.ndarray], data: LayerData) -> bool:
     return bool(np.all(held <= data.slots))
 
 
-def _baselines(problem) -> dict:
-    from epplan.placement.baselines import BASELINES
+def _baselines(problem: PlacementProblem) -> dict[str, Placement]:
+    """Every baseline on ``problem``: the starts the planner must match or beat."""
+    from epplan.placement.baselines import BASELINES, baseline
 
-    out = {}
-    for name, fn in BASELINES.items():
-        try:
-            out[name] = fn(problem)
-        except Exception:  # a baseline that cannot place this problem is simply not a candidate
-            continue
-    return out
+    return {name: baseline(name, problem) for name in BASELINES}
 
 
 def _canonical(counts: np.ndarray) -> tuple[np.ndarray, str]:
@@ -435,7 +431,8 @@ def _relabel(layer: LayerPlacement, perm_from: np.ndarray, perm_to: np.ndarray) 
     return LayerPlacement(replicas, split)
 
 
-def _summary(infos: list[LayerInfo], solver: str, time_limit, gap: float, seconds: float) -> dict:
+def _summary(infos: list[LayerInfo], solver: str, time_limit: float | None, gap: float,
+             seconds: float) -> dict[str, object]:
     worst = max(infos, key=lambda i: i.gap)
     statuses = {i.status for i in infos}
     status = ("optimal" if statuses == {"optimal"} else "time_limit" if "time_limit" in statuses

@@ -19,8 +19,8 @@ import numpy as np
 from epplan.cost.calibration import resolve_calibrations
 from epplan.cost import evaluate
 from epplan.errors import EpplanError
-from epplan.manifest import Manifest, check_fits_topology, counts_sha256, load_manifest
-from epplan.placement.baselines import BASELINES
+from epplan.manifest import Manifest, check_fits_topology, counts_sha256, find_topology_file, load_manifest
+from epplan.placement.baselines import BASELINES, baseline
 from epplan.placement.problem import PlacementProblem
 from epplan.report.compare import PlanView
 from epplan.report.predicted import ReportError
@@ -86,7 +86,7 @@ def plan_for(spec: str, base: OpenedManifest) -> PlanView:
     ``base``, or on one found at its recorded path), or a baseline placement (contiguous, eplb,
     random) on ``base``'s problem."""
     if spec in BASELINES and not Path(spec).exists():
-        placement = BASELINES[spec](base.plan.problem)
+        placement = baseline(spec, base.plan.problem)
         return PlanView(spec, placement, base.plan.problem, evaluate(placement, base.plan.problem), None)
     path = Path(spec)
     if not path.exists():
@@ -105,27 +105,16 @@ def _find_topology(manifest: Manifest, path: Path, topology_file, known: Topolog
     want = manifest.topology_hash
     name = manifest.topology_name
     if topology_file is not None:
-        topo = load_topology(topology_file, routing=manifest.routing)
-        if want and topo.content_hash != want:
-            raise ReportError(
-                f"--topology {topology_file}: content hash {topo.content_hash[:12]} differs from the one "
-                f"{path.name} was planned on ({want[:12]}, topology {name!r}); pass that file")
-        return topo
+        return load_topology(topology_file, routing=manifest.routing)  # checked by check_fits_topology
     if known is not None and want and known.content_hash == want and known.routing == manifest.routing:
         return known
     recorded = manifest.topology_source
-    candidates = [Path(recorded), path.parent / recorded] if recorded else []
-    found = next((p for p in candidates if p.is_file()), None)
+    found = find_topology_file(manifest)
     if found is None:
         where = f" at {recorded}" if recorded else ""
         raise ReportError(f"{path.name} was planned on topology {name!r}{where}, which is not there; "
                           "pass its file with --topology FILE")
-    topo = load_topology(found, routing=manifest.routing)
-    if want and topo.content_hash != want:
-        raise ReportError(
-            f"{found}: content hash {topo.content_hash[:12]} differs from the one {path.name} was planned on "
-            f"({want[:12]}): the file changed since; pass the original with --topology FILE")
-    return topo
+    return load_topology(found, routing=manifest.routing)  # checked by check_fits_topology
 
 
 def _traffic(manifest: Manifest, path: Path, topo: Topology, notes: list[str]) -> Traffic:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from epplan.cost import Cost
-from epplan.errors import EpplanError
+from epplan.errors import ReportError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 
@@ -37,10 +37,6 @@ CLASS_LABELS = {
     "nvlink": "NVLink", "xgmi": "xGMI", "pcie": "PCIe", "socket": "socket", "nic_up": "NIC up",
     "nic_down": "NIC down", "leaf_spine": "leaf-spine", "spine_core": "spine-core", "fabric": "fabric",
 }
-
-
-class ReportError(EpplanError):
-    """A report was asked for something its inputs cannot give (bad layer, unusable run data)."""
 
 
 def check_layer(cost: Cost, layer: int | None) -> None:

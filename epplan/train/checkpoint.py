@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from epplan.errors import EpplanError
+from epplan.errors import CheckpointError
 from epplan.runtime.expert_parallel import ExpertParallelExperts
 from epplan.train.optim import TrainOptimizer
 
@@ -70,10 +70,6 @@ WRITER = "torch.distributed.checkpoint"
 _NAME = re.compile(r"^step_(\d{8})$")
 CHECKSUMS = "checksums.json"
 DIVERGED = ".diverged"  # suffix of a checkpoint set aside because training diverged right after it
-
-
-class CheckpointError(EpplanError):
-    """A checkpoint cannot be written, or does not fit the run that wants to load it."""
 
 
 @dataclass(frozen=True)

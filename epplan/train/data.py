@@ -24,14 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from epplan.errors import EpplanError
+from epplan.errors import DataError
 
 INCREMENTS = np.array([1, 2, 3, 5])
 INCREMENT_PROBS = np.array([0.55, 0.25, 0.15, 0.05])
-
-
-class DataError(EpplanError):
-    """``--data`` cannot be read or does not fit the model."""
 
 
 class SyntheticData:

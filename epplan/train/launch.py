@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from epplan.errors import RuntimeSetupError
+from epplan.errors import Interrupted, RuntimeSetupError
 from epplan.train import checkpoint
 from epplan.train.data import check_data_path
 from epplan.train.job import Job
@@ -182,10 +182,6 @@ def sbatch_script(job: Job, opts: TrainOptions, launch: LaunchOptions) -> str:
         f'    --rdzv-endpoint "$RDZV_HOST:{DEFAULT_RDZV_PORT}" {rdzv}',
     ]
     return "\n".join(lines) + "\n"
-
-
-class Interrupted(RuntimeSetupError):
-    """``epplan run`` was stopped by a signal; torchrun and its workers were stopped with it."""
 
 
 # Signals that stop 'epplan run' and, through it, torchrun and its workers. SIGKILL cannot be

@@ -26,14 +26,10 @@ import socket
 import time
 from pathlib import Path
 
-from epplan.errors import RuntimeSetupError
+from epplan.errors import RunDirBusy, RuntimeSetupError
 
 FAILURE = "failure.json"  # a failing worker's message, which epplan run shows
 WORKERS_WAIT_S = 60.0  # how long a launcher waits for an earlier run's workers to exit
-
-
-class RunDirBusy(RuntimeSetupError):
-    """Another run holds the run directory."""
 
 
 def lock_name(node_rank: int) -> str:

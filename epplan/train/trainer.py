@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from epplan.errors import EpplanError, RuntimeSetupError
+from epplan.errors import RuntimeSetupError, TrainingDiverged
 from epplan.runtime.expert_parallel import (build_expert_parallel_model, get_stats, set_exchange_timer,
                                             sync_gradients)
 from epplan.runtime.experts import forget_copies
@@ -56,10 +56,6 @@ SHAPE_FIELDS = ("num_layers", "num_experts", "d_model", "d_ff", "num_heads", "he
                 "vocab_size", "seq_len", "activation", "num_dense_layers", "dense_d_ff", "num_shared_experts")
 ROUTING_STATS = "routing_stats.json"
 METRICS = "metrics.jsonl"
-
-
-class TrainingDiverged(EpplanError):
-    """The loss or the gradient norm became NaN or infinite."""
 
 
 def peak_tflops(opts: TrainOptions, device: torch.device) -> float | None:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from epplan.errors import EpplanError, RuntimeSetupError
+from epplan.errors import EpplanError, OutOfGPUMemory, RuntimeSetupError
 from epplan.fileio import atomic_write_text
 from epplan.train import checkpoint
 from epplan.train.job import load_job
@@ -112,10 +112,6 @@ def _log_crash(out: Path, rank: int) -> str:
     except OSError:
         sys.stderr.write(text)
         return "the output above"
-
-
-class OutOfGPUMemory(EpplanError):
-    """A rank ran out of GPU memory: the batch, model or placement does not fit."""
 
 
 def _out_of_memory_message(job, opts: TrainOptions, rank: int, exc: BaseException) -> str:
