@@ -293,3 +293,11 @@ def rates_for(topology: Any, calibration: Any, compute_efficiency: float | None,
                 [f"rates: flat {what} for every part of the step (no calibration)"])
     cals, notes = resolve_calibrations(topology, calibration)
     return {"calibration": cals}, notes
+
+
+def dispatch_notes(traffic: Any, dispatch: str) -> list[str]:
+    """What hierarchical dispatch is predicted from when the routing has no pair counts."""
+    if dispatch == "flat" or traffic.pairs is not None:
+        return []
+    return [f"routing {traffic.source} has no pair counts: hierarchical dispatch is predicted with each "
+            "token's experts co-occurring independently (coact:... or a run's routing statistics have them)"]

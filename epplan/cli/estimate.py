@@ -18,8 +18,8 @@ from epplan.cli.common import (AchievableTflopsOption, CalibrationOption, Dispat
                                JsonOption, MemoryGbOption, MicroBatchesOption, ModelOption, NumChunksOption,
                                OldTflopsOption, OptimizerShardingOption, OverlapOption, PeakTflopsOption, RecomputeOption,
                                RoutingOption, SeedOption, SetOption, TopologyOption, check_range,
-                               complete_placement, console, plain, prefer, print_json, rates_for, renamed, user_errors, BINDS_WORDS,
-                               WORDS_HELP)
+                               complete_placement, console, dispatch_notes, plain, prefer, print_json, rates_for,
+                               renamed, user_errors, BINDS_WORDS, WORDS_HELP)
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
 from epplan.manifest import Manifest, check_fits_topology, load_manifest
 from epplan.cost.fit import Fit, choose_run_settings
@@ -192,7 +192,8 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list
         f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({topo.num_gpus} GPUs), placement "
         f"[bold]{escape(cost.placement_method)}[/], routing {escape(cost.traffic_source)}, "
         f"{config.tokens_per_step:,} tokens per step, {problem.dispatch} dispatch", highlight=False)
-    for note in [*problem.traffic.notes, *notes, *_calibration_notes(problem)]:
+    for note in [*problem.traffic.notes, *notes, *_calibration_notes(problem),
+                 *dispatch_notes(problem.traffic, problem.dispatch)]:
         console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 
     t = Table(title="time per training step", title_justify="left")

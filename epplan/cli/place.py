@@ -16,7 +16,7 @@ from rich.table import Table
 
 from epplan.cli import app
 from epplan.cli.common import (AchievableTflopsOption, BINDS_WORDS, CalibrationOption, check_range, console, count,
-                               EfficiencyOption, err_console, ExpertsPerGpuOption, JsonOption, MemoryGbOption,
+                               dispatch_notes, EfficiencyOption, err_console, ExpertsPerGpuOption, JsonOption, MemoryGbOption,
                                Method, MicroBatchesOption, ModelOption, narrow_table, NumChunksOption, Objective,
                                OldTflopsOption, OptimizerShardingOption, out_option, OverlapOption, plain,
                                PlanDispatch, prefer, print_json, rates_for, RecomputeOption, renamed,
@@ -154,7 +154,7 @@ def place(
             f"{count(config.num_moe_layers, 'MoE layer')} x {count(config.num_experts, 'expert')}, routing {escape(traffic.source)}, "
             f"at most {count(experts_per_gpu, 'expert')} per GPU, MoE layers {problem.schedule.describe()}",
             highlight=False)
-        for note in model_notes(model) + traffic.notes + rate_notes:
+        for note in model_notes(model) + traffic.notes + rate_notes + dispatch_notes(traffic, dispatch):
             console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
 
     plans: dict[str, tuple[Placement, float]] = {}

@@ -3,21 +3,25 @@
 Under hierarchical dispatch (``epplan.cost.dispatch``) a token crosses the network once per
 destination node, so the network rows of a layer fall when co-activated experts share a node.
 ``improve_hierarchical(placement, problem)`` takes a plan (the planner's, made for the flat
-exchange) and searches, per layer, swaps of two single-replica experts on different nodes:
+exchange) and searches, per layer, swaps of two replica slots of different experts on different
+nodes:
 
 1. screen: the co-activation gain of every swap, from the pair counts summed over sources,
    Psym[i, j] (tokens that selected both i and j): moving i from node A to B and j from B to A
    gains  P[i, B] + P[j, A] - P[i, A] - P[j, B] - 2 Psym[i, j]  tokens whose two experts meet on
-   one node, with P[e, n] = sum of Psym[e, e'] over the experts e' on n; exact for the network
-   rows of top-2 (summed over destination nodes), a guide for larger k;
+   one node, with P[e, n] = sum of Psym[e, e'] over the experts e' on n (each term weighted by
+   the slots' shares with replicas); exact for the network rows of top-2 without replicas
+   (summed over destination nodes), a guide otherwise;
 2. score the best screened swaps exactly: the layer's time under the schedule with the link
    times of hierarchical dispatch (rows recomputed for the two nodes and two GPUs that change) and
    the GPUs' expert times; keep a swap that lowers the layer's time, or keeps it and lowers the
    network rows (most layers have one busiest NIC; rows elsewhere count for the next swap);
 3. stop when no screened swap is kept, or at the deadline.
 
-Replicated experts stay where the planner put them (their rows depend on the split, and the
-planner placed them for compute); swaps keep every GPU's slot count, so memory is unchanged.
+A replica slot (an expert's replica with its column of the split) is the unit: swapping slots
+moves a share of each expert's assignments, so replicated experts take part (the screen then
+uses each slot's share of its expert's demand, a first-order guide). Swaps keep every GPU's slot
+count, so memory is unchanged, and every replica's split.
 Every layer is finally re-scored by ``evaluate``: a layer is never returned worse than it came.
 
 Certificate: the planner's link bounds count flat bytes, which hierarchical dispatch undercuts;
@@ -33,7 +37,7 @@ import time
 import numpy as np
 
 from epplan.cost import evaluate, link_map
-from epplan.cost.dispatch import hierarchical_link_loads, layer_blocks, set_rows, symmetric_pairs
+from epplan.cost.dispatch import hierarchical_link_loads, set_rows, symmetric_pairs
 from epplan.cost.evaluate import served_assignments
 from epplan.placement.bounds import compute_bound, cut_bound
 from epplan.placement.layer import LayerData
@@ -102,10 +106,10 @@ class _LayerSearch:
 
     # ------------------------------------------------------------------ scoring
 
-    def _rows(self, gpu_of: np.ndarray, nodes, gpus, node_rows=None, gpu_rows=None):
+    def _rows(self, slot_gpu: np.ndarray, nodes, gpus, node_rows=None, gpu_rows=None):
         """node_rows (G, N) and gpu_rows (G, G) with the columns of ``nodes`` and ``gpus``
-        recomputed (all of them when the tables are None) for the single-replica experts on
-        ``gpu_of`` (int64[E], -1 for replicated experts, whose blocks are fixed)."""
+        recomputed (all of them when the tables are None) for the replica slots on
+        ``slot_gpu`` (int64[S])."""
         num_gpus = self.gpu_node.size
         if node_rows is None:
             nodes, gpus = range(self.num_nodes), range(num_gpus)
@@ -113,10 +117,9 @@ class _LayerSearch:
         else:
             node_rows, gpu_rows = node_rows.copy(), gpu_rows.copy()
         nodes, gpus = list(nodes), list(gpus)
-        whole = (np.zeros(num_gpus), np.ones(num_gpus))
-        node_of = np.where(gpu_of >= 0, self.gpu_node[np.maximum(gpu_of, 0)], -1)
-        node_sets = [self.fixed_node[n] + [(int(e), *whole) for e in np.flatnonzero(node_of == n)] for n in nodes]
-        gpu_sets = [self.fixed_gpu[g] + [(int(e), *whole) for e in np.flatnonzero(gpu_of == g)] for g in gpus]
+        slot_node = self.gpu_node[slot_gpu]
+        node_sets = [[self.blocks[k] for k in np.flatnonzero(slot_node == n)] for n in nodes]
+        gpu_sets = [[self.blocks[k] for k in np.flatnonzero(slot_gpu == g)] for g in gpus]
         node_rows[:, nodes] = set_rows(self.counts, self.sym, node_sets, self.tokens, self.top_k)
         gpu_rows[:, gpus] = set_rows(self.counts, self.sym, gpu_sets, self.tokens, self.top_k)
         return node_rows, gpu_rows
@@ -132,70 +135,80 @@ class _LayerSearch:
 
     def run(self, deadline: float | None) -> tuple[LayerPlacement, int]:
         """(the layer after the search, the swaps kept)."""
-        layer = LayerPlacement([r.copy() for r in self.layer.replicas], [s.copy() for s in self.layer.split])
-        single = np.array([r.size == 1 for r in layer.replicas])
-        if single.sum() < 2 or self.num_nodes < 2 or self.top_k < 2:
-            return self.layer, 0
-        fixed = LayerPlacement([r if not one else r[:0] for r, one in zip(layer.replicas, single)],
-                               [s if not one else s[:, :0] for s, one in zip(layer.split, single)])
-        self.fixed_gpu, self.fixed_node = layer_blocks(fixed, self.gpu_node)
-        load = self.counts.sum(axis=0)                                               # (E,)
-        psym = (self._pairs_total())                                                 # (E, E)
-        gpu_of = np.array([int(r[0]) if r.size == 1 else -1 for r in layer.replicas])
-        node_of = np.where(gpu_of >= 0, self.gpu_node[np.maximum(gpu_of, 0)], -1)
-        on_node = np.zeros((psym.shape[0], self.num_nodes))                         # [e, n] = P[e, n]
-        for n in range(self.num_nodes):
-            on_node[:, n] = psym[:, (node_of == n) & single].sum(axis=1)
-        node_rows, gpu_rows = self._rows(gpu_of, None, None)
+        layer = self.layer
+        if self.num_nodes < 2 or self.top_k < 2:
+            return layer, 0
+        # Replica slots: expert, GPU, the split block it serves (moves with it), its share.
+        slot_expert = np.array([e for e, r in enumerate(layer.replicas) for _ in r], dtype=np.int64)   # (S,)
+        slot_gpu = np.concatenate([np.asarray(r, dtype=np.int64) for r in layer.replicas])              # (S,)
+        slot_col = np.array([i for r in layer.replicas for i in range(r.size)], dtype=np.int64)
+        self.blocks = []
+        for e, col in zip(slot_expert, slot_col):
+            hi = np.cumsum(layer.split[e], axis=1)[:, col]
+            self.blocks.append((int(e), hi - layer.split[e][:, col], hi))
+        demand = self.counts.sum(axis=0)                                                 # (E,)
+        slot_load = np.array([float(self.counts[:, e] @ (b[2] - b[1])) for e, b in zip(slot_expert, self.blocks)])
+        slot_share = np.where(demand[slot_expert] > 0, slot_load / np.maximum(demand[slot_expert], 1e-300), 0.0)
+        psym = self._pairs_total()                                                       # (E, E)
+        num_experts, num_slots = psym.shape[0], slot_gpu.size
+        presence = np.zeros((num_experts, self.num_nodes))                              # [e, n] share on n
+        np.add.at(presence, (slot_expert, self.gpu_node[slot_gpu]), slot_share)
+        on_node = psym @ presence                                                        # [e, n] = P[e, n]
+        held = {(int(e), int(g)) for e, g in zip(slot_expert, slot_gpu)}
+        node_rows, gpu_rows = self._rows(slot_gpu, None, None)
         served = served_assignments(layer, self.counts)
         best = self._score(node_rows, gpu_rows, served)
         swaps, tried = 0, set()
-        cand = np.flatnonzero(single)
-        for _ in range(_ROUNDS_PER_EXPERT * cand.size):
+        pair_mass = psym[np.ix_(slot_expert, slot_expert)] * np.outer(slot_share, slot_share)  # (S, S)
+        for _ in range(_ROUNDS_PER_EXPERT * num_slots):
             if deadline is not None and time.monotonic() > deadline:
                 break
-            ni, nj = node_of[cand][:, None], node_of[cand][None, :]
-            gain = (on_node[cand[:, None], nj] + on_node[cand[None, :], ni]
-                    - on_node[cand, node_of[cand]][:, None] - on_node[cand, node_of[cand]][None, :]
-                    - 2.0 * psym[np.ix_(cand, cand)])
-            gain[ni == nj] = -np.inf
-            gain = np.triu(gain, 1) + np.tril(np.full_like(gain, -np.inf))
+            node = self.gpu_node[slot_gpu]                                               # (S,)
+            here = on_node[slot_expert, node]                                            # (S,)
+            there = on_node[slot_expert][:, node]                                        # (S, S) [k, l]: e_k on n_l
+            gain = (slot_share[:, None] * (there - here[:, None])
+                    + slot_share[None, :] * (there.T - here[None, :]) - 2.0 * pair_mass)
+            gain[(node[:, None] == node[None, :]) | (slot_expert[:, None] == slot_expert[None, :])] = -np.inf
+            gain[np.tril_indices(num_slots)] = -np.inf
             order = np.argsort(gain, axis=None)[::-1]
             kept = False
             looked = 0
             for flat in order:
-                a, b = np.unravel_index(flat, gain.shape)
-                if not gain[a, b] > 0 or looked >= _SCREENED:
+                k, m = np.unravel_index(flat, gain.shape)
+                if not gain[k, m] > 0 or looked >= _SCREENED:
                     break
-                i, j = int(cand[a]), int(cand[b])
-                key = (i, j, int(gpu_of[i]), int(gpu_of[j]))
-                if key in tried:
+                i, j, gk, gm = int(slot_expert[k]), int(slot_expert[m]), int(slot_gpu[k]), int(slot_gpu[m])
+                if (i, gm) in held or (j, gk) in held or (k, m, gk, gm) in tried:
                     continue
-                tried.add(key)
+                tried.add((k, m, gk, gm))
                 looked += 1
-                gi, gj = int(gpu_of[i]), int(gpu_of[j])
-                trial = gpu_of.copy()
-                trial[i], trial[j] = gj, gi
+                trial = slot_gpu.copy()
+                trial[k], trial[m] = gm, gk
                 new_served = served.copy()
-                new_served[gi] += load[j] - load[i]
-                new_served[gj] += load[i] - load[j]
-                rows = self._rows(trial, {node_of[i], node_of[j]}, {gi, gj}, node_rows, gpu_rows)
+                new_served[gk] += slot_load[m] - slot_load[k]
+                new_served[gm] += slot_load[k] - slot_load[m]
+                rows = self._rows(trial, {self.gpu_node[gk], self.gpu_node[gm]}, {gk, gm}, node_rows, gpu_rows)
                 score = self._score(*rows, new_served)
                 faster = score[0] < best[0] * (1 - 1e-12)
                 if faster or (score[0] <= best[0] * (1 + 1e-12) and score[1] < best[1] * (1 - 1e-9)):
-                    best, (node_rows, gpu_rows), served, gpu_of = score, rows, new_served, trial
-                    ai, aj = node_of[i], node_of[j]
-                    on_node[:, ai] += psym[:, j] - psym[:, i]
-                    on_node[:, aj] += psym[:, i] - psym[:, j]
-                    node_of[i], node_of[j] = aj, ai
+                    best, (node_rows, gpu_rows), served, slot_gpu = score, rows, new_served, trial
+                    a, b = self.gpu_node[gk], self.gpu_node[gm]
+                    delta = np.zeros((num_experts, self.num_nodes))
+                    delta[i, a] -= slot_share[k]
+                    delta[i, b] += slot_share[k]
+                    delta[j, b] -= slot_share[m]
+                    delta[j, a] += slot_share[m]
+                    on_node += psym[:, [i, j]] @ delta[[i, j]]
+                    held -= {(i, gk), (j, gm)}
+                    held |= {(i, gm), (j, gk)}
                     swaps += 1
                     kept = True
                     break
             if not kept:
                 break
-        for e in np.flatnonzero(single):
-            layer.replicas[e] = np.array([gpu_of[e]], dtype=np.int64)
-        return layer, swaps
+        if swaps == 0:
+            return layer, 0
+        return _layer_from_slots(layer, slot_expert, slot_col, slot_gpu), swaps
 
     def _pairs_total(self) -> np.ndarray:
         """float64[E, E] symmetric co-activations summed over sources (independent co-occurrence
@@ -209,3 +222,16 @@ class _LayerSearch:
         if self.sym.shape[0] > 1 and self.sym.strides[0] == 0:
             return self.sym[0] * self.sym.shape[0]
         return self.sym.sum(axis=0)
+
+
+def _layer_from_slots(layer: LayerPlacement, slot_expert: np.ndarray, slot_col: np.ndarray,
+                      slot_gpu: np.ndarray) -> LayerPlacement:
+    """``layer`` with replica slot k (expert slot_expert[k], split column slot_col[k]) on GPU
+    slot_gpu[k]; replicas sorted, their split columns with them."""
+    replicas, split = [], []
+    for e in range(len(layer.replicas)):
+        mine = np.flatnonzero(slot_expert == e)
+        order = np.argsort(slot_gpu[mine], kind="stable")
+        replicas.append(slot_gpu[mine][order].astype(np.int64))
+        split.append(layer.split[e][:, slot_col[mine][order]])
+    return LayerPlacement(replicas, split)
