@@ -86,7 +86,8 @@ def test_a_full_even_plan_exports_unchanged(tmp_path):
 
 
 def test_cli_vllm_and_sglang_files_and_scores(tmp_path):
-    plan = _plan(tmp_path, "--experts-per-gpu", "3")
+    # The flat exchange's ILP fills every slot (3 x 2 GPUs); auto may keep EPLB's layers.
+    plan = _plan(tmp_path, "--experts-per-gpu", "3", "--dispatch", "flat")
     result = runner.invoke(app, ["export", str(plan), "--format", "vllm", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
@@ -111,7 +112,7 @@ def test_cli_vllm_and_sglang_files_and_scores(tmp_path):
 
 
 def test_megatron_refuses_replicas_with_the_fix(tmp_path):
-    plan = _plan(tmp_path, "--experts-per-gpu", "3")
+    plan = _plan(tmp_path, "--experts-per-gpu", "3", "--dispatch", "flat")  # replicas in every spare slot
     result = runner.invoke(app, ["export", str(plan), "--format", "megatron"])
     assert result.exit_code == 1
     assert "Megatron-Core places each expert once" in result.output and "Traceback" not in result.output
