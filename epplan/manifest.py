@@ -227,20 +227,19 @@ def manifest_hash(manifest: dict[str, Any] | str | Path | Manifest) -> str:
 
 
 def _expert_doc(replicas: np.ndarray, split: np.ndarray) -> dict[str, Any]:
-    rows: list[list[list[float]]] = []
-    index: dict[tuple, int] = {}
-    row_of = []
-    rounded = np.round(np.asarray(split, dtype=np.float64), _SHARE_DIGITS)
-    for row in rounded:
-        nz = np.flatnonzero(row)
-        key = tuple(nz.tolist()) + tuple(row[nz].tolist())
-        i = index.get(key)
-        if i is None:
-            i = index[key] = len(rows)
-            rows.append([[int(j), float(row[j])] for j in nz])
-        row_of.append(i)
+    """One expert's replicas and split: each distinct rounded row once, in order of first use."""
+    rounded = np.round(np.asarray(split, dtype=np.float64), _SHARE_DIGITS) + 0.0   # -0.0 -> 0.0
+    if np.all(rounded == rounded[:1]):   # one row for every source (even splits, all baselines)
+        distinct, row_of = rounded[:1], None
+    else:
+        distinct, first, inverse = np.unique(rounded, axis=0, return_index=True, return_inverse=True)
+        order = np.argsort(first)                      # distinct rows by first use
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        distinct, row_of = distinct[order], rank[inverse.ravel()]
+    rows = [[[int(j), float(row[j])] for j in np.flatnonzero(row)] for row in distinct]
     return {"replicas": [int(r) for r in replicas], "rows": rows,
-            "row_of": row_of[0] if len(set(row_of)) == 1 else row_of}
+            "row_of": 0 if row_of is None else row_of.tolist()}
 
 
 def _jsonable(value: Any) -> Any:

@@ -98,6 +98,26 @@ def test_time_limited_solve_reports_bound_and_gap(tmp_path):
     assert load_manifest(out).solver["gap"] == solver["gap"]
 
 
+def test_time_limit_walls_the_whole_command(tmp_path, monkeypatch):
+    """Layers still solving at the limit are stopped and the command still scores the plan and
+    writes the manifest; the slack over the limit is the solver's grace plus that scoring (the
+    bound here is loose on purpose: a loaded CI machine)."""
+    import time
+
+    import epplan.placement.solve as solve_module
+
+    monkeypatch.setattr(solve_module, "_solve_layer", lambda *args, **kwargs: time.sleep(120))
+    out = tmp_path / "m.json"
+    t0 = time.monotonic()
+    result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--model", "tiny", "--set", "num_experts=16",
+                                 "--routing", "zipf:1.0", "--time-limit", "2", "--workers", "2", "--json",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - t0 < 2 + solve_module._GRACE_S + 30
+    solver = json.loads(result.stdout)["solver"]
+    assert solver["status"] == "time_limit" and load_manifest(out).solver["status"] == "time_limit"
+
+
 def test_replan_from_run_routing_stats(tmp_path):
     stats = tmp_path / "routing.json"
     rng = np.random.default_rng(0)

@@ -276,6 +276,9 @@ def test_link_map_equals_slow_reference(name):
         np.testing.assert_allclose(got, reference_link_loads(topo, t), rtol=1e-9, atol=1e-9 * t.sum())
         np.testing.assert_allclose(got_t, reference_link_loads(topo, t.T), rtol=1e-9, atol=1e-9 * t.sum())
         np.testing.assert_allclose(lm.loads(sp.csr_matrix(t)), got, rtol=1e-12, atol=1e-12 * t.sum())
+        low = LowRank(rng.random((topo.num_gpus, 3)), rng.random((3, topo.num_gpus)))
+        for got, want in zip(lm.pair_loads(low), (low.dense(), low.dense().T)):
+            np.testing.assert_allclose(got, reference_link_loads(topo, want), rtol=1e-9, atol=1e-9 * want.sum())
 
 
 @pytest.mark.parametrize("routing", ["ecmp", "rail_aligned"])

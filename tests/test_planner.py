@@ -15,14 +15,14 @@ from epplan.placement.bounds import lower_bound
 from epplan.placement.bruteforce import brute_force
 from epplan.placement.layer import layer_data
 from epplan.placement.linkmodel import link_model
-from tests.link_reference import reference_link_loads
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.solve import solve
 from epplan.placement.splits import optimal_splits
-from epplan.placement.types import Placement
+from epplan.placement.types import LayerPlacement, Placement
 from epplan.topology import build_topology, load_topology, parse_spec
 from epplan.workload import load_model_config, make_traffic
 from epplan.workload.traffic import Traffic
+from tests.link_reference import reference_link_loads
 
 TOPOLOGIES = "topologies"
 
@@ -215,3 +215,41 @@ def test_time_limit_is_a_wall(monkeypatch):
     for layer, info in zip(cost.moe_time_s, placement.info["layers"]):
         assert info["status"] == "time_limit" and info["objective_s"] == pytest.approx(layer, rel=1e-9)
         assert 0 < info["bound_s"] <= info["objective_s"]
+
+
+# ------------------------------------------------------------------ Placement.validate
+
+def _corrupt(kind: str) -> Placement:
+    g = 4
+    replicas = [np.array([0, 1]), np.array([2]), np.array([3])]
+    split = [np.full((g, 2), 0.5), np.ones((g, 1)), np.ones((g, 1))]
+    if kind == "empty":
+        replicas[1], split[1] = np.array([], dtype=np.int64), np.ones((g, 0))
+    elif kind == "range":
+        replicas[2] = np.array([4])
+    elif kind == "unsorted":
+        replicas[0] = np.array([1, 0])
+    elif kind == "duplicate":
+        replicas[0] = np.array([1, 1])
+    elif kind == "shape":
+        split[0] = np.full((g, 3), 1 / 3)
+    elif kind == "negative":
+        split[0] = np.array([[1.5, -0.5]] * g)
+    elif kind == "nan":
+        split[0][2, 0] = np.nan
+    elif kind == "sum":
+        split[0][1] = [0.5, 0.4]
+    elif kind == "crowded":
+        replicas[2] = np.array([0])
+    return Placement(g, 3, [LayerPlacement(replicas, split)])
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("empty", "has no replica"), ("range", "out of range"), ("unsorted", "sorted and distinct"),
+    ("duplicate", "sorted and distinct"), ("shape", "split has shape"), ("negative", "negative"),
+    ("nan", "non-finite"), ("sum", "sums to"), ("crowded", "holds 2 experts"),
+])
+def test_validate_names_each_broken_invariant(kind, message):
+    _corrupt("none").validate(1)
+    with pytest.raises(PlacementError, match=message):
+        _corrupt(kind).validate(1)

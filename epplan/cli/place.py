@@ -105,6 +105,7 @@ def place(
     time as 'epplan run' will spend it (serial, or overlapped in chunks), and write the manifest
     that 'epplan run' follows, with the cheapest run settings (micro-batches, recompute,
     optimizer sharding) that fit every GPU's memory. Exits 3, writing nothing, if none fits."""
+    started = time.monotonic()   # --time-limit counts from here: reading the inputs is part of it
     method = method or placement  # --method: the old spelling
     compare = compare_all or compare
     tflops = prefer(achievable_tflops, tflops, "--achievable-tflops", "--tflops")
@@ -160,7 +161,8 @@ def place(
     plans: dict[str, tuple[Placement, float]] = {}
     names = [method] + ([m for m in METHODS if m != method] + [f"{b}+lp" for b in RESPLIT] if compare else [])
     t0 = time.monotonic()
-    chosen, problem, predicted = _plan_for_dispatch(method, dispatch, problem, solver, time_limit, gap, workers,
+    left = max(time_limit - (time.monotonic() - started), 1e-3)
+    chosen, problem, predicted = _plan_for_dispatch(method, dispatch, problem, solver, left, gap, workers,
                                                     seed, quiet=json, robust=robust)
     plans[method] = (chosen, time.monotonic() - t0)
     for name in names[1:]:

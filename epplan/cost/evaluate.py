@@ -274,16 +274,75 @@ class Cost:
         }
 
 
-def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = True) -> Cost:
+@dataclass(frozen=True)
+class ExchangeLoads:
+    """What a placement's all-to-all puts on the links, per MoE layer, before the run settings
+    (recompute, bytes per assignment) scale it: the expensive part of ``evaluate``, computed once
+    by ``exchange_loads`` when one placement is scored under several run settings.
+
+    fwd:    float64[L, K] loads(F) of each layer's flows F (assignments, or rows under
+            hierarchical dispatch); bwd: float64[L, K] loads(F^T).
+    served: float64[L, G] assignments each GPU serves.
+    """
+
+    fwd: np.ndarray
+    bwd: np.ndarray
+    served: np.ndarray
+
+
+def exchange_loads(placement: Placement, problem: PlacementProblem, *, fast: bool = True,
+                   check: bool = True) -> ExchangeLoads:
+    """The ``ExchangeLoads`` of ``placement`` on ``problem`` (``fast`` as in ``evaluate``).
+    ``check=False`` skips ``Placement.validate`` (for the planner's own baselines: seconds at 1,024
+    GPUs x 4,096 experts x 16 layers)."""
+    topo = problem.topology
+    num_layers = problem.num_layers
+    if check:
+        _check_fits(placement, problem)
+    counts = problem.traffic.counts                        # [L, G, E]
+    lm = link_map(topo) if fast else None
+    fwd_all = np.empty((num_layers, topo.num_links))
+    bwd_all = np.empty_like(fwd_all)
+    served = np.empty((num_layers, problem.num_gpus))
+    seen: list[int] = []  # layers computed so far whose inputs differ from each other
+    hierarchical = problem.dispatch == "hierarchical"
+    pairs = problem.traffic.pairs
+    for li in range(num_layers):
+        same = next((m for m in seen if _same_layer(placement.layers[m], placement.layers[li],
+                                                    counts[m], counts[li])
+                     and (not hierarchical or pairs is None or np.array_equal(pairs[m], pairs[li]))), None)
+        if same is not None:  # identical placement and traffic: identical loads (uniform routing)
+            fwd_all[li], bwd_all[li], served[li] = fwd_all[same], bwd_all[same], served[same]
+            continue
+        seen.append(li)
+        layer = placement.layers[li]
+        if hierarchical:
+            fwd, bwd = hierarchical_loads(problem, layer, li, lm if fast else None)
+            served[li] = served_assignments(layer, counts[li])
+        elif fast:
+            fwd, bwd, served[li] = layer_loads(lm, layer, counts[li])
+        else:
+            flows = layer.flows(counts[li])              # [G, G]
+            served[li] = flows.sum(axis=0)
+            fwd = topo.link_loads(flows)
+            bwd = topo.link_loads(np.ascontiguousarray(flows.T))
+        fwd_all[li], bwd_all[li] = fwd, bwd
+    return ExchangeLoads(fwd_all, bwd_all, served)
+
+
+def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = True,
+             loads: ExchangeLoads | None = None) -> Cost:
     """Score ``placement`` on ``problem``; see the module docstring for every definition.
 
     ``fast=False`` takes the plain path (``LayerPlacement.flows`` as dense [G, G] matrices,
     ``Topology.link_loads`` on each, no low-rank factors): same numbers, for tests.
+    ``loads``: ``exchange_loads(placement, problem)`` computed before, for the same placement,
+    traffic, topology and dispatch (only the run settings may differ).
     """
     topo, config, costs = problem.topology, problem.config, problem.costs
     num_gpus, num_layers = problem.num_gpus, problem.num_layers
-    _check_fits(placement, problem)
-    counts = problem.traffic.counts                        # [L, G, E]
+    if loads is None:
+        loads = exchange_loads(placement, problem, fast=fast)   # checks the placement fits
     b = float(problem.bytes_per_assignment)
     cap = np.asarray(topo.link_capacity, dtype=np.float64) * 1e9
     rate = problem.gpu_flops                               # [G]
@@ -297,38 +356,11 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     a2a_factor = 2.0 * (EXCHANGES_PER_LAYER_PER_STEP + recompute_exchanges_per_layer(problem.recompute)) \
         / EXCHANGES_PER_LAYER_PER_STEP
     again = recompute_flops_per_token(costs, config, problem.recompute)
-    dispatch = np.empty((num_layers, topo.num_links), dtype=np.float32)
-    combine = np.empty_like(dispatch)
-    a2a_link_s = np.empty(num_layers)
-    a2a_link = np.empty(num_layers, dtype=np.int64)
-    served = np.empty((num_layers, num_gpus))
-    seen: list[int] = []  # layers computed so far whose inputs differ from each other
-    hierarchical = problem.dispatch == "hierarchical"
-    pairs = problem.traffic.pairs
-    for li in range(num_layers):
-        same = next((m for m in seen if _same_layer(placement.layers[m], placement.layers[li],
-                                                    counts[m], counts[li])
-                     and (not hierarchical or pairs is None or np.array_equal(pairs[m], pairs[li]))), None)
-        if same is not None:  # identical placement and traffic: identical loads (uniform routing)
-            dispatch[li], combine[li], served[li] = dispatch[same], combine[same], served[same]
-            a2a_link_s[li], a2a_link[li] = a2a_link_s[same], a2a_link[same]
-            continue
-        seen.append(li)
-        layer = placement.layers[li]
-        if hierarchical:
-            fwd, bwd = hierarchical_loads(problem, layer, li, lm if fast else None)
-            served[li] = served_assignments(layer, counts[li])
-        elif fast:
-            fwd, bwd, served[li] = _layer_loads(lm, layer, counts[li])
-        else:
-            flows = layer.flows(counts[li])              # [G, G]
-            served[li] = flows.sum(axis=0)
-            fwd = topo.link_loads(flows)
-            bwd = topo.link_loads(np.ascontiguousarray(flows.T))
-        a2a_time = a2a_factor * b * (fwd + bwd) / cap
-        a2a_link[li] = int(np.argmax(a2a_time))
-        a2a_link_s[li] = float(a2a_time[a2a_link[li]])
-        dispatch[li], combine[li] = b * fwd, b * bwd
+    a2a_time = a2a_factor * b * (loads.fwd + loads.bwd) / cap          # [L, K]
+    a2a_link = np.argmax(a2a_time, axis=1)
+    a2a_link_s = a2a_time[np.arange(num_layers), a2a_link]
+    dispatch, combine = (b * loads.fwd).astype(np.float32), (b * loads.bwd).astype(np.float32)
+    served = loads.served
 
     flops_train = TRAINING_FLOPS_FACTOR
     expert_compute_s = served * (costs.flops_per_assignment * flops_train + again["per_assignment"]) / rate
@@ -420,7 +452,7 @@ def calibrated_step_parts(placement: Placement, problem: PlacementProblem, serve
                       recompute=problem.recompute)
 
 
-def _layer_loads(lm: LinkMap, layer: LayerPlacement, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+def layer_loads(lm: LinkMap, layer: LayerPlacement, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     """(loads(F), loads(F^T), served float64[G]) of one layer, F = layer.flows(counts).
 
     Experts whose split is the same for every source (all baselines) make a rank-E part
@@ -516,16 +548,18 @@ def _same_layer(a: LayerPlacement, b: LayerPlacement, counts_a: np.ndarray, coun
 def _ring(ranks: np.ndarray, num_gpus: int, param_bytes: float) -> sp.csr_matrix:
     """float64[G, G] (sparse): a ring all-reduce of ``param_bytes`` over ``ranks`` in order,
     each hop ranks[i] -> ranks[i+1 mod R] carrying 2 (R - 1) / R * param_bytes."""
-    return _rings([np.asarray(ranks, dtype=np.int64)], num_gpus, param_bytes)
+    return ring_traffic([np.asarray(ranks, dtype=np.int64)], num_gpus, param_bytes)
 
 
 def _expert_rings(placement: Placement, num_gpus: int, expert_bytes: float) -> sp.csr_matrix:
     """float64[G, G] (sparse): every expert's replica ring, all layers summed."""
-    return _rings([np.asarray(r, dtype=np.int64) for layer in placement.layers for r in layer.replicas],
+    return ring_traffic([np.asarray(r, dtype=np.int64) for layer in placement.layers for r in layer.replicas],
                   num_gpus, expert_bytes)
 
 
-def _rings(rings: list[np.ndarray], num_gpus: int, param_bytes: float) -> sp.csr_matrix:
+def ring_traffic(rings: list[np.ndarray], num_gpus: int, param_bytes: float) -> sp.csr_matrix:
+    """float64[G, G] (sparse): ring all-reduces of ``param_bytes`` over each int64[R] of
+    ``rings`` in its order, every hop carrying 2 (R - 1) / R * param_bytes; hops summed."""
     sizes = np.array([r.size for r in rings], dtype=np.int64)
     if not rings or sizes.max() < 2:
         return sp.csr_matrix((num_gpus, num_gpus))

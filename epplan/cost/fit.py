@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from epplan.cost.evaluate import Cost, evaluate, memory_for
+from epplan.cost.evaluate import Cost, evaluate, exchange_loads, memory_for
 from epplan.errors import DoesNotFit, PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
@@ -76,8 +76,9 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
     cap = np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9
     best: tuple[tuple, RunSettings] | None = None
     closest: tuple[float, RunSettings, np.ndarray] | None = None  # lowest fill of the fullest GPU
+    loads = exchange_loads(placement, problem)   # the same under every run setting
     for r, s in itertools.product(rs, ss):
-        cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s)))
+        cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s)), loads=loads)
         for m in ms:
             total = sum(memory_for(placement, problem, cost.expert_assignments, m, r, s).values())
             fill = float(np.max(total / cap))
@@ -92,9 +93,9 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
             break  # more micro-batches only tie on time
     if best is None:
         _, settings, total = closest
-        return Fit(settings, evaluate(placement, _with(problem, settings)), False,
+        return Fit(settings, evaluate(placement, _with(problem, settings), loads=loads), False,
                    _refusal(problem, settings, total))
-    return Fit(best[1], evaluate(placement, _with(problem, best[1])), True)
+    return Fit(best[1], evaluate(placement, _with(problem, best[1]), loads=loads), True)
 
 
 def _with(problem: PlacementProblem, settings: RunSettings) -> PlacementProblem:

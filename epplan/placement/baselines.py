@@ -86,8 +86,10 @@ def _eplb(problem: PlacementProblem, num_groups: int, method: str) -> Placement:
     layers = []
     for li in range(problem.num_layers):
         replicas, split = [], []
+        order = np.argsort(phy2log[li], kind="stable")          # physical slots by logical expert
+        bounds = np.searchsorted(phy2log[li][order], np.arange(num_experts + 1))
         for e in range(num_experts):
-            gpus, multiplicity = np.unique(gpu_of_slot[phy2log[li] == e], return_counts=True)
+            gpus, multiplicity = np.unique(gpu_of_slot[order[bounds[e]:bounds[e + 1]]], return_counts=True)
             replicas.append(gpus.astype(np.int64))
             split.append(np.tile(multiplicity / logcnt[li, e], (num_gpus, 1)))
         layers.append(LayerPlacement(replicas, split))

@@ -38,7 +38,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -52,6 +52,7 @@ from epplan.placement.nodelp import node_model
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.splits import nearest_split, optimal_splits, split_result
 from epplan.placement.types import LayerPlacement, Placement
+from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 SOLVERS = ("highs", "cbc")
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
@@ -146,6 +147,7 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
                 if progress is not None:
                     progress(info_j, done, total)
 
+    scores = _baseline_scores(problem, baselines, slots)
     tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
     num_workers = _workers(workers, len(todo))
     has_fork = "fork" in mp.get_all_start_methods()  # workers inherit the problem by forking
@@ -178,7 +180,7 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
             _SHARED = None
         for li, base in tasks:
             if li not in results:
-                layer, info = _fallback_layer(problem, li, base, time.monotonic() - start)
+                layer, info = _fallback_layer(problem, li, baselines, scores, time.monotonic() - start)
                 finish(li, layer, info)
 
     # A relabelled layer is as good as its representative; unless that one is proven optimal,
@@ -186,19 +188,21 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
     # re-split by the LP (the strongest baselines), keeping whichever is best.
     relabelled = [lj for lj in range(num_layers)
                   if results[lj][1].same_as is not None and results[lj][1].gap > _EXACT]
+    # Past the deadline only the precomputed scores are compared (no LP, no new layer data).
     for i, lj in enumerate(relabelled):
         layer, info = results[lj]
-        data = layer_data(problem, counts[lj], max_groups=_max_groups(problem))
         best = (info.objective_s, info.link_s, layer, info.start)
+        data = None
         for name, pl in baselines.items():
-            base = pl.layers[lj]
-            if not _fits(base.replicas, data):
+            if name not in scores or np.isnan(scores[name][0][lj]):   # does not fit the GPUs
                 continue
-            own = split_result(data, base)
-            if _better(own.bottleneck, own.link_time, best):
-                best = (own.bottleneck, own.link_time, own.layer, name)
+            own_s, own_link = scores[name][0][lj], scores[name][1][lj]
+            if _better(own_s, own_link, best):
+                best = (own_s, own_link, pl.layers[lj], name)
             if name.startswith("eplb") and (deadline is None or time.monotonic() < deadline):
-                res = optimal_splits(data, base.replicas, time_limit=_budget(deadline, 2 * (len(relabelled) - i)))
+                data = data or layer_data(problem, counts[lj], max_groups=_max_groups(problem))
+                res = optimal_splits(data, pl.layers[lj].replicas,
+                                     time_limit=_budget(deadline, 2 * (len(relabelled) - i)))
                 if _better(res.bottleneck, res.link_time, best):
                     best = (res.bottleneck, res.link_time, res.layer, name)
         if best[2] is not layer:
@@ -362,25 +366,49 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     return layer, info
 
 
-def _fallback_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, LayerPlacement],
+def _fallback_layer(problem: PlacementProblem, li: int, baselines: dict, scores: dict,
                     seconds: float) -> tuple[LayerPlacement, LayerInfo]:
-    """A layer the time limit stopped: the best baseline as it is, with the analytic bound."""
+    """A layer the time limit stopped: the best baseline as it is (its precomputed score), with
+    the analytic bound."""
     data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
     bound, source = lower_bound(data)
-    best = None
-    for name, base in baseline_layers.items():
-        if _fits(base.replicas, data):
-            res = split_result(data, base)
-            if best is None or res.bottleneck < best[0].bottleneck:
-                best = (res, name)
-    if best is None:   # no baseline fits the GPUs' memory: the construction, split without an LP
-        best = (split_result(data, nearest_split(data, local_first(data))), "local")
-    res, name = best
-    info = LayerInfo(layer=li, status="time_limit", objective_s=float(res.bottleneck),
-                     bound_s=float(min(bound, res.bottleneck)), bound_source=source,
-                     gap=float(_gap(res.bottleneck, min(bound, res.bottleneck))),
-                     link_s=float(res.link_time), seconds=seconds, start=name)
-    return res.layer, info
+    fitting = [name for name in scores if not np.isnan(scores[name][0][li])]
+    if fitting:
+        name = min(fitting, key=lambda n: scores[n][0][li])
+        layer, cost, link_s = baselines[name].layers[li], scores[name][0][li], scores[name][1][li]
+    else:   # no baseline fits the GPUs' memory: the construction, split without an LP
+        res = split_result(data, nearest_split(data, local_first(data)))
+        name, layer, cost, link_s = "local", res.layer, res.bottleneck, res.link_time
+    info = LayerInfo(layer=li, status="time_limit", objective_s=float(cost),
+                     bound_s=float(min(bound, cost)), bound_source=source,
+                     gap=float(_gap(cost, min(bound, cost))),
+                     link_s=float(link_s), seconds=seconds, start=name)
+    return layer, info
+
+
+def _baseline_scores(problem: PlacementProblem, baselines: dict, slots: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (float64[L] layer time, float64[L] max link time) of each baseline with its own
+    splits, as ``split_result`` scores a layer (NaN where it does not fit the GPUs' memory);
+    through ``evaluate``'s exchange loads (low-rank, identical layers once)."""
+    from epplan.cost.evaluate import exchange_loads
+
+    topo = problem.topology
+    flat = problem if problem.dispatch == "flat" else replace(problem, dispatch="flat")
+    unit = 2.0 * float(problem.bytes_per_assignment) / (np.asarray(topo.link_capacity, dtype=np.float64) * 1e9)
+    gpu_unit = (problem.costs.flops_per_assignment * TRAINING_FLOPS_FACTOR
+                / np.asarray(problem.gpu_flops, dtype=np.float64))
+    out = {}
+    for name, pl in baselines.items():
+        loads = exchange_loads(pl, flat, check=False)
+        link = ((loads.fwd + loads.bwd) * unit).max(axis=1, initial=0.0)           # [L]
+        gpu = (loads.served * gpu_unit).max(axis=1, initial=0.0)                  # [L]
+        times = np.asarray(problem.schedule.moe_time(link, gpu), dtype=np.float64).reshape(-1)
+        for li, layer in enumerate(pl.layers):
+            held = np.bincount(np.concatenate(layer.replicas), minlength=problem.num_gpus)
+            if np.any(held > slots):
+                times[li] = link[li] = np.nan
+        out[name] = (times, link)
+    return out
 
 
 def _better(cost: float, link: float, best) -> bool:

@@ -75,6 +75,9 @@ class Placement:
         if len(self.layers) == 0:
             raise PlacementError("placement has no layers")
         for li, layer in enumerate(self.layers):
+            if _is_valid(layer, self.num_ranks, self.num_experts, experts_per_gpu):
+                continue
+            # Something is wrong: find the first broken invariant, expert by expert.
             if layer.num_experts != self.num_experts or len(layer.split) != self.num_experts:
                 raise PlacementError(
                     f"layer {li}: {layer.num_experts} experts placed, expected {self.num_experts}")
@@ -108,3 +111,26 @@ class Placement:
                 raise PlacementError(
                     f"layer {li}: rank {g} holds {int(per_rank[g])} experts, more than "
                     f"--experts-per-gpu {experts_per_gpu} allows")
+
+
+def _is_valid(layer: LayerPlacement, num_ranks: int, num_experts: int, experts_per_gpu: int) -> bool:
+    """``Placement.validate``'s checks of one layer, all experts at once (True: nothing to report)."""
+    if layer.num_experts != num_experts or len(layer.split) != num_experts or num_experts == 0:
+        return False
+    sizes = np.array([len(r) for r in layer.replicas], dtype=np.int64)
+    if sizes.min() < 1 or any(s.shape != (num_ranks, n) for s, n in zip(layer.split, sizes)):
+        return False
+    ranks = np.concatenate([np.asarray(r) for r in layer.replicas])        # (N,)
+    if ranks.min() < 0 or ranks.max() >= num_ranks:
+        return False
+    starts = np.cumsum(sizes) - sizes
+    is_first = np.zeros(ranks.size, dtype=bool)
+    is_first[starts] = True
+    if np.any(np.diff(ranks)[~is_first[1:]] <= 0):     # sorted and distinct within each expert
+        return False
+    split = np.hstack(layer.split)                                          # (G, N)
+    if not np.all(np.isfinite(split)) or split.min() < -1e-9:
+        return False
+    if np.any(np.abs(np.add.reduceat(split, starts, axis=1) - 1.0) > 1e-6):
+        return False
+    return bool(np.bincount(ranks, minlength=num_ranks).max() <= experts_per_gpu)
