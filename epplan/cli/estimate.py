@@ -209,7 +209,7 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list
         ("dense layers + LM head", step["other_compute_s"], "slowest GPU"),
         ("expert gradient sync", step["expert_sync_s"], "rings over each expert's replicas"),
         ("dense gradient sync", step["dense_sync_s"], f"ring over all {topo.num_gpus} ranks"),
-        ("  both, exposed", step["exposed_sync_s"], f"of {step['sync_s']:.4g} s, rest hidden by backward"),
+        ("  both, exposed", step["exposed_sync_s"], "after the backward pass, dense then experts (as 'run' does)"),
         ("optimizer weight all-gather", cost.optimizer_sync_s,
          f"--optimizer-sharding {problem.optimizer_sharding}: ZeRO's broadcasts after the step"),
         ("[bold]step time[/]", step["step_time_s"], f"nothing overlapped: {step['serial_step_time_s']:.4g} s"),

@@ -35,12 +35,12 @@ grad sync    expert replicas: a ring over each expert's replica ranks in sorted 
              carrying 2 (R - 1) / R * expert parameter bytes (model dtype); dense parameters: a
              ring over all G ranks in rank order, 2 (G - 1) / G * dense parameter bytes per hop.
              Both as link loads; ``sync_s`` = max link time of the two together (they share
-             links). Assumed bucketed and overlapped with the backward pass, as DDP does, so only
-             ``exposed_sync_s`` = max(0, sync_s - backward compute time) shows, where backward
-             compute = 2/3 of sum_l (max dense_l + max expert_l) + max other. Optimistic: the
-             backward all-to-all competes for the same links; ``serial_step_time_s`` is the
-             pessimistic bound with nothing overlapped.
-             NOTE: the planner's objective (per layer) leaves this step-level term out.
+             links). ``epplan run`` synchronises after the backward pass, overlapping nothing
+             (``runtime.expert_parallel.sync_gradients``): the dense all-reduce, then every
+             expert's replica all-reduce at once, so ``exposed_sync_s`` = ``dense_sync_s`` +
+             ``expert_sync_s`` (each the max link time of its rings, all MoE layers together).
+             NOTE: the planner's objective (``objective_s``, per layer) leaves this step-level
+             term out.
 step time    sum_l layer_time_l + max_g other_compute[g] + exposed_sync_s.
 MFU          model_flops_per_step / (step_time * sum over GPUs of the peak): ``mfu_datasheet``
              against each GPU's datasheet bf16 TFLOP/s, ``mfu_spec`` against the founding spec's
@@ -80,7 +80,6 @@ from epplan.workload.memory import memory_per_gpu
 SPEC_PEAK_TFLOPS = 400.0   # founding spec: usable bf16 TFLOP/s per H100
 MFU_TARGET = 0.60
 BANDWIDTH_TARGET = 0.80
-_BWD_SHARE = (TRAINING_FLOPS_FACTOR - 1) / TRAINING_FLOPS_FACTOR  # backward = 2/3 of training FLOPs
 
 
 @dataclass
@@ -396,7 +395,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     dense_sync_s = float((dense_sync / cap).max(initial=0.0))
     sync_s = float(((expert_sync + dense_sync) / cap).max(initial=0.0))
     compute_s = float(dense_compute_s.max(axis=1).sum() + expert_max.sum() + other_compute_s.max())
-    exposed_sync_s = max(0.0, sync_s - _BWD_SHARE * compute_s)
+    exposed_sync_s = dense_sync_s + expert_sync_s
     # --optimizer-sharding dense: ZeRO broadcasts the updated dense weights after the step (an
     # all-gather ring over all ranks), exposed: nothing runs beside it.
     opt_ring = _ring(np.arange(num_gpus), num_gpus,
@@ -404,7 +403,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     optimizer_sync = single(opt_ring) if opt_ring.nnz else np.zeros(topo.num_links)
     optimizer_sync_s = float((optimizer_sync / cap).max(initial=0.0))
     step_time_s = float(layer_time_s.sum() + other_compute_s.max() + exposed_sync_s + optimizer_sync_s)
-    serial_step_time_s = float(compute_s + a2a_link_s.sum() + sync_s + optimizer_sync_s)
+    serial_step_time_s = float(compute_s + a2a_link_s.sum() + exposed_sync_s + optimizer_sync_s)
 
     peak = np.asarray(topo.gpu_tflops, dtype=np.float64) * 1e12
     mfu_datasheet = costs.model_flops_per_step / (step_time_s * peak.sum())
