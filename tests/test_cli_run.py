@@ -150,6 +150,11 @@ def test_end_to_end_loss_falls_and_files_are_valid(reference, manifests):
     assert stats.manifest_hash == start["manifest_hash"]
     assert stats.tokens_per_rank_per_step == CONFIG.tokens_per_step / G
     np.testing.assert_array_equal(stats.counts.sum(axis=1), np.sum([r["tokens_per_expert"] for r in steps], axis=0))
+    # Version 2: one node, so every token of a rank is one (token, node) row; top-2, one pair each.
+    tokens = stats.steps * stats.tokens_per_rank_per_step
+    assert stats.nodes == (("n0", (0, 1)),) and stats.dispatch == load_manifest(manifests["a"]).dispatch
+    assert (stats.node_rows[..., 0] == tokens).all() and (stats.pairs.sum(axis=(2, 3)) == tokens).all()
+    assert (stats.gpu_rows.sum(axis=2) >= tokens).all() and (stats.gpu_rows.sum(axis=2) <= 2 * tokens).all()
     # The re-plan loop: run -> statistics -> place -> run.
     traffic = make_traffic(str(reference / "routing_stats.json"), CONFIG, G)
     np.testing.assert_allclose(traffic.counts, stats.per_step())  # this run's own volume: no rescaling
@@ -170,8 +175,9 @@ def test_killed_worker_restarts_and_ends_bitwise_equal(reference, manifests, tmp
     assert mine.keys() == ref.keys()
     for key in ref:
         assert torch.equal(mine[key], ref[key]), key
-    np.testing.assert_array_equal(read_routing_stats(out / "routing_stats.json").counts,
-                                  read_routing_stats(reference / "routing_stats.json").counts)
+    mine, ref = read_routing_stats(out / "routing_stats.json"), read_routing_stats(reference / "routing_stats.json")
+    for name in ("counts", "pairs", "gpu_rows", "node_rows"):  # the checkpoint carries them all
+        np.testing.assert_array_equal(getattr(mine, name), getattr(ref, name), err_msg=name)
 
 
 def test_resume_under_another_placement_continues_the_loss(reference, manifests, tmp_path):
@@ -226,7 +232,8 @@ def test_help_names_the_main_options():
 
 def test_print_launch_torchrun_gives_one_command_per_node(manifests):
     result = runner.invoke(app, ["run", str(manifests["two"]), "--out", "runs/x", "--steps", "7",
-                                 "--nnodes", "2", "--print-launch", "torchrun"], env={"SLURM_NODEID": None})
+                                 "--nnodes", "2", "--dispatch", "hierarchical", "--print-launch", "torchrun"],
+                           env={"SLURM_NODEID": None})
     assert result.exit_code == 0, result.output
     commands = [line.split() for line in result.output.splitlines() if line.startswith("python ")]
     assert len(commands) == 2
@@ -236,8 +243,8 @@ def test_print_launch_torchrun_gives_one_command_per_node(manifests):
         assert argv[argv.index("--rdzv-endpoint") + 1] == "n0:29500"
         worker = argv[argv.index("epplan.train.worker") + 1:]
         opts = TrainOptions.from_argv(worker)
-        assert (opts.manifest, opts.out, opts.steps, opts.node_rank, opts.device) == \
-               (str(manifests["two"]), "runs/x", 7, i, "cuda")
+        assert (opts.manifest, opts.out, opts.steps, opts.node_rank, opts.device, opts.dispatch) == \
+               (str(manifests["two"]), "runs/x", 7, i, "cuda", "hierarchical")
 
 
 def test_print_launch_slurm_writes_an_sbatch_script(manifests):
@@ -263,6 +270,8 @@ def test_print_launch_slurm_writes_an_sbatch_script(manifests):
     (["--nnodes", "2", "--print-launch", "torchrun", "--num-chunks", "0"], "--num-chunks must be at least 1, got 0"),
     (["--nnodes", "2", "--print-launch", "torchrun", "--overlap-ctas", "-1"],
      "--overlap-ctas must be at least 1, got -1"),
+    (["--nnodes", "2", "--print-launch", "torchrun", "--dispatch", "sideways"],
+     "--dispatch 'sideways': use flat or hierarchical"),
 ])
 def test_launch_mistakes_are_clear_errors(manifests, tmp_path, args, message):
     result = runner.invoke(app, ["run", str(manifests["two"]), "--out", str(tmp_path), *args],

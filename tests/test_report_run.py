@@ -3,7 +3,8 @@ from the manifest, same ``Trainer``) in 4 gloo CPU processes, 3 steps of the tin
 
 The central check of the measured half: scoring the manifest's placement on the run's own routing
 statistics reproduces the all-to-all bytes the runtime recorded, exactly per (layer, source,
-destination) and per link up to the float32 storage of ``Cost``.
+destination) and per link up to the float32 storage of ``Cost``; for a run with hierarchical
+dispatch, the run's measured (token, node) and (token, GPU) rows put on the links do.
 
 This module imports little at the top on purpose: each training process imports it (to find
 ``_train``), and the report's imports (plotting, the CLI) would cost seconds per process.
@@ -30,13 +31,14 @@ fabric:
 """
 
 
-def _train(rank: int, world_size: int, job, out: str) -> None:
+def _train(rank: int, world_size: int, job, out: str, dispatch: str | None = None) -> None:
     import torch
 
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
-    opts = TrainOptions(manifest="m.json", out=out, steps=3, ckpt_every=100, keep_checkpoints=1)
+    opts = TrainOptions(manifest="m.json", out=out, steps=3, ckpt_every=100, keep_checkpoints=1,
+                        dispatch=dispatch)
     Trainer(job, opts, rank, torch.device("cpu")).run(resume=False, show_progress=False)
 
 
@@ -193,3 +195,62 @@ def test_plot_draws_the_runs_measured_bytes(real_run, tmp_path):
     assert series["measured (--metrics)"] == pytest.approx(expected) and expected.max() > 0
     write_plot(report, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def hierarchical_run(tmp_path_factory):
+    """(manifest, run directory): tiny on 2 x 2 GPUs with hierarchical dispatch (the manifest's),
+    overlapped in chunks (CPU), expert 0 replicated across the nodes with uneven per-source
+    splits, experts 2 and 3 on the second node."""
+    import numpy as np
+
+    from epplan.cost.calibration import resolve_calibrations
+    from epplan.manifest import build_manifest, load_manifest, write_manifest
+    from epplan.placement.problem import PlacementProblem
+    from epplan.placement.types import Placement
+    from epplan.runtime.testing import layer_placement, run_distributed
+    from epplan.topology import load_topology
+    from epplan.train.job import job_from_manifest
+    from epplan.workload import make_traffic
+    from epplan.workload.config import PRESETS
+
+    folder = tmp_path_factory.mktemp("hier")
+    (folder / "mini.yaml").write_text(MINI_TOPOLOGY)
+    topo = load_topology(folder / "mini.yaml")
+    config = PRESETS["tiny"]
+    cals, _ = resolve_calibrations(topo)
+    problem = PlacementProblem(topo, config, make_traffic("uniform", config, topo.num_gpus), calibration=cals,
+                               experts_per_gpu=2, dispatch="hierarchical")
+    split = np.array([[0.7, 0.3], [0.45, 0.55], [0.2, 0.8], [0.0, 1.0]])
+    layer = layer_placement([[0, 3], [1], [2], [3]], {0: split}, 4)
+    manifest = folder / "m.json"
+    write_manifest(manifest, build_manifest(Placement(4, 4, [layer, layer], method="hand"), problem,
+                                            routing_spec="uniform"))
+    run_dir = folder / "run"
+    run_distributed(_train, 4, job_from_manifest(load_manifest(manifest)), str(run_dir))
+    return manifest, run_dir
+
+
+def test_replay_of_a_hierarchical_run_matches_the_measured_bytes(hierarchical_run):
+    from epplan.workload.routing_stats import read_routing_stats
+
+    manifest, run_dir = hierarchical_run
+    start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["dispatch"] == "hierarchical" and start["overlap"] is True
+    stats = read_routing_stats(run_dir / "routing_stats.json")
+    assert stats.dispatch == "hierarchical" and stats.steps == 3
+    assert stats.nodes == (("n0", (0, 1)), ("n1", (2, 3)))
+    # Every token has 2 experts on at most 2 nodes; fewer node rows than assignments when both are on one.
+    assert (stats.node_rows.sum(axis=2) < stats.counts.sum(axis=2)).all()
+    result = _invoke(manifest, "--metrics", run_dir, "--json", "--all")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)["measured"]
+    assert m["dispatch"] == "hierarchical" and m["runtime_bytes_per_assignment"] == 128  # 32 x fp32
+    # The rows the runtime sent, on the links: to the byte, per pair and per link.
+    assert m["replay"]["steps"] == 3 and m["replay"]["max_pair_error_bytes"] == 0.0
+    assert m["replay"]["max_link_relative_error"] == 0.0 and len(m["links"]) == 16
+    for row in m["links"]:
+        assert row["replayed_bytes"] == row["measured_bytes"], row
+    assert m["totals_bytes"]["measured"] > 0 and m["totals_bytes"]["predicted"] > 0
+    table = _invoke(manifest, "--metrics", run_dir)
+    assert table.exit_code == 0 and "replay of the run's routing" in table.stdout

@@ -9,9 +9,10 @@ import typer
 from rich.markup import escape
 
 from epplan.cli import app
-from epplan.cli.common import (DeviceOption, MicroBatchesOption, NumChunksOption, OptimizerShardingOption,
-                               OverlapOption, PeakTflopsOption, RecomputeOption, choices, console, count, err_console,
-                               in_panel, listed, out_option, plain, user_errors)
+from epplan.cli.common import (DeviceOption, Dispatch, MicroBatchesOption, NumChunksOption,
+                               OptimizerShardingOption, OverlapOption, PeakTflopsOption, RecomputeOption,
+                               choices, console, count, err_console, in_panel, listed, out_option, plain,
+                               user_errors)
 from epplan.errors import RuntimeSetupError
 from epplan.train.options import ASYNC_CHECKPOINTS, RESUME_KEYS, TrainOptions
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
@@ -78,6 +79,12 @@ def run(
         help="When overlapping: CTAs of the NCCL communicator that carries the hidden exchanges, and SMs "
              "the expert GEMMs leave free for it. Default: 4 (docs/benchmarks.md).", show_default=False,
         rich_help_panel=TRAINING)] = None,
+    dispatch: Annotated[Optional[Dispatch], typer.Option(
+        "--dispatch", callback=plain, rich_help_panel=TRAINING,
+        help="How MoE layers exchange tokens: flat (one row per token and expert) or hierarchical (one row "
+             "per token and destination node across the network, to the GPU of the same local index, then "
+             "over NVLink to the experts' GPUs; combine reduces on the node first). Default: the manifest's.",
+        show_default=False)] = None,
     peak_tflops: in_panel(PeakTflopsOption, TRAINING) = None,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every K steps (and at the end).",
                                             rich_help_panel=CHECKPOINTS)] = 50,
@@ -149,6 +156,10 @@ def run(
                           "not here: the manifest is checked on its own; pass --topology FILE to check it "
                           "against the cluster", highlight=False, markup=False)
     job = job_from_manifest(planned)
+    if (dispatch or job.dispatch) == "hierarchical" and len({len(n.ranks) for n in job.nodes}) > 1:
+        raise RuntimeSetupError(f"--dispatch hierarchical needs the same number of GPUs on every node "
+                                f"(a token reaches another node through the GPU of its local index); the "
+                                f"manifest has {job.describe_nodes()}; use --dispatch flat")
     if activation_checkpointing:
         if recompute not in (None, "attention"):
             raise RuntimeSetupError(f"--activation-checkpointing means --recompute attention, not {recompute!r}")
@@ -168,7 +179,7 @@ def run(
         micro_batches=settings["micro_batches"], recompute=settings["recompute"],
         optimizer_sharding=settings["optimizer_sharding"], overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
-        overlap=overlap, num_chunks=num_chunks,
+        overlap=overlap, num_chunks=num_chunks, dispatch=dispatch,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every, async_checkpoints=async_checkpoints,
         keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
         allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0,

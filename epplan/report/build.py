@@ -101,7 +101,7 @@ class Report:
             rows.append(row)
         return {
             "run_dir": str(run.run_dir), "steps": run.num_steps, "device": run.device,
-            "finished": run.is_finished,
+            "finished": run.is_finished, "dispatch": run.dispatch,
             "runtime_bytes_per_assignment": m.runtime_bytes_per_assignment,
             "model_bytes_per_assignment": m.model_bytes_per_assignment,
             "bytes_scale": m.bytes_scale,

@@ -26,10 +26,18 @@ How the comparison is made apples to apples:
   assignments (one replica per expert, or even splits that divide), up to float32 storage in
   ``Cost``. With fractional splits the runtime rounds per forward call, and they agree to within
   a row per (source, expert, micro-batch).
+- Hierarchical runs (the start record's ``dispatch``). Rows are one per (token, node) across
+  nodes and one per (token, GPU) inside them, so b is the recorded ``row_bytes`` (d_model * the
+  exchange dtype's size), the prediction is the cost function under hierarchical dispatch (the
+  manifest's plan re-scored so if it was made for flat), and the replay puts the run's measured
+  ``node_rows`` and ``gpu_rows`` (routing statistics v2) on the links through
+  ``epplan.cost.dispatch.hierarchical_link_loads``: exact, rounding or not, because those are
+  the rows the runtime sent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -38,6 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from epplan.cost import Cost, evaluate
+from epplan.cost.dispatch import hierarchical_link_loads, hierarchical_traffic
+from epplan.cost.linkmap import link_map
 from epplan.errors import EpplanError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
@@ -77,6 +87,8 @@ class RunMetrics:
     routing: RoutingStats | None
     is_finished: bool
     notes: list[str] = field(default_factory=list)
+    dispatch: str = "flat"  # how the run exchanged rows (its start record; flat before it was recorded)
+    row_bytes: int | None = None  # one row's wire bytes as the step records give it (None: not recorded)
 
     @property
     def num_steps(self) -> int:
@@ -84,9 +96,12 @@ class RunMetrics:
 
     @property
     def bytes_per_assignment(self) -> float:
-        """The runtime's wire bytes of one token-assignment (d_model * element size)."""
+        """The runtime's wire bytes of one row (d_model * element size): recorded, or (flat
+        runs before it was recorded) the forward dispatch bytes over token-assignments."""
+        if self.row_bytes:
+            return float(self.row_bytes)
         total = self.assignments.sum()
-        return float(self.dispatch_bytes.sum() / total) if total else math.nan
+        return float(self.dispatch_bytes.sum() / total) if total and self.dispatch == "flat" else math.nan
 
     def typical_step_time_s(self) -> float:
         """Median step time, leaving out the first step (allocator and kernel warm-up)."""
@@ -120,11 +135,14 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
     is_ours = False
     steps: list[tuple[int, dict]] = []
     finished = False
+    dispatches = set()
     for line_no, rec in records:
         kind = rec.get("kind")
         if kind == "start":
             hashes.append(str(rec.get("manifest_hash")))
             is_ours = rec.get("manifest_hash") == manifest_hash
+            if is_ours:
+                dispatches.add(rec.get("dispatch", "flat"))
         elif kind == "step" and is_ours:
             steps.append((line_no, rec))
         elif kind == "end":
@@ -140,6 +158,15 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         raise ReportError(f"{path}: no step records of this manifest yet; let the run finish a step")
     if not finished:
         notes.append(f"{METRICS_FILE} has no 'end' record: the run is still going or stopped early")
+    if len(dispatches) > 1 or not dispatches <= {"flat", "hierarchical"}:
+        raise ReportError(f"{path}: the run's start records give dispatch {sorted(map(str, dispatches))}; "
+                          "a report compares the steps of one dispatch (flat or hierarchical): "
+                          "pass a run directory of one")
+    dispatch = dispatches.pop() if dispatches else "flat"
+    row_bytes = next((rec["row_bytes"] for _, rec in steps if "row_bytes" in rec), None)
+    if row_bytes is not None and (isinstance(row_bytes, bool) or not isinstance(row_bytes, int)
+                                  or not 0 < row_bytes < 2**40):
+        raise ReportError(f"{path}: row_bytes is {row_bytes!r}; a row's bytes are a positive integer")
 
     shape = (num_layers, num_ranks, num_ranks)
     arrays = {k: [] for k in ("dispatch_bytes", "combine_bytes", "tokens_per_expert")}
@@ -182,7 +209,8 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         step_time_s=np.array(times), dispatch_bytes=np.stack(arrays["dispatch_bytes"]),
         combine_bytes=np.stack(arrays["combine_bytes"]), assignments=np.stack(arrays["tokens_per_expert"]),
         tokens_per_step=int(tokens) if isinstance(tokens, (int, float)) else None,
-        device=start.get("device"), routing=routing, is_finished=finished, notes=notes)
+        device=start.get("device"), routing=routing, is_finished=finished, notes=notes,
+        dispatch=dispatch, row_bytes=row_bytes)
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -320,12 +348,38 @@ def replay_cost(placement: Placement, problem: PlacementProblem, routing: Routin
     """The cost function on the run's own routing: per-step counts = the statistics / steps, not
     rescaled to the model's volume (the run may have used another batch)."""
     traffic = Traffic(routing.per_step(), source=f"run routing statistics ({routing.steps} steps)")
+    if problem.dispatch == "hierarchical" and routing.pairs is not None:
+        traffic = Traffic(routing.per_step(), source=traffic.source,
+                          pairs=routing.pairs.astype(np.float64) / routing.steps)
     replay = PlacementProblem(problem.topology, problem.config, traffic,
                               experts_per_gpu=problem.experts_per_gpu,
                               compute_efficiency=problem.compute_efficiency,
                               achievable_tflops=problem.achievable_tflops,
-                              micro_batches=problem.micro_batches)
+                              micro_batches=problem.micro_batches, dispatch=problem.dispatch)
     return evaluate(placement, replay)
+
+
+def hierarchical_replay(topology, routing: RoutingStats, row_bytes: float,
+                        layers: list[int]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """The measured rows of a hierarchical run on the links: component -> float64[K] bytes per
+    step (both passes), and per layer the forward dispatch's float64[S, T] bytes summed over the
+    statistics' steps (integers, exact in float64 below 2**53).
+
+    routing.node_rows is by the run's node order (``routing.nodes``); the link map numbers nodes
+    as the topology does, so the columns are put in the topology's order first. The rows of the
+    layers are added before they go on the links, as ``measured_link_bytes`` adds the matrices.
+    """
+    order = [int(topology.gpu_node[ranks[0]]) for _, ranks in routing.nodes]  # run node -> topology node
+    node_rows = np.zeros(routing.node_rows.shape[:2] + (int(topology.gpu_node.max()) + 1,))
+    node_rows[:, :, order] = routing.node_rows  # [L, G, N], summed over the steps
+    fwd, bwd = hierarchical_link_loads(link_map(topology), node_rows[layers].sum(axis=0),
+                                       routing.gpu_rows[layers].sum(axis=0), row_bytes)
+    pairs = []
+    for li in layers:
+        network, intra = hierarchical_traffic(node_rows[li], routing.gpu_rows[li], topology.gpu_node,
+                                              topology.gpu_local)
+        pairs.append(row_bytes * (network + intra))
+    return {"dispatch": 2.0 * fwd / routing.steps, "combine": 2.0 * bwd / routing.steps}, pairs
 
 
 def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem, run: RunMetrics,
@@ -333,6 +387,11 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
     """Measured per-link bytes beside the prediction and the replay of the run's routing."""
     topo = problem.topology
     notes = list(run.notes)
+    if run.dispatch != problem.dispatch:
+        notes.append(f"the plan was scored for {problem.dispatch} dispatch, the run used {run.dispatch}: "
+                     f"predicted is the plan re-scored for {run.dispatch}")
+        problem = dataclasses.replace(problem, dispatch=run.dispatch)
+        cost = evaluate(placement, problem)
     model_b = float(problem.bytes_per_assignment)
     run_b = run.bytes_per_assignment
     scale = run_b / model_b if math.isfinite(run_b) and run_b > 0 else 1.0
@@ -345,7 +404,9 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
                      f"{problem.config.tokens_per_step:,}: expect ratios near "
                      f"{run.tokens_per_step / problem.config.tokens_per_step:.4g}")
 
-    measured = measured_link_bytes(topo, run.dispatch_bytes.mean(axis=0), run.combine_bytes.mean(axis=0), layer)
+    # Loads of the integer sums over the steps, then per step: the replay below sums the same way.
+    measured = {k: v / run.num_steps for k, v in measured_link_bytes(
+        topo, run.dispatch_bytes.sum(axis=0), run.combine_bytes.sum(axis=0), layer).items()}
     predicted = {k: scale * v for k, v in component_bytes(cost, layer).items() if k in ("dispatch", "combine")}
 
     replayed, replay_s, pair_err, replay_steps = None, None, None, 0
@@ -356,6 +417,11 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
         if replay_steps != routing.steps:
             notes.append(f"the routing statistics cover {routing.steps} steps, the metrics hold "
                          f"{replay_steps} of them: the replay will not match exactly")
+        is_hierarchical = run.dispatch == "hierarchical"
+        if is_hierarchical and (routing.node_rows is None or routing.gpu_rows is None or routing.nodes is None):
+            notes.append(f"{ROUTING_STATS_FILE} has no node_rows/gpu_rows (written before version 2): "
+                         "no replay of the hierarchical run's rows")
+            replay_steps = 0
         if replay_steps:
             rc = replay_cost(placement, problem, routing)
             replayed = {k: scale * v for k, v in component_bytes(rc, layer).items()
@@ -364,9 +430,16 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
             # Pair level, before any path fractions: b_run * F against the recorded matrices.
             window = run.dispatch_bytes[is_window].mean(axis=0)  # [L, S, T]
             counts = routing.per_step()
-            layers = range(cost.num_layers) if layer is None else [layer]
-            pair_err = max(float(np.abs(run_b * placement.layers[li].flows(counts[li]) - window[li]).max())
-                           for li in layers)
+            layers = list(range(cost.num_layers)) if layer is None else [layer]
+            if is_hierarchical:  # the measured rows themselves; the diagonal never leaves a GPU
+                replayed, pairs = hierarchical_replay(topo, routing, run_b, layers)
+                total = run.dispatch_bytes[is_window].sum(axis=0)  # [L, S, T] integers
+                off = ~np.eye(total.shape[1], dtype=bool)
+                pair_err = max(float(np.abs(pairs[i] - total[li])[off].max()) for i, li in enumerate(layers)) \
+                    / routing.steps
+            else:
+                pair_err = max(float(np.abs(run_b * placement.layers[li].flows(counts[li]) - window[li]).max())
+                               for li in layers)
     return MeasuredComparison(
         layer=layer, measured=measured, predicted=predicted, replayed=replayed,
         runtime_bytes_per_assignment=run_b, model_bytes_per_assignment=model_b, bytes_scale=scale,

@@ -200,8 +200,11 @@ def _measured_section(report: Report) -> Section:
          f"({fmt_time(m.predicted_step_time_s)}) is for the topology's GPUs, so only bytes are compared"),
         f"all-to-all bytes on links: predicted {fmt_bytes(m.predicted_total.sum())}, measured "
         f"{fmt_bytes(m.measured_total.sum())} (ratio {fmt_ratio(total_ratio)})",
-        f"bytes per token-assignment: runtime {m.runtime_bytes_per_assignment:,.0f}, cost model "
-        f"{m.model_bytes_per_assignment:,.0f}",
+        (f"bytes per token-assignment: runtime {m.runtime_bytes_per_assignment:,.0f}, cost model "
+         f"{m.model_bytes_per_assignment:,.0f}") if run.dispatch == "flat" else
+        (f"hierarchical dispatch (one row per token and node across nodes, per token and GPU inside): "
+         f"bytes per row: runtime {m.runtime_bytes_per_assignment:,.0f}, cost model "
+         f"{m.model_bytes_per_assignment:,.0f}"),
     ]
     if m.replay_pair_error_bytes is not None:
         lines.append(f"replay of the run's routing statistics ({m.replay_steps} steps): largest difference "
@@ -209,7 +212,8 @@ def _measured_section(report: Report) -> Section:
     notes = ["measured: the runtime's forward dispatch/combine bytes per (source, destination), mean per step, "
              "x2 for backward, through the same path fractions as the prediction. predicted: the cost "
              "function's, in the runtime's bytes per assignment. replayed: the cost function on the run's own "
-             "routing statistics."]
+             "routing statistics" + (" (flat)." if run.dispatch == "flat" else
+                                     "' measured (token, node) and (token, GPU) rows on the links (hierarchical).")]
     lines += [f"note: {n}" for n in m.notes]
     shown = "all" if report.top is None else f"top {min(report.top, len(ratio))}"
     scope = "per step" if report.layer is None else f"MoE layer {report.layer}"

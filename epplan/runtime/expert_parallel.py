@@ -159,6 +159,7 @@ class ExpertParallelStats:
     gpu_rows: np.ndarray
     node_rows: np.ndarray
     num_forward: int = 0  # forward calls of the whole model (counted at MoE layer 0)
+    row_bytes: int = 0  # bytes of one row on the wire (d_model * the exchange dtype's size)
 
     @classmethod
     def zeros(cls, num_layers: int, num_experts: int, num_ranks: int,
@@ -314,7 +315,7 @@ class ExpertParallelExperts(nn.Module):
         send_host, recv_host = send_host[:, :E], recv_host[:, :E]
         row_bytes = x.shape[1] * x.element_size()
         self._record(send_host.sum(axis=0), send_host.sum(axis=1) * row_bytes,
-                     recv_host.sum(axis=1) * row_bytes, host[2 * send_meta.numel():])
+                     recv_host.sum(axis=1) * row_bytes, host[2 * send_meta.numel():], row_bytes)
         return send_host, recv_host, num_chunks
 
     def _routing_rows(self, key: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
@@ -355,7 +356,7 @@ class ExpertParallelExperts(nn.Module):
         found = self.hierarchical.statistics(counts)
         row_bytes = x.shape[1] * x.element_size()
         self._record(found["tokens"], found["dispatch_rows"] * row_bytes,
-                     found["combine_rows"] * row_bytes, routing_host)
+                     found["combine_rows"] * row_bytes, routing_host, row_bytes)
         return counts
 
     def _destination_keys(self, topk_idx: torch.Tensor) -> torch.Tensor:
@@ -409,9 +410,9 @@ class ExpertParallelExperts(nn.Module):
         return torch.argsort((block % max(E_loc, 1)) * G + block // max(E_loc, 1), stable=True)
 
     def _record(self, num_tokens: np.ndarray, dispatch_bytes: np.ndarray, combine_bytes: np.ndarray,
-                routing: np.ndarray) -> None:
+                routing: np.ndarray, row_bytes: int) -> None:
         """num_tokens (E,), dispatch_bytes / combine_bytes (G,) to each rank, routing: host
-        ``_routing_rows``."""
+        ``_routing_rows``, row_bytes: one row's bytes."""
         G, E, li = self.num_ranks, self.num_experts, self.layer_index
         self.stats.num_tokens_per_expert[li] += num_tokens
         self.stats.dispatch_bytes[li] += dispatch_bytes
@@ -419,6 +420,7 @@ class ExpertParallelExperts(nn.Module):
         self.stats.pairs[li] += routing[:E * E].reshape(E, E)
         self.stats.gpu_rows[li] += routing[E * E:E * E + G]
         self.stats.node_rows[li] += routing[E * E + G:]
+        self.stats.row_bytes = row_bytes
         if li == 0:
             self.stats.num_forward += 1
 

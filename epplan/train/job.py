@@ -37,6 +37,7 @@ class Job:
     nodes: tuple[Node, ...]
     run_settings: dict[str, Any] = field(default_factory=dict)
     schedule: object = None   # epplan.schedule.Schedule the plan was made for (None: not recorded)
+    dispatch: str = "flat"    # the exchange the plan was scored for: flat | hierarchical
 
     @property
     def num_ranks(self) -> int:
@@ -91,4 +92,4 @@ def job_from_manifest(manifest: object) -> Job:
     settings = {k: getattr(manifest, k) for k in ("micro_batches", "recompute", "optimizer_sharding")
                 if hasattr(manifest, k)}
     return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout), settings,
-               getattr(manifest, "schedule", None))
+               getattr(manifest, "schedule", None), getattr(manifest, "dispatch", "flat"))

@@ -83,7 +83,7 @@ def matrix_every(num_ranks: int) -> int:
 
 
 # torch 2.13 renamed all_gather_into_tensor; the project supports torch >= 2.4.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def gather_step_stats(loss: torch.Tensor, aux_loss: torch.Tensor, stats: ExpertParallelStats,
@@ -101,7 +101,7 @@ def gather_step_stats(loss: torch.Tensor, aux_loss: torch.Tensor, stats: ExpertP
     mine = torch.from_numpy(np.concatenate(parts)).to(loss.device)  # float64: integers exact below 2**53
     mine[0], mine[1] = loss.detach().double(), aux_loss.detach().double()
     everyone = mine.new_empty(G * mine.numel())  # flat: gloo wants (G * n,), not (G, n)
-    _all_gather_single(everyone, mine)
+    all_gather_single(everyone, mine)
     rows = everyone.cpu().numpy().reshape(G, -1)  # (G, 2 + L*E [+ 2*L*G])
     counts = rows[:, 2:2 + L * E].reshape(G, L, E).transpose(1, 0, 2)  # [L, S, E]
     dispatch = combine = None

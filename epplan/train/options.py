@@ -18,6 +18,7 @@ from typing import Optional
 
 DEVICES = ("cpu", "cuda")
 OVERLAP = ("auto", "on", "off")
+DISPATCH = ("flat", "hierarchical")  # epplan.runtime.hierarchical.DISPATCH (not imported: no torch here)
 ASYNC_CHECKPOINTS = OVERLAP
 # What a resumed run checks against its checkpoint; --allow-change KEY accepts a difference.
 RESUME_KEYS = ("seed", "data", "global_batch", "micro_batches", "model")
@@ -47,6 +48,7 @@ class TrainOptions:
     overlap: str = "auto"  # on|off: the runtime's chunked exchange overlapped with the expert GEMMs
     num_chunks: Optional[int] = None  # chunks per MoE layer when overlapping; None: the runtime's choice
     overlap_ctas: Optional[int] = None  # CTAs of the hidden exchanges' communicator; None: the runtime's
+    dispatch: Optional[str] = None  # flat|hierarchical MoE token exchange; None: the manifest's
     ckpt_every: int = 50
     async_checkpoints: str = "auto"  # on|off: write checkpoint files in the background; auto: on GPUs
     keep_checkpoints: int = 2

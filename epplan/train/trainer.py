@@ -39,8 +39,8 @@ from epplan.train import checkpoint
 from epplan.train.data import make_data
 from epplan.train.job import Job
 from epplan.train.tensorboard import with_tensorboard
-from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, gather_step_stats,
-                                  matrix_every)
+from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, all_gather_single,
+                                  gather_step_stats, matrix_every)
 from epplan.train.optim import TrainOptimizer
 from epplan.train.options import RESUME_KEYS, TrainOptions
 from epplan.train.rundir import history, set_aside
@@ -55,6 +55,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 SHAPE_FIELDS = ("num_layers", "num_experts", "d_model", "d_ff", "num_heads", "head_dim", "num_kv_heads",
                 "vocab_size", "seq_len", "activation", "num_dense_layers", "dense_d_ff", "num_shared_experts")
 ROUTING_STATS = "routing_stats.json"
+ROUTING_ROWS = ("pairs", "gpu_rows", "node_rows")  # ExpertParallelStats fields of routing_stats.json v2
 METRICS = "metrics.jsonl"
 
 
@@ -139,11 +140,12 @@ class Trainer:
         torch.manual_seed(opts.seed)  # for any draw from the global generator
         # Only this rank's experts are ever allocated; the weights do not depend on the placement.
         self.overlap_ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
+        self.dispatch = opts.dispatch or job.dispatch
         self.model = build_expert_parallel_model(
             config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
             overlap=opts.use_overlap(len(job.nodes), job.schedule),
             num_chunks=opts.chunks(job.schedule),
-            overlap_ctas=self.overlap_ctas)
+            overlap_ctas=self.overlap_ctas, dispatch=self.dispatch, nodes=[n.ranks for n in job.nodes])
         if config.dtype == "fp64":  # CPU tests: exact comparisons between run settings
             self.model.to(torch.float64)
         if opts.recompute not in RECOMPUTE:
@@ -168,6 +170,10 @@ class Trainer:
         # Token-assignments [L, G, E] summed over routing_steps steps, for routing_stats.json.
         self.routing_counts = np.zeros((config.num_moe_layers, G, config.num_experts), np.int64)
         self.routing_steps = 0
+        # This rank's rows of the v2 statistics (pairs [L, E, E], gpu_rows [L, G], node_rows
+        # [L, nodes]), summed over routing_rows_steps steps; gathered only when the file is written.
+        self.routing_rows = {k: np.zeros_like(getattr(get_stats(self.model), k)) for k in ROUTING_ROWS}
+        self.routing_rows_steps = 0
         self.last_checkpoint: Path | None = None
         # Asynchronous checkpoints: DCP's host staging, kept from one checkpoint to the next, and a
         # gloo group (created here, collectively) for the background writer; the one in flight.
@@ -237,6 +243,10 @@ class Trainer:
         if not moved and not {"global_batch", "micro_batches"} & set(self.changes):
             self.routing_counts = extra["routing_counts"].numpy().astype(np.int64)
             self.routing_steps = int(extra["routing_steps"])
+            if all(f"routing_{k}" in extra for k in ROUTING_ROWS):  # checkpoints since version 2
+                self.routing_rows = {k: extra[f"routing_{k}"].numpy()[:, self.rank].astype(np.int64)
+                                     for k in ROUTING_ROWS}
+                self.routing_rows_steps = int(extra["routing_rows_steps"])
         if info.meta["num_ranks"] == self.job.num_ranks and "rng" in extra:
             checkpoint.set_rng_state(extra["rng"])
         self.last_checkpoint = info.path
@@ -289,7 +299,8 @@ class Trainer:
         meta = {"manifest_hash": self.job.manifest_hash, "manifest": self.opts.manifest,
                 "model": self.config.to_dict(), "data": self.data.describe(step),  # rank 0's data position
                 "run": self._run_facts()}
-        pending = checkpoint.begin_save(self.ckpt_root, step, self._checkpoint_state(), rank=self.rank,
+        routing_rows = self._gather_routing_rows()
+        pending = checkpoint.begin_save(self.ckpt_root, step, self._checkpoint_state(routing_rows), rank=self.rank,
                                         facts=checkpoint.save_facts(self.model, self.optimizer),
                                         group=self.checkpoint_group, stager=self.stager)
         stall = time.perf_counter() - start
@@ -311,12 +322,15 @@ class Trainer:
             thread.start()
             self._pending = (thread, result)
         if self.rank == 0:
-            self.write_routing_stats()
+            self.write_routing_stats(routing_rows)
         return stall
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        """This rank's checkpoint entries (views of the live tensors, ``checkpoint.state_to_save``)."""
-        extra = {"routing_counts": torch.from_numpy(self.routing_counts.copy()), "routing_steps": self.routing_steps}
+    def _checkpoint_state(self, routing_rows: dict[str, np.ndarray]) -> dict[str, Any]:
+        """This rank's checkpoint entries (views of the live tensors, ``checkpoint.state_to_save``);
+        routing_rows: ``_gather_routing_rows``, kept by rank 0 for every rank."""
+        extra = {"routing_counts": torch.from_numpy(self.routing_counts.copy()), "routing_steps": self.routing_steps,
+                 "routing_rows_steps": self.routing_rows_steps,
+                 **{f"routing_{k}": torch.from_numpy(v) for k, v in routing_rows.items()}}
         return checkpoint.state_to_save(self.model, self.optimizer, rank=self.rank, extra=extra)
 
     def finish_checkpoint(self, block: bool = True) -> None:
@@ -340,13 +354,33 @@ class Trainer:
                             "seconds": result["stall"], "write_seconds": result["seconds"],
                             "async": thread is not None})
 
-    def write_routing_stats(self) -> Path | None:
+    def _gather_routing_rows(self) -> dict[str, np.ndarray]:
+        """Collective: every rank's ``routing_rows``, stacked by rank: pairs [L, G, E, E],
+        gpu_rows [L, G, G], node_rows [L, G, nodes]. NOTE: host sync (checkpoints and the end only)."""
+        mine = torch.from_numpy(np.concatenate([self.routing_rows[k].ravel() for k in ROUTING_ROWS]))
+        everyone = mine.new_empty(self.job.num_ranks * mine.numel(), device=self.device)
+        all_gather_single(everyone, mine.to(self.device))  # flat: gloo wants (G * n,)
+        rows = everyone.cpu().numpy().reshape(self.job.num_ranks, -1)
+        out, start = {}, 0
+        for k in ROUTING_ROWS:
+            shape = self.routing_rows[k].shape  # (L, ...)
+            size = int(np.prod(shape))
+            out[k] = np.moveaxis(rows[:, start:start + size].reshape(-1, *shape), 0, 1)  # (L, G, ...)
+            start += size
+        return out
+
+    def write_routing_stats(self, routing_rows: dict[str, np.ndarray]) -> Path | None:
+        """routing_stats.json (format v2) from the counts and ``_gather_routing_rows``; the
+        pair and row tables only when they cover the same steps as the counts (not after a
+        resume from a checkpoint written before they were recorded)."""
         if self.routing_steps == 0:
             return None
+        rows = routing_rows if self.routing_rows_steps == self.routing_steps else {}
         return write_routing_stats(
             self.out / ROUTING_STATS, self.routing_counts, steps=self.routing_steps, model=self.config.name,
             top_k=self.config.top_k, tokens_per_rank_per_step=float(self.batch_per_rank * self.config.seq_len),
-            manifest_hash=self.job.manifest_hash)
+            manifest_hash=self.job.manifest_hash, dispatch=self.dispatch,
+            nodes=[(n.name, list(n.ranks)) for n in self.job.nodes], **rows)
 
     def _confirm(self) -> None:
         """The step after the newest checkpoint was finite: it is good; prune the older ones."""
@@ -431,7 +465,9 @@ class Trainer:
             # Allocate (and pin) the staging buffers once, now that AdamW's state exists, so that no
             # checkpoint's stall includes the allocation (it shows in this step's record).
             t0 = time.perf_counter()
-            self.stager.stage(self._checkpoint_state())
+            shapes = {k: np.zeros((v.shape[0], self.job.num_ranks, *v.shape[1:]), np.int64)
+                      for k, v in self.routing_rows.items()}  # as gathered (packed bytes, not staged)
+            self.stager.stage(self._checkpoint_state(shapes))
             staging_s = time.perf_counter() - t0
             staging_bytes = self.stager.num_bytes
             self.stager_ready = True
@@ -443,6 +479,9 @@ class Trainer:
 
         self.routing_counts += gathered.tokens_per_expert
         self.routing_steps += 1
+        for k in ROUTING_ROWS:
+            self.routing_rows[k] += getattr(stats, k)
+        self.routing_rows_steps += 1
         seconds = time.perf_counter() - start
         tflops = self.costs.model_flops_per_step / seconds / self.job.num_ranks / 1e12
         record = {
@@ -460,6 +499,7 @@ class Trainer:
             record["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             record["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         if with_matrices:
+            record["row_bytes"] = stats.row_bytes
             record["dispatch_bytes"] = gathered.dispatch_bytes.tolist()
             record["combine_bytes"] = gathered.combine_bytes.tolist()
         return record
@@ -503,8 +543,9 @@ class Trainer:
         last = self.timer.flush()
         if log is not None and last is not None:
             log.write(timing_record(*last))
+        routing_rows = self._gather_routing_rows()
         if log is not None:
-            stats_path = self.write_routing_stats()
+            stats_path = self.write_routing_stats(routing_rows)
             log.write({"kind": "end", "step": self.step, "routing_stats": str(stats_path) if stats_path else None,
                        "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None})
             log.close()
@@ -524,7 +565,7 @@ class Trainer:
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
             "overlap": self.opts.use_overlap(len(self.job.nodes), self.job.schedule),
             "num_chunks": self.opts.chunks(self.job.schedule),
-            "overlap_ctas": self.overlap_ctas,
+            "overlap_ctas": self.overlap_ctas, "dispatch": self.dispatch,
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,
             "allowed_changes": self.changes or None, "resume_notes": self.notes or None,
