@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from epplan.errors import RuntimeSetupError
 from epplan.runtime.experts import expert_mlp
-from epplan.runtime.overlap import exchange_rows
+from epplan.runtime.overlap import _to_device, exchange_rows
 from epplan.runtime.router import count_keys
 
 DISPATCH = ("flat", "hierarchical")
@@ -183,10 +183,11 @@ class _Exchange:
         return self.buffers
 
     def wait(self) -> list[torch.Tensor]:
+        """The receive buffers, complete; the exchange lets go of them (no copy kept to backward)."""
         for work in self.works:
             work.wait()
-        self.works = []
-        return self.buffers
+        out, self.works, self.buffers = self.buffers, [], []
+        return out
 
 
 class _Start(torch.autograd.Function):
@@ -236,7 +237,8 @@ def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device)
+    """int64 host array on ``device`` without a device sync (``overlap._to_device``)."""
+    return _to_device(np.asarray(array, dtype=np.int64), device)
 
 
 # ----------------------------------------------------------------------------- the layer
