@@ -254,3 +254,27 @@ def test_replay_of_a_hierarchical_run_matches_the_measured_bytes(hierarchical_ru
     assert m["totals_bytes"]["measured"] > 0 and m["totals_bytes"]["predicted"] > 0
     table = _invoke(manifest, "--metrics", run_dir)
     assert table.exit_code == 0 and "replay of the run's routing" in table.stdout
+
+
+def test_a_hierarchical_run_of_a_flat_plan_is_predicted_as_hierarchical(hierarchical_run):
+    """A plan scored for flat dispatch but run hierarchically: the prediction beside the
+    measurement is the plan re-scored for hierarchical dispatch, with a note."""
+    import dataclasses
+
+    from epplan.cost import evaluate
+    from epplan.report import read_run
+    from epplan.report.manifests import open_manifest
+    from epplan.report.measured import compare_measured
+
+    manifest, run_dir = hierarchical_run
+    plan = open_manifest(manifest).plan
+    run = read_run(run_dir, manifest_hash=open_manifest(manifest).hash, num_layers=2, num_ranks=4)
+    assert run.dispatch == "hierarchical" and run.row_bytes == 128
+    flat = dataclasses.replace(plan.problem, dispatch="flat")
+    as_flat = compare_measured(evaluate(plan.placement, flat), plan.placement, flat, run)
+    as_planned = compare_measured(plan.cost, plan.placement, plan.problem, run)
+    assert any("scored for flat dispatch, the run used hierarchical" in n for n in as_flat.notes)
+    for k in ("dispatch", "combine"):
+        assert (as_flat.predicted[k] == as_planned.predicted[k]).all()
+        assert (as_flat.replayed[k] == as_flat.measured[k]).all()
+    assert as_flat.predicted_step_time_s == as_planned.predicted_step_time_s
