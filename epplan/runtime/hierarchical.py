@@ -37,6 +37,9 @@ functions (``_Start`` issues, ``_Finish`` waits; backward issues in ``_Finish`` 
 backward issues the reverse exchanges in exactly the reverse of the forward's order on every
 rank: autograd alone would order independent chunks by readiness, which differs between ranks
 with different experts, and collectives on one group must be entered in one order everywhere.
+
+Not (yet) here, unlike the flat chunked path: a few-CTA communicator and an SM carve-out for the
+hidden exchanges, and the step timer's "exchange" component. Its speed on GPUs is unmeasured.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = exper
 - ``start``: written at each launch and restart; carries ``format`` and ``version`` and the run's
   facts: model, ranks, nodes, manifest hash, device, batch, ``model_flops_per_step``,
   ``peak_tflops_per_gpu``, ``overlap`` (chunked exchange under the expert GEMMs or not),
-  ``num_chunks`` (null: the runtime's choice), ``overlap_ctas``, ``resumed_from`` (checkpoint
+  ``num_chunks`` (null: the runtime's choice), ``overlap_ctas``, ``dispatch`` (flat or
+  hierarchical; absent before it was recorded: flat), ``resumed_from`` (checkpoint
   path or null), ``placement_changed`` (whether that checkpoint was written under another
   placement), ``attempt`` (torchrun restart).
 - ``step``: ``loss`` (cross-entropy, mean over the global batch), ``aux_loss`` (router balancing),
@@ -16,8 +17,10 @@ Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = exper
   ``mfu`` (null without a peak), ``tokens_per_expert`` [L][E] (token-assignments of the global
   batch), ``expert_load_max_over_mean`` [L], and the all-to-all bytes of the forward pass per layer
   and (source, destination) rank: ``dispatch_bytes`` [L][S][T] and ``combine_bytes`` [L][S][T]
-  (diagonal: rows a rank keeps). Backward moves the same amounts again with dispatch and combine
-  swapped, so a step's wire traffic is twice the off-diagonal sum. Up to ``MATRIX_RANKS`` ranks
+  (diagonal: rows a rank keeps), with ``row_bytes``, the bytes of one row. Backward moves the
+  same amounts again with dispatch and combine swapped, so a step's wire traffic is twice the
+  off-diagonal sum. Under hierarchical dispatch the matrices hold both stages' rows
+  (``ExpertParallelStats``). Up to ``MATRIX_RANKS`` ranks
   every step carries them; beyond, every ``matrix_every(G)``-th step and the last do.
 - ``checkpoint``: ``path`` and ``seconds`` of a checkpoint written after ``step``.
 - ``end``: the last step, and the routing-statistics file.
