@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from epplan.errors import ConfigError, ManifestError
 from epplan.fileio import atomic_write_text
 from epplan.inputs import no_bool_numbers
-from epplan.placement.types import LayerPlacement, Placement
+from epplan.placement.types import LayerPlacement, Placement, overfull_problem, replica_problem
 from epplan.schedule import MAX_CHUNKS, Schedule
 from epplan.workload.config import ModelConfig
 
@@ -465,14 +465,10 @@ def _placement(p: _Placement, num_ranks: int, config: ModelConfig, experts_per_g
         held = np.zeros(num_ranks, dtype=np.int64)
         replicas, splits = [], []
         for e, ex in enumerate(layer.experts):
-            if not ex.replicas:
-                raise ManifestError(f"{where}, expert {e}: has no replica")
-            bad = [r for r in ex.replicas if not 0 <= r < num_ranks]
-            if bad:
-                raise ManifestError(f"{where}, expert {e}: replica rank {bad[0]} out of range 0..{num_ranks - 1}")
+            problem = replica_problem(ex.replicas, num_ranks)
+            if problem:
+                raise ManifestError(f"{where}, expert {e}: {problem}")
             reps = np.asarray(ex.replicas, dtype=np.int64)
-            if np.unique(reps).size != reps.size:
-                raise ManifestError(f"{where}, expert {e}: a rank holds two replicas of it")
             order = np.argsort(reps, kind="stable")
             rows = np.zeros((max(1, len(ex.rows)), reps.size))
             if not ex.rows:
@@ -497,12 +493,9 @@ def _placement(p: _Placement, num_ranks: int, config: ModelConfig, experts_per_g
             replicas.append(reps[order])
             splits.append(split[:, order])
             held[reps] += 1
-        over = np.flatnonzero(held > experts_per_gpu)
-        if over.size:
-            r = int(over[0])
-            raise ManifestError(
-                f"{where}: rank {r} holds {int(held[r])} experts, more than experts_per_gpu = "
-                f"{experts_per_gpu} (plan with --experts-per-gpu {int(held[r])} to allow it)")
+        problem = overfull_problem(held, experts_per_gpu)
+        if problem:
+            raise ManifestError(f"{where}: {problem}")
         layers.append(LayerPlacement(replicas, splits))
     return Placement(num_ranks, p.num_experts, layers, method=p.method)
 

@@ -33,7 +33,7 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.topology import load_topology
 from epplan.train.checkpoint import latest, list_checkpoints, read_tensors
-from epplan.train.metrics import read_metrics
+from epplan.runfiles import read_metrics
 from epplan.train.options import TrainOptions
 from epplan.workload import make_traffic
 from epplan.workload.config import PRESETS

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from epplan.cli import app
 from epplan.train.data import DataError, make_data
-from epplan.train.metrics import read_metrics
+from epplan.runfiles import read_metrics
 from epplan.train.tokens import TokenData
 
 runner = CliRunner()

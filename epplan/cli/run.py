@@ -218,17 +218,17 @@ def run(
 
 
 def _summary(out: Path) -> None:
-    from epplan.train.metrics import read_metrics
-    from epplan.train.trainer import METRICS
+    from epplan.errors import EpplanError
+    from epplan.runfiles import METRICS_FILE, read_metrics
 
     try:
-        records = read_metrics(out / METRICS)
-    except (OSError, ValueError):
+        records = read_metrics(out / METRICS_FILE)
+    except (OSError, ValueError, EpplanError):
         return  # a node other than node 0 (rank 0 writes the metrics) or no metrics at all
     steps = [r for r in records if r["kind"] == "step"]
     end = next((r for r in reversed(records) if r["kind"] == "end"), None)
     if not steps or end is None:
         return
     console.print(f"done: step {end['step']}, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}; "
-                  f"checkpoint {end['checkpoint']}; metrics {out / METRICS}; "
+                  f"checkpoint {end['checkpoint']}; metrics {out / METRICS_FILE}; "
                   f"routing statistics {end['routing_stats']}", highlight=False, soft_wrap=True, markup=False)

@@ -162,21 +162,23 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
         # best baseline with the analytic bound.
         ctx = mp.get_context("fork")
         global _SHARED
-        _SHARED = problem
-        pool = ctx.Pool(max(1, num_workers))
+        _SHARED = problem  # the forked workers read it; reset however the pool ends
         try:
-            jobs = [(li, base, solver, deadline, len(tasks), max(1, num_workers), gap) for li, base in tasks]
-            results_iter = pool.imap_unordered(_worker, jobs)
-            for _ in jobs:
-                wait = None if deadline is None else max(0.0, deadline + _GRACE_S - time.monotonic())
-                try:
-                    li, layer, info = results_iter.next(timeout=wait)
-                except mp.TimeoutError:
-                    break
-                finish(li, layer, info)
+            pool = ctx.Pool(max(1, num_workers))
+            try:
+                jobs = [(li, base, solver, deadline, len(tasks), max(1, num_workers), gap) for li, base in tasks]
+                results_iter = pool.imap_unordered(_worker, jobs)
+                for _ in jobs:
+                    wait = None if deadline is None else max(0.0, deadline + _GRACE_S - time.monotonic())
+                    try:
+                        li, layer, info = results_iter.next(timeout=wait)
+                    except mp.TimeoutError:
+                        break
+                    finish(li, layer, info)
+            finally:
+                pool.terminate()
+                pool.join()
         finally:
-            pool.terminate()
-            pool.join()
             _SHARED = None
         for li, base in tasks:
             if li not in results:
@@ -282,10 +284,10 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
 
 # ---------------------------------------------------------------------------------------------
 
-_SHARED = None
+_SHARED: PlacementProblem | None = None  # the problem solve() hands its forked workers
 
 
-def _worker(job):
+def _worker(job: tuple) -> tuple[int, LayerPlacement, LayerInfo]:
     li, base, solver, deadline, num_tasks, num_workers, gap = job
     budget = _budget(deadline, max(1, num_tasks // num_workers))
     layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap)

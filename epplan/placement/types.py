@@ -10,6 +10,7 @@ runtime follows the split exactly; the cost function scores it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,13 +85,10 @@ class Placement:
             per_rank = np.zeros(self.num_ranks, dtype=np.int64)
             for e, (ranks, split) in enumerate(zip(layer.replicas, layer.split)):
                 ranks = np.asarray(ranks)
-                if ranks.size == 0:
-                    raise PlacementError(f"layer {li}, expert {e}: has no replica")
-                if ranks.min() < 0 or ranks.max() >= self.num_ranks:
-                    raise PlacementError(
-                        f"layer {li}, expert {e}: replica rank out of range 0..{self.num_ranks - 1}: "
-                        f"{ranks.tolist()}")
-                if np.unique(ranks).size != ranks.size or np.any(np.diff(ranks) < 0):
+                problem = replica_problem(ranks, self.num_ranks)
+                if problem:
+                    raise PlacementError(f"layer {li}, expert {e}: {problem}")
+                if np.any(np.diff(ranks) < 0):
                     raise PlacementError(
                         f"layer {li}, expert {e}: replica ranks must be sorted and distinct: {ranks.tolist()}")
                 if split.shape != (self.num_ranks, ranks.size):
@@ -105,12 +103,39 @@ class Placement:
                         f"layer {li}, expert {e}: split of source rank {int(bad[0])} sums to "
                         f"{split[bad[0]].sum():.6f}, not 1")
                 per_rank[ranks] += 1
-            over = np.flatnonzero(per_rank > experts_per_gpu)
-            if over.size:
-                g = int(over[0])
-                raise PlacementError(
-                    f"layer {li}: rank {g} holds {int(per_rank[g])} experts, more than "
-                    f"--experts-per-gpu {experts_per_gpu} allows")
+            problem = overfull_problem(per_rank, experts_per_gpu)
+            if problem:
+                raise PlacementError(f"layer {li}: {problem}")
+
+
+# The invariants a placement keeps, checked here for planned placements (``Placement.validate``)
+# and for manifests read back (``epplan.manifest``), with the same words.
+
+def replica_problem(ranks: Sequence[int] | np.ndarray, num_ranks: int) -> str | None:
+    """What is wrong with one expert's replica ranks (int[R]; Python ints of any size too, as a
+    manifest gives them), or None: at least one replica, every rank in 0..num_ranks-1, no rank
+    twice."""
+    ranks = [int(r) for r in ranks]
+    if not ranks:
+        return "has no replica"
+    bad = [r for r in ranks if not 0 <= r < num_ranks]
+    if bad:
+        return f"replica rank {bad[0]} out of range 0..{num_ranks - 1}"
+    if len(set(ranks)) != len(ranks):
+        twice = next(r for r in ranks if ranks.count(r) > 1)
+        return f"replica ranks must be sorted and distinct: rank {twice} holds two replicas of it"
+    return None
+
+
+def overfull_problem(per_rank: np.ndarray, experts_per_gpu: int) -> str | None:
+    """The first rank holding more than ``experts_per_gpu`` experts (per_rank: int[G], experts
+    each rank holds in one layer), or None."""
+    over = np.flatnonzero(per_rank > experts_per_gpu)
+    if not over.size:
+        return None
+    g = int(over[0])
+    return (f"rank {g} holds {int(per_rank[g])} experts, more than experts_per_gpu = {experts_per_gpu} "
+            f"(plan with --experts-per-gpu {int(per_rank[g])} to allow it)")
 
 
 def _is_valid(layer: LayerPlacement, num_ranks: int, num_experts: int, experts_per_gpu: int) -> bool:

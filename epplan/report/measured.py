@@ -38,7 +38,6 @@ How the comparison is made apples to apples:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +51,10 @@ from epplan.errors import EpplanError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 from epplan.report.predicted import ReportError, component_bytes
+from epplan.runfiles import METRICS_FILE, METRICS_FORMAT, METRICS_VERSION, ROUTING_STATS_FILE, read_metrics_lines
 from epplan.workload.routing_stats import RoutingStats, read_routing_stats
 from epplan.workload.traffic import Traffic
 
-METRICS_FORMAT = "epplan.metrics"
-METRICS_VERSION = 1
-METRICS_FILE = "metrics.jsonl"
-ROUTING_STATS_FILE = "routing_stats.json"
 _STEP_KEYS = ("step", "step_time_s", "tokens_per_expert")
 _MATRIX_KEYS = ("dispatch_bytes", "combine_bytes")  # on every step, or every few (many ranks)
 
@@ -121,7 +117,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         raise ReportError(f"--metrics {run_dir}: not a directory; pass the --out directory of 'epplan run'")
     if not path.is_file():
         raise ReportError(f"--metrics {run_dir}: no {METRICS_FILE} in it; pass the --out directory of 'epplan run'")
-    records = _read_jsonl(path)
+    records = read_metrics_lines(path, ReportError)
     if not records or records[0][1].get("kind") != "start":
         raise ReportError(f"{path}: does not begin with a 'start' record; not a metrics file of 'epplan run'")
     start = records[0][1]
@@ -211,33 +207,6 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         tokens_per_step=int(tokens) if isinstance(tokens, (int, float)) else None,
         device=start.get("device"), routing=routing, is_finished=finished, notes=notes,
         dispatch=dispatch, row_bytes=row_bytes)
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of every non-empty line; a line that is not a JSON object means the
-    file was cut short (or is not a metrics file)."""
-    from epplan.inputs import read_text
-
-    text = read_text(path, "metrics file", ReportError, 16 << 30)
-    out = []
-    lines = text.split("\n")
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except RecursionError:
-            raise ReportError(f"{path}: line {i} is nested too deeply; not a metrics file of 'epplan run'") from None
-        except json.JSONDecodeError as exc:
-            last = i == len(lines) or all(not rest.strip() for rest in lines[i:])
-            what = "is cut short: the file is truncated" if last else "is not JSON: the file is corrupt"
-            raise ReportError(f"{path}: line {i} {what} ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(rec, dict):
-            raise ReportError(f"{path}: line {i} is not a JSON object; not a metrics file of 'epplan run'")
-        out.append((i, rec))
-    if text and not text.endswith("\n"):
-        raise ReportError(f"{path}: line {len(lines)} has no line end: the file is truncated")
-    return out
 
 
 def _int_array(value, shape: tuple[int, ...] | None, where: str, layout: str) -> np.ndarray:

@@ -65,7 +65,7 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise RuntimeSetupError(f"--out {out} is a file; name a directory (it is created if missing)")
-    global_batch = opts.global_batch or job.config.global_batch
+    global_batch = opts.batch(job.config)
     if global_batch % (G * opts.micro_batches):
         raise RuntimeSetupError(
             f"global batch {global_batch} does not split into {G} ranks x {opts.micro_batches} "

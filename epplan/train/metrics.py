@@ -2,7 +2,8 @@
 
 Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = experts per layer.
 
-``OUT/metrics.jsonl``, format ``epplan.metrics`` version 1: one JSON object per line, each with a
+``OUT/metrics.jsonl`` (``epplan.runfiles`` names the files and reads them back), format
+``epplan.metrics`` version 1: one JSON object per line, each with a
 ``kind`` and a ``step`` (optimizer steps completed):
 
 - ``start``: written at each launch and restart; carries ``format`` and ``version`` and the run's
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +46,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from epplan.fileio import atomic_write_text
+from epplan.runfiles import METRICS_FORMAT, METRICS_VERSION
 from epplan.runtime.expert_parallel import ExpertParallelStats
 
-FORMAT = "epplan.metrics"
-VERSION = 1
+FORMAT, VERSION = METRICS_FORMAT, METRICS_VERSION  # epplan.runfiles owns the run directory's formats
 
 
 @dataclass
@@ -145,11 +145,6 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-
-
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class ProgressDisplay:

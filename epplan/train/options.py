@@ -62,6 +62,17 @@ class TrainOptions:
     def allowed_changes(self) -> tuple[str, ...]:
         return tuple(k for k in (self.allow_change or "").split(",") if k)
 
+    def batch(self, config) -> int:
+        """Sequences per optimizer step: --global-batch, else the model's."""
+        return config.global_batch if self.global_batch is None else self.global_batch
+
+    def ctas(self) -> int:
+        """CTAs of the hidden exchanges' communicator: --overlap-ctas, else the runtime's default
+        (``DEFAULT_OVERLAP_CTAS``, measured in docs/benchmarks.md)."""
+        from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS  # torch: only where a run is set up
+
+        return DEFAULT_OVERLAP_CTAS if self.overlap_ctas is None else self.overlap_ctas
+
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else math.ceil(0.05 * self.steps)
 

@@ -32,13 +32,13 @@ from epplan.errors import RuntimeSetupError, TrainingDiverged
 from epplan.runtime.expert_parallel import (build_expert_parallel_model, get_stats, set_exchange_timer,
                                             sync_gradients)
 from epplan.runtime.experts import forget_copies
-from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS
 from epplan.runtime.model import Transformer
 from epplan.runtime.recompute import RECOMPUTE, apply_recompute
 from epplan.train import checkpoint
 from epplan.train.data import make_data
 from epplan.train.job import Job
 from epplan.train.tensorboard import with_tensorboard
+from epplan.runfiles import METRICS_FILE, ROUTING_STATS_FILE
 from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, all_gather_single,
                                   gather_step_stats, matrix_every)
 from epplan.train.optim import TrainOptimizer
@@ -54,9 +54,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 # ModelConfig fields that decide tensor shapes: a checkpoint fits a model when these agree.
 SHAPE_FIELDS = ("num_layers", "num_experts", "d_model", "d_ff", "num_heads", "head_dim", "num_kv_heads",
                 "vocab_size", "seq_len", "activation", "num_dense_layers", "dense_d_ff", "num_shared_experts")
-ROUTING_STATS = "routing_stats.json"
 ROUTING_ROWS = ("pairs", "gpu_rows", "node_rows")  # ExpertParallelStats fields of routing_stats.json v2
-METRICS = "metrics.jsonl"
 
 
 def peak_tflops(opts: TrainOptions, device: torch.device) -> float | None:
@@ -123,7 +121,7 @@ class Trainer:
 
     def __init__(self, job: Job, opts: TrainOptions, rank: int, device: torch.device) -> None:
         G = job.num_ranks
-        config = job.config if opts.global_batch is None else job.config.replace(global_batch=opts.global_batch)
+        config = job.config.replace(global_batch=opts.batch(job.config))
         if config.global_batch % (G * opts.micro_batches):
             raise RuntimeSetupError(
                 f"global batch {config.global_batch} does not split into {G} ranks x "
@@ -139,7 +137,7 @@ class Trainer:
 
         torch.manual_seed(opts.seed)  # for any draw from the global generator
         # Only this rank's experts are ever allocated; the weights do not depend on the placement.
-        self.overlap_ctas = DEFAULT_OVERLAP_CTAS if opts.overlap_ctas is None else opts.overlap_ctas
+        self.overlap_ctas = opts.ctas()
         self.dispatch = opts.dispatch or job.dispatch
         self.model = build_expert_parallel_model(
             config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
@@ -377,7 +375,7 @@ class Trainer:
             return None
         rows = routing_rows if self.routing_rows_steps == self.routing_steps else {}
         return write_routing_stats(
-            self.out / ROUTING_STATS, self.routing_counts, steps=self.routing_steps, model=self.config.name,
+            self.out / ROUTING_STATS_FILE, self.routing_counts, steps=self.routing_steps, model=self.config.name,
             top_k=self.config.top_k, tokens_per_rank_per_step=float(self.batch_per_rank * self.config.seq_len),
             manifest_hash=self.job.manifest_hash, dispatch=self.dispatch,
             nodes=[(n.name, list(n.ranks)) for n in self.job.nodes], **rows)
@@ -520,7 +518,7 @@ class Trainer:
                              if moved else ""))
         elif resume:
             display.print(f"no checkpoint in {self.ckpt_root}; starting at step 0")
-        log = MetricsLog(self.out / METRICS, self.step if resumed else None) if is_main else None
+        log = MetricsLog(self.out / METRICS_FILE, self.step if resumed else None) if is_main else None
         log = self.log = with_tensorboard(log, self.opts.tensorboard, self.step + 1 if resumed else None)
         if log is not None:
             log.write(self._start_record(resumed, attempt))

@@ -116,7 +116,7 @@ def _log_crash(out: Path, rank: int) -> str:
 
 def _out_of_memory_message(job, opts: TrainOptions, rank: int, exc: BaseException) -> str:
     config = job.config
-    global_batch = opts.global_batch or config.global_batch
+    global_batch = opts.batch(config)
     per_gpu = global_batch // (job.num_ranks * opts.micro_batches)
     detail = str(exc).split(". See documentation")[0].split("If reserved")[0].strip()
     return (f"rank {rank} ran out of GPU memory ({detail}) with {per_gpu} sequences of "
