@@ -361,7 +361,7 @@ def _print_windows(plan: Placement, problem: PlacementProblem, specs: list[str],
     rows = _window_rows(plan, problem, specs, windows)
     t = Table(title=f"the plan on each routing window, with the run settings below (objective: {objective})", title_justify="left")
     for col in ("window", "routing", "a2a+experts"):
-        t.add_column(col, justify="right" if col == "a2a+experts" else "left")
+        t.add_column(col, justify="right" if col == "a2a+experts" else "left", overflow="fold")
     for i, row in enumerate(rows):
         t.add_row(str(i), escape(row["source"]), _t(row["objective_s"]))
     values = [r["objective_s"] for r in rows]

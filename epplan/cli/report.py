@@ -129,7 +129,8 @@ def _print_aging(aged: dict, notes: list[str]) -> None:
         console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
     t = Table(title="the plan on each routing window", title_justify="left")
     for col in ("window", "routing", "a2a+experts", "vs planned", "step", "worst layer"):
-        t.add_column(col, justify="left" if col in ("routing", "worst layer") else "right")
+        t.add_column(col, justify="left" if col in ("routing", "worst layer") else "right",
+                     overflow="fold")
     for i, row in enumerate(aged["windows"]):
         t.add_row(str(i), escape(row["source"]), _t(row["objective_s"]), f"{row['vs_planned']:+.1%}",
                   _t(row["step_time_s"]), f"{row['worst_layer']} ({row['worst_layer_binds']})")
