@@ -178,6 +178,9 @@ def main() -> None:
     print(f"\nlive vs static: saves {gain:.1f} s of steps ({gain / s['step_s']:.1%}), spends {lv['move_s']:.2f} s "
           f"on moves: net {gain - lv['move_s']:.1f} s; re-plans took {np.mean(solve_s):.0f} s each on this machine "
           f"(wall {time.monotonic() - t0:.0f} s)")
+    if lv["move_s"] > 0:
+        print(f"live stays ahead of static unless its moves cost more than {gain / lv['move_s']:.0f}x their "
+              "predicted seconds")
     if args.json:
         args.json.write_text(json.dumps({"every": n, "overrides": overrides, "rows": rows,
                                          "solve_s": solve_s, "time_limit_s": args.time_limit}, indent=1))
