@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 from epplan.cli import app
 from epplan.cost.migration import plan_migration
 from epplan.manifest import load_manifest
 from epplan.report.manifests import open_manifest
+from epplan.workload import write_routing_stats
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 TWO_NODE = str(TOPOLOGIES / "dgx-h100-2node.yaml")
@@ -49,6 +51,20 @@ def test_place_over_windows_records_them_and_report_scores_any_window(tmp_path):
         assert abs(row["objective_s"] - planned["objective_s"]) <= 1e-9 * planned["objective_s"]
     text = runner.invoke(app, ["report", str(out), "--routing", f"{DRIFT}@40"])
     assert text.exit_code == 0 and "vs planned" in text.stdout
+
+
+def test_place_over_a_directory_of_routing_statistics(tmp_path):
+    # A run's per-window statistics: one file per window, read in name order.
+    windows = tmp_path / "windows"
+    windows.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        counts = rng.integers(0, 1000, size=(1, 16, 16))
+        write_routing_stats(windows / f"w{i}.json", counts, steps=3, model="seed", top_k=2,
+                            tokens_per_rank_per_step=80000.0)
+    out, data = _place(tmp_path, "dir.json", "--routing", str(windows))
+    assert [Path(w["spec"]).name for w in data["windows"]] == ["w0.json", "w1.json"]
+    assert load_manifest(out).doc["routing"]["objective"] == "mean"
 
 
 def test_place_from_a_plan_in_force_limits_and_counts_the_move(tmp_path):
