@@ -392,19 +392,19 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
     t.add_column("layer", justify="right", no_wrap=True)
     t.add_column(f"MoE {unit}", justify="right", no_wrap=True)
     t.add_column("set by", no_wrap=True)
-    t.add_column(f"link {unit}", justify="right", no_wrap=True)
-    t.add_column(f"GEMM {unit}", justify="right", no_wrap=True)
-    if robust:
+    if robust:  # the objective's column instead of the mean routing's link and GEMM (80 columns)
         t.add_column(f"{info['objective']} {unit}", justify="right", no_wrap=True)
+    else:
+        t.add_column(f"link {unit}", justify="right", no_wrap=True)
+        t.add_column(f"GEMM {unit}", justify="right", no_wrap=True)
     if layers:
         t.add_column(f"bound {unit}", justify="right", no_wrap=True)
         t.add_column("gap", justify="right", no_wrap=True)
         t.add_column("status")
     for li in range(cost.num_layers):
-        row = [str(li), f"{cost.moe_time_s[li] * k:.4g}", BINDS_WORDS[cost.binds[li]],
-               f"{cost.a2a_link_s[li] * k:.4g}", f"{expert_max[li] * k:.4g}"]
-        if robust:
-            row.append(f"{layers[li]['objective_s'] * k:.4g}")
+        row = [str(li), f"{cost.moe_time_s[li] * k:.4g}", BINDS_WORDS[cost.binds[li]]]
+        row += ([f"{layers[li]['objective_s'] * k:.4g}"] if robust else
+                [f"{cost.a2a_link_s[li] * k:.4g}", f"{expert_max[li] * k:.4g}"])
         if layers:
             L = layers[li]
             same = f" (= {L['same_as']})" if L.get("same_as") is not None else ""
