@@ -20,11 +20,12 @@ import torch.distributed as dist
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import Placement
 from epplan.runtime.expert_parallel import (ExpertParallelExperts, gather_state_dict, get_stats,
-                                            parallelize_experts, sync_gradients)
+                                            parallelize_experts, set_exchange_timer, sync_gradients)
 from epplan.runtime.hierarchical import distinct_rows, pair_counts
 from epplan.runtime.model import Transformer
 from epplan.runtime.testing import (Scenario as BaseScenario, check_scenarios, gather_byte_matrices,
                                     layer_placement as _layer, run_distributed, tiny_model)
+from epplan.train.timing import StepTimer
 from epplan.workload.config import PRESETS
 
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -65,9 +66,15 @@ def _check_scenario(rank: int, world_size: int, sc: Scenario) -> None:
         flat_logits, flat_loss = flat(idx[mine], targets[mine])
         flat_loss.backward()
         sync_gradients(flat)
+        timer = StepTimer(torch.device("cpu"))
+        set_exchange_timer(None if sc.overlap else timer)
         logits, loss = hier(idx[mine], targets[mine])
         loss.backward()
+        set_exchange_timer(None)
         sync_gradients(hier)
+        # Unchunked: each layer's 4 exchanges (2 stages, dispatch and combine) timed, twice (backward).
+        spans = timer._spans.get("exchange", [])
+        assert len(spans) == (0 if sc.overlap else 8 * len(sc.placement.layers)), len(spans)
 
         torch.testing.assert_close(logits, flat_logits, **TOL)
         torch.testing.assert_close(loss, flat_loss, **TOL)

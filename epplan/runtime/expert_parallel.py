@@ -339,7 +339,7 @@ class ExpertParallelExperts(nn.Module):
         send1 = hier.count_message(key, topk_weight.shape[1], num_chunks)
         counts = record_or_replay(self, "counts", partial(self._exchange_hier_counts, send1, routing, x))
         return hier.forward(x, key, topk_weight, counts, self.local_experts, weights,
-                            self.activation, self.impl)
+                            self.activation, self.impl, timer=None if self.overlap else _exchange_timer)
 
     def _agree_num_chunks(self, num_assignments: int, w1: torch.Tensor) -> int:
         """The largest chunk count any rank proposes (``auto_num_chunks``).

@@ -39,7 +39,7 @@ rank: autograd alone would order independent chunks by readiness, which differs 
 with different experts, and collectives on one group must be entered in one order everywhere.
 
 Not (yet) here, unlike the flat chunked path: a few-CTA communicator and an SM carve-out for the
-hidden exchanges, and the step timer's "exchange" component. Its speed on GPUs is unmeasured.
+hidden exchanges. Its speed on GPUs is unmeasured.
 """
 
 from __future__ import annotations
@@ -168,16 +168,21 @@ def pair_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 class _Exchange:
     """One exchange of several tensors over ``group`` (send_splits[i] / recv_splits[i]: per group
-    member, rows of tensor i), started and waited for separately, in forward and in backward."""
+    member, rows of tensor i), started and waited for separately, in forward and in backward.
+    ``timer`` (``expert_parallel.set_exchange_timer``'s, unchunked only): its "exchange" component
+    runs from each start to its wait."""
 
     def __init__(self, group: dist.ProcessGroup, send_splits: list[list[int]],
-                 recv_splits: list[list[int]]) -> None:
+                 recv_splits: list[list[int]], timer=None) -> None:
         self.group, self.send_splits, self.recv_splits = group, send_splits, recv_splits
+        self.timer = timer
         self.works: list[dist.Work] = []
         self.buffers: list[torch.Tensor] = []
 
     def start(self, tensors: tuple[torch.Tensor, ...], backward: bool) -> list[torch.Tensor]:
         send, recv = (self.recv_splits, self.send_splits) if backward else (self.send_splits, self.recv_splits)
+        if self.timer is not None:
+            self.timer.start("exchange")
         self.buffers, self.works = [], []
         for t, s, r in zip(tensors, send, recv):
             out = t.new_empty((sum(r), *t.shape[1:]))
@@ -189,6 +194,8 @@ class _Exchange:
         """The receive buffers, complete; the exchange lets go of them (no copy kept to backward)."""
         for work in self.works:
             work.wait()
+        if self.timer is not None:
+            self.timer.stop("exchange")
         out, self.works, self.buffers = self.buffers, [], []
         return out
 
@@ -221,12 +228,12 @@ class _Flight:
     """Differentiable exchanges in flight, finished in the order the caller asks for, with one
     ordering tensor threaded through every finish (see the module docstring)."""
 
-    def __init__(self, order: torch.Tensor) -> None:
-        self.order = order
+    def __init__(self, order: torch.Tensor, timer=None) -> None:
+        self.order, self.timer = order, timer
 
     def start(self, group: dist.ProcessGroup, send_splits: list[list[int]], recv_splits: list[list[int]],
               *tensors: torch.Tensor) -> tuple[_Exchange, tuple[torch.Tensor, ...]]:
-        exchange = _Exchange(group, send_splits, recv_splits)
+        exchange = _Exchange(group, send_splits, recv_splits, self.timer)
         return exchange, _Start.apply(exchange, *tensors)
 
     def finish(self, started: tuple[_Exchange, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
@@ -374,8 +381,9 @@ class HierarchicalDispatch:
     def forward(self, x: torch.Tensor, key: torch.Tensor, topk_weight: torch.Tensor,
                 counts: HierarchicalCounts, local_experts: list[int],
                 weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                activation: str, impl: str) -> torch.Tensor:
-        """x: (N, D), key: int64 (A,) as for ``count_message``, topk_weight: (N, k) -> (N, D)."""
+                activation: str, impl: str, timer=None) -> torch.Tensor:
+        """x: (N, D), key: int64 (A,) as for ``count_message``, topk_weight: (N, k) -> (N, D).
+        timer: see ``_Exchange`` (pass it for one chunk only: chunks' exchanges overlap)."""
         G, E, M = self.num_ranks, self.num_experts, self.num_nodes
         C = counts.num_chunks
         device = x.device
@@ -406,7 +414,7 @@ class HierarchicalDispatch:
         meta1 = torch.stack([in_block, local_of[dest[order1]], expert], dim=1)  # (A1, 3)
         w1 = topk_weight.reshape(-1)[order1]  # (A1,)
 
-        flight = _Flight(x.reshape(-1)[:0])  # empty: the ordering tensor
+        flight = _Flight(x.reshape(-1)[:0], timer)  # empty: the ordering tensor
         r_off, a_off = _exclusive_cumsum(send_rows1.sum(axis=1)), _exclusive_cumsum(send_asg1.sum(axis=1))
         stage1, meta1_in = [], []
         for c in range(C):  # every stage-1 send first: the network is the slow link
