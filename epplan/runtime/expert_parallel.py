@@ -215,15 +215,21 @@ class ExpertParallelExperts(nn.Module):
         self.hierarchical = hierarchical
         node_of = np.zeros(self.num_ranks, np.int64) if node_of is None else np.asarray(node_of, np.int64)
         self.num_nodes = int(node_of.max()) + 1
-        self.local_experts = layer.experts_on_rank(self.num_ranks)[self.rank]
-        # The lowest-ranked replica owns an expert in gathered checkpoints.
-        self.owner = [int(ranks[0]) for ranks in layer.replicas]
-        self.replica_sets = [tuple(int(r) for r in ranks) for ranks in layer.replicas]
+        self._node_of = node_of
+        self.follow(layer)
         local = torch.tensor(self.local_experts, dtype=torch.int64, device=experts.w1.device)
         self.w1 = nn.Parameter(experts.w1.detach()[local].clone())
         self.w2 = nn.Parameter(experts.w2.detach()[local].clone())
         self.w3 = None if experts.w3 is None else nn.Parameter(experts.w3.detach()[local].clone())
 
+    def follow(self, layer: LayerPlacement) -> None:
+        """Take ``layer``'s replicas and splits: local experts, owners, replica sets and dispatch
+        tables. The weights are the caller's: w1/w2/w3 must then hold ``local_experts`` in order
+        (``epplan.train.replan`` moves them when a run re-places its experts)."""
+        self.local_experts = layer.experts_on_rank(self.num_ranks)[self.rank]
+        # The lowest-ranked replica owns an expert in gathered checkpoints.
+        self.owner = [int(ranks[0]) for ranks in layer.replicas]
+        self.replica_sets = [tuple(int(r) for r in ranks) for ranks in layer.replicas]
         # Dispatch tables, padded to R columns; plain attributes so that .to(dtype) and
         # state_dict leave them alone (moved to the input's device on first use).
         num_replicas = max(len(ranks) for ranks in layer.replicas)
@@ -233,7 +239,7 @@ class ExpertParallelExperts(nn.Module):
             row = np.clip(np.asarray(split[self.rank], dtype=np.float64), 0.0, None)
             replica_ranks[e, :len(ranks)] = torch.as_tensor(np.asarray(ranks, dtype=np.int64))
             shares[e, :len(ranks)] = torch.as_tensor(row / row.sum())
-        self._tables = (replica_ranks, shares, torch.from_numpy(node_of))
+        self._tables = (replica_ranks, shares, torch.from_numpy(self._node_of))
 
     def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if self._tables[0].device != device:
@@ -439,6 +445,9 @@ class ExpertParallelState:
         field(default_factory=list)
     dispatch: str = "flat"
     node_ranks: tuple[tuple[int, ...], ...] = ()  # the ranks of each node, local GPU order
+    # Every replica set's process group created so far (every rank holds the same keys), reused
+    # when the placement changes: dist.new_group is collective and groups are never freed.
+    group_of: dict[tuple[int, ...], dist.ProcessGroup] = field(default_factory=dict)
 
 
 def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -512,21 +521,29 @@ def parallelize_experts(model: Transformer, placement: Placement,
         moe.router.reduce_load = partial(_all_reduce_sum, group=group)
         state.layers.append(moe.experts)
 
-    # One process group per distinct replica set of more than one rank, in (layer, expert)
-    # order on every rank; each collects the gradients of all (layer, expert) it serves.
+    model.expert_parallel = state
+    set_replica_groups(state)
+    return model
+
+
+def set_replica_groups(state: ExpertParallelState) -> None:
+    """Collective: ``state.replica_groups`` from the layers' replica sets, a process group per
+    distinct set of more than one rank, in (layer, expert) order on every rank; each collects
+    the gradients of all (layer, expert) it serves. Sets seen before reuse their group."""
+    group_ranks = dist.get_process_group_ranks(state.group or dist.group.WORLD)
     members: dict[tuple[int, ...], list[tuple[ExpertParallelExperts, int]]] = {}
     for layer in state.layers:
         for e, ranks in enumerate(layer.replica_sets):
             if len(ranks) > 1:
                 slots = members.setdefault(ranks, [])
-                if rank in ranks:
+                if state.rank in ranks:
                     slots.append((layer, layer.local_experts.index(e)))
+    state.replica_groups = []
     for ranks, slots in members.items():
-        pg = dist.new_group([group_ranks[r] for r in ranks])
-        if rank in ranks:
-            state.replica_groups.append((pg, slots))
-    model.expert_parallel = state
-    return model
+        if ranks not in state.group_of:
+            state.group_of[ranks] = dist.new_group([group_ranks[r] for r in ranks])
+        if state.rank in ranks:
+            state.replica_groups.append((state.group_of[ranks], slots))
 
 
 def build_expert_parallel_model(config: ModelConfig, placement: Placement, seed: int,

@@ -122,6 +122,19 @@ class TrainOptimizer:
                 return
         raise KeyError("this rank does not keep the optimizer state of that parameter")
 
+    def replace(self, old: nn.Parameter, new: nn.Parameter, state: dict[str, Any]) -> None:
+        """Put ``new`` where ``old`` is, in its parameter group, with AdamW state ``state`` (a
+        re-placed expert tensor: other shape, same hyper-parameters and place in the group)."""
+        for opt in self._local():
+            for g in opt.param_groups:
+                for i, q in enumerate(g["params"]):
+                    if q is old:
+                        g["params"][i] = new
+                        opt.state.pop(old, None)
+                        opt.state[new] = state
+                        return
+        raise KeyError("this rank does not keep the optimizer state of that parameter")
+
     def state_items(self) -> Iterator[tuple[nn.Parameter, dict[str, Any]]]:
         for opt in self._local():
             yield from opt.state.items()
