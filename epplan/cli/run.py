@@ -22,6 +22,7 @@ PrintLaunch = choices("PrintLaunch", ("torchrun", "slurm"))
 
 TRAINING = "Training"
 CHECKPOINTS = "Checkpoints and restarts"
+REPLAN = "Live re-placement"
 LAUNCH = "Launch (torchrun)"
 
 
@@ -86,6 +87,17 @@ def run(
              "over NVLink to the experts' GPUs; combine reduces on the node first). Default: the manifest's.",
         show_default=False)] = None,
     peak_tflops: in_panel(PeakTflopsOption, TRAINING) = None,
+    replan_every: Annotated[Optional[int], typer.Option(
+        metavar="K", help="Re-plan the experts from the routing of every K steps, beside rank 0 while training "
+        "goes on, and move them (weights and AdamW state) when the predicted gain over the next K steps "
+        "exceeds the move's cost. Needs the topology file. Metrics: a 'replan' record each; the manifest "
+        "in force: OUT/manifest.json (--resume continues on it).", show_default=False,
+        rich_help_panel=REPLAN)] = None,
+    replan_lag: Annotated[Optional[int], typer.Option(
+        help="Steps between a window's end and the use of its plan (training waits only if the solve takes "
+             "longer). Default: K/4, at least 1.", show_default=False, rich_help_panel=REPLAN)] = None,
+    replan_time_limit: Annotated[float, typer.Option(help="Seconds for each re-plan's solve.",
+                                                     rich_help_panel=REPLAN)] = 30.0,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every K steps (and at the end).",
                                             rich_help_panel=CHECKPOINTS)] = 50,
     async_checkpoints: Annotated[Switch, typer.Option(
@@ -160,6 +172,16 @@ def run(
         raise RuntimeSetupError(f"--dispatch hierarchical needs the same number of GPUs on every node "
                                 f"(a token reaches another node through the GPU of its local index); the "
                                 f"manifest has {job.describe_nodes()}; use --dispatch flat")
+    if replan_every is not None:
+        if not 1 <= replan_every <= 1 << 30:
+            raise RuntimeSetupError(f"--replan-every {replan_every}: give a number of steps, at least 1")
+        if replan_lag is not None and not 1 <= replan_lag <= replan_every:
+            raise RuntimeSetupError(f"--replan-lag {replan_lag}: give 1 .. --replan-every ({replan_every}) steps")
+        if not 0 < replan_time_limit <= 86400:
+            raise RuntimeSetupError(f"--replan-time-limit must be > 0 seconds and at most a day, got {replan_time_limit:g}")
+        if topology is None:
+            raise RuntimeSetupError(f"--replan-every plans on the cluster's topology, and the file {manifest} "
+                                    f"records ({planned.topology_source or 'none'}) is not here: pass --topology FILE")
     if activation_checkpointing:
         if recompute not in (None, "attention"):
             raise RuntimeSetupError(f"--activation-checkpointing means --recompute attention, not {recompute!r}")
@@ -183,7 +205,9 @@ def run(
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every, async_checkpoints=async_checkpoints,
         keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
         allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0,
-        tensorboard=None if tensorboard is None else str(tensorboard))
+        tensorboard=None if tensorboard is None else str(tensorboard), replan_every=replan_every,
+        replan_lag=replan_lag, replan_time_limit=replan_time_limit,
+        topology=str(Path(topology).resolve()) if replan_every is not None else None)
     if tensorboard is not None:
         from epplan.train.tensorboard import check_available
 

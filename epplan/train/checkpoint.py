@@ -160,16 +160,18 @@ def expert_entries(model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
     return out
 
 
-def expert_targets(model: nn.Module, optimizer: TrainOptimizer) -> dict[str, torch.Tensor]:
+def expert_targets(model: nn.Module, optimizer: TrainOptimizer,
+                   modules: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Writable views of every local expert slot's weight and AdamW state by logical id (the keys
     of ``expert_entries``), with a fresh AdamW state installed for each expert tensor that holds a
     slot (``adamw_state_like``): what was saved under those keys, copied in, becomes this
-    rank's experts and their state. The slots of one tensor share its ``step``."""
+    rank's experts and their state. The slots of one tensor share its ``step``.
+    modules: only the expert layers of these names (``layers.1.ffn.experts``; None: all)."""
     out: dict[str, torch.Tensor] = {}
     for key, (module, w) in _expert_params(model).items():
-        if not module.local_experts:
-            continue  # an empty (0, ...) tensor: AdamW makes its state at the next step
         module_name, wname = key.rsplit(".", 1)
+        if not module.local_experts or (modules is not None and module_name not in modules):
+            continue  # an empty (0, ...) tensor: AdamW makes its state at the next step
         state = adamw_state_like(optimizer, w)
         for j, e in enumerate(module.local_experts):
             name = expert_key(module_name, wname, e)

@@ -122,16 +122,16 @@ class TrainOptimizer:
                 return
         raise KeyError("this rank does not keep the optimizer state of that parameter")
 
-    def replace(self, old: nn.Parameter, new: nn.Parameter, state: dict[str, Any]) -> None:
-        """Put ``new`` where ``old`` is, in its parameter group, with AdamW state ``state`` (a
-        re-placed expert tensor: other shape, same hyper-parameters and place in the group)."""
+    def replace(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        """Put ``new`` where ``old`` is, in its parameter group (a re-placed expert tensor: other
+        shape, same hyper-parameters and place in the group); ``old``'s state is dropped and
+        ``new`` has none until ``set_state`` or its first step."""
         for opt in self._local():
             for g in opt.param_groups:
                 for i, q in enumerate(g["params"]):
                     if q is old:
                         g["params"][i] = new
                         opt.state.pop(old, None)
-                        opt.state[new] = state
                         return
         raise KeyError("this rank does not keep the optimizer state of that parameter")
 

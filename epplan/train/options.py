@@ -58,6 +58,10 @@ class TrainOptions:
     peak_tflops: Optional[float] = None  # per GPU, for MFU; None: from the GPU's name
     tensorboard: Optional[str] = None  # also write the metrics as TensorBoard events here
     node_rank: int = 0  # which of the manifest's nodes this torchrun agent is
+    replan_every: Optional[int] = None  # re-plan from the routing of every K steps and move experts (replan.py)
+    replan_lag: Optional[int] = None  # steps between a window's end and its plan's use; None: K // 4, at least 1
+    replan_time_limit: float = 30.0  # seconds for each re-plan's solve
+    topology: Optional[str] = None  # the cluster's topology file, for re-planning
 
     def allowed_changes(self) -> tuple[str, ...]:
         return tuple(k for k in (self.allow_change or "").split(",") if k)

@@ -35,6 +35,7 @@ from epplan.runtime.experts import forget_copies
 from epplan.runtime.model import Transformer
 from epplan.runtime.recompute import RECOMPUTE, apply_recompute
 from epplan.train import checkpoint
+from epplan.train.replan import Replanner
 from epplan.train.data import make_data
 from epplan.train.job import Job
 from epplan.train.tensorboard import with_tensorboard
@@ -188,6 +189,7 @@ class Trainer:
         self.unconfirmed: Path | None = None
         self.notes: list[str] = []  # lines about the resume, shown by rank 0
         self.changes: dict[str, dict[str, Any]] = {}  # --allow-change differences from the checkpoint
+        self.replanner = Replanner(self) if opts.replan_every else None  # live re-placement
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -235,6 +237,8 @@ class Trainer:
         self.changes = self._changes_from(info.meta)
         extra = checkpoint.load(info, self.model, self.optimizer, rank=self.rank, device=self.device)
         forget_copies()  # DCP may write weights without advancing their version counters
+        if self.replanner is not None:
+            self.replanner.load_state(extra)
         self.step = self.last_step = info.step
         moved = info.meta["manifest_hash"] != self.job.manifest_hash
         # routing_stats.json counts the steps run under one manifest and one batch size only
@@ -329,6 +333,8 @@ class Trainer:
         extra = {"routing_counts": torch.from_numpy(self.routing_counts.copy()), "routing_steps": self.routing_steps,
                  "routing_rows_steps": self.routing_rows_steps,
                  **{f"routing_{k}": torch.from_numpy(v) for k, v in routing_rows.items()}}
+        if self.replanner is not None:
+            extra.update(self.replanner.state())
         return checkpoint.state_to_save(self.model, self.optimizer, rank=self.rank, extra=extra)
 
     def finish_checkpoint(self, block: bool = True) -> None:
@@ -480,6 +486,8 @@ class Trainer:
         for k in ROUTING_ROWS:
             self.routing_rows[k] += getattr(stats, k)
         self.routing_rows_steps += 1
+        if self.replanner is not None:
+            self.replanner.observe(gathered.tokens_per_expert)
         seconds = time.perf_counter() - start
         tflops = self.costs.model_flops_per_step / seconds / self.job.num_ranks / 1e12
         record = {
@@ -531,11 +539,15 @@ class Trainer:
                     if self.last_timing is not None:
                         log.write(timing_record(*self.last_timing))
                 display.update(record)
+                if self.replanner is not None:  # may move experts (before the checkpoint of this step)
+                    self.replanner.boundary()
                 if self.step % self.opts.ckpt_every == 0 or self.step == self.opts.steps:
                     self.save()
             self.finish_checkpoint()
         finally:
             display.close()
+            if self.replanner is not None:
+                self.replanner.close()
         if is_main:
             checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints)
         last = self.timer.flush()

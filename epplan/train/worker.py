@@ -13,6 +13,7 @@ divergence recorded by the same torchrun job stops at once instead of diverging 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from epplan.fileio import atomic_write_text
 from epplan.train import checkpoint
 from epplan.train.job import load_job
 from epplan.train.options import TrainOptions
+from epplan.train.replan import job_in_force
 from epplan.train.rundir import FAILURE, hold_as_worker
 from epplan.train.trainer import Trainer, TrainingDiverged
 
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     store=_process_group_store(rank, attempt), rank=rank,
                                     world_size=job.num_ranks, device_id=device if device.type == "cuda" else None)
+            if opts.replan_every and (opts.resume or attempt > 0):  # the manifest in force, if the run moved
+                job, in_force = job_in_force(job, out, rank)
+                opts = dataclasses.replace(opts, manifest=in_force or opts.manifest)
             try:
                 Trainer(job, opts, rank, device).run(resume=opts.resume or attempt > 0, attempt=attempt)
             except torch.OutOfMemoryError as exc:
