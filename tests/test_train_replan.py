@@ -265,7 +265,33 @@ def test_a_move_interrupted_by_a_killed_worker_resumes_from_the_last_checkpoint(
     # with the pending re-plan of window 1-2 from the checkpoint; it moved again after step 3.
     assert [(s["step"], s["attempt"], s["manifest"]) for s in starts] == [(0, 0, str(manifest)), (2, 1, str(manifest))]
     assert [r["loss"] for r in _steps(out)] == [r["loss"] for r in _steps(reference)]
+    # The report compares the manifest in force with the steps run under it (step 4).
+    from typer.testing import CliRunner
+
+    from epplan.cli import app
+
+    report = CliRunner().invoke(app, ["report", str(out / "manifest.json"), "--metrics", str(out)], terminal_width=200)
+    assert report.exit_code == 0, report.output
+    assert "only the 1 steps run under this one are compared" in " ".join(report.output.split())
     mine, ref = (_checkpoint_tensors(run / "checkpoints" / "step_00000004") for run in (out, reference))
     assert mine.keys() == ref.keys()
     for key in ref:
         assert torch.equal(mine[key], ref[key]), key
+
+
+def test_replan_flags_are_checked_before_any_worker(tmp_path):
+    from typer.testing import CliRunner
+
+    from epplan.cli import app
+
+    manifest, topology = _manifest(tmp_path, PRESETS["tiny"])
+    out = str(tmp_path / "run")
+    for args, message in ((["--replan-every", "0"], "--replan-every 0: give a number of steps"),
+                          (["--replan-every", "4", "--replan-lag", "5"], "--replan-lag 5: give 1 .. --replan-every (4)"),
+                          (["--replan-every", "4", "--replan-time-limit", "0"], "--replan-time-limit must be > 0")):
+        result = CliRunner().invoke(app, ["run", str(manifest), "--out", out, "--device", "cpu", *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+    topology.unlink()  # the file the manifest records is gone
+    result = CliRunner().invoke(app, ["run", str(manifest), "--out", out, "--device", "cpu", "--replan-every", "4"])
+    assert result.exit_code == 1 and "pass --topology FILE" in result.output, result.output
+    assert not (tmp_path / "run").exists()

@@ -125,7 +125,8 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         raise ReportError(f"{path}: format {start.get('format')!r} version {start.get('version')!r}; "
                           f"this epplan reads {METRICS_FORMAT!r} version {METRICS_VERSION}")
 
-    # Which records belong to this manifest: a resume with another manifest starts a new segment.
+    # Which records belong to this manifest: a resume with another manifest, or a move of the
+    # experts by --replan-every, starts a new segment.
     notes: list[str] = []
     hashes: list[str] = []
     is_ours = False
@@ -134,7 +135,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
     dispatches = set()
     for line_no, rec in records:
         kind = rec.get("kind")
-        if kind == "start":
+        if kind == "start" or (kind == "replan" and rec.get("moved")):  # a live move switches manifests too
             hashes.append(str(rec.get("manifest_hash")))
             is_ours = rec.get("manifest_hash") == manifest_hash
             if is_ours:

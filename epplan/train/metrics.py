@@ -24,6 +24,13 @@ Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = exper
   (``ExpertParallelStats``). Up to ``MATRIX_RANKS`` ranks
   every step carries them; beyond, every ``matrix_every(G)``-th step and the last do.
 - ``checkpoint``: ``path`` and ``seconds`` of a checkpoint written after ``step``.
+- ``replan`` (``--replan-every``): a re-plan used after ``step``: its ``window`` [first, last
+  step], ``solve_s``, ``wait_s`` (training waited for the solve), ``current_step_s`` and
+  ``proposed_step_s`` (predicted MoE time per step on the window's routing), ``predicted_gain_s``
+  over the next window, ``move_cost_s`` (``cost_basis`` predicted or measured),
+  ``replicas_to_move``, ``predicted_bytes``, ``moved``, ``bytes_moved`` and ``seconds`` of the
+  move, ``reason``; for a move, the ``manifest`` put in force and its ``manifest_hash`` (the
+  steps after it run under that manifest).
 - ``end``: the last step, and the routing-statistics file.
 
 On resume the file is cut back to the records of steps up to the checkpoint's, so that it reads as

@@ -269,17 +269,23 @@ class Replanner:
         self.planner.submit(Request(
             self.topology, self.routing, self.trainer.config, self.options,
             pending.counts.astype(np.float64) / (last - first + 1), pending.window, job.placement,
-            self.trainer.opts.replan_time_limit, str(self.trainer.out)))
+            self.trainer.opts.replan_time_limit, str(self._routing_file(pending.window))))
+
+    def _routing_file(self, window: tuple[int, int]) -> Path:
+        return self.trainer.out / MANIFESTS / f"routing_steps_{window[0]:08d}-{window[1]:08d}.json"
 
     def _apply(self) -> None:
         trainer, pending = self.trainer, self.pending
         self.pending = None
         step = trainer.step
         decision: list[Any] = [None]
-        if self.planner is not None:
+        if trainer.rank == 0:
             start = time.perf_counter()
-            proposal = self.planner.result()
-            decision[0] = self._decide(proposal, step, wait_s=time.perf_counter() - start)
+            proposal = (self.planner.result(pending.window) if self.planner is not None
+                        else Proposal(pending.window, error="the re-planning process ended earlier"))
+            if proposal.error is not None and "process ended" in proposal.error:
+                self.close()  # training goes on without re-plans
+            decision[0] = self._decide(proposal, pending, step, wait_s=time.perf_counter() - start)
         dist.broadcast_object_list(decision, src=0, group=trainer.model.expert_parallel.group)
         record = decision[0]
         if record["moved"]:
@@ -287,8 +293,9 @@ class Replanner:
         if trainer.log is not None:
             trainer.log.write(record)
 
-    def _decide(self, proposal: Proposal, step: int, wait_s: float) -> dict[str, Any]:
-        """Rank 0: whether to move; the metrics record, and for a move the manifest written."""
+    def _decide(self, proposal: Proposal, pending: _Pending, step: int, wait_s: float) -> dict[str, Any]:
+        """Rank 0: whether to move; the metrics record, and for a move the window's routing
+        statistics and the manifest written."""
         first, last = proposal.window
         record: dict[str, Any] = {"kind": "replan", "step": step, "window": [first, last], "wait_s": wait_s,
                                   "solve_s": proposal.solve_s, "moved": False}
@@ -307,7 +314,14 @@ class Replanner:
             return {**record, "reason": f"the predicted gain over the next {self.every} steps, {gain:.3g} s, "
                                         f"does not exceed the move's {basis} cost, {cost:.3g} s"}
         from epplan.manifest import manifest_hash, write_manifest
+        from epplan.workload.routing_stats import write_routing_stats
 
+        trainer = self.trainer
+        (trainer.out / MANIFESTS).mkdir(parents=True, exist_ok=True)
+        write_routing_stats(self._routing_file(pending.window), pending.counts, steps=last - first + 1,
+                            model=trainer.config.name, top_k=trainer.config.top_k,
+                            tokens_per_rank_per_step=float(trainer.batch_per_rank * trainer.config.seq_len),
+                            manifest_hash=trainer.job.manifest_hash)
         digest = manifest_hash(proposal.doc)
         path = self.trainer.out / MANIFESTS / f"step_{step:08d}-{digest[:16]}.json"
         write_manifest(path, proposal.doc)

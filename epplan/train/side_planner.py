@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from epplan.errors import EpplanError, RuntimeSetupError
+from epplan.errors import EpplanError
 from epplan.placement.types import Placement
 from epplan.workload.config import ModelConfig
 
@@ -44,7 +44,8 @@ class Request:
     window: tuple[int, int]       # its first and last step
     current: Placement            # the placement in force
     time_limit: float             # seconds for the solve
-    run: str                      # the run directory, for the manifest's routing spec
+    routing_file: str             # where the run writes the window's routing statistics if it moves
+                                  # (the new manifest's routing spec: report and place read it)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def propose(request: Request) -> Proposal:
         key = (request.topology, request.routing)
         if key not in _TOPOLOGIES:
             _TOPOLOGIES[key] = load_topology(request.topology, routing=request.routing)
-        name = f"steps {first}-{last} of {request.run}"
+        name = f"{request.routing_file} (steps {first}-{last})"
         counts, notes = fit_counts(request.counts, request.config, request.current.num_ranks, name=name)
         problem = PlacementProblem(_TOPOLOGIES[key], request.config, Traffic(counts, name, notes),
                                    **request.options)
@@ -90,11 +91,17 @@ def propose(request: Request) -> Proposal:
         solve_s = time.perf_counter() - start
         migration = plan_migration(request.current, new, problem)
         cost = evaluate(new, problem)
-        doc = build_manifest(new, problem, cost=cost, routing_spec=f"{request.run}: routing of steps {first}-{last}")
+        doc = build_manifest(new, problem, cost=cost, routing_spec=request.routing_file)
         return Proposal(request.window, doc, migration.moves, migration.bytes_moved, migration.seconds,
                         evaluate(request.current, problem).objective_s, cost.objective_s, solve_s)
     except EpplanError as exc:
         return Proposal(request.window, error=str(exc))
+    except Exception as exc:  # a defect of the planner must not stop training: say it, skip this re-plan
+        import traceback
+
+        traceback.print_exc()
+        return Proposal(request.window, error=f"the planner failed: {type(exc).__name__}: {exc} "
+                                              "(traceback in the run's output)")
 
 
 class SidePlanner:
@@ -106,17 +113,20 @@ class SidePlanner:
                                          stdout=subprocess.PIPE, env=env)
 
     def submit(self, request: Request) -> None:
-        pickle.dump(request, self._process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        self._process.stdin.flush()
+        try:
+            pickle.dump(request, self._process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._process.stdin.flush()
+        except OSError:  # the process ended: result() says so
+            pass
 
-    def result(self) -> Proposal:
-        """The answer to the request submitted last (waits for it)."""
+    def result(self, window: tuple[int, int]) -> Proposal:
+        """The answer to the request submitted last, of ``window`` (waits for it); if the process
+        ended, a ``Proposal`` whose error says so."""
         try:
             return pickle.load(self._process.stdout)
         except (EOFError, OSError, pickle.UnpicklingError):
-            code = self._process.poll()
-            raise RuntimeSetupError(f"the re-planning process ended (exit code {code}); its output is above; "
-                                    "continue with --resume, or run without --replan-every") from None
+            return Proposal(window, error=f"the re-planning process ended (exit code {self._process.poll()}; "
+                                          "its output is above); no more re-plans in this run")
 
     def close(self) -> None:
         if self._process.poll() is None:
@@ -141,6 +151,8 @@ def main() -> None:
     sys.stdout = sys.stderr
     requests = sys.stdin.buffer
     from epplan.train import side_planner  # by name, not as __main__: the parent unpickles its classes
+    import epplan.cost.migration, epplan.manifest, epplan.placement.solve, epplan.topology  # noqa: F401, E401
+    # (imported now, while the run trains its first window, not when the first request comes)
 
     while True:
         try:
