@@ -22,13 +22,19 @@ The cycle, on step numbers only, so that every rank (and a resumed run) agrees o
    Python, reading the manifest and creating process groups included; a conservative scale for
    a large move after a small one, whose seconds are mostly that fixed part). The experts move
    only if gain > cost.
-4. A move: rank 0 writes the new manifest to ``OUT/manifests/`` and ``OUT/manifest.json``
-   (atomically, before any expert moves), every rank reads it, and ``move_experts`` sends every
-   moved replica's weights and AdamW state (moments and step) from the rank plan_migration names
-   to its new rank, in one ``all_to_all_single`` over the run's process group; each layer then
-   follows the new placement (``ExpertParallelExperts.follow``) and the replica groups are
-   rebuilt (groups of sets seen before are reused). The state is copied, not recomputed, so
-   training continues bitwise as if the run had been restarted on the new manifest.
+4. A move: rank 0 writes the window's routing statistics and the new manifest (planned on
+   them: ``epplan report`` and ``epplan place --routing`` read them) to ``OUT/manifests/``, and
+   the manifest to ``OUT/manifest.json``, atomically and before any expert moves; every rank
+   reads the manifest, and ``move_experts`` sends every moved replica's weights and AdamW state
+   (moments and step) from the rank plan_migration names to its new rank, in one
+   ``all_to_all_single`` over the run's process group; each layer then follows the new placement
+   (``ExpertParallelExperts.follow``) and the replica groups are rebuilt (groups of sets seen
+   before are reused; on NCCL a new group's communicator is set up lazily, at the first step
+   after the move, outside the move's measured seconds). The state is copied, not recomputed,
+   so training continues bitwise as if the run had been restarted on the new manifest.
+
+Why not torch.distributed.checkpoint's resharding: it goes through storage (a save and a load of
+the whole state); a move is an exchange, in memory, of the moved replicas only.
 
 Every re-plan is a ``replan`` record in metrics.jsonl, moved or not. The window, a pending
 re-plan and the measured cost ratio travel in checkpoints; ``job_in_force`` makes a resumed run
@@ -67,26 +73,17 @@ IN_FORCE = "manifest.json"   # OUT/manifest.json: the newest of them
 # ------------------------------------------------------------------------------ the move
 
 def _payload(module_name: str, module: nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """What travels with one replica of ``module``'s layer, in order, as (key suffix, dtype,
-    shape): per weight (w1, w2, w3), the weight and its AdamW state, named as
-    ``checkpoint.expert_entries`` names them (``model.<key>``, ``optim.<key>.<field>``, the key
-    ``checkpoint.expert_key`` with the expert left out), laid out as ``adamw_state_like``."""
+    """What travels with one replica of ``module``'s layer, in order, as (entry name with ``{}``
+    for the expert id, dtype, shape): per weight (w1, w2, w3), the weight and its AdamW state,
+    named as ``checkpoint.expert_entries`` names them and laid out as ``adamw_state_like``."""
     out = []
     for wname, w in module.named_parameters(recurse=False):
-        key = f"{module_name}.{wname}"
+        key = checkpoint.expert_key(module_name, wname, "{}")  # type: ignore[arg-type]
         out.append((f"model.{key}", w.dtype, tuple(w.shape[1:])))
         for field in checkpoint.ADAMW_STATE:
-            out.append((f"optim.{key}.{field}",) + ((torch.float32, ()) if field == "step" else (w.dtype, tuple(w.shape[1:]))))
+            dtype, shape = (torch.float32, ()) if field == "step" else (w.dtype, tuple(w.shape[1:]))
+            out.append((f"optim.{key}.{field}", dtype, shape))
     return out
-
-
-def _name(suffix: str, expert: int) -> str:
-    """'optim.layers.1.ffn.experts.w1.exp_avg', 5 -> 'optim.layers.1.ffn.experts.w1[5].exp_avg'."""
-    head, _, rest = suffix.partition(".")  # model | optim
-    if head == "model":
-        return f"model.{rest}[{expert}]"
-    key, _, field = rest.rpartition(".")
-    return f"optim.{key}[{expert}].{field}"
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -124,8 +121,8 @@ def move_experts(model: nn.Module, optimizer: TrainOptimizer, placement: Placeme
     for m in order:
         assert m.src_rank != m.dst_rank and m.dst_rank in placement.layers[m.layer].replicas[m.expert], m
         if m.src_rank == rank:
-            send_parts[m.dst_rank] += [held[_name(suffix, m.expert)].to(device).reshape(-1).view(torch.uint8)
-                                       for suffix, _, _ in payloads[m.layer]]  # (AdamW's step may be on the CPU)
+            send_parts[m.dst_rank] += [held[name.format(m.expert)].to(device).reshape(-1).view(torch.uint8)
+                                       for name, _, _ in payloads[m.layer]]  # (AdamW's step may be on the CPU)
             input_splits[m.dst_rank] += sizes[m.layer]
         if m.dst_rank == rank:
             output_splits[m.src_rank] += sizes[m.layer]
@@ -139,11 +136,11 @@ def move_experts(model: nn.Module, optimizer: TrainOptimizer, placement: Placeme
     received: dict[str, torch.Tensor] = {}
     cursor = np.concatenate([[0], np.cumsum(output_splits)])[:-1].astype(np.int64)
     for m in (m for m in order if m.dst_rank == rank):
-        for suffix, dtype, shape in payloads[m.layer]:
+        for name, dtype, shape in payloads[m.layer]:
             size = _nbytes(dtype, shape)
             start = int(cursor[m.src_rank])
             # a copy: a slice's offset need not be aligned to the dtype
-            received[_name(suffix, m.expert)] = recv[start:start + size].clone().view(dtype).reshape(shape)
+            received[name.format(m.expert)] = recv[start:start + size].clone().view(dtype).reshape(shape)
             cursor[m.src_rank] += size
 
     # New tensors where this rank's experts change (the old ones stay alive through ``held``),
@@ -349,6 +346,10 @@ class Replanner:
         # routing_stats.json counts the steps run under one manifest (as after a resume that moved)
         trainer.routing_counts[:] = 0
         trainer.routing_steps = 0
+        if trainer.stager is not None:  # host buffers of experts this rank no longer checkpoints
+            kept = set(trainer._checkpoint_state())
+            for key in [k for k in trainer.stager.buffers if k not in kept]:
+                del trainer.stager.buffers[key]
         seconds = time.perf_counter() - start
         record.update(manifest=str(manifest.path), bytes_moved=moved, seconds=seconds)
         if record["predicted_move_s"] > 0:

@@ -237,9 +237,9 @@ class Trainer:
         self.changes = self._changes_from(info.meta)
         extra = checkpoint.load(info, self.model, self.optimizer, rank=self.rank, device=self.device)
         forget_copies()  # DCP may write weights without advancing their version counters
+        self.step = self.last_step = info.step
         if self.replanner is not None:
             self.replanner.load_state(extra)
-        self.step = self.last_step = info.step
         moved = info.meta["manifest_hash"] != self.job.manifest_hash
         # routing_stats.json counts the steps run under one manifest and one batch size only
         if not moved and not {"global_batch", "micro_batches"} & set(self.changes):
