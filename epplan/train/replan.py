@@ -57,6 +57,7 @@ import torch.nn as nn
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import Placement
 from epplan.runtime.expert_parallel import set_replica_groups
+from epplan.runtime.experts import forget_copies
 from epplan.train import checkpoint
 from epplan.train.job import Job, job_from_manifest
 from epplan.train.side_planner import Proposal, Request, SidePlanner
@@ -161,6 +162,7 @@ def move_experts(model: nn.Module, optimizer: TrainOptimizer, placement: Placeme
         assert source is not None, f"{key}: neither held nor received"
         target.copy_(source)
     set_replica_groups(state)
+    forget_copies()  # the new tensors were written by copy_ into fresh storage; start the casts afresh
     return sum(sizes[m.layer] for m in order)
 
 
