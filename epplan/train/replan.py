@@ -348,8 +348,11 @@ class Replanner:
         # routing_stats.json counts the steps run under one manifest (as after a resume that moved)
         trainer.routing_counts[:] = 0
         trainer.routing_steps = 0
+        for rows in trainer.routing_rows.values():
+            rows[:] = 0
+        trainer.routing_rows_steps = 0
         if trainer.stager is not None:  # host buffers of experts this rank no longer checkpoints
-            kept = set(trainer._checkpoint_state())
+            kept = set(checkpoint.state_to_save(trainer.model, trainer.optimizer, rank=trainer.rank, extra={}))
             for key in [k for k in trainer.stager.buffers if k not in kept]:
                 del trainer.stager.buffers[key]
         seconds = time.perf_counter() - start
