@@ -8,6 +8,9 @@ is ``epplan.workload.routing_stats``'s.
   one JSON object per line.
 - ``ROUTING_STATS_FILE`` (``routing_stats.json``): the run's routing, which ``epplan place
   --routing`` re-plans from.
+- ``IN_FORCE_MANIFEST`` (``manifest.json``) and ``MANIFESTS_DIR`` (``manifests/``): with
+  ``--replan-every``, the manifest in force and every one the run put in force, beside the
+  routing statistics of the window each was planned on (``epplan.train.replan``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from epplan.errors import EpplanError
 
 METRICS_FILE = "metrics.jsonl"
 ROUTING_STATS_FILE = "routing_stats.json"
+IN_FORCE_MANIFEST = "manifest.json"
+MANIFESTS_DIR = "manifests"
 METRICS_FORMAT = "epplan.metrics"
 METRICS_VERSION = 1
 _MAX_METRICS_BYTES = 16 << 30

@@ -27,7 +27,7 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.testing import run_distributed
 from epplan.topology import load_topology
-from epplan.train.metrics import read_metrics
+from epplan.runfiles import read_metrics
 from epplan.workload import make_traffic
 from epplan.workload.config import PRESETS
 

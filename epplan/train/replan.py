@@ -56,6 +56,7 @@ import torch.nn as nn
 
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import Placement
+from epplan.runfiles import IN_FORCE_MANIFEST, MANIFESTS_DIR
 from epplan.runtime.expert_parallel import set_replica_groups
 from epplan.runtime.experts import forget_copies
 from epplan.train import checkpoint
@@ -67,8 +68,8 @@ if TYPE_CHECKING:
     from epplan.train.optim import TrainOptimizer
     from epplan.train.trainer import Trainer
 
-MANIFESTS = "manifests"      # OUT/manifests/step_00000012-<hash>.json: every manifest put in force
-IN_FORCE = "manifest.json"   # OUT/manifest.json: the newest of them
+MANIFESTS = MANIFESTS_DIR    # OUT/manifests/step_00000012-<hash>.json: every manifest put in force
+IN_FORCE = IN_FORCE_MANIFEST  # OUT/manifest.json: the newest of them
 
 
 # ------------------------------------------------------------------------------ the move
