@@ -313,3 +313,18 @@ def test_place_dispatch_flag_records_the_choice(tmp_path):
     assert chosen["auto"]["chosen"] == min(auto, key=auto.get)
     bad = CliRunner().invoke(app, [*args, "--dispatch", "pxn", "--out", str(tmp_path / "x.json")])
     assert bad.exit_code == 1 and "--dispatch 'pxn'" in bad.output and "Traceback" not in bad.output
+
+
+def test_hierarchical_rows_kept_per_traffic_not_shared_across_pairs(topo):
+    """evaluate keeps a layer's rows per (counts, pairs) arrays: the same counts with other pair
+    counts (a window mean, a what-if) are scored afresh, and a repeat gives the same numbers."""
+    import dataclasses
+
+    config = small_model()
+    together = make_traffic("coact:4:1.0", config, G, seed=1)
+    apart = dataclasses.replace(together, pairs=np.zeros_like(together.pairs))   # same counts array
+    plan = eplb(PlacementProblem(topo, config, together, achievable_tflops=100))
+    costs = [evaluate(plan, PlacementProblem(topo, config, t, dispatch="hierarchical", achievable_tflops=100))
+             for t in (together, apart, together)]
+    assert _nic_bytes(costs[0], topo) < _nic_bytes(costs[1], topo)
+    np.testing.assert_array_equal(costs[0].dispatch_fwd_bytes, costs[2].dispatch_fwd_bytes)

@@ -98,9 +98,7 @@ def hierarchical_rows(counts: np.ndarray, pairs: np.ndarray | None, layer: Layer
     gpu_node: int64[G] node of each rank. See the module docstring for what is exact.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    num_gpus, num_experts = counts.shape
     gpu_node = np.asarray(gpu_node, dtype=np.int64)
-    num_nodes = int(gpu_node.max()) + 1
     tokens = counts.sum(axis=1) / top_k                                   # (G,)
     on_gpu, on_node = layer_blocks(layer, gpu_node)
     sym = None if pairs is None else symmetric_pairs(pairs)

@@ -60,6 +60,7 @@ memory       per GPU: weights (model dtype) + gradients (model dtype) + AdamW st
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -475,16 +476,60 @@ def layer_loads(lm: LinkMap, layer: LayerPlacement, counts: np.ndarray) -> tuple
 def hierarchical_loads(problem: PlacementProblem, layer: LayerPlacement, li: int,
                        lm: LinkMap | None) -> tuple[np.ndarray, np.ndarray]:
     """(loads float64[K] of the dispatch's rows, of the combine's) of layer ``li`` under
-    hierarchical dispatch, in rows (``epplan.cost.dispatch``); lm None: ``Topology.link_loads``."""
+    hierarchical dispatch, in rows (``epplan.cost.dispatch``); lm None: ``Topology.link_loads``.
+
+    The rows depend on the traffic, the layer's placement and the topology only, not on the run
+    settings, so they are kept per traffic object (``choose_run_settings`` scores one plan under
+    several settings; the planner scores each candidate once)."""
     topo = problem.topology
     pairs = problem.traffic.pairs
+    key = (li, id(topo), problem.config.top_k, lm is None, _layer_key(layer))
+    cache = _rows_cache(problem.traffic)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
     node_rows, gpu_rows = hierarchical_rows(problem.traffic.counts[li], None if pairs is None else pairs[li],
                                             layer, topo.gpu_node, top_k=problem.config.top_k)
     if lm is not None:
-        return hierarchical_link_loads(lm, node_rows, gpu_rows, 1.0)
-    network, intra = hierarchical_traffic(node_rows, gpu_rows, topo.gpu_node, topo.gpu_local)
-    rows = network + intra
-    return topo.link_loads(rows), topo.link_loads(np.ascontiguousarray(rows.T))
+        out = hierarchical_link_loads(lm, node_rows, gpu_rows, 1.0)
+    else:
+        network, intra = hierarchical_traffic(node_rows, gpu_rows, topo.gpu_node, topo.gpu_local)
+        rows = network + intra
+        out = topo.link_loads(rows), topo.link_loads(np.ascontiguousarray(rows.T))
+    if len(cache) >= _ROWS_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = out
+    return out
+
+
+_ROWS_CACHE: dict[tuple, tuple[Any, Any, dict]] = {}  # (id counts, id pairs) -> (weakrefs, {key: loads})
+_ROWS_CACHE_SIZE = 4096
+
+
+def _rows_cache(traffic) -> dict:
+    """The loads cache of ``traffic``'s counts and pairs arrays (while both live; the last few)."""
+    import weakref
+
+    counts, pairs = traffic.counts, traffic.pairs
+    key = (id(counts), id(pairs))
+    entry = _ROWS_CACHE.get(key)
+    if entry is None or entry[0]() is not counts or (pairs is not None and entry[1]() is not pairs):
+        for k in [k for k, (ref, _, _) in _ROWS_CACHE.items() if ref() is None]:
+            del _ROWS_CACHE[k]
+        while len(_ROWS_CACHE) >= 8:
+            _ROWS_CACHE.pop(next(iter(_ROWS_CACHE)))
+        entry = _ROWS_CACHE[key] = (weakref.ref(counts), None if pairs is None else weakref.ref(pairs), {})
+    return entry[2]
+
+
+def _layer_key(layer: LayerPlacement) -> str:
+    """A digest of the layer's replicas and splits."""
+    digest = hashlib.sha1()
+    for ranks, split in zip(layer.replicas, layer.split):
+        digest.update(np.asarray(ranks, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(split, dtype=np.float64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
 
 
 def served_assignments(layer: LayerPlacement, counts: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 from epplan.errors import TrafficError
 
 SAMPLE_TOKENS = 1 << 15   # tokens sampled per layer for counts and pairs
-_CHUNK = 4096             # tokens sampled at once (a [chunk, E] weight matrix)
+_REJECTION_ROUNDS = 8     # then the tokens still drawing take the dense renormalised draw
 
 
 @dataclass(frozen=True)
@@ -83,36 +83,71 @@ def sample_tokens(params: Coact, num_experts: int, top_k: int, num_tokens: int, 
     """int64[T, k] distinct experts of ``num_tokens`` tokens (the first one first).
 
     model: (weight, group_of) of ``layer_model``; drawn from ``rng`` first when None.
+    Drawing by weight among the experts not yet picked is done by rejection: draw by weight from
+    all (or from the group), redraw the tokens whose draw was already picked; the accepted draw
+    has exactly the renormalised distribution, in O(T k log E) instead of O(T k E). Tokens still
+    drawing after a few rounds draw from the renormalised weights directly.
     """
     if top_k > num_experts:
         raise TrafficError(f"coact: top_k={top_k} exceeds the {num_experts} experts")
     weight, group_of = layer_model(params, num_experts, rng) if model is None else model
+    # Experts sorted by group: one cumulative weight serves draws from all and from one group.
+    order = np.argsort(group_of, kind="stable")                          # (E,) expert at each position
+    cum = np.cumsum(weight[order])
+    cum /= cum[-1]
+    group_sizes = np.bincount(group_of)
+    group_end = np.cumsum(group_sizes)                                   # (groups,) positions
+    lo_pos = group_end - group_sizes
+    lo_cum = np.where(lo_pos > 0, cum[np.maximum(lo_pos - 1, 0)], 0.0)   # (groups,) cum before group
+    hi_cum = cum[group_end - 1]
+    members = np.full((group_sizes.size, int(group_sizes.max())), -1, dtype=np.int64)  # (groups, SIZE)
+    for g in range(group_sizes.size):
+        members[g, :group_sizes[g]] = order[lo_pos[g]:group_end[g]]
+
+    def draw(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        u = lo + rng.random(lo.size) * (hi - lo)
+        return order[np.minimum(np.searchsorted(cum, u, side="right"), num_experts - 1)]
+
     out = np.empty((num_tokens, top_k), dtype=np.int64)
-    for start in range(0, num_tokens, _CHUNK):
-        n = min(_CHUNK, num_tokens - start)
-        free = np.broadcast_to(weight, (n, num_experts)).copy()         # (n, E) weight of experts not picked
-        rows = np.arange(n)
-        first = _draw(free, rng)
-        out[start:start + n, 0] = first
-        free[rows, first] = 0.0
-        in_group = group_of[None, :] == group_of[first][:, None]        # (n, E)
-        for slot in range(1, top_k):
-            grouped = free * in_group
-            use_group = (rng.random(n) < params.share) & (grouped.sum(axis=1) > 0)
-            pick = _draw(np.where(use_group[:, None], grouped, free), rng)
-            out[start:start + n, slot] = pick
-            free[rows, pick] = 0.0
+    out[:, 0] = draw(np.zeros(num_tokens), np.ones(num_tokens))
+    group = group_of[out[:, 0]]
+    in_group = np.ones(num_tokens, dtype=np.int64)                      # picked experts of the group
+    for slot in range(1, top_k):
+        use_group = (rng.random(num_tokens) < params.share) & (in_group < group_sizes[group])
+        lo = np.where(use_group, lo_cum[group], 0.0)
+        hi = np.where(use_group, hi_cum[group], 1.0)
+        pick = np.full(num_tokens, -1, dtype=np.int64)
+        todo = np.arange(num_tokens)
+        for _ in range(_REJECTION_ROUNDS):
+            cand = draw(lo[todo], hi[todo])
+            is_new = ~(out[todo, :slot] == cand[:, None]).any(axis=1)
+            pick[todo[is_new]] = cand[is_new]
+            todo = todo[~is_new]
+        if todo.size:  # the few whose free experts weigh little: renormalised weights, densely
+            pick[todo] = _dense_draw(todo, use_group, group, out[:, :slot], members, weight, rng)
+        out[:, slot] = pick
+        in_group += group_of[pick] == group
     return out
 
 
-def _draw(weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """int64[n]: one index per row of weight float64[n, E] (rows with a positive sum), by weight."""
-    cum = np.cumsum(weight, axis=1)
-    u = rng.random(weight.shape[0]) * cum[:, -1]
-    pick = (cum <= u[:, None]).sum(axis=1)
-    # Guard against u landing on the last cumulative value by rounding: take the last positive entry.
-    last = weight.shape[1] - 1 - np.argmax(weight[:, ::-1] > 0, axis=1)
-    return np.minimum(pick, last)
+def _dense_draw(todo: np.ndarray, use_group: np.ndarray, group: np.ndarray, picked: np.ndarray,
+                members: np.ndarray, weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """int64[n]: for tokens ``todo``, one expert by weight among those not in ``picked`` (int64[T,
+    slot]), from the token's group's ``members`` where ``use_group``, else from all experts."""
+    out = np.empty(todo.size, dtype=np.int64)
+    for from_group in (True, False):
+        rows = todo[use_group[todo] == from_group]
+        if rows.size == 0:
+            continue
+        cand = members[group[rows]] if from_group else np.broadcast_to(np.arange(weight.size), (rows.size, weight.size))
+        w = np.where(cand >= 0, weight[np.maximum(cand, 0)], 0.0)                    # (n, C)
+        w = w * ~(cand[:, :, None] == picked[rows][:, None, :]).any(axis=2)
+        cum = np.cumsum(w, axis=1)
+        u = rng.random(rows.size) * cum[:, -1]
+        last = w.shape[1] - 1 - np.argmax(w[:, ::-1] > 0, axis=1)
+        at = np.minimum((cum <= u[:, None]).sum(axis=1), last)
+        out[use_group[todo] == from_group] = cand[np.arange(rows.size), at]
+    return out
 
 
 def coact_statistics(params: Coact, num_layers: int, num_experts: int, top_k: int, seed: int = 0,
