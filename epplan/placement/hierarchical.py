@@ -64,6 +64,9 @@ def improve_hierarchical(placement: Placement, problem, *, deadline: float | Non
     before = evaluate(placement, problem)
     layers, swaps = [], 0
     for li, layer in enumerate(placement.layers):
+        if deadline is not None and time.monotonic() > deadline:  # the rest as they came
+            layers.append(layer)
+            continue
         new, kept = _LayerSearch(problem, li, layer).run(deadline)
         layers.append(new)
         swaps += kept
