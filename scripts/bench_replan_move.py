@@ -8,6 +8,12 @@ Each size: a ``tiny``-shaped model (d_model 256, 8 experts, 2 MoE layers, fp32) 
 then moved from one expert per rank to a placement that replicates experts 0 and 1 of each layer
 on every rank and back, ``--repeats`` times; prints the median seconds of a move each way with
 its bytes (rank 0's clock; the move is collective).
+
+Measured 2026-12-02, 4 gloo processes on the 2-core shared development machine (load about 14),
+``--d-ff 256 1024 4096 --repeats 3``: 12 replicas moved, bytes sent equal to plan_migration's to
+the byte (18.9, 75.5, 302 MB), in 0.057, 0.38 and 1.25 s (about 240 MB/s through gloo and the
+copies); the move back, which only drops replicas, 0.009-0.12 s. plan_migration predicts 21-336 us
+for the same bytes on one NVSwitch H100 node: on CPU the measured cost is what counts.
 """
 
 from __future__ import annotations
