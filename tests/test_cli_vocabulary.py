@@ -152,3 +152,22 @@ def test_every_json_names_its_format_and_version(tmp_path):
         data = json.loads(result.stdout)
         assert isinstance(data["format"], str) and data["version"] == 1, command
         assert f'"format": "{data["format"]}"' in documented, command
+
+
+def test_default_tables_fit_80_columns_without_cut_cells(tmp_path):
+    plan = tmp_path / "plan.json"
+    env = {"COLUMNS": "80"}
+    outputs = [
+        runner.invoke(app, ["place", *SMALL, "--set", "num_layers=2", "--routing", "zipf:1.2", "--compare-all",
+                            "--time-limit", "20", "--out", str(plan)], env=env),
+        runner.invoke(app, ["estimate", *SMALL, "--per-layer", "--peak-tflops", "400"], env=env),
+    ]
+    outputs.append(runner.invoke(app, ["report", str(plan), "--compare", "eplb"], env=env))
+    for result in outputs:
+        assert result.exit_code in (0, 4), result.output
+        assert "…" not in result.stdout, result.stdout
+        assert all(len(line) <= 80 for line in result.stdout.splitlines()), result.stdout
+    place_out, estimate_out = outputs[0].stdout, outputs[1].stdout
+    assert "set by" in place_out and "busiest link" in place_out
+    assert not any(key in place_out for key in ("gap_met", "gap_open", "time_limit", "binds"))
+    assert "MFU, datasheet peak" in estimate_out and "MFU, 400 TFLOP/s peak" in estimate_out

@@ -220,16 +220,15 @@ def _solve(problem: PlacementProblem, solver: str, time_limit: float, gap: float
     total = problem.num_layers
     if quiet:
         return solve(problem, solver=solver, time_limit=time_limit, gap=gap, workers=workers)
-    with Progress(TextColumn("[bold]solving[/]"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("[bold]solving[/]"), BarColumn(bar_width=12), MofNCompleteColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=False) as progress:
         task = progress.add_task("", total=total)
 
         def report(info: LayerInfo, done: int, _total: int) -> None:
-            how = f"as layer {info.same_as}" if info.same_as is not None else f"{info.seconds:.1f}s"
+            how = f"= {info.same_as}" if info.same_as is not None else f"{info.seconds:.0f} s"
             progress.update(task, completed=done, description=(
-                f"layer {info.layer}: {_t(info.objective_s)}, gap {info.gap:.2%}, "
-                f"{info.status} ({how})"))
+                f"layer {info.layer}: gap {info.gap:.2%}, {STATUS_WORDS.get(info.status, info.status)} ({how})"))
 
         return solve(problem, solver=solver, time_limit=time_limit, gap=gap, progress=report, workers=workers)
 
@@ -407,13 +406,15 @@ def _print_plan(plan: Placement, cost: Cost, problem: PlacementProblem) -> None:
                 [f"{cost.a2a_link_s[li] * k:.4g}", f"{expert_max[li] * k:.4g}"])
         if layers:
             L = layers[li]
-            same = f" (= {L['same_as']})" if L.get("same_as") is not None else ""
-            row += [f"{L['bound_s'] * k:.4g}", f"{L['gap']:.2%}", STATUS_WORDS.get(L["status"], L["status"]) + same]
+            row += [f"{L['bound_s'] * k:.4g}", f"{L['gap']:.2%}", STATUS_WORDS.get(L["status"], L["status"])]
         t.add_row(*row)
     console.print(t)
     busiest = [topo.link_name(int(cost.a2a_link[li])) for li in range(cost.num_layers)]
-    console.print(f"  busiest link: {escape(_grouped(list(range(cost.num_layers)), busiest, 'layer'))}; MoE: "
-                  "a2a and expert GEMMs as scheduled, link: the busiest link's time, GEMM: the busiest GPU's",
+    same = [(li, f"solved as layer {L['same_as']} (the same demand, experts relabelled)")
+            for li, L in enumerate(layers or []) if L.get("same_as") is not None]
+    relabelled = f"; {_grouped([li for li, _ in same], [w for _, w in same], 'layer', collapse=False)}" if same else ""
+    console.print(f"  busiest link: {escape(_grouped(list(range(cost.num_layers)), busiest, 'layer'))}{relabelled}; "
+                  "MoE: a2a and expert GEMMs as scheduled, link: the busiest link's time, GEMM: the busiest GPU's",
                   highlight=False, style="dim")
     line = (f"a2a and expert GEMMs, {cost.schedule.describe()}: [bold]{_t(cost.objective_s)}[/] per step "
             "summed over the MoE layers")
@@ -467,13 +468,14 @@ def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], proble
     _print_per_layer(names, rows, problem.num_layers)
 
 
-def _grouped(items: list, values: list[str], noun: str = "") -> str:
-    """'layers 0-2 a -> b, layer 3 c -> d' (``noun``, items are consecutive integers) or
-    'ilp, eplb: a -> b' : the items that share a value, in order of first appearance."""
+def _grouped(items: list, values: list[str], noun: str = "", collapse: bool = True) -> str:
+    """'layers 0-2 a -> b; layer 3 c -> d' (``noun``: items are integers, runs shown as ranges) or
+    'ilp, eplb: a -> b': the items that share a value, in order of first appearance; just the
+    value when every item has it (``collapse``)."""
     groups: dict[str, list] = {}
     for item, value in zip(items, values):
         groups.setdefault(value, []).append(item)
-    if len(groups) == 1 and noun:
+    if len(groups) == 1 and noun and collapse:
         return next(iter(groups))
     parts = []
     for value, members in groups.items():
@@ -494,8 +496,10 @@ def _print_per_layer(names: list[str], rows: dict[str, dict], num_layers: int) -
     console's width needs."""
     unit, k = time_unit(v for r in rows.values() for v in r["link_per_layer_s"])
     cells = {n: [f"{v * k:.4g}" for v in rows[n]["link_per_layer_s"]] for n in names}
-    width = max(len(n) for n in names) + 1
-    col = max(len(c) for cs in cells.values() for c in cs + [str(num_layers - 1)]) + 2
+    totals = {n: f"{rows[n]['link_total_s'] * k:.4g}" for n in names}
+    # A column takes its widest cell and 3 more (a space either side and the gap between columns).
+    width = max(len(n) for n in names + ["method"]) + 3
+    col = max(len(c) for c in [*(c for cs in cells.values() for c in cs), *totals.values(), "total"]) + 3
     per_table = max(1, (console.width - width - col) // col)
     for start in range(0, num_layers, per_table):
         stop = min(num_layers, start + per_table)
@@ -507,6 +511,6 @@ def _print_per_layer(names: list[str], rows: dict[str, dict], num_layers: int) -
         if stop == num_layers:
             per.add_column("total", justify="right", no_wrap=True)
         for n in names:
-            total = [f"{rows[n]['link_total_s'] * k:.4g}"] if stop == num_layers else []
+            total = [totals[n]] if stop == num_layers else []
             per.add_row(n, *cells[n][start:stop], *total)
         console.print(per)
