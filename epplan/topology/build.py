@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
 
 from epplan.errors import TopologyError
-from epplan.topology.load import expand_nodes, resolve_node_type
+from epplan.topology.load import expand_nodes, read_spec, resolve_node_type
 from epplan.topology.schema import (
     ExplicitFabric, NodeType, NVSwitchFabric, PCIeFabric, RailOptimizedFabric, SwitchFabric,
     ThreeTierFabric, TopologySpec, XGMIFabric,
@@ -282,3 +283,9 @@ def _explicit_class(ka: str, kb: str) -> str:
     if {ka, kb} == {"spine", "core"}:
         return "spine_core"
     return "fabric"
+
+
+def load_topology(path: str | Path, routing: str | None = None) -> Topology:
+    """Read, validate and build a topology file (``read_spec``, then ``build_topology``)."""
+    spec, digest = read_spec(path)
+    return build_topology(spec, content_hash=digest, source=str(path), routing=routing)

@@ -254,10 +254,3 @@ def _check_explicit(spec: TopologySpec, nodes: list[tuple[str, str, tuple[int, .
             problems.append(f"fabric.links: NIC {nic!r} has {count} links; a NIC has exactly one switch port")
     return problems
 
-
-def load_topology(path: str | Path, routing: str | None = None):
-    """Read, validate and build a topology file (see ``epplan.topology.build``)."""
-    from epplan.topology.build import build_topology
-
-    spec, digest = read_spec(path)
-    return build_topology(spec, content_hash=digest, source=str(path), routing=routing)
