@@ -85,7 +85,7 @@ def compare_components(run_dir: Path, problem: PlacementProblem, placement: Plac
         return ComponentComparison(
             measured, None, len(timings), False,
             f"the prediction is for the topology's GPUs ({gpu}); this run was on {device or 'an unknown device'}, "
-            "so its times are not compared: the all-to-all bytes are")
+            "so its times are not compared (the per-link bytes above are)")
     run_problem = _run_problem(problem, start)
     cost = evaluate(placement, run_problem)
     parts = cost.step_parts
