@@ -292,7 +292,7 @@ class _Problem(_Strict):
     micro_batches: int = Field(ge=1)
     # The run settings 'epplan place' chose (absent in manifests written before it chose them).
     recompute: Literal["none", "attention", "block"] = "none"
-    optimizer_sharding: Literal["none", "dense"] = "none"
+    optimizer_sharding: Literal["none", "dense", "all"] = "none"
     schedule: _Schedule | None = None  # absent in manifests written before it was recorded
     calibrated: bool = True
     dispatch: Literal["flat", "hierarchical"] = "flat"  # absent in manifests written before it was recorded

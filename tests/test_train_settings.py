@@ -1,14 +1,16 @@
 """Run settings against the plain run, in 3 gloo CPU processes, float64.
 
-- ``--recompute attention|block`` and ``--optimizer-sharding dense`` train exactly like the run
+- ``--recompute attention|block`` and ``--optimizer-sharding dense|all`` train exactly like the run
   with neither: the same losses, gradients and weights after several AdamW steps, the same
   routing statistics (a block recompute replays its routing: no second count, same splits), on a
   placement with replicas, uneven splits and a rank that holds no expert of a layer; so does a
   block recompute under hierarchical dispatch.
-- The cost model's weight, gradient and optimizer bytes per rank are the bytes the ranks hold.
+- The cost model's weight, gradient and optimizer bytes per rank are the bytes the ranks hold, under
+  every sharding; its ZeRO all-gathers are the replicas' weights on the links.
 - A checkpoint written in the background by 3 ranks with a sharded optimizer resumes on 2 ranks,
   unsharded, under another placement, and one written by 2 unsharded ranks resumes sharded on 3:
-  every weight and every AdamW moment arrives, by name and logical expert (DCP reshards on load).
+  every weight and every AdamW moment arrives, by name and logical expert (DCP reshards on load);
+  so does one written with the experts' state sharded (``all``) into an unsharded run, and back.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _same_training(rank: int, world_size: int, tmp: str) -> None:
     plain, plain_records = run("plain")
     plain_weights, plain_grads = gather_state_dict(plain.model), _grads(plain)
     for kw in ({"recompute": "block"}, {"recompute": "attention", "optimizer_sharding": "dense"},
-               {"recompute": "block", "optimizer_sharding": "dense"},
+               {"recompute": "block", "optimizer_sharding": "dense"}, {"optimizer_sharding": "all"},
                {"recompute": "block", "dispatch": "hierarchical"}):
         trainer, records = run("-".join(kw.values()), **kw)
         for a, b in zip(records, plain_records):
@@ -106,7 +108,7 @@ def _bytes(tensors) -> int:
 def _held_bytes(rank: int, world_size: int, tmp: str, results: str) -> None:
     import json
 
-    for sharding in ("none", "dense"):
+    for sharding in ("none", "dense", "all"):
         trainer = _trainer(THREE, f"{tmp}/{sharding}", 1, optimizer_sharding=sharding)
         trainer.train_step()  # AdamW's state exists after the first step
         for p in trainer.model.parameters():  # gradients as a step holds them
@@ -138,24 +140,38 @@ nodes:
   - {name: n0, type: box}
 """))
     problem = PlacementProblem(topo, CONFIG, Traffic(np.ones((2, 3, 4)), "test"), experts_per_gpu=4)
-    for sharding in ("none", "dense"):
+    for sharding in ("none", "dense", "all"):
         model = memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", sharding)
         for rank in range(3):
             held = json.loads((tmp_path / f"held.{sharding}.{rank}").read_text())
             assert model["weight_bytes"][rank] == held["weights"], (sharding, rank)
             assert model["grad_bytes"][rank] == held["grads"], (sharding, rank)
             assert model["optimizer_bytes"][rank] == held["optimizer"], (sharding, rank)
-    sharded = memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", "dense")["optimizer_bytes"]
-    assert sharded.sum() < memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", "none")["optimizer_bytes"].sum()
+    optimizer = {s: memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", s)["optimizer_bytes"].sum()
+                 for s in ("none", "dense", "all")}
+    assert optimizer["all"] < optimizer["dense"] < optimizer["none"]
+    # Link loads of ZeRO's weight all-gathers: under "all" each replicated expert's (k - 1) x its
+    # bytes more, each byte over two links (GPU -> switch -> GPU).
+    import dataclasses
+
+    from epplan.cost.evaluate import evaluate
+    from epplan.workload.flops import model_costs
+
+    sync = {s: evaluate(THREE, dataclasses.replace(problem, optimizer_sharding=s)).optimizer_sync_bytes
+            .astype(np.float64).sum() for s in ("none", "dense", "all")}
+    expert_bytes = model_costs(CONFIG).params_per_expert * 8  # fp64
+    extra = sum(len(r) - 1 for layer in THREE.layers for r in layer.replicas) * expert_bytes * 2
+    assert sync["none"] == 0 and sync["dense"] > 0 and sync["all"] - sync["dense"] == extra == 4 * expert_bytes
 
 
 def _save_and_hold(rank: int, world_size: int, out: str, sharding: str, run_async: str) -> None:
     placement = THREE if world_size == 3 else TWO
     trainer = _trainer(placement, out, 2, optimizer_sharding=sharding, recompute="block", async_checkpoints=run_async)
     trainer.run(resume=False, show_progress=False)  # checkpoint at step 2
-    state = {n: trainer.optimizer.state_of(p) for n, p in trainer.model.named_parameters()}
-    local = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     experts = {n: m.local_experts for n, m in trainer.model.named_modules() if hasattr(m, "local_experts")}
+    state = {n: (trainer.optimizer.expert_slot_states(p) if n.rsplit(".", 1)[0] in experts
+                 else trainer.optimizer.state_of(p)) for n, p in trainer.model.named_parameters()}
+    local = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     torch.save({"state": {n: s for n, s in state.items() if s}, "weights": local, "experts": experts},
                f"{out}/held{rank}.pt")
 
@@ -171,18 +187,24 @@ def _resume_and_compare(rank: int, world_size: int, out: str, sharding: str, sav
         if module not in saved[0]["experts"]:  # dense: from a rank that kept it
             torch.testing.assert_close(p, saved[0]["weights"][name], rtol=0, atol=0)
             if state is None:
-                assert sharding == "dense"  # another rank keeps it now
+                assert sharding != "none"  # another rank keeps it now
                 continue
             held = next(s["state"][name] for s in saved if name in s["state"])
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 torch.testing.assert_close(state[key], held[key], rtol=0, atol=0)
             continue
+        slot_states = trainer.optimizer.expert_slot_states(p)
         for j, e in enumerate(trainer.model.get_submodule(module).local_experts):  # by logical id
-            r = next(r for r in range(saved_ranks) if e in saved[r]["experts"][module])
-            i = saved[r]["experts"][module].index(e)
+            holders = [(r, saved[r]["experts"][module].index(e)) for r in range(saved_ranks)
+                       if e in saved[r]["experts"][module]]
+            r, i = holders[0]
             torch.testing.assert_close(p[j], saved[r]["weights"][name][i], rtol=0, atol=0)
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(state[key][j], saved[r]["state"][name][key][i], rtol=0, atol=0)
+            if slot_states[j] is None:
+                assert sharding == "all"  # another replica keeps it now
+                continue
+            r, i = next((r, i) for r, i in holders if saved[r]["state"][name][i] is not None)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(slot_states[j][key], saved[r]["state"][name][i][key], rtol=0, atol=0)
     kept = sum(trainer.optimizer.state_of(p) is not None for p in trainer.model.parameters())
     assert kept < len(list(trainer.model.parameters())) or sharding == "none"
     trainer.train_step()  # and it trains on
@@ -195,4 +217,22 @@ def test_a_sharded_checkpoint_resumes_on_another_world_size_and_placement(tmp_pa
 
 def test_an_unsharded_checkpoint_resumes_sharded_on_more_ranks(tmp_path):
     run_distributed(_save_and_hold, 2, str(tmp_path), "none", "off")
-    run_distributed(_resume_and_compare, 3, str(tmp_path), "dense", 2)
+    run_distributed(_resume_and_compare, 3, str(tmp_path), "all", 2)
+
+
+def test_a_checkpoint_with_expert_state_sharded_resumes_unsharded(tmp_path):
+    run_distributed(_save_and_hold, 3, str(tmp_path), "all", "on")
+    run_distributed(_resume_and_compare, 2, str(tmp_path), "none", 3)
+
+
+def _replan_with_sharded_experts(rank: int, world_size: int, out: str) -> None:
+    import pytest
+
+    from epplan.errors import RuntimeSetupError
+
+    with pytest.raises(RuntimeSetupError, match="use --optimizer-sharding dense with --replan-every"):
+        _trainer(THREE, out, 2, optimizer_sharding="all", replan_every=2)
+
+
+def test_live_replan_refuses_expert_state_sharded_over_replicas(tmp_path):
+    run_distributed(_replan_with_sharded_experts, 3, str(tmp_path))

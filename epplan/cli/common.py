@@ -189,9 +189,9 @@ RecomputeOption = Annotated[Optional[Recompute], typer.Option(
     "block (each block keeps only its input). Default: a manifest's, else the cheapest that fits.",
     show_default=False)]
 OptimizerShardingOption = Annotated[Optional[OptimizerSharding], typer.Option(
-    "--optimizer-sharding", callback=plain, help="AdamW state of the dense parameters: none (on every "
-    "rank) or dense (sharded over all ranks, ZeRO-1). Default: a manifest's, else the cheapest that "
-    "fits.", show_default=False)]
+    "--optimizer-sharding", callback=plain, help="AdamW state: none (on every rank), dense (the "
+    "dense parameters' sharded over all ranks, ZeRO-1) or all (also each expert's, over the ranks "
+    "holding its replicas). Default: a manifest's, else the cheapest that fits.", show_default=False)]
 OverlapOption = Annotated[Optional[Overlap], typer.Option(
     "--overlap", callback=plain, help="The MoE layers' schedule: on overlaps each layer's exchange "
     "with its expert GEMMs in chunks, off runs them one after the other, auto is what 'epplan run' "

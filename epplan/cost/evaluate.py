@@ -76,7 +76,7 @@ from epplan.placement.types import LayerPlacement, Placement
 from epplan.schedule import Schedule
 from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_FACTOR, optimizer_sync_bytes,
                                    recompute_exchanges_per_layer, recompute_flops_per_token)
-from epplan.workload.memory import memory_per_gpu
+from epplan.workload.memory import memory_per_gpu, storage_bytes
 
 SPEC_PEAK_TFLOPS = 400.0   # founding spec: usable bf16 TFLOP/s per H100
 MFU_TARGET = 0.60
@@ -398,9 +398,13 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     compute_s = float(dense_compute_s.max(axis=1).sum() + expert_max.sum() + other_compute_s.max())
     exposed_sync_s = dense_sync_s + expert_sync_s
     # --optimizer-sharding dense: ZeRO broadcasts the updated dense weights after the step (an
-    # all-gather ring over all ranks), exposed: nothing runs beside it.
+    # all-gather ring over all ranks), exposed: nothing runs beside it; under "all" each replica
+    # set's ZeRO does the same for its experts (an all-gather ring over the replicas).
     opt_ring = _ring(np.arange(num_gpus), num_gpus,
                      optimizer_sync_bytes(costs, config, problem.optimizer_sharding) / 2)
+    if problem.optimizer_sharding == "all":  # and each expert's replicas all-gather its weights
+        opt_ring = opt_ring + _expert_rings(placement, num_gpus,
+                                            costs.params_per_expert * storage_bytes(config) / 2)
     optimizer_sync = single(opt_ring) if opt_ring.nnz else np.zeros(topo.num_links)
     optimizer_sync_s = float((optimizer_sync / cap).max(initial=0.0))
     step_time_s = float(layer_time_s.sum() + other_compute_s.max() + exposed_sync_s + optimizer_sync_s)
@@ -637,4 +641,5 @@ def memory_for(placement: Placement, problem: PlacementProblem, served: np.ndarr
     return memory_per_gpu(problem.config, problem.costs, replicas_held=held,
                           tokens_per_rank=problem.config.tokens_per_step / num_gpus, served=served,
                           micro_batches=micro_batches, recompute=recompute,
-                          optimizer_sharding=optimizer_sharding)
+                          optimizer_sharding=optimizer_sharding,
+                          replicas=[layer.replicas for layer in placement.layers])

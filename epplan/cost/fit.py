@@ -1,11 +1,12 @@
 """A plan that fits, or a clear refusal: the run settings ``place`` and ``estimate`` choose.
 
 A run's settings are its micro-batches (gradient accumulation), ``recompute`` (none, attention,
-block) and ``optimizer_sharding`` (none, dense). Each is scored by ``evaluate`` (step time) and
-by ``workload.memory`` (bytes per GPU). ``choose_run_settings`` returns the cheapest that fits
-every GPU: the shortest predicted step; among equal steps (micro-batches change no FLOPs or
-bytes in the model), the fewest micro-batches, then no recompute before attention before block,
-then no sharding. Settings the user fixed are not varied.
+block) and ``optimizer_sharding`` (none, dense, all). Each is scored by ``evaluate`` (step time,
+the sharded optimizer's all-gathers included) and by ``workload.memory`` (bytes per GPU).
+``choose_run_settings`` returns the cheapest that fits every GPU: the shortest predicted step;
+among equal steps (micro-batches change no FLOPs or bytes in the model), the fewest
+micro-batches, then no recompute before attention before block, then none before dense before
+all. Settings the user fixed are not varied.
 """
 
 from __future__ import annotations

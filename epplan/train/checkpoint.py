@@ -13,7 +13,8 @@ non-expert tensor of the model (the same on all ranks: DCP writes each once, spr
 ranks); each expert's weight by *logical* id, ``model.layers.1.ffn.experts.w1[5]``, and its
 AdamW state, ``optim.layers.1.ffn.experts.w1[5].exp_avg`` (written by its owner, the lowest
 replica); ``optim.<name>.<field>`` for the dense parameters' AdamW state (by whichever rank
-keeps it under the run's ``--optimizer-sharding``); ``rng.rank00003``, each rank's RNG states;
+keeps it under the run's ``--optimizer-sharding``; under ``all``, an expert's state by the replica
+that keeps it); ``rng.rank00003``, each rank's RNG states;
 ``extra`` (rank 0: routing counts). A checkpoint therefore does not depend on the placement,
 world size or optimizer sharding that wrote it: on load each rank asks DCP for the entries it
 needs now (the experts it holds under the new placement, the optimizer state it keeps under the
@@ -112,10 +113,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 #
 # An expert's tensors are named by (layer module, weight, logical expert id), never by rank or
 # slot: checkpoints store them so, and code that moves experts between ranks (re-placement)
-# can address them so. AdamW keeps one state per parameter tensor, and an expert weight tensor is
-# (E_loc, ...) over a rank's slots: slot j's moments are state[...][j], its step the tensor's.
+# can address them so. A rank's expert weight tensor is (E_loc, ...) over its slots; the AdamW
+# state of slot j is ``TrainOptimizer.expert_slot_states(w)[j]`` under every sharding.
 
-ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")  # the fields of a slot's state, in the order moves send them
 
 
 def expert_key(module_name: str, weight_name: str, expert: int) -> str:
@@ -123,60 +124,46 @@ def expert_key(module_name: str, weight_name: str, expert: int) -> str:
     return f"{module_name}.{weight_name}[{expert}]"
 
 
-def adamw_state_like(optimizer: TrainOptimizer, p: nn.Parameter) -> dict[str, torch.Tensor]:
-    """A fresh AdamW state for ``p`` laid out as ``torch.optim.AdamW`` lays out its own at the
-    first step (zero moments like p; the step a float32 scalar, on p's device when the group is
-    fused or capturable, else on the CPU), installed in ``optimizer`` and returned, to be
-    filled in place (a checkpoint's load, an expert moved from another rank)."""
-    group = next(g for opt in optimizer._local() for g in opt.param_groups if any(p is q for q in g["params"]))
-    assert not group.get("amsgrad"), "the trainer's AdamW keeps no max_exp_avg_sq"
-    on_device = group.get("fused") or group.get("capturable")
-    state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-    optimizer.set_state(p, state)
-    return state
-
-
 def expert_entries(model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
                    owned_only: bool = True) -> dict[str, torch.Tensor]:
     """This rank's expert weights and their AdamW state by logical id, as views (no copy):
     ``model.<key>`` -> (D, F) or (F, D) weight, ``optim.<key>.exp_avg`` / ``.exp_avg_sq`` -> its
     moments, ``optim.<key>.step`` -> the step (a scalar), with ``<key>`` from ``expert_key``.
-    owned_only: only the experts this rank owns (their lowest replica), as checkpoints store them;
-    otherwise every local slot. Experts without optimizer state yet (before the first step)
-    have no ``optim.`` entries."""
+    owned_only: only the experts this rank owns (their lowest replica), as checkpoints store them
+    (their state too, unless ``--optimizer-sharding all`` gave it to another replica: then that
+    replica gives it); otherwise every local slot. A slot without AdamW state here (another
+    replica keeps it; before the first step) has no ``optim.`` entries."""
     out: dict[str, torch.Tensor] = {}
+    sharded = optimizer.sharding == "all"
     for key, (module, w) in _expert_params(model).items():
         module_name, wname = key.rsplit(".", 1)
-        state = optimizer.state_of(w) or {}
-        for j, e in enumerate(module.local_experts):
-            if owned_only and module.owner[e] != rank:
-                continue
+        for j, (e, state) in enumerate(zip(module.local_experts, optimizer.expert_slot_states(w))):
+            is_owner = not owned_only or module.owner[e] == rank
             name = expert_key(module_name, wname, e)
-            out[f"model.{name}"] = w.detach()[j]
-            for field, value in state.items():
-                out[f"optim.{name}.{field}"] = value if value.dim() == 0 else value[j]
+            if is_owner:
+                out[f"model.{name}"] = w.detach()[j]
+            if state and (is_owner or sharded):
+                out.update({f"optim.{name}.{f}": v for f, v in state.items()})
     return out
 
 
 def expert_targets(model: nn.Module, optimizer: TrainOptimizer,
                    modules: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Writable views of every local expert slot's weight and AdamW state by logical id (the keys
-    of ``expert_entries``), with a fresh AdamW state installed for each expert tensor that holds a
-    slot (``adamw_state_like``): what was saved under those keys, copied in, becomes this
-    rank's experts and their state. The slots of one tensor share its ``step``.
+    """Writable views of every local expert slot's weight and of the AdamW state this rank keeps
+    for it, by logical id (the keys of ``expert_entries``), with fresh AdamW states installed
+    (``TrainOptimizer.expert_slot_states(fresh=True)``): what was saved under those keys, copied
+    in, becomes this rank's experts and their state. Slots of one stacked tensor share its
+    ``step`` unless the optimizer is sharded ``all``.
     modules: only the expert layers of these names (``layers.1.ffn.experts``; None: all)."""
     out: dict[str, torch.Tensor] = {}
     for key, (module, w) in _expert_params(model).items():
         module_name, wname = key.rsplit(".", 1)
-        if not module.local_experts or (modules is not None and module_name not in modules):
-            continue  # an empty (0, ...) tensor: AdamW makes its state at the next step
-        state = adamw_state_like(optimizer, w)
-        for j, e in enumerate(module.local_experts):
+        if modules is not None and module_name not in modules:
+            continue
+        for j, (e, state) in enumerate(zip(module.local_experts, optimizer.expert_slot_states(w, fresh=True))):
             name = expert_key(module_name, wname, e)
             out[f"model.{name}"] = w.detach()[j]
-            out.update({f"optim.{name}.{f}": v if v.dim() == 0 else v[j] for f, v in state.items()})
+            out.update({f"optim.{name}.{f}": v for f, v in (state or {}).items()})
     return out
 
 
@@ -210,8 +197,9 @@ def state_to_save(model: nn.Module, optimizer: TrainOptimizer, *, rank: int, ext
     out: dict[str, Any] = {f"model.{k}": v for k, v in model.state_dict().items() if k not in experts}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, state in optimizer.state_items():
-        if names[id(p)] not in experts:
-            out.update({f"optim.{names[id(p)]}.{f}": v for f, v in state.items()})
+        name = names.get(id(p))  # None: an expert slot's view (sharding "all")
+        if name is not None and name not in experts:
+            out.update({f"optim.{name}.{f}": v for f, v in state.items()})
     out.update(expert_entries(model, optimizer, rank=rank))
     out[_rng_key(rank)] = _pack(rng_state())
     if rank == 0:
@@ -596,7 +584,7 @@ def load(info: CheckpointInfo, model: nn.Module, optimizer: TrainOptimizer, *, r
     targets: dict[str, Any] = {f"model.{k}": t for k, t in model.state_dict().items() if k not in experts}
     for name, p in model.named_parameters():
         if name not in experts and optimizer.keeps(p):
-            targets.update({f"optim.{name}.{f}": v for f, v in adamw_state_like(optimizer, p).items()})
+            targets.update({f"optim.{name}.{f}": v for f, v in optimizer.fresh_state(p).items()})
     targets.update(expert_targets(model, optimizer))
     targets["extra"] = b""
     if _rng_key(rank) in saved:

@@ -1,4 +1,4 @@
-"""AdamW over an expert-parallel model, with the dense parameters' state optionally sharded.
+"""AdamW over an expert-parallel model, its state optionally sharded.
 
 ``--optimizer-sharding``:
 
@@ -7,6 +7,12 @@ dense  the dense parameters' AdamW moments are split over all ranks by
        ``torch.distributed.optim.ZeroRedundancyOptimizer`` (ZeRO-1: whole tensors, largest
        first to the least-loaded rank); each rank updates its share and broadcasts the updated
        weights. The experts keep a plain AdamW on their own ranks.
+all    as dense, and each expert's state is split over the ranks holding its replicas: every
+       expert slot (one row of a rank's stacked (E_loc, ...) weight) is a parameter of its own
+       (a view of that row), and the slots of each replica set of more than one rank go to one
+       ``ZeroRedundancyOptimizer`` over that set's process group (the group ``sync_gradients``
+       reduces their gradients on), which gives each replica whole tensors to update and
+       broadcasts them to the others. Slots of unreplicated experts keep a plain AdamW.
 
 Why ZeroRedundancyOptimizer rather than FSDP2's ``fully_shard`` or DTensor-sharded state: the
 runtime's dense gradients are already all-reduced whole by ``sync_gradients`` (which the global
@@ -15,10 +21,13 @@ mesh; ZeRO-1 slots in after that reduction without changing the model's paramete
 exchange, works with gloo and NCCL alike, and keeps the step bit-for-bit AdamW's (the test
 compares against the unsharded run). FSDP2 would also shard the fp32 weights and gradients
 (more memory saved) but needs the dense modules wrapped, a reduce-scatter instead of our
-all-reduce and a mesh per replica set for the experts: the next step, not this one.
+all-reduce and a mesh per replica set for the experts: the next step, not this one. For the
+experts the same holds per replica set: ZeRO over the set's group after ``sync_gradients``'s
+all-reduce, whole slot tensors (w1, w2, w3 of each expert) as its units, so the split is as even
+as those tensors allow (the cost model replays it: ``workload.memory.expert_optimizer_elements``).
 
-Every expert has one state per replica rank (the replicas' gradients are identical after
-``sync_gradients``, so every replica takes the same step).
+Unsharded, every expert has one state per replica rank (the replicas' gradients are identical
+after ``sync_gradients``, so every replica takes the same step).
 """
 
 from __future__ import annotations
@@ -35,10 +44,11 @@ from epplan.workload.memory import OPTIMIZER_SHARDING
 
 
 class TrainOptimizer:
-    """AdamW over ``model``'s parameters, ``sharding`` none or dense (module docstring).
+    """AdamW over ``model``'s parameters, ``sharding`` none, dense or all (module docstring).
 
     ``param_groups``: every group, for the learning-rate schedule; ``state_of(p)``: p's AdamW
-    state if this rank keeps it, else None; ``set_state(p, state)``.
+    state if this rank keeps it, else None; ``set_state(p, state)``; for an expert tensor,
+    ``expert_slot_states(w)``: each slot's state under any sharding; ``fresh_state(p)``.
     """
 
     def __init__(self, model: nn.Module, sharding: str, *, lr: float, weight_decay: float,
@@ -58,14 +68,35 @@ class TrainOptimizer:
             return [g for g in ({"params": decay, "weight_decay": weight_decay},
                                 {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
+        self.expert_params = [p for p in params if id(p) in expert_ids]
+        # under "all": (id(w), j) -> the view of slot j of stacked expert tensor w, which the
+        # optimizers hold in w's place; its gradient is w.grad[j], set at each step
+        self.slot_views: dict[tuple[int, int], torch.Tensor] = {}
         if sharding == "none":
             self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups(params), **kw)]
             self.zero: ZeroRedundancyOptimizer | None = None
             return
         dense = [p for p in params if id(p) not in expert_ids]
-        experts = [p for p in params if id(p) in expert_ids]
         self.zero = ZeroRedundancyOptimizer(groups(dense), optimizer_class=torch.optim.AdamW, **kw)
-        self.optimizers = [self.zero] + ([torch.optim.AdamW(groups(experts), **kw)] if experts else [])
+        self.optimizers = [self.zero]
+        if sharding == "dense":
+            self.optimizers += [torch.optim.AdamW(groups(self.expert_params), **kw)] if self.expert_params else []
+            return
+        state = model.expert_parallel
+        for layer in state.layers:
+            for w in layer.parameters(recurse=False):
+                for j in range(len(layer.local_experts)):
+                    self.slot_views[(id(w), j)] = w.detach()[j]
+        replicated = set()
+        for pg, slots in state.replica_groups:  # the same slots, in the same order, on every member
+            keys = [(id(w), j) for layer, j in slots for w in layer.parameters(recurse=False)]
+            replicated.update(keys)
+            self.optimizers.append(ZeroRedundancyOptimizer(groups([self.slot_views[k] for k in keys]),
+                                                           optimizer_class=torch.optim.AdamW,
+                                                           process_group=pg, **kw))
+        single = [v for k, v in self.slot_views.items() if k not in replicated]
+        if single:
+            self.optimizers.append(torch.optim.AdamW(groups(single), **kw))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -77,8 +108,14 @@ class TrainOptimizer:
 
         Fused AdamW takes the scale inside its kernel (the ``grad_scale`` it divides by, as
         ``torch.amp.GradScaler`` passes it): one pass over the gradients fewer than multiplying
-        them first. Unfused (CPU), the gradients are multiplied in place first.
+        them first. Unfused (CPU), the gradients are multiplied in place first. Under sharding
+        "all" the optimizers hold expert-slot views in place of the stacked expert tensors: each
+        view's gradient is first set to its row of the tensor's gradient.
         """
+        if self.slot_views:
+            by_id = {id(w): w for w in self.expert_params}
+            for (wid, j), view in self.slot_views.items():
+                view.grad = by_id[wid].grad[j]
         if grad_scale is not None and self.fused:
             inverse = grad_scale.reciprocal().to(torch.float32)
             for opt in self._local():
@@ -99,6 +136,9 @@ class TrainOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
+        if self.slot_views:  # the stacked expert tensors are in no optimizer
+            for w in self.expert_params:
+                w.grad = None
 
     def _local(self) -> Iterator[torch.optim.Optimizer]:
         """The optimizers whose ``state`` holds this rank's tensors."""
@@ -138,3 +178,34 @@ class TrainOptimizer:
     def state_items(self) -> Iterator[tuple[nn.Parameter, dict[str, Any]]]:
         for opt in self._local():
             yield from opt.state.items()
+
+    def fresh_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A fresh AdamW state for ``p`` laid out as ``torch.optim.AdamW`` lays out its own at the
+        first step (zero moments like p; the step a float32 scalar, on p's device when the group
+        is fused or capturable, else on the CPU), installed and returned, to be filled in place
+        (a checkpoint's load, an expert moved from another rank)."""
+        group = next(g for opt in self._local() for g in opt.param_groups if any(p is q for q in g["params"]))
+        assert not group.get("amsgrad"), "the trainer's AdamW keeps no max_exp_avg_sq"
+        on_device = group.get("fused") or group.get("capturable")
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        self.set_state(p, state)
+        return state
+
+    def expert_slot_states(self, w: nn.Parameter, *, fresh: bool = False) -> list[dict[str, torch.Tensor] | None]:
+        """The AdamW state of each slot j of the stacked expert tensor ``w`` (E_loc, ...): the
+        moments are that slot's ((D, F) views), the step the tensor's it belongs to; None where
+        this rank keeps none (under "all", a slot that another replica updates; before the first
+        step, every slot). fresh: first install a fresh state (``fresh_state``) wherever this
+        rank keeps one, to be filled in place."""
+        num_slots = w.shape[0]
+        if self.slot_views:
+            views = [self.slot_views[(id(w), j)] for j in range(num_slots)]
+            if fresh:
+                return [self.fresh_state(v) if self.keeps(v) else None for v in views]
+            return [self.state_of(v) or None for v in views]
+        state = self.fresh_state(w) if fresh and num_slots else self.state_of(w)
+        if not state:
+            return [None] * num_slots
+        return [{k: v if v.dim() == 0 else v[j] for k, v in state.items()} for j in range(num_slots)]

@@ -43,7 +43,7 @@ class TrainOptions:
     grad_clip: float = 1.0  # global gradient-norm limit; 0 disables clipping
     capacity_factor: Optional[float] = None  # None: dropless routing
     recompute: str = "none"  # none|attention|block: activations recomputed in backward
-    optimizer_sharding: str = "none"  # none|dense: the dense parameters' AdamW state over all ranks (ZeRO-1)
+    optimizer_sharding: str = "none"  # none|dense|all: AdamW state sharded (ZeRO-1; train.optim)
     overridden: Optional[str] = None  # run settings given as flags over the manifest's, comma-separated
     overlap: str = "auto"  # on|off: the runtime's chunked exchange overlapped with the expert GEMMs
     num_chunks: Optional[int] = None  # chunks per MoE layer when overlapping; None: the runtime's choice

@@ -189,6 +189,10 @@ class Trainer:
         self.unconfirmed: Path | None = None
         self.notes: list[str] = []  # lines about the resume, shown by rank 0
         self.changes: dict[str, dict[str, Any]] = {}  # --allow-change differences from the checkpoint
+        if opts.replan_every and opts.optimizer_sharding == "all":
+            raise RuntimeSetupError("--replan-every cannot move experts whose AdamW state is sharded over "
+                                    "their replicas (--optimizer-sharding all): a re-plan changes the replica "
+                                    "sets; use --optimizer-sharding dense with --replan-every")
         self.replanner = Replanner(self) if opts.replan_every else None  # live re-placement
 
     # ----------------------------------------------------------------------------- checkpoints

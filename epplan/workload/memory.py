@@ -11,7 +11,11 @@ optimizer   AdamW's two moments per element and one scalar ``step`` tensor per p
             for the parameters whose state this rank keeps: all of its own under sharding
             ``none``; under ``dense`` the dense parameters' state is split over all ranks by
             ``torch.distributed.optim.ZeroRedundancyOptimizer`` (whole tensors, largest first to
-            the least-loaded rank: ``zero_partition`` replays its rule), experts keep theirs.
+            the least-loaded rank: ``zero_partition`` replays its rule), experts keep theirs;
+            under ``all`` each expert's state is also split, over the ranks holding its
+            replicas (one ZeroRedundancyOptimizer per replica set, whole slot tensors: w1, w2(,
+            w3) of each expert in (layer, expert) order; ``expert_optimizer_elements``), each
+            slot tensor with its own ``step``.
 activations kept for backward, for one micro-batch (``micro_batches`` divides the rank's tokens
             and the assignments it serves), by ``recompute``:
             none       every block's activations (``flops.ModelCosts.act_bytes_*``);
@@ -39,7 +43,7 @@ from epplan.workload.config import ModelConfig
 from epplan.workload.flops import ModelCosts, mlp_matrices
 
 RECOMPUTE = ("none", "attention", "block")
-OPTIMIZER_SHARDING = ("none", "dense")
+OPTIMIZER_SHARDING = ("none", "dense", "all")
 _FP32 = 4
 _STEP_BYTES = 4  # AdamW's per-tensor fp32 step counter
 
@@ -112,6 +116,34 @@ def dense_optimizer_elements(config: ModelConfig, num_ranks: int, sharding: str)
     return elements, tensors
 
 
+def expert_optimizer_elements(config: ModelConfig, replicas: list[list], num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(elements, tensors) of expert AdamW state each rank keeps under ``--optimizer-sharding
+    all``: int64 [G] each. replicas: [L][E] the ranks holding each expert's replicas.
+
+    As ``train.optim`` builds it: every expert slot's w1, w2(, w3) is a tensor of its own; the
+    slots of a replica set of more than one rank go, in (layer, expert, weight) order, to one
+    ZeroRedundancyOptimizer over that set (its group ranks are the set's ranks, ascending);
+    an unreplicated expert's tensors stay with its rank."""
+    c = config
+    shapes = [(c.d_model, c.d_ff), (c.d_ff, c.d_model)] + ([(c.d_model, c.d_ff)] if c.activation == "swiglu" else [])
+    sizes = [a * b for a, b in shapes]
+    elements, tensors = np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64)
+    sets: dict[tuple[int, ...], list[int]] = {}  # replica set -> its tensors' sizes, in order
+    for layer in replicas:
+        for ranks in layer:
+            ranks = tuple(sorted(int(r) for r in ranks))
+            if len(ranks) == 1:
+                elements[ranks[0]] += sum(sizes)
+                tensors[ranks[0]] += len(sizes)
+            else:
+                sets.setdefault(ranks, []).extend(sizes)
+    for ranks, group in sets.items():
+        for i, idx in enumerate(zero_partition([group], len(ranks))[0]):
+            elements[ranks[i]] += sum(group[k] for k in idx)
+            tensors[ranks[i]] += len(idx)
+    return elements, tensors
+
+
 def weight_cast_bytes(config: ModelConfig, costs: ModelCosts, replicas_held: np.ndarray,
                       recompute: str) -> np.ndarray:
     """float64 [G]: autocast's low-precision weight copies held at once (0 for fp32/fp64 models):
@@ -131,7 +163,8 @@ def weight_cast_bytes(config: ModelConfig, costs: ModelCosts, replicas_held: np.
 
 def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.ndarray,
                    tokens_per_rank: float, served: np.ndarray,
-                   micro_batches: int, recompute: str, optimizer_sharding: str) -> dict[str, np.ndarray]:
+                   micro_batches: int, recompute: str, optimizer_sharding: str,
+                   replicas: list[list] | None = None) -> dict[str, np.ndarray]:
     """Bytes per GPU by column (see the module docstring), float64 [G] each.
 
     replicas_held:   [G] expert replicas each rank holds, summed over MoE layers (every rank has
@@ -139,6 +172,7 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
                      each with its AdamW ``step``).
     tokens_per_rank: tokens of one optimizer step on each rank (data parallel).
     served:          [L, G] token-assignments each rank serves per layer and step.
+    replicas:        [L][E] the ranks holding each expert's replicas (needed for sharding ``all``).
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute {recompute!r}: use {', '.join(RECOMPUTE)}")
@@ -150,8 +184,13 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
     # The runtime's dense parameters (ModelCosts.params_dense leaves out the position embedding).
     params = sum(int(np.prod(shape)) for _, shape in dense_parameter_shapes(c)) + expert_params
     dense_elems, dense_tensors = dense_optimizer_elements(c, num_gpus, optimizer_sharding)
-    expert_tensors = c.num_moe_layers * mlp_matrices(c.activation)
-    optimizer = 2 * s * (dense_elems + expert_params) + _STEP_BYTES * (dense_tensors + expert_tensors)
+    if optimizer_sharding == "all":
+        if replicas is None:
+            raise ValueError("optimizer sharding 'all' needs the experts' replica sets")
+        expert_elems, expert_tensors = expert_optimizer_elements(c, replicas, num_gpus)
+    else:  # one stacked tensor per weight and MoE layer, each with its step (empty if no expert there)
+        expert_elems, expert_tensors = expert_params, c.num_moe_layers * mlp_matrices(c.activation)
+    optimizer = 2 * s * (dense_elems + expert_elems) + _STEP_BYTES * (dense_tensors + expert_tensors)
 
     tokens = tokens_per_rank / micro_batches
     served = np.asarray(served, dtype=np.float64) / micro_batches             # [L, G]
