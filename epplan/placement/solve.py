@@ -147,13 +147,7 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
                 if progress is not None:
                     progress(info_j, done, total)
 
-    scores: dict = {}   # the baselines' scores, once, when a layer needs them (after the solve:
-                        # computed before, they took the layers' time at 256 GPUs x 58 layers)
-
-    def baseline_scores() -> dict:
-        if not scores:
-            scores.update(_baseline_scores(problem, baselines, slots))
-        return scores
+    scores = _baseline_scores(problem, baselines, slots)
     tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
     num_workers = _workers(workers, len(todo))
     has_fork = "fork" in mp.get_all_start_methods()  # workers inherit the problem by forking
@@ -188,7 +182,7 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
             _SHARED = None
         for li, base in tasks:
             if li not in results:
-                layer, info = _fallback_layer(problem, li, baselines, baseline_scores(), time.monotonic() - start)
+                layer, info = _fallback_layer(problem, li, baselines, scores, time.monotonic() - start)
                 finish(li, layer, info)
 
     # A relabelled layer is as good as its representative; unless that one is proven optimal,
@@ -196,9 +190,7 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
     # re-split by the LP (the strongest baselines), keeping whichever is best.
     relabelled = [lj for lj in range(num_layers)
                   if results[lj][1].same_as is not None and results[lj][1].gap > _EXACT]
-    # Past the deadline only the baselines' scores are compared (no LP, no new layer data).
-    if relabelled:
-        baseline_scores()
+    # Past the deadline only the precomputed scores are compared (no LP, no new layer data).
     for i, lj in enumerate(relabelled):
         layer, info = results[lj]
         best = (info.objective_s, info.link_s, layer, info.start)
