@@ -199,6 +199,17 @@ def test_resume_under_another_placement_continues_the_loss(reference, manifests,
     assert owners == {"layers.0.ffn.experts": [1, 0, 1, 0], "layers.1.ffn.experts": [1, 1, 1, 1]}
 
 
+def test_tp2_follows_the_reference_run(reference, manifests, tmp_path):
+    """--tp 2 on the two-rank node: one TP group, experts still over both ranks; the same losses
+    within fp32 rounding (the reference's LM head and loss run in chunks, TP's vocab-sharded)."""
+    out = tmp_path / "run"
+    output = _run(str(manifests["a"]), "--out", str(out), *TRAIN, "--tp", "2")
+    assert "tp 2" in output
+    start = read_metrics(out / "metrics.jsonl")[0]
+    assert start["tp"] == 2
+    np.testing.assert_allclose([r["loss"] for r in _steps(out)], [r["loss"] for r in _steps(reference)], rtol=1e-4)
+
+
 def test_two_nodes_on_one_machine(manifests, tmp_path):
     """Node 0 through 'epplan run'; node 1 through the command 'epplan run --print-launch torchrun'
     prints for it (started first: the rendezvous waits for both)."""
@@ -267,6 +278,8 @@ def test_print_launch_slurm_writes_an_sbatch_script(manifests):
     (["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "h:1", "--global-batch", "7"],
      "does not split into 2 ranks"),
     (["--nnodes", "2", "--print-launch", "mpi"], "--print-launch 'mpi'"),
+    (["--nnodes", "2", "--print-launch", "torchrun", "--tp", "2"],
+     "--tp 2: node n0's ranks [0] do not form groups of 2 consecutive ranks"),
     (["--nnodes", "2", "--print-launch", "torchrun", "--num-chunks", "0"], "--num-chunks must be at least 1, got 0"),
     (["--nnodes", "2", "--print-launch", "torchrun", "--overlap-ctas", "-1"],
      "--overlap-ctas must be at least 1, got -1"),

@@ -58,6 +58,10 @@ def run(
     micro_batches: in_panel(MicroBatchesOption, TRAINING) = None,
     recompute: in_panel(RecomputeOption, TRAINING) = None,
     optimizer_sharding: in_panel(OptimizerShardingOption, TRAINING) = None,
+    tp: Annotated[int, typer.Option(
+        "--tp", metavar="N", help="Tensor-parallel degree: attention, the dense MLPs and the LM head split over "
+        "groups of N consecutive GPUs of a node (sequence parallel between them); N divides the GPUs per "
+        "node. Experts stay expert-parallel over all GPUs.", rich_help_panel=TRAINING)] = 1,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). Default: min(0.01, 1/d_model).",
                                                 show_default=False, rich_help_panel=TRAINING)] = None,
     min_lr_ratio: Annotated[float, typer.Option(help="Cosine decay ends at lr x this.",
@@ -199,7 +203,7 @@ def run(
         manifest=str(manifest), out=str(out), steps=steps, device=device,
         data=None if data is None else str(data), seed=seed, global_batch=global_batch,
         micro_batches=settings["micro_batches"], recompute=settings["recompute"],
-        optimizer_sharding=settings["optimizer_sharding"], overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
+        optimizer_sharding=settings["optimizer_sharding"], tp=tp, overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
         overlap=overlap, num_chunks=num_chunks, dispatch=dispatch,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every, async_checkpoints=async_checkpoints,
@@ -226,7 +230,7 @@ def run(
     console.print(f"epplan run: {escape(job.config.name)} on {escape(job.describe_nodes())}, {device}, "
                   f"{'resuming' if resume else 'from step 0'} -> {escape(str(out))}; "
                   f"{count(settings['micro_batches'], 'micro-batch', 'micro-batches')}, recompute {settings['recompute']}, "
-                  f"optimizer sharding {settings['optimizer_sharding']}"
+                  f"optimizer sharding {settings['optimizer_sharding']}" + (f", tp {tp}" if tp > 1 else "")
                   + (f" (flags over the manifest's: {', '.join(overridden)})" if overridden else ""),
                   highlight=False)
     code = launch.run(job, opts, launch_opts,

@@ -599,6 +599,14 @@ def sync_gradients(model: Transformer) -> None:
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
 
+    sync_expert_gradients(model, state.num_ranks)
+
+
+def sync_expert_gradients(model: Transformer, num_objectives: int) -> None:
+    """Sum each expert's gradient over its replicas and divide by ``num_objectives``, the number
+    of losses the step's loss is the mean of (G for data parallelism; the data-parallel degree
+    under tensor parallelism, whose groups each hold one loss: ``tensor_parallel.py``)."""
+    state = _state(model)
     pending = []
     for pg, slots in state.replica_groups:
         grads = [w.grad[j] for layer, j in slots for w in _weights(layer)]
@@ -610,7 +618,7 @@ def sync_gradients(model: Transformer) -> None:
             g.copy_(part.view_as(g))
     expert_grads = [w.grad for layer in state.layers for w in _weights(layer)]
     if expert_grads:
-        torch._foreach_div_(expert_grads, state.num_ranks)
+        torch._foreach_div_(expert_grads, num_objectives)
 
 
 @torch.no_grad()

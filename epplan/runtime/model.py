@@ -8,7 +8,8 @@ Shape legend:
 Blocks ``[0, num_dense_layers)`` carry a dense MLP, the rest a ``MoE`` (router + routed experts +
 optional shared experts). This file never imports ``torch.distributed``: expert parallelism is
 applied afterwards by ``epplan.runtime.expert_parallel.parallelize_experts``, which swaps each
-``MoE.experts`` for a distributed module with the same call signature.
+``MoE.experts`` for a distributed module with the same call signature, and tensor parallelism by
+``epplan.runtime.tensor_parallel.parallelize_tensor``.
 
 Parameters are created in fp32 (cast the model with ``.to(dtype)`` for bf16 or fp64). The router
 computes in at least fp32 whatever the model dtype.
@@ -63,7 +64,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k, v = self.wkv(x).view(B, T, 2, self.num_kv_heads, self.head_dim).unbind(2)
+        # wkv's output features are (Hkv, 2, Dh): each head's key beside its value, so that a
+        # contiguous split of the features (tensor parallelism's colwise shard) keeps whole heads.
+        k, v = self.wkv(x).view(B, T, self.num_kv_heads, 2, self.head_dim).unbind(3)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, Dh)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads

@@ -93,3 +93,33 @@ def job_from_manifest(manifest: object) -> Job:
                 if hasattr(manifest, k)}
     return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout), settings,
                getattr(manifest, "schedule", None), getattr(manifest, "dispatch", "flat"))
+
+
+def check_tp(job: Job, opts: Any) -> None:
+    """Raise ``RuntimeSetupError`` unless ``opts.tp`` (the run's ``TrainOptions``) splits every
+    node's ranks into TP groups of consecutive ranks and the run uses what TP is tested with."""
+    t = opts.tp
+    if t < 1:
+        raise RuntimeSetupError(f"--tp {t}: use 1 (no tensor parallelism) or a divisor of the GPUs per node")
+    if t == 1:
+        return
+    for node in job.nodes:
+        ranks = list(node.ranks)
+        groups = [ranks[i:i + t] for i in range(0, len(ranks), t)]
+        if len(ranks) % t or any(g != list(range(g[0], g[0] + t)) or g[0] % t for g in groups):
+            raise RuntimeSetupError(f"--tp {t}: node {node.name}'s ranks {ranks} do not form groups of {t} "
+                                    f"consecutive ranks; use a --tp that divides its {len(ranks)} GPUs")
+    if opts.optimizer_sharding != "none":
+        raise RuntimeSetupError(f"--tp {t} with --optimizer-sharding {opts.optimizer_sharding}: not supported yet; "
+                                "use --optimizer-sharding none or --tp 1")
+
+
+def check_batch_split(job: Job, opts: Any, global_batch: int) -> None:
+    """Raise ``RuntimeSetupError`` unless ``global_batch`` sequences split evenly over the run's
+    data-parallel groups (ranks, or TP groups under --tp) and its micro-batches."""
+    D = job.num_ranks // opts.tp
+    if global_batch % (D * opts.micro_batches):
+        groups = f"{D} ranks" if opts.tp == 1 else f"{D} data-parallel groups (--tp {opts.tp})"
+        raise RuntimeSetupError(
+            f"global batch {global_batch} does not split into {groups} x {opts.micro_batches} "
+            f"micro-batches; set --global-batch to a multiple of {D * opts.micro_batches}")

@@ -23,7 +23,7 @@ import torch
 from epplan.errors import Interrupted, RuntimeSetupError
 from epplan.train import checkpoint
 from epplan.train.data import check_data_path
-from epplan.train.job import Job
+from epplan.train.job import Job, check_batch_split, check_tp
 from epplan.train.options import RESUME_KEYS, TrainOptions
 from epplan.train.rundir import FAILURE, RunLock, history, set_aside
 
@@ -48,7 +48,7 @@ class LaunchOptions:
 
 def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: bool = False) -> None:
     """Everything that can be checked before starting torchrun; ``RuntimeSetupError`` otherwise."""
-    G, num_nodes = job.num_ranks, len(job.nodes)
+    num_nodes = len(job.nodes)
     if launch.nnodes != num_nodes:
         hint = ("" if num_nodes == 1 else
                 f"; on each node run 'epplan run' with --nnodes {num_nodes} --node-rank I "
@@ -65,11 +65,8 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise RuntimeSetupError(f"--out {out} is a file; name a directory (it is created if missing)")
-    global_batch = opts.batch(job.config)
-    if global_batch % (G * opts.micro_batches):
-        raise RuntimeSetupError(
-            f"global batch {global_batch} does not split into {G} ranks x {opts.micro_batches} "
-            f"micro-batches; set --global-batch to a multiple of {G * opts.micro_batches}")
+    check_tp(job, opts)
+    check_batch_split(job, opts, opts.batch(job.config))
     if opts.data is not None:
         check_data_path(opts.data, job.config.vocab_size)
     if for_print:

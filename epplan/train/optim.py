@@ -40,6 +40,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from epplan.runtime.expert_parallel import ExpertParallelExperts
 from epplan.runtime.experts import forget_copies
+from epplan.runtime.tensor_parallel import local_grads
 from epplan.workload.memory import OPTIMIZER_SHARDING
 
 
@@ -121,8 +122,7 @@ class TrainOptimizer:
             for opt in self._local():
                 opt.grad_scale = inverse
         elif grad_scale is not None:
-            torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"]
-                                 if p.grad is not None], grad_scale)
+            torch._foreach_mul_(local_grads([p for g in self.param_groups for p in g["params"]]), grad_scale)
         try:
             for opt in self.optimizers:
                 opt.step()

@@ -34,10 +34,11 @@ from epplan.runtime.expert_parallel import (build_expert_parallel_model, get_sta
 from epplan.runtime.experts import forget_copies
 from epplan.runtime.model import Transformer
 from epplan.runtime.recompute import RECOMPUTE, apply_recompute
+from epplan.runtime import tensor_parallel
 from epplan.train import checkpoint
 from epplan.train.replan import Replanner
 from epplan.train.data import make_data
-from epplan.train.job import Job
+from epplan.train.job import Job, check_batch_split, check_tp
 from epplan.train.tensorboard import with_tensorboard
 from epplan.runfiles import METRICS_FILE, ROUTING_STATS_FILE
 from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, all_gather_single,
@@ -100,7 +101,10 @@ def global_grad_norm(model: Transformer) -> torch.Tensor:
             term = (per_slot * is_owner.to(per_slot.device)).sum()
             owned_sq = term if owned_sq is None else owned_sq + term
     dense = [p.grad for p in model.parameters() if id(p) not in expert_params and p.grad is not None]
-    dense_sq = torch.stack(torch._foreach_norm(dense, dtype=_at_least_fp32(dense[0]))).square().sum()
+    if getattr(model, "tensor_parallel", None) is not None:
+        dense_sq = tensor_parallel.dense_grad_norm_sq(model, dense)
+    else:
+        dense_sq = torch.stack(torch._foreach_norm(dense, dtype=_at_least_fp32(dense[0]))).square().sum()
     owned_sq = owned_sq if owned_sq is not None else torch.zeros((), device=dense_sq.device)
     dist.all_reduce(owned_sq, group=state.group)
     return (dense_sq + owned_sq).sqrt()
@@ -122,16 +126,14 @@ class Trainer:
 
     def __init__(self, job: Job, opts: TrainOptions, rank: int, device: torch.device) -> None:
         G = job.num_ranks
+        check_tp(job, opts)
+        D = G // opts.tp  # data-parallel groups: each reads its own sequences
         config = job.config.replace(global_batch=opts.batch(job.config))
-        if config.global_batch % (G * opts.micro_batches):
-            raise RuntimeSetupError(
-                f"global batch {config.global_batch} does not split into {G} ranks x "
-                f"{opts.micro_batches} micro-batches; set --global-batch to a multiple of "
-                f"{G * opts.micro_batches}")
+        check_batch_split(job, opts, config.global_batch)
         self.job, self.opts, self.rank, self.device, self.config = job, opts, rank, device, config
         self.out = Path(opts.out)
         self.ckpt_root = self.out / "checkpoints"
-        self.batch_per_rank = config.global_batch // G
+        self.batch_per_rank = config.global_batch // D  # of a TP group, whose ranks share them
         self.costs = model_costs(config)
         self.peak_tflops = peak_tflops(opts, device)
         self.lr = opts.peak_lr(config.d_model)
@@ -154,6 +156,11 @@ class Trainer:
                                     f"{', '.join(OPTIMIZER_SHARDING)}")
         apply_recompute(self.model, opts.recompute)
         self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss)
+        dp_rank = rank
+        if opts.tp > 1:  # turns the chunked loss off: it does not take a vocab-sharded head
+            mesh = tensor_parallel.tensor_parallel_mesh(opts.tp, device.type)
+            tensor_parallel.parallelize_tensor(self.model, mesh)
+            dp_rank = self.model.tensor_parallel.dp_rank
         # Fused AdamW on GPUs: faster, and no temporaries the size of the moments.
         self.optimizer = TrainOptimizer(self.model, opts.optimizer_sharding, lr=self.lr,
                                         weight_decay=opts.weight_decay, fused=device.type == "cuda")
@@ -161,7 +168,7 @@ class Trainer:
         instrument(self.model, self.timer)
         self.last_timing: tuple[int, dict[str, float]] | None = None  # of the step before the last
         self.data = make_data(opts.data, vocab_size=config.vocab_size, seq_len=config.seq_len,
-                              seed=opts.seed, rank=rank, num_ranks=G, batch_per_rank=self.batch_per_rank,
+                              seed=opts.seed, rank=dp_rank, num_ranks=D, batch_per_rank=self.batch_per_rank,
                               micro_batches=opts.micro_batches)
         self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
                          if device.type == "cuda" else contextlib.nullcontext)
@@ -386,7 +393,8 @@ class Trainer:
         rows = routing_rows if self.routing_rows_steps == self.routing_steps else {}
         return write_routing_stats(
             self.out / ROUTING_STATS_FILE, self.routing_counts, steps=self.routing_steps, model=self.config.name,
-            top_k=self.config.top_k, tokens_per_rank_per_step=float(self.batch_per_rank * self.config.seq_len),
+            top_k=self.config.top_k,
+            tokens_per_rank_per_step=self.config.global_batch * self.config.seq_len / self.job.num_ranks,
             manifest_hash=self.job.manifest_hash, dispatch=self.dispatch,
             nodes=[(n.name, list(n.ranks)) for n in self.job.nodes], **rows)
 
@@ -447,7 +455,7 @@ class Trainer:
             aux_sum = aux_sum + aux.detach()
         set_exchange_timer(None)
         timer.start("optimizer")
-        sync_gradients(model)
+        (tensor_parallel.sync_gradients if self.opts.tp > 1 else sync_gradients)(model)
         step = self.step + 1
         with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.steps
         # The model's loss includes the auxiliary losses; report the language-model part apart.
@@ -574,6 +582,7 @@ class Trainer:
             "device": self.device.type, "compute": "bf16 autocast" if self.device.type == "cuda" else "fp32",
             "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
             "recompute": self.opts.recompute, "optimizer_sharding": self.opts.optimizer_sharding,
+            "tp": self.opts.tp,
             "run_settings_overridden": self.opts.overridden.split(",") if self.opts.overridden else [],
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
