@@ -110,6 +110,25 @@ def test_ilp_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
     assert layer["bound_s"] <= best * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("recompute,micro_batches", [("block", 1), ("attention", 2), ("block", 4)])
+def test_ilp_plans_on_the_run_settings_clock(recompute, micro_batches):
+    """Under recompute and micro-batches the planner's layer time is still evaluate's: block
+    recompute exchanges six times a layer, not four, and repeats the expert forward."""
+    import dataclasses
+
+    base = toy_problem(2, 2, 3, d_ff=512, tflops=500.0, seed=7)
+    problem = dataclasses.replace(base, recompute=recompute, micro_batches=micro_batches)
+    best, _ = brute_force(problem)
+    placement = solve(problem, gap=0.0, time_limit=30)
+    layer = placement.info["layers"][0]
+    cost = evaluate(placement, problem).moe_time_s[0]
+    assert cost == pytest.approx(best, rel=1e-6)
+    assert layer["objective_s"] == pytest.approx(cost, rel=1e-9)
+    assert layer["bound_s"] <= best * (1 + 1e-6)
+    if recompute == "block":
+        assert cost > evaluate(placement, base).moe_time_s[0] * 1.2
+
+
 @pytest.mark.parametrize("nodes,gpus,experts,k,d_ff,tflops", [TINY[0], TINY[2], TINY[4]])
 def test_cbc_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
     problem = toy_problem(nodes, gpus, experts, experts_per_gpu=k, d_ff=d_ff, tflops=tflops,

@@ -74,8 +74,7 @@ from epplan.errors import PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.schedule import Schedule
-from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_FACTOR, optimizer_sync_bytes,
-                                   recompute_exchanges_per_layer, recompute_flops_per_token)
+from epplan.workload.flops import TRAINING_FLOPS_FACTOR, optimizer_sync_bytes, recompute_flops_per_token
 from epplan.workload.memory import memory_per_gpu, storage_bytes
 
 SPEC_PEAK_TFLOPS = 400.0   # founding spec: usable bf16 TFLOP/s per H100
@@ -353,8 +352,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
 
     # --recompute: a block recompute repeats each layer's dispatch and combine (4 -> 6 exchanges)
     # and backward repeats forward FLOPs (flops.recompute_flops_per_token).
-    a2a_factor = 2.0 * (EXCHANGES_PER_LAYER_PER_STEP + recompute_exchanges_per_layer(problem.recompute)) \
-        / EXCHANGES_PER_LAYER_PER_STEP
+    a2a_factor = 2.0 * problem.exchange_scale
     again = recompute_flops_per_token(costs, config, problem.recompute)
     a2a_time = a2a_factor * b * (loads.fwd + loads.bwd) / cap          # [L, K]
     a2a_link = np.argmax(a2a_time, axis=1)
@@ -363,7 +361,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     served = loads.served
 
     flops_train = TRAINING_FLOPS_FACTOR
-    expert_compute_s = served * (costs.flops_per_assignment * flops_train + again["per_assignment"]) / rate
+    expert_compute_s = served * problem.expert_flops_per_assignment / rate
     # --- calibrated rates (epplan.cost.step): every part of the step from measured rates; the
     # expert GEMMs at each GPU's own rows per expert unless --tflops overrides the rate.
     parts = calibrated_step_parts(placement, problem, served) if problem.calibration is not None else None

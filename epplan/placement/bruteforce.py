@@ -23,7 +23,6 @@ from scipy.optimize import linprog
 from epplan.placement.layer import gpu_slots
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement
-from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 
 def brute_force(problem: PlacementProblem, layer: int = 0, *, max_placements: int = 20_000) -> tuple[float, LayerPlacement]:
@@ -48,7 +47,7 @@ def brute_force_windows(problems: list[PlacementProblem], objective: str, layer:
         raise ValueError(f"{total} placements: too many for the brute force")
     b = float(problem.bytes_per_assignment)
     cap = np.asarray(topo.link_capacity, dtype=np.float64) * 1e9
-    unit = problem.costs.flops_per_assignment * TRAINING_FLOPS_FACTOR / np.asarray(problem.gpu_flops)
+    unit = problem.expert_flops_per_assignment / np.asarray(problem.gpu_flops)
     # seconds on every link per assignment s -> t (dispatch + combine, fwd + bwd)
     pair = np.zeros((num_gpus, num_gpus, topo.num_links))
     for s in range(num_gpus):
@@ -56,7 +55,7 @@ def brute_force_windows(problems: list[PlacementProblem], objective: str, layer:
             if s != t:
                 for l, f in topo.paths.pair_fractions(s, t).items():
                     pair[s, t, l] += f
-    pair = (pair + pair.transpose(1, 0, 2)) * 2.0 * b / cap
+    pair = (pair + pair.transpose(1, 0, 2)) * 2.0 * problem.exchange_scale * b / cap
     best = (np.inf, None)
     for held in itertools.product(*choices):
         replicas = [np.array([g for g in range(num_gpus) if e in held[g]]) for e in range(num_experts)]

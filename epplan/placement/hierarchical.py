@@ -42,8 +42,6 @@ from epplan.cost.evaluate import served_assignments
 from epplan.placement.bounds import compute_bound, cut_bound
 from epplan.placement.layer import LayerData
 from epplan.placement.types import LayerPlacement, Placement
-from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_FACTOR,
-                                   recompute_exchanges_per_layer, recompute_flops_per_token)
 
 _SCREENED = 8        # swaps scored exactly per round
 _ROUNDS_PER_EXPERT = 4
@@ -88,7 +86,7 @@ class _LayerSearch:
     """One layer's swap search; the layer's link and GPU times as ``evaluate`` computes them."""
 
     def __init__(self, problem, li: int, layer: LayerPlacement) -> None:
-        topo, config, costs = problem.topology, problem.config, problem.costs
+        topo, config = problem.topology, problem.config
         self.problem, self.layer = problem, layer
         self.counts = np.asarray(problem.traffic.counts[li], dtype=np.float64)      # (G, E)
         pairs = problem.traffic.pairs
@@ -98,12 +96,10 @@ class _LayerSearch:
         self.gpu_node = np.asarray(topo.gpu_node, dtype=np.int64)
         self.num_nodes = topo.num_nodes
         self.lm = link_map(topo)
-        passes = 2.0 * (EXCHANGES_PER_LAYER_PER_STEP + recompute_exchanges_per_layer(problem.recompute)) \
-            / EXCHANGES_PER_LAYER_PER_STEP
+        passes = 2.0 * problem.exchange_scale
         cap = np.asarray(topo.link_capacity, dtype=np.float64) * 1e9
         self.link_unit = passes * float(problem.bytes_per_assignment) / cap           # (K,) s per row
-        again = recompute_flops_per_token(costs, config, problem.recompute)
-        self.gpu_unit = (costs.flops_per_assignment * TRAINING_FLOPS_FACTOR + again["per_assignment"]) \
+        self.gpu_unit = problem.expert_flops_per_assignment \
             / np.asarray(problem.gpu_flops, dtype=np.float64)                        # (G,) s per assignment
         self.is_remote = np.arange(self.num_nodes)[None, :] != self.gpu_node[:, None]  # (G, N)
 

@@ -36,7 +36,6 @@ import scipy.sparse as sp
 
 from epplan.placement.linkmodel import LinkModel, link_model
 from epplan.schedule import Schedule
-from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 if TYPE_CHECKING:  # problem.py imports nothing of the planner; the planner's modules import it
     from epplan.placement.problem import PlacementProblem
@@ -121,8 +120,9 @@ def layer_data(problem: PlacementProblem, counts: np.ndarray, *, max_groups: int
     topo = problem.topology
     lm = link_model(topo)
     b = float(problem.bytes_per_assignment)
+    b *= problem.exchange_scale   # the recompute's exchanges, as bytes of the four a layer has
     link_unit = 2.0 * b / lm.cap[lm.kept]
-    flops = problem.costs.flops_per_assignment * TRAINING_FLOPS_FACTOR
+    flops = problem.expert_flops_per_assignment
     gpu_unit = flops / np.asarray(problem.gpu_flops, dtype=np.float64)
     slots = gpu_slots(problem)
     if topo.num_gpus * int(slots.sum()) <= SINGLE_SOURCE_COLUMNS:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from epplan.errors import PlacementError, TrafficError
 from epplan.topology import Topology
 from epplan.workload.config import ModelConfig
-from epplan.workload.flops import ModelCosts, model_costs
+from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_FACTOR, ModelCosts, model_costs,
+                                   recompute_exchanges_per_layer, recompute_flops_per_token)
 from epplan.workload.traffic import Traffic
 
 DISPATCH_MODES = ("flat", "hierarchical")
@@ -144,6 +145,21 @@ class PlacementProblem:
     def bytes_per_assignment(self) -> int:
         """Bytes of one token-assignment on the wire, one exchange (dispatch or combine)."""
         return self.costs.bytes_per_assignment
+
+    @property
+    def exchange_scale(self) -> float:
+        """Each MoE layer's exchanges per step over the four of a layer that is not recomputed
+        (dispatch and combine, forward and backward): 1.5 under block recompute, which dispatches
+        and combines again. Link times scale by it."""
+        return (EXCHANGES_PER_LAYER_PER_STEP + recompute_exchanges_per_layer(self.recompute)) \
+            / EXCHANGES_PER_LAYER_PER_STEP
+
+    @cached_property
+    def expert_flops_per_assignment(self) -> float:
+        """FLOPs of one token-assignment's expert GEMMs per step: forward and backward, and the
+        forward again where the recompute repeats it."""
+        again = recompute_flops_per_token(self.costs, self.config, self.recompute)
+        return self.costs.flops_per_assignment * TRAINING_FLOPS_FACTOR + again["per_assignment"]
 
     @cached_property
     def schedule(self) -> Schedule:

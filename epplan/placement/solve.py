@@ -52,7 +52,6 @@ from epplan.placement.nodelp import node_model
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.splits import nearest_split, optimal_splits, split_result
 from epplan.placement.types import LayerPlacement, Placement
-from epplan.workload.flops import TRAINING_FLOPS_FACTOR
 
 SOLVERS = ("highs", "cbc")
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
@@ -396,9 +395,9 @@ def _baseline_scores(problem: PlacementProblem, baselines: dict, slots: np.ndarr
 
     topo = problem.topology
     flat = problem if problem.dispatch == "flat" else replace(problem, dispatch="flat")
-    unit = 2.0 * float(problem.bytes_per_assignment) / (np.asarray(topo.link_capacity, dtype=np.float64) * 1e9)
-    gpu_unit = (problem.costs.flops_per_assignment * TRAINING_FLOPS_FACTOR
-                / np.asarray(problem.gpu_flops, dtype=np.float64))
+    unit = 2.0 * problem.exchange_scale * float(problem.bytes_per_assignment) \
+        / (np.asarray(topo.link_capacity, dtype=np.float64) * 1e9)
+    gpu_unit = problem.expert_flops_per_assignment / np.asarray(problem.gpu_flops, dtype=np.float64)
     out = {}
     for name, pl in baselines.items():
         loads = exchange_loads(pl, flat, check=False)
