@@ -140,14 +140,15 @@ def cap_memory(topo, memory_gb: float | None):
     return topo
 
 
-def print_run_settings(fit: Fit) -> None:
-    """One line: the run settings and whether they fit."""
+def print_run_settings(fit: Fit, *, written: bool = False) -> None:
+    """One line: the run settings and whether they fit; ``written``: a manifest records them."""
     s, cost = fit.settings, fit.cost
     worst = float(cost.memory_bytes.max()) / _GB
     cap = float(cost.memory_capacity_bytes[int(np.argmax(cost.memory_bytes))]) / _GB
     style = "green" if fit.fits else "bold red"
     console.print(f"run settings: [{style}]{s.describe()}[/] ({worst:.1f} of {cap:.1f} GB on the fullest GPU; "
-                  f"'epplan run' takes them from the manifest)", highlight=False)
+                  + ("'epplan run' takes them from the manifest)" if written else
+                     "'epplan place' records them in the manifest it writes)"), highlight=False)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

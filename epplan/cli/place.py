@@ -219,7 +219,7 @@ def place(
             _print_windows(chosen, problem, specs, windows, objective)
         if from_manifest is not None:
             _print_migration(chosen.info["migration"], from_manifest)
-        print_run_settings(fit)
+        print_run_settings(fit, written=True)
         if compare:
             _print_compare(names, plans, costs, problem)
         console.print(f"manifest written: [bold]{escape(str(out))}[/] (sha256 {digest[:12]})", highlight=False)
