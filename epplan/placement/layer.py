@@ -4,8 +4,10 @@ Everything the planner optimises is in seconds per token-assignment:
 
 - a link: one assignment from s served on t puts 2b bytes on each link of the path s -> t and
   2b on each link of t -> s (dispatch + combine, forward + backward: the a2a matrix is
-  2b (F + F^T)); link time = bytes / capacity;
-- a GPU: one assignment served costs flops_per_assignment * 3 / achievable FLOP/s.
+  2b (F + F^T)); link time = bytes / capacity; under block recompute b is scaled by
+  ``problem.exchange_scale`` (1.5: the recompute dispatches and combines again);
+- a GPU: one assignment served costs ``problem.expert_flops_per_assignment`` (forward and
+  backward, plus the forward again under recompute) / achievable FLOP/s.
 
 A layer's time combines the busiest link's time A and the busiest GPU's time X as the runtime's
 schedule does (``epplan.schedule``): A + X serial, A / C + max(A (C - 1) / C, X) overlapped in C
