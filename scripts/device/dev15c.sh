@@ -1,4 +1,4 @@
-# One H200, third-session call C (issue 15): the training loop before (main's code, the device
+# One H200, 2026-12-02, call C (issue 15): the training loop before (main's code, the device
 # root) and after (this tree, carried as .perf15/) at seed dims, same call; the after run with
 # torch.profiler over steps 6-7; calibrate; Mixtral dims and the medium model; the block and the
 # Megatron-Core peer (bench_runtime.py --peer megatron). Run from the device root:
