@@ -23,7 +23,7 @@ from epplan.cli.common import (AchievableTflopsOption, BINDS_WORDS, CalibrationO
                                RoutingWindowsOption, SeedOption, SetOption, Solver, STATUS_WORDS, time_unit,
                                TopologyOption, user_errors, WORDS_HELP)
 from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
-from epplan.cost.fit import choose_run_settings
+from epplan.cost.fit import RunSettings, choose_run_settings
 from epplan.cost import Cost, evaluate
 from epplan.errors import PlacementError
 from epplan.manifest import build_manifest, check_fits_topology, load_manifest, write_manifest
@@ -166,7 +166,10 @@ def place(
     # with: chosen on a balanced stand-in (EPLB's plan), then checked on the solved plan and,
     # where its own cheapest settings differ, solved once more under those.
     fixed = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding}
-    settings = choose_run_settings(_baseline("eplb", problem, seed, time_limit), problem, **fixed).settings
+    if None in fixed.values():
+        settings = choose_run_settings(_baseline("eplb", problem, seed, time_limit), problem, **fixed).settings
+    else:  # all three given: nothing to choose
+        settings = RunSettings(**fixed)
     for attempt in range(2):
         problem = dataclasses.replace(problem, **dataclasses.asdict(settings))
         left = max(time_limit - (time.monotonic() - started), 1e-3)
