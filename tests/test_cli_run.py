@@ -280,6 +280,8 @@ def test_print_launch_slurm_writes_an_sbatch_script(manifests):
     (["--nnodes", "2", "--print-launch", "mpi"], "--print-launch 'mpi'"),
     (["--nnodes", "2", "--print-launch", "torchrun", "--tp", "2"],
      "--tp 2: node n0's ranks [0] do not form groups of 2 consecutive ranks"),
+    (["--nnodes", "2", "--print-launch", "torchrun", "--expert-tp"],
+     "--expert-tp splits the experts over each TP group, and --tp is 1"),
     (["--nnodes", "2", "--print-launch", "torchrun", "--num-chunks", "0"], "--num-chunks must be at least 1, got 0"),
     (["--nnodes", "2", "--print-launch", "torchrun", "--overlap-ctas", "-1"],
      "--overlap-ctas must be at least 1, got -1"),

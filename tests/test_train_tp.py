@@ -2,9 +2,11 @@
 in 2 gloo CPU processes, float64 (one TP group of 2; experts over both ranks).
 
 - Losses, gradient norms and the weights after AdamW steps (clipped) equal the TP = 1 run's,
-  also with every block recomputed in backward.
-- A TP = 1 checkpoint resumes at TP = 2 and a TP = 2 one at TP = 1 (DCP reshards the DTensor
-  weights and moments), each ending where the uninterrupted run ends.
+  also with every block recomputed in backward, and with the experts split over the TP group
+  (``expert_tp``).
+- A TP = 1 checkpoint resumes at TP = 2 and a TP = 2 one at TP = 1, with and without expert TP
+  (DCP reshards the DTensor weights and moments, the experts' hidden slices included), each
+  ending where the uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -66,12 +68,13 @@ def _tp_equals_plain(rank: int, world_size: int, tmp: str) -> None:
     tp = _trainer(f"{tmp}/tp", 3, tp=2)
     assert tp.model.layers[0].attn.num_heads == CONFIG.num_heads // 2
     recomputed = _trainer(f"{tmp}/tp-block", 3, tp=2, recompute="block")
-    plain_records, tp_records, recomputed_records = _records(plain, 3), _records(tp, 3), _records(recomputed, 3)
-    np.testing.assert_allclose(tp_records, plain_records, rtol=1e-9)
-    np.testing.assert_allclose(recomputed_records, plain_records, rtol=1e-9)
+    split = _trainer(f"{tmp}/etp-block", 3, tp=2, expert_tp=True, recompute="block")
+    assert split.model.expert_parallel.layers[0].w1.shape[2] * 2 == CONFIG.d_ff
+    plain_records = _records(plain, 3)
+    for other in (tp, recomputed, split):
+        np.testing.assert_allclose(_records(other, 3), plain_records, rtol=1e-9)
+        _assert_same(_weights(other), _weights(plain))
     assert plain_records[0][1] > 0.05  # the clip acted
-    _assert_same(_weights(tp), _weights(plain))
-    _assert_same(_weights(recomputed), _weights(plain))
 
 
 def test_tp2_training_steps_equal_tp1(tmp_path):
@@ -81,13 +84,15 @@ def test_tp2_training_steps_equal_tp1(tmp_path):
 def _resume_across_tp(rank: int, world_size: int, tmp: str) -> None:
     straight = _trainer(f"{tmp}/straight", 4)
     straight.run(resume=False, show_progress=False)
-    for first, then in ((1, 2), (2, 1)):
-        out = f"{tmp}/{first}-{then}"
-        _trainer(out, 2, tp=first).run(resume=False, show_progress=False)  # a checkpoint at step 2
-        resumed = _trainer(out, 4, tp=then)
+    for (first, etp_first), (then, etp_then) in (((1, False), (2, False)), ((2, False), (1, False)),
+                                                 ((1, False), (2, True)), ((2, True), (1, False))):
+        out = f"{tmp}/{first}{'e' * etp_first}-{then}{'e' * etp_then}"
+        _trainer(out, 2, tp=first, expert_tp=etp_first).run(resume=False, show_progress=False)  # a checkpoint at step 2
+        resumed = _trainer(out, 4, tp=then, expert_tp=etp_then)
         resumed.run(resume=True, show_progress=False)
         start = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r["kind"] == "start"][-1]
-        assert (start["step"], start["tp"], Path(start["resumed_from"]).name) == (2, then, "step_00000002"), start
+        assert (start["step"], start["tp"], start["expert_tp"], Path(start["resumed_from"]).name) == \
+            (2, then, etp_then, "step_00000002"), start
         assert resumed.step == 4
         _assert_same(_weights(resumed), _weights(straight))
 
@@ -106,3 +111,12 @@ def test_tp_that_splits_no_node_is_refused():
     with pytest.raises(RuntimeSetupError, match="--tp 2 with --optimizer-sharding dense: not supported yet"):
         check_tp(Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),)),
                  TrainOptions(manifest="m.json", out="o", tp=2, optimizer_sharding="dense"))
+    one_node = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),))
+    for kw, message in ((dict(tp=1), "--expert-tp splits the experts over each TP group, and --tp is 1"),
+                        (dict(tp=2, dispatch="hierarchical"), "--expert-tp with --dispatch hierarchical: not supported"),
+                        (dict(tp=2, replan_every=4), "--replan-every with --expert-tp: not supported")):
+        with pytest.raises(RuntimeSetupError, match=message):
+            check_tp(one_node, TrainOptions(manifest="m.json", out="o", expert_tp=True, **kw))
+    with pytest.raises(RuntimeSetupError, match="the experts' hidden size 33 does not split over --tp 2"):
+        check_tp(Job(CONFIG.replace(d_ff=33), PLACEMENT, "h", (Node("n0", (0, 1)),)),
+                 TrainOptions(manifest="m.json", out="o", tp=2, expert_tp=True))

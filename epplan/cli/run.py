@@ -24,6 +24,9 @@ TRAINING = "Training"
 CHECKPOINTS = "Checkpoints and restarts"
 REPLAN = "Live re-placement"
 LAUNCH = "Launch (torchrun)"
+# What a run setting is when neither the flag nor the manifest gives it (manifests before it).
+RUN_SETTING_DEFAULTS = {"micro_batches": 1, "recompute": "none", "optimizer_sharding": "none", "tp": 1,
+                        "expert_tp": False}
 
 
 @app.command("run", no_args_is_help=True, epilog=(
@@ -58,10 +61,15 @@ def run(
     micro_batches: in_panel(MicroBatchesOption, TRAINING) = None,
     recompute: in_panel(RecomputeOption, TRAINING) = None,
     optimizer_sharding: in_panel(OptimizerShardingOption, TRAINING) = None,
-    tp: Annotated[int, typer.Option(
+    tp: Annotated[Optional[int], typer.Option(
         "--tp", metavar="N", help="Tensor-parallel degree: attention, the dense MLPs and the LM head split over "
         "groups of N consecutive GPUs of a node (sequence parallel between them); N divides the GPUs per "
-        "node. Experts stay expert-parallel over all GPUs.", rich_help_panel=TRAINING)] = 1,
+        "node. Experts stay expert-parallel over all GPUs. Default: the manifest's, else 1.",
+        show_default=False, rich_help_panel=TRAINING)] = None,
+    expert_tp: Annotated[Optional[bool], typer.Option(
+        "--expert-tp/--no-expert-tp", help="With --tp: also split each routed expert's hidden dimension over "
+        "its TP group (each GPU computes its slice for the rows the whole group received). "
+        "Default: the manifest's, else off.", show_default=False, rich_help_panel=TRAINING)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). Default: min(0.01, 1/d_model).",
                                                 show_default=False, rich_help_panel=TRAINING)] = None,
     min_lr_ratio: Annotated[float, typer.Option(help="Cosine decay ends at lr x this.",
@@ -190,10 +198,11 @@ def run(
         if recompute not in (None, "attention"):
             raise RuntimeSetupError(f"--activation-checkpointing means --recompute attention, not {recompute!r}")
         recompute = "attention"
-    given = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding}
-    settings = {k: job.run_settings.get(k, 1 if k == "micro_batches" else "none") if v is None else v
-                for k, v in given.items()}
-    overridden = [k for k, v in given.items() if v is not None and v != job.run_settings.get(k)]
+    given = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding,
+             "tp": tp, "expert_tp": expert_tp}
+    settings = {k: job.run_settings.get(k, RUN_SETTING_DEFAULTS[k]) if v is None else v for k, v in given.items()}
+    overridden = [k for k, v in given.items()
+                  if v is not None and v != job.run_settings.get(k, RUN_SETTING_DEFAULTS[k])]
     if settings["recompute"] not in RECOMPUTE:
         raise RuntimeSetupError(f"--recompute {settings['recompute']!r}: use {', '.join(RECOMPUTE)}")
     if settings["optimizer_sharding"] not in OPTIMIZER_SHARDING:
@@ -203,7 +212,8 @@ def run(
         manifest=str(manifest), out=str(out), steps=steps, device=device,
         data=None if data is None else str(data), seed=seed, global_batch=global_batch,
         micro_batches=settings["micro_batches"], recompute=settings["recompute"],
-        optimizer_sharding=settings["optimizer_sharding"], tp=tp, overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
+        optimizer_sharding=settings["optimizer_sharding"], tp=settings["tp"], expert_tp=settings["expert_tp"],
+        overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
         overlap=overlap, num_chunks=num_chunks, dispatch=dispatch,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every, async_checkpoints=async_checkpoints,
@@ -230,7 +240,9 @@ def run(
     console.print(f"epplan run: {escape(job.config.name)} on {escape(job.describe_nodes())}, {device}, "
                   f"{'resuming' if resume else 'from step 0'} -> {escape(str(out))}; "
                   f"{count(settings['micro_batches'], 'micro-batch', 'micro-batches')}, recompute {settings['recompute']}, "
-                  f"optimizer sharding {settings['optimizer_sharding']}" + (f", tp {tp}" if tp > 1 else "")
+                  f"optimizer sharding {settings['optimizer_sharding']}"
+                  + (f", tp {settings['tp']}" if settings["tp"] > 1 else "")
+                  + (" with expert tp" if settings["expert_tp"] else "")
                   + (f" (flags over the manifest's: {', '.join(overridden)})" if overridden else ""),
                   highlight=False)
     code = launch.run(job, opts, launch_opts,

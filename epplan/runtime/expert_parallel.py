@@ -44,10 +44,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from epplan.errors import RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.experts import GroupedExperts, compute_dtype, expert_mlp
+from epplan.runtime import expert_tensor_parallel as etp_
+from epplan.runtime.expert_tensor_parallel import ExpertTP
 from epplan.runtime.hierarchical import (DISPATCH, HierarchicalDispatch, NodeLayout, distinct_rows,
                                          new_hierarchical_groups, pair_counts)
 from epplan.runtime.init import init_weights
@@ -191,6 +194,10 @@ class ExpertParallelExperts(nn.Module):
                 ``group``, no SMs reserved).
     node_of:    int64 (G,) node of each rank (statistics per node); None: one node.
     hierarchical: the layer's hierarchical exchange, or None for flat dispatch.
+    expert_tp:  this rank's TP group when the expert GEMMs split their hidden dimension over it
+                (``expert_tensor_parallel.py``): then ``local_experts`` are the group's experts,
+                w1, w3 (E_loc, D, F / t) and w2 (E_loc, F / t, D) this rank's slices, and the
+                layer runs the unchunked exchange whatever ``overlap`` says.
     """
 
     def __init__(self, experts: GroupedExperts, layer: LayerPlacement, layer_index: int,
@@ -198,7 +205,8 @@ class ExpertParallelExperts(nn.Module):
                  overlap: bool = True, num_chunks: int | None = None,
                  overlap_group: dist.ProcessGroup | None = None, reserve_sms: int = 0,
                  node_of: np.ndarray | None = None,
-                 hierarchical: HierarchicalDispatch | None = None) -> None:
+                 hierarchical: HierarchicalDispatch | None = None,
+                 expert_tp: ExpertTP | None = None) -> None:
         super().__init__()
         if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 1):
             raise RuntimeSetupError(f"num_chunks must be a positive integer or None (automatic), "
@@ -213,23 +221,38 @@ class ExpertParallelExperts(nn.Module):
         self.layer_index = layer_index
         self.stats = stats
         self.hierarchical = hierarchical
+        self.expert_tp = expert_tp
         node_of = np.zeros(self.num_ranks, np.int64) if node_of is None else np.asarray(node_of, np.int64)
         self.num_nodes = int(node_of.max()) + 1
         self._node_of = node_of
         self.follow(layer)
         local = torch.tensor(self.local_experts, dtype=torch.int64, device=experts.w1.device)
-        self.w1 = nn.Parameter(experts.w1.detach()[local].clone())
-        self.w2 = nn.Parameter(experts.w2.detach()[local].clone())
-        self.w3 = None if experts.w3 is None else nn.Parameter(experts.w3.detach()[local].clone())
+
+        def slot_weights(name: str, w: torch.Tensor) -> nn.Parameter:
+            w = w.detach()[local]  # (E_loc, D, F) or (E_loc, F, D)
+            if expert_tp is not None:
+                w = etp_.shard(name, w, expert_tp)
+            return nn.Parameter(w.clone())
+
+        self.w1 = slot_weights("w1", experts.w1)
+        self.w2 = slot_weights("w2", experts.w2)
+        self.w3 = None if experts.w3 is None else slot_weights("w3", experts.w3)
 
     def follow(self, layer: LayerPlacement) -> None:
         """Take ``layer``'s replicas and splits: local experts, owners, replica sets and dispatch
         tables. The weights are the caller's: w1/w2/w3 must then hold ``local_experts`` in order
         (``epplan.train.replan`` moves them when a run re-places its experts)."""
-        self.local_experts = layer.experts_on_rank(self.num_ranks)[self.rank]
-        # The lowest-ranked replica owns an expert in gathered checkpoints.
-        self.owner = [int(ranks[0]) for ranks in layer.replicas]
+        self.received_experts = layer.experts_on_rank(self.num_ranks)[self.rank]  # rows arrive for these
         self.replica_sets = [tuple(int(r) for r in ranks) for ranks in layer.replicas]
+        if self.expert_tp is None:
+            self.local_experts = self.received_experts
+            # The lowest-ranked replica owns an expert in gathered checkpoints.
+            self.owner = [int(ranks[0]) for ranks in layer.replicas]
+            self.shard_sets = list(enumerate(self.replica_sets))
+        else:  # the TP group's experts, a hidden slice of each
+            self.local_experts = etp_.group_experts(layer, self.num_ranks, self.expert_tp)
+            self.owner = etp_.owners(layer, self.expert_tp)
+            self.shard_sets = etp_.shard_sets(layer, self.expert_tp.size)
         # Dispatch tables, padded to R columns; plain attributes so that .to(dtype) and
         # state_dict leave them alone (moved to the input's device on first use).
         num_replicas = max(len(ranks) for ranks in layer.replicas)
@@ -265,6 +288,9 @@ class ExpertParallelExperts(nn.Module):
         if self.hierarchical is not None and G > 1:
             return self._forward_hierarchical(x, key, topk_weight, routing, (w1, w2, w3)).to(out_dtype)
         send_counts = count_keys(key, G * E + 1)[:G * E].view(G, E)  # [t, e]
+        if self.expert_tp is not None:
+            return self._forward_expert_tp(x, key, send_counts, topk_weight, routing,
+                                           (w1, w2, w3)).to(out_dtype)
 
         # Counts exchange, with each rank's chunk proposal in an extra column so that every
         # rank learns the layer's chunk count from the same message.
@@ -303,6 +329,33 @@ class ExpertParallelExperts(nn.Module):
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
         out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
         return out.to(out_dtype)
+
+    def _forward_expert_tp(self, x: torch.Tensor, key: torch.Tensor, send_counts: torch.Tensor,
+                           topk_weight: torch.Tensor, routing: torch.Tensor,
+                           weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """Unchunked dispatch over all ranks, the TP group's sliced experts
+        (``expert_tensor_parallel.group_expert_mlp``), unchunked combine."""
+        top_k = topk_weight.shape[1]
+        send_host, recv_host, group_recv = record_or_replay(
+            self, "counts", partial(self._exchange_counts_expert_tp, send_counts, routing, x))
+        order = torch.argsort(key, stable=True)[:int(send_host.sum())]  # (S,) by (dest, expert)
+        token_of_row = order // top_k  # (S,)
+        input_splits = send_host.sum(axis=1).tolist()  # rows to each rank
+        output_splits = recv_host.sum(axis=1).tolist()  # rows from each rank
+        recv_x = all_to_all(x[token_of_row], output_splits, input_splits, self.group)  # (Q, D)
+        y = etp_.group_expert_mlp(recv_x, group_recv, self.local_experts, weights, self.activation,
+                                  self.impl, self.expert_tp)  # (Q, D)
+        y = all_to_all(y, input_splits, output_splits, self.group)  # (S, D)
+        weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
+        return x.new_zeros(x.shape[0], x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+
+    def _exchange_counts_expert_tp(self, send_counts: torch.Tensor, routing: torch.Tensor,
+                                   x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``_exchange_counts``, then the TP group's received counts: int64 (t, G, E) on the host.
+        NOTE: host sync (the group's row counts shape the gather and the GEMMs)."""
+        send_host, recv_host, _ = self._exchange_counts(send_counts, 1, routing, x)
+        group_recv = etp_.gather_counts(torch.as_tensor(recv_host, device=x.device), self.expert_tp)
+        return send_host, recv_host, group_recv.cpu().numpy()
 
     def _exchange_counts(self, send_counts: torch.Tensor, proposal: int, routing: torch.Tensor,
                          x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
@@ -461,7 +514,8 @@ def parallelize_experts(model: Transformer, placement: Placement,
                         num_chunks: int | None = None,
                         overlap_ctas: int | None = DEFAULT_OVERLAP_CTAS,
                         dispatch: str = "flat",
-                        nodes: list[list[int]] | tuple[tuple[int, ...], ...] | None = None) -> Transformer:
+                        nodes: list[list[int]] | tuple[tuple[int, ...], ...] | None = None,
+                        expert_tp: DeviceMesh | None = None) -> Transformer:
     """Make ``model`` expert-parallel over ``group`` (default: the world), in place.
 
     overlap, num_chunks: see ``ExpertParallelExperts`` (default: chunked, automatic count).
@@ -473,6 +527,9 @@ def parallelize_experts(model: Transformer, placement: Placement,
         node) across nodes, ``hierarchical.py``).
     nodes: the ranks of each node in local GPU order (the manifest's layout); None: one node.
         Hierarchical dispatch needs the same number of GPUs on every node.
+    expert_tp: the "tp" mesh of ``tensor_parallel.tensor_parallel_mesh`` to split the expert
+        GEMMs' hidden dimension over (``expert_tensor_parallel.py``; flat dispatch, ``group``
+        the world); None: every expert whole on the ranks the placement names.
 
     Every rank must start from the same full model (same weights; or all on the meta device, as
     ``build_expert_parallel_model`` does, so that only local weights are ever allocated) and call
@@ -501,6 +558,12 @@ def parallelize_experts(model: Transformer, placement: Placement,
     layout = NodeLayout.one_node(num_ranks) if nodes is None else \
         NodeLayout(tuple(tuple(int(r) for r in ranks) for ranks in nodes))
     layout.check(num_ranks, dispatch)
+    etp = None
+    if expert_tp is not None:
+        if group is not None:
+            raise RuntimeSetupError("--expert-tp runs expert parallelism over the world; pass group=None")
+        etp = ExpertTP.of(expert_tp)
+        etp.check(num_ranks, config.d_ff, dispatch)
 
     group_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
     overlap_group = hierarchical = None
@@ -517,7 +580,8 @@ def parallelize_experts(model: Transformer, placement: Placement,
                                             overlap=overlap, num_chunks=num_chunks,
                                             overlap_group=overlap_group,
                                             reserve_sms=overlap_ctas if overlap_group else 0,
-                                            node_of=layout.node_of(), hierarchical=hierarchical)
+                                            node_of=layout.node_of(), hierarchical=hierarchical,
+                                            expert_tp=etp)
         moe.router.reduce_load = partial(_all_reduce_sum, group=group)
         state.layers.append(moe.experts)
 
@@ -529,11 +593,12 @@ def parallelize_experts(model: Transformer, placement: Placement,
 def set_replica_groups(state: ExpertParallelState) -> None:
     """Collective: ``state.replica_groups`` from the layers' replica sets, a process group per
     distinct set of more than one rank, in (layer, expert) order on every rank; each collects
-    the gradients of all (layer, expert) it serves. Sets seen before reuse their group."""
+    the gradients of all (layer, expert) it serves. Sets seen before reuse their group. Under
+    expert tensor parallelism the sets are those of each slice (``ExpertParallelExperts.shard_sets``)."""
     group_ranks = dist.get_process_group_ranks(state.group or dist.group.WORLD)
     members: dict[tuple[int, ...], list[tuple[ExpertParallelExperts, int]]] = {}
     for layer in state.layers:
-        for e, ranks in enumerate(layer.replica_sets):
+        for e, ranks in layer.shard_sets:
             if len(ranks) > 1:
                 slots = members.setdefault(ranks, [])
                 if state.rank in ranks:
@@ -634,10 +699,14 @@ def gather_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         if not isinstance(layer, ExpertParallelExperts):
             continue
         for wname, w in layer.named_parameters(recurse=False):
-            full = w.new_zeros((layer.num_experts, *w.shape[1:]))  # (E, ...)
+            shape = list(w.shape[1:])
+            if layer.expert_tp is not None:  # slices of the hidden dimension
+                shape[etp_.HIDDEN_DIM[wname]] *= layer.expert_tp.size
+            full = w.new_zeros((layer.num_experts, *shape))  # (E, ...)
             for j, e in enumerate(layer.local_experts):
                 if layer.owner[e] == state.rank:
-                    full[e] = w[j]
+                    target = full[e] if layer.expert_tp is None else etp_.shard(wname, full[e], layer.expert_tp)
+                    target.copy_(w[j])
             dist.all_reduce(full, group=state.group)
             out[f"{name}.{wname}"] = full
     return out

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from epplan.runtime.experts import GroupedExperts
+from epplan.runtime.expert_tensor_parallel import HIDDEN_DIM, shard
 from epplan.runtime.model import RMSNorm
 
 STD = 0.02
@@ -34,7 +35,8 @@ def init_weights(model: nn.Module, seed: int) -> None:
     """Overwrite every parameter and buffer of ``model`` with its seeded initial value.
 
     Routed experts are recognised as ``GroupedExperts`` (rows = experts 0..E-1) or as a module
-    with ``local_experts`` (the expert-parallel slice: row j = expert local_experts[j]).
+    with ``local_experts`` (the expert-parallel slice: row j = expert local_experts[j]; under
+    expert tensor parallelism, ``expert_tp``, this rank's hidden slice of the expert's weight).
     """
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
@@ -46,8 +48,13 @@ def init_weights(model: nn.Module, seed: int) -> None:
             if isinstance(module, RMSNorm):
                 p.fill_(1.0)
             elif local is not None:
+                etp = getattr(module, "expert_tp", None)
+                shape = list(p.shape[1:])
+                if etp is not None:
+                    shape[HIDDEN_DIM[param_name]] *= etp.size
                 for row, expert in enumerate(local):
-                    p[row].copy_(_normal(p.shape[1:], seed, name, int(expert)))
+                    value = _normal(torch.Size(shape), seed, name, int(expert))
+                    p[row].copy_(value if etp is None else shard(param_name, value, etp))
             else:
                 p.copy_(_normal(p.shape, seed, name))
         for buffer in module.buffers(recurse=False):

@@ -20,7 +20,10 @@ Layouts (DTensor placements over the TP group):
     attn.wo               RowwiseParallel to Shard(1): reduce-scatter back to the sequence shard
     dense MLP             w1, w3 (D, F) split over F, w2 (F, D) over F (``DenseMLPParallel``)
     MoE                   the rank's own sequence shard, as a local (B * T / t, D) token matrix:
-                          routing and expert parallelism run over all G ranks as without TP
+                          routing and expert parallelism run over all G ranks as without TP;
+                          with expert TP (``parallelize_experts(expert_tp=mesh["tp"])``, before
+                          this) each expert's hidden dimension is split over the TP group
+                          (``expert_tensor_parallel.py``)
     lm_head               ColwiseParallel from Shard(1) to Replicate: vocab-sharded weight, the
                           logits (B, T, V) all-gathered on every rank of the group
 

@@ -63,6 +63,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from epplan.errors import CheckpointError
 from epplan.runtime.expert_parallel import ExpertParallelExperts
+from epplan.runtime.expert_tensor_parallel import logical_view
 from epplan.train.optim import TrainOptimizer
 
 FORMAT = "epplan.checkpoint"
@@ -119,6 +120,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")  # the fields of a slot's state, in the order moves send them
 
 
+def _logical(module: ExpertParallelExperts, weight_name: str, t: torch.Tensor) -> torch.Tensor:
+    """One slot's weight or moment as the whole expert's tensor: itself, or under expert tensor
+    parallelism its hidden slice as a DTensor over the TP group (DCP then reads and writes the
+    slice of the unsharded entry: a checkpoint does not depend on --expert-tp)."""
+    if module.expert_tp is None or t.dim() == 0:  # t.dim() == 0: AdamW's step
+        return t
+    return logical_view(weight_name, t, module.expert_tp)
+
+
 def expert_key(module_name: str, weight_name: str, expert: int) -> str:
     """('layers.1.ffn.experts', 'w1', 5) -> 'layers.1.ffn.experts.w1[5]'."""
     return f"{module_name}.{weight_name}[{expert}]"
@@ -141,9 +151,9 @@ def expert_entries(model: nn.Module, optimizer: TrainOptimizer, *, rank: int,
             is_owner = not owned_only or module.owner[e] == rank
             name = expert_key(module_name, wname, e)
             if is_owner:
-                out[f"model.{name}"] = w.detach()[j]
+                out[f"model.{name}"] = _logical(module, wname, w.detach()[j])
             if state and (is_owner or sharded):
-                out.update({f"optim.{name}.{f}": v for f, v in state.items()})
+                out.update({f"optim.{name}.{f}": _logical(module, wname, v) for f, v in state.items()})
     return out
 
 
@@ -162,8 +172,8 @@ def expert_targets(model: nn.Module, optimizer: TrainOptimizer,
             continue
         for j, (e, state) in enumerate(zip(module.local_experts, optimizer.expert_slot_states(w, fresh=True))):
             name = expert_key(module_name, wname, e)
-            out[f"model.{name}"] = w.detach()[j]
-            out.update({f"optim.{name}.{f}": v for f, v in (state or {}).items()})
+            out[f"model.{name}"] = _logical(module, wname, w.detach()[j])
+            out.update({f"optim.{name}.{f}": _logical(module, wname, v) for f, v in (state or {}).items()})
     return out
 
 

@@ -29,7 +29,8 @@ class Node:
 @dataclass(frozen=True)
 class Job:
     """The model, the placement, the manifest hash, the node layout and the run settings that
-    the manifest recorded (``micro_batches``, ``recompute``, ``optimizer_sharding``) of one run."""
+    the manifest recorded (``micro_batches``, ``recompute``, ``optimizer_sharding``, ``tp``,
+    ``expert_tp``; manifests before TP record no ``tp``) of one run."""
 
     config: ModelConfig
     placement: Placement
@@ -89,8 +90,8 @@ def job_from_manifest(manifest: object) -> Job:
         if sorted(by_gpu) != list(range(len(by_gpu))):
             raise ManifestError(f"node {name}: local GPU indices {sorted(by_gpu)} are not 0..{len(by_gpu) - 1}")
         layout.append(Node(name, tuple(by_gpu[g] for g in range(len(by_gpu)))))
-    settings = {k: getattr(manifest, k) for k in ("micro_batches", "recompute", "optimizer_sharding")
-                if hasattr(manifest, k)}
+    settings = {k: getattr(manifest, k) for k in ("micro_batches", "recompute", "optimizer_sharding", "tp",
+                                                  "expert_tp") if hasattr(manifest, k)}
     return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout), settings,
                getattr(manifest, "schedule", None), getattr(manifest, "dispatch", "flat"))
 
@@ -101,6 +102,20 @@ def check_tp(job: Job, opts: Any) -> None:
     t = opts.tp
     if t < 1:
         raise RuntimeSetupError(f"--tp {t}: use 1 (no tensor parallelism) or a divisor of the GPUs per node")
+    if getattr(opts, "expert_tp", False):
+        if t == 1:
+            raise RuntimeSetupError("--expert-tp splits the experts over each TP group, and --tp is 1; "
+                                    "give --tp N (N > 1) or leave --expert-tp off")
+        if job.config.d_ff % t:
+            raise RuntimeSetupError(f"--expert-tp: the experts' hidden size {job.config.d_ff} does not split over "
+                                    f"--tp {t}; use a --tp that divides {job.config.d_ff}, or leave --expert-tp off")
+        if (opts.dispatch or job.dispatch) == "hierarchical":
+            raise RuntimeSetupError("--expert-tp with --dispatch hierarchical: not supported (the two-stage "
+                                    "exchange would need the TP group's gather on its second stage); "
+                                    "use --dispatch flat or leave --expert-tp off")
+        if opts.replan_every:
+            raise RuntimeSetupError("--replan-every with --expert-tp: not supported (a live move would carry "
+                                    "hidden slices of experts); leave one of them off")
     if t == 1:
         return
     for node in job.nodes:

@@ -45,6 +45,7 @@ class TrainOptions:
     recompute: str = "none"  # none|attention|block: activations recomputed in backward
     optimizer_sharding: str = "none"  # none|dense|all: AdamW state sharded (ZeRO-1; train.optim)
     tp: int = 1  # tensor-parallel degree: groups of tp consecutive ranks inside a node (runtime/tensor_parallel.py)
+    expert_tp: bool = False  # the expert GEMMs split their hidden dimension over each TP group (runtime/expert_tensor_parallel.py)
     overridden: Optional[str] = None  # run settings given as flags over the manifest's, comma-separated
     overlap: str = "auto"  # on|off: the runtime's chunked exchange overlapped with the expert GEMMs
     num_chunks: Optional[int] = None  # chunks per MoE layer when overlapping; None: the runtime's choice

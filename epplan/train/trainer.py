@@ -142,11 +142,13 @@ class Trainer:
         # Only this rank's experts are ever allocated; the weights do not depend on the placement.
         self.overlap_ctas = opts.ctas()
         self.dispatch = opts.dispatch or job.dispatch
+        mesh = tensor_parallel.tensor_parallel_mesh(opts.tp, device.type) if opts.tp > 1 else None
         self.model = build_expert_parallel_model(
             config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
             overlap=opts.use_overlap(len(job.nodes), job.schedule),
             num_chunks=opts.chunks(job.schedule),
-            overlap_ctas=self.overlap_ctas, dispatch=self.dispatch, nodes=[n.ranks for n in job.nodes])
+            overlap_ctas=self.overlap_ctas, dispatch=self.dispatch, nodes=[n.ranks for n in job.nodes],
+            expert_tp=mesh["tp"] if opts.expert_tp else None)
         if config.dtype == "fp64":  # CPU tests: exact comparisons between run settings
             self.model.to(torch.float64)
         if opts.recompute not in RECOMPUTE:
@@ -157,8 +159,7 @@ class Trainer:
         apply_recompute(self.model, opts.recompute)
         self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss)
         dp_rank = rank
-        if opts.tp > 1:  # turns the chunked loss off: it does not take a vocab-sharded head
-            mesh = tensor_parallel.tensor_parallel_mesh(opts.tp, device.type)
+        if mesh is not None:
             tensor_parallel.parallelize_tensor(self.model, mesh)
             dp_rank = self.model.tensor_parallel.dp_rank
         # Fused AdamW on GPUs: faster, and no temporaries the size of the moments.
@@ -572,6 +573,14 @@ class Trainer:
                        "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None})
             log.close()
 
+    def _layout(self) -> dict[str, Any]:
+        """The ranks' roles: TP groups (t consecutive ranks), the data-parallel degree (groups that
+        read their own sequences), the ranks expert parallelism runs over, and whether each
+        expert's hidden dimension is split over its TP group."""
+        G, t = self.job.num_ranks, self.opts.tp
+        return {"tp_groups": [list(range(g, g + t)) for g in range(0, G, t)], "dp": G // t,
+                "ep_ranks": G, "expert_tp": self.opts.expert_tp}
+
     def _start_record(self, resumed: tuple | None, attempt: int) -> dict[str, Any]:
         c = self.config
         return {
@@ -582,7 +591,7 @@ class Trainer:
             "device": self.device.type, "compute": "bf16 autocast" if self.device.type == "cuda" else "fp32",
             "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
             "recompute": self.opts.recompute, "optimizer_sharding": self.opts.optimizer_sharding,
-            "tp": self.opts.tp,
+            "tp": self.opts.tp, "expert_tp": self.opts.expert_tp, "layout": self._layout(),
             "run_settings_overridden": self.opts.overridden.split(",") if self.opts.overridden else [],
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
