@@ -201,7 +201,8 @@ def test_resume_under_another_placement_continues_the_loss(reference, manifests,
 
 def test_tp2_follows_the_reference_run(reference, manifests, tmp_path):
     """--tp 2 on the two-rank node: one TP group, experts still over both ranks; the same losses
-    within fp32 rounding (the reference's LM head and loss run in chunks, TP's vocab-sharded)."""
+    within fp32 rounding (TP's chunked loss is vocab-parallel: its log-sum-exp is summed in
+    another order)."""
     out = tmp_path / "run"
     output = _run(str(manifests["a"]), "--out", str(out), *TRAIN, "--tp", "2")
     assert "tp 2" in output

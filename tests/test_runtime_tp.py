@@ -27,24 +27,25 @@ from epplan.runtime.testing import Scenario, check_scenarios, layer_placement as
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
-def _check(rank: int, world_size: int, cases: list[tuple[int, bool, Scenario]]) -> None:
-    """Each (TP degree, expert TP, scenario)."""
-    how = {id(sc): (tp, etp) for tp, etp, sc in cases}
-    check_scenarios(lambda r, w, sc: _check_scenario(r, w, *how[id(sc)], sc), rank, world_size,
-                    [sc for _, _, sc in cases])
+def _check(rank: int, world_size: int, cases: list[tuple]) -> None:
+    """Each (TP degree, expert TP, scenario[, more keywords of ``parallelize_experts``])."""
+    how = {id(case[2]): (case[0], case[1], case[3] if len(case) > 3 else {}) for case in cases}
+    check_scenarios(lambda r, w, sc: _check_scenario(r, w, *how[id(sc)][:2], sc, how[id(sc)][2]), rank,
+                    world_size, [case[2] for case in cases])
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _check_scenario(rank: int, world_size: int, tp: int, expert_tp: bool, sc: Scenario) -> None:
+def _check_scenario(rank: int, world_size: int, tp: int, expert_tp: bool, sc: Scenario, parallel: dict) -> None:
     ref = tiny_model(sc.overrides, sc.biases)
     config = ref.config
     model = copy.deepcopy(ref)
     mesh = tensor_parallel_mesh(tp)
-    parallelize_experts(model, sc.placement, overlap=False, expert_tp=mesh["tp"] if expert_tp else None)
-    parallelize_tensor(model, mesh)
+    parallelize_experts(model, sc.placement, overlap=False, expert_tp=mesh["tp"] if expert_tp else None,
+                        **parallel)
+    parallelize_tensor(model, mesh, loss_chunk_tokens=5)  # chunks of 5 of the group's tokens
     state = model.tensor_parallel
     ref.fused_loss = False
     for name, p in model.named_parameters():  # the weights TP splits hold 1 / t of their rows or columns
@@ -70,11 +71,15 @@ def _check_scenario(rank: int, world_size: int, tp: int, expert_tp: bool, sc: Sc
     for step in range(sc.steps):
         ref_logits, ref_loss = ref(idx, targets)
         ref_loss.backward()
+        model.fused_loss = step % 2 == 1  # odd steps: the vocab-parallel chunked loss, no logits
         logits, loss = model(idx[mine], targets[mine])
         loss.backward()
         sync_gradients(model)
 
-        torch.testing.assert_close(logits, ref_logits[mine], **TOL, msg=f"step {step}: logits")
+        if model.fused_loss:
+            assert logits is None
+        else:
+            torch.testing.assert_close(logits, ref_logits[mine], **TOL, msg=f"step {step}: logits")
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)  # t equal copies of each group's loss
         torch.testing.assert_close(mean_loss / world_size, ref_loss.detach(), **TOL)
@@ -122,11 +127,13 @@ def test_tp2_and_tp4_ep_over_4_ranks_match_single_device():
                            overrides=VARIANT, biases={(1, 3): -10.0})),
         (4, True, Scenario("tp 4, expert tp: one group holds every expert", placement,
                            overrides={**VARIANT, "num_kv_heads": 4}, seq=12)),
+        (2, False, Scenario("tp 2, hierarchical dispatch over 2 nodes of 2", placement, overrides=VARIANT),
+         dict(dispatch="hierarchical", nodes=[[0, 1], [2, 3]])),
     ])
 
 
 def test_tp2_and_tp4_ep_over_8_ranks_match_single_device():
-    """8 processes (tiny dims, one optimizer step): TP = 2 (four data-parallel groups) and TP = 4
+    """8 processes (tiny dims, two optimizer steps): TP = 2 (four data-parallel groups) and TP = 4
     (two), with and without expert TP; eight experts over the 8 ranks with replicas inside and
     across TP groups, uneven splits and an idle rank."""
     G = 8
@@ -140,7 +147,7 @@ def test_tp2_and_tp4_ep_over_8_ranks_match_single_device():
     small = dict(num_experts=8, d_model=16, d_ff=32, head_dim=4, vocab_size=64)
     run_distributed(_check, G, [
         (tp, etp, Scenario(f"8 ranks, tp {tp}{', expert tp' if etp else ''}", placement, overrides=small,
-                           batch_per_rank=1, seq=8, steps=1))
+                           batch_per_rank=1, seq=8, steps=2))
         for tp in (2, 4) for etp in (False, True)])
 
 

@@ -15,13 +15,25 @@ On CUDA the elementwise part of a chunk (upcast, log-sum-exp, the target's logit
 and its cast) is compiled by ``torch.compile`` into reads of the logits and one write of their
 gradient; elsewhere, or if compiling fails, it runs eagerly (the same function). Liger-Kernel's
 fused linear cross-entropy does the same with hand-written Triton; this keeps to torch.
+
+Vocab-parallel (the LM head under tensor parallelism, ``tensor_parallel.py``): each rank of a TP
+group holds rows ``vocab_start : vocab_start + V / t`` of the head and the group's N tokens; a
+chunk's logits are (n, V / t) on each rank (``vocab_parallel_chunk_loss``): each rank's
+log-sum-exp and target logit over its vocab slice are all-gathered over the group, (t, 2, n), to
+the whole log-sum-exp and target logit, as Megatron's vocab-parallel cross-entropy does, and each
+rank makes the gradient of its own logits. The (N, V) logits exist nowhere; the input gradient
+each rank makes is its vocab slice's part (the caller sums it over the group). Eager on every
+device (the collective sits inside the chunk).
 """
 
 from __future__ import annotations
 
 import warnings
 
+from typing import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from epplan.runtime.experts import mm_into, compute_copy
@@ -67,11 +79,33 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
         return _chunk_loss(logits, targets)
 
 
+def vocab_parallel_chunk_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                              group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collective over ``group``: ``_chunk_loss`` of logits whose columns are this rank's vocab
+    slice. logits (n, V_loc) for vocab ids vocab_start .. vocab_start + V_loc - 1, targets int64
+    (n,) over the whole vocab -> (summed loss () over the whole vocab, the same on every rank;
+    d(loss sum)/d(logits) (n, V_loc))."""
+    lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    local_target = targets - vocab_start  # (n,); outside 0 .. V_loc - 1: another rank's
+    is_target = torch.arange(lf.shape[1], device=lf.device)[None, :] == local_target[:, None]  # (n, V_loc)
+    stats = torch.stack([torch.logsumexp(lf, dim=1), torch.where(is_target, lf, 0.0).sum(dim=1)])  # (2, n)
+    parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, stats, group=group)
+    gathered = torch.stack(parts)  # (t, 2, n): each rank's log-sum-exp and target logit
+    lse = torch.logsumexp(gathered[:, 0], dim=0)  # (n,)
+    picked = gathered[:, 1].sum(dim=0)  # (n,): only the target's owner adds a nonzero
+    grad = torch.exp(lf - lse[:, None]) - is_target.to(lf.dtype)
+    return (lse - picked).sum(), grad.to(logits.dtype)
+
+
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """h (N, D), weight (V, D), targets (N,) -> mean cross-entropy of h @ weight.T ()."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype, chunk_tokens):
+    def forward(ctx, h, weight, targets, dtype, chunk_tokens, chunk_fn):
         w = compute_copy(weight, dtype)  # (V, D), cast once until the weight changes
         hc = h.to(dtype)
         num_tokens = h.shape[0]
@@ -81,7 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i, start in enumerate(range(0, num_tokens, chunk_tokens)):
             rows = slice(start, min(start + chunk_tokens, num_tokens))
             logits = hc[rows] @ w.t()  # (n, V)
-            loss, grad_logits = chunk_loss(logits, targets[rows])
+            loss, grad_logits = chunk_fn(logits, targets[rows])
             del logits
             total += loss
             torch.mm(grad_logits, w, out=grad_h[rows])
@@ -96,18 +130,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.num_tokens
-        return (grad_h * scale.to(grad_h.dtype)).to(ctx.h_dtype), grad_w * scale, None, None, None
+        return (grad_h * scale.to(grad_h.dtype)).to(ctx.h_dtype), grad_w * scale, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                         chunk_tokens: int = CHUNK_TOKENS, chunk_fn: ChunkLoss = chunk_loss) -> torch.Tensor:
     """Mean cross-entropy of the logits h (N, D) @ weight (V, D).T against targets int64 (N,),
     without the (N, V) logits (module docstring). Under autocast the GEMMs run in its dtype, the
-    loss in fp32; the gradients come back in h's and weight's dtypes."""
+    loss in fp32; the gradients come back in h's and weight's dtypes. chunk_fn: a chunk's loss
+    and logit gradient (``chunk_loss``; ``vocab_parallel_chunk_loss`` with weight the rank's
+    vocab rows, whose h gradient is then this rank's part)."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk_tokens)
+        return _LinearCrossEntropy.apply(h, weight, targets, dtype, chunk_tokens, chunk_fn)
 
 
 def reference_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ computes in at least fp32 whatever the model dtype.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -139,7 +141,9 @@ class Transformer(nn.Module):
 
     ``fused_loss``: with targets, the LM head and the loss run in chunks of tokens without the
     full logits (``epplan.runtime.loss``; forward then returns None for the logits). Off by
-    default; ``epplan run`` turns it on.
+    default; ``epplan run`` turns it on. ``head_loss``: that loss, (h (B, T, D), targets (B, T))
+    -> (); None: ``linear_cross_entropy`` over ``lm_head.weight`` (tensor parallelism sets a
+    vocab-parallel one).
     """
 
     def __init__(self, config: ModelConfig, capacity_factor: float | None = None,
@@ -154,6 +158,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.fused_loss = False
+        self.head_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -176,7 +181,8 @@ class Transformer(nn.Module):
         h = self.norm(x)  # (B, T, D)
         if targets is not None and self.fused_loss:
             logits = None
-            loss = linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+            loss = (self.head_loss(h, targets) if self.head_loss is not None else
+                    linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1)))
         else:
             logits = self.lm_head(h)  # (B, T, V)
             if targets is None:

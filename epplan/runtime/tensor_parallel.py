@@ -25,7 +25,13 @@ Layouts (DTensor placements over the TP group):
                           this) each expert's hidden dimension is split over the TP group
                           (``expert_tensor_parallel.py``)
     lm_head               ColwiseParallel from Shard(1) to Replicate: vocab-sharded weight, the
-                          logits (B, T, V) all-gathered on every rank of the group
+                          logits (B, T, V) all-gathered on every rank of the group (a forward
+                          without targets, or with ``fused_loss`` off)
+    head + loss           with ``fused_loss`` (``epplan run``): the final norm's output all-gathered
+                          (B, T, D), the vocab-parallel chunked loss (``loss.py``) on each rank's
+                          (V / t, D) rows, the input gradient's parts reduce-scattered back to the
+                          sequence shard (DTensor: ``to_local(grad_placements=[Partial()])``);
+                          the (B, T, V) logits are never formed
 
 Losses: the language-model loss is the mean over the TP group's tokens, the same value on its t
 ranks (one loss per group, not t). Each rank's router sees only its shard, so its auxiliary loss
@@ -36,6 +42,7 @@ step's loss is the mean of the d groups' losses, which ``sync_gradients`` turns 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -48,8 +55,10 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
 
 from epplan.errors import RuntimeSetupError
 from epplan.runtime.expert_parallel import gather_state_dict, sync_expert_gradients
+from epplan.runtime.loss import linear_cross_entropy, vocab_parallel_chunk_loss
 from epplan.runtime.model import MLP, MoE, Transformer
 from epplan.runtime.recompute import is_replaying
+from epplan.schedule import LOSS_CHUNK_TOKENS
 
 
 @dataclass
@@ -105,12 +114,13 @@ class DenseMLPParallel(ParallelStyle):
         return distribute_module(module, device_mesh, partition, gather_sequence, scatter_sequence)
 
 
-def parallelize_tensor(model: Transformer, mesh: DeviceMesh) -> Transformer:
+def parallelize_tensor(model: Transformer, mesh: DeviceMesh,
+                       loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> Transformer:
     """Make expert-parallel ``model`` tensor-parallel over ``mesh["tp"]``, in place (collective).
 
     Call after ``expert_parallel.parallelize_experts`` (over the world) and before building the
-    optimizer; use this module's ``sync_gradients``. The model must run with
-    ``fused_loss = False`` (the chunked head does not take a vocab-sharded weight).
+    optimizer; use this module's ``sync_gradients``. With ``fused_loss`` the loss is the
+    vocab-parallel chunked one, in chunks of ``loss_chunk_tokens`` of the group's tokens.
     Raises ``RuntimeSetupError`` when the heads do not split over the TP group.
     """
     if getattr(model, "expert_parallel", None) is None:
@@ -122,7 +132,6 @@ def parallelize_tensor(model: Transformer, mesh: DeviceMesh) -> Transformer:
         if n % t:
             raise RuntimeSetupError(f"--tp {t}: the model's {n} {what} do not split over {t} ranks; "
                                     f"use a --tp that divides {n}")
-    model.fused_loss = False
     plan: dict[str, ParallelStyle] = {
         "layers.0": PrepareModuleInput(input_layouts=Replicate(), desired_input_layouts=Shard(1)),
         "norm": SequenceParallel(),
@@ -147,8 +156,29 @@ def parallelize_tensor(model: Transformer, mesh: DeviceMesh) -> Transformer:
     parallelize_module(model, tp_mesh, plan)
     for moe in model.moe_layers():
         moe.register_forward_hook(_group_mean_aux_loss(tp_mesh))
+    model.head_loss = _vocab_parallel_loss(model.lm_head, tp_mesh, loss_chunk_tokens)
     model.tensor_parallel = TensorParallelState(mesh, tp=t, dp=mesh["dp"].size())
     return model
+
+
+def _vocab_parallel_loss(lm_head: nn.Linear, tp_mesh: DeviceMesh, chunk_tokens: int):
+    """The model's ``head_loss`` under TP: h DTensor Shard(1) (B, T / t, D), targets (B, T) of
+    the group -> the mean cross-entropy over the group's B * T tokens, the same on its t ranks."""
+    weight = lm_head.weight  # DTensor Shard(0): (V / t, D) here
+    vocab = weight.shape[0]
+    # DTensor's Shard(0) rows: chunks of ceil(V / t), the last ones shorter
+    vocab_start = min(vocab, -(-vocab // tp_mesh.size()) * tp_mesh.get_local_rank())
+    chunk_fn = partial(vocab_parallel_chunk_loss, vocab_start=vocab_start, group=tp_mesh.get_group())
+
+    def head_loss(h: DTensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = targets.shape
+        # all-gather the sequence; the gradient each rank makes is its vocab rows' part (Partial),
+        # which the all-gather's backward reduce-scatters back to the sequence shard
+        full = h.redistribute(tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])  # (B, T, D)
+        return linear_cross_entropy(full.reshape(B * T, -1), weight.to_local(), targets.reshape(-1),
+                                    chunk_tokens, chunk_fn)
+
+    return head_loss
 
 
 def _group_mean_aux_loss(tp_mesh: DeviceMesh):

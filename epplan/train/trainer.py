@@ -157,7 +157,7 @@ class Trainer:
             raise RuntimeSetupError(f"--optimizer-sharding {opts.optimizer_sharding!r}: use "
                                     f"{', '.join(OPTIMIZER_SHARDING)}")
         apply_recompute(self.model, opts.recompute)
-        self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss)
+        self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss; vocab-parallel under TP)
         dp_rank = rank
         if mesh is not None:
             tensor_parallel.parallelize_tensor(self.model, mesh)
