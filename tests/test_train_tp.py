@@ -120,3 +120,19 @@ def test_tp_that_splits_no_node_is_refused():
     with pytest.raises(RuntimeSetupError, match="the experts' hidden size 33 does not split over --tp 2"):
         check_tp(Job(CONFIG.replace(d_ff=33), PLACEMENT, "h", (Node("n0", (0, 1)),)),
                  TrainOptions(manifest="m.json", out="o", tp=2, expert_tp=True))
+
+
+def test_run_takes_tp_from_the_manifest_unless_a_flag_overrides_it():
+    from epplan.cli.run import run_settings
+
+    none = dict(micro_batches=None, recompute=None, optimizer_sharding=None, tp=None, expert_tp=None)
+    recorded = {"micro_batches": 1, "recompute": "none", "optimizer_sharding": "none", "tp": 2, "expert_tp": True}
+    job = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),), recorded)
+    assert run_settings(job, none) == (recorded, [])
+    settings, overridden = run_settings(job, {**none, "expert_tp": False, "tp": 2})
+    assert (settings["tp"], settings["expert_tp"], overridden) == (2, False, ["expert_tp"])
+    older = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),), {"micro_batches": 2, "recompute": "block",
+                                                                "optimizer_sharding": "none"})
+    settings, overridden = run_settings(older, none)  # a manifest from before TP: 1, off
+    assert (settings["tp"], settings["expert_tp"], settings["micro_batches"], overridden) == (1, False, 2, [])
+    assert run_settings(older, {**none, "tp": 2})[1] == ["tp"]

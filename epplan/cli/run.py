@@ -198,11 +198,9 @@ def run(
         if recompute not in (None, "attention"):
             raise RuntimeSetupError(f"--activation-checkpointing means --recompute attention, not {recompute!r}")
         recompute = "attention"
-    given = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding,
-             "tp": tp, "expert_tp": expert_tp}
-    settings = {k: job.run_settings.get(k, RUN_SETTING_DEFAULTS[k]) if v is None else v for k, v in given.items()}
-    overridden = [k for k, v in given.items()
-                  if v is not None and v != job.run_settings.get(k, RUN_SETTING_DEFAULTS[k])]
+    settings, overridden = run_settings(job, {"micro_batches": micro_batches, "recompute": recompute,
+                                              "optimizer_sharding": optimizer_sharding, "tp": tp,
+                                              "expert_tp": expert_tp})
     if settings["recompute"] not in RECOMPUTE:
         raise RuntimeSetupError(f"--recompute {settings['recompute']!r}: use {', '.join(RECOMPUTE)}")
     if settings["optimizer_sharding"] not in OPTIMIZER_SHARDING:
@@ -255,6 +253,15 @@ def run(
         err_console.print(f"[bold red]error:[/] {escape(reason)}", highlight=False)
         raise typer.Exit(1)
     _summary(out)
+
+
+def run_settings(job, given: dict) -> tuple[dict, list[str]]:
+    """The run settings a run uses: each flag ``given`` (None: not given) over the manifest's
+    (``job.run_settings``), else ``RUN_SETTING_DEFAULTS``; and the names of the flags that
+    override a different value of the manifest's."""
+    recorded = {k: job.run_settings.get(k, default) for k, default in RUN_SETTING_DEFAULTS.items()}
+    settings = {k: recorded[k] if v is None else v for k, v in given.items()}
+    return settings, [k for k, v in given.items() if v is not None and v != recorded[k]]
 
 
 def _summary(out: Path) -> None:

@@ -143,9 +143,11 @@ class Trainer:
         self.overlap_ctas = opts.ctas()
         self.dispatch = opts.dispatch or job.dispatch
         mesh = tensor_parallel.tensor_parallel_mesh(opts.tp, device.type) if opts.tp > 1 else None
+        # expert TP runs the unchunked exchange (runtime/expert_tensor_parallel.py)
+        self.overlap = opts.use_overlap(len(job.nodes), job.schedule) and not opts.expert_tp
         self.model = build_expert_parallel_model(
             config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
-            overlap=opts.use_overlap(len(job.nodes), job.schedule),
+            overlap=self.overlap,
             num_chunks=opts.chunks(job.schedule),
             overlap_ctas=self.overlap_ctas, dispatch=self.dispatch, nodes=[n.ranks for n in job.nodes],
             expert_tp=mesh["tp"] if opts.expert_tp else None)
@@ -595,7 +597,7 @@ class Trainer:
             "run_settings_overridden": self.opts.overridden.split(",") if self.opts.overridden else [],
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
-            "overlap": self.opts.use_overlap(len(self.job.nodes), self.job.schedule),
+            "overlap": self.overlap,
             "num_chunks": self.opts.chunks(self.job.schedule),
             "overlap_ctas": self.overlap_ctas, "dispatch": self.dispatch,
             "resumed_from": str(resumed[0].path) if resumed else None,
