@@ -13,7 +13,7 @@ from epplan.cli import app
 from epplan.cost import evaluate
 from epplan.cost.calibration import (Calibration, CalibrationError, load_calibration, resolve_calibrations,
                                      shipped_for, shipped_tables)
-from epplan.cost.step import master_bytes, moe_local_bytes, optimizer_bytes
+from epplan.cost.step import master_bytes, moe_local_bytes, norm_bytes, num_param_tensors, optimizer_bytes
 from epplan.placement.baselines import contiguous
 from epplan.placement.problem import PlacementProblem
 from epplan.topology import load_topology
@@ -68,9 +68,20 @@ def test_calibrate_writes_a_file_the_cost_model_reads(tiny_calibration, tmp_path
         + master_bytes(2 * problem.costs.params_per_expert, 1) / cals[0].memory_rate("cast")
     np.testing.assert_allclose(cost.expert_compute_s, expect)
     tokens = config.tokens_per_step / 2
+    held = 2 * 2 * problem.costs.params_per_expert
+    # The step's fixed cost was measured on the model's own parameter tensors (at tiny sizes).
+    assert [r["num_tensors"] for r in cal.optimizer_fixed] == [num_param_tensors(config)]
+    fixed = cal.optimizer_fixed[0]["seconds"]
+    assert fixed > 0 and cal.optimizer_fixed_seconds(num_param_tensors(config)) == pytest.approx(fixed)
     assert parts.optimizer[0] == pytest.approx(
-        optimizer_bytes(problem.costs.params_dense + 2 * 2 * problem.costs.params_per_expert)
-        / cals[0].memory_rate("optimizer"))
+        optimizer_bytes(problem.costs.params_dense + held, held + problem.costs.params_lm_head)
+        / cals[0].memory_rate("optimizer") + fixed)
+    # The LM head and loss were measured as run (chunked) at the model's shape.
+    assert [(r["d_model"], r["vocab_size"]) for r in cal.lm_head] == [(32, config.vocab_size)]
+    assert parts.lm_head_loss[0] == pytest.approx(
+        tokens * 3 * problem.costs.flops_lm_head / cal.lm_head_flops(32, config.vocab_size)
+        + norm_bytes(tokens, 32) / cal.memory_rate("norm"))  # one micro-batch: no accumulation
+    assert cal.lm_head_flops(64, config.vocab_size) is None  # another shape: composed
     assert parts.moe_dense[0, 0] > moe_local_bytes(tokens, 32, 2) / cals[0].moe_local_rate(32, 4, 2)
     # The attention half and the routing work were measured at the model's own shape.
     assert [(r["d_model"], r["num_kv_heads"]) for r in cal.attention_block] == [(32, config.num_kv_heads)]
@@ -129,3 +140,19 @@ def test_bad_calibration_files(tmp_path):
                                  "--experts-per-gpu", "2", "--calibration", str(tmp_path / "none.json")])
     assert result.exit_code == 1 and "does not exist" in result.output
     assert isinstance(Calibration.from_dict(shipped_tables()["h100"].to_dict(), "x"), Calibration)
+
+
+@pytest.mark.parametrize("name", ["seed", "mixtral-8x7b", "deepseek-v3", "tiny"])
+def test_num_param_tensors_counts_the_model(name):
+    """The cost model's count of parameter tensors (the key of the step's fixed cost) against
+    the model's own, with dense layers, shared experts and SwiGLU where the preset has them."""
+    import torch
+
+    from epplan.runtime.model import Transformer
+    from epplan.workload.config import PRESETS
+
+    c = PRESETS[name]
+    c = c.replace(num_layers=min(c.num_layers, 3), num_dense_layers=min(c.num_dense_layers, 1))
+    with torch.device("meta"):
+        model = Transformer(c)
+    assert num_param_tensors(c) == len(list(model.parameters()))

@@ -244,14 +244,18 @@ def test_segment_mlp_with_fp32_masters_of_bf16_rows(activation):
         experts.w1.mul_(0.5)
     copy2 = compute_copy(experts.w1, torch.bfloat16)
     assert copy2 is not copy1 and torch.equal(copy2, experts.w1.detach().bfloat16())
-    # Fused AdamW (epplan run's step on GPUs) does not advance it: TrainOptimizer.step drops the
-    # copies, so that the next forward sees the new weights.
+    # epplan run's step on GPUs writes the copy in the same pass as the weight and keeps it; the
+    # unfused step (CPU) drops the copies. Either way the next forward sees the new weights.
     from epplan.train.optim import TrainOptimizer
 
-    opt = TrainOptimizer(experts, "none", lr=1e-2, weight_decay=0.0, fused=True)
-    opt.step()
-    copy3 = compute_copy(experts.w1, torch.bfloat16)
-    assert copy3 is not copy2 and torch.equal(copy3, experts.w1.detach().bfloat16())
+    for fused in (True, False):
+        before = experts.w1.detach().clone()
+        opt = TrainOptimizer(experts, "none", lr=1e-2, weight_decay=0.0, fused=fused)
+        opt.step()
+        assert not torch.equal(experts.w1, before)
+        copy3 = compute_copy(experts.w1, torch.bfloat16)
+        assert (copy3 is copy2) == fused and torch.equal(copy3, experts.w1.detach().bfloat16())
+        copy2 = copy3
 
 
 @pytest.mark.parametrize("num_tokens", [37, 8, 0])
@@ -293,3 +297,36 @@ def test_fused_loss_in_the_model_matches_the_logits_path():
     for a, b in zip(grads, ref_grads):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_bf16_residual_stream_under_autocast_against_float64():
+    """Under bf16 autocast (epplan run on GPUs; here CPU autocast) the residual stream is bf16
+    from the embeddings on, the weights and their gradients stay fp32, and the loss and the
+    gradients stay within bf16 rounding of the float64 model's (every expert chosen, so that no
+    routing decision flips under rounding: a flip moves an expert's gradient by a token's
+    whole share)."""
+    config = PRESETS["tiny"].replace(top_k=PRESETS["tiny"].num_experts)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.fused_loss = True
+    exact = Transformer(config).double()
+    exact.load_state_dict(model.state_dict())
+    exact.fused_loss = True
+    idx = torch.randint(0, config.vocab_size, (2, 12))
+    stream = []
+    hooks = [block.register_forward_hook(lambda m, i, o: stream.append((i[0].dtype, o.dtype)))
+             for block in model.layers]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, idx)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    assert stream and all(i == o == torch.bfloat16 for i, o in stream), stream
+    _, ref = exact(idx, idx)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
+    for (name, p), q in zip(model.named_parameters(), exact.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        err = ((p.grad.double() - q.grad).norm() / q.grad.norm()).item()
+        assert err < 3e-2, (name, err)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from epplan.placement.types import LayerPlacement, Placement
@@ -132,3 +133,55 @@ def test_clip_inside_fused_adamw_matches_multiplying_first():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(models[0][0].weight, torch.nn.Linear(6, 5).weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adamw_with_copies_matches_torch_adamw(dtype):
+    """The one-pass AdamW step (epplan.train.adamw, the step on GPUs) against torch.optim.AdamW
+    over several steps: a schedule that moves the rate, weight decay on matrices only, the
+    clipping scale, a parameter without a gradient; the bf16 copies equal the new weights and
+    the state has torch's layout (a torch AdamW continues from it)."""
+    from epplan.runtime.experts import compute_copy
+    from epplan.train.adamw import step_with_copies
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (3, 4, 6), (5,), (2, 2)]
+    ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    refs = [p.detach().clone().requires_grad_() for p in ps]
+
+    def groups(xs):
+        return [{"params": [x for x in xs if x.dim() >= 2], "weight_decay": 0.1},
+                {"params": [x for x in xs if x.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups(ps), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ref = torch.optim.AdamW(groups(refs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    copies = {0: compute_copy(ps[0], torch.bfloat16), 1: compute_copy(ps[1], torch.bfloat16)}
+    for i in range(4):
+        grads = [torch.randn(s, dtype=dtype) for s in shapes]
+        scale = torch.tensor(0.25 + 0.2 * i, dtype=dtype)
+        for j, (p, r, g) in enumerate(zip(ps, refs, grads)):
+            has_grad = not (j == 3 and i == 1)  # no gradient at one step: AdamW skips it
+            p.grad = g.clone() if has_grad else None
+            r.grad = g * scale if has_grad else None
+        for o in (opt, ref):
+            for group in o.param_groups:
+                group["lr"] = 1e-2 * (1 + i)
+        step_with_copies(opt, scale)
+        ref.step()
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+        for p, r in zip(ps, refs):
+            torch.testing.assert_close(p, r, **tol)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt.state[p][key], ref.state[r][key], **tol)
+            assert opt.state[p]["step"].item() == ref.state[r]["step"].item()
+        for j, copy in copies.items():
+            assert compute_copy(ps[j], torch.bfloat16) is copy
+            assert torch.equal(copy, ps[j].detach().to(torch.bfloat16))
+    # torch's AdamW continues from the state the one-pass step left
+    cont = torch.optim.AdamW(groups(ps), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    cont.load_state_dict(opt.state_dict())
+    for p, r in zip(ps, refs):
+        p.grad = r.grad = torch.ones_like(p)
+    cont.step()
+    ref.step()
+    for p, r in zip(ps, refs):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)

@@ -120,3 +120,9 @@ def calibrate(
     for row in cal.moe_local:
         console.print(f"  moe_local d={row['d_model']} E={row['num_experts']} k={row['top_k']}: "
                       f"{row['gbps']:.3g} GB/s", highlight=False)
+    for row in cal.lm_head:
+        console.print(f"  LM head + loss d={row['d_model']} V={row['vocab_size']}: {row['tflops']:.3g} TFLOP/s",
+                      highlight=False)
+    for row in cal.optimizer_fixed:
+        console.print(f"  step's fixed cost, {row['num_tensors']} parameter tensors: "
+                      f"{row['seconds'] * 1e3:.3g} ms", highlight=False)

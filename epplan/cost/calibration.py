@@ -18,6 +18,13 @@ A calibration file (JSON, format ``epplan.calibration`` version 1) holds, for on
   (d_model, seq_len, num_heads, num_kv_heads, head_dim); FLOPs: the projections' and the scores';
 - ``moe_local`` (optional): ``memory``'s moe_local rate, GB/s, measured at each model's own
   (d_model, num_experts, top_k);
+- ``lm_head`` (optional): training rate, TFLOP/s, of the LM head and its loss as ``epplan run``
+  runs them (``epplan.runtime.loss``: chunks, the gradient made in the forward, the bf16 copy of
+  the fp32 weight kept, its fp32 gradient written), one micro-batch of ``tokens``, per
+  (d_model, vocab_size); FLOPs: the head's;
+- ``optimizer_fixed`` (optional): seconds per step of the trainer's work after the backward that
+  bytes do not capture (launches, the statistics' all-gather, the gradient norm's host sync),
+  measured on a model's parameter tensors at tiny sizes, per number of parameter tensors;
 - ``collectives`` (several GPUs): algorithm bandwidth, GB/s, of ``all_to_all`` and ``all_reduce``
   per group size, as points [bytes per rank, GB/s].
 
@@ -59,6 +66,8 @@ class Calibration:
     collectives: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     attention_block: list[dict[str, Any]] = field(default_factory=list)
     moe_local: list[dict[str, Any]] = field(default_factory=list)
+    lm_head: list[dict[str, Any]] = field(default_factory=list)
+    optimizer_fixed: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""  # the file it was read from, or "shipped:NAME"
     notes: list[str] = field(default_factory=list, compare=False)
 
@@ -96,6 +105,18 @@ class Calibration:
         row = next((r for r in self.moe_local if all(r[k] == v for k, v in want.items())), None)
         return self.memory_rate("moe_local") if row is None else row["gbps"] * 1e9
 
+    def lm_head_flops(self, d_model: int, vocab_size: int) -> float | None:
+        """FLOP/s of the chunked LM head and loss measured at exactly this shape, or None."""
+        row = next((r for r in self.lm_head if r["d_model"] == d_model and r["vocab_size"] == vocab_size), None)
+        return None if row is None else row["tflops"] * 1e12
+
+    def optimizer_fixed_seconds(self, num_tensors: int) -> float:
+        """Seconds per step of the work after the backward that bytes do not capture, for a model
+        of ``num_tensors`` parameter tensors (interpolated between measured models; 0 if none)."""
+        if not self.optimizer_fixed:
+            return 0.0
+        return _interp_log([[r["num_tensors"], r["seconds"]] for r in self.optimizer_fixed], max(num_tensors, 1))
+
     def memory_rate(self, op: str) -> float:
         """Effective bytes/s of memory-bound op ``op`` (over ``epplan.cost.step``'s byte count)."""
         if op not in self.memory:
@@ -126,7 +147,8 @@ class Calibration:
         return {"format": FORMAT, "version": VERSION, "gpu": self.gpu, "provenance": self.provenance,
                 "software": self.software, "gemm": self.gemm, "expert": self.expert,
                 "attention": self.attention, "memory": self.memory, "collectives": self.collectives,
-                "attention_block": self.attention_block, "moe_local": self.moe_local}
+                "attention_block": self.attention_block, "moe_local": self.moe_local,
+                "lm_head": self.lm_head, "optimizer_fixed": self.optimizer_fixed}
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> "Calibration":
@@ -143,7 +165,8 @@ class Calibration:
                       memory={str(k): float(v) for k, v in data["memory"].items()},
                       collectives=dict(data.get("collectives", {})),
                       attention_block=list(data.get("attention_block", [])),
-                      moe_local=list(data.get("moe_local", [])), source=source)
+                      moe_local=list(data.get("moe_local", [])), lm_head=list(data.get("lm_head", [])),
+                      optimizer_fixed=list(data.get("optimizer_fixed", [])), source=source)
             for row in cal.gemm:
                 _positive(row, ("k", "n", "tflops"), source, "gemm")
             for row in cal.expert:
@@ -157,6 +180,10 @@ class Calibration:
                           source, "attention_block")
             for row in cal.moe_local:
                 _positive(row, ("d_model", "num_experts", "top_k", "gbps"), source, "moe_local")
+            for row in cal.lm_head:
+                _positive(row, ("d_model", "vocab_size", "tokens", "tflops"), source, "lm_head")
+            for row in cal.optimizer_fixed:
+                _positive(row, ("num_tensors", "seconds"), source, "optimizer_fixed")
             for op, rows in cal.collectives.items():
                 for row in rows:
                     _positive(row, ("group_size",), source, op)

@@ -6,10 +6,11 @@ Each component is FLOPs over a calibrated FLOP/s plus bytes over a calibrated by
 (``epplan.cost.calibration``); the byte counts below are the ones ``epplan calibrate`` divides its
 timings by, so that a calibrated shape is reproduced exactly and others scale by their bytes.
 Training = forward + backward; ``M`` micro-batches run the same work on 1 / M of the tokens.
-Weights are fp32 under bf16 autocast, as ``epplan run`` trains: the attention projections are
-cast by autocast once per micro-batch; the experts and the LM head keep a bf16 copy until the
-optimizer changes them and accumulate fp32 gradients straight from their GEMMs
-(``epplan.runtime.experts``, ``epplan.runtime.loss``).
+Weights are fp32 under bf16 autocast, as ``epplan run`` trains, and the residual stream is bf16:
+the attention projections are cast by autocast once per micro-batch; the experts and the LM head
+keep a bf16 copy, which the optimizer step rewrites in its pass (``epplan.train.adamw``), and
+accumulate fp32 gradients straight from their GEMMs (``epplan.runtime.experts``,
+``epplan.runtime.loss``).
 
     attention     per layer: tokens * 3 * (projection + score FLOPs) / the attention half's
                   measured rate at this model's shape (``attention_block``); for a shape not
@@ -22,32 +23,39 @@ optimizer changes them and accumulate fp32 gradients straight from their GEMMs
     experts       per MoE layer and GPU: assignments served * 3 * FLOPs per assignment / the
                   grouped expert rate at the GPU's rows per expert (per micro-batch), + master
                   weight bytes
-    lm_head_loss  tokens * 3 * LM-head FLOPs / gemm rate + loss bytes + final norm + master bytes
+    lm_head_loss  tokens * 3 * LM-head FLOPs / the chunked head's measured rate at this model's
+                  shape (``lm_head``) + final norm + the weight gradient's accumulation over
+                  micro-batches; for a shape not calibrated, composed: the head's GEMMs at the
+                  gemm rate, loss bytes, final norm, head bytes
     embedding     token and position embedding, forward + backward
     dense_layers  models with dense layers: their attention and MLP (the MLP at the grouped
                   expert rate of its shape at all the micro-batch's tokens)
-    optimizer     every parameter the GPU holds: norm for clipping, fused AdamW with the clip
+    optimizer     every parameter the GPU holds: norm for clipping, AdamW with the clip and the
+                  copies' re-cast in its pass; plus the step's fixed cost at the model's number
+                  of parameter tensors (``optimizer_fixed``: launches, host round trips)
 
 Byte counts (per step unless said):
 
-    norm       20 d per token per norm: an fp32 RMSNorm reads x and writes y forward, reads x and
+    norm       10 d per token per norm: a bf16 RMSNorm reads x and writes y forward, reads x and
                dy and writes dx backward
     cast       16 per parameter per micro-batch: fp32 -> bf16 copy (4 + 2), the bf16 gradient's
                cast back and accumulation into the fp32 gradient (2 + 4 + 4)
-    master     2 + 6 M per expert parameter: the bf16 copy once per step (4 + 2), and the weight-
-               gradient GEMMs writing fp32 instead of bf16 (+2 on the first micro-batch, +6 on each
-               later one, which reads and writes the fp32 gradient); at the cast rate
-    head       the LM head's weight, per parameter: its bf16 copy (6), per micro-batch its fp32
-               gradient written by the first chunk's GEMM and read and written by each later
-               one's (4 + 8 (C - 1), C = chunks of ``schedule.LOSS_CHUNK_TOKENS``), scaled (8), and
-               accumulated from the second micro-batch on (12); at the cast rate
+    master     6 M - 4 per expert parameter: the weight-gradient GEMMs writing fp32 instead of
+               bf16 (+2 on the first micro-batch, +6 on each later one, which reads and writes the
+               fp32 gradient); at the cast rate (the bf16 copy is the optimizer's)
+    head       the LM head's weight, per parameter: per micro-batch its fp32 gradient written by
+               the first chunk's GEMM and read and written by each later one's (4 + 8 (C - 1),
+               C = chunks of ``schedule.LOSS_CHUNK_TOKENS``), scaled (8), and accumulated from the
+               second micro-batch on (12); at the cast rate. With the head's measured rate, which
+               includes one micro-batch's, only the accumulation (12 (M - 1))
     loss       6 V per token: a chunk's bf16 logits read twice (log-sum-exp, then the softmax)
                and their bf16 gradient written
     moe_local  per token: 24 d k (k assignments, each gathered, exchanged, regrouped and combined
                forward and backward in bf16) + 16 d (the router's fp32 input and its gradient)
-    optimizer  36 per parameter: the gradient read for its norm (4), fused AdamW (parameter,
-               gradient and two moments read, parameter and moments written: 28) with the clip
-               scale in its kernel, which writes the scaled gradient back (4)
+    optimizer  32 per parameter: the gradient read for its norm (4), AdamW (parameter, gradient
+               and two moments read, parameter and moments written: 28) with the clip scale in
+               its pass; + 2 per parameter with a bf16 copy (the experts, the LM head), written
+               in the same pass
     embedding  24 d per token: two gathers and the sum forward, two scatter-adds backward (fp32)
 """
 
@@ -67,7 +75,7 @@ COMPONENTS = ("attention", "moe_dense", "experts", "lm_head_loss", "embedding", 
 
 
 def norm_bytes(tokens: float, d_model: int) -> float:
-    return 20.0 * tokens * d_model
+    return 10.0 * tokens * d_model
 
 
 def cast_bytes(params: float) -> float:
@@ -75,12 +83,18 @@ def cast_bytes(params: float) -> float:
 
 
 def master_bytes(params: float, micro_batches: int) -> float:
-    return (2.0 + 6.0 * micro_batches) * params
+    return (6.0 * micro_batches - 4.0) * params
 
 
 def head_bytes(params: float, micro_batches: int, tokens_per_micro_batch: float) -> float:
     chunks = max(1, math.ceil(tokens_per_micro_batch / CHUNK_TOKENS))
-    return params * (6.0 + micro_batches * (4.0 + 8.0 * (chunks - 1) + 8.0) + 12.0 * (micro_batches - 1))
+    return params * (micro_batches * (4.0 + 8.0 * (chunks - 1) + 8.0) + head_accumulation(micro_batches))
+
+
+def head_accumulation(micro_batches: int) -> float:
+    """Bytes per LM-head parameter of accumulating its gradient over micro-batches (12 each from
+    the second on)."""
+    return 12.0 * (micro_batches - 1)
 
 
 def loss_bytes(tokens: float, vocab_size: int) -> float:
@@ -91,8 +105,18 @@ def moe_local_bytes(tokens: float, d_model: int, top_k: int) -> float:
     return tokens * (24.0 * d_model * top_k + 16.0 * d_model)
 
 
-def optimizer_bytes(params: float) -> float:
-    return 36.0 * params
+def optimizer_bytes(params: float, copied: float = 0.0) -> float:
+    return 32.0 * params + 2.0 * copied
+
+
+def num_param_tensors(config: ModelConfig) -> int:
+    """Parameter tensors of ``config``'s model on one GPU (``epplan.runtime.model.Transformer``):
+    embeddings, final norm, LM head; per layer two norms and three projections, and a router with
+    stacked expert weights (and a shared MLP) or a dense MLP."""
+    mlp = 3 if config.activation == "swiglu" else 2
+    moe = 1 + mlp + (mlp if config.num_shared_experts else 0)
+    dense = config.num_dense_layers
+    return 4 + config.num_layers * 5 + dense * mlp + (config.num_layers - dense) * moe
 
 
 def embedding_bytes(tokens: float, d_model: int) -> float:
@@ -195,12 +219,21 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
         experts[:, gpus] = block_scale * served[:, gpus] * costs.flops_per_assignment * f3 / rate[:, gpus]
         experts[:, gpus] += (master_bytes(experts_held[:, gpus] * costs.params_per_expert, micro_batches)
                              / mem("cast"))
-        lm_head[gpus] = (tokens * f3 * costs.flops_lm_head / cal.gemm_flops(d, c.vocab_size)
-                         + loss_bytes(tokens, c.vocab_size) / mem("loss")
-                         + norm_bytes(tokens, d) / mem("norm")
-                         + head_bytes(costs.params_lm_head, micro_batches, tokens / micro_batches) / mem("cast"))
+        head_rate = cal.lm_head_flops(d, c.vocab_size)
+        if head_rate is not None:  # the chunked head as run, one micro-batch's weight gradient in it
+            lm_head[gpus] = (tokens * f3 * costs.flops_lm_head / head_rate
+                             + norm_bytes(tokens, d) / mem("norm")
+                             + head_accumulation(micro_batches) * costs.params_lm_head / mem("cast"))
+        else:
+            lm_head[gpus] = (tokens * f3 * costs.flops_lm_head / cal.gemm_flops(d, c.vocab_size)
+                             + loss_bytes(tokens, c.vocab_size) / mem("loss")
+                             + norm_bytes(tokens, d) / mem("norm")
+                             + head_bytes(costs.params_lm_head, micro_batches, tokens / micro_batches)
+                             / mem("cast"))
         embedding[gpus] = embedding_bytes(tokens, d) / mem("embedding")
-        optimizer[gpus] = optimizer_bytes(costs.params_dense + expert_params_held[gpus]) / mem("optimizer")
+        copied = expert_params_held[gpus] + costs.params_lm_head  # the weights with a bf16 copy
+        optimizer[gpus] = (optimizer_bytes(costs.params_dense + expert_params_held[gpus], copied) / mem("optimizer")
+                           + cal.optimizer_fixed_seconds(num_param_tensors(c)))
     # Dense layers (models with num_dense_layers) count as attention + a dense MLP each; their
     # MLP runs at the shared-expert rate of its shape.
     dense_mlp = np.zeros(num_gpus)

@@ -13,14 +13,23 @@ What is timed (forward + backward unless said):
                overlap (and on one GPU), "chunked" one chunk of the overlap path
     attention  SDPA with the kernel order ``epplan run`` uses (``model.SDPA_BACKENDS``)
     attention_block  per model: a block's norm + attention as ``epplan run`` runs them (fp32
-               weights and residual stream under bf16 autocast)
-    norm       F.rms_norm on an fp32 residual stream under bf16 autocast
+               weights, bf16 residual stream under bf16 autocast)
+    lm_head    per model: the LM head and its loss as ``epplan run`` runs them
+               (``linear_cross_entropy`` in chunks, the fp32 weight's bf16 copy kept, its fp32
+               gradient made), forward + backward of one micro-batch
+    norm       F.rms_norm on the residual stream (bf16 on CUDA)
     cast       an fp32 weight cast to bf16, its gradient accumulated into the fp32 gradient
     loss       one chunk of ``epplan.runtime.loss``'s cross-entropy (bf16 logits in, their
                gradient out; compiled on CUDA as in training)
     moe_local  per model: the MoE layer on one rank (router, permutation, exchange, combine)
                minus its expert GEMMs
-    optimizer  gradient norm and fused AdamW with the clipping scale (``epplan run``'s step)
+    optimizer  gradient norm and ``TrainOptimizer.step`` with the clipping scale (on CUDA the
+               one-pass AdamW that writes the bf16 copies, ``epplan.train.adamw``) over large
+               tensors, half of them with a bf16 copy
+    optimizer_fixed  per model: the trainer's whole step after backward (gradient sync, the
+               statistics' all-gather, the gradient norm and its host sync, clipping, AdamW, the
+               router-bias update) on the model's parameter tensors at tiny sizes: the per-step
+               cost that does not scale with bytes (launches, host round trips), in seconds
     embedding  token + position embeddings
     collectives (several ranks, under torchrun): all_to_all_single and all_reduce over the world
 """
@@ -40,7 +49,7 @@ from torch.nn.attention import sdpa_kernel
 from epplan.cost import step as bytes_of
 from epplan.runtime.experts import (expert_mlp, expert_mlp_backward_input, expert_mlp_backward_weight,
                                     expert_mlp_forward)
-from epplan.runtime.loss import CHUNK_TOKENS, chunk_loss
+from epplan.runtime.loss import CHUNK_TOKENS, chunk_loss, linear_cross_entropy
 from epplan.runtime.model import SDPA_BACKENDS, Attention, RMSNorm
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import model_costs
@@ -155,18 +164,23 @@ def measure_attention(timer: Timer, config: ModelConfig, tokens: int, dtype: tor
             "backend": backend, "tflops": flops / s / 1e12}
 
 
+def _stream_dtype(dev: torch.device) -> torch.dtype:
+    """The residual stream's dtype in ``epplan run`` on this device (bf16 under CUDA autocast)."""
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
 def measure_attention_block(timer: Timer, config: ModelConfig, tokens: int) -> dict[str, Any]:
     """A block's attention half (``RMSNorm`` + ``Attention``) as ``epplan run`` trains it: fp32
-    weights and residual stream, bf16 autocast on CUDA; TFLOP/s over the projections' and the
-    scores' FLOPs."""
+    weights, the residual stream in bf16 under bf16 autocast on CUDA; TFLOP/s over the
+    projections' and the scores' FLOPs."""
     dev, c = timer.device, config
     batch = max(1, tokens // c.seq_len)
     with torch.device(dev):
         norm, attn = RMSNorm(c.d_model), Attention(c)
     for w in attn.parameters():
         nn.init.normal_(w, std=0.02)
-    x = _rand(batch, c.seq_len, c.d_model, device=dev, dtype=torch.float32, requires_grad=True)
-    g = _rand(batch, c.seq_len, c.d_model, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    x = _rand(batch, c.seq_len, c.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
+    g = _rand(batch, c.seq_len, c.d_model, device=dev, dtype=_stream_dtype(dev))
 
     def run() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -180,6 +194,68 @@ def measure_attention_block(timer: Timer, config: ModelConfig, tokens: int) -> d
             "tflops": flops / s / 1e12}
 
 
+def measure_lm_head(timer: Timer, config: ModelConfig, tokens: int) -> dict[str, Any]:
+    """The LM head and loss of one micro-batch of ``tokens`` as ``epplan run`` trains them
+    (``linear_cross_entropy`` under bf16 autocast on CUDA: the fp32 weight's bf16 copy kept
+    across calls, as the optimizer keeps it, chunks of ``CHUNK_TOKENS``, the fp32 weight gradient
+    written); TFLOP/s over the head's training FLOPs."""
+    dev, c = timer.device, config
+    w = _rand(c.vocab_size, c.d_model, device=dev, dtype=torch.float32, scale=0.02, requires_grad=True)
+    h = _rand(tokens, c.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
+    target = torch.randint(0, c.vocab_size, (tokens,), device=dev)
+
+    def run() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = linear_cross_entropy(h, w, target)
+        _backward(loss, torch.ones((), device=dev), h, w)
+    s = timer.seconds(run)
+    return {"d_model": c.d_model, "vocab_size": c.vocab_size, "tokens": tokens,
+            "tflops": 3 * model_costs(c).flops_lm_head * tokens / s / 1e12}
+
+
+def tiny_like(config: ModelConfig) -> ModelConfig:
+    """``config`` with every parameter tensor it has, at tiny sizes (the same tensors, layers and
+    experts; d_model 64, d_ff 64, one head of 64, vocab 512, 64 positions)."""
+    return config.replace(d_model=64, d_ff=64, dense_d_ff=64 if config.dense_d_ff else 0, num_heads=1,
+                          num_kv_heads=1, head_dim=64, vocab_size=512, seq_len=64)
+
+
+def measure_optimizer_fixed(timer: Timer, config: ModelConfig) -> dict[str, Any]:
+    """``Trainer.train_step`` after the backward, on one rank (a group of this process alone),
+    for ``config``'s parameter tensors at tiny sizes: the step's cost that bytes do not capture
+    (kernel launches per tensor, the statistics' all-gather and the gradient norm's host sync),
+    seconds. The calls are the trainer's own, in its order."""
+    from epplan.placement.types import Placement, LayerPlacement
+    from epplan.runtime.expert_parallel import get_stats, parallelize_experts, sync_gradients
+    from epplan.runtime.model import Transformer
+    from epplan.train.metrics import gather_step_stats
+    from epplan.train.optim import TrainOptimizer
+    from epplan.train.trainer import global_grad_norm
+    import numpy as np
+
+    dev, c = timer.device, tiny_like(config)
+    group = dist.new_group([dist.get_rank()])
+    E = c.num_experts
+    layer = LayerPlacement(replicas=[np.array([0]) for _ in range(E)], split=[np.ones((1, 1)) for _ in range(E)])
+    with torch.device(dev):
+        model = Transformer(c)
+    parallelize_experts(model, Placement(1, E, [layer] * c.num_moe_layers), group=group, overlap=False)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = TrainOptimizer(model, "none", lr=1e-4, weight_decay=0.1, fused=dev.type == "cuda")
+    loss = torch.zeros((), device=dev)
+
+    def run() -> None:
+        sync_gradients(model)
+        gather_step_stats(loss, loss, get_stats(model), 1, with_matrices=False)
+        grad_norm = global_grad_norm(model)
+        grad_norm.item()  # the trainer's host sync
+        opt.step(grad_scale=(1.0 / (grad_norm + 1e-6)).clamp(max=1.0))
+        model.update_router_biases()
+    return {"num_tensors": len(params), "seconds": timer.seconds(run)}
+
+
 def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> dict[str, float]:
     """GB/s of each memory-bound part over its byte count (``epplan.cost.step``)."""
     dev, c, out = timer.device, config, {}
@@ -187,14 +263,15 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     def autocast() -> torch.autocast:
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
-    x = _rand(tokens, d, device=dev, dtype=torch.float32, requires_grad=True)
+    x = _rand(tokens, d, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
     w = torch.ones(d, device=dev, requires_grad=True)
-    gy = _rand(tokens, d, device=dev, dtype=torch.float32)
+    gy = _rand(tokens, d, device=dev, dtype=_stream_dtype(dev))
+    norm_module = RMSNorm(d).to(dev)
 
     def norm() -> None:
         with autocast():
-            y = F.rms_norm(x, (d,), w, 1e-6)
-        _backward(y, gy, x, w)
+            y = norm_module(x)
+        _backward(y, gy, x, *norm_module.parameters())
     out["norm"] = bytes_of.norm_bytes(tokens, d) / timer.seconds(norm) / 1e9
     del x, gy
 
@@ -218,35 +295,39 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     del logits
 
     # Large tensors: at 64 Mi parameters the step ran at 2.4-2.6 TB/s over its bytes, against
-    # 3.4 TB/s in training with 4.7 G parameters (one H200, docs/benchmarks.md).
+    # 3.4 TB/s in training with 4.7 G parameters (one H200, docs/benchmarks.md). Half of them
+    # have a bf16 copy (the experts and the LM head do in training), which the step rewrites.
+    from epplan.runtime.experts import compute_copy
+    from epplan.train.optim import TrainOptimizer
+
     opt_params = 8 * params if dev.type == "cuda" else params
-    tensors = [_rand(opt_params // 8, device=dev, dtype=torch.float32, scale=0.02).requires_grad_() for _ in range(8)]
+    tensors = nn.ParameterList(nn.Parameter(_rand(opt_params // 8, device=dev, dtype=torch.float32, scale=0.02))
+                               for _ in range(8))
     for t in tensors:
         t.grad = _rand(*t.shape, device=dev, dtype=torch.float32, scale=1e-3)
-    fused = dev.type == "cuda"
-    opt = torch.optim.AdamW(tensors, lr=1e-4, fused=fused)
+    copied = list(tensors)[:4]
+    for t in copied:
+        compute_copy(t, dtype)
+    opt = TrainOptimizer(tensors, "none", lr=1e-4, weight_decay=0.1, fused=dev.type == "cuda")
 
-    def optimizer() -> None:  # as Trainer.train_step and TrainOptimizer.step: norm, clip, step
+    def optimizer() -> None:  # as Trainer.train_step: the norm, the clip, TrainOptimizer.step
         grads = [t.grad for t in tensors]
         norm = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum().sqrt()
-        scale = (1.0 / (norm + 1e-6)).clamp(max=1.0)
-        if fused:
-            opt.grad_scale = scale.reciprocal()
-        else:
-            torch._foreach_mul_(grads, scale)
-        opt.step()
-        opt.grad_scale = None
-    out["optimizer"] = bytes_of.optimizer_bytes(opt_params) / timer.seconds(optimizer) / 1e9
-    del tensors, opt
+        opt.step(grad_scale=(1.0 / (norm + 1e-6)).clamp(max=1.0))
+        for t in copied:  # the unfused step drops the copies; training makes them again
+            compute_copy(t, dtype)
+    nbytes = bytes_of.optimizer_bytes(opt_params, sum(t.numel() for t in copied) if dtype != torch.float32 else 0)
+    out["optimizer"] = nbytes / timer.seconds(optimizer) / 1e9
+    del tensors, opt, copied
 
     emb = nn.Embedding(c.vocab_size, d, device=dev)
     pos = nn.Embedding(c.seq_len, d, device=dev)
     seqs = max(1, tokens // c.seq_len)
     idx = torch.randint(0, c.vocab_size, (seqs, c.seq_len), device=dev)
-    ge = _rand(seqs, c.seq_len, d, device=dev, dtype=torch.float32)
+    ge = _rand(seqs, c.seq_len, d, device=dev, dtype=_stream_dtype(dev))
 
-    def embedding() -> None:
-        y = emb(idx) + pos(torch.arange(c.seq_len, device=dev))
+    def embedding() -> None:  # as the model: the sum, cast to the residual stream's dtype
+        y = (emb(idx) + pos(torch.arange(c.seq_len, device=dev))).to(_stream_dtype(dev))
         _backward(y, ge, emb.weight, pos.weight)
     out["embedding"] = bytes_of.embedding_bytes(seqs * c.seq_len, d) / timer.seconds(embedding) / 1e9
     del emb, pos, ge
@@ -273,9 +354,9 @@ def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: tor
     parallelize_experts(model, Placement(1, E, [layer]), group=group, overlap=False)
     moe = model.layers[0].ffn
     moe.experts.to(dtype)  # bf16 expert weights: their casts are timed as "cast"
-    # As in training: the fp32 residual stream under autocast (the router computes in fp32).
-    x = _rand(tokens, d := c.d_model, device=dev, dtype=torch.float32, requires_grad=True)
-    g = _rand(tokens, d, device=dev, dtype=torch.float32)
+    # As in training: the residual stream (bf16 on CUDA) under autocast (the router upcasts it).
+    x = _rand(tokens, d := c.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
+    g = _rand(tokens, d, device=dev, dtype=_stream_dtype(dev))
 
     def run() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -314,7 +395,7 @@ def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32
     caller adds provenance). Needs ``torch.distributed`` initialised (a group of one is fine)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device, iters, warmup)
-    gemm, expert, attention, memory, blocks, moe_local = {}, [], {}, {}, {}, {}
+    gemm, expert, attention, memory, blocks, moe_local, heads, fixed = {}, [], {}, {}, {}, {}, {}, {}
     seen_expert = set()
     for c in configs:
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -334,6 +415,11 @@ def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32
         key = (c.d_model, c.seq_len, c.num_heads, c.num_kv_heads, c.head_dim)
         if key not in blocks:
             blocks[key] = measure_attention_block(timer, c, tokens)
+        key = (c.d_model, c.vocab_size)
+        if key not in heads:
+            heads[key] = measure_lm_head(timer, c, tokens)
+        row = measure_optimizer_fixed(timer, c)
+        fixed.setdefault(row["num_tensors"], row)
         if not memory:
             memory = measure_memory(timer, c, tokens, dtype)
             moe_local[(c.d_model, c.num_experts, c.top_k)] = memory["moe_local"]
@@ -344,7 +430,8 @@ def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32
     out = {"gemm": list(gemm.values()), "expert": expert, "attention": list(attention.values()),
            "memory": memory, "collectives": {}, "attention_block": list(blocks.values()),
            "moe_local": [{"d_model": d, "num_experts": e, "top_k": k, "gbps": v}
-                         for (d, e, k), v in moe_local.items()]}
+                         for (d, e, k), v in moe_local.items()],
+           "lm_head": list(heads.values()), "optimizer_fixed": list(fixed.values())}
     if dist.get_world_size() > 1:
         out["collectives"] = measure_collectives(timer, (2**20, 2**24, 2**28))
     return out

@@ -89,6 +89,18 @@ def compute_copy(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return cached[1]
 
 
+def cached_copy(w: torch.Tensor) -> torch.Tensor | None:
+    """The copy ``compute_copy`` keeps of ``w``, whatever its validity, or None (for an optimizer
+    that writes it in place with the new weight, then calls ``record_copy``)."""
+    cached = _COPIES.get(w)
+    return None if cached is None else cached[1]
+
+
+def record_copy(w: torch.Tensor, copy: torch.Tensor) -> None:
+    """Record ``copy`` as ``w``'s current copy in copy's dtype (it was written from w as it is now)."""
+    _COPIES[w] = ((w._version, w.data_ptr(), copy.dtype), copy)
+
+
 def forget_copies() -> None:
     """Drop every ``compute_copy`` (after weights were written by means that bypass their
     version counters: the fused optimizer step, a checkpoint load)."""

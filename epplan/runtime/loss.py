@@ -28,14 +28,13 @@ device (the collective sits inside the chunk).
 
 from __future__ import annotations
 
-import warnings
-
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from epplan.runtime.compiled import CompiledOnCuda
 from epplan.runtime.experts import mm_into, compute_copy
 from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 
@@ -51,32 +50,13 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return (lse - picked).sum(), grad.to(logits.dtype)
 
 
-_compiled = None  # torch.compile'd _chunk_loss, built on first CUDA use; False if it failed
-
-
-def _chunk_loss_fn(device: torch.device):
-    global _compiled
-    if device.type != "cuda" or _compiled is False:
-        return _chunk_loss
-    if _compiled is None:
-        _compiled = torch.compile(_chunk_loss, dynamic=True)
-    return _compiled
+_chunk_loss_compiled = CompiledOnCuda(_chunk_loss, "the chunked cross-entropy")
 
 
 def chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``_chunk_loss`` as training runs it: compiled on CUDA (eager if compiling fails), eager
     elsewhere. logits (n, V), targets int64 (n,) -> (loss sum (), gradient of the logits (n, V))."""
-    global _compiled
-    fn = _chunk_loss_fn(logits.device)
-    if fn is _chunk_loss:
-        return fn(logits, targets)
-    try:
-        return fn(logits, targets)
-    except Exception as exc:  # a compiler failure costs speed, never the run
-        _compiled = False
-        warnings.warn(f"torch.compile of the chunked cross-entropy failed ({type(exc).__name__}: {exc}); "
-                      "running it eagerly")
-        return _chunk_loss(logits, targets)
+    return _chunk_loss_compiled(logits, targets)
 
 
 def vocab_parallel_chunk_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,

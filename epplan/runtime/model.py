@@ -11,8 +11,11 @@ applied afterwards by ``epplan.runtime.expert_parallel.parallelize_experts``, wh
 ``MoE.experts`` for a distributed module with the same call signature, and tensor parallelism by
 ``epplan.runtime.tensor_parallel.parallelize_tensor``.
 
-Parameters are created in fp32 (cast the model with ``.to(dtype)`` for bf16 or fp64). The router
-computes in at least fp32 whatever the model dtype.
+Parameters are created in fp32 (cast the model with ``.to(dtype)`` for bf16 or fp64). Under
+autocast (bf16 on GPUs, as ``epplan run`` trains) the residual stream is in the autocast dtype
+from the embeddings on: the blocks' inputs, outputs and their gradients are bf16, the norms
+compute their statistics in fp32, the loss is computed in fp32. The router computes in at least
+fp32 whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused kernel each way on CUDA (statistics in fp32 for bf16 inputs); the composite
         # of upcast, square, mean, rsqrt and casts took about 5 % of a seed-spec block step.
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        # In x's dtype whatever autocast would choose: a bf16 residual stream stays bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 # Fused attention kernels in order of preference (the first that supports the inputs runs). cuDNN
@@ -176,6 +181,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
         pos = torch.arange(T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, D)
+        device = idx.device.type
+        if torch.is_autocast_enabled(device):
+            # Under autocast the residual stream and the activations between blocks are in its
+            # dtype (bf16), as Megatron-Core and torchtitan train by default; the weights stay
+            # fp32 masters and every norm keeps fp32 statistics.
+            x = x.to(torch.get_autocast_dtype(device))
         for block in self.layers:
             x = block(x)
         h = self.norm(x)  # (B, T, D)

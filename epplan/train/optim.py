@@ -41,7 +41,13 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from epplan.runtime.expert_parallel import ExpertParallelExperts
 from epplan.runtime.experts import forget_copies
 from epplan.runtime.tensor_parallel import local_grads
+from epplan.train.adamw import one_pass_available, step_with_copies
 from epplan.workload.memory import OPTIMIZER_SHARDING
+
+
+def local(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``state`` holds this rank's tensors (a ZeRO optimizer's inner one)."""
+    return opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt
 
 
 class TrainOptimizer:
@@ -107,9 +113,11 @@ class TrainOptimizer:
         """One AdamW step of every optimizer; ``grad_scale``: a () tensor the gradients are
         multiplied by first (gradient clipping), on the device, so that no host sync is needed.
 
-        Fused AdamW takes the scale inside its kernel (the ``grad_scale`` it divides by, as
-        ``torch.amp.GradScaler`` passes it): one pass over the gradients fewer than multiplying
-        them first. Unfused (CPU), the gradients are multiplied in place first. Under sharding
+        Fused (GPUs): each plain AdamW runs ``epplan.train.adamw.step_with_copies`` (the scale,
+        the update and the bf16 re-cast of the weights that have a copy in one pass); ZeRO's run
+        torch's fused AdamW with the scale inside its kernel (the ``grad_scale`` it divides by,
+        as ``torch.amp.GradScaler`` passes it). Unfused (CPU), the gradients are multiplied in
+        place first. Under sharding
         "all" the optimizers hold expert-slot views in place of the stacked expert tensors: each
         view's gradient is first set to its row of the tensor's gradient.
         """
@@ -117,20 +125,35 @@ class TrainOptimizer:
             by_id = {id(w): w for w in self.expert_params}
             for (wid, j), view in self.slot_views.items():
                 view.grad = by_id[wid].grad[j]
-        if grad_scale is not None and self.fused:
-            inverse = grad_scale.reciprocal().to(torch.float32)
-            for opt in self._local():
-                opt.grad_scale = inverse
-        elif grad_scale is not None:
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        if self.fused:
+            # Plain AdamWs: one pass that also writes the bf16 copies (epplan.train.adamw); the
+            # copies stay valid. ZeRO's (and all, if that pass cannot be compiled here): torch's
+            # fused AdamW with the scale in its kernel.
+            one_pass = one_pass_available(device)
+            zeros = [opt for opt in self.optimizers if isinstance(opt, ZeroRedundancyOptimizer) or not one_pass]
+            inverse = None if grad_scale is None else grad_scale.reciprocal().to(torch.float32)
+            try:
+                for opt in self.optimizers:
+                    if opt in zeros:
+                        local(opt).grad_scale = inverse
+                        opt.step()
+                    else:
+                        step_with_copies(opt, grad_scale)
+            finally:
+                for opt in zeros:
+                    local(opt).grad_scale = None
+                if zeros:  # their weights changed under the copies, the broadcast's too
+                    forget_copies()
+            return
+        if grad_scale is not None:
             torch._foreach_mul_(local_grads([p for g in self.param_groups for p in g["params"]]), grad_scale)
         try:
             for opt in self.optimizers:
                 opt.step()
         finally:
-            for opt in self._local():
-                opt.grad_scale = None
-            # The weights changed under their bf16 copies: fused AdamW (and ZeRO's broadcast)
-            # write them without advancing their version counters (epplan.runtime.experts).
+            # The weights changed under their bf16 copies; a write that bypasses the version
+            # counters (ZeRO's broadcast) would not show (epplan.runtime.experts).
             forget_copies()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -143,7 +166,7 @@ class TrainOptimizer:
     def _local(self) -> Iterator[torch.optim.Optimizer]:
         """The optimizers whose ``state`` holds this rank's tensors."""
         for opt in self.optimizers:
-            yield opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt
+            yield local(opt)
 
     def keeps(self, p: nn.Parameter) -> bool:
         """Whether this rank keeps (and updates) p's AdamW state."""

@@ -3,9 +3,9 @@
 Shape legend: L = MoE layers, G = ranks, E = experts per layer, B = sequences per micro-batch on a
 rank, T = sequence length.
 
-A step: for each micro-batch, forward (on GPU: bf16 autocast, the MoE token exchange in bf16) and
-backward of loss / M; then ``sync_gradients`` (dense gradients averaged over all ranks, each
-expert's among its replicas); one all-gather of the loss and routing statistics; stop if the loss
+A step: for each micro-batch, forward (on GPU: bf16 autocast, the residual stream and the MoE
+token exchange in bf16) and backward of loss / M; then ``sync_gradients`` (dense gradients
+averaged over all ranks, each expert's among its replicas); one all-gather of the loss and routing statistics; stop if the loss
 or the gradient norm is not finite; clip by the global gradient norm; AdamW; router selection-bias
 update. Everything but the timing is deterministic given the seed, the data and the number of
 ranks, so a run restarted from a checkpoint ends with the same weights as one that never stopped
@@ -590,7 +590,7 @@ class Trainer:
             "model": c.to_dict(), "num_ranks": self.job.num_ranks,
             "nodes": [{"name": n.name, "ranks": list(n.ranks)} for n in self.job.nodes],
             "manifest": self.opts.manifest, "manifest_hash": self.job.manifest_hash,
-            "device": self.device.type, "compute": "bf16 autocast" if self.device.type == "cuda" else "fp32",
+            "device": self.device.type, "compute": "bf16 autocast, bf16 residual stream" if self.device.type == "cuda" else "fp32",
             "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
             "recompute": self.opts.recompute, "optimizer_sharding": self.opts.optimizer_sharding,
             "tp": self.opts.tp, "expert_tp": self.opts.expert_tp, "layout": self._layout(),
