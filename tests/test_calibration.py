@@ -73,9 +73,9 @@ def test_calibrate_writes_a_file_the_cost_model_reads(tiny_calibration, tmp_path
     assert [r["num_tensors"] for r in cal.optimizer_fixed] == [num_param_tensors(config)]
     fixed = cal.optimizer_fixed[0]["seconds"]
     assert fixed > 0 and cal.optimizer_fixed_seconds(num_param_tensors(config)) == pytest.approx(fixed)
-    assert parts.optimizer[0] == pytest.approx(
+    assert parts.optimizer[0] == pytest.approx(max(
         optimizer_bytes(problem.costs.params_dense + held, held + problem.costs.params_lm_head)
-        / cals[0].memory_rate("optimizer") + fixed)
+        / cals[0].memory_rate("optimizer"), fixed))
     # The LM head and loss were measured as run (chunked) at the model's shape.
     assert [(r["d_model"], r["vocab_size"]) for r in cal.lm_head] == [(32, config.vocab_size)]
     assert parts.lm_head_loss[0] == pytest.approx(

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 
 from epplan.runtime.expert_parallel import ExpertParallelExperts
 from epplan.runtime.experts import forget_copies
@@ -64,6 +65,9 @@ class TrainOptimizer:
             raise ValueError(f"optimizer sharding {sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
         self.sharding = sharding
         self.fused = fused
+        # The one-pass step views each tensor flat: tensor-parallel (DTensor) weights keep
+        # torch's fused AdamW, which takes them.
+        self.one_pass = fused and not any(isinstance(p, DTensor) for p in model.parameters())
         expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts)
                       for p in m.parameters(recurse=False)}
         params = list(model.parameters())
@@ -128,9 +132,9 @@ class TrainOptimizer:
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         if self.fused:
             # Plain AdamWs: one pass that also writes the bf16 copies (epplan.train.adamw); the
-            # copies stay valid. ZeRO's (and all, if that pass cannot be compiled here): torch's
-            # fused AdamW with the scale in its kernel.
-            one_pass = one_pass_available(device)
+            # copies stay valid. ZeRO's (and all, with tensor-parallel weights or if that pass
+            # cannot be compiled here): torch's fused AdamW with the scale in its kernel.
+            one_pass = self.one_pass and one_pass_available(device)
             zeros = [opt for opt in self.optimizers if isinstance(opt, ZeroRedundancyOptimizer) or not one_pass]
             inverse = None if grad_scale is None else grad_scale.reciprocal().to(torch.float32)
             try:
