@@ -4,10 +4,12 @@ leaf/spine links are the bottleneck, and the cut sets are the fabric's."""
 
 from __future__ import annotations
 
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
-from epplan.placement.bounds import cut_bound, cut_sets, lower_bound
+from epplan.placement.bounds import compute_bound, cut_bound, cut_sets, local_capacity, lower_bound, tradeoff_bound
 from epplan.placement.bruteforce import brute_force
 from epplan.placement.layer import layer_data
 from epplan.placement.nodelp import node_model
@@ -98,3 +100,95 @@ def test_leaf_cut_sees_the_trunk():
     leaf = [np.array([0, 1]), np.array([2, 3])]
     unavoidable = [counts[m].sum() - np.sort(counts[m].sum(axis=0))[::-1][:2].sum() for m in leaf]
     assert cut_bound(data) >= b2 * max(unavoidable) / 10e9 * (1 - 1e-12)
+
+
+# ------------------------------------------------------------------ the compute-network trade-off
+
+def test_local_capacity_is_the_best_replica_allocation():
+    """The greedy against every integer replica allocation of a set's slots."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        experts = int(rng.integers(1, 5))
+        gpus = int(rng.integers(1, 4))
+        slots = int(rng.integers(1, gpus * 2 + 1))
+        demand = rng.gamma(0.6, size=experts) * rng.choice([1.0, 10.0])
+        per = float(rng.uniform(0.05, 2.0))
+        total = float(rng.uniform(0.1, 5.0))
+        best = 0.0
+        for r in itertools.product(range(gpus + 1), repeat=experts):
+            if sum(r) <= slots:
+                best = max(best, float(np.minimum(demand, np.array(r) * per).sum()))
+        got = local_capacity(demand[None], np.array([gpus]), np.array([slots]), np.array([per]),
+                             np.array([total]))[0]
+        assert got == pytest.approx(min(best, total, demand.sum()), rel=1e-12, abs=1e-15)
+
+
+def leaf_spine_n(nodes: int, gpus: int, trunk: float, tflops: float):
+    """``nodes`` servers of ``gpus`` GPUs (one NIC each), the first half under leaf-a."""
+    nic_links = "\n".join(f"    - {{a: n{n}/nic{i}, b: leaf-{'a' if n < (nodes + 1) // 2 else 'b'}, gbps: 50}}"
+                          for n in range(nodes) for i in range(gpus))
+    text = LEAF_SPINE.format(gpus=gpus, tflops=tflops, attach=list(range(gpus)), nic_links=nic_links,
+                             trunk=trunk).replace("count: 4", f"count: {nodes}")
+    return build_topology(parse_spec(text))
+
+
+@st.composite
+def spine_problems(draw):
+    nodes = draw(st.integers(2, 4))
+    gpus = draw(st.integers(1, 2))
+    experts = draw(st.integers(2, 4))
+    k = draw(st.integers(1, 2))
+    slots = min(k, experts)
+    import math
+    hypothesis.assume(math.comb(experts, slots) ** (nodes * gpus) <= 1500)
+    hypothesis.assume(nodes * gpus * k >= experts)
+    trunk = draw(st.sampled_from([2.0, 10.0, 50.0]))        # oversubscribed to non-blocking
+    tflops = draw(st.sampled_from([20.0, 200.0, 2000.0]))   # compute-bound to network-bound
+    topo = leaf_spine_n(nodes, gpus, trunk, tflops)
+    config = load_model_config("tiny", {"num_experts": experts, "d_ff": 256, "num_layers": 1})
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    g = topo.num_gpus
+    counts = rng.gamma(draw(st.sampled_from([0.3, 1.0, 4.0])), size=(1, g, experts)) + 1e-3
+    counts *= config.tokens_per_step / g * config.top_k / counts.sum(axis=2, keepdims=True)
+    overlap = draw(st.sampled_from(["off", "on"]))
+    return PlacementProblem(topo, config, Traffic(counts, "hypothesis"), experts_per_gpu=k, overlap=overlap)
+
+
+@hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(spine_problems())
+def test_tradeoff_bound_is_below_the_optimum(problem):
+    best, _ = brute_force(problem)
+    data = layer_data(problem, problem.traffic.counts[0])
+    assert tradeoff_bound(data) <= best * (1 + 1e-9)
+    bound, _ = lower_bound(data)
+    assert bound <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tradeoff_bound_is_below_the_exact_milp(seed):
+    """Four servers of two GPUs behind a thin trunk, four experts (4^8 placements, past the
+    brute force): the exact per-source MILP, run to optimality, is the reference."""
+    problem = problem_on(leaf_spine(gpus=2, trunk=10.0, tflops=400.0), 4, seed=seed)
+    plan = solve(problem, gap=0.0, time_limit=60, workers=1)
+    layer = plan.info["layers"][0]
+    assert layer["status"] == "optimal"
+    data = layer_data(problem, problem.traffic.counts[0])
+    assert tradeoff_bound(data) <= layer["objective_s"] * (1 + 1e-9)
+
+
+def test_tradeoff_sees_local_serving_cost_gpu_time():
+    """Two servers of two GPUs, two experts, one hot: either server could hold both experts, so
+    the cut bound sees only what leaves a GPU (over NVLink), but the hot expert needs three of the four GPUs in the compute bound's
+    time, so one server cannot hold the cold expert and sends its demand for it across."""
+    topo = leaf_spine_n(2, 2, trunk=50.0, tflops=2000.0)
+    config = load_model_config("tiny", {"num_experts": 2, "d_ff": 256, "num_layers": 1})
+    counts = np.tile(np.array([0.85, 0.15]), (1, 4, 1)) * config.tokens_per_step / 4 * config.top_k
+    problem = PlacementProblem(topo, config, Traffic(counts, "test"), overlap="off")
+    data = layer_data(problem, problem.traffic.counts[0])
+    old = data.schedule.moe_time(cut_bound(data), compute_bound(data))
+    traded = tradeoff_bound(data)
+    best, _ = brute_force(problem)
+    assert old * 1.01 < traded <= best * (1 + 1e-9)
+    assert lower_bound(data) == (traded, "tradeoff")

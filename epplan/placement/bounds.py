@@ -17,8 +17,28 @@ cut       Node B holds at most D_B = min(E, its slots) distinct experts, so at l
           all nodes, every remote assignment leaves one node and enters another in both
           directions, so the busiest exit link of any node carries >= 4b sum_B U_B / (all exit
           capacity). The same per GPU (its own exit links, its K largest demands).
+tradeoff  The cut bound with the GPU time the plan may spend (``tradeoff_bound``). Serving an
+          assignment inside a cut set B costs B's GPUs time, so the compute bound and the cut
+          bound cannot both be met by a plan that keeps traffic local. For a GPU-time budget t
+          (every GPU within t, as the layer's busiest GPU X is), a replica on g serves at most
+          t / c_g, so B serves at most local_B(t) of its own demand: the best integer replica
+          counts r_e <= |B|, sum r_e <= B's slots, of sum_e min(n_Be, r_e t / c_fastest), and at
+          most t sum_{g in B} 1 / c_g in all (``local_capacity``: the greedy over the concave
+          marginal gains, exact for the first part). B's sources send out(B) >= n_B - local_B(t),
+          and B's GPUs, since the GPUs outside serve at most t sum_{g not in B} 1 / c_g of the
+          layer's W assignments, serve in(B) >= W - that - local_B(t) for outside sources; both
+          cross B's exit and entry links once each way, 2b bytes: link time >= 2b (out + in) /
+          capacity, and over a partition (the nodes, the GPUs, disjoint switch sets) the average
+          4b sum_B out(B) / (sum of exit capacities). This L(t) holds for every plan whose
+          busiest GPU is within t, and the layer's time grows with both parts, so the optimum
+          is at least min over t >= compute bound of moe_time(L(t), t). The search cuts
+          [compute bound, T] into intervals [a, b] and takes moe_time(L(b), a) on each (valid
+          for every X in [a, b], since L(b) holds for all X <= b) and moe_time(cut, T) past T,
+          refining the interval that sets the minimum: valid at any refinement, tight as the
+          intervals shrink. It sees that when every node could hold every expert, its GPUs
+          still cannot serve all of its hot experts' demand in the compute bound's time.
 
-Shape legend: G = GPUs, E = experts, N = nodes.
+Shape legend: G = GPUs, E = experts, N = nodes, S = cut sets.
 """
 
 from __future__ import annotations
@@ -185,10 +205,120 @@ def _gpu_caps(topo) -> list[tuple[float, float]]:
     return [tuple(c) for c in caps]
 
 
+def local_capacity(demand: np.ndarray, num_gpus: np.ndarray, num_slots: np.ndarray,
+                   per_replica: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """float64[S]: most of each set's own demand (float64[S, E]) the set can serve itself, with
+    at most num_gpus[s] replicas of an expert, num_slots[s] replicas in all, each serving at most
+    per_replica[s], and at most total[s] together. Greedy over the marginal gains of one more
+    replica of e (per_replica while n_e is not covered, then the rest, then 0: concave), which is
+    exact for sum_e min(n_e, r_e per_replica) under the count limits; ``total`` caps it."""
+    cap = np.asarray(per_replica, dtype=np.float64)[:, None]
+    m = np.asarray(num_gpus, dtype=np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        full = np.minimum(np.where(cap > 0, np.floor(demand / np.where(cap > 0, cap, 1.0)), 0.0), m)
+    rest = np.where(full < m, demand - full * cap, 0.0)
+    num_full = full.sum(axis=1)
+    slots = np.asarray(num_slots, dtype=np.float64)
+    rest = -np.sort(-rest, axis=1)
+    cum = np.concatenate([np.zeros((rest.shape[0], 1)), np.cumsum(rest, axis=1)], axis=1)
+    extra = np.clip(slots - num_full, 0, rest.shape[1]).astype(np.int64)
+    served = np.where(slots <= num_full, slots * cap[:, 0],
+                      num_full * cap[:, 0] + cum[np.arange(rest.shape[0]), extra])
+    return np.minimum(np.minimum(served, np.asarray(total, dtype=np.float64)), demand.sum(axis=1))
+
+
+class _CutFamilies:
+    """The cut sets of ``cut_bound`` as arrays, for evaluating L(t) at many t."""
+
+    def __init__(self, data: LayerData) -> None:
+        topo = data.lm.topology
+        node = np.asarray(topo.gpu_node)
+        rate = 1.0 / data.gpu_unit
+        self.total_rate = float(rate.sum())
+        self.num_assignments = float(data.counts.sum())
+        self.b2 = 2.0 * data.bytes_per_assignment
+        families = []     # (members list, exit float64[S], entry float64[S], is_partition)
+        node_sets = cut_sets(topo)
+        if node_sets:
+            singles = [(np.flatnonzero(node == n[0]), ex, en) for n, ex, en in node_sets if n.size == 1]
+            families.append((singles, True))
+            groups = [(np.flatnonzero(np.isin(node, n)), ex, en) for n, ex, en in node_sets if n.size > 1]
+            if groups:
+                seen = np.zeros(topo.num_nodes, dtype=np.int64)
+                for n, _, _ in node_sets:
+                    if n.size > 1:
+                        seen[n] += 1
+                families.append((groups, bool(np.all(seen == 1))))
+        if topo.num_gpus > 1:
+            families.append(([(np.array([g]), ex, en) for g, (ex, en) in enumerate(_gpu_caps(topo))], True))
+        self.families = []
+        for sets, is_partition in families:
+            demand = np.stack([data.counts[m].sum(axis=0) for m, _, _ in sets])            # [S, E]
+            self.families.append(dict(
+                demand=demand, own=demand.sum(axis=1),
+                size=np.array([m.size for m, _, _ in sets], dtype=np.float64),
+                slots=np.array([data.slots[m].sum() for m, _, _ in sets], dtype=np.float64),
+                fastest=np.array([rate[m].max() for m, _, _ in sets]),
+                rate=np.array([rate[m].sum() for m, _, _ in sets]),
+                exit=np.array([ex for _, ex, _ in sets]), entry=np.array([en for _, _, en in sets]),
+                partition=is_partition))
+
+    def link_bound(self, t: float) -> float:
+        """Seconds: the busiest link's time in every plan whose busiest GPU is within t."""
+        best = 0.0
+        for f in self.families:
+            local = local_capacity(f["demand"], f["size"], f["slots"], t * f["fastest"], t * f["rate"])
+            out = np.maximum(f["own"] - local, 0.0)
+            into = np.maximum(self.num_assignments - t * (self.total_rate - f["rate"]) - local, 0.0)
+            for cap in (f["exit"], f["entry"]):
+                has = cap > 0
+                if np.any(has):
+                    best = max(best, float((self.b2 * (out + into)[has] / cap[has]).max()))
+                    if f["partition"] and np.all(has):
+                        best = max(best, 2.0 * self.b2 * float(out.sum()) / float(cap.sum()))
+        return best
+
+
+def tradeoff_bound(data: LayerData, *, max_evals: int = 40, rel_width: float = 1e-3) -> float:
+    """Seconds: min over the GPU time t of the layer's time with its links at L(t) (module
+    docstring), by interval refinement; at most ``max_evals`` evaluations of L."""
+    c = compute_bound(data)
+    if c <= 0:
+        return 0.0
+    cuts = _CutFamilies(data)
+    static = cut_bound(data)
+    schedule = data.schedule
+
+    def link(t: float) -> float:
+        return max(static, cuts.link_bound(t))
+
+    top = schedule.moe_time(link(c), c)       # no plan with X >= top can be faster than top
+    if top <= c * (1 + rel_width):
+        return top
+    tail = schedule.moe_time(static, top)     # plans with X >= top
+    points = list(c * (top / c) ** np.linspace(0.0, 1.0, 5))
+    values = [link(t) for t in points]
+    evals = len(points)
+    while True:
+        lows = [schedule.moe_time(values[i + 1], points[i]) for i in range(len(points) - 1)]
+        i = int(np.argmin(lows))
+        if evals >= max_evals or points[i + 1] <= points[i] * (1 + rel_width):
+            return float(min(min(lows), tail))
+        mid = float(np.sqrt(points[i] * points[i + 1]))
+        points.insert(i + 1, mid)
+        values.insert(i + 1, link(mid))
+        evals += 1
+
+
 def lower_bound(data: LayerData) -> tuple[float, str]:
     """(seconds, which bound sets it): the layer's time under the schedule with the link time at
-    the cut bound and the GPU time at the compute bound (valid: the time grows with both)."""
+    the cut bound and the GPU time at the compute bound (valid: the time grows with both), or
+    the trade-off bound where that is higher."""
     c, k = compute_bound(data), cut_bound(data)
     schedule = data.schedule
     bound = schedule.moe_time(k, c)
-    return bound, {"link": "cut", "gpu": "compute", "both": "cut+compute"}[schedule.binds(k, c)]
+    source = {"link": "cut", "gpu": "compute", "both": "cut+compute"}[schedule.binds(k, c)]
+    traded = tradeoff_bound(data)
+    if traded > bound * (1 + 1e-12):
+        return traded, "tradeoff"
+    return bound, source
