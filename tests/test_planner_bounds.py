@@ -11,14 +11,17 @@ from hypothesis import strategies as st
 
 from epplan.placement.bounds import compute_bound, cut_bound, cut_sets, local_capacity, lower_bound, tradeoff_bound
 from epplan.placement.bruteforce import brute_force
+from epplan.placement.farbound import FarBound, far_tradeoff_bound
 from epplan.placement.layer import layer_data
 from epplan.placement.nodelp import node_model
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.solve import solve
 from epplan.schedule import Schedule
 from epplan.topology import build_topology, load_topology, parse_spec
-from epplan.workload import load_model_config
+from epplan.workload import load_model_config, make_traffic
 from epplan.workload.traffic import Traffic
+
+from test_planner import _NODE
 
 # Four one-GPU servers, two under each leaf, the leaves joined through a spine by thin links.
 LEAF_SPINE = """name: toy-leaf-spine
@@ -164,6 +167,8 @@ def test_tradeoff_bound_is_below_the_optimum(problem):
     assert tradeoff_bound(data) <= best * (1 + 1e-9)
     bound, _ = lower_bound(data)
     assert bound <= best * (1 + 1e-9)
+    far = FarBound(data)
+    assert tradeoff_bound(data, extra=lambda t: far.link_bound(t)[0]) <= best * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -192,3 +197,43 @@ def test_tradeoff_sees_local_serving_cost_gpu_time():
     best, _ = brute_force(problem)
     assert old * 1.01 < traded <= best * (1 + 1e-9)
     assert lower_bound(data) == (traded, "tradeoff")
+
+
+def rail_toy(nodes: int, gpus: int, over: float, tflops: float):
+    """``nodes`` servers of ``gpus`` GPUs, a leaf per rail, one spine at ``over``:1, ECMP."""
+    text = _NODE.format(nodes=nodes, gpus=gpus, tflops=tflops, attach=list(range(gpus)))
+    text += f"fabric: {{kind: rail_optimized, nodes_per_su: {nodes}, spines: 1, oversubscription: {over}}}\n"
+    return build_topology(parse_spec(text + "routing: ecmp\n"))
+
+
+@pytest.mark.parametrize("nodes,gpus,experts,over,tflops,seed", [
+    (4, 2, 2, 4.0, 2000.0, 0), (3, 2, 2, 2.0, 2000.0, 1), (2, 3, 3, 4.0, 2000.0, 2),
+    (3, 2, 3, 4.0, 200.0, 3), (2, 2, 3, 8.0, 2000.0, 4)])
+def test_link_class_bound_holds_for_every_plan_where_rails_cross_the_spine(nodes, gpus, experts, over, tflops, seed):
+    """ECMP on a rail-optimised fabric: pairs on different rails cross the (thin) spine. The
+    link-class L(t) is below the busiest link of plans whose busiest GPU is within t (the exact
+    optimum, the planner's plan), and the search built on it below the exact optimum."""
+    topo = rail_toy(nodes, gpus, over, tflops)
+    problem = problem_on(topo, experts, seed=seed)
+    data = layer_data(problem, problem.traffic.counts[0])
+    far = FarBound(data)
+    assert [name for name, _, _ in far.classes] == ["leaf_spine"]
+    best, best_layer = brute_force(problem)
+    plan = solve(problem, time_limit=10, workers=1).layers[0]
+    for layer in (best_layer, plan):
+        _, link_s, gpu_s = data.time_of(layer.flows(data.counts))
+        for t in (gpu_s, gpu_s * 1.5):
+            assert far.link_bound(t)[0] <= link_s * (1 + 1e-7)
+    assert tradeoff_bound(data, extra=lambda t: far.link_bound(t)[0]) <= best * (1 + 1e-9)
+
+
+def test_link_class_bound_sees_cross_rail_traffic_on_the_oversubscribed_spine():
+    """8 x DGX H100 on a 2:1 rail leaf/spine under ECMP (benchmark instance 7): cross-rail pairs
+    cross the spine even inside a scalable unit, which no cut sees."""
+    topo = load_topology("topologies/h100-8node-oversub.yaml")
+    config = load_model_config("seed", {"d_ff": 2048, "num_layers": 1})
+    problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, topo.num_gpus))
+    data = layer_data(problem, problem.traffic.counts[0])
+    cuts, _ = lower_bound(data)
+    far = far_tradeoff_bound(data)
+    assert far is not None and far > cuts * 1.05

@@ -44,6 +44,8 @@ Shape legend: G = GPUs, E = experts, N = nodes, S = cut sets.
 from __future__ import annotations
 
 import heapq
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -279,9 +281,17 @@ class _CutFamilies:
         return best
 
 
-def tradeoff_bound(data: LayerData, *, max_evals: int = 40, rel_width: float = 1e-3) -> float:
+def cut_link_bound(data: LayerData, t: float) -> float:
+    """Seconds: L(t) of the cut sets alone (module docstring, ``tradeoff``)."""
+    return max(cut_bound(data), _CutFamilies(data).link_bound(t))
+
+
+def tradeoff_bound(data: LayerData, *, extra: Callable[[float], float] | None = None, max_evals: int = 40,
+                   rel_width: float = 1e-3, deadline: float | None = None) -> float:
     """Seconds: min over the GPU time t of the layer's time with its links at L(t) (module
-    docstring), by interval refinement; at most ``max_evals`` evaluations of L."""
+    docstring), by interval refinement; at most ``max_evals`` evaluations of L, and none started
+    after ``deadline`` (time.monotonic()). ``extra(t)``: another link bound valid for every plan
+    whose busiest GPU is within t (``farbound.FarBound``), taken with the cuts."""
     c = compute_bound(data)
     if c <= 0:
         return 0.0
@@ -290,7 +300,7 @@ def tradeoff_bound(data: LayerData, *, max_evals: int = 40, rel_width: float = 1
     schedule = data.schedule
 
     def link(t: float) -> float:
-        return max(static, cuts.link_bound(t))
+        return max(static, cuts.link_bound(t), 0.0 if extra is None else extra(t))
 
     top = schedule.moe_time(link(c), c)       # no plan with X >= top can be faster than top
     if top <= c * (1 + rel_width):
@@ -302,7 +312,8 @@ def tradeoff_bound(data: LayerData, *, max_evals: int = 40, rel_width: float = 1
     while True:
         lows = [schedule.moe_time(values[i + 1], points[i]) for i in range(len(points) - 1)]
         i = int(np.argmin(lows))
-        if evals >= max_evals or points[i + 1] <= points[i] * (1 + rel_width):
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if evals >= max_evals or points[i + 1] <= points[i] * (1 + rel_width) or out_of_time:
             return float(min(min(lows), tail))
         mid = float(np.sqrt(points[i] * points[i + 1]))
         points.insert(i + 1, mid)

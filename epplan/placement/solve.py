@@ -4,8 +4,9 @@ Per MoE layer (layers are independent; a layer whose traffic equals an earlier o
 relabelling of the experts is solved once and relabelled):
 
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
-   nodes and the nodes under each fabric switch), combined by the runtime's schedule
-   (``epplan.schedule``), and while the gap is open the node-level LP of ``nodelp.py``;
+   nodes and the nodes under each fabric switch, and the cuts under the GPU time a plan may
+   spend), combined by the runtime's schedule (``epplan.schedule``), and while the gap is open
+   the node-level LP of ``nodelp.py`` and the fabric link classes of ``farbound.py``;
 2. incumbent: the constructions of ``heuristic.py`` (compute-first, and network-aware where the
    layer has a network) with their splits from the split LP (``splits.py``); then every
    baseline (contiguous, EPLB in both modes, random), scored with its own split exactly as
@@ -69,7 +70,8 @@ class LayerInfo:
                            # large to try, and the gap is still above the target)
     objective_s: float
     bound_s: float
-    bound_source: str      # compute | cut | cut+compute | node-lp | milp (bounds.py, nodelp.py, ilp.py)
+    bound_source: str      # compute | cut | cut+compute | tradeoff | node-lp | link-class | milp
+                           # (bounds.py, nodelp.py, farbound.py, ilp.py)
     gap: float
     link_s: float          # max link time of the plan (after the network tie-break)
     seconds: float
@@ -346,6 +348,15 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
         node = node_model(data, integer=False, time_limit=left())
         if node.bound > bound:
             bound, source = min(node.bound, cost), "node-lp"
+            g = _gap(cost, bound)
+    if g > gap and (budget is None or time.monotonic() - t0 < budget):
+        # Fabric link classes (leaf-spine under ECMP): what no plan can serve near, searched
+        # over the GPU time with the cuts; a share of the layer's time, the MILP may use the rest.
+        from epplan.placement.farbound import far_tradeoff_bound
+
+        far = far_tradeoff_bound(data, deadline=None if budget is None else t0 + 0.5 * budget)
+        if far is not None and far > bound:
+            bound, source = min(far, cost), "link-class"
             g = _gap(cost, bound)
     if g > gap:
         from epplan.placement.ilp import improve

@@ -1,0 +1,154 @@
+"""Link-class bounds: the traffic a class of links must carry because no plan can serve every
+source near, under the GPU time the plan may spend.
+
+The cut bounds (``bounds.py``) and the node-level model (``nodelp.py``) see what crosses a set of
+nodes' boundary. Under ECMP on a rail-optimised fabric most of what a node sends crosses a spine
+even inside its scalable unit: only pairs on one rail stay under their leaf. The path, not a cut,
+decides which links a pair loads, so this bound works from the pairs.
+
+For a class L of kept switch-to-switch links (a link class of ``Topology.link_class``: all
+leaf-spine links, all spine-core links) let w(s, g) be the seconds one assignment of source s served on GPU g puts
+on L's links together (dispatch and combine, forward and backward: ``LayerData.coef``). Then
+
+    sum_{l in L} time_l = sum_{s, g} w(s, g) T[s, g] <= |L| max_l time_l,
+
+with T[s, g] the assignments s sends to g. Cut w into levels w_1 < w_2 < ...: a pair with
+w(s, g) >= w_j puts at least sum_{i <= j} (w_i - w_{i-1}) on L, so the sum is at least
+sum_j (w_j - w_{j-1}) F_j, F_j the assignments on pairs with w >= w_j. And F_j >= W - near_j(t),
+near_j(t) the most a plan whose busiest GPU is within t can serve on pairs below w_j, bounded by
+the LP (a relaxation: every true plan gives a feasible point)
+
+    max sum z[g, e]   z[g, e] <= v[g, e] x[g, e],  v[g, e] = min(t / c_g, sum_{s near g} n[s, e])
+                      sum_g z[g, e] <= n_e,  sum_e z[g, e] <= t / c_g,  sum_e x[g, e] <= slots_g,
+                      0 <= x <= 1
+
+(x: g holds e; z: what g serves of e for sources near it). ``bounds.tradeoff_bound`` takes the
+resulting L(t) with its own cut bounds and searches over t.
+
+Why an LP here and not in ``bounds.py``: w couples sources and GPUs pair by pair, and which GPUs
+hold an expert decides both near service and compute, a transportation structure with no
+greedy. The LP has 2 G E columns (64 GPUs x 16 experts: 2,048, about 0.1 s per solve), built
+for GPU counts where the pair weights are at hand (``MAX_COLUMNS``). Measured on
+scripts/bench_planner.py instance 7 (8 x DGX H100, 2:1 oversubscribed rail leaf/spine, ECMP):
+the leaf-spine class lifts the layer's bound from 0.0107 s (cuts) to 0.0116 s at the compute
+bound's GPU time.
+
+Shape legend: G = GPUs, E = experts, K = kept links.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from epplan.placement.bounds import compute_bound, cut_link_bound, tradeoff_bound
+from epplan.placement.layer import LayerData, pair_incidence_sym
+from epplan.placement.lp import LP
+
+MAX_COLUMNS = 40_000   # 2 G E: LP columns above which the class bounds are not built
+MAX_LEVELS = 3         # weight levels per class (any subset of levels is valid)
+
+
+class FarBound:
+    """L(t) from the link classes of one layer (module docstring)."""
+
+    def __init__(self, data: LayerData) -> None:
+        self.data = data
+        self.classes: list[tuple[str, int, list[tuple[np.ndarray, float]]]] = []
+        g_n = data.num_gpus
+        if 2 * g_n * data.num_experts > MAX_COLUMNS or g_n < 2:
+            return
+        topo = data.lm.topology
+        coef = (pair_incidence_sym(data.lm) @ sp.diags(data.link_unit)).tocsc()   # [G*G, K] s
+        # Switch-to-switch classes only: every cross-node pair crosses one NIC up-link and one
+        # down-link each way, which the node cuts already count.
+        node_of = dict(topo.graph.nodes(data="node"))
+        fabric = np.array([node_of[topo.links[l][0]] is None and node_of[topo.links[l][1]] is None
+                           for l in data.lm.kept], dtype=bool)
+        cls = np.array(topo.link_class)[data.lm.kept]
+        for name in np.unique(cls[fabric]):
+            cols = np.flatnonzero((cls == name) & fabric)
+            w = np.asarray(coef[:, cols].sum(axis=1)).ravel().reshape(g_n, g_n)
+            pos = w[w > 0]
+            if pos.size == 0:
+                continue
+            levels = np.unique(np.round(pos / pos.max(), 6)) * pos.max()
+            if levels.size > MAX_LEVELS:
+                levels = levels[np.linspace(0, levels.size - 1, MAX_LEVELS).round().astype(int)]
+            steps, prev = [], 0.0
+            for level in levels:
+                near = w < level * (1 - 1e-6)
+                low = float(w[~near].min())          # every far pair puts at least this on L
+                if low > prev:
+                    steps.append((near, low - prev))
+                    prev = low
+            self.classes.append((str(name), int(cols.size), steps))
+
+    def link_bound(self, t: float, *, only: str | None = None,
+                   time_limit: float | None = None) -> tuple[float, str | None]:
+        """(seconds, class): the busiest link's time in every plan whose busiest GPU is within t,
+        from the class that gives the most (of class ``only``, if given)."""
+        data = self.data
+        total = float(data.counts.sum())
+        cap = t / data.gpu_unit
+        best, which = 0.0, None
+        for name, size, steps in self.classes:
+            if only is not None and name != only:
+                continue
+            loaded = 0.0
+            for near, step in steps:
+                served = near_max(data.counts, near, cap, data.slots, time_limit=time_limit)
+                if served is None:
+                    break
+                loaded += step * max(0.0, total - served)
+            if loaded / size > best:
+                best, which = loaded / size, name
+        return best, which
+
+
+def far_tradeoff_bound(data: LayerData, *, deadline: float | None = None) -> float | None:
+    """Seconds: ``bounds.tradeoff_bound`` with the link classes' L(t) beside the cuts', or None
+    where no class sees more than the cuts at the compute bound's GPU time (L(t) only falls as
+    t grows, so such a class would rarely help; the classes are dropped there to save the
+    LPs, which keeps the bound valid, only no tighter)."""
+    far = FarBound(data)
+    c = compute_bound(data)
+    if not far.classes or c <= 0:
+        return None
+    floor = cut_link_bound(data, c)
+    left = None if deadline is None else max(0.05, deadline - time.monotonic())
+    far.classes = [k for k in far.classes if far.link_bound(c, only=k[0], time_limit=left)[0] > floor * (1 + 1e-9)]
+    if not far.classes:
+        return None
+    return tradeoff_bound(data, extra=lambda t: far.link_bound(t)[0], max_evals=20, deadline=deadline)
+
+
+def near_max(counts: np.ndarray, near: np.ndarray, cap: np.ndarray, slots: np.ndarray, *,
+             time_limit: float | None = None) -> float | None:
+    """An upper bound on the assignments any plan serves on near pairs (near[s, g]) with GPU g
+    serving at most cap[g]: the LP of the module docstring. None if it did not solve."""
+    g_n, e_n = counts.shape
+    unit = max(float(counts.sum()) / g_n, 1e-30)
+    need = near.T.astype(np.float64) @ counts / unit                       # [G, E] near demand
+    v = np.minimum(cap[:, None] / unit, need)
+    n_e = counts.sum(axis=0) / unit
+    nz = g_n * e_n
+    idx = np.arange(nz)
+    g, e = idx // e_n, idx % e_n
+    # columns: z (g, e) | x (g, e); rows: z - v x <= 0 | sum_g z <= n_e | sum_e z <= cap | sum_e x <= slots
+    rows = np.concatenate([idx, idx, nz + e, nz + e_n + g, nz + e_n + g_n + g])
+    cols = np.concatenate([idx, nz + idx, idx, idx, nz + idx])
+    vals = np.concatenate([np.ones(nz), -v.ravel(), np.ones(nz), np.ones(nz), np.ones(nz)])
+    a = sp.csc_matrix((vals, (rows, cols)), shape=(nz + e_n + 2 * g_n, 2 * nz))
+    row_hi = np.concatenate([np.zeros(nz), n_e, cap / unit, slots.astype(np.float64)])
+    row_lo = np.full(row_hi.size, -np.inf)
+    c = np.concatenate([-np.ones(nz), np.zeros(nz)])
+    col_hi = np.concatenate([np.full(nz, np.inf), np.ones(nz)])
+    lp = LP(c, a, row_lo, row_hi, np.zeros(2 * nz), col_hi)
+    res = lp.solve(time_limit)
+    if res.status != "optimal":
+        return None
+    # The LP's dual objective bounds its optimum from above; HiGHS meets it to 1e-7 relative.
+    return -res.objective * unit * (1 + 1e-6) + 1e-9 * unit
