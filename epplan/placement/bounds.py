@@ -300,7 +300,9 @@ def tradeoff_bound(data: LayerData, *, extra: Callable[[float], float] | None = 
     schedule = data.schedule
 
     def link(t: float) -> float:
-        return max(static, cuts.link_bound(t), 0.0 if extra is None else extra(t))
+        # Past the deadline, the cuts alone (valid, cheap): ``extra`` may solve LPs.
+        late = deadline is not None and time.monotonic() > deadline
+        return max(static, cuts.link_bound(t), 0.0 if extra is None or late else extra(t))
 
     top = schedule.moe_time(link(c), c)       # no plan with X >= top can be faster than top
     if top <= c * (1 + rel_width):

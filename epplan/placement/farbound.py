@@ -27,8 +27,9 @@ resulting L(t) with its own cut bounds and searches over t.
 
 Why an LP here and not in ``bounds.py``: w couples sources and GPUs pair by pair, and which GPUs
 hold an expert decides both near service and compute, a transportation structure with no
-greedy. The LP has 2 G E columns (64 GPUs x 16 experts: 2,048, about 0.1 s per solve), built
-for GPU counts where the pair weights are at hand (``MAX_COLUMNS``). Measured on
+greedy. The LP has 2 G E columns (64 GPUs x 16 experts: 2,048, 0.1-0.5 s per solve on the
+2-core machine), built up to ``MAX_COLUMNS`` and ``MAX_GPUS``: at 512 GPUs x 16 experts one
+solve took over a minute under load, more than a layer's share of the time limit. Measured on
 scripts/bench_planner.py instance 7 (8 x DGX H100, 2:1 oversubscribed rail leaf/spine, ECMP):
 the leaf-spine class lifts the layer's bound from 0.0107 s (cuts) to 0.0116 s at the compute
 bound's GPU time.
@@ -47,7 +48,8 @@ from epplan.placement.bounds import compute_bound, cut_link_bound, tradeoff_boun
 from epplan.placement.layer import LayerData, pair_incidence_sym
 from epplan.placement.lp import LP
 
-MAX_COLUMNS = 40_000   # 2 G E: LP columns above which the class bounds are not built
+MAX_COLUMNS = 8_192    # 2 G E: LP columns above which the class bounds are not built
+MAX_GPUS = 128         # and GPUs above which (the pair weights are G^2 rows)
 MAX_LEVELS = 3         # weight levels per class (any subset of levels is valid)
 
 
@@ -58,7 +60,7 @@ class FarBound:
         self.data = data
         self.classes: list[tuple[str, int, list[tuple[np.ndarray, float]]]] = []
         g_n = data.num_gpus
-        if 2 * g_n * data.num_experts > MAX_COLUMNS or g_n < 2:
+        if 2 * g_n * data.num_experts > MAX_COLUMNS or not 2 <= g_n <= MAX_GPUS:
             return
         topo = data.lm.topology
         coef = (pair_incidence_sym(data.lm) @ sp.diags(data.link_unit)).tocsc()   # [G*G, K] s
@@ -122,7 +124,12 @@ def far_tradeoff_bound(data: LayerData, *, deadline: float | None = None) -> flo
     far.classes = [k for k in far.classes if far.link_bound(c, only=k[0], time_limit=left)[0] > floor * (1 + 1e-9)]
     if not far.classes:
         return None
-    return tradeoff_bound(data, extra=lambda t: far.link_bound(t)[0], max_evals=20, deadline=deadline)
+
+    def extra(t: float) -> float:
+        left = None if deadline is None else max(0.05, deadline - time.monotonic())
+        return far.link_bound(t, time_limit=left)[0]
+
+    return tradeoff_bound(data, extra=extra, max_evals=20, deadline=deadline)
 
 
 def near_max(counts: np.ndarray, near: np.ndarray, cap: np.ndarray, slots: np.ndarray, *,
