@@ -259,6 +259,15 @@ def test_print_launch_torchrun_gives_one_command_per_node(manifests):
                (str(manifests["two"]), "runs/x", 7, i, "cuda", "hierarchical")
 
 
+def test_print_launch_passes_tp_and_expert_tp_to_the_workers(manifests):
+    result = runner.invoke(app, ["run", str(manifests["a"]), "--out", "runs/x", "--tp", "2", "--expert-tp",
+                                 "--print-launch", "torchrun"], env={"SLURM_NODEID": None})
+    assert result.exit_code == 0, result.output
+    (argv,) = [line.split() for line in result.output.splitlines() if line.startswith("python ")]
+    opts = TrainOptions.from_argv(argv[argv.index("epplan.train.worker") + 1:])
+    assert (opts.tp, opts.expert_tp, opts.overridden) == (2, True, "tp,expert_tp")
+
+
 def test_print_launch_slurm_writes_an_sbatch_script(manifests):
     result = runner.invoke(app, ["run", str(manifests["two"]), "--out", "runs/x", "--nnodes", "2",
                                  "--max-restarts", "2", "--print-launch", "slurm"])
