@@ -101,7 +101,8 @@ class Schedule:
         return "link" if link > expert_s else "gpu"
 
     def describe(self) -> str:
-        return f"overlapped in {self.num_chunks} chunks" if self.overlap else "serial (no overlap)"
+        chunks = "1 chunk" if self.num_chunks == 1 else f"{self.num_chunks} chunks"
+        return f"overlapped in {chunks}" if self.overlap else "serial (no overlap)"
 
     def to_dict(self) -> dict:
         return {"overlap": self.overlap, "num_chunks": self.num_chunks}

@@ -158,3 +158,37 @@ def test_manifest_records_the_routing_seed_and_the_report_rebuilds_it(tmp_path):
     report = runner.invoke(app, ["report", str(out), "--json"])
     assert report.exit_code == 0, report.output
     assert "could not be rebuilt" not in report.output
+
+
+def test_the_schedule_is_stated_once_as_the_manifest_records_it(tmp_path):
+    # At 30 GB the plan needs 8 micro-batches, which cuts each layer into 10 chunks, not the 16
+    # that one micro-batch would give: the output says the schedule the plan runs with, once.
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--set", "num_layers=2", "--placement", "eplb",
+                                 "--memory-gb", "30", "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    m = load_manifest(out)
+    assert m.micro_batches == 8 and m.schedule.overlap and m.schedule.num_chunks == 10
+    assert result.stdout.count("overlapped in") == 1, result.stdout
+    assert "overlapped in 10 chunks" in result.stdout
+
+
+def test_compare_all_solves_within_the_one_time_limit(tmp_path, monkeypatch):
+    # --time-limit is for the whole command: the ILP row of --compare-all gets what is left, not
+    # the whole limit again. The real solver runs; the wrapper only records what it was given.
+    import epplan.cli.place as place_cli
+
+    given = []
+
+    def solve(problem, **kwargs):
+        given.append(kwargs["time_limit"])
+        return real(problem, **kwargs)
+
+    real = place_cli.solve
+    monkeypatch.setattr(place_cli, "solve", solve)
+    result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--set", "num_layers=2", "--routing", "zipf:1.2",
+                                 "--placement", "eplb", "--compare-all", "--time-limit", "30", "--json",
+                                 "--out", str(tmp_path / "m.json")])
+    assert result.exit_code in (0, 4), result.output
+    assert len(given) == 1 and 0 < given[0] < 30
+    assert json.loads(result.stdout)["compare"]["ilp"]["gap"] is not None

@@ -153,7 +153,7 @@ def place(
         console.print(
             f"[bold]{escape(config.name)}[/] on [bold]{escape(topo.name)}[/] ({count(topo.num_gpus, 'GPU')}, {count(topo.num_nodes, 'node')}), "
             f"{count(config.num_moe_layers, 'MoE layer')} x {count(config.num_experts, 'expert')}, routing {escape(traffic.source)}, "
-            f"at most {count(experts_per_gpu, 'expert')} per GPU, MoE layers {problem.schedule.describe()}",
+            f"at most {count(experts_per_gpu, 'expert')} per GPU",  # the schedule: after the run settings
             highlight=False)
         for note in model_notes(model) + traffic.notes + rate_notes + dispatch_notes(traffic, dispatch):
             console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
@@ -186,8 +186,9 @@ def place(
     plans[method] = (chosen, time.monotonic() - t0)
     for name in names[1:]:
         t0 = time.monotonic()
-        if name == "ilp":
-            plan = _solve(problem, solver, time_limit, gap, workers, quiet=json)
+        if name == "ilp":  # the time the command's --time-limit leaves, as for the plan's own re-solve
+            left = max(time_limit - (time.monotonic() - started), 1e-3)
+            plan = _solve(problem, solver, left, gap, workers, quiet=json)
         else:
             plan = _baseline(name, problem, seed, time_limit)
         plans[name] = (plan, time.monotonic() - t0)
