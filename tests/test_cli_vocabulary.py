@@ -20,7 +20,7 @@ ROOT = typer.main.get_command(app)
 CHOICE_FLAGS = {"--placement": ("place",), "--solver": ("place",), "--overlap": ("place", "estimate", "run"),
                 "--recompute": ("place", "estimate", "run"), "--optimizer-sharding": ("place", "estimate", "run"),
                 "--device": ("run", "calibrate"), "--format": ("export",), "--fabric": ("topo gen",),
-                "--node-type": ("topo gen", "topo import"), "--routing": ("topo show", "topo gen"),
+                "--node-type": ("topo gen", "topo import"), "--path-routing": ("topo show", "topo gen"),
                 "--print-launch": ("run",), "--async-checkpoints": ("run",), "--allow-change": ("run",)}
 
 
@@ -99,15 +99,30 @@ def test_a_value_outside_the_choices_is_one_line_and_exit_1(args):
     assert result.stderr.startswith("error: ") and "place --help" in result.stderr
 
 
+TOPOLOGY_FILE = str(Path(__file__).resolve().parent.parent / "topologies" / "dgx-h100-2node.yaml")
+
+
 @pytest.mark.parametrize("cmd, old, new", [
     (["topo", "gen", "--nodes", "2"], ["--fabric", "three-tier"], ["--fabric", "three_tier"]),
     (["topo", "gen", "--nodes", "2"], ["--fabric", "rail"], ["--fabric", "rail_optimized"]),
+    (["topo", "gen", "--nodes", "2"], ["--routing", "rail_aligned"], ["--path-routing", "rail_aligned"]),
+    (["topo", "show", TOPOLOGY_FILE], ["--routing", "rail_aligned"], ["--path-routing", "rail_aligned"]),
 ])
 def test_old_spellings_still_work_with_a_deprecation_line(cmd, old, new):
     before, after = runner.invoke(app, cmd + old), runner.invoke(app, cmd + new)
     assert before.exit_code == after.exit_code == 0, before.output
     assert before.stdout == after.stdout
-    assert before.stderr.startswith(f"warning: {old[0]} {old[1]} is deprecated") and after.stderr == ""
+    deprecated = f"{old[0]} {old[1]}" if old[0] == "--fabric" else old[0]
+    assert before.stderr.startswith(f"warning: {deprecated} is deprecated") and after.stderr == ""
+
+
+def test_routing_is_the_token_routing_in_every_command():
+    # The fabric's path routing (ecmp, rail_aligned) is --path-routing; --routing is always a
+    # routing spec (zipf:1.2, a trace, a run's statistics).
+    for path, cmd in COMMANDS.items():
+        for p in _options(cmd):
+            if "--routing" in p.opts:
+                assert p.metavar == "SPEC", path
 
 
 TWO_NODES = str(Path(__file__).resolve().parent.parent / "topologies" / "dgx-h100-2node.yaml")

@@ -43,7 +43,7 @@ def report(
         "(contiguous, eplb, random) on this manifest's problem, side by side (repeatable).",
         show_default=False)] = None,
     routing: Annotated[Optional[list[str]], typer.Option(
-        help="Score the plan on these routing windows instead (as 'epplan place --routing' reads "
+        metavar="SPEC", help="Score the plan on these routing windows instead (as 'epplan place --routing' reads "
              "them: repeat, cut a range with @FIRST:LAST:WIDTH, or a directory of routing "
              "statistics), to see how it ages: its MoE and step time on each, against the routing "
              "it was planned for.", show_default=False)] = None,

@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from epplan.cli import app
-from epplan.cli.common import (JsonOption, choices, console, count, err_console, listed, out_option, plain, print_json,
-                               user_errors)
+from epplan.cli.common import (JsonOption, choices, console, count, err_console, listed, out_option, plain, prefer,
+                               print_json, renamed, user_errors)
 from epplan.errors import TopologyError
 from epplan.fileio import atomic_write_text
 from epplan.topology import load_topology
@@ -26,6 +26,14 @@ topo_app = typer.Typer(help="Inspect, check and generate cluster topology files.
 app.add_typer(topo_app, name="topo")
 
 PathRouting = choices("PathRouting", ROUTINGS)
+# How traffic between GPUs of two nodes takes the fabric: the topology file's `routing:` key. The
+# CLI calls it --path-routing, because --routing is the token routing everywhere else.
+_PATH_ROUTING_HELP = ("How traffic between GPUs of two nodes takes the fabric: ecmp (through the "
+                      "sender's own NIC, equal-cost fabric paths sharing it evenly) or rail_aligned "
+                      "(NCCL PXN: over NVLink to the GPU whose NIC is on the destination's rail first); "
+                      "a topology file's 'routing'.")
+OldRoutingOption = Annotated[Optional[PathRouting], typer.Option(
+    "--routing", hidden=True, callback=renamed("--routing", "--path-routing"))]
 
 
 def _fabric(value: str) -> str:
@@ -44,11 +52,14 @@ TopologyFile = Annotated[Path, typer.Argument(help="Topology YAML file (see topo
 @user_errors
 def show(
     file: TopologyFile,
-    routing: Annotated[Optional[PathRouting], typer.Option(callback=plain, help="Override the file's routing.")] = None,
+    path_routing: Annotated[Optional[PathRouting], typer.Option(
+        callback=plain, help=_PATH_ROUTING_HELP + " Default: the file's.", show_default=False)] = None,
+    routing: OldRoutingOption = None,
     json: JsonOption = False,
 ) -> None:
     """Summarise a cluster: nodes, GPUs, link classes, bisection and injection bandwidth."""
-    topo = load_topology(file, routing=routing)
+    path_routing = prefer(path_routing, routing, "--path-routing", "--routing")
+    topo = load_topology(file, routing=path_routing)
     info = summarize(topo)
     if json:
         print_json(info, "topo show")
@@ -125,11 +136,13 @@ def gen(
     cores: Annotated[Optional[int], typer.Option(help="Core switches (three-tier).")] = None,
     oversubscription: Annotated[float, typer.Option(help="Leaf downlink:uplink ratio, >= 1.")] = 1.0,
     core_oversubscription: Annotated[float, typer.Option(help="Spine downlink:uplink ratio (three-tier), >= 1.")] = 1.0,
-    routing: Annotated[PathRouting, typer.Option(callback=plain, help="ecmp, or rail_aligned (NCCL PXN).")] = PathRouting.ecmp,
+    path_routing: Annotated[PathRouting, typer.Option(callback=plain, help=_PATH_ROUTING_HELP)] = PathRouting.ecmp,
+    routing: OldRoutingOption = None,
     name: Annotated[Optional[str], typer.Option(help="Topology name; default from the shape.")] = None,
     out: Annotated[Optional[Path], out_option("Write here instead of stdout.")] = None,
 ) -> None:
     """Write a topology file for a common cluster shape."""
+    routing = routing or path_routing  # --routing: the old spelling
     text = generate(nodes=nodes, node_type=node_type, fabric=fabric, nodes_per_su=nodes_per_su, spines=spines,
                     spines_per_su=spines_per_su, cores=cores, oversubscription=oversubscription,
                     core_oversubscription=core_oversubscription, routing=routing, name=name)
