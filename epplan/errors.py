@@ -3,13 +3,46 @@
 Every error a user can cause by bad input is an ``EpplanError`` (or a subclass) whose message
 names what was wrong and how to fix it. The CLI prints the message and exits 1 (3 for ``DoesNotFit``); internal
 invariants use ``assert`` instead. Every class lives here; the modules that raise them import them.
+
+The library names its parameters, not the CLI's flags: a message marks a parameter with
+``param("time_limit")`` (or ``param("experts_per_gpu", 3)`` for a setting to give; a model field
+is ``param("set", "seq_len=N")``). ``str()`` of the error reads ``time_limit`` /
+``experts_per_gpu=3`` / ``seq_len=N``, as a caller of the Python functions passes them;
+``cli_message()`` reads ``--time-limit`` / ``--experts-per-gpu 3`` / ``--set seq_len=N``, the
+CLI's flags (a parameter whose flag is not its name with dashes is mapped by the CLI).
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_PARAM = re.compile(r"\{\{([a-z_][a-z0-9_]*)(?:=([^{}]*))?\}\}")  # {{name}} or {{name=value}}
+
+
+def param(name: str, value: object = None) -> str:
+    """A parameter named in an error message: ``name`` (``name=value`` with a value), shown as its
+    flag when the CLI prints the error (``EpplanError.cli_message``)."""
+    return f"{{{{{name}}}}}" if value is None else f"{{{{{name}={value}}}}}"
 
 
 class EpplanError(Exception):
     """Base class of every user-facing error."""
 
     exit_code = 1  # what the CLI exits with
+
+    def __str__(self) -> str:
+        return _PARAM.sub(lambda m: m[1] if m[2] is None else m[2] if m[1] == "set" else f"{m[1]}={m[2]}",
+                          super().__str__())
+
+    def cli_message(self, flags: Mapping[str, str] | None = None) -> str:
+        """The message with each parameter as its CLI flag: ``flags[name]``, else ``--`` and the
+        name with dashes (``time_limit`` -> ``--time-limit``)."""
+        def flag(m: re.Match) -> str:
+            name = (flags or {}).get(m[1], "--" + m[1].replace("_", "-"))
+            return name if m[2] is None else f"{name} {m[2]}"
+
+        return _PARAM.sub(flag, super().__str__())
 
 
 class TopologyError(EpplanError):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -52,12 +53,18 @@ from typing import Any, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from epplan.errors import ConfigError, ManifestError
+from epplan.errors import ConfigError, ManifestError, param
 from epplan.fileio import atomic_write_text
 from epplan.inputs import no_bool_numbers
-from epplan.placement.types import LayerPlacement, Placement, overfull_problem, replica_problem
+from epplan.placement.types import LayerPlacement, Placement, SolverInfo, overfull_problem, replica_problem
 from epplan.schedule import MAX_CHUNKS, Schedule
 from epplan.workload.config import ModelConfig
+
+if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
+    from epplan.cost import Cost
+    from epplan.placement.problem import PlacementProblem
+    from epplan.topology import Topology
+
 
 FORMAT = "epplan.manifest"
 SCHEMA_VERSION = 1
@@ -125,7 +132,7 @@ class Manifest:
 
 # ------------------------------------------------------------------------------ building, writing
 
-def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: str | None = None,
+def build_manifest(placement: Placement, problem: PlacementProblem, *, cost: Cost | None = None, routing_spec: str | None = None,
                    routing_seed: int | None = None, link_layers: bool = False,
                    windows: list[tuple[str, Any]] | None = None, objective: str | None = None) -> dict[str, Any]:
     """The manifest document (a JSON-ready dict) of ``placement`` on ``problem``.
@@ -151,7 +158,7 @@ def build_manifest(placement: Placement, problem, *, cost=None, routing_spec: st
     }
     if link_layers:
         predicted["link_a2a_s"] = (cost.a2a_bytes / cost.capacity_bytes_per_s).tolist()
-    info = dict(placement.info)
+    info = SolverInfo(**placement.info)
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -398,7 +405,7 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         raise ManifestError(f"{source}: world_size {g}, but it was planned for {planned} GPUs "
                             "(predicted.summary.num_gpus; a hand-edited manifest?); re-plan with 'epplan place'")
     placement = _placement(parsed.placement, g, config, parsed.problem.experts_per_gpu, source)
-    placement.info = dict(parsed.solver)
+    placement.info = SolverInfo(**parsed.solver)  # as the planner wrote it (older manifests: fewer keys)
     return Manifest(
         placement=placement, config=config,
         topology_name=parsed.topology.name, topology_hash=parsed.topology.content_hash,
@@ -418,7 +425,7 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
     )
 
 
-def check_fits_topology(manifest: Manifest, topo, what: str = "--topology") -> None:
+def check_fits_topology(manifest: Manifest, topo: Topology, what: str = "--topology") -> None:
     """``ManifestError`` unless ``manifest`` was planned on ``topo``: the same content hash (which
     the manifest must record), GPUs, nodes and rank layout. ``what`` names the topology's origin."""
     where = manifest.path or "manifest"
@@ -431,7 +438,7 @@ def check_fits_topology(manifest: Manifest, topo, what: str = "--topology") -> N
             f"{what} {topo.source or topo.name}: content hash {topo.content_hash[:12]} differs from the one "
             f"{name} was planned on ({manifest.topology_hash[:12]}): {name} was planned for topology "
             f"{manifest.topology_name!r} ({manifest.topology_source or 'no recorded file'}); pass that file "
-            "with --topology FILE, or re-plan with 'epplan place'")
+            f"as {param('topology', 'FILE')}, or re-plan with 'epplan place'")
     ranks = [(topo.node_names[int(n)], int(i)) for n, i in zip(topo.gpu_node, topo.gpu_local)]
     mine = list(zip(manifest.rank_nodes, manifest.rank_local_gpus))
     if mine != ranks:

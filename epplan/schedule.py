@@ -26,8 +26,15 @@ z >= hidden * A, z >= X and objective exposed * A + z (``epplan.placement.splits
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
+    from epplan.topology import Topology
+    from epplan.workload.config import ModelConfig
+    from epplan.workload.flops import ModelCosts
+
 
 # Tokens per chunk of the LM head's chunked cross-entropy (``epplan.runtime.loss``), here with
 # the other schedule constants that the runtime and the cost model (``epplan.cost.step``) share:
@@ -84,7 +91,7 @@ class Schedule:
         """Share of the exchange time that runs under the GEMMs."""
         return 1.0 - self.exposed
 
-    def moe_time(self, a2a_s, expert_s):
+    def moe_time(self, a2a_s: float | np.ndarray, expert_s: float | np.ndarray) -> float | np.ndarray:
         """Seconds of the layer's MoE part from its exchange time A and expert GEMM time X
         (floats or arrays of one shape)."""
         a2a_s, expert_s = np.asarray(a2a_s, dtype=np.float64), np.asarray(expert_s, dtype=np.float64)
@@ -108,7 +115,7 @@ class Schedule:
         return {"overlap": self.overlap, "num_chunks": self.num_chunks}
 
 
-def default_schedule(topology, config, costs, micro_batches: int = 1, *, overlap: str = "auto",
+def default_schedule(topology: Topology, config: ModelConfig, costs: ModelCosts, micro_batches: int = 1, *, overlap: str = "auto",
                      num_chunks: int | None = None) -> Schedule:
     """The schedule ``epplan run`` uses on the topology's GPUs unless told: overlap when the run
     spans nodes (``auto``), and then the chunk count every rank proposes for its micro-batch

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from epplan.cli import app
 from epplan.cost.migration import plan_migration
 from epplan.manifest import load_manifest
-from epplan.report.manifests import open_manifest
+from epplan.report.manifests import open_plan
 from epplan.workload import write_routing_stats
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -39,7 +39,7 @@ def test_place_over_windows_records_them_and_report_scores_any_window(tmp_path):
     assert [w["spec"] for w in routing["windows"]] == [w["spec"] for w in data["windows"]]
     assert m.solver["num_windows"] == 3 and m.solver["bound_s"] <= m.solver["objective_s"] * (1 + 1e-9)
     # The report rebuilds the windows' mean as planned (no fallback note) ...
-    opened = open_manifest(out)
+    opened = open_plan(out)
     assert not any("could not be rebuilt" in n for n in opened.notes)
     # ... and scores the plan on any window, the planned ones as the place command did.
     result = runner.invoke(app, ["report", str(out), "--routing", f"{DRIFT}@0:5:2", "--routing", f"{DRIFT}@40",
@@ -74,7 +74,7 @@ def test_place_from_a_plan_in_force_limits_and_counts_the_move(tmp_path):
     assert data["migration"]["moves"] == 0 and data["migration"]["bytes_moved"] == 0
     free, data_free = _place(tmp_path, "free.json", "--routing", f"{DRIFT}@7", "--from-manifest", str(old))
     # What the manifest's plan moves, recounted from the two manifests, is what place reported.
-    a, b = open_manifest(old).plan, open_manifest(free).plan
+    a, b = open_plan(old).plan, open_plan(free).plan
     mig = plan_migration(a.placement, b.placement, b.problem)
     assert mig.bytes_moved == data_free["migration"]["bytes_moved"]
     assert data_free["cost"]["step"]["objective_s"] <= data["cost"]["step"]["objective_s"] * (1 + 1e-9)

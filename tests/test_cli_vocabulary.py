@@ -186,3 +186,43 @@ def test_default_tables_fit_80_columns_without_cut_cells(tmp_path):
     assert "set by" in place_out and "busiest link" in place_out
     assert not any(key in place_out for key in ("gap_met", "gap_open", "time_limit", "binds"))
     assert "MFU, datasheet peak" in estimate_out and "MFU, 400 TFLOP/s peak" in estimate_out
+
+
+# ------------------------------------------------------------------------------ library words, CLI flags
+
+def test_the_library_names_its_parameters_and_the_cli_its_flags(tmp_path):
+    from epplan.errors import PlacementError
+    from epplan.placement.problem import PlacementProblem
+    from epplan.topology import load_topology
+    from epplan.workload import load_model_config, make_traffic
+
+    config = load_model_config("tiny", {"num_experts": 40})
+    topo = load_topology(TWO_NODES)
+    with pytest.raises(PlacementError) as exc:
+        PlacementProblem(topo, config, make_traffic("uniform", config, topo.num_gpus))
+    assert "experts_per_gpu=3" in str(exc.value) and "--" not in str(exc.value)
+    assert "--experts-per-gpu 3" in exc.value.cli_message()
+    result = runner.invoke(app, ["place", "--topology", TWO_NODES, "--model", "tiny", "--set", "num_experts=40",
+                                 "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 1 and "--experts-per-gpu 3 (or more)" in result.stderr
+
+
+def test_no_library_error_is_worded_as_a_flag():
+    # Outside the CLI (and the run command's launcher and workers, train/), an error names the
+    # parameter through epplan.errors.param; a literal "--flag" in a raised message is the CLI's word
+    # (a whole command to run, 'epplan calibrate --out FILE', is quoted as the user types it).
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "epplan"
+    flag = re.compile(r"(^|[\s(])--[a-z]")
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent.name in ("cli", "train"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                texts = [c.value for c in ast.walk(node.exc) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+                if any(flag.search(re.sub(r"'epplan [^']*'", "", t)) for t in texts):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []

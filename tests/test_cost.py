@@ -221,7 +221,7 @@ def test_problem_validation_names_the_flag():
     topo = topo_of(TWO_BY_TWO)
     config = small_config(6, 4)
     traffic = make_traffic("uniform", config, 4)
-    with pytest.raises(PlacementError, match="--experts-per-gpu 2"):
+    with pytest.raises(PlacementError, match="experts_per_gpu=2"):
         PlacementProblem(topo, config, traffic)
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=2)
     cost = evaluate(contiguous(problem), problem)

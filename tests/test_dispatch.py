@@ -167,7 +167,7 @@ def test_evaluate_hierarchical_fast_equals_reference_and_is_recorded(topo):
 
 def test_dispatch_mode_is_checked(topo):
     config = small_model()
-    with pytest.raises(Exception, match="--dispatch 'pxn'"):
+    with pytest.raises(Exception, match="dispatch='pxn'"):
         PlacementProblem(topo, config, make_traffic("uniform", config, G), dispatch="pxn")
 
 

@@ -96,7 +96,7 @@ CASES = [
                                               , row_of=0), "sums to"),
     ("two experts on a GPU", lambda d: _expert(d, 0, 1).update(
         replicas=_expert(d, 0, 0)["replicas"], rows=_expert(d, 0, 0)["rows"], row_of=_expert(d, 0, 0)["row_of"]),
-     "--experts-per-gpu 2"),
+     "experts_per_gpu=2"),
     ("row_of length", lambda d: _expert(d).update(row_of=[0, 0]), "row_of has 2 entries"),
     ("layers", lambda d: d["placement"]["layers"].pop(), "MoE layers"),
     ("model", lambda d: d["model"].update(top_k=99), "model:"),

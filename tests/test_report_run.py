@@ -181,11 +181,11 @@ def test_component_timings_of_the_run(real_run, tmp_path):
 
 def test_plot_draws_the_runs_measured_bytes(real_run, tmp_path):
     from epplan.report import build_report, read_run
-    from epplan.report.manifests import open_manifest
+    from epplan.report.manifests import open_plan
     from epplan.report.plot import plotted_series, write_plot
 
     manifest, run_dir = real_run
-    opened = open_manifest(manifest, None)
+    opened = open_plan(manifest, None)
     run = read_run(run_dir, manifest_hash=opened.hash, num_layers=2, num_ranks=4)
     report = build_report(opened.plan, top=6, run=run)
     links, series, refused = plotted_series(report)
@@ -263,12 +263,12 @@ def test_a_hierarchical_run_of_a_flat_plan_is_predicted_as_hierarchical(hierarch
 
     from epplan.cost import evaluate
     from epplan.report import read_run
-    from epplan.report.manifests import open_manifest
+    from epplan.report.manifests import open_plan
     from epplan.report.measured import compare_measured
 
     manifest, run_dir = hierarchical_run
-    plan = open_manifest(manifest).plan
-    run = read_run(run_dir, manifest_hash=open_manifest(manifest).hash, num_layers=2, num_ranks=4)
+    plan = open_plan(manifest).plan
+    run = read_run(run_dir, manifest_hash=open_plan(manifest).hash, num_layers=2, num_ranks=4)
     assert run.dispatch == "hierarchical" and run.row_bytes == 128
     flat = dataclasses.replace(plan.problem, dispatch="flat")
     as_flat = compare_measured(evaluate(plan.placement, flat), plan.placement, flat, run)

@@ -131,7 +131,7 @@ def test_align_keeps_cost_on_symmetric_traffic_and_moves_less():
 
 def test_move_options_need_an_old_plan():
     problem = toy_problem(1, 2, 2, seed=0)
-    with pytest.raises(PlacementError, match="--from-manifest"):
+    with pytest.raises(PlacementError, match=r"the plan in force \(old\)"):
         solve_robust(problem, [problem], max_move_bytes=1.0)
 
 

@@ -163,7 +163,7 @@ def _heads_do_not_split(rank: int, world_size: int) -> None:
     parallelize_experts(model, Placement(2, 4, [_layer([[0], [1], [0], [1]], {}, 2)] * 2), overlap=False)
     with pytest.raises(RuntimeSetupError, match="1 key/value heads do not split over 2 ranks"):
         parallelize_tensor(model, tensor_parallel_mesh(2))
-    with pytest.raises(RuntimeSetupError, match="--tp 3 does not divide the 2 ranks"):
+    with pytest.raises(RuntimeSetupError, match="tp=3 does not divide the 2 ranks"):
         tensor_parallel_mesh(3)
 
 

@@ -170,7 +170,7 @@ def test_hostlists():
     ({"a.xml": "<system><gpu dev='0'/></system>"}, {}, "is not inside a <pci busid"),
     ({"c.conf": "SwitchName=s1 Switches=s9\n"}, {"node_type": "dgx-h100"}, "switch 's9' is not defined"),
     ({"c.conf": "SwitchName=s1 Nodes=a\nSwitchName=s2 Nodes=a\n"}, {"node_type": "dgx-h100"}, "under switches"),
-    ({"c.conf": SLURM}, {}, "--node-type"),
+    ({"c.conf": SLURM}, {}, "node_type"),
     ({"x.xml": "<system version='1'><gpu"}, {}, "not well-formed XML"),
 ])
 def test_bad_inputs_are_clear_errors(tmp_path, files, kwargs, match):

@@ -234,6 +234,10 @@ def narrow_table(title: str, **kwargs: Any) -> Table:
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, **kwargs)
 
 
+# Library parameters whose flag is not their name with dashes (``EpplanError.cli_message``).
+FLAGS = {"old": "--from-manifest", "set": "--set"}
+
+
 def user_errors(fn: F) -> F:
     """Turn an ``EpplanError`` raised by a command into one red line on stderr and its exit code
     (1; 3 when no run settings fit in GPU memory)."""
@@ -243,7 +247,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except EpplanError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(exc.cli_message(FLAGS))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -21,7 +21,7 @@ from epplan.cli.common import (AchievableTflopsOption, CalibrationOption, Dispat
                                complete_placement, console, dispatch_notes, plain, prefer, print_json, rates_for,
                                renamed, user_errors, BINDS_WORDS, WORDS_HELP)
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
-from epplan.manifest import Manifest, check_fits_topology, load_manifest
+from epplan.opened import open_manifest
 from epplan.cost.fit import Fit, choose_run_settings
 from epplan.errors import ConfigError, DoesNotFit, PlacementError
 from epplan.placement.baselines import BASELINES, baseline
@@ -81,7 +81,8 @@ def estimate(
     check_range("--seed", seed, 0, 2**32 - 1)
     check_range("--memory-gb", memory_gb, 0, 1e5, low_open=True)
     topo = cap_memory(load_topology(topology), memory_gb)
-    manifest = load_manifest(Path(placement)) if placement.endswith(".json") else None
+    # A manifest: planned on this topology (checked here), its model and run settings the defaults.
+    manifest = open_manifest(Path(placement), topo, what="--topology").manifest if placement.endswith(".json") else None
     if manifest is None:
         config = load_model_config(model or "seed", parse_overrides(set_ or []))
     else:  # the model the plan was made for, unless the user names one (which must agree)
@@ -109,7 +110,7 @@ def estimate(
     problem = PlacementProblem(topo, config, traffic, experts_per_gpu=experts_per_gpu,
                                overlap=overlap or "auto", num_chunks=num_chunks, **rates,
                                dispatch=dispatch or "flat")
-    plan = _placement(placement, problem, seed) if manifest is None else _from_manifest(manifest, problem)
+    plan = _placement(placement, problem, seed) if manifest is None else manifest.placement
     fit = choose_run_settings(plan, problem, micro_batches=micro_batches, recompute=recompute,
                               optimizer_sharding=optimizer_sharding)
     cost = fit.cost
@@ -170,11 +171,6 @@ def _placement(spec: str, problem: PlacementProblem, seed: int) -> Placement:
     if spec in BASELINES:
         return baseline(spec, problem, seed)
     raise PlacementError(f"--placement {spec!r}: use {', '.join(BASELINES)} or a manifest .json file")
-
-
-def _from_manifest(manifest: Manifest, problem: PlacementProblem) -> Placement:
-    check_fits_topology(manifest, problem.topology, "--topology")
-    return manifest.placement
 
 
 # ------------------------------------------------------------------------------ output

@@ -12,7 +12,7 @@ import numpy as np
 import typer
 
 from epplan.cli import app
-from epplan.cli.common import JsonOption, choices, console, count, out_option, plain, print_json, user_errors
+from epplan.cli.common import FLAGS, JsonOption, choices, console, count, out_option, plain, print_json, user_errors
 from epplan.cost import evaluate
 from epplan.errors import EpplanError, PlacementError
 from epplan.export import dispatch_placement, eplb_maps, megatron_expert_order, physical_layout
@@ -116,21 +116,20 @@ def export(
 
 def _score(plan: Path, topology: Path | None, manifest, exported, out: Path, notes: list[str]) -> dict:
     """Score the exported placement with the plan's problem and write its manifest beside ``out``."""
-    from epplan.report.manifests import open_manifest
+    from epplan.opened import open_manifest
 
     try:
-        opened = open_manifest(plan, topology)
+        problem = open_manifest(manifest, topology, what="--topology").problem
     except EpplanError as exc:
-        notes.append(f"not scored: {exc}")
+        notes.append(f"not scored: {exc.cli_message(FLAGS)}")
         return {}
-    problem = opened.plan.problem
     cost = evaluate(exported, problem)
     routing = manifest.doc["routing"]
     doc = build_manifest(exported, problem, cost=cost, routing_spec=routing.get("spec"),
                          routing_seed=routing.get("seed"))
     path = out.with_name(f"{out.stem}.manifest.json")
     write_manifest(path, doc)
-    original = opened.plan.cost
+    original = evaluate(manifest.placement, problem)
     return {"scored_manifest": str(path), "original_objective_s": original.objective_s,
             "exported_objective_s": cost.objective_s, "original_step_time_s": original.step_time_s,
             "exported_step_time_s": cost.step_time_s}

@@ -26,12 +26,13 @@ from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
 from epplan.cost.fit import RunSettings, choose_run_settings
 from epplan.cost import Cost, evaluate
 from epplan.errors import PlacementError
-from epplan.manifest import build_manifest, check_fits_topology, load_manifest, write_manifest
+from epplan.manifest import build_manifest, write_manifest
+from epplan.opened import open_manifest
 from epplan.placement.baselines import baseline
 from epplan.placement.problem import DISPATCH_MODES, PlacementProblem
 from epplan.placement.robust import solve_robust, window_problems, window_times
 from epplan.placement.solve import LayerInfo, plan_hierarchical, resplit, solve
-from epplan.placement.types import Placement
+from epplan.placement.types import Placement, SolverInfo
 from epplan.topology import load_topology
 from epplan.workload import load_model_config, make_traffic
 from epplan.workload.hf_config import model_notes
@@ -319,8 +320,7 @@ def _dispatch_line(chosen: str, asked: str, predicted: dict[str, float]) -> str:
 
 def _plan_in_force(path: Path, topo, config) -> Placement:
     """The placement of the manifest at ``path``, checked to be of this cluster and model."""
-    old = load_manifest(path)
-    check_fits_topology(old, topo, "--topology")
+    old = open_manifest(path, topo, what="--topology").manifest
     if old.config != config:
         raise PlacementError(f"--from-manifest {path}: planned for model {old.config.name!r} with other "
                              f"dimensions than {config.name!r} here; give the same --model and --set")
@@ -332,7 +332,7 @@ def _baseline(name: str, problem: PlacementProblem, seed: int, time_limit: float
     plan = baseline(base, problem, seed)
     if name.endswith("+lp"):
         plan = resplit(plan, problem, time_limit=time_limit)
-    plan.info = {"solver": None, "status": "baseline", "seconds": 0.0}
+    plan.info = SolverInfo(solver=None, status="baseline", seconds=0.0)
     return plan
 
 

@@ -13,7 +13,8 @@ from epplan.cli.common import (CalibrationOption, JsonOption, ManifestTopologyOp
                                err_console, in_panel, print_json, user_errors)
 from epplan.report import PlanView, ReportError, build_report, read_run
 from epplan.report.aging import score_windows
-from epplan.report.manifests import manifest_seed, open_manifest, plan_for
+from epplan.opened import manifest_seed
+from epplan.report.manifests import open_plan, plan_for
 from epplan.report.plot import plotted_series, write_plot
 from epplan.report.render import print_rich, to_csv, to_markdown
 from epplan.workload.traffic import make_traffic
@@ -76,7 +77,7 @@ def report(
         raise ReportError("--top and --all: give one (--all shows every row)")
     rows = None if all_ else (top if top is not None else _DEFAULT_TOP)
 
-    opened = open_manifest(manifest, topology, calibration=calibration)
+    opened = open_plan(manifest, topology, calibration=calibration)
     plan = opened.plan
     if routing:
         if compare or metrics is not None or plot is not None or csv_ or markdown or layer is not None:

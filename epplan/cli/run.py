@@ -162,20 +162,16 @@ def run(
     import torch
 
     from epplan.train import launch
-    from epplan.manifest import check_fits_topology, find_topology_file, load_manifest
-    from epplan.topology import load_topology
+    from epplan.opened import open_manifest
     from epplan.train.job import job_from_manifest
     from epplan.train.worker import read_failure
 
     if device is None:
         device = "cuda" if print_launch or torch.cuda.is_available() else "cpu"
     overlap = overlap or "auto"
-    planned = load_manifest(manifest)
-    what = "--topology" if topology is not None else "topology"
-    topology = topology or find_topology_file(planned)
-    if topology is not None:
-        check_fits_topology(planned, load_topology(topology, routing=planned.routing), what)
-    else:
+    opened = open_manifest(manifest, topology, required=False, what="--topology")
+    planned, topology = opened.manifest, opened.topology_file
+    if topology is None:
         err_console.print(f"note: {planned.topology_source or 'the topology file'} (recorded in {manifest}) is "
                           "not here: the manifest is checked on its own; pass --topology FILE to check it "
                           "against the cluster", highlight=False, markup=False)

@@ -60,9 +60,15 @@ The planner and the cost function stay free of torch: the per-token reference is
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from epplan.placement.types import LayerPlacement
+
+if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
+    from epplan.cost.linkmap import LinkMap
+
 
 
 # ------------------------------------------------------------------------------ rail peers
@@ -231,7 +237,7 @@ def hierarchical_traffic(node_rows: np.ndarray, gpu_rows: np.ndarray, gpu_node: 
     return network, intra
 
 
-def hierarchical_link_loads(link_map, node_rows: np.ndarray, gpu_rows: np.ndarray,
+def hierarchical_link_loads(link_map: LinkMap, node_rows: np.ndarray, gpu_rows: np.ndarray,
                             row_bytes: float) -> tuple[np.ndarray, np.ndarray]:
     """(dispatch float64[K], combine float64[K]) bytes on each link of one hierarchical exchange pair.
 

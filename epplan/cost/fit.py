@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from epplan.cost.evaluate import Cost, evaluate, exchange_loads, memory_for
-from epplan.errors import DoesNotFit, PlacementError
+from epplan.errors import DoesNotFit, param, PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
@@ -68,9 +68,9 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
     """The cheapest settings under which ``placement`` fits every GPU's memory, with its cost
     (``evaluate`` of the problem under those settings). Arguments given fix that setting."""
     if recompute is not None and recompute not in RECOMPUTE:
-        raise PlacementError(f"--recompute {recompute!r}: use {', '.join(RECOMPUTE)}")
+        raise PlacementError(f"{param('recompute', repr(recompute))}: use {', '.join(RECOMPUTE)}")
     if optimizer_sharding is not None and optimizer_sharding not in OPTIMIZER_SHARDING:
-        raise PlacementError(f"--optimizer-sharding {optimizer_sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
+        raise PlacementError(f"{param('optimizer_sharding', repr(optimizer_sharding))}: use {', '.join(OPTIMIZER_SHARDING)}")
     ms = [micro_batches] if micro_batches is not None else micro_batch_choices(problem)
     rs = [recompute] if recompute is not None else list(RECOMPUTE)
     ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
@@ -111,6 +111,7 @@ def _refusal(problem: PlacementProblem, settings: RunSettings, total: np.ndarray
     return (f"no run settings fit in GPU memory: the closest, {settings.describe()}, needs "
             f"{total[g] / _GB:.1f} GB on {problem.topology.gpu_names[g]}, which has {cap[g]:g} GB. "
             f"Use more GPUs (each then holds fewer expert replicas and tokens), shorter sequences "
-            f"(--set seq_len={max(1, c.seq_len // 2)}), fewer or smaller experts (--set num_experts=N, "
-            f"--set d_ff=N; --experts-per-gpu {problem.experts_per_gpu} allows that many per GPU and layer), "
+            f"({param('set', f'seq_len={max(1, c.seq_len // 2)}')}), fewer or smaller experts "
+            f"({param('set', 'num_experts=N')}, {param('set', 'd_ff=N')}; "
+            f"{param('experts_per_gpu', problem.experts_per_gpu)} allows that many per GPU and layer), "
             f"or GPUs with more memory")

@@ -39,9 +39,14 @@ Shape legend: G = GPUs, L = links, C = NICs, R = rails, W = edge switches, J = d
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
+    from epplan.topology import Topology
+
 
 
 class LowRank:
@@ -85,7 +90,7 @@ _BLAS_ABOVE = 2_000_000   # multiply-adds
 _CACHE: "weakref.WeakKeyDictionary[object, LinkMap]" = weakref.WeakKeyDictionary()
 
 
-def link_map(topology) -> "LinkMap":
+def link_map(topology: Topology) -> LinkMap:
     """The (cached) ``LinkMap`` of ``topology``; builds the path model if it has not been yet."""
     paths = topology.paths
     lm = _CACHE.get(paths)
@@ -113,7 +118,7 @@ class LinkMap:
         self._build_segments(pm)
 
     @property
-    def topology(self):
+    def topology(self) -> Topology:
         topo = self._topology()
         assert topo is not None, "the topology of this LinkMap was garbage-collected"
         return topo

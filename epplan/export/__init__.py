@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from epplan.errors import PlacementError
+from epplan.errors import param, PlacementError
 from epplan.placement.types import LayerPlacement, Placement
 
 DISPATCH = ("even", "local_first")
@@ -148,7 +148,7 @@ def megatron_expert_order(placement: Placement) -> np.ndarray:
             e = replicated[0]
             raise PlacementError(
                 f"layer {li}: expert {e} has replicas on ranks {layer.replicas[e].tolist()}; Megatron-Core "
-                f"places each expert once: plan with --experts-per-gpu {per_rank} on at most {num_experts} "
+                f"places each expert once: plan with {param('experts_per_gpu', per_rank)} on at most {num_experts} "
                 "GPUs, or export for vllm/sglang")
         for g, experts in enumerate(layer.experts_on_rank(num_ranks)):
             if len(experts) != per_rank:

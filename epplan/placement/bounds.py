@@ -45,11 +45,15 @@ from __future__ import annotations
 
 import heapq
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from epplan.placement.layer import LayerData
+
+if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
+    from epplan.topology import Topology
+
 
 
 def compute_bound(data: LayerData) -> float:
@@ -126,7 +130,7 @@ def cut_bound(data: LayerData) -> float:
 _CUTS: dict[int, tuple[object, list]] = {}
 
 
-def cut_sets(topo) -> list[tuple[np.ndarray, float, float]]:
+def cut_sets(topo: Topology) -> list[tuple[np.ndarray, float, float]]:
     """[(nodes int64[...], exit bytes/s, entry bytes/s)]: every node alone (first, in node
     order), then the nodes under each fabric switch (a rail leaf's scalable unit, a pod's spine,
     an edge switch's servers), with the capacity of the links leaving and entering the set's

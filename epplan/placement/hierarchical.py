@@ -33,6 +33,7 @@ Shape legend: G = GPUs, N = nodes, E = experts, K = links.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,7 +42,11 @@ from epplan.cost.dispatch import hierarchical_link_loads, set_rows, symmetric_pa
 from epplan.cost.evaluate import served_assignments
 from epplan.placement.bounds import compute_bound, cut_bound
 from epplan.placement.layer import LayerData
-from epplan.placement.types import LayerPlacement, Placement
+from epplan.placement.types import LayerPlacement, Placement, SolverInfo
+
+if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
+    from epplan.placement.problem import PlacementProblem
+
 
 _SCREENED = 8        # swaps scored exactly per round
 _ROUNDS_PER_EXPERT = 4
@@ -54,7 +59,7 @@ def hierarchical_bound(data: LayerData, top_k: int) -> float:
     return data.schedule.moe_time(cut_bound(data) / top_k, compute_bound(data))
 
 
-def improve_hierarchical(placement: Placement, problem, *, deadline: float | None = None) -> Placement:
+def improve_hierarchical(placement: Placement, problem: PlacementProblem, *, deadline: float | None = None) -> Placement:
     """``placement`` with co-activated experts swapped onto common nodes where that lowers a
     layer's time under hierarchical dispatch (module docstring); ``problem.dispatch`` must be
     hierarchical. Never worse than ``placement`` under ``evaluate``, layer by layer."""
@@ -69,7 +74,7 @@ def improve_hierarchical(placement: Placement, problem, *, deadline: float | Non
         layers.append(new)
         swaps += kept
     out = Placement(placement.num_ranks, placement.num_experts, layers, method=placement.method,
-                    info=dict(placement.info))
+                    info=SolverInfo(**placement.info))
     after = evaluate(out, problem)
     worse = np.flatnonzero(after.moe_time_s > before.moe_time_s * (1 + 1e-12))
     for li in worse:  # the search's expert time is the flat-rate one; evaluate has the last word

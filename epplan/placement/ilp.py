@@ -409,7 +409,7 @@ def _cbc_command(**options):
 
     import pulp
 
-    from epplan.errors import PlacementError
+    from epplan.errors import param, PlacementError
 
     coin = getattr(pulp, "COIN_CMD", None)
     if coin is not None and coin(msg=False).available():
@@ -421,8 +421,8 @@ def _cbc_command(**options):
             cmd = bundled(**options)
         if cmd.available():
             return cmd
-    raise PlacementError("--solver cbc: no CBC found through PuLP; install it (pip install 'pulp[cbc]') "
-                         "or use --solver highs")
+    raise PlacementError(f"{param('solver', 'cbc')}: no CBC found through PuLP; install it (pip install "
+                         f"'pulp[cbc]') or use {param('solver', 'highs')}")
 
 
 def _cbc_bound(text: str, *, optimal: bool) -> float | None:

@@ -29,16 +29,21 @@ W = edge switches.
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
 from epplan.cost.linkmap import link_map as link_map_of
 
+if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
+    from epplan.topology import Topology
+
+
 _CACHE: "weakref.WeakKeyDictionary[object, LinkModel]" = weakref.WeakKeyDictionary()
 
 
-def link_model(topology) -> "LinkModel":
+def link_model(topology: Topology) -> LinkModel:
     """The cached ``LinkModel`` of ``topology``."""
     paths = topology.paths  # Topology is an unhashable dataclass; its path model is the key
     lm = _CACHE.get(paths)

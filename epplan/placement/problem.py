@@ -14,7 +14,7 @@ import numpy as np
 from epplan.schedule import MAX_CHUNKS, OVERLAP_MODES, Schedule, default_schedule
 from typing import TYPE_CHECKING
 
-from epplan.errors import PlacementError, TrafficError
+from epplan.errors import param, PlacementError, TrafficError
 from epplan.topology import Topology
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_FACTOR, ModelCosts, model_costs,
@@ -74,14 +74,14 @@ class PlacementProblem:
                                  f"{self.topology.num_gpus} GPUs; give one per GPU")
         g, e, layers = self.topology.num_gpus, self.config.num_experts, self.config.num_moe_layers
         if not _is_positive_int(self.experts_per_gpu):
-            raise PlacementError(f"--experts-per-gpu must be a positive integer, got {self.experts_per_gpu!r}")
+            raise PlacementError(f"{param('experts_per_gpu')} must be a positive integer, got {self.experts_per_gpu!r}")
         if not _is_positive_int(self.micro_batches):
-            raise PlacementError(f"micro_batches must be a positive integer, got {self.micro_batches!r}")
+            raise PlacementError(f"{param('micro_batches')} must be a positive integer, got {self.micro_batches!r}")
         from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
         if self.recompute not in RECOMPUTE:
-            raise PlacementError(f"--recompute {self.recompute!r}: use {', '.join(RECOMPUTE)}")
+            raise PlacementError(f"{param('recompute', repr(self.recompute))}: use {', '.join(RECOMPUTE)}")
         if self.optimizer_sharding not in OPTIMIZER_SHARDING:
-            raise PlacementError(f"--optimizer-sharding {self.optimizer_sharding!r}: use "
+            raise PlacementError(f"{param('optimizer_sharding', repr(self.optimizer_sharding))}: use "
                                  f"{', '.join(OPTIMIZER_SHARDING)}")
         if not (isinstance(self.compute_efficiency, (int, float))
                 and 0 < self.compute_efficiency <= 1):
@@ -92,12 +92,12 @@ class PlacementProblem:
                 math.isfinite(self.achievable_tflops) and self.achievable_tflops > 0):
             raise PlacementError(f"achievable TFLOP/s must be > 0, got {self.achievable_tflops!r}")
         if self.dispatch not in DISPATCH_MODES:
-            raise PlacementError(f"--dispatch {self.dispatch!r}: use one of {', '.join(DISPATCH_MODES)}")
+            raise PlacementError(f"{param('dispatch', repr(self.dispatch))}: use one of {', '.join(DISPATCH_MODES)}")
         if self.overlap not in OVERLAP_MODES:
-            raise PlacementError(f"--overlap {self.overlap!r}: use one of {', '.join(OVERLAP_MODES)}")
+            raise PlacementError(f"{param('overlap', repr(self.overlap))}: use one of {', '.join(OVERLAP_MODES)}")
         if self.num_chunks is not None and not (_is_positive_int(self.num_chunks)
                                                 and self.num_chunks <= MAX_CHUNKS):
-            raise PlacementError(f"--num-chunks must be an integer in 1..{MAX_CHUNKS}, got {self.num_chunks!r}")
+            raise PlacementError(f"{param('num_chunks')} must be an integer in 1..{MAX_CHUNKS}, got {self.num_chunks!r}")
         shape = self.traffic.counts.shape
         if shape != (layers, g, e):
             raise TrafficError(
@@ -114,7 +114,7 @@ class PlacementProblem:
                 f"model {self.config.name!r} has {e} experts per layer but {self.topology.name!r} "
                 f"has {g} GPUs x {self.experts_per_gpu} expert(s) per GPU = "
                 f"{g * self.experts_per_gpu} slots; allow several experts per GPU with "
-                f"--experts-per-gpu {need} (or more)")
+                f"{param('experts_per_gpu', need)} (or more)")
 
     # --- sizes ---------------------------------------------------------------------------------
     @property

@@ -45,10 +45,10 @@ from scipy.optimize import linear_sum_assignment
 
 from epplan.cost import evaluate
 from epplan.cost.migration import plan_migration, replica_bytes
-from epplan.errors import PlacementError
+from epplan.errors import param, PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.solve import solve
-from epplan.placement.types import LayerPlacement, Placement
+from epplan.placement.types import LayerPlacement, Placement, SolverInfo
 
 OBJECTIVES = ("mean", "worst")
 _TIE = 1e-9  # relative: objectives this close are equal, the plan that moves less wins
@@ -76,7 +76,7 @@ def window_times(placement: Placement, problems: list[PlacementProblem]) -> np.n
 def combine(times: np.ndarray, objective: str) -> np.ndarray:
     """float64[L]: the objective per layer from times[W, L]."""
     if objective not in OBJECTIVES:
-        raise PlacementError(f"--objective {objective!r}: use {' or '.join(OBJECTIVES)}")
+        raise PlacementError(f"{param('objective', repr(objective))}: use {' or '.join(OBJECTIVES)}")
     return times.mean(axis=0) if objective == "mean" else times.max(axis=0)
 
 
@@ -97,9 +97,9 @@ def solve_robust(base: PlacementProblem, windows: list[PlacementProblem], *, obj
     """
     combine(np.zeros((1, 1)), objective)  # checks the name
     if old is None and (max_move_bytes is not None or move_weight):
-        raise PlacementError("--max-move-bytes and a move cost need the plan in force (--from-manifest)")
+        raise PlacementError(f"{param('max_move_bytes')} and a move cost need the plan in force ({param('old')})")
     if max_move_bytes is not None and not max_move_bytes >= 0:
-        raise PlacementError(f"--max-move-bytes must be >= 0, got {max_move_bytes}")
+        raise PlacementError(f"{param('max_move_bytes')} must be >= 0, got {max_move_bytes}")
     if not move_weight >= 0:
         raise PlacementError(f"the move weight must be >= 0, got {move_weight}")
     start = time.monotonic()
@@ -289,7 +289,7 @@ def _choose(value: np.ndarray, moves: np.ndarray, budget: int | None) -> list[in
     if budget is None or moves.max(axis=0).sum() <= budget:
         return [int(np.argmin(key[:, li])) for li in range(num_layers)]
     if moves.min(axis=0).sum() > budget:  # cannot happen with OLD among the candidates (0 moves)
-        raise PlacementError(f"--max-move-bytes allows {budget} replicas moved, every plan moves more")
+        raise PlacementError(f"{param('max_move_bytes')} allows {budget} replicas moved, every plan moves more")
     inf = np.inf
     best = np.full(budget + 1, inf)
     best[0] = 0.0
@@ -371,7 +371,7 @@ def relabel_ranks(layer: LayerPlacement, perm: np.ndarray) -> LayerPlacement:
 
 
 def _summary(solved: list[Placement], several: bool, final: np.ndarray, objective: str, choice: list[int],
-             names: list[str], gap: float, time_limit, seconds: float, solver: str) -> dict:
+             names: list[str], gap: float, time_limit, seconds: float, solver: str) -> SolverInfo:
     """``Placement.info`` of a robust plan, in ``solve``'s layout (per-layer rows and totals)."""
     score = combine(final, objective)
     base_layers = solved[0].info["layers"]

@@ -44,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from epplan.errors import PlacementError
+from epplan.errors import param, PlacementError
 from epplan.placement.bounds import lower_bound
 from epplan.placement.heuristic import local_candidates, local_first
 from epplan.placement.layer import LayerData, gpu_slots, layer_data
@@ -52,7 +52,7 @@ from epplan.placement.linkmodel import link_model
 from epplan.placement.nodelp import node_model
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.splits import nearest_split, optimal_splits, split_result
-from epplan.placement.types import LayerPlacement, Placement
+from epplan.placement.types import LayerPlacement, Placement, SolverInfo
 
 SOLVERS = ("highs", "cbc")
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
@@ -93,9 +93,9 @@ def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float
     workers:    processes for distinct layers (default: CPU count, at most 4).
     """
     if solver not in SOLVERS:
-        raise PlacementError(f"--solver {solver!r} unknown; use one of {', '.join(SOLVERS)}")
+        raise PlacementError(f"{param('solver', repr(solver))} unknown; use one of {', '.join(SOLVERS)}")
     if time_limit is not None and time_limit <= 0:
-        raise PlacementError(f"--time-limit must be > 0 seconds, got {time_limit}")
+        raise PlacementError(f"{param('time_limit')} must be > 0 seconds, got {time_limit}")
     if not 0 <= gap < 1:
         raise PlacementError(f"gap must be in [0, 1), got {gap}")
     if problem.dispatch == "hierarchical":
@@ -247,7 +247,7 @@ def plan_hierarchical(flat: Placement, problem: PlacementProblem, *, deadline: f
     best = [min(names, key=lambda n: (times[n][li], names.index(n))) for li in range(problem.num_layers)]
     layers = [candidates[name].layers[li] for li, name in enumerate(best)]
     out = Placement(problem.num_gpus, problem.num_experts, layers, method="ilp")
-    flat_info = dict(flat.info)
+    flat_info = SolverInfo(**flat.info)
     infos = []
     for li, name in enumerate(best):
         data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
@@ -472,7 +472,7 @@ def _relabel(layer: LayerPlacement, perm_from: np.ndarray, perm_to: np.ndarray) 
 
 
 def _summary(infos: list[LayerInfo], solver: str, time_limit: float | None, gap: float,
-             seconds: float) -> dict[str, object]:
+             seconds: float) -> SolverInfo:
     worst = max(infos, key=lambda i: i.gap)
     statuses = {i.status for i in infos}
     status = ("optimal" if statuses == {"optimal"} else "time_limit" if "time_limit" in statuses

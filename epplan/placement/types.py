@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import numpy as np
 
-from epplan.errors import PlacementError
+from epplan.errors import param, PlacementError
 
 
 @dataclass
@@ -56,6 +57,33 @@ class LayerPlacement:
         return out
 
 
+class SolverInfo(TypedDict, total=False):
+    """``Placement.info``: what the planner says of its plan (``solve``'s summary), the manifest's
+    ``solver`` record. A baseline's is ``{"solver": None, "status": "baseline", "seconds": 0.0}``;
+    a hand-made placement's is empty. Seconds of the plan are its MoE layers' time, summed."""
+
+    solver: str | None              # the MILP solver: highs | cbc
+    status: str                     # optimal | gap_met | gap_open | time_limit (worst layer's) | baseline
+    objective_s: float
+    bound_s: float
+    gap: float                      # the worst layer's relative gap
+    total_gap: float                # (objective - bound) / objective, all layers
+    gap_target: float
+    time_limit_s: float | None
+    seconds: float                  # wall seconds of the solve
+    layers: list[dict[str, Any]]    # per layer, ``dataclasses.asdict`` of ``solve.LayerInfo``
+    # hierarchical dispatch (``solve.plan_hierarchical``, ``hierarchical.improve_hierarchical``)
+    dispatch: str
+    flat_plan: dict[str, Any]       # the flat plan it started from: status, objective_s, bound_s, gap
+    coact_swaps: dict[str, int | None]
+    hierarchical: dict[str, Any]    # swaps, objective_before_s, objective_s
+    # several routing windows and/or a plan in force (``robust.solve_robust``)
+    objective: str                  # mean | worst
+    num_windows: int
+    window_objective_s: list[float]
+    migration: dict[str, Any]       # moves, bytes_moved, seconds, max_move_bytes, move_weight
+
+
 @dataclass
 class Placement:
     """A whole model's placement: one ``LayerPlacement`` per MoE layer."""
@@ -64,8 +92,7 @@ class Placement:
     num_experts: int
     layers: list[LayerPlacement]
     method: str = "manual"
-    # Solver facts for planned placements (status, bound, gap, seconds per layer); free-form.
-    info: dict = field(default_factory=dict)
+    info: SolverInfo = field(default_factory=lambda: SolverInfo())
 
     @property
     def num_layers(self) -> int:
@@ -135,7 +162,7 @@ def overfull_problem(per_rank: np.ndarray, experts_per_gpu: int) -> str | None:
         return None
     g = int(over[0])
     return (f"rank {g} holds {int(per_rank[g])} experts, more than experts_per_gpu = {experts_per_gpu} "
-            f"(plan with --experts-per-gpu {int(per_rank[g])} to allow it)")
+            f"(plan with {param('experts_per_gpu', int(per_rank[g]))} to allow it)")
 
 
 def _is_valid(layer: LayerPlacement, num_ranks: int, num_experts: int, experts_per_gpu: int) -> bool:

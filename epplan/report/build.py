@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from epplan.errors import param
 from epplan.report.compare import Comparison, PlanView, compare_plans
 from epplan.report.measured import MeasuredComparison, RunMetrics, compare_measured
 from epplan.report.predicted import (
@@ -128,7 +129,7 @@ def build_report(plan: PlanView, *, layer: int | None = None, top: int | None = 
     """Everything ``epplan report`` shows for ``plan``; ``others`` are compared beside it."""
     check_layer(plan.cost, layer)
     if top is not None and top < 1:
-        raise ReportError(f"--top {top}: give a positive number of rows, or --all")
+        raise ReportError(f"{param('top', top)}: give a positive number of rows, or {param('all')}")
     links = link_table(plan.cost, layer)
     report = Report(plan=plan, layer=layer, top=top, links=links, classes=class_summary(plan.cost, links),
                     gpus=gpu_table(plan.cost, plan.placement, layer), notes=list(notes or []))

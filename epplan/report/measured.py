@@ -47,9 +47,10 @@ import numpy as np
 from epplan.cost import Cost, evaluate
 from epplan.cost.dispatch import hierarchical_link_loads, hierarchical_traffic
 from epplan.cost.linkmap import link_map
-from epplan.errors import EpplanError
+from epplan.errors import EpplanError, param
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
+from epplan.topology import Topology
 from epplan.report.predicted import ReportError, component_bytes
 from epplan.runfiles import METRICS_FILE, METRICS_FORMAT, METRICS_VERSION, ROUTING_STATS_FILE, read_metrics_lines
 from epplan.workload.routing_stats import RoutingStats, read_routing_stats
@@ -114,9 +115,9 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     if not run_dir.is_dir():
-        raise ReportError(f"--metrics {run_dir}: not a directory; pass the --out directory of 'epplan run'")
+        raise ReportError(f"{param('metrics', run_dir)}: not a directory; pass the directory 'epplan run' wrote")
     if not path.is_file():
-        raise ReportError(f"--metrics {run_dir}: no {METRICS_FILE} in it; pass the --out directory of 'epplan run'")
+        raise ReportError(f"{param('metrics', run_dir)}: no {METRICS_FILE} in it; pass the directory 'epplan run' wrote")
     records = read_metrics_lines(path, ReportError)
     if not records or records[0][1].get("kind") != "start":
         raise ReportError(f"{path}: does not begin with a 'start' record; not a metrics file of 'epplan run'")
@@ -241,7 +242,7 @@ def _read_routing(run_dir: Path, records: list[tuple[int, dict]], manifest_hash:
     try:
         stats = read_routing_stats(path)
     except EpplanError as exc:
-        raise ReportError(f"--metrics {run_dir}: {exc}") from None
+        raise ReportError(f"{param('metrics', run_dir)}: {exc}") from None
     if stats.manifest_hash is not None and stats.manifest_hash != manifest_hash:
         raise ReportError(f"{path}: recorded by a run of manifest {_short(stats.manifest_hash)}, not of this "
                           f"manifest ({_short(manifest_hash)}); pass the manifest that run used")
@@ -303,7 +304,7 @@ class MeasuredComparison:
             return np.where(pred > 0, self.measured_total / pred, np.nan)
 
 
-def measured_link_bytes(topology, dispatch: np.ndarray, combine: np.ndarray,
+def measured_link_bytes(topology: Topology, dispatch: np.ndarray, combine: np.ndarray,
                         layer: int | None = None) -> dict[str, np.ndarray]:
     """Component -> float64[K] wire bytes per step of the forward matrices ``dispatch`` and
     ``combine`` (float[L, S, T] per step), both passes (2x), through ``Topology.link_loads``."""
@@ -329,7 +330,7 @@ def replay_cost(placement: Placement, problem: PlacementProblem, routing: Routin
     return evaluate(placement, replay)
 
 
-def hierarchical_replay(topology, routing: RoutingStats, row_bytes: float,
+def hierarchical_replay(topology: Topology, routing: RoutingStats, row_bytes: float,
                         layers: list[int]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """The measured rows of a hierarchical run on the links: component -> float64[K] bytes per
     step (both passes), and per layer the forward dispatch's float64[S, T] bytes summed over the

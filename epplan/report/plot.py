@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from epplan.fileio import atomic_write_bytes
 from epplan.report.build import Report
+from epplan.errors import param
 from epplan.report.predicted import CLASS_LABELS, ReportError, pair_bytes
 from epplan.report.render import fmt_bytes, fmt_time
 
@@ -52,7 +53,7 @@ def write_plot(report: Report, path: str | Path) -> Path:
     ``plotted_series`` as markers on the same links) into ``path`` (PNG)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ReportError(f"--plot {path}: write a .png file")
+        raise ReportError(f"{param('plot', path)}: write a .png file")
     plan = report.plan
     cost, topo = plan.cost, plan.cost.topology
     traffic = pair_bytes(plan.placement, plan.problem, report.layer)  # [G, G]
@@ -117,5 +118,5 @@ def write_plot(report: Report, path: str | Path) -> Path:
         fig.savefig(buffer, format="png")
         atomic_write_bytes(path, buffer.getvalue())  # a failed write leaves an existing file as it was
     except OSError as exc:
-        raise ReportError(f"--plot {path}: cannot write: {exc.strerror or exc}") from None
+        raise ReportError(f"{param('plot', path)}: cannot write: {exc.strerror or exc}") from None
     return path

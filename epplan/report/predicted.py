@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from epplan.cost import Cost
-from epplan.errors import ReportError
+from epplan.errors import param, ReportError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 
@@ -41,7 +41,7 @@ CLASS_LABELS = {
 
 def check_layer(cost: Cost, layer: int | None) -> None:
     if layer is not None and not 0 <= layer < cost.num_layers:
-        raise ReportError(f"--layer {layer}: the model has MoE layers 0..{cost.num_layers - 1}")
+        raise ReportError(f"{param('layer', layer)}: the model has MoE layers 0..{cost.num_layers - 1}")
 
 
 def component_bytes(cost: Cost, layer: int | None = None) -> dict[str, np.ndarray]:

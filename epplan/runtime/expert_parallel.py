@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from epplan.errors import RuntimeSetupError
+from epplan.errors import param, RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.runtime.experts import GroupedExperts, compute_dtype, expert_mlp
 from epplan.runtime import expert_tensor_parallel as etp_
@@ -561,7 +561,7 @@ def parallelize_experts(model: Transformer, placement: Placement,
     etp = None
     if expert_tp is not None:
         if group is not None:
-            raise RuntimeSetupError("--expert-tp runs expert parallelism over the world; pass group=None")
+            raise RuntimeSetupError(f"{param('expert_tp')} runs expert parallelism over the world; pass group=None")
         etp = ExpertTP.of(expert_tp)
         etp.check(num_ranks, config.d_ff, dispatch)
 

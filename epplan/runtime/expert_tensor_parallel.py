@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from epplan.errors import RuntimeSetupError
+from epplan.errors import param, RuntimeSetupError
 from epplan.placement.types import LayerPlacement
 
 # The dimension of the hidden size F in each expert weight, from the end: (..., D, F) or (..., F, D).
@@ -84,15 +84,16 @@ class ExpertTP:
         size splits over, under flat dispatch."""
         t = self.size
         if num_ranks % t or list(self.ranks) != list(range(self.ranks[0], self.ranks[0] + t)) or self.ranks[0] % t:
-            raise RuntimeSetupError(f"--expert-tp: the TP group {list(self.ranks)} is not {t} consecutive ranks "
+            raise RuntimeSetupError(f"{param('expert_tp')}: the TP group {list(self.ranks)} is not {t} consecutive ranks "
                                     f"of the {num_ranks}")
         if hidden % t:
-            raise RuntimeSetupError(f"--expert-tp: the experts' hidden size {hidden} does not split over "
-                                    f"--tp {t}; use a --tp that divides {hidden}, or run without --expert-tp")
+            raise RuntimeSetupError(f"{param('expert_tp')}: the experts' hidden size {hidden} does not split over "
+                                    f"{param('tp', t)}; use a {param('tp')} that divides {hidden}, or run without "
+                                    f"{param('expert_tp')}")
         if dispatch != "flat":
-            raise RuntimeSetupError(f"--expert-tp with --dispatch {dispatch}: not supported (the two-stage "
-                                    "exchange would need the group's gather on its second stage); "
-                                    "use --dispatch flat")
+            raise RuntimeSetupError(f"{param('expert_tp')} with {param('dispatch', dispatch)}: not supported (the "
+                                    "two-stage exchange would need the group's gather on its second stage); "
+                                    f"use {param('dispatch', 'flat')}")
 
     def group_of(self, rank: int) -> int:
         return rank // self.size

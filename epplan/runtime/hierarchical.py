@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from epplan.errors import RuntimeSetupError
+from epplan.errors import param, RuntimeSetupError
 from epplan.runtime.experts import expert_mlp
 from epplan.runtime.overlap import _to_device, exchange_rows
 from epplan.runtime.router import count_keys
@@ -96,9 +96,9 @@ class NodeLayout:
         sizes = sorted({len(node) for node in self.node_ranks})
         if dispatch == "hierarchical" and len(sizes) > 1:
             raise RuntimeSetupError(
-                f"--dispatch hierarchical needs the same number of GPUs on every node (a rank "
+                f"{param('dispatch', 'hierarchical')} needs the same number of GPUs on every node (a rank "
                 f"forwards through the GPU of its local index on each node); the manifest's nodes "
-                f"have {', '.join(map(str, sizes))} GPUs; use --dispatch flat")
+                f"have {', '.join(map(str, sizes))} GPUs; use {param('dispatch', 'flat')}")
 
 
 @dataclass

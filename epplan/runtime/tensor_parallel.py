@@ -53,7 +53,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                PrepareModuleInputOutput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from epplan.errors import RuntimeSetupError
+from epplan.errors import param, RuntimeSetupError
 from epplan.runtime.expert_parallel import gather_state_dict, sync_expert_gradients
 from epplan.runtime.loss import linear_cross_entropy, vocab_parallel_chunk_loss
 from epplan.runtime.model import MLP, MoE, Transformer
@@ -84,7 +84,7 @@ def tensor_parallel_mesh(tp: int, device_type: str = "cpu") -> DeviceMesh:
     Raises ``RuntimeSetupError`` if ``tp`` does not divide the world."""
     world = dist.get_world_size()
     if tp < 1 or world % tp:
-        raise RuntimeSetupError(f"--tp {tp} does not divide the {world} ranks; use a divisor of the "
+        raise RuntimeSetupError(f"{param('tp', tp)} does not divide the {world} ranks; use a divisor of the "
                                 "GPUs per node")
     return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
 
@@ -130,8 +130,8 @@ def parallelize_tensor(model: Transformer, mesh: DeviceMesh,
     c = model.config
     for what, n in (("attention heads", c.num_heads), ("key/value heads", c.num_kv_heads)):
         if n % t:
-            raise RuntimeSetupError(f"--tp {t}: the model's {n} {what} do not split over {t} ranks; "
-                                    f"use a --tp that divides {n}")
+            raise RuntimeSetupError(f"{param('tp', t)}: the model's {n} {what} do not split over {t} ranks; "
+                                    f"use a {param('tp')} that divides {n}")
     plan: dict[str, ParallelStyle] = {
         "layers.0": PrepareModuleInput(input_layouts=Replicate(), desired_input_layouts=Shard(1)),
         "norm": SequenceParallel(),

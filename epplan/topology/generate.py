@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from epplan.errors import TopologyError
+from epplan.errors import param, TopologyError
 from epplan.topology.library import NODE_TYPES
 from epplan.topology.load import parse_spec
 
@@ -33,19 +33,19 @@ def generate(
 ) -> str:
     """YAML text of a cluster of ``nodes`` identical built-in servers; checked before returning."""
     if node_type not in NODE_TYPES:
-        raise TopologyError(f"--node-type: unknown node type {node_type!r}; built-in: {', '.join(NODE_TYPES)}")
+        raise TopologyError(f"{param('node_type')}: unknown node type {node_type!r}; built-in: {', '.join(NODE_TYPES)}")
     if nodes < 1:
-        raise TopologyError(f"--nodes must be at least 1, got {nodes}")
+        raise TopologyError(f"{param('nodes')} must be at least 1, got {nodes}")
     fabric = OLD_FABRICS.get(fabric, fabric)
     if fabric not in FABRICS:
-        raise TopologyError(f"--fabric: unknown fabric {fabric!r}; choose one of {', '.join(FABRICS)}")
-    for flag, value in (("--nodes-per-su", nodes_per_su), ("--spines", spines), ("--spines-per-su", spines_per_su),
-                        ("--cores", cores)):
+        raise TopologyError(f"{param('fabric')}: unknown fabric {fabric!r}; choose one of {', '.join(FABRICS)}")
+    for flag, value in (("nodes_per_su", nodes_per_su), ("spines", spines), ("spines_per_su", spines_per_su),
+                        ("cores", cores)):
         if value is not None and value < 1:  # 0 must not silently mean "the default"
-            raise TopologyError(f"{flag} must be at least 1, got {value}")
-    for flag, ratio in (("--oversubscription", oversubscription), ("--core-oversubscription", core_oversubscription)):
+            raise TopologyError(f"{param(flag)} must be at least 1, got {value}")
+    for flag, ratio in (("oversubscription", oversubscription), ("core_oversubscription", core_oversubscription)):
         if not 1.0 <= ratio <= 1e3:  # also NaN and infinity
-            raise TopologyError(f"{flag} is a downlink:uplink ratio from 1 to 1000, got {ratio}")
+            raise TopologyError(f"{param(flag)} is a downlink:uplink ratio from 1 to 1000, got {ratio}")
     ntype = NODE_TYPES[node_type]
     name = name or f"{node_type}-{nodes}node-{_SHORT[fabric]}"
     doc: dict[str, Any] = {

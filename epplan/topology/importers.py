@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from epplan.errors import TopologyError
+from epplan.errors import param, TopologyError
 from epplan.topology.library import A100_SXM, B200, H100_SXM, H200_SXM, NODE_TYPES
 from epplan.topology.load import parse_spec
 from epplan.topology.schema import GPUSpec, NICSpec, NodeType, NVSwitchFabric, PCIeFabric
@@ -83,19 +83,19 @@ def import_topology(
     if server is None:
         if node_type is None:
             raise TopologyError("no server file (NCCL XML or nvidia-smi topo -m) given: name a built-in "
-                                f"server type with --node-type ({', '.join(NODE_TYPES)})")
+                                f"server type with {param('node_type')} ({', '.join(NODE_TYPES)})")
         if node_type not in NODE_TYPES:
-            raise TopologyError(f"--node-type: unknown node type {node_type!r}; built-in: {', '.join(NODE_TYPES)}")
+            raise TopologyError(f"{param('node_type')}: unknown node type {node_type!r}; built-in: {', '.join(NODE_TYPES)}")
         server = _Server(NODE_TYPES[node_type], node_type)
     elif node_type is not None:
-        raise TopologyError("--node-type and a server file both describe the servers; give one")
+        raise TopologyError(f"{param('node_type')} and a server file both describe the servers; give one")
 
     doc: dict[str, Any] = {"name": name or "imported", "description": "written by epplan topo import"}
     if server.type_name == "imported":
         doc["node_types"] = {"imported": server.ntype.model_dump(exclude_none=True)}
     if slurm is not None:
         if nodes is not None:
-            raise TopologyError("--nodes and a Slurm topology.conf both give the nodes; give one")
+            raise TopologyError(f"{param('nodes')} and a Slurm topology.conf both give the nodes; give one")
         doc["nodes"], doc["fabric"] = _slurm_fabric(slurm, server, notes)
     else:
         count = nodes or 1
@@ -132,7 +132,7 @@ def _read(path: Path) -> str:
 def _gpu_model(name: str | None, guess: str, why: str, notes: list[str]) -> tuple[GPUSpec, float, float]:
     if name is not None:
         if name.lower() not in GPUS:
-            raise TopologyError(f"--gpu {name!r} unknown; known: {', '.join(GPUS)}")
+            raise TopologyError(f"{param('gpu', repr(name))} unknown; known: {', '.join(GPUS)}")
         return GPUS[name.lower()]
     notes.append(f"GPU model {guess} ({why}); pass --gpu to change it")
     return GPUS[guess]
@@ -145,9 +145,9 @@ def _nic_gbps(value: str | float | None, notes: list[str]) -> float:
     try:
         gbps = parse_bandwidth(value)
     except ValueError as exc:
-        raise TopologyError(f"--nic-gbps: {exc}") from None
+        raise TopologyError(f"{param('nic_gbps')}: {exc}") from None
     if not isinstance(gbps, (int, float)) or gbps <= 0:
-        raise TopologyError(f"--nic-gbps must be positive, got {value!r}")
+        raise TopologyError(f"{param('nic_gbps')} must be positive, got {value!r}")
     return float(gbps)
 
 
@@ -197,7 +197,7 @@ def nccl_xml_node(text: str, source: str, gpu: str | None, nic_gbps, notes: list
     guess = _BY_PCI_DEVICE.get(device) or _BY_SM.get(sm)
     if guess is None and gpu is None:
         raise TopologyError(f"{source}: GPU sm={sm} (PCI device {device or '?'}) is not one epplan knows; "
-                            f"pass --gpu ({', '.join(GPUS)})")
+                            f"pass {param('gpu')} ({', '.join(GPUS)})")
     spec, per_link, pcie_default = _gpu_model(gpu, guess, f"PCI device {device or '?'}, sm {sm}", notes)
 
     to_switch, bridges = [], {}

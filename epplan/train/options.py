@@ -14,7 +14,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # for the annotations only (this module imports neither torch nor the planner)
+    from epplan.schedule import Schedule
+    from epplan.workload.config import ModelConfig
 
 DEVICES = ("cpu", "cuda")
 OVERLAP = ("auto", "on", "off")
@@ -68,7 +72,7 @@ class TrainOptions:
     def allowed_changes(self) -> tuple[str, ...]:
         return tuple(k for k in (self.allow_change or "").split(",") if k)
 
-    def batch(self, config) -> int:
+    def batch(self, config: ModelConfig) -> int:
         """Sequences per optimizer step: --global-batch, else the model's."""
         return config.global_batch if self.global_batch is None else self.global_batch
 
@@ -86,7 +90,7 @@ class TrainOptions:
         # Small models take large steps; 1 / d_model gives 2.4e-4 at d_model 4096.
         return self.lr if self.lr is not None else min(0.01, 1.0 / d_model)
 
-    def use_overlap(self, num_nodes: int, planned=None) -> bool:
+    def use_overlap(self, num_nodes: int, planned: Schedule | None = None) -> bool:
         """auto: as the plan's schedule says (``planned``, a ``Schedule`` the planner minimised),
         else on where the exchange leaves the node; on CPU always (so that CI runs the path).
 
@@ -101,7 +105,7 @@ class TrainOptions:
             return True
         return planned.overlap if planned is not None else num_nodes > 1
 
-    def chunks(self, planned=None) -> int | None:
+    def chunks(self, planned: Schedule | None = None) -> int | None:
         """Chunks per MoE layer: --num-chunks, else the plan's when the run follows the plan's
         overlap (auto, on GPUs), else None (the runtime's choice, by the rule the planner uses)."""
         if self.num_chunks is not None:

@@ -180,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = ("diverged" if isinstance(exc, TrainingDiverged) else
                 "out_of_memory" if isinstance(exc, OutOfGPUMemory) else "error")
         if kind != "diverged" or rank <= 0:  # a divergence is the same on every rank: say it once
-            written = _write_failure(out, kind, str(exc), rank, attempt)
+            message = exc.cli_message()  # shown by 'epplan run': the library's parameters as its flags
+            written = _write_failure(out, kind, message, rank, attempt)
             if not (launched and written):
-                print(f"epplan worker (rank {rank if rank >= 0 else '?'}): error: {exc}", file=sys.stderr, flush=True)
+                print(f"epplan worker (rank {rank if rank >= 0 else '?'}): error: {message}", file=sys.stderr, flush=True)
         return 1
     except Exception as exc:  # a defect of epplan or of the cluster: one line, the traceback in the log
         where = _log_crash(out, rank)

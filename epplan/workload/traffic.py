@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from epplan.errors import TrafficError
+from epplan.errors import param, TrafficError
 from epplan.workload.coact import SAMPLE_TOKENS, coact_statistics, parse_coact
 from epplan.workload.drift import MAX_STEP as MAX_DRIFT_STEP
 from epplan.workload.drift import PREFIX as DRIFT_PREFIX
@@ -230,8 +230,8 @@ def fit_counts(
     if num_experts != config.num_experts:
         raise TrafficError(
             f"{name}: has {num_experts} experts per layer, model {config.name!r} has "
-            f"{config.num_experts}; use a model with num_experts={num_experts} "
-            f"(e.g. --set num_experts={num_experts}) or routing statistics of this model")
+            f"{config.num_experts}; use a model with {param('set', f'num_experts={num_experts}')} "
+            "or routing statistics of this model")
 
     num_layers = config.num_moe_layers
     if num_file_layers != num_layers:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from epplan.errors import TrafficError
+from epplan.errors import param, TrafficError
 from epplan.workload.config import ModelConfig
 from epplan.workload.traffic import Traffic, make_traffic
 
@@ -38,22 +38,22 @@ def window_specs(values: list[str]) -> list[str]:
         if cut:
             base, first, last, width = cut.group(1), *(int(cut.group(i)) for i in (2, 3, 4))
             if width < 1 or last < first:
-                raise TrafficError(f"--routing {value}: @FIRST:LAST:WIDTH needs FIRST <= LAST and "
+                raise TrafficError(f"{param('routing', value)}: @FIRST:LAST:WIDTH needs FIRST <= LAST and "
                                    f"WIDTH >= 1, e.g. counts.npz@1:1000:250")
             if (last - first) // width + 1 > MAX_WINDOWS:
-                raise TrafficError(f"--routing {value}: cuts into more than {MAX_WINDOWS} windows; "
+                raise TrafficError(f"{param('routing', value)}: cuts into more than {MAX_WINDOWS} windows; "
                                    "use a larger WIDTH")
             out += [f"{base}@{a}:{min(a + width - 1, last)}" for a in range(first, last + 1, width)]
         elif Path(value).is_dir():
             files = sorted(Path(value).glob("*.json"))
             if not files:
-                raise TrafficError(f"--routing {value}: a directory without routing statistics "
+                raise TrafficError(f"{param('routing', value)}: a directory without routing statistics "
                                    "(*.json); give files or a directory of them")
             out += [str(f) for f in files]
         else:
             out.append(value)
     if len(out) > MAX_WINDOWS:
-        raise TrafficError(f"--routing: {len(out)} windows, at most {MAX_WINDOWS}")
+        raise TrafficError(f"{param('routing')}: {len(out)} windows, at most {MAX_WINDOWS}")
     return out
 
 
