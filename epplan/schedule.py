@@ -26,7 +26,7 @@ z >= hidden * A, z >= X and objective exposed * A + z (``epplan.placement.splits
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
@@ -56,7 +56,13 @@ MIN_ROWS_PER_EXPERT = 1024
 MIN_CHUNK_FLOPS = 5e11
 MAX_CHUNKS = 16
 
-OVERLAP_MODES = ("auto", "on", "off")
+# How the runtime runs a MoE layer's exchange: overlapped with the expert GEMMs (on), not (off), or
+# as the cluster calls for (auto: on when the run spans nodes); and how it exchanges the tokens:
+# flat (a row per token and expert) or hierarchical (a row per token and destination node).
+Overlap = Literal["auto", "on", "off"]
+OVERLAP_MODES: tuple[Overlap, ...] = get_args(Overlap)
+Dispatch = Literal["flat", "hierarchical"]
+DISPATCH_MODES: tuple[Dispatch, ...] = get_args(Dispatch)
 
 
 def auto_num_chunks(num_assignments: int, num_ranks: int, num_experts: int,
@@ -115,7 +121,7 @@ class Schedule:
         return {"overlap": self.overlap, "num_chunks": self.num_chunks}
 
 
-def default_schedule(topology: Topology, config: ModelConfig, costs: ModelCosts, micro_batches: int = 1, *, overlap: str = "auto",
+def default_schedule(topology: Topology, config: ModelConfig, costs: ModelCosts, micro_batches: int = 1, *, overlap: Overlap = "auto",
                      num_chunks: int | None = None) -> Schedule:
     """The schedule ``epplan run`` uses on the topology's GPUs unless told: overlap when the run
     spans nodes (``auto``), and then the chunk count every rank proposes for its micro-batch

@@ -11,7 +11,7 @@ from functools import cached_property
 
 import numpy as np
 
-from epplan.schedule import MAX_CHUNKS, OVERLAP_MODES, Schedule, default_schedule
+from epplan.schedule import DISPATCH_MODES, MAX_CHUNKS, OVERLAP_MODES, Dispatch, Overlap, Schedule, default_schedule
 from typing import TYPE_CHECKING
 
 from epplan.errors import param, PlacementError, TrafficError
@@ -21,10 +21,10 @@ from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_
                                    recompute_exchanges_per_layer, recompute_flops_per_token)
 from epplan.workload.traffic import Traffic
 
-DISPATCH_MODES = ("flat", "hierarchical")
 
 if TYPE_CHECKING:  # epplan.cost imports this module
     from epplan.cost.calibration import Calibration
+    from epplan.workload.memory import OptimizerSharding, Recompute
 
 
 @dataclass(eq=False)
@@ -61,12 +61,12 @@ class PlacementProblem:
     compute_efficiency: float = 0.6
     achievable_tflops: float | None = None
     micro_batches: int = 1
-    overlap: str = "auto"
+    overlap: Overlap = "auto"
     num_chunks: int | None = None
-    recompute: str = "none"
-    optimizer_sharding: str = "none"
+    recompute: Recompute = "none"
+    optimizer_sharding: OptimizerSharding = "none"
     calibration: list[Calibration] | None = None
-    dispatch: str = "flat"
+    dispatch: Dispatch = "flat"
 
     def __post_init__(self) -> None:
         if self.calibration is not None and len(self.calibration) != self.topology.num_gpus:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,7 +50,8 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.solve import solve
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
 
-OBJECTIVES = ("mean", "worst")
+Objective = Literal["mean", "worst"]
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 _TIE = 1e-9  # relative: objectives this close are equal, the plan that moves less wins
 
 

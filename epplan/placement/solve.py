@@ -40,7 +40,7 @@ import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import numpy as np
 
@@ -54,7 +54,8 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.splits import nearest_split, optimal_splits, split_result
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
 
-SOLVERS = ("highs", "cbc")
+Solver = Literal["highs", "cbc"]  # the MILP's; LPs always use HiGHS
+SOLVERS: tuple[Solver, ...] = get_args(Solver)
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
 _TIE = 1e-6     # bottlenecks this close are equal; the idler network wins
 _GRACE_S = 2.0  # seconds past the time limit a layer may take to return what it found
@@ -82,7 +83,7 @@ class LayerInfo:
 ProgressFn = Callable[[LayerInfo, int, int], None]
 
 
-def solve(problem: PlacementProblem, *, solver: str = "highs", time_limit: float | None = 120.0, gap: float = 0.01,
+def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: float | None = 120.0, gap: float = 0.01,
           progress: ProgressFn | None = None, workers: int | None = None) -> Placement:
     """Plan every MoE layer of ``problem`` (see the module docstring).
 

@@ -54,8 +54,9 @@ from epplan.errors import param, RuntimeSetupError
 from epplan.runtime.experts import expert_mlp
 from epplan.runtime.overlap import _to_device, exchange_rows
 from epplan.runtime.router import count_keys
+from epplan.schedule import DISPATCH_MODES
 
-DISPATCH = ("flat", "hierarchical")
+DISPATCH = DISPATCH_MODES
 
 
 @dataclass(frozen=True)

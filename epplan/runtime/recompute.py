@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.utils.checkpoint as ckpt
 
-RECOMPUTE = ("none", "attention", "block")
+from epplan.workload.memory import RECOMPUTE  # the modes the memory model and the planner know
 
 # "record" inside a checkpointed forward, "replay" inside its recompute, None elsewhere. A plain
 # module global: the recompute runs in whichever thread autograd uses, one at a time.

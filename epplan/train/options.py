@@ -21,9 +21,7 @@ if TYPE_CHECKING:  # for the annotations only (this module imports neither torch
     from epplan.workload.config import ModelConfig
 
 DEVICES = ("cpu", "cuda")
-OVERLAP = ("auto", "on", "off")
-DISPATCH = ("flat", "hierarchical")  # epplan.runtime.hierarchical.DISPATCH (not imported: no torch here)
-ASYNC_CHECKPOINTS = OVERLAP
+ASYNC_CHECKPOINTS = ("auto", "on", "off")  # auto: on GPUs
 # What a resumed run checks against its checkpoint; --allow-change KEY accepts a difference.
 RESUME_KEYS = ("seed", "data", "global_batch", "micro_batches", "model")
 

@@ -37,13 +37,17 @@ backward runs, so their sum is an upper bound. AdamW runs fused on GPUs (no temp
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import ModelCosts, mlp_matrices
 
-RECOMPUTE = ("none", "attention", "block")
-OPTIMIZER_SHARDING = ("none", "dense", "all")
+Recompute = Literal["none", "attention", "block"]
+RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
+OptimizerSharding = Literal["none", "dense", "all"]
+OPTIMIZER_SHARDING: tuple[OptimizerSharding, ...] = get_args(OptimizerSharding)
 _FP32 = 4
 _STEP_BYTES = 4  # AdamW's per-tensor fp32 step counter
 

@@ -58,7 +58,6 @@ from epplan.fileio import atomic_write_text
 
 FORMAT = "epplan.routing-stats"
 VERSION = 2
-DISPATCH = ("flat", "hierarchical")
 
 
 @dataclass(frozen=True)
