@@ -158,3 +158,16 @@ def test_conflicting_flags(manifests):
     _one_line_error(invoke(manifests["eplb"], "--json", "--csv"), "choose one output format")
     _one_line_error(invoke(manifests["eplb"], "--top", "3", "--all"), "--top and --all")
     _one_line_error(invoke(manifests["eplb"], "--layer", "9"), "--layer 9: the model has MoE layers 0..1")
+
+
+def test_compared_plans_with_long_file_names_fit_80_columns_without_cut_cells(manifests, tmp_path):
+    # The README's mixtral example compares with 'mixtral-expert-location.manifest.json': a plan's
+    # column is headed by its file name, which folds onto two lines rather than being cut to "…".
+    long = tmp_path / "a-plan-with-a-rather-long-file-name.manifest.json"
+    long.write_bytes(manifests["contiguous"].read_bytes())
+    result = runner.invoke(app, ["report", str(manifests["eplb"]), "--compare", str(long), "--top", "5"],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout, result.stdout
+    assert all(len(line) <= 80 for line in result.stdout.splitlines()), result.stdout
+    assert "a-plan-with-a-rather-long" in result.stdout

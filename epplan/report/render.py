@@ -283,7 +283,9 @@ def print_rich(report: Report, console: Console) -> None:
         table = Table(title=escape(sec.title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for j in keep:
             name, justify = sec.columns[j]
-            table.add_column(escape(name), justify=justify, no_wrap=j == 1)
+            # The first data column keeps its line; the others fold a word too long for them
+            # (a plan's file name heading its column) onto the next line instead of cutting it to "…".
+            table.add_column(escape(name), justify=justify, no_wrap=j == 1, overflow="fold")
         for i, row in enumerate(sec.rows):
             table.add_row(*(escape(row[j]) for j in keep), style="bold" if i in sec.highlight else None)
         console.print(table)
