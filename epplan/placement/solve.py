@@ -7,22 +7,27 @@ relabelling of the experts is solved once and relabelled):
    nodes and the nodes under each fabric switch, and the cuts under the GPU time a plan may
    spend), combined by the runtime's schedule (``epplan.schedule``), and while the gap is open
    the node-level LP of ``nodelp.py`` and the fabric link classes of ``farbound.py``;
-2. incumbent: the constructions of ``heuristic.py`` (compute-first, and network-aware where the
-   layer has a network) with their splits from the split LP (``splits.py``); then every
-   baseline (contiguous, EPLB in both modes, random), scored with its own split exactly as
-   ``evaluate`` scores it, and re-split by the LP when that could win or while the gap is open:
-   the plan is never worse than a baseline;
+2. incumbent, the best plan (lowest layer time, as ``evaluate`` computes it) of: every baseline
+   (contiguous, EPLB in both modes, random) as it is, and re-split by the split LP
+   (``splits.py``) unless ``split_bound`` shows that no split of it beats the plan in hand; the
+   constructions of ``heuristic.py`` (compute-first, and network-aware where the layer has a
+   network) with their splits from the split LP. The baselines' splits come first (for half
+   the layer's time at most), so that a layer stopped early is at least the best of them;
 3. if the gap to the bound is still above ``gap``: the MILP of ``ilp.py``, warm-started from the
    incumbent, raises the bound and may find a better placement (re-split by the LP), within the
-   time left.
+   time left. The bound is the layer's own: a baseline winning does not move it.
 
 ``time_limit`` (seconds, the whole solve) always ends with the best plan found and its bound:
 every LP and the MILP run under the time left, and an LP cut short falls back to a feasible
 split that needs no LP. ``placement.info`` records, per layer, status, objective, bound (and
-which bound), gap, seconds and the incumbent that the layer's plan came from.
+which bound), gap, seconds, the plan's origin (``start``: local, a baseline, or a baseline
+re-split, ``eplb+lp``) and the baselines whose split the time limit left unchecked.
 
 Distinct layers run in parallel processes (fork) when ``workers`` allows; each solver runs
-single-threaded.
+single-threaded. A worker stops its layer at the deadline and returns what it has; it also
+posts every better plan to the parent as it finds it, so that one still running at the deadline
+plus ``_GRACE_S`` (an LP past its limit, a construction that does not return) is stopped
+without losing its plan.
 
 Under hierarchical dispatch (``problem.dispatch``) the steps above plan for the flat exchange
 (most of the time limit), then ``plan_hierarchical`` moves co-activated experts onto common
@@ -39,6 +44,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal, get_args
 
@@ -51,7 +57,7 @@ from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
 from epplan.placement.nodelp import node_model
 from epplan.placement.problem import PlacementProblem
-from epplan.placement.splits import nearest_split, optimal_splits, split_result
+from epplan.placement.splits import nearest_split, optimal_splits, split_bound, split_result
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
 
 Solver = Literal["highs", "cbc"]  # the MILP's; LPs always use HiGHS
@@ -76,8 +82,11 @@ class LayerInfo:
     gap: float
     link_s: float          # max link time of the plan (after the network tie-break)
     seconds: float
-    start: str             # the incumbent the layer started from: local | contiguous | eplb | random
+    start: str             # where the layer's plan came from: local (the construction, maybe improved
+                           # by the MILP), a baseline as it is (eplb, ...) or re-split (eplb+lp, ...)
     same_as: int | None = None   # solved as a relabelling of this layer
+    unchecked: list[str] = dataclasses.field(default_factory=list)   # baselines whose re-split by the
+                           # split LP the time limit left neither solved nor ruled out by its bound
 
 
 ProgressFn = Callable[[LayerInfo, int, int], None]
@@ -149,73 +158,107 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                 if progress is not None:
                     progress(info_j, done, total)
 
-    scores = _baseline_scores(problem, baselines, slots)
     tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
-    num_workers = _workers(workers, len(todo))
+    num_workers = _workers(workers, len(tasks))
     has_fork = "fork" in mp.get_all_start_methods()  # workers inherit the problem by forking
     if not has_fork or (num_workers <= 1 and deadline is None):
+        scores = _baseline_scores(problem, baselines, slots)
         for i, (li, base) in enumerate(tasks):
             budget = _budget(deadline, len(tasks) - i)
-            layer, info = _solve_layer(problem, li, base, solver, budget, gap)
+            layer, info = _solve_layer(problem, li, base, solver, budget, gap, deadline=deadline)
             finish(li, layer, info)
     else:
-        # Worker processes, so that the time limit is a wall: layers still solving at the
-        # deadline (plus a grace for the pool to hand back what it has) are stopped and get the
-        # best baseline with the analytic bound.
+        # Worker processes, so that the time limit is a wall. Every worker stops its layer's
+        # search at the deadline and returns its plan; on the way it posts each better plan it
+        # finds (_post), so that a layer still running at the deadline plus the grace (an LP or
+        # MILP that overran its limit, a construction that does not return) is stopped and keeps
+        # the best plan it had posted (the best baseline as it is when it posted none).
         ctx = mp.get_context("fork")
-        global _SHARED
-        _SHARED = problem  # the forked workers read it; reset however the pool ends
+        global _SHARED, _QUEUE
+        posted: dict[int, tuple] = {}
+        queue = ctx.SimpleQueue()
+        _SHARED, _QUEUE = problem, queue  # the forked workers read them; reset however the pool ends
         try:
             pool = ctx.Pool(max(1, num_workers))
+            # The baselines' scores (for the relabelled layers and the stopped ones) are computed
+            # while the workers solve, in a thread started after the workers are forked.
+            scoring = ThreadPoolExecutor(1)
+            scores_future = scoring.submit(_baseline_scores, problem, baselines, slots)
             try:
                 jobs = [(li, base, solver, deadline, len(tasks), max(1, num_workers), gap) for li, base in tasks]
                 results_iter = pool.imap_unordered(_worker, jobs)
-                for _ in jobs:
-                    wait = None if deadline is None else max(0.0, deadline + _GRACE_S - time.monotonic())
-                    try:
-                        li, layer, info = results_iter.next(timeout=wait)
-                    except mp.TimeoutError:
+                waiting = len(jobs)
+                while waiting:
+                    wait = None if deadline is None else deadline + _GRACE_S - time.monotonic()
+                    if wait is not None and wait <= 0:
                         break
-                    finish(li, layer, info)
+                    try:
+                        li, layer, info = results_iter.next(timeout=_POLL_S if wait is None else min(_POLL_S, wait))
+                    except mp.TimeoutError:
+                        _drain(queue, posted)
+                        continue
+                    waiting -= 1
+                    if layer is not None:
+                        finish(li, layer, info)
+                _drain(queue, posted)   # a worker may be blocked writing to the queue
             finally:
                 pool.terminate()
                 pool.join()
+                scores = scores_future.result()
+                scoring.shutdown()
         finally:
-            _SHARED = None
+            _SHARED = _QUEUE = None
+            queue.close()
         for li, base in tasks:
             if li not in results:
-                layer, info = _fallback_layer(problem, li, baselines, scores, time.monotonic() - start)
+                layer, info = _stopped_layer(problem, li, baselines, scores, posted.get(li),
+                                             time.monotonic() - start)
                 finish(li, layer, info)
 
     # A relabelled layer is as good as its representative; unless that one is proven optimal,
-    # check the layer's own baselines (not label-equivariant): as they are, and EPLB's two modes
-    # re-split by the LP (the strongest baselines), keeping whichever is best.
+    # its own baselines (not all label-equivariant) are checked too: as they are (the scores
+    # above) and re-split by the LP, where the representative did not already solve or rule
+    # out the same placement's split and where the split's own bound does not rule it out.
+    # Past the deadline only the precomputed scores and bounds are compared (no LP).
     relabelled = [lj for lj in range(num_layers)
                   if results[lj][1].same_as is not None and results[lj][1].gap > _EXACT]
-    # Past the deadline only the precomputed scores are compared (no LP, no new layer data).
     for i, lj in enumerate(relabelled):
         layer, info = results[lj]
-        best = (info.objective_s, info.link_s, layer, info.start)
-        data = None
+        li = info.same_as
+        rep_open = set(results[li][1].unchecked)
+        inc = _Incumbent(lj, None)
+        inc.offer(info.objective_s, info.link_s, layer, info.start)
+        data = bound_data = None
         for name, pl in baselines.items():
             if name not in scores or np.isnan(scores[name][0][lj]):   # does not fit the GPUs
                 continue
-            own_s, own_link = scores[name][0][lj], scores[name][1][lj]
-            if _better(own_s, own_link, best):
-                best = (own_s, own_link, pl.layers[lj], name)
-            if name.startswith("eplb") and (deadline is None or time.monotonic() < deadline):
-                data = data or layer_data(problem, counts[lj], max_groups=_max_groups(problem))
-                res = optimal_splits(data, pl.layers[lj].replicas,
-                                     time_limit=_budget(deadline, 2 * (len(relabelled) - i)))
-                if _better(res.bottleneck, res.link_time, best):
-                    best = (res.bottleneck, res.link_time, res.layer, name)
-        if best[2] is not layer:
-            cost, link_s, new, start_name = best
-            g = _gap(cost, min(info.bound_s, cost))
+            inc.offer(scores[name][0][lj], scores[name][1][lj], pl.layers[lj], name)
+            replicas = pl.layers[lj].replicas
+            if all(r.size == 1 for r in replicas):
+                continue        # one split only: the LP cannot change it
+            if name not in rep_open and _same_replicas(pl.layers[li], perms[li], pl.layers[lj], perms[lj]):
+                continue        # the representative's own re-split of this placement, relabelled
+            # split_bound reads only the counts, rates and links: any layer's data with these counts
+            bound_data = bound_data or _with_counts(problem, counts[lj])
+            if split_bound(bound_data, replicas) >= inc.floor:
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                inc.unchecked.append(name)
+                continue
+            data = data or layer_data(problem, counts[lj], max_groups=_max_groups(problem))
+            res = optimal_splits(data, replicas, time_limit=_budget(deadline, 2 * (len(relabelled) - i)))
+            inc.offer(res.bottleneck, res.link_time, res.layer, f"{name}+lp")
+            if res.status != "optimal":
+                inc.unchecked.append(name)
+        unchecked = sorted(set(inc.unchecked))
+        if inc.layer is not layer or unchecked != info.unchecked:
+            g = _gap(inc.cost, min(info.bound_s, inc.cost))
             status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else info.status)
-            results[lj] = (new, LayerInfo(**{**asdict(info), "objective_s": float(cost), "link_s": float(link_s),
-                                             "gap": float(g), "status": status, "start": start_name,
-                                             "same_as": None}))
+            moved = inc.layer is not layer
+            results[lj] = (inc.layer, LayerInfo(**{**asdict(info), "objective_s": float(inc.cost),
+                                                   "link_s": float(inc.link), "gap": float(g), "status": status,
+                                                   "start": inc.start, "unchecked": unchecked,
+                                                   "same_as": None if moved else info.same_as}))
 
     layers = [results[li][0] for li in range(num_layers)]
     infos = [results[li][1] for li in range(num_layers)]
@@ -272,28 +315,54 @@ def plan_hierarchical(flat: Placement, problem: PlacementProblem, *, deadline: f
 def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: float | None = None) -> Placement:
     """``placement`` with every layer's token splits from the split LP (same replicas): set
     beside the placement with its own splits, it separates what a placement buys from what
-    splits buy (``--compare`` reports ``eplb+lp`` so). Never worse than the splits it had."""
+    splits buy (``--compare`` reports ``eplb+lp`` so). Never worse than the splits it had. A
+    layer whose traffic and placement are an earlier layer's up to expert labels (EPLB's plans of
+    zipf layers) takes that layer's splits, relabelled: the same LP."""
     deadline = None if time_limit is None else time.monotonic() + time_limit
     counts = problem.traffic.counts
     layers = []
+    done: dict[str, int] = {}   # a layer's traffic up to relabelling -> the first layer split with it
     for li, layer in enumerate(placement.layers):
+        perm, key = _canonical(counts[li])
+        lk = done.get(key)
+        if lk is not None and _same_replicas(placement.layers[lk], _canonical(counts[lk])[0], layer, perm):
+            # The same placement of the same traffic up to expert labels: the same LP, relabelled.
+            layers.append(_relabel(layers[lk], _canonical(counts[lk])[0], perm))
+            continue
         data = layer_data(problem, counts[li], max_groups=_max_groups(problem))
         own = split_result(data, layer)
         res = optimal_splits(data, layer.replicas, time_limit=_budget(deadline, len(placement.layers) - li))
         layers.append(res.layer if res.bottleneck < own.bottleneck else layer)
+        done.setdefault(key, li)
     return Placement(placement.num_ranks, placement.num_experts, layers, method=f"{placement.method}+lp")
 
 
 # ---------------------------------------------------------------------------------------------
 
 _SHARED: PlacementProblem | None = None  # the problem solve() hands its forked workers
+_QUEUE = None   # where the forked workers post each better plan they find (a SimpleQueue)
+_POLL_S = 0.1   # seconds between the parent's looks at the queue while it waits for results
 
 
-def _worker(job: tuple) -> tuple[int, LayerPlacement, LayerInfo]:
+def _worker(job: tuple) -> tuple[int, LayerPlacement | None, LayerInfo | None]:
     li, base, solver, deadline, num_tasks, num_workers, gap = job
+    if deadline is not None and time.monotonic() >= deadline:
+        return li, None, None      # started past the wall: the parent holds the best baseline
     budget = _budget(deadline, max(1, num_tasks // num_workers))
-    layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap)
+    layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post)
     return li, layer, info
+
+
+def _post(message: tuple) -> None:
+    if _QUEUE is not None:
+        _QUEUE.put(message)
+
+
+def _drain(queue, posted: dict[int, tuple]) -> None:
+    """Read what the workers posted so far (each layer's latest is its best)."""
+    while not queue.empty():
+        message = queue.get()
+        posted[message[0]] = message
 
 
 def _workers(workers: int | None, num_tasks: int) -> int:
@@ -310,64 +379,137 @@ def _budget(deadline: float | None, tasks_left: int) -> float | None:
     return max(0.5, (deadline - time.monotonic()) / max(1, tasks_left))
 
 
-def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
-                 budget: float | None, gap: float) -> tuple[LayerPlacement, LayerInfo]:
-    t0 = time.monotonic()
+@dataclass
+class _Incumbent:
+    """A layer's best plan so far (lower time first; among times within ``_TIE`` of the best
+    seen, the idler network), and the baselines whose split-LP re-split is not yet solved or
+    ruled out (``unchecked``). ``send`` posts it (to the parent process)."""
 
-    def left() -> float | None:
-        return None if budget is None else max(0.05, budget - (time.monotonic() - t0))
+    layer_index: int
+    post: Callable[[tuple], None] | None
+    cost: float = float("inf")
+    link: float = float("inf")
+    layer: LayerPlacement | None = None
+    start: str = ""
+    floor: float = float("inf")      # the lowest time offered: a tie never drifts above it
+    bound: float = 0.0
+    source: str = ""
+    unchecked: list[str] = dataclasses.field(default_factory=list)
+    dirty: bool = False
+
+    def offer(self, cost: float, link: float, layer: LayerPlacement, start: str, *, prefer: bool = False) -> bool:
+        """Take the plan if better; ``prefer``: also on a tie with a network no busier (the
+        planner's own construction over a baseline it ties)."""
+        tie = cost <= self.floor * (1 + _TIE)
+        if not (self.layer is None or cost < self.floor * (1 - _TIE) or (tie and link < self.link * (1 - 1e-9))
+                or (prefer and tie and link <= self.link * (1 + 1e-9))):
+            return False
+        self.cost, self.link, self.layer, self.start = float(cost), float(link), layer, start
+        self.floor = min(self.floor, float(cost))
+        self.dirty = True
+        return True
+
+    def send(self) -> None:
+        if self.post is not None and self.dirty and self.layer is not None:
+            self.post((self.layer_index, self.layer, self.cost, self.link, self.start, self.bound,
+                       self.source, sorted(self.unchecked)))
+            self.dirty = False
+
+
+def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
+                 budget: float | None, gap: float, *, deadline: float | None = None,
+                 post: Callable[[tuple], None] | None = None) -> tuple[LayerPlacement, LayerInfo]:
+    """One layer: every baseline as it is, then re-split by the LP (best first, unless
+    ``split_bound`` rules it out; all but the best for half the layer's time at most), the
+    construction, the baselines' splits left, then the node LP and the MILP. The baselines come
+    first so that a layer stopped early has them. The layer's own search stops after ``budget``
+    seconds or at ``deadline``, the baselines' splits at ``deadline``; ``post`` gets each
+    better plan."""
+    t0 = time.monotonic()
+    stop = None if budget is None else t0 + budget
+    if deadline is not None:
+        stop = deadline if stop is None else min(stop, deadline)
+
+    def left(until: float | None) -> float | None:
+        return None if until is None else max(0.05, until - time.monotonic())
+
+    def over(until: float | None) -> bool:
+        return until is not None and time.monotonic() >= until
 
     data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
     bound, source = lower_bound(data)
-    # The construction, split by the LP.
-    best = None
-    for replicas in local_candidates(data):
-        res = optimal_splits(data, replicas, time_limit=left())
-        if _better(res.bottleneck, res.link_time, best):
-            best = (res.bottleneck, res.link_time, res.layer, "local")
-    # Baselines: scored with their own (even) splits, as evaluate scores them; re-split by the
-    # LP when that could beat the incumbent, or to find a better start while the gap is open.
-    for name, base in baseline_layers.items():
-        replicas = base.replicas
-        if not _fits(replicas, data):
-            continue
+    inc = _Incumbent(li, post, bound=bound, source=source)
+    fitting = {name: base for name, base in baseline_layers.items() if _fits(base.replicas, data)}
+    as_is = {}
+    for name, base in fitting.items():   # scored with their own (even) splits, as evaluate does
         own = split_result(data, base)
-        if _better(own.bottleneck, own.link_time, best):
-            best = (own.bottleneck, own.link_time, own.layer, name)
-        open_gap = _gap(best[0], bound) > gap
-        out_of_time = budget is not None and time.monotonic() - t0 > budget
-        if (open_gap or own.bottleneck < best[0] * (1 + _TIE)) and not out_of_time:
-            res = optimal_splits(data, replicas, time_limit=left())
-            if _better(res.bottleneck, res.link_time, best):
-                best = (res.bottleneck, res.link_time, res.layer, name)
-    cost, link_s, layer, start_name = best
+        as_is[name] = own.bottleneck
+        inc.offer(own.bottleneck, own.link_time, own.layer, name)
+    order = sorted(fitting, key=as_is.get)
+    inc.unchecked = [name for name in order if any(r.size > 1 for r in fitting[name].replicas)]
+    inc.send()
+
+    def resplit_baselines(until: float | None, until_first: float | None) -> None:
+        for i, name in enumerate(order):   # the best first: the others' bounds are then often above it
+            if name not in inc.unchecked:
+                continue
+            replicas = fitting[name].replicas
+            if split_bound(data, replicas) >= inc.floor:
+                inc.unchecked.remove(name)          # no split of it beats the plan in hand
+                continue
+            end = until_first if i == 0 else until
+            if over(end):
+                continue
+            res = optimal_splits(data, replicas, time_limit=left(end))
+            inc.offer(res.bottleneck, res.link_time, res.layer, f"{name}+lp")
+            if res.status == "optimal":
+                inc.unchecked.remove(name)
+            inc.send()
+
+    # The best baseline's split first, up to the deadline; the others' for half the layer's
+    # time at most before the construction (at 1,024 GPUs one split LP takes minutes on a
+    # loaded machine), and those left after it, up to the deadline.
+    resplit_baselines(None if stop is None else min(stop, t0 + 0.5 * (stop - t0)), deadline)
+    if not over(stop):
+        for replicas in local_candidates(data):
+            res = optimal_splits(data, replicas, time_limit=left(stop))
+            inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
+            if over(stop):
+                break
+        inc.send()
+    resplit_baselines(deadline, deadline)
+    cost, link_s, layer = inc.cost, inc.link, inc.layer
     g = _gap(cost, bound)
     open_as = "time_limit"
-    if g > gap and (budget is None or time.monotonic() - t0 < budget):
+    if g > gap and not over(stop):
         # The node-level LP sees the fabric's cuts (leaf/spine/core) and couples them with
         # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts).
-        node = node_model(data, integer=False, time_limit=left())
+        node = node_model(data, integer=False, time_limit=left(stop))
         if node.bound > bound:
             bound, source = min(node.bound, cost), "node-lp"
             g = _gap(cost, bound)
-    if g > gap and (budget is None or time.monotonic() - t0 < budget):
+            inc.bound, inc.source, inc.dirty = bound, source, True
+            inc.send()
+    if g > gap and not over(stop):
         # Fabric link classes (leaf-spine under ECMP): what no plan can serve near, searched
         # over the GPU time with the cuts; a share of the layer's time, the MILP may use the rest.
         from epplan.placement.farbound import far_tradeoff_bound
 
-        far = far_tradeoff_bound(data, deadline=None if budget is None else t0 + 0.5 * budget)
+        far = far_tradeoff_bound(data, deadline=None if stop is None else min(stop, t0 + 0.5 * (stop - t0)))
         if far is not None and far > bound:
             bound, source = min(far, cost), "link-class"
             g = _gap(cost, bound)
+            inc.bound, inc.source, inc.dirty = bound, source, True
+            inc.send()
     if g > gap:
         from epplan.placement.ilp import improve
 
-        remaining = left()
+        remaining = left(stop)
         if remaining is None or remaining > 0.5:
             out = improve(data, layer, cost, bound, solver=solver, time_limit=remaining, gap=gap)
             if out.bound > bound:
                 bound, source = out.bound, "milp"
-            if out.layer is not None and out.cost < cost * (1 - 1e-12):
+            if out.layer is not None and out.cost < min(cost, inc.floor) * (1 - 1e-12):
                 cost, link_s, layer = out.cost, out.link_s, out.layer
             g = _gap(cost, bound)
             # The MILP ran to its end (or was too large to try): more time would not help.
@@ -375,27 +517,31 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else open_as)
     info = LayerInfo(layer=li, status=status, objective_s=float(cost), bound_s=float(bound),
                      bound_source=source, gap=float(g), link_s=float(link_s),
-                     seconds=time.monotonic() - t0, start=start_name)
+                     seconds=time.monotonic() - t0, start=inc.start, unchecked=sorted(inc.unchecked))
     return layer, info
 
 
-def _fallback_layer(problem: PlacementProblem, li: int, baselines: dict, scores: dict,
-                    seconds: float) -> tuple[LayerPlacement, LayerInfo]:
-    """A layer the time limit stopped: the best baseline as it is (its precomputed score), with
-    the analytic bound."""
-    data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
-    bound, source = lower_bound(data)
-    fitting = [name for name in scores if not np.isnan(scores[name][0][li])]
-    if fitting:
-        name = min(fitting, key=lambda n: scores[n][0][li])
-        layer, cost, link_s = baselines[name].layers[li], scores[name][0][li], scores[name][1][li]
-    else:   # no baseline fits the GPUs' memory: the construction, split without an LP
-        res = split_result(data, nearest_split(data, local_first(data)))
-        name, layer, cost, link_s = "local", res.layer, res.bottleneck, res.link_time
+def _stopped_layer(problem: PlacementProblem, li: int, baselines: dict, scores: dict, posted: tuple | None,
+                   seconds: float) -> tuple[LayerPlacement, LayerInfo]:
+    """A layer the time limit stopped: the last plan its worker posted, with the bound it had;
+    without one, the best baseline as it is (its precomputed score), with the analytic bound."""
+    if posted is not None:
+        _, layer, cost, link_s, name, bound, source, unchecked = posted
+    else:
+        data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
+        bound, source = lower_bound(data)
+        fitting = [name for name in scores if not np.isnan(scores[name][0][li])]
+        unchecked = sorted(fitting)
+        if fitting:
+            name = min(fitting, key=lambda n: scores[n][0][li])
+            layer, cost, link_s = baselines[name].layers[li], scores[name][0][li], scores[name][1][li]
+        else:   # no baseline fits the GPUs' memory: the construction, split without an LP
+            res = split_result(data, nearest_split(data, local_first(data)))
+            name, layer, cost, link_s = "local", res.layer, res.bottleneck, res.link_time
     info = LayerInfo(layer=li, status="time_limit", objective_s=float(cost),
                      bound_s=float(min(bound, cost)), bound_source=source,
                      gap=float(_gap(cost, min(bound, cost))),
-                     link_s=float(link_s), seconds=seconds, start=name)
+                     link_s=float(link_s), seconds=seconds, start=name, unchecked=list(unchecked))
     return layer, info
 
 
@@ -424,14 +570,6 @@ def _baseline_scores(problem: PlacementProblem, baselines: dict, slots: np.ndarr
     return out
 
 
-def _better(cost: float, link: float, best) -> bool:
-    """Lower bottleneck first; among equal ones (within the split LP's tie-break slack, as in
-    compute-bound layers) the idler network."""
-    if best is None or cost < best[0] * (1 - _TIE):
-        return True
-    return cost <= best[0] * (1 + _TIE) and link < best[1] * (1 - 1e-9)
-
-
 def _gap(cost: float, bound: float) -> float:
     return 0.0 if cost <= 0 else max(0.0, (cost - bound) / cost)
 
@@ -451,6 +589,24 @@ def _baselines(problem: PlacementProblem) -> dict[str, Placement]:
     from epplan.placement.baselines import BASELINES, baseline
 
     return {name: baseline(name, problem) for name in BASELINES}
+
+
+_DATA: dict[int, tuple[PlacementProblem, LayerData]] = {}
+
+
+def _with_counts(problem: PlacementProblem, counts: np.ndarray) -> LayerData:
+    """A ``LayerData`` with ``counts`` but the first layer's source groups (built once per
+    problem): enough for ``split_bound``, which does not read the groups; not for the split LP."""
+    hit = _DATA.get(id(problem))
+    if hit is None or hit[0] is not problem:
+        _DATA.clear()
+        hit = _DATA[id(problem)] = (problem, layer_data(problem, problem.traffic.counts[0], max_groups=_max_groups(problem)))
+    return replace(hit[1], counts=np.asarray(counts, dtype=np.float64), _coef=None)
+
+
+def _same_replicas(layer_a: LayerPlacement, perm_a: np.ndarray, layer_b: LayerPlacement, perm_b: np.ndarray) -> bool:
+    """Whether layer B's expert perm_b[i] sits on the same GPUs as layer A's perm_a[i], every i."""
+    return all(np.array_equal(layer_a.replicas[i], layer_b.replicas[j]) for i, j in zip(perm_a, perm_b))
 
 
 def _canonical(counts: np.ndarray) -> tuple[np.ndarray, str]:

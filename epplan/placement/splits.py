@@ -134,6 +134,75 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     return split_result(data, layer, status="optimal", seconds=seconds)
 
 
+def split_bound(data: LayerData, replicas: list[np.ndarray]) -> float:
+    """Seconds: no split of ``replicas`` serves this layer faster (the split LP's optimum is at
+    least this), so a placement whose bound is above a plan in hand need not be split.
+
+    GPU part: the experts of a set S are served on the GPUs holding them, so the busiest of
+    those serves at least load(S) / sum over them of 1 / gpu_unit; S runs over every single
+    expert and the prefixes of the experts by load / capacity of their replicas. Link part: a
+    source's assignments to experts its GPU (its node, the nodes under a fabric switch) does not
+    hold leave that set and come back, 2b bytes each way: over the set's exit links, over its
+    entry links (``bounds.cut_bound``'s cuts with the placement's own unavoidable traffic).
+    Combined by the schedule, which grows with both.
+    """
+    from epplan.placement.bounds import cut_sets
+
+    num_gpus, num_experts = data.num_gpus, data.num_experts
+    held = np.zeros((num_gpus, num_experts), dtype=bool)               # [G, E]
+    for e, ranks in enumerate(replicas):
+        held[np.asarray(ranks, dtype=np.int64), e] = True
+    speed = 1.0 / data.gpu_unit                                        # [G] assignments/s
+    load = data.counts.sum(axis=0)                                     # [E]
+    cap = held.T.astype(np.float64) @ speed                            # [E]
+    gpu = float((load / cap).max(initial=0.0))
+    covered = np.zeros(num_gpus, dtype=bool)
+    total = 0.0
+    for e in np.argsort(-(load / cap), kind="stable"):
+        covered |= held[:, e]
+        total += float(load[e])
+        gpu = max(gpu, total / float(speed[covered].sum()))
+    topo = data.lm.topology
+    b2 = 2.0 * data.bytes_per_assignment
+    # Per GPU: a source's assignments to experts its own GPU lacks (its own links).
+    away = (data.counts * ~held).sum(axis=1)                           # [G]
+    caps = _gpu_exit_entry(topo) if num_gpus > 1 else np.zeros((0, 2))
+    link = _cut_time(b2 * away[:caps.shape[0]], caps)
+    # Per node and per set of nodes under a fabric switch.
+    node = np.asarray(topo.gpu_node)
+    num_nodes = int(node.max()) + 1
+    onehot = np.zeros((num_nodes, num_gpus))
+    onehot[node, np.arange(num_gpus)] = 1.0
+    node_held = (onehot @ held) > 0                                    # [N, E]
+    node_demand = onehot @ data.counts                                 # [N, E]
+    for nodes, exit_cap, entry_cap in cut_sets(topo):
+        lacks = ~node_held[nodes].any(axis=0)
+        unavoidable = float(node_demand[nodes][:, lacks].sum())
+        link = max(link, _cut_time(np.array([b2 * unavoidable]), np.array([[exit_cap, entry_cap]])))
+    return float(data.schedule.moe_time(link, gpu))
+
+
+_CAPS: dict[int, tuple[object, np.ndarray]] = {}
+
+
+def _gpu_exit_entry(topo) -> np.ndarray:
+    """float64[G, 2]: bytes/s of each GPU's own exit and entry links (``bounds._gpu_caps``), cached per topology."""
+    from epplan.placement.bounds import _gpu_caps
+
+    hit = _CAPS.get(id(topo.paths))
+    if hit is None or hit[0] is not topo.paths:
+        _CAPS.clear()
+        hit = _CAPS[id(topo.paths)] = (topo.paths, np.array(_gpu_caps(topo), dtype=np.float64).reshape(-1, 2))
+    return hit[1]
+
+
+def _cut_time(nbytes: np.ndarray, caps: np.ndarray) -> float:
+    """Seconds: the largest of nbytes[i] over caps[i, 0] (exit) and caps[i, 1] (entry), 0 where a cap is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        times = np.where(caps > 0, nbytes[:, None] / np.where(caps > 0, caps, 1.0), 0.0)
+    return float(times.max(initial=0.0))
+
+
 def split_result(data: LayerData, layer: LayerPlacement, *, status: str = "given",
                  seconds: float = 0.0) -> SplitResult:
     """Score ``layer`` as it is (every link, as ``evaluate`` does): the reported numbers are
