@@ -121,6 +121,20 @@ def test_lookups_interpolate_and_name_the_nearest_shape():
         assert table.provenance and "docs/benchmarks.md" in table.provenance
 
 
+@pytest.mark.parametrize("shape", [(4096, 16384, "gelu", "unchunked"), (4096, 16384, "gelu", "chunked"),
+                                   (7168, 2048, "swiglu", "unchunked"), (4096, 2048, "gelu", "chunked")])
+def test_expert_rates_at_many_rows_equal_the_one_row_lookup(shape):
+    """The array lookup step_parts uses equals the scalar one at every point (inside the table,
+    at its points, and held constant outside)."""
+    d_model, d_ff, activation, path = shape
+    rows = np.concatenate([np.geomspace(1.0, 1e6, 101), [128.0, 1024.0, 2048.0, 65536.0]]).reshape(-1, 15)
+    for cal in shipped_tables().values():
+        many = cal.expert_flops_at(d_model, d_ff, activation, rows, path)
+        one = np.vectorize(lambda r: cal.expert_flops(d_model, d_ff, activation, float(r), path))(rows)
+        assert many.shape == rows.shape
+        np.testing.assert_allclose(many, one, rtol=1e-12)
+
+
 def test_bad_calibration_files(tmp_path):
     with pytest.raises(CalibrationError, match="does not exist"):
         load_calibration(tmp_path / "none.json")

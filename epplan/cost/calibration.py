@@ -45,6 +45,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from epplan.errors import CalibrationError
 
 FORMAT = "epplan.calibration"
@@ -85,6 +87,18 @@ class Calibration:
         same_act = [r for r in rows if r["activation"] == activation] or rows
         row = self._nearest(same_act, "expert", {"d_model": d_model, "d_ff": d_ff})
         return _interp_log(row["points"], rows_per_expert) * 1e12
+
+    def expert_flops_at(self, d_model: int, d_ff: int, activation: str, rows_per_expert: np.ndarray,
+                        path: str = "unchunked") -> np.ndarray:
+        """``expert_flops`` at every entry of ``rows_per_expert`` (an array of any shape) at once:
+        the same table row and interpolation (``_interp_log``'s, through ``np.interp`` in log x).
+        ``step_parts`` asks at every layer and GPU (16 x 1,024 lookups for a 1,024-GPU plan)."""
+        rows = [r for r in self.expert if r.get("path", "unchunked") == path] or self.expert
+        same_act = [r for r in rows if r["activation"] == activation] or rows
+        row = self._nearest(same_act, "expert", {"d_model": d_model, "d_ff": d_ff})
+        pts = sorted((float(a), float(b)) for a, b in row["points"])
+        xs, ys = np.log([p[0] for p in pts]), np.array([p[1] for p in pts])
+        return np.interp(np.log(np.asarray(rows_per_expert, dtype=np.float64)), xs, ys) * 1e12
 
     def attention_flops(self, seq_len: int, num_heads: int, head_dim: int) -> float:
         row = self._nearest(self.attention, "attention",

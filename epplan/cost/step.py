@@ -214,9 +214,7 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
             moe += tokens * f3 * shared / cal.expert_flops(d, c.num_shared_experts * c.d_ff, c.activation,
                                                            tokens / micro_batches)
         moe_dense[gpus] = moe * block_scale
-        for g in gpus:
-            for li in range(num_layers):
-                rate[li, g] = cal.expert_flops(d, c.d_ff, c.activation, max(rows[li, g], 1.0), path)
+        rate[:, gpus] = cal.expert_flops_at(d, c.d_ff, c.activation, np.maximum(rows[:, gpus], 1.0), path)
         experts[:, gpus] = block_scale * served[:, gpus] * costs.flops_per_assignment * f3 / rate[:, gpus]
         experts[:, gpus] += (master_bytes(experts_held[:, gpus] * costs.params_per_expert, micro_batches)
                              / mem("cast"))

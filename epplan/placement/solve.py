@@ -25,9 +25,9 @@ re-split, ``eplb+lp``) and the baselines whose split the time limit left uncheck
 
 Distinct layers run in parallel processes (fork) when ``workers`` allows; each solver runs
 single-threaded. A worker stops its layer at the deadline and returns what it has; it also
-posts every better plan to the parent as it finds it, so that one still running at the deadline
-plus ``_GRACE_S`` (an LP past its limit, a construction that does not return) is stopped
-without losing its plan.
+posts every better plan to the parent as it finds it, so that one still running at the time
+limit (``_GRACE_S`` after the workers' deadline: an LP past its limit, a construction that does
+not return) is stopped without losing its plan.
 
 Under hierarchical dispatch (``problem.dispatch``) the steps above plan for the flat exchange
 (most of the time limit), then ``plan_hierarchical`` moves co-activated experts onto common
@@ -64,7 +64,7 @@ Solver = Literal["highs", "cbc"]  # the MILP's; LPs always use HiGHS
 SOLVERS: tuple[Solver, ...] = get_args(Solver)
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
 _TIE = 1e-6     # bottlenecks this close are equal; the idler network wins
-_GRACE_S = 2.0  # seconds past the time limit a layer may take to return what it found
+_GRACE_S = 2.0  # seconds before the time limit at which layers stop, to return what they found
 _FLAT_SHARE = 0.7  # of the time limit, for the flat plan that hierarchical dispatch starts from
 
 
@@ -117,7 +117,10 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
         plan.info["time_limit_s"] = time_limit
         return plan
     start = time.monotonic()
-    deadline = None if time_limit is None else start + time_limit
+    # The wall: the pool is stopped here. Workers stop their search a grace before it (to hand
+    # back their plans); past it no LP is solved.
+    wall = None if time_limit is None else start + time_limit
+    deadline = None if time_limit is None else start + max(0.5 * time_limit, time_limit - _GRACE_S)
     slots = gpu_slots(problem)
     if slots.sum() < problem.num_experts:
         raise PlacementError(
@@ -189,7 +192,7 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                 results_iter = pool.imap_unordered(_worker, jobs)
                 waiting = len(jobs)
                 while waiting:
-                    wait = None if deadline is None else deadline + _GRACE_S - time.monotonic()
+                    wait = None if wall is None else wall - time.monotonic()
                     if wait is not None and wait <= 0:
                         break
                     try:
@@ -242,11 +245,11 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
             bound_data = bound_data or _with_counts(problem, counts[lj])
             if split_bound(bound_data, replicas) >= inc.floor:
                 continue
-            if deadline is not None and time.monotonic() >= deadline:
+            if wall is not None and time.monotonic() >= wall:
                 inc.unchecked.append(name)
                 continue
             data = data or layer_data(problem, counts[lj], max_groups=_max_groups(problem))
-            res = optimal_splits(data, replicas, time_limit=_budget(deadline, 2 * (len(relabelled) - i)))
+            res = optimal_splits(data, replicas, time_limit=_budget(wall, 2 * (len(relabelled) - i)))
             inc.offer(res.bottleneck, res.link_time, res.layer, f"{name}+lp")
             if res.status != "optimal":
                 inc.unchecked.append(name)
@@ -270,8 +273,9 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
 def plan_hierarchical(flat: Placement, problem: PlacementProblem, *, deadline: float | None = None, gap: float = 0.01) -> Placement:
     """The plan for hierarchical dispatch from ``flat`` (``solve``'s plan for the flat exchange):
     per layer the best under ``evaluate`` of ``flat`` and EPLB after ``improve_hierarchical``, and
-    of every baseline as it is; ``info`` re-states objective, bound (``hierarchical_bound``) and
-    gap under the hierarchical cost, and keeps the flat plan's objective."""
+    of every baseline as it is (those scored by ``deadline``: ``info["unscored"]`` names the
+    others); ``info`` re-states objective, bound (``hierarchical_bound``) and gap under the
+    hierarchical cost, and keeps the flat plan's objective."""
     from epplan.cost import evaluate
     from epplan.placement.hierarchical import hierarchical_bound, improve_hierarchical
 
@@ -280,14 +284,22 @@ def plan_hierarchical(flat: Placement, problem: PlacementProblem, *, deadline: f
     starts = {"ilp": flat}
     if "eplb" in baselines:
         starts["eplb"] = baselines["eplb"]
+    # Half the time improves the starts, the rest scores the candidates (one hierarchical
+    # evaluate takes 40 s at 1,024 GPUs on a loaded machine): the improved flat plan always,
+    # the others while time is left.
+    improve_end = None if deadline is None else t0 + 0.5 * (deadline - t0)
     candidates: dict[str, Placement] = {}
     for i, (name, plan) in enumerate(starts.items()):
-        left = None if deadline is None else t0 + (deadline - t0) * (i + 1) / len(starts)
+        left = None if improve_end is None else t0 + (improve_end - t0) * (i + 1) / len(starts)
         candidates[f"{name}+coact"] = improve_hierarchical(plan, problem, deadline=left)
     candidates.update(baselines)
-    costs = {name: evaluate(plan, problem) for name, plan in candidates.items()}
+    costs = {}
+    for name, plan in candidates.items():
+        if costs and deadline is not None and time.monotonic() >= deadline:
+            break
+        costs[name] = evaluate(plan, problem)
     times = {name: cost.moe_time_s for name, cost in costs.items()}
-    names = list(candidates)
+    names = list(costs)
     best = [min(names, key=lambda n: (times[n][li], names.index(n))) for li in range(problem.num_layers)]
     layers = [candidates[name].layers[li] for li, name in enumerate(best)]
     out = Placement(problem.num_gpus, problem.num_experts, layers, method="ilp")
@@ -309,6 +321,7 @@ def plan_hierarchical(flat: Placement, problem: PlacementProblem, *, deadline: f
     out.info["flat_plan"] = {k: flat_info.get(k) for k in ("status", "objective_s", "bound_s", "gap")}
     out.info["coact_swaps"] = {name: plan.info.get("hierarchical", {}).get("swaps")
                                for name, plan in candidates.items() if name.endswith("+coact")}
+    out.info["unscored"] = [name for name in candidates if name not in costs]   # the deadline came first
     return out
 
 

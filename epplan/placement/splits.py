@@ -146,7 +146,6 @@ def split_bound(data: LayerData, replicas: list[np.ndarray]) -> float:
     entry links (``bounds.cut_bound``'s cuts with the placement's own unavoidable traffic).
     Combined by the schedule, which grows with both.
     """
-    from epplan.placement.bounds import cut_sets
 
     num_gpus, num_experts = data.num_gpus, data.num_experts
     held = np.zeros((num_gpus, num_experts), dtype=bool)               # [G, E]
@@ -162,38 +161,56 @@ def split_bound(data: LayerData, replicas: list[np.ndarray]) -> float:
         covered |= held[:, e]
         total += float(load[e])
         gpu = max(gpu, total / float(speed[covered].sum()))
-    topo = data.lm.topology
     b2 = 2.0 * data.bytes_per_assignment
+    cuts = _cuts(data.lm.topology)
     # Per GPU: a source's assignments to experts its own GPU lacks (its own links).
     away = (data.counts * ~held).sum(axis=1)                           # [G]
-    caps = _gpu_exit_entry(topo) if num_gpus > 1 else np.zeros((0, 2))
-    link = _cut_time(b2 * away[:caps.shape[0]], caps)
-    # Per node and per set of nodes under a fabric switch.
+    link = _cut_time(b2 * away[:cuts.gpu_caps.shape[0]], cuts.gpu_caps)
+    # Per node and per set of nodes under a fabric switch: the experts none of its GPUs holds.
+    if cuts.members.shape[0]:
+        node_held = (cuts.onehot @ held) > 0                           # [N, E]
+        node_demand = cuts.onehot @ data.counts                        # [N, E]
+        set_held = (cuts.members @ node_held) > 0                      # [C, E]
+        unavoidable = ((cuts.members @ node_demand) * ~set_held).sum(axis=1)   # [C]
+        link = max(link, _cut_time(b2 * unavoidable, cuts.set_caps))
+    return float(data.schedule.moe_time(link, gpu))
+
+
+@dataclass
+class _Cuts:
+    """A topology's cut sets for ``split_bound``: GPUs, nodes and the nodes under each switch."""
+
+    gpu_caps: np.ndarray   # float64[G, 2] bytes/s of each GPU's own exit and entry links
+    onehot: np.ndarray     # float64[N, G] node of each GPU
+    members: np.ndarray    # float64[C, N] nodes of each cut set (``bounds.cut_sets``)
+    set_caps: np.ndarray   # float64[C, 2] exit and entry bytes/s of each set
+
+
+_CUTS: dict[int, tuple[object, _Cuts]] = {}
+
+
+def _cuts(topo) -> _Cuts:
+    """``_Cuts`` of ``topo``, built once per topology (its links are walked in Python)."""
+    from epplan.placement.bounds import _gpu_caps, cut_sets
+
+    hit = _CUTS.get(id(topo.paths))
+    if hit is not None and hit[0] is topo.paths:
+        return hit[1]
+    num_gpus = topo.num_gpus
     node = np.asarray(topo.gpu_node)
     num_nodes = int(node.max()) + 1
     onehot = np.zeros((num_nodes, num_gpus))
     onehot[node, np.arange(num_gpus)] = 1.0
-    node_held = (onehot @ held) > 0                                    # [N, E]
-    node_demand = onehot @ data.counts                                 # [N, E]
-    for nodes, exit_cap, entry_cap in cut_sets(topo):
-        lacks = ~node_held[nodes].any(axis=0)
-        unavoidable = float(node_demand[nodes][:, lacks].sum())
-        link = max(link, _cut_time(np.array([b2 * unavoidable]), np.array([[exit_cap, entry_cap]])))
-    return float(data.schedule.moe_time(link, gpu))
-
-
-_CAPS: dict[int, tuple[object, np.ndarray]] = {}
-
-
-def _gpu_exit_entry(topo) -> np.ndarray:
-    """float64[G, 2]: bytes/s of each GPU's own exit and entry links (``bounds._gpu_caps``), cached per topology."""
-    from epplan.placement.bounds import _gpu_caps
-
-    hit = _CAPS.get(id(topo.paths))
-    if hit is None or hit[0] is not topo.paths:
-        _CAPS.clear()
-        hit = _CAPS[id(topo.paths)] = (topo.paths, np.array(_gpu_caps(topo), dtype=np.float64).reshape(-1, 2))
-    return hit[1]
+    sets = cut_sets(topo)
+    members = np.zeros((len(sets), num_nodes))
+    for i, (nodes, _, _) in enumerate(sets):
+        members[i, nodes] = 1.0
+    gpu_caps = np.array(_gpu_caps(topo), dtype=np.float64).reshape(-1, 2) if num_gpus > 1 else np.zeros((0, 2))
+    cuts = _Cuts(gpu_caps=gpu_caps, onehot=onehot, members=members,
+                 set_caps=np.array([[e, n] for _, e, n in sets], dtype=np.float64).reshape(-1, 2))
+    _CUTS.clear()
+    _CUTS[id(topo.paths)] = (topo.paths, cuts)
+    return cuts
 
 
 def _cut_time(nbytes: np.ndarray, caps: np.ndarray) -> float:
