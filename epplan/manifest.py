@@ -10,7 +10,7 @@ Format ``epplan.manifest``, schema version 1, one JSON object::
       "ranks": {"node": [G node indices], "local_gpu": [G local GPU indices]},
       "problem": {"experts_per_gpu", "compute_efficiency", "achievable_tflops", "micro_batches",
                   "recompute", "optimizer_sharding", "schedule": {"overlap": bool, "num_chunks": C},
-                  "dispatch": "flat" | "hierarchical"},
+                  "dispatch": "flat" | "hierarchical", "tp": t, "expert_tp": bool},
       "routing": {"spec", "source", "counts_sha256", "notes": [...], "expert_load": [L][E],
                   "windows": [{"spec", "source", "counts_sha256"}, ...]?, "objective": "mean" | "worst"?},
       "placement": {"method", "num_experts": E,
@@ -109,13 +109,15 @@ class Manifest:
     path: str | None = None
     calibrated: bool = True  # planned on calibrated rates (False: a flat --tflops/--compute-efficiency)
     dispatch: str = "flat"   # the exchange the plan was scored for: flat | hierarchical (epplan.cost.dispatch)
+    tp: int = 1              # the run settings' TP degree and expert TP (older manifests: 1, off)
+    expert_tp: bool = False
 
     def problem_options(self) -> dict[str, Any]:
         """The ``PlacementProblem`` keywords the plan was made with (its schedule included)."""
         options = {"experts_per_gpu": self.experts_per_gpu, "compute_efficiency": self.compute_efficiency,
                    "achievable_tflops": self.achievable_tflops, "micro_batches": self.micro_batches,
                    "recompute": self.recompute, "optimizer_sharding": self.optimizer_sharding,
-                   "dispatch": self.dispatch}
+                   "dispatch": self.dispatch, "tp": self.tp, "expert_tp": self.expert_tp}
         if self.schedule is not None:
             options.update(overlap="on" if self.schedule.overlap else "off",
                            num_chunks=self.schedule.num_chunks if self.schedule.overlap else None)
@@ -183,6 +185,8 @@ def build_manifest(placement: Placement, problem: PlacementProblem, *, cost: Cos
             "schedule": problem.schedule.to_dict(),
             "calibrated": problem.calibration is not None,
             "dispatch": problem.dispatch,
+            "tp": int(problem.tp),
+            "expert_tp": bool(problem.expert_tp),
         },
         "routing": {
             "spec": routing_spec,
@@ -303,6 +307,8 @@ class _Problem(_Strict):
     schedule: _Schedule | None = None  # absent in manifests written before it was recorded
     calibrated: bool = True
     dispatch: Literal["flat", "hierarchical"] = "flat"  # absent in manifests written before it was recorded
+    tp: int = Field(default=1, ge=1)   # absent in manifests written before TP: 1
+    expert_tp: bool = False
 
 
 class _Window(_Strict):
@@ -421,7 +427,7 @@ def manifest_from_doc(doc: Any, *, source: str = "manifest") -> Manifest:
         routing_spec=parsed.routing.spec,
         solver=dict(parsed.solver), predicted=dict(parsed.predicted),
         hash=manifest_hash(doc), doc=doc, path=source, calibrated=parsed.problem.calibrated,
-        dispatch=parsed.problem.dispatch,
+        dispatch=parsed.problem.dispatch, tp=parsed.problem.tp, expert_tp=parsed.problem.expert_tp,
     )
 
 

@@ -192,6 +192,13 @@ OptimizerShardingOption = Annotated[Optional[OptimizerSharding], typer.Option(
     "--optimizer-sharding", callback=plain, help="AdamW state: none (on every rank), dense (the "
     "dense parameters' sharded over all ranks, ZeRO-1) or all (also each expert's, over the ranks "
     "holding its replicas). Default: a manifest's, else the cheapest that fits.", show_default=False)]
+TpOption = Annotated[Optional[str], typer.Option(
+    "--tp", metavar="N|auto", help="Tensor-parallel degree: attention, the dense MLPs and the LM head "
+    "split over groups of N GPUs of a node (N divides the GPUs per node), or auto: the degree with the "
+    "shortest predicted step among those that fit. Default: a manifest's, else 1.", show_default=False)]
+ExpertTpOption = Annotated[Optional[bool], typer.Option(
+    "--expert-tp/--no-expert-tp", help="With --tp: also split each routed expert's hidden dimension over "
+    "its TP group. Default: a manifest's, else off.", show_default=False)]
 OverlapOption = Annotated[Optional[Overlap], typer.Option(
     "--overlap", callback=plain, help="The MoE layers' schedule: on overlaps each layer's exchange "
     "with its expert GEMMs in chunks, off runs them one after the other, auto is what 'epplan run' "
@@ -251,6 +258,22 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_tp(value: str) -> int | None:
+    """A given ``--tp``: a positive integer, or None for ``auto`` (choose it). Raises
+    ``PlacementError``."""
+    from epplan.errors import PlacementError
+
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        tp = int(value)
+    except ValueError:
+        tp = 0
+    if tp < 1:
+        raise PlacementError(f"--tp {value!r}: give a positive integer that divides the GPUs per node, or auto")
+    return tp
 
 
 def check_range(flag: str, value: float | int | None, low: float, high: float, *,

@@ -17,9 +17,9 @@ from epplan.cli import app
 from epplan.cli.common import (AchievableTflopsOption, CalibrationOption, Dispatch, EfficiencyOption, ExpertsPerGpuOption,
                                JsonOption, MemoryGbOption, MicroBatchesOption, ModelOption, NumChunksOption,
                                OldTflopsOption, OptimizerShardingOption, OverlapOption, PeakTflopsOption, RecomputeOption,
-                               RoutingOption, SeedOption, SetOption, TopologyOption, check_range,
+                               RoutingOption, SeedOption, SetOption, TopologyOption, ExpertTpOption, TpOption, check_range,
                                complete_placement, console, dispatch_notes, plain, prefer, print_json, rates_for,
-                               renamed, user_errors, BINDS_WORDS, WORDS_HELP)
+                               parse_tp, renamed, user_errors, BINDS_WORDS, WORDS_HELP)
 from epplan.cost import BANDWIDTH_TARGET, MFU_TARGET, SPEC_PEAK_TFLOPS, Cost, evaluate
 from epplan.opened import open_manifest
 from epplan.cost.fit import Fit, choose_run_settings
@@ -52,6 +52,8 @@ def estimate(
     micro_batches: MicroBatchesOption = None,
     recompute: RecomputeOption = None,
     optimizer_sharding: OptimizerShardingOption = None,
+    tp: TpOption = None,
+    expert_tp: ExpertTpOption = None,
     memory_gb: MemoryGbOption = None,
     overlap: OverlapOption = None,
     num_chunks: NumChunksOption = None,
@@ -70,7 +72,7 @@ def estimate(
 
     Estimate a training step: compute, all-to-all and gradient-sync time, the bottleneck link,
     memory per GPU and MFU, under the cheapest run settings (micro-batches, recompute, optimizer
-    sharding) that fit every GPU's memory. Exits 3 if none fits."""
+    sharding; the TP degree with --tp auto) that fit every GPU's memory. Exits 3 if none fits."""
     check_range("--experts-per-gpu", experts_per_gpu, 1, 4096)
     check_range("--compute-efficiency", compute_efficiency, 0, 1, low_open=True)
     tflops = prefer(achievable_tflops, tflops, "--achievable-tflops", "--tflops")
@@ -81,6 +83,7 @@ def estimate(
     check_range("--seed", seed, 0, 2**32 - 1)
     check_range("--memory-gb", memory_gb, 0, 1e5, low_open=True)
     topo = cap_memory(load_topology(topology), memory_gb)
+    tp_degree = 1 if tp is None else parse_tp(tp)
     # A manifest: planned on this topology (checked here), its model and run settings the defaults.
     manifest = open_manifest(Path(placement), topo, what="--topology").manifest if placement.endswith(".json") else None
     if manifest is None:
@@ -99,6 +102,8 @@ def estimate(
         micro_batches = manifest.micro_batches if micro_batches is None else micro_batches
         recompute = manifest.recompute if recompute is None else recompute
         optimizer_sharding = manifest.optimizer_sharding if optimizer_sharding is None else optimizer_sharding
+        tp_degree = manifest.tp if tp is None else tp_degree
+        expert_tp = manifest.expert_tp if expert_tp is None else expert_tp
         planned = manifest.problem_options()
         dispatch = planned["dispatch"] if dispatch is None else dispatch
         if overlap is None and "overlap" in planned:
@@ -112,7 +117,7 @@ def estimate(
                                dispatch=dispatch or "flat")
     plan = _placement(placement, problem, seed) if manifest is None else manifest.placement
     fit = choose_run_settings(plan, problem, micro_batches=micro_batches, recompute=recompute,
-                              optimizer_sharding=optimizer_sharding)
+                              optimizer_sharding=optimizer_sharding, tp=tp_degree, expert_tp=bool(expert_tp))
     cost = fit.cost
     problem = dataclasses.replace(problem, **dataclasses.asdict(fit.settings))
     if json:
@@ -127,7 +132,7 @@ def estimate(
         _print(cost, problem, show_layers=layers, notes=rate_notes, peak_tflops=peak_tflops)
         print_run_settings(fit)
     if not fit.fits:  # the settings the user fixed, or the closest: say what would fit
-        fixed = None not in (micro_batches, recompute, optimizer_sharding)
+        fixed = None not in (micro_batches, recompute, optimizer_sharding, tp_degree)
         raise DoesNotFit(_memory_message(cost, problem) if fixed else fit.refusal)
 
 
@@ -205,10 +210,13 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list
         ("  a2a and experts (the objective)", step["objective_s"], cost.schedule.describe()),
         ("dense layers + LM head", step["other_compute_s"], "slowest GPU"),
         ("expert gradient sync", step["expert_sync_s"], "rings over each expert's replicas"),
-        ("dense gradient sync", step["dense_sync_s"], f"ring over all {topo.num_gpus} ranks"),
+        ("dense gradient sync", step["dense_sync_s"], f"ring over all {topo.num_gpus} ranks" if cost.tp == 1 else
+         f"rings over the {topo.num_gpus // cost.tp}-rank data-parallel groups; norms, routers over all"),
         ("  both, exposed", step["exposed_sync_s"], "after the backward pass, dense then experts (as 'run' does)"),
         ("optimizer weight all-gather", cost.optimizer_sync_s,
          f"--optimizer-sharding {problem.optimizer_sharding}: ZeRO's broadcasts after the step"),
+        ("tensor-parallel collectives", cost.tp_s,
+         f"--tp {cost.tp}: sequence parallelism's all-gathers and reduce-scatters" if cost.tp > 1 else "--tp 1: none"),
         ("[bold]step time[/]", step["step_time_s"], f"nothing overlapped: {step['serial_step_time_s']:.4g} s"),
     ]
     for name, seconds, how in rows:
@@ -228,6 +236,7 @@ def _print(cost: Cost, problem: PlacementProblem, show_layers: bool, notes: list
         ("expert grad sync", cost.expert_sync_bytes.astype(np.float64)),
         ("dense grad sync", cost.dense_sync_bytes.astype(np.float64)),
         ("optimizer all-gather", cost.optimizer_sync_bytes.astype(np.float64)),
+        ("tensor parallel", np.zeros_like(cap) if cost.tp_bytes is None else cost.tp_bytes.astype(np.float64)),
         ("everything", cost.link_step_bytes),
     ]
     for name, loads in parts:

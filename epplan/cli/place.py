@@ -20,6 +20,7 @@ from epplan.cli.common import (AchievableTflopsOption, BINDS_WORDS, CalibrationO
                                dispatch_notes, EfficiencyOption, err_console, ExpertsPerGpuOption, JsonOption, MemoryGbOption,
                                Method, MicroBatchesOption, ModelOption, narrow_table, NumChunksOption, Objective,
                                OldTflopsOption, OptimizerShardingOption, out_option, OverlapOption, plain,
+                               ExpertTpOption, TpOption, parse_tp,
                                PlanDispatch, prefer, print_json, rates_for, RecomputeOption, renamed,
                                RoutingWindowsOption, SeedOption, SetOption, Solver, STATUS_WORDS, time_unit,
                                TopologyOption, user_errors, WORDS_HELP)
@@ -87,6 +88,8 @@ def place(
     micro_batches: MicroBatchesOption = None,
     recompute: RecomputeOption = None,
     optimizer_sharding: OptimizerShardingOption = None,
+    tp: TpOption = None,
+    expert_tp: ExpertTpOption = None,
     memory_gb: MemoryGbOption = None,
     overlap: OverlapOption = None,
     num_chunks: NumChunksOption = None,
@@ -106,7 +109,8 @@ def place(
     Place every MoE layer's experts and replicas to minimise each layer's all-to-all and expert
     time as 'epplan run' will spend it (serial, or overlapped in chunks), and write the manifest
     that 'epplan run' follows, with the cheapest run settings (micro-batches, recompute,
-    optimizer sharding) that fit every GPU's memory. Exits 3, writing nothing, if none fits."""
+    optimizer sharding; the TP degree with --tp auto) that fit every GPU's memory. Exits 3,
+    writing nothing, if none fits."""
     started = time.monotonic()   # --time-limit counts from here: reading the inputs is part of it
     method = method or placement  # --method: the old spelling
     compare = compare_all or compare
@@ -167,7 +171,8 @@ def place(
     # micro-batches set the chunk pipeline), so the plan is solved under the settings it runs
     # with: chosen on a balanced stand-in (EPLB's plan), then checked on the solved plan and,
     # where its own cheapest settings differ, solved once more under those.
-    fixed = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding}
+    fixed = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding,
+             "tp": 1 if tp is None else parse_tp(tp), "expert_tp": bool(expert_tp)}
     t_fit = time.monotonic()
     if None in fixed.values():
         settings = choose_run_settings(_baseline("eplb", problem, seed, time_limit), problem, **fixed).settings

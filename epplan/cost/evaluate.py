@@ -41,7 +41,23 @@ grad sync    expert replicas: a ring over each expert's replica ranks in sorted 
              ``expert_sync_s`` (each the max link time of its rings, all MoE layers together).
              NOTE: the planner's objective (``objective_s``, per layer) leaves this step-level
              term out.
-step time    sum_l layer_time_l + max_g other_compute[g] + exposed_sync_s.
+tensor       ``problem.tp`` > 1 (``epplan.workload.tensor_parallel``): sequence parallelism's all-
+parallel     gathers and reduce-scatters over each TP group (a ring over its t consecutive ranks,
+             every hop carrying (t - 1) / t of each collective's gathered bytes), all layers and
+             passes summed, as link loads ``tp_bytes`` (on the node's own links: the groups stay
+             inside a node); ``tp_s`` = their busiest link's time, exposed (DTensor runs them on
+             the compute stream, between the GEMMs that need them). With ``expert_tp`` the rows
+             each rank receives go to the rest of its group and the partial outputs come back
+             (``workload.tensor_parallel.expert_tp_traffic``, in the same loads), each rank
+             computes 1 / t of its group's expert FLOPs, the MoE layers run unchunked (as the
+             runtime runs them), and each expert slice's gradient ring spans the groups
+             holding the expert (1 / t of its bytes on each). The dense gradient
+             ring runs over each data-parallel group (the ranks of one TP index) for the sharded
+             weights and the embeddings, over all G ranks for the norms, routers and shared
+             experts (``runtime.tensor_parallel.sync_gradients``).
+             Per rank the attention, dense MLP and LM-head FLOPs are the group's over t: those
+             of a rank's own tokens, as without TP (``epplan.cost.step`` times their shapes).
+step time    sum_l layer_time_l + max_g other_compute[g] + exposed_sync_s + tp_s.
 MFU          model_flops_per_step / (step_time * sum over GPUs of the peak): ``mfu_datasheet``
              against each GPU's datasheet bf16 TFLOP/s, ``mfu_spec`` against the founding spec's
              400 TFLOP/s per GPU (target 60 %).
@@ -75,7 +91,9 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.schedule import Schedule
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR, optimizer_sync_bytes, recompute_flops_per_token
-from epplan.workload.memory import memory_per_gpu, storage_bytes
+from epplan.workload.memory import memory_per_gpu, storage_bytes, tp_group_sum
+from epplan.workload.tensor_parallel import (expert_tp_group_experts, expert_tp_held, expert_tp_rings,
+                                             expert_tp_traffic, sp_collectives)
 
 SPEC_PEAK_TFLOPS = 400.0   # founding spec: usable bf16 TFLOP/s per H100
 MFU_TARGET = 0.60
@@ -131,6 +149,11 @@ class Cost:
     # --- with a calibration: the step's parts per GPU (epplan.cost.step) -------------------------
     step_parts: StepParts | None = None
     dispatch: str = "flat"              # flat | hierarchical (problem.dispatch)
+    # --- tensor parallelism (problem.tp) -----------------------------------------------------------
+    tp: int = 1
+    expert_tp: bool = False
+    tp_bytes: np.ndarray | None = None  # float32[K] the TP groups' collectives per step (None: tp 1)
+    tp_s: float = 0.0                   # their busiest link's time, exposed
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -160,8 +183,9 @@ class Cost:
     @property
     def link_step_bytes(self) -> np.ndarray:
         """float64[K] everything a step puts on each link: a2a of all layers + gradient sync."""
-        return (self.a2a_bytes.sum(axis=0) + self.expert_sync_bytes.astype(np.float64)
-                + self.dense_sync_bytes + self.optimizer_sync_bytes)
+        out = (self.a2a_bytes.sum(axis=0) + self.expert_sync_bytes.astype(np.float64)
+               + self.dense_sync_bytes + self.optimizer_sync_bytes)
+        return out if self.tp_bytes is None else out + self.tp_bytes
 
     @property
     def a2a_utilisation(self) -> np.ndarray:
@@ -216,7 +240,9 @@ class Cost:
                 "sync_s": self.sync_s,
                 "exposed_sync_s": self.exposed_sync_s,
                 "optimizer_sync_s": self.optimizer_sync_s,
+                "tp_s": self.tp_s,
             },
+            "tp": {"degree": self.tp, "expert_tp": self.expert_tp},
             "communication_bytes": {
                 "dispatch_fwd": float(self.dispatch_fwd_bytes.sum(dtype=np.float64)),
                 "combine_fwd": float(self.combine_fwd_bytes.sum(dtype=np.float64)),
@@ -225,6 +251,7 @@ class Cost:
                 "expert_sync": float(self.expert_sync_bytes.sum(dtype=np.float64)),
                 "dense_sync": float(self.dense_sync_bytes.sum(dtype=np.float64)),
                 "optimizer_sync": float(self.optimizer_sync_bytes.sum(dtype=np.float64)),
+                "tp": 0.0 if self.tp_bytes is None else float(self.tp_bytes.sum(dtype=np.float64)),
                 "note": "summed over links (a byte crossing 3 links counts 3 times)",
             },
             "mfu": {
@@ -361,7 +388,10 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     served = loads.served
 
     flops_train = TRAINING_FLOPS_FACTOR
-    expert_compute_s = served * problem.expert_flops_per_assignment / rate
+    tp = problem.tp
+    # --expert-tp: each rank computes 1 / t of its group's assignments (its hidden slice).
+    computed = tp_group_sum(served, tp) / tp if problem.expert_tp else served
+    expert_compute_s = computed * problem.expert_flops_per_assignment / rate
     # --- calibrated rates (epplan.cost.step): every part of the step from measured rates; the
     # expert GEMMs at each GPU's own rows per expert unless --tflops overrides the rate.
     parts = calibrated_step_parts(placement, problem, served) if problem.calibration is not None else None
@@ -386,8 +416,12 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
 
     # Gradient synchronisation: one matrix each, all layers summed (links are shared anyway).
     param_bytes = config.dtype_bytes
-    expert_ring = _expert_rings(placement, num_gpus, costs.params_per_expert * param_bytes)
-    dense_ring = _ring(np.arange(num_gpus), num_gpus, costs.params_dense * param_bytes)
+    if problem.expert_tp:
+        expert_ring = ring_traffic(expert_tp_rings([layer.replicas for layer in placement.layers], tp), num_gpus,
+                                   costs.params_per_expert * param_bytes / tp)
+    else:
+        expert_ring = _expert_rings(placement, num_gpus, costs.params_per_expert * param_bytes)
+    dense_ring = _dense_rings(problem, param_bytes)
     expert_sync = single(expert_ring) if expert_ring.nnz else np.zeros(topo.num_links)
     dense_sync = single(dense_ring) if dense_ring.nnz else np.zeros(topo.num_links)
     expert_sync_s = float((expert_sync / cap).max(initial=0.0))
@@ -405,8 +439,13 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
                                             costs.params_per_expert * storage_bytes(config) / 2)
     optimizer_sync = single(opt_ring) if opt_ring.nnz else np.zeros(topo.num_links)
     optimizer_sync_s = float((optimizer_sync / cap).max(initial=0.0))
-    step_time_s = float(layer_time_s.sum() + other_compute_s.max() + exposed_sync_s + optimizer_sync_s)
-    serial_step_time_s = float(compute_s + a2a_link_s.sum() + exposed_sync_s + optimizer_sync_s)
+    tp_bytes, tp_s = None, 0.0
+    if tp > 1:
+        tp_ring = tp_traffic(problem, served)
+        tp_bytes = (single(tp_ring) if tp_ring.nnz else np.zeros(topo.num_links)).astype(np.float32)
+        tp_s = float((tp_bytes / cap).max(initial=0.0))
+    step_time_s = float(layer_time_s.sum() + other_compute_s.max() + exposed_sync_s + optimizer_sync_s + tp_s)
+    serial_step_time_s = float(compute_s + a2a_link_s.sum() + exposed_sync_s + optimizer_sync_s + tp_s)
 
     peak = np.asarray(topo.gpu_tflops, dtype=np.float64) * 1e12
     mfu_datasheet = costs.model_flops_per_step / (step_time_s * peak.sum())
@@ -416,7 +455,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     expert_sync, dense_sync, optimizer_sync = (v.astype(np.float32).astype(np.float64)
                                                for v in (expert_sync, dense_sync, optimizer_sync))
     step_bytes = a2a_factor * (dispatch.sum(axis=0, dtype=np.float64) + combine.sum(axis=0, dtype=np.float64)) \
-        + expert_sync + dense_sync + optimizer_sync
+        + expert_sync + dense_sync + optimizer_sync + (0.0 if tp_bytes is None else tp_bytes.astype(np.float64))
     busiest = int(np.argmax(step_bytes / cap))
     utilisation = float(step_bytes[busiest] / (cap[busiest] * step_time_s))
 
@@ -439,19 +478,24 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
         mfu_datasheet=float(mfu_datasheet), mfu_spec=float(mfu_spec),
         busiest_link=busiest, bandwidth_utilisation=utilisation,
         **memory, step_parts=parts, dispatch=problem.dispatch,
+        tp=tp, expert_tp=problem.expert_tp, tp_bytes=tp_bytes, tp_s=tp_s,
     )
 
 
 def calibrated_step_parts(placement: Placement, problem: PlacementProblem, served: np.ndarray) -> StepParts:
     """``epplan.cost.step.step_parts`` of the placement: served float64[L, G] assignments."""
-    held = np.zeros((problem.num_layers, problem.num_gpus), dtype=np.int64)
-    for li, layer in enumerate(placement.layers):
-        held[li] = np.bincount(np.concatenate([np.asarray(r) for r in layer.replicas]),
-                               minlength=problem.num_gpus)
+    if problem.expert_tp:  # the experts of each rank's group (step_parts takes 1 / t of them)
+        held = expert_tp_group_experts([layer.replicas for layer in placement.layers], problem.num_gpus,
+                                       problem.tp)
+    else:
+        held = np.zeros((problem.num_layers, problem.num_gpus), dtype=np.int64)
+        for li, layer in enumerate(placement.layers):
+            held[li] = np.bincount(np.concatenate([np.asarray(r) for r in layer.replicas]),
+                                   minlength=problem.num_gpus)
     return step_parts(problem.config, problem.costs, problem.calibration,
                       problem.config.tokens_per_step / problem.num_gpus, served, held,
                       problem.micro_batches, chunks=problem.schedule.num_chunks if problem.schedule.overlap else 0,
-                      recompute=problem.recompute)
+                      recompute=problem.recompute, tp=problem.tp, expert_tp=problem.expert_tp)
 
 
 def layer_loads(lm: LinkMap, layer: LayerPlacement, counts: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -597,6 +641,44 @@ def _ring(ranks: np.ndarray, num_gpus: int, param_bytes: float) -> sp.csr_matrix
     return ring_traffic([np.asarray(ranks, dtype=np.int64)], num_gpus, param_bytes)
 
 
+def tp_groups(num_gpus: int, tp: int) -> list[np.ndarray]:
+    """The TP groups: ``tp`` consecutive ranks each (rank = dp * tp + tp_rank)."""
+    return [np.arange(i, i + tp, dtype=np.int64) for i in range(0, num_gpus, tp)]
+
+
+def tp_traffic(problem: PlacementProblem, served: np.ndarray) -> sp.csr_matrix:
+    """float64[G, G] (sparse): every TP collective of a step as ring hops inside its group
+    (``epplan.workload.tensor_parallel``): an all-gather or reduce-scatter of S bytes puts
+    (t - 1) / t S on each hop; with --expert-tp, its all-to-alls (``expert_tp_traffic``).
+    served: [L, G] assignments each rank serves."""
+    c, t, num_gpus = problem.config, problem.tp, problem.num_gpus
+    group_tokens = c.tokens_per_step / num_gpus * t    # a group's tokens per step, all micro-batches
+    per_group = sum(x.count * x.bytes_per_token for x in sp_collectives(c, problem.recompute, t)) * group_tokens
+    groups = tp_groups(num_gpus, t)
+    out = ring_traffic(groups, num_gpus, per_group / 2)   # ring_traffic's hop is 2 (t - 1) / t of it
+    if problem.expert_tp:
+        src, dst, nbytes = expert_tp_traffic(served, t, problem.recompute, c.d_model * c.dtype_bytes)
+        out = out + sp.coo_matrix((nbytes, (src, dst)), shape=(num_gpus, num_gpus)).tocsr()
+    return out
+
+
+def _dense_rings(problem: PlacementProblem, param_bytes: float) -> sp.csr_matrix:
+    """float64[G, G] (sparse): the dense gradients' all-reduce rings. Without TP one ring over all
+    ranks in rank order; under TP a ring over each data-parallel group (the ranks of one TP index,
+    in rank order) for the sharded weights' shards and the embeddings, and one over all ranks
+    for the weights that see only a rank's tokens (norms, routers, shared experts)."""
+    c, costs, num_gpus, t = problem.config, problem.costs, problem.num_gpus, problem.tp
+    if t == 1:
+        return _ring(np.arange(num_gpus), num_gpus, costs.params_dense * param_bytes)
+    sharded = c.num_layers * costs.params_attention + c.num_dense_layers * costs.params_dense_mlp + costs.params_lm_head
+    over_world = (c.num_layers * costs.params_norms_per_layer + costs.params_final_norm
+                  + c.num_moe_layers * (costs.params_router + costs.params_shared_experts))
+    per_dp = sharded / t + costs.params_embedding   # a rank's shards (the mean over TP ranks) and the embedding
+    dp_groups = [np.arange(i, num_gpus, t, dtype=np.int64) for i in range(t)]
+    return (ring_traffic(dp_groups, num_gpus, per_dp * param_bytes)
+            + _ring(np.arange(num_gpus), num_gpus, over_world * param_bytes))
+
+
 def _expert_rings(placement: Placement, num_gpus: int, expert_bytes: float) -> sp.csr_matrix:
     """float64[G, G] (sparse): every expert's replica ring, all layers summed."""
     return ring_traffic([np.asarray(r, dtype=np.int64) for layer in placement.layers for r in layer.replicas],
@@ -623,21 +705,29 @@ def ring_traffic(rings: list[np.ndarray], num_gpus: int, param_bytes: float) -> 
 def _memory(placement: Placement, problem: PlacementProblem, served: np.ndarray) -> dict[str, np.ndarray]:
     """Memory per GPU under the problem's run settings (``workload.memory.memory_per_gpu``)."""
     return {**memory_for(placement, problem, served, problem.micro_batches, problem.recompute,
-                         problem.optimizer_sharding),
+                         problem.optimizer_sharding, problem.tp, problem.expert_tp),
             "memory_capacity_bytes": np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9}
 
 
 def memory_for(placement: Placement, problem: PlacementProblem, served: np.ndarray, micro_batches: int,
-               recompute: str, optimizer_sharding: str) -> dict[str, np.ndarray]:
+               recompute: str, optimizer_sharding: str, tp: int | None = None,
+               expert_tp: bool | None = None) -> dict[str, np.ndarray]:
     """The weight/grad/optimizer/activation bytes per GPU of ``placement`` under other run
-    settings than the problem's; served: [L, G] assignments each GPU serves per layer."""
+    settings than the problem's (tp, expert_tp None: the problem's); served: [L, G] assignments
+    each GPU serves per layer."""
     num_gpus = problem.num_gpus
+    tp = problem.tp if tp is None else tp
+    expert_tp = problem.expert_tp if expert_tp is None else expert_tp
     held = np.zeros(num_gpus)
-    for layer in placement.layers:
-        held += np.bincount(np.concatenate([np.asarray(r, dtype=np.int64) for r in layer.replicas]),
-                            minlength=num_gpus)
+    if expert_tp:
+        held = expert_tp_held([layer.replicas for layer in placement.layers], num_gpus, tp)
+    else:
+        for layer in placement.layers:
+            held += np.bincount(np.concatenate([np.asarray(r, dtype=np.int64) for r in layer.replicas]),
+                                minlength=num_gpus)
     return memory_per_gpu(problem.config, problem.costs, replicas_held=held,
                           tokens_per_rank=problem.config.tokens_per_step / num_gpus, served=served,
                           micro_batches=micro_batches, recompute=recompute,
                           optimizer_sharding=optimizer_sharding,
-                          replicas=[layer.replicas for layer in placement.layers])
+                          replicas=[layer.replicas for layer in placement.layers],
+                          tp=tp, expert_tp=expert_tp)

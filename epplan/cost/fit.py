@@ -1,12 +1,15 @@
 """A plan that fits, or a clear refusal: the run settings ``place`` and ``estimate`` choose.
 
 A run's settings are its micro-batches (gradient accumulation), ``recompute`` (none, attention,
-block) and ``optimizer_sharding`` (none, dense, all). Each is scored by ``evaluate`` (step time,
-the sharded optimizer's all-gathers included) and by ``workload.memory`` (bytes per GPU).
-``choose_run_settings`` returns the cheapest that fits every GPU: the shortest predicted step;
-among equal steps (micro-batches change no FLOPs or bytes in the model), the fewest
-micro-batches, then no recompute before attention before block, then none before dense before
-all. Settings the user fixed are not varied.
+block), ``optimizer_sharding`` (none, dense, all), the tensor-parallel degree ``tp`` and
+``expert_tp`` (``epplan.workload.tensor_parallel``). Each is scored by ``evaluate`` (step time,
+the sharded optimizer's all-gathers and TP's collectives included) and by ``workload.memory``
+(bytes per GPU). ``choose_run_settings`` returns the cheapest that fits every GPU: the shortest
+predicted step; among equal steps (micro-batches change no FLOPs or bytes in the model), the
+fewest micro-batches, then no recompute before attention before block, then none before dense
+before all, then the lower TP degree. Settings the user fixed are not varied; the TP degree is
+1 unless asked to be chosen (``tp=None``: ``--tp auto``, among ``tp_degrees``). Under TP the
+optimizer is not sharded (``epplan run`` does not take both).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from epplan.errors import DoesNotFit, param, PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
+from epplan.workload.tensor_parallel import check_tp, tp_degrees
 
 _GB = 1e9
 
@@ -31,19 +35,23 @@ class RunSettings:
     micro_batches: int
     recompute: str
     optimizer_sharding: str
+    tp: int = 1
+    expert_tp: bool = False
 
     def describe(self) -> str:
         return (f"--micro-batches {self.micro_batches} --recompute {self.recompute} "
-                f"--optimizer-sharding {self.optimizer_sharding}")
+                f"--optimizer-sharding {self.optimizer_sharding} --tp {self.tp}"
+                + (" --expert-tp" if self.expert_tp else ""))
 
 
-def micro_batch_choices(problem: PlacementProblem) -> list[int]:
-    """Micro-batch counts that split every rank's sequences evenly (1 .. sequences per rank)."""
-    g, batch = problem.num_gpus, problem.config.global_batch
-    if batch % g:
+def micro_batch_choices(problem: PlacementProblem, tp: int = 1) -> list[int]:
+    """Micro-batch counts that split every data-parallel group's sequences evenly (1 .. sequences
+    per group; a group is a rank, or a TP group of ``tp`` ranks that share their sequences)."""
+    groups, batch = problem.num_gpus // tp, problem.config.global_batch
+    if batch % groups:
         return [1]
-    per_rank = batch // g
-    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+    per_group = batch // groups
+    return [m for m in range(1, per_group + 1) if per_group % m == 0]
 
 
 @dataclass(frozen=True)
@@ -64,34 +72,50 @@ class Fit:
 
 
 def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micro_batches: int | None = None,
-                        recompute: str | None = None, optimizer_sharding: str | None = None) -> Fit:
+                        recompute: str | None = None, optimizer_sharding: str | None = None,
+                        tp: int | None = 1, expert_tp: bool = False) -> Fit:
     """The cheapest settings under which ``placement`` fits every GPU's memory, with its cost
-    (``evaluate`` of the problem under those settings). Arguments given fix that setting."""
+    (``evaluate`` of the problem under those settings). Arguments given fix that setting;
+    ``tp`` None chooses the TP degree (``--tp auto``)."""
     if recompute is not None and recompute not in RECOMPUTE:
         raise PlacementError(f"{param('recompute', repr(recompute))}: use {', '.join(RECOMPUTE)}")
     if optimizer_sharding is not None and optimizer_sharding not in OPTIMIZER_SHARDING:
         raise PlacementError(f"{param('optimizer_sharding', repr(optimizer_sharding))}: use {', '.join(OPTIMIZER_SHARDING)}")
-    ms = [micro_batches] if micro_batches is not None else micro_batch_choices(problem)
+    if tp is None:
+        ts = [t for t in tp_degrees(problem.config, problem.gpus_per_node) if t > 1 or not expert_tp]
+    else:
+        check_tp(problem.config, problem.gpus_per_node, tp, expert_tp)
+        ts = [tp]
+    if optimizer_sharding not in (None, "none"):
+        if tp is not None and tp > 1:
+            raise PlacementError(f"{param('tp', tp)} with {param('optimizer_sharding', optimizer_sharding)}: 'epplan run' does not "
+                                 f"shard the optimizer under TP yet; use {param('optimizer_sharding', 'none')}")
+        ts = [t for t in ts if t == 1]
+    if not ts:
+        raise PlacementError(f"{param('tp', 'auto')} with {param('expert_tp')}: no TP degree of 2 or more splits these nodes and heads")
     rs = [recompute] if recompute is not None else list(RECOMPUTE)
-    ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
     cap = np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9
     best: tuple[tuple, RunSettings] | None = None
     closest: tuple[float, RunSettings, np.ndarray] | None = None  # lowest fill of the fullest GPU
     loads = exchange_loads(placement, problem)   # the same under every run setting
-    for r, s in itertools.product(rs, ss):
-        cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s)), loads=loads)
-        for m in ms:
-            total = sum(memory_for(placement, problem, cost.expert_assignments, m, r, s).values())
-            fill = float(np.max(total / cap))
-            settings = RunSettings(m, r, s)
-            if closest is None or fill < closest[0]:
-                closest = (fill, settings, total)
-            if fill > 1.0:
-                continue
-            key = (cost.step_time_s, m, RECOMPUTE.index(r), OPTIMIZER_SHARDING.index(s))
-            if best is None or key < best[0]:
-                best = (key, settings)
-            break  # more micro-batches only tie on time
+    for t in ts:
+        ms = [micro_batches] if micro_batches is not None else micro_batch_choices(problem, t)
+        ss = ([optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)) if t == 1 \
+            else ["none"]
+        for r, s in itertools.product(rs, ss):
+            cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s, t, expert_tp)), loads=loads)
+            for m in ms:
+                total = sum(memory_for(placement, problem, cost.expert_assignments, m, r, s, t, expert_tp).values())
+                fill = float(np.max(total / cap))
+                settings = RunSettings(m, r, s, t, expert_tp)
+                if closest is None or fill < closest[0]:
+                    closest = (fill, settings, total)
+                if fill > 1.0:
+                    continue
+                key = (cost.step_time_s, m, RECOMPUTE.index(r), OPTIMIZER_SHARDING.index(s), t)
+                if best is None or key < best[0]:
+                    best = (key, settings)
+                break  # more micro-batches only tie on time
     if best is None:
         _, settings, total = closest
         return Fit(settings, evaluate(placement, _with(problem, settings), loads=loads), False,
@@ -100,8 +124,7 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
 
 
 def _with(problem: PlacementProblem, settings: RunSettings) -> PlacementProblem:
-    return dataclasses.replace(problem, micro_batches=settings.micro_batches, recompute=settings.recompute,
-                               optimizer_sharding=settings.optimizer_sharding)
+    return dataclasses.replace(problem, **dataclasses.asdict(settings))
 
 
 def _refusal(problem: PlacementProblem, settings: RunSettings, total: np.ndarray) -> str:
@@ -114,4 +137,6 @@ def _refusal(problem: PlacementProblem, settings: RunSettings, total: np.ndarray
             f"({param('set', f'seq_len={max(1, c.seq_len // 2)}')}), fewer or smaller experts "
             f"({param('set', 'num_experts=N')}, {param('set', 'd_ff=N')}; "
             f"{param('experts_per_gpu', problem.experts_per_gpu)} allows that many per GPU and layer), "
-            f"or GPUs with more memory")
+            + (f"tensor parallelism ({param('tp', 'auto')}), " if settings.tp == 1
+               and len(tp_degrees(c, problem.gpus_per_node)) > 1 else "")
+            + "or GPUs with more memory")

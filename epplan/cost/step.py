@@ -35,6 +35,15 @@ accumulate fp32 gradients straight from their GEMMs (``epplan.runtime.experts``,
                   number of parameter tensors (``optimizer_fixed``: launches, host round trips,
                   which the passes over large tensors run under)
 
+Under ``--tp t`` (``epplan.workload.tensor_parallel``) a rank's FLOPs are its group's over t, so
+those of its own tokens as without TP, at the shard's shapes: attention's projections t times the
+rows at 1 / t of the width, its scores at 1 / t of the heads (the measured half at the unsharded
+shape, scaled by the composed time of the shard over that of the whole), the dense MLPs and the
+LM head likewise (its chunked, vocab-parallel loss on the group's tokens and 1 / t of the
+vocabulary); casts and the optimizer are the shards'. The embeddings run on the group's tokens
+(replicated; the first block cuts its input). With ``expert_tp`` a rank computes its hidden
+slice (d_ff / t) of every assignment its group serves.
+
 Byte counts (per step unless said):
 
     norm       10 d per token per norm: a bf16 RMSNorm reads x and writes y forward, reads x and
@@ -71,6 +80,7 @@ from epplan.cost.calibration import Calibration
 from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR, ModelCosts
+from epplan.workload.memory import tp_group_sum
 
 COMPONENTS = ("attention", "moe_dense", "experts", "lm_head_loss", "embedding", "optimizer", "dense_layers")
 
@@ -156,16 +166,19 @@ def expert_rows_per_expert(served: np.ndarray, experts_held: np.ndarray, micro_b
 
 def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibration],
                tokens_per_gpu: float, served: np.ndarray, experts_held: np.ndarray,
-               micro_batches: int, chunks: int = 0, recompute: str = "none") -> StepParts:
+               micro_batches: int, chunks: int = 0, recompute: str = "none", tp: int = 1,
+               expert_tp: bool = False) -> StepParts:
     """Every component of ``COMPONENTS`` for each GPU.
 
     calibrations: one per GPU (the same object for GPUs of one node type).
     served:       float64[L, G] token-assignments each GPU's experts serve per step.
-    experts_held: int64[L, G] experts (replicas) each GPU holds per layer.
+    experts_held: int64[L, G] experts (replicas) each GPU holds per layer; under ``expert_tp`` the
+                  experts of its TP group (``tensor_parallel.expert_tp_group_experts``).
     chunks:       0: the unchunked expert path; C >= 1: the overlap path in C chunks (its own
                   measured rate, at 1 / C of the rows per call).
     recompute:    none, attention or block (``epplan.workload.flops.recompute_flops_per_token``):
                   backward repeats the recomputed part's forward, a third of its training time.
+    tp, expert_tp:    the TP layout (module docstring); tokens_per_gpu stays a rank's own tokens.
     """
     c, f3 = config, TRAINING_FLOPS_FACTOR
     again = 1.0 + 1.0 / f3  # a recomputed part: its forward once more
@@ -182,9 +195,17 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
     optimizer = np.zeros(num_gpus)
     experts = np.zeros((num_layers, num_gpus))
     rate = np.zeros((num_layers, num_gpus))
-    rows = expert_rows_per_expert(served, experts_held, micro_batches) / max(chunks, 1)
+    d_ff = c.d_ff
+    if expert_tp:  # every rank: its hidden slice of all the group's assignments and replicas
+        served = tp_group_sum(served, tp) / tp
+        rows = expert_rows_per_expert(served * tp, experts_held, micro_batches) / max(chunks, 1)
+        experts_held, d_ff = experts_held / tp, c.d_ff // tp
+    else:
+        rows = expert_rows_per_expert(served, experts_held, micro_batches) / max(chunks, 1)
     path = "chunked" if chunks else "unchunked"
     expert_params_held = experts_held.sum(axis=0) * costs.params_per_expert  # [G]
+    dense_params = costs.params_dense - (c.num_layers * costs.params_attention + c.num_dense_layers
+                                         * costs.params_dense_mlp + costs.params_lm_head) * (1 - 1 / tp)
     by_cal: dict[int, list[int]] = {}
     for g, cal in enumerate(calibrations):
         by_cal.setdefault(id(cal), []).append(g)
@@ -194,17 +215,22 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
         # Attention of one layer: the whole half as measured at this shape, else composed of
         # projections, scores, its norm and the projections' weight casts.
         half = cal.attention_block_flops(d, c.seq_len, c.num_heads, c.num_kv_heads, c.head_dim)
+
+        def composed(t: int) -> float:
+            """Attention's GEMMs and scores of a rank's tokens at TP degree t: t times the rows
+            at 1 / t of the width (so the same FLOPs), the scores over 1 / t of the heads."""
+            proj = sum(2 * k * n / cal.gemm_flops(k // kt, n // nt) for k, n, kt, nt in
+                       ((d, q_width, 1, t), (d, 2 * kv_width, 1, t), (q_width, d, t, 1)))
+            return tokens * f3 * (proj + costs.flops_attention_scores
+                                  / cal.attention_flops(c.seq_len, c.num_heads // t, c.head_dim))
+
         if half is not None:
-            att = (tokens * f3 * (costs.flops_attention_proj + costs.flops_attention_scores) / half
-                   + (micro_batches - 1) * cast_bytes(costs.params_attention) / mem("cast"))
+            scale = composed(tp) / composed(1) if tp > 1 else 1.0
+            att = (scale * tokens * f3 * (costs.flops_attention_proj + costs.flops_attention_scores) / half
+                   + (micro_batches - 1) * cast_bytes(costs.params_attention / tp) / mem("cast"))
         else:
-            proj = sum(2 * k * n / cal.gemm_flops(k, n) for k, n in
-                       ((d, q_width), (d, 2 * kv_width), (q_width, d)))
-            att = (tokens * f3 * proj
-                   + tokens * f3 * costs.flops_attention_scores / cal.attention_flops(c.seq_len, c.num_heads,
-                                                                                       c.head_dim)
-                   + norm_bytes(tokens, d) / mem("norm")
-                   + micro_batches * cast_bytes(costs.params_attention) / mem("cast"))
+            att = (composed(tp) + norm_bytes(tokens, d) / mem("norm")
+                   + micro_batches * cast_bytes(costs.params_attention / tp) / mem("cast"))
         attention[gpus] = att * att_scale
         # The MoE layer's own dense work: router (fp32, tiny), shared experts, norm, routing.
         shared = costs.flops_shared_experts
@@ -214,28 +240,28 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
             moe += tokens * f3 * shared / cal.expert_flops(d, c.num_shared_experts * c.d_ff, c.activation,
                                                            tokens / micro_batches)
         moe_dense[gpus] = moe * block_scale
-        rate[:, gpus] = cal.expert_flops_at(d, c.d_ff, c.activation, np.maximum(rows[:, gpus], 1.0), path)
+        rate[:, gpus] = cal.expert_flops_at(d, d_ff, c.activation, np.maximum(rows[:, gpus], 1.0), path)
         experts[:, gpus] = block_scale * served[:, gpus] * costs.flops_per_assignment * f3 / rate[:, gpus]
         experts[:, gpus] += (master_bytes(experts_held[:, gpus] * costs.params_per_expert, micro_batches)
                              / mem("cast"))
-        head_rate = cal.lm_head_flops(d, c.vocab_size)
+        head_rate = cal.lm_head_flops(d, c.vocab_size) if tp == 1 else None
         if head_rate is not None:  # the chunked head as run, one micro-batch's weight gradient in it
             lm_head[gpus] = (tokens * f3 * costs.flops_lm_head / head_rate
                              + norm_bytes(tokens, d) / mem("norm")
                              + head_accumulation(micro_batches) * costs.params_lm_head / mem("cast"))
-        else:
-            lm_head[gpus] = (tokens * f3 * costs.flops_lm_head / cal.gemm_flops(d, c.vocab_size)
-                             + loss_bytes(tokens, c.vocab_size) / mem("loss")
+        else:  # under TP: the group's tokens over the rank's V / t rows (the same bytes of logits)
+            lm_head[gpus] = (tokens * f3 * costs.flops_lm_head / cal.gemm_flops(d, c.vocab_size // tp)
+                             + loss_bytes(tokens * tp, c.vocab_size / tp) / mem("loss")
                              + norm_bytes(tokens, d) / mem("norm")
-                             + head_bytes(costs.params_lm_head, micro_batches, tokens / micro_batches)
+                             + head_bytes(costs.params_lm_head / tp, micro_batches, tokens * tp / micro_batches)
                              / mem("cast"))
-        embedding[gpus] = embedding_bytes(tokens, d) / mem("embedding")
-        copied = expert_params_held[gpus] + costs.params_lm_head  # the weights with a bf16 copy
+        embedding[gpus] = embedding_bytes(tokens * tp, d) / mem("embedding")
+        copied = expert_params_held[gpus] + costs.params_lm_head / tp  # the weights with a bf16 copy
         # The fixed cost is host time (launches, round trips) measured where the bytes are nil; in
         # a step the device's passes run under it: whichever is longer (calls G and H, one H200:
         # added, medium's optimizer came out +43-50 %; docs/benchmarks.md).
         optimizer[gpus] = np.maximum(
-            optimizer_bytes(costs.params_dense + expert_params_held[gpus], copied) / mem("optimizer"),
+            optimizer_bytes(dense_params + expert_params_held[gpus], copied) / mem("optimizer"),
             cal.optimizer_fixed_seconds(num_param_tensors(c)))
     # Dense layers (models with num_dense_layers) count as attention + a dense MLP each; their
     # MLP runs at the shared-expert rate of its shape.
@@ -244,8 +270,8 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
         for gpus in by_cal.values():
             cal = calibrations[gpus[0]]
             dense_mlp[gpus] = c.num_dense_layers * (
-                tokens * f3 * costs.flops_dense_mlp / cal.expert_flops(d, c.dense_d_ff, c.activation,
-                                                                     tokens / micro_batches)
+                tokens * f3 * costs.flops_dense_mlp / cal.expert_flops(d, c.dense_d_ff // tp, c.activation,
+                                                                     tokens * tp / micro_batches)
                 + norm_bytes(tokens, d) / cal.memory_rate("norm"))
     return StepParts(attention=np.broadcast_to(attention, (num_layers, num_gpus)).copy(),
                      moe_dense=np.broadcast_to(moe_dense, (num_layers, num_gpus)).copy(),

@@ -19,6 +19,7 @@ from epplan.topology import Topology
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import (EXCHANGES_PER_LAYER_PER_STEP, TRAINING_FLOPS_FACTOR, ModelCosts, model_costs,
                                    recompute_exchanges_per_layer, recompute_flops_per_token)
+from epplan.workload.tensor_parallel import check_tp
 from epplan.workload.traffic import Traffic
 
 
@@ -47,6 +48,10 @@ class PlacementProblem:
     dispatch:           flat (one row per token and expert) or hierarchical (one row per token
                         and destination node over the network, forwarded inside the node;
                         ``epplan.cost.dispatch``): how the runtime's exchange is scored.
+    tp:                 tensor-parallel degree (``epplan.workload.tensor_parallel``): attention,
+                        the dense MLPs and the LM head sharded over groups of ``tp`` GPUs of a
+                        node, their sequence parallelism's collectives on the node's links;
+    expert_tp:          the routed experts TP-sharded over those groups too.
     calibration:        measured rates of the GPUs (``epplan.cost.calibration``), one per GPU;
                         None: the flat efficiency above. With it, ``gpu_flops`` is the grouped
                         expert rate at the plan's expected rows per expert and ``evaluate`` times
@@ -67,6 +72,8 @@ class PlacementProblem:
     optimizer_sharding: OptimizerSharding = "none"
     calibration: list[Calibration] | None = None
     dispatch: Dispatch = "flat"
+    tp: int = 1
+    expert_tp: bool = False
 
     def __post_init__(self) -> None:
         if self.calibration is not None and len(self.calibration) != self.topology.num_gpus:
@@ -83,6 +90,10 @@ class PlacementProblem:
         if self.optimizer_sharding not in OPTIMIZER_SHARDING:
             raise PlacementError(f"{param('optimizer_sharding', repr(self.optimizer_sharding))}: use "
                                  f"{', '.join(OPTIMIZER_SHARDING)}")
+        check_tp(self.config, self.gpus_per_node, self.tp, self.expert_tp)
+        if self.tp > 1 and self.optimizer_sharding != "none":
+            raise PlacementError(f"{param('tp', self.tp)} with {param('optimizer_sharding', self.optimizer_sharding)}: 'epplan run' "
+                                 f"does not shard the optimizer under TP yet; use {param('optimizer_sharding', 'none')}")
         if not (isinstance(self.compute_efficiency, (int, float))
                 and 0 < self.compute_efficiency <= 1):
             raise PlacementError(
@@ -120,6 +131,10 @@ class PlacementProblem:
     @property
     def num_gpus(self) -> int:
         return self.topology.num_gpus
+
+    @property
+    def gpus_per_node(self) -> list[int]:
+        return np.bincount(self.topology.gpu_node).tolist()
 
     @property
     def num_experts(self) -> int:
@@ -164,8 +179,9 @@ class PlacementProblem:
     @cached_property
     def schedule(self) -> Schedule:
         """How the runtime will run each MoE layer, so how link and GPU times add up."""
+        # --expert-tp runs every MoE layer's exchange unchunked (runtime.expert_parallel).
         return default_schedule(self.topology, self.config, self.costs, self.micro_batches,
-                                overlap=self.overlap, num_chunks=self.num_chunks)
+                                overlap="off" if self.expert_tp else self.overlap, num_chunks=self.num_chunks)
 
     @cached_property
     def gpu_flops(self) -> np.ndarray:

@@ -30,6 +30,19 @@ activations kept for backward, for one micro-batch (``micro_batches`` divides th
             linears: attention, LM head, dense/shared MLPs), and the experts' casts are saved for
             backward unless the block is recomputed (then one layer's at a time).
 
+Under ``--tp t`` (``epplan.workload.tensor_parallel``; rank g is TP rank g mod t): every rank
+holds its shard of attention, the dense MLPs and the LM head (weights, gradients and AdamW state;
+the optimizer is not sharded under TP) and whole copies of the rest. Activations of a rank's own
+n tokens stay as above where sequence parallelism keeps them on the shard (norms, the residual
+stream, the MoE layers, attention's q, k, v and output, whose heads split as the tokens gather);
+what a colwise linear saves is its all-gathered input, the group's N = t n tokens: attention's
+two (wq, wkv: 2 d b per group token), the dense MLP's (m d b) and the LM head's (d b). The LM
+head's loss is chunked and vocab-parallel: its vocab term (``flops``' 12 V per token) over the
+group's tokens and 1 / t of the vocabulary, so 12 V per own token as without TP. Autocast's
+weight copies are of the shards. With ``expert_tp`` a rank holds 1 / t of each expert its TP group
+holds (the union of its ranks'), and keeps, per assignment the group serves, the gathered row (d b) and its
+hidden slice ((m + 1) f / t b), per assignment it serves itself the combined output (d b).
+
 The columns are held at once at the end of the last micro-batch's forward (the earlier
 micro-batches' gradients are there); with one micro-batch the gradients replace activations as
 backward runs, so their sum is an upper bound. AdamW runs fused on GPUs (no temporaries).
@@ -43,6 +56,7 @@ import numpy as np
 
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import ModelCosts, mlp_matrices
+from epplan.workload.tensor_parallel import shard_size, tp_sharded_dim
 
 Recompute = Literal["none", "attention", "block"]
 RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
@@ -57,9 +71,17 @@ def storage_bytes(config: ModelConfig) -> int:
     return 8 if config.dtype_bytes > 4 else 4
 
 
-def dense_parameter_shapes(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+def dense_parameter_shapes(config: ModelConfig, tp: int = 1, tp_rank: int = 0) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every non-expert parameter of ``runtime.model.Transformer``, in its
-    ``named_parameters`` order."""
+    ``named_parameters`` order; with ``tp`` > 1, the shapes of TP rank ``tp_rank``'s shards."""
+    if tp > 1:
+        out = []
+        for name, shape in dense_parameter_shapes(config):
+            dim = tp_sharded_dim(name)
+            if dim is not None:
+                shape = tuple(shard_size(n, tp, tp_rank) if i == dim else n for i, n in enumerate(shape))
+            out.append((name, shape))
+        return out
     c, d = config, config.d_model
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     out: list[tuple[str, tuple[int, ...]]] = [("tok_emb.weight", (c.vocab_size, d)),
@@ -101,12 +123,20 @@ def zero_partition(group_sizes: list[list[int]], num_ranks: int) -> list[list[li
     return out
 
 
-def dense_optimizer_elements(config: ModelConfig, num_ranks: int, sharding: str) -> tuple[np.ndarray, np.ndarray]:
+def dense_optimizer_elements(config: ModelConfig, num_ranks: int, sharding: str,
+                             tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(elements, tensors) of dense parameters whose AdamW state each rank keeps: int64 [G] each.
 
-    The groups are the trainer's: weight-decayed matrices, then vectors (norm weights)."""
+    The groups are the trainer's: weight-decayed matrices, then vectors (norm weights). Under
+    ``tp`` > 1 (sharding none only, as ``epplan run`` takes it) each rank keeps its shards'."""
     if sharding not in OPTIMIZER_SHARDING:
         raise ValueError(f"optimizer sharding {sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
+    if tp > 1:
+        if sharding != "none":
+            raise ValueError(f"optimizer sharding {sharding!r} under tp {tp}: only none")
+        shards = [dense_parameter_shapes(config, tp, i) for i in range(tp)]
+        elements = np.array([sum(int(np.prod(s)) for _, s in shards[g % tp]) for g in range(num_ranks)], np.int64)
+        return elements, np.full(num_ranks, len(shards[0]), np.int64)
     sizes = [int(np.prod(s)) for _, s in dense_parameter_shapes(config)]
     dims = [len(s) for _, s in dense_parameter_shapes(config)]
     groups = [[n for n, k in zip(sizes, dims) if k >= 2], [n for n, k in zip(sizes, dims) if k < 2]]
@@ -149,34 +179,50 @@ def expert_optimizer_elements(config: ModelConfig, replicas: list[list], num_ran
 
 
 def weight_cast_bytes(config: ModelConfig, costs: ModelCosts, replicas_held: np.ndarray,
-                      recompute: str) -> np.ndarray:
+                      recompute: str, tp: int = 1) -> np.ndarray:
     """float64 [G]: autocast's low-precision weight copies held at once (0 for fp32/fp64 models):
-    every dense linear weight (autocast's cache lives until the forward ends) and the experts'
-    (saved for backward; one layer's at a time when blocks are recomputed)."""
+    every dense linear weight (autocast's cache lives until the forward ends; under ``tp`` the
+    shards of the sharded ones) and the experts' (saved for backward; one layer's at a time when
+    blocks are recomputed). replicas_held: expert replicas' worth of weights each rank holds."""
     c = config
     held = np.asarray(replicas_held, dtype=np.float64)
     if c.dtype_bytes >= 4:
         return np.zeros_like(held)
-    linear = (c.num_layers * costs.params_attention + c.num_moe_layers * costs.params_shared_experts
-              + c.num_dense_layers * costs.params_dense_mlp + costs.params_lm_head)
+    linear = ((c.num_layers * costs.params_attention + c.num_dense_layers * costs.params_dense_mlp
+               + costs.params_lm_head) / tp + c.num_moe_layers * costs.params_shared_experts)
     experts = held * costs.params_per_expert
     if recompute == "block":
         experts = experts / max(1, c.num_moe_layers)
     return c.dtype_bytes * (linear + experts)
 
 
+def tp_group_sum(values: np.ndarray, tp: int) -> np.ndarray:
+    """values [..., G] summed over each TP group of ``tp`` consecutive ranks, given to each of
+    its ranks: [..., G]."""
+    values = np.asarray(values, dtype=np.float64)
+    if tp == 1:
+        return values
+    shape = values.shape
+    grouped = values.reshape(*shape[:-1], shape[-1] // tp, tp).sum(axis=-1, keepdims=True)
+    return np.broadcast_to(grouped, (*shape[:-1], shape[-1] // tp, tp)).reshape(shape)
+
+
 def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.ndarray,
                    tokens_per_rank: float, served: np.ndarray,
                    micro_batches: int, recompute: str, optimizer_sharding: str,
-                   replicas: list[list] | None = None) -> dict[str, np.ndarray]:
+                   replicas: list[list] | None = None, tp: int = 1,
+                   expert_tp: bool = False) -> dict[str, np.ndarray]:
     """Bytes per GPU by column (see the module docstring), float64 [G] each.
 
     replicas_held:   [G] expert replicas each rank holds, summed over MoE layers (every rank has
                      one w1/w2(/w3) tensor per MoE layer, empty if it holds no expert there,
-                     each with its AdamW ``step``).
-    tokens_per_rank: tokens of one optimizer step on each rank (data parallel).
+                     each with its AdamW ``step``); under ``expert_tp`` the experts' worth of
+                     its slices (``tensor_parallel.expert_tp_held``).
+    tokens_per_rank: tokens of one optimizer step on each rank (data parallel; under TP its
+                     sequence shard of its group's tokens).
     served:          [L, G] token-assignments each rank serves per layer and step.
     replicas:        [L][E] the ranks holding each expert's replicas (needed for sharding ``all``).
+    tp, expert_tp:   the TP degree and whether the experts are TP-sharded too.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute {recompute!r}: use {', '.join(RECOMPUTE)}")
@@ -186,8 +232,10 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
     held = np.asarray(replicas_held, dtype=np.float64)
     expert_params = held * costs.params_per_expert
     # The runtime's dense parameters (ModelCosts.params_dense leaves out the position embedding).
-    params = sum(int(np.prod(shape)) for _, shape in dense_parameter_shapes(c)) + expert_params
-    dense_elems, dense_tensors = dense_optimizer_elements(c, num_gpus, optimizer_sharding)
+    dense_params = np.array([sum(int(np.prod(shape)) for _, shape in dense_parameter_shapes(c, tp, i))
+                             for i in range(tp)], dtype=np.float64)[np.arange(num_gpus) % tp]
+    params = dense_params + expert_params
+    dense_elems, dense_tensors = dense_optimizer_elements(c, num_gpus, optimizer_sharding, tp)
     if optimizer_sharding == "all":
         if replicas is None:
             raise ValueError("optimizer sharding 'all' needs the experts' replica sets")
@@ -198,23 +246,34 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
 
     tokens = tokens_per_rank / micro_batches
     served = np.asarray(served, dtype=np.float64) / micro_batches             # [L, G]
-    d, k = c.d_model, c.top_k
+    d, k, b = c.d_model, c.top_k, c.dtype_bytes
     attention, moe_local = costs.act_bytes_per_token_attention, costs.act_bytes_per_token_moe_local
     dense_mlp, per_assignment = costs.act_bytes_per_token_dense_mlp, costs.act_bytes_per_assignment
     head = costs.act_bytes_per_token_head
+    if tp > 1:  # per own token: the colwise linears' inputs are the group's t tokens
+        m = mlp_matrices(c.activation)
+        attention = attention + (tp - 1) * 2 * d * b
+        dense_mlp = dense_mlp + (tp - 1) * (m - 1) * d * b if c.num_dense_layers else dense_mlp
+        norm, vocab = _FP32 * (d + 1), 3 * _FP32 * c.vocab_size
+        head = norm + tp * (head - norm - vocab) + vocab
+    if expert_tp:  # the group's gathered rows and this rank's hidden slice, its own combined output
+        f, m = c.d_ff, mlp_matrices(c.activation)
+        assignment_bytes = tp_group_sum(served, tp) * b * (d + m * f / tp) + served * b * d   # [L, G]
+    else:
+        assignment_bytes = served * per_assignment
     layer_tokens = c.num_moe_layers * moe_local + c.num_dense_layers * dense_mlp
     if recompute == "none":
-        act = tokens * (c.num_layers * attention + layer_tokens + head) + served.sum(axis=0) * per_assignment
+        act = tokens * (c.num_layers * attention + layer_tokens + head) + assignment_bytes.sum(axis=0)
     elif recompute == "attention":
         kept = _FP32 * (d + 1) + _FP32 * d  # norm input and rstd, the norm output (attention's input)
         act = (tokens * (c.num_layers * kept + layer_tokens + head + (attention - kept))
-               + served.sum(axis=0) * per_assignment)
+               + assignment_bytes.sum(axis=0))
     else:
         kept = tokens * (c.num_layers * _FP32 * d + c.num_moe_layers * 8 * k)
-        fullest_moe = tokens * (attention + moe_local) + served.max(axis=0, initial=0.0) * per_assignment
+        fullest_moe = tokens * (attention + moe_local) + assignment_bytes.max(axis=0, initial=0.0)
         fullest = np.maximum(fullest_moe, tokens * (attention + dense_mlp)) if c.num_dense_layers else fullest_moe
         act = kept + np.maximum(tokens * head, fullest)
-    act = act + weight_cast_bytes(c, costs, held, recompute)
+    act = act + weight_cast_bytes(c, costs, held, recompute, tp)
     return {
         "weight_bytes": params * s,
         "grad_bytes": params * s,
