@@ -40,7 +40,7 @@ G, TP = 4, 2
 # Layer 0 dense, layer 1 MoE; heads and vocab split over 2.
 CONFIG = PRESETS["tiny"].replace(dtype="fp64", num_kv_heads=2, global_batch=4, seq_len=8, num_dense_layers=1,
                                  dense_d_ff=48)
-BF16 = CONFIG.replace(dtype="bf16")  # norm outputs gathered in fp32, linear outputs in bf16
+BF16 = CONFIG.replace(dtype="bf16")  # activations gathered in bf16, the loss statistics in fp32
 # Expert 0 on ranks 0, 1 (one TP group) and 3 (the other), uneven splits; ranks 1 and 2 hold two
 # experts. Under --expert-tp the groups hold {0, 2} and {0, 1, 3}.
 PLACEMENT = Placement(G, 4, [LayerPlacement(
@@ -239,9 +239,9 @@ def test_tp_refusals():
     with pytest.raises(PlacementError, match="divides the GPUs per node"):
         _problem().__class__(build_topology(parse_spec(FOUR)), CONFIG, Traffic(np.ones((1, G, 4)), "t"),
                              experts_per_gpu=2, tp=3)
-    with pytest.raises(PlacementError, match="--expert-tp"):
+    with pytest.raises(PlacementError, match="expert_tp"):
         dataclasses.replace(_problem(), tp=1, expert_tp=True)
-    with pytest.raises(PlacementError, match="optimizer-sharding"):
+    with pytest.raises(PlacementError, match="optimizer_sharding"):
         _problem(optimizer_sharding="dense")
     with pytest.raises(PlacementError, match="key/value heads"):
         dataclasses.replace(_problem(), tp=4)

@@ -22,8 +22,9 @@ final norm's output is all-gathered (its gradient reduce-scattered back) and eac
 all-gathers two statistics per token (log-sum-exp and target logit, in at least fp32); the
 logits are never gathered. Backward all-gathers the first block's input gradient (its forward
 only cut the shard). A recomputed attention or block runs its forward collectives once more.
-The all-gathered norm outputs and their gradients travel in the storage dtype (fp32 under bf16
-autocast), the linear layers' outputs and their gradients in the compute dtype.
+Every gathered or scattered activation travels in the compute dtype: under bf16 autocast the
+residual stream, the norms' outputs and the linear layers' outputs are bf16
+(``runtime.model``).
 
 With ``expert_tp`` (``epplan.runtime.expert_tensor_parallel``) a TP group holds the union of the
 experts the placement gives its ranks and each rank 1 / t of every one (w1, w3 columns, w2 rows):
@@ -115,11 +116,8 @@ def sp_collectives(config: ModelConfig, recompute: str, tp: int) -> list[Collect
     """Sequence parallelism's all-gathers and reduce-scatters of one micro-batch at TP degree
     ``tp`` (see the module docstring), each with its count and bytes per group token; multiply by
     the group's tokens."""
-    from epplan.workload.memory import storage_bytes
-
     c, d = config, config.d_model
-    hi = storage_bytes(c)                       # norm outputs and their gradients
-    lo = min(c.dtype_bytes, hi)                 # linear outputs and their gradients
+    hi = lo = c.dtype_bytes                     # norm outputs, linear outputs and their gradients
     layers, dense = c.num_layers, c.num_dense_layers
     att_again = layers if recompute in ("attention", "block") else 0
     mlp_again = dense if recompute == "block" else 0
@@ -131,7 +129,7 @@ def sp_collectives(config: ModelConfig, recompute: str, tp: int) -> list[Collect
         Collective("first block input gradient, backward", "all_gather", 1, hi * d),
         Collective("LM head input, forward", "all_gather", 1, hi * d),
         Collective("LM head input gradient, backward", "reduce_scatter", 1, hi * d),
-        Collective("loss statistics, forward", "all_gather", 1, 2 * hi * tp),  # each rank's, of every token
+        Collective("loss statistics, forward", "all_gather", 1, 2 * max(4, c.dtype_bytes) * tp),  # fp32 or wider, each rank's, of every token
     ]
     if dense:
         out += [Collective("dense MLP input, forward", "all_gather", dense + mlp_again, hi * d),
