@@ -278,3 +278,39 @@ def test_a_hierarchical_run_of_a_flat_plan_is_predicted_as_hierarchical(hierarch
         assert (as_flat.predicted[k] == as_planned.predicted[k]).all()
         assert (as_flat.replayed[k] == as_flat.measured[k]).all()
     assert as_flat.predicted_step_time_s == as_planned.predicted_step_time_s
+
+
+def test_replay_scores_the_runs_routing_under_the_plans_settings(real_run):
+    """The replay is the cost model on the run's routing with every setting of the plan's problem
+    kept: its calibrated rates (the manifest's), and recompute, optimizer sharding, overlap or
+    TP where the plan has them. (It once rebuilt the problem from a few fields, so a calibrated
+    or block-recompute plan's replay was timed as an uncalibrated, unrecomputed one.)"""
+    import dataclasses
+
+    import numpy as np
+
+    from epplan.cost import evaluate
+    from epplan.opened import open_manifest
+    from epplan.report import read_run
+    from epplan.report.measured import compare_measured
+    from epplan.report.predicted import component_bytes
+    from epplan.workload.traffic import Traffic
+
+    manifest, run_dir = real_run
+    opened = open_manifest(manifest)
+    assert opened.problem.calibration is not None  # 'epplan place' calibrates by default
+    run = read_run(run_dir, manifest_hash=opened.hash, num_layers=2, num_ranks=4)
+    runs_routing = Traffic(run.routing.per_step(), source="the run's routing")
+    settings = [{}, {"recompute": "block"}, {"recompute": "attention", "optimizer_sharding": "dense"},
+                {"overlap": "on", "num_chunks": 2}, {"tp": 2}]
+    times = set()
+    for changed in settings:
+        problem = dataclasses.replace(opened.problem, **changed)
+        m = compare_measured(evaluate(opened.placement, problem), opened.placement, problem, run)
+        want = evaluate(opened.placement, dataclasses.replace(problem, traffic=runs_routing))
+        assert m.replayed_step_time_s == pytest.approx(want.step_time_s, rel=1e-12), changed
+        for k, v in component_bytes(want).items():
+            if k in m.replayed:
+                np.testing.assert_allclose(m.replayed[k], m.bytes_scale * v, rtol=1e-12, err_msg=str(changed))
+        times.add(round(m.replayed_step_time_s, 12))
+    assert len(times) == len(settings)  # each setting changes the step; the replay follows each

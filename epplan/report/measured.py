@@ -316,18 +316,14 @@ def measured_link_bytes(topology: Topology, dispatch: np.ndarray, combine: np.nd
 
 
 def replay_cost(placement: Placement, problem: PlacementProblem, routing: RoutingStats) -> Cost:
-    """The cost function on the run's own routing: per-step counts = the statistics / steps, not
-    rescaled to the model's volume (the run may have used another batch)."""
-    traffic = Traffic(routing.per_step(), source=f"run routing statistics ({routing.steps} steps)")
-    if problem.dispatch == "hierarchical" and routing.pairs is not None:
-        traffic = Traffic(routing.per_step(), source=traffic.source,
-                          pairs=routing.pairs.astype(np.float64) / routing.steps)
-    replay = PlacementProblem(problem.topology, problem.config, traffic,
-                              experts_per_gpu=problem.experts_per_gpu,
-                              compute_efficiency=problem.compute_efficiency,
-                              achievable_tflops=problem.achievable_tflops,
-                              micro_batches=problem.micro_batches, dispatch=problem.dispatch)
-    return evaluate(placement, replay)
+    """The cost function on the run's own routing: ``problem`` (the plan's, every setting kept:
+    rates, recompute, optimizer sharding, overlap, TP) with the run's per-step counts as its
+    traffic (the statistics / steps, not rescaled to the model's volume: the run may have used
+    another batch)."""
+    pairs = (routing.pairs.astype(np.float64) / routing.steps
+             if problem.dispatch == "hierarchical" and routing.pairs is not None else None)
+    traffic = Traffic(routing.per_step(), source=f"run routing statistics ({routing.steps} steps)", pairs=pairs)
+    return evaluate(placement, dataclasses.replace(problem, traffic=traffic))
 
 
 def hierarchical_replay(topology: Topology, routing: RoutingStats, row_bytes: float,
