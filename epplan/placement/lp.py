@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
 
 if TYPE_CHECKING:
     import highspy
@@ -100,16 +101,16 @@ class LP:
         return LPResult(x=x, objective=float(h.getInfo().objective_function_value), status=name,
                         seconds=float(h.getRunTime()))
 
-    def set_cost(self, c) -> None:
+    def set_cost(self, c: ArrayLike) -> None:
         c = np.asarray(c, dtype=np.float64)
         self.h.changeColsCost(c.size, np.arange(c.size, dtype=np.int32), c)
 
-    def set_col_bounds(self, cols, lo, hi) -> None:
+    def set_col_bounds(self, cols: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
         cols = np.atleast_1d(np.asarray(cols, dtype=np.int32))
         self.h.changeColsBounds(cols.size, cols, np.atleast_1d(np.asarray(lo, dtype=np.float64)),
                                 np.atleast_1d(np.asarray(hi, dtype=np.float64)))
 
-    def set_row_bounds(self, rows, lo, hi) -> None:
+    def set_row_bounds(self, rows: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int32))
         self.h.changeRowsBounds(rows.size, rows, np.atleast_1d(np.asarray(lo, dtype=np.float64)),
                                 np.atleast_1d(np.asarray(hi, dtype=np.float64)))

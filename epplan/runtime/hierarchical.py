@@ -45,6 +45,7 @@ hidden exchanges. Its speed on GPUs is unmeasured.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -382,7 +383,7 @@ class HierarchicalDispatch:
     def forward(self, x: torch.Tensor, key: torch.Tensor, topk_weight: torch.Tensor,
                 counts: HierarchicalCounts, local_experts: list[int],
                 weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                activation: str, impl: str, timer=None) -> torch.Tensor:
+                activation: str, impl: str, timer: Any = None) -> torch.Tensor:
         """x: (N, D), key: int64 (A,) as for ``count_message``, topk_weight: (N, k) -> (N, D).
         timer: see ``_Exchange`` (pass it for one chunk only: chunks' exchanges overlap)."""
         G, E, M = self.num_ranks, self.num_experts, self.num_nodes

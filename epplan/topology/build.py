@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
@@ -25,6 +26,9 @@ from epplan.topology.schema import (
     ExplicitFabric, NodeType, NVSwitchFabric, PCIeFabric, RailOptimizedFabric, SwitchFabric,
     ThreeTierFabric, TopologySpec, XGMIFabric,
 )
+
+if TYPE_CHECKING:  # for the annotation only: the path model is imported where it is first built
+    from epplan.topology.paths import PathModel
 
 LINK_CLASSES = ("nvlink", "xgmi", "pcie", "socket", "nic_up", "nic_down", "leaf_spine", "spine_core", "fabric")
 
@@ -88,7 +92,7 @@ class Topology:
         return {c: np.flatnonzero(classes == c) for c in LINK_CLASSES if np.any(classes == c)}
 
     @property
-    def paths(self):
+    def paths(self) -> PathModel:
         """The ``PathModel``: how traffic between GPU pairs spreads over links (built lazily)."""
         if self._paths is None:
             from epplan.topology.paths import PathModel

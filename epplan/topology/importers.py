@@ -166,7 +166,8 @@ def _pcie_gbps(el: ET.Element) -> float | None:
     return round(gts * lanes * encoding / 8, 1)
 
 
-def nccl_xml_node(text: str, source: str, gpu: str | None, nic_gbps, notes: list[str]) -> NodeType:
+def nccl_xml_node(text: str, source: str, gpu: str | None, nic_gbps: str | float | None,
+                  notes: list[str]) -> NodeType:
     """One server from an NCCL topology XML."""
     try:
         root = ET.fromstring(text)
@@ -292,7 +293,8 @@ def _pcie_fabric_from_xml(gpus, parent, chain, bridges, per_link, pcie_default, 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def nvidia_smi_node(text: str, source: str, gpu: str | None, nic_gbps, notes: list[str]) -> NodeType:
+def nvidia_smi_node(text: str, source: str, gpu: str | None, nic_gbps: str | float | None,
+                    notes: list[str]) -> NodeType:
     """One server from ``nvidia-smi topo -m`` output."""
     lines = [_ANSI.sub("", ln) for ln in text.splitlines()]
     head = next((i for i, ln in enumerate(lines) if re.match(r"^\s+GPU0\b", ln)), None)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, BeforeValidator, PositiveFloat
+
+if TYPE_CHECKING:
+    from epplan.topology.schema import TopologySpec
 
 _UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT])\s*(b|B|bit|byte)?\s*(/s|ps)?\s*$")
 _SCALE = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}  # to giga
@@ -51,7 +54,7 @@ Bandwidth = Annotated[PositiveFloat, Field(le=MAX_GBPS), BeforeValidator(parse_b
 """GB/s per direction: a number, or a string with its unit (see the module docstring)."""
 
 
-def plausibility_warnings(spec) -> list[str]:
+def plausibility_warnings(spec: TopologySpec) -> list[str]:
     """Values that parse but are physically odd, as 'key.path: what and what to check' lines.
 
     Checked per node type (declared ones and the built-ins the file uses): a NIC faster than the
