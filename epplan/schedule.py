@@ -55,6 +55,9 @@ LOSS_CHUNK_TOKENS = 8192
 MIN_ROWS_PER_EXPERT = 1024
 MIN_CHUNK_FLOPS = 5e11
 MAX_CHUNKS = 16
+# CTAs of the communicator for hidden exchanges, and SMs the expert GEMMs leave free meanwhile:
+# 4 hid 87-100 % of a chunk's all-to-all under its GEMM at a 5-7 % GEMM cost (docs/benchmarks.md).
+DEFAULT_OVERLAP_CTAS = 4
 
 # How the runtime runs a MoE layer's exchange: overlapped with the expert GEMMs (on), not (off), or
 # as the cluster calls for (auto: on when the run spans nodes); and how it exchanges the tokens:

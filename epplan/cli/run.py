@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +15,7 @@ from epplan.cli.common import (DeviceOption, Dispatch, MicroBatchesOption, NumCh
                                choices, console, count, err_console, in_panel, listed, out_option, plain,
                                user_errors)
 from epplan.errors import RuntimeSetupError
+from epplan.schedule import DEFAULT_OVERLAP_CTAS
 from epplan.train.options import ASYNC_CHECKPOINTS, RESUME_KEYS, TrainOptions
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
 
@@ -24,9 +26,10 @@ TRAINING = "Training"
 CHECKPOINTS = "Checkpoints and restarts"
 REPLAN = "Live re-placement"
 LAUNCH = "Launch (torchrun)"
-# What a run setting is when neither the flag nor the manifest gives it (manifests before it).
-RUN_SETTING_DEFAULTS = {"micro_batches": 1, "recompute": "none", "optimizer_sharding": "none", "tp": 1,
-                        "expert_tp": False}
+# What a run setting is when neither the flag nor the manifest gives it (manifests before it):
+# the run's own default.
+RUN_SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions)
+                        if f.name in ("micro_batches", "recompute", "optimizer_sharding", "tp", "expert_tp")}
 
 
 @app.command("run", no_args_is_help=True, epilog=(
@@ -90,7 +93,8 @@ def run(
     num_chunks: in_panel(NumChunksOption, TRAINING) = None,
     overlap_ctas: Annotated[Optional[int], typer.Option(
         help="When overlapping: CTAs of the NCCL communicator that carries the hidden exchanges, and SMs "
-             "the expert GEMMs leave free for it. Default: 4 (docs/benchmarks.md).", show_default=False,
+             "the expert GEMMs leave free for it. "
+             f"Default: {DEFAULT_OVERLAP_CTAS} (docs/benchmarks.md).", show_default=False,
         rich_help_panel=TRAINING)] = None,
     dispatch: Annotated[Optional[Dispatch], typer.Option(
         "--dispatch", callback=plain, rich_help_panel=TRAINING,
@@ -168,7 +172,6 @@ def run(
 
     if device is None:
         device = "cuda" if print_launch or torch.cuda.is_available() else "cpu"
-    overlap = overlap or "auto"
     opened = open_manifest(manifest, topology, required=False, what="--topology")
     planned, topology = opened.manifest, opened.topology_file
     if topology is None:
@@ -209,7 +212,7 @@ def run(
         optimizer_sharding=settings["optimizer_sharding"], tp=settings["tp"], expert_tp=settings["expert_tp"],
         overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
-        overlap=overlap, num_chunks=num_chunks, dispatch=dispatch,
+        overlap=overlap or TrainOptions.overlap, num_chunks=num_chunks, dispatch=dispatch,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every, async_checkpoints=async_checkpoints,
         keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
         allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0,

@@ -29,6 +29,7 @@ No host synchronisation here: every split size comes from the counts the caller 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,15 +37,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from epplan.schedule import auto_num_chunks  # noqa: F401  (expert_parallel takes it from here)
+from epplan.schedule import DEFAULT_OVERLAP_CTAS, auto_num_chunks  # noqa: F401  (expert_parallel takes them from here)
 from epplan.runtime.experts import (_can_grouped_mm, compute_copy, expert_mlp_backward_input,
                                     expert_mlp_backward_weight, expert_mlp_forward, grad_targets)
 
 # The automatic chunk count (auto_num_chunks and its constants) lives in epplan.schedule, with
-# the cost model of this schedule, so that the planner and the runtime count the same chunks.
-# CTAs of the communicator for hidden exchanges, and SMs the expert GEMMs leave free meanwhile:
-# 4 hid 87-100 % of a chunk's all-to-all under its GEMM at a 5-7 % GEMM cost (docs/benchmarks.md).
-DEFAULT_OVERLAP_CTAS = 4
+# the cost model of this schedule, so that the planner and the runtime count the same chunks; so
+# does DEFAULT_OVERLAP_CTAS, which 'epplan run' resolves without importing torch.
 
 
 def chunk_parts(counts: np.ndarray, num_chunks: int) -> np.ndarray:
@@ -119,7 +118,7 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @contextmanager
-def sm_carveout(num_sms: int):
+def sm_carveout(num_sms: int) -> Iterator[None]:
     """Matrix kernels launched inside leave num_sms multiprocessors free (0: no limit).
 
     Hopper GEMMs (cuBLASLt, the CUTLASS grouped GEMM) are persistent: one CTA per SM, tiles
