@@ -77,8 +77,9 @@ def test_processes_map_to_manifest_ranks_by_node_and_local_gpu():
         job.rank_of(0, 0, 2, 3)
     with pytest.raises(RuntimeSetupError, match=r"node 1 \(n1\) has 2 GPUs in the manifest but 1 processes"):
         job.rank_of(1, 0, 1, 4)
-    with pytest.raises(RuntimeSetupError, match="--node-rank 2 is out of range"):
+    with pytest.raises(RuntimeSetupError, match="node_rank=2 is out of range") as exc:  # the library's words
         job.rank_of(2, 0, 2, 4)
+    assert "--node-rank 2 is out of range" in exc.value.cli_message()  # as 'epplan run' shows it
 
 
 def test_job_from_a_manifest_orders_nodes_and_gpus():
@@ -107,3 +108,17 @@ def test_torchrun_command_lines():
     assert multi[multi.index("--rdzv-endpoint") + 1] == "head:1234"
     assert multi[multi.index("--rdzv-id") + 1] == "epplan-" + "ab" * 6
     assert multi[-2:] == ["--node-rank", "1"] and multi[multi.index("--nproc-per-node") + 1] == "2"
+
+
+def test_out_of_memory_message_counts_the_sequences_each_gpu_computes():
+    """The message names what a GPU held: the global batch over the data-parallel groups (under TP
+    a TP group's ranks compute the same sequences) and the micro-batches, as the trainer splits it."""
+    from epplan.train.worker import _out_of_memory_message
+
+    job = _job()  # 4 ranks on 2 nodes; tiny's global batch
+    batch = PRESETS["tiny"].global_batch
+    for tp, micro_batches in ((1, 1), (2, 1), (2, 2), (1, 2)):
+        opts = TrainOptions(manifest="m.json", out="o", tp=tp, micro_batches=micro_batches)
+        per_gpu = batch // (job.num_ranks // tp) // micro_batches
+        message = _out_of_memory_message(job, opts, 0, RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+        assert f"with {per_gpu} sequences of 32 tokens per GPU per micro-batch" in message, (tp, micro_batches)

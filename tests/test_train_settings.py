@@ -230,8 +230,9 @@ def _replan_with_sharded_experts(rank: int, world_size: int, out: str) -> None:
 
     from epplan.errors import RuntimeSetupError
 
-    with pytest.raises(RuntimeSetupError, match="use --optimizer-sharding dense with --replan-every"):
+    with pytest.raises(RuntimeSetupError, match="use optimizer_sharding=dense with replan_every") as exc:
         _trainer(THREE, out, 2, optimizer_sharding="all", replan_every=2)
+    assert "use --optimizer-sharding dense with --replan-every" in exc.value.cli_message()
 
 
 def test_live_replan_refuses_expert_state_sharded_over_replicas(tmp_path):

@@ -108,18 +108,21 @@ def test_tp_that_splits_no_node_is_refused():
     job = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0,)), Node("n1", (1,))))
     with pytest.raises(RuntimeSetupError, match=r"node n0's ranks \[0\] do not form groups of 2"):
         check_tp(job, TrainOptions(manifest="m.json", out="o", tp=2))
-    with pytest.raises(RuntimeSetupError, match="--tp 2 with --optimizer-sharding dense: not supported yet"):
+    with pytest.raises(RuntimeSetupError, match="tp=2 with optimizer_sharding=dense: not supported yet") as exc:
         check_tp(Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),)),
                  TrainOptions(manifest="m.json", out="o", tp=2, optimizer_sharding="dense"))
+    assert "--tp 2 with --optimizer-sharding dense: not supported yet" in exc.value.cli_message()
     one_node = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),))
     for kw, message in ((dict(tp=1), "--expert-tp splits the experts over each TP group, and --tp is 1"),
                         (dict(tp=2, dispatch="hierarchical"), "--expert-tp with --dispatch hierarchical: not supported"),
                         (dict(tp=2, replan_every=4), "--replan-every with --expert-tp: not supported")):
-        with pytest.raises(RuntimeSetupError, match=message):
+        with pytest.raises(RuntimeSetupError) as exc:
             check_tp(one_node, TrainOptions(manifest="m.json", out="o", expert_tp=True, **kw))
-    with pytest.raises(RuntimeSetupError, match="the experts' hidden size 33 does not split over --tp 2"):
+        assert message in exc.value.cli_message() and "--" not in str(exc.value)  # library words, CLI flags
+    with pytest.raises(RuntimeSetupError, match="the experts' hidden size 33 does not split over tp=2") as exc:
         check_tp(Job(CONFIG.replace(d_ff=33), PLACEMENT, "h", (Node("n0", (0, 1)),)),
                  TrainOptions(manifest="m.json", out="o", tp=2, expert_tp=True))
+    assert "the experts' hidden size 33 does not split over --tp 2" in exc.value.cli_message()
 
 
 def test_run_takes_tp_from_the_manifest_unless_a_flag_overrides_it():

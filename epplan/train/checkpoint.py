@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from epplan.errors import CheckpointError
+from epplan.errors import CheckpointError, param
 from epplan.runtime.expert_parallel import ExpertParallelExperts
 from epplan.runtime.expert_tensor_parallel import logical_view
 from epplan.train.optim import TrainOptimizer
@@ -286,7 +286,7 @@ def begin_save(root: Path, step: int, state: dict[str, Any], *, rank: int, facts
         tmp.mkdir(parents=True)
     dist.barrier(group=group)
     if not tmp.is_dir():
-        raise CheckpointError(f"rank {rank} cannot see {tmp}, which rank 0 created: --out must be on "
+        raise CheckpointError(f"rank {rank} cannot see {tmp}, which rank 0 created: {param('out')} must be on "
                               "a filesystem shared by all nodes")
     writer = dcp.FileSystemWriter(tmp, sync_files=True)
     pending = PendingSave(tmp, final, step, rank, group, None, facts)
@@ -310,7 +310,7 @@ def _write_errors(tmp: Path):
             cause = getattr(cause, "exc", cause)  # DCP wraps a rank's exception with its traceback
         what = getattr(cause, "strerror", None) or cause
         raise CheckpointError(f"cannot write the checkpoint {tmp}: {what}; the earlier checkpoints are intact "
-                              "(free space, then continue with --resume)") from None
+                              f"(free space, then continue with {param('resume')})") from None
 
 
 def complete_save(pending: PendingSave, *, meta: dict) -> Path:
@@ -366,7 +366,7 @@ def _write_json_synced(path: Path, doc: dict) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; the earlier checkpoints are "
-                              "intact (free space, then continue with --resume)") from None
+                              f"intact (free space, then continue with {param('resume')})") from None
 
 
 @contextlib.contextmanager
@@ -546,8 +546,8 @@ def refuse_fresh_start(root: Path, out: str | Path) -> None:
     """A run from step 0 must not mix with an earlier run's checkpoints under ``root``."""
     found = latest(root)
     if found is not None:
-        raise CheckpointError(f"{out} already holds checkpoints (newest: step {found.step}); pass --resume "
-                              "to continue from it, or choose another --out")
+        raise CheckpointError(f"{out} already holds checkpoints (newest: step {found.step}); pass {param('resume')} "
+                              f"to continue from it, or choose another {param('out')}")
 
 
 def _saved_entries(path: Path) -> dict[str, Any]:

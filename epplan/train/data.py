@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from epplan.errors import DataError
+from epplan.errors import DataError, param
 
 INCREMENTS = np.array([1, 2, 3, 5])
 INCREMENT_PROBS = np.array([0.55, 0.25, 0.15, 0.05])
@@ -66,7 +66,7 @@ class ByteData:
         self.seq_len = seq_len
         self.num_windows = (self.shard[1] - self.shard[0] - 1) // seq_len
         if self.num_windows < 1:
-            raise DataError(f"--data {path}: {total:,} bytes give each of {num_ranks} ranks a shard of "
+            raise DataError(f"{param('data', path)}: {total:,} bytes give each of {num_ranks} ranks a shard of "
                             f"{total // num_ranks:,} bytes, fewer than one sequence of {seq_len + 1}")
         self.micro_batch = batch_per_rank // micro_batches
         self.micro_batches = micro_batches
@@ -108,11 +108,11 @@ def check_data_path(data: str | Path, vocab_size: int) -> list[Path]:
     if is_token_file(str(data)):  # token ids: their range is checked against the vocabulary on load
         path = token_dtype(str(data))[0]
         if not path.is_file():
-            raise DataError(f"--data {data}: no such file")
+            raise DataError(f"{param('data', data)}: no such file")
         return [path]
     if vocab_size < 256:
-        raise DataError(f"--data gives byte tokens 0..255 but the model's vocab_size is {vocab_size}; "
-                        "use a model with vocab_size >= 256 or the synthetic data (no --data)")
+        raise DataError(f"{param('data')} gives byte tokens 0..255 but the model's vocab_size is {vocab_size}; "
+                        f"use a model with vocab_size >= 256 or the synthetic data (no {param('data')})")
     path = Path(data)
     if path.is_file():
         files = [path]
@@ -120,10 +120,10 @@ def check_data_path(data: str | Path, vocab_size: int) -> list[Path]:
         files = sorted(p for p in path.rglob("*")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     else:
-        raise DataError(f"--data {path}: no such file or directory")
+        raise DataError(f"{param('data', path)}: no such file or directory")
     files = [f for f in files if f.stat().st_size > 0]
     if not files:
-        raise DataError(f"--data {path}: no non-empty files")
+        raise DataError(f"{param('data', path)}: no non-empty files")
     return files
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epplan.errors import ManifestError, RuntimeSetupError
+from epplan.errors import ManifestError, RuntimeSetupError, param
 from epplan.placement.types import Placement
 from epplan.workload.config import ModelConfig
 
@@ -63,7 +63,7 @@ class Job:
                 f"{self.num_ranks} ranks on {self.describe_nodes()}; {how}")
         if not 0 <= node_rank < len(self.nodes):
             raise RuntimeSetupError(
-                f"--node-rank {node_rank} is out of range: the manifest has {self.describe_nodes()}")
+                f"{param('node_rank', node_rank)} is out of range: the manifest has {self.describe_nodes()}")
         node = self.nodes[node_rank]
         if local_world_size != len(node.ranks):
             raise RuntimeSetupError(
@@ -101,32 +101,33 @@ def check_tp(job: Job, opts: Any) -> None:
     node's ranks into TP groups of consecutive ranks and the run uses what TP is tested with."""
     t = opts.tp
     if t < 1:
-        raise RuntimeSetupError(f"--tp {t}: use 1 (no tensor parallelism) or a divisor of the GPUs per node")
+        raise RuntimeSetupError(f"{param('tp', t)}: use 1 (no tensor parallelism) or a divisor of the GPUs per node")
     if getattr(opts, "expert_tp", False):
         if t == 1:
-            raise RuntimeSetupError("--expert-tp splits the experts over each TP group, and --tp is 1; "
-                                    "give --tp N (N > 1) or leave --expert-tp off")
+            raise RuntimeSetupError(f"{param('expert_tp')} splits the experts over each TP group, and {param('tp')} is 1; "
+                                    f"give {param('tp', 'N')} (N > 1) or leave {param('expert_tp')} off")
         if job.config.d_ff % t:
-            raise RuntimeSetupError(f"--expert-tp: the experts' hidden size {job.config.d_ff} does not split over "
-                                    f"--tp {t}; use a --tp that divides {job.config.d_ff}, or leave --expert-tp off")
+            raise RuntimeSetupError(f"{param('expert_tp')}: the experts' hidden size {job.config.d_ff} does not split over "
+                                    f"{param('tp', t)}; use a {param('tp')} that divides {job.config.d_ff}, or leave "
+                                    f"{param('expert_tp')} off")
         if (opts.dispatch or job.dispatch) == "hierarchical":
-            raise RuntimeSetupError("--expert-tp with --dispatch hierarchical: not supported (the two-stage "
-                                    "exchange would need the TP group's gather on its second stage); "
-                                    "use --dispatch flat or leave --expert-tp off")
+            raise RuntimeSetupError(f"{param('expert_tp')} with {param('dispatch', 'hierarchical')}: not supported "
+                                    "(the two-stage exchange would need the TP group's gather on its second "
+                                    f"stage); use {param('dispatch', 'flat')} or leave {param('expert_tp')} off")
         if opts.replan_every:
-            raise RuntimeSetupError("--replan-every with --expert-tp: not supported (a live move would carry "
-                                    "hidden slices of experts); leave one of them off")
+            raise RuntimeSetupError(f"{param('replan_every')} with {param('expert_tp')}: not supported (a live move "
+                                    "would carry hidden slices of experts); leave one of them off")
     if t == 1:
         return
     for node in job.nodes:
         ranks = list(node.ranks)
         groups = [ranks[i:i + t] for i in range(0, len(ranks), t)]
         if len(ranks) % t or any(g != list(range(g[0], g[0] + t)) or g[0] % t for g in groups):
-            raise RuntimeSetupError(f"--tp {t}: node {node.name}'s ranks {ranks} do not form groups of {t} "
-                                    f"consecutive ranks; use a --tp that divides its {len(ranks)} GPUs")
+            raise RuntimeSetupError(f"{param('tp', t)}: node {node.name}'s ranks {ranks} do not form groups of {t} "
+                                    f"consecutive ranks; use a {param('tp')} that divides its {len(ranks)} GPUs")
     if opts.optimizer_sharding != "none":
-        raise RuntimeSetupError(f"--tp {t} with --optimizer-sharding {opts.optimizer_sharding}: not supported yet; "
-                                "use --optimizer-sharding none or --tp 1")
+        raise RuntimeSetupError(f"{param('tp', t)} with {param('optimizer_sharding', opts.optimizer_sharding)}: not supported yet; "
+                                f"use {param('optimizer_sharding', 'none')} or {param('tp', 1)}")
 
 
 def check_batch_split(job: Job, opts: Any, global_batch: int) -> None:
@@ -134,7 +135,7 @@ def check_batch_split(job: Job, opts: Any, global_batch: int) -> None:
     data-parallel groups (ranks, or TP groups under --tp) and its micro-batches."""
     D = job.num_ranks // opts.tp
     if global_batch % (D * opts.micro_batches):
-        groups = f"{D} ranks" if opts.tp == 1 else f"{D} data-parallel groups (--tp {opts.tp})"
+        groups = f"{D} ranks" if opts.tp == 1 else f"{D} data-parallel groups ({param('tp', opts.tp)})"
         raise RuntimeSetupError(
             f"global batch {global_batch} does not split into {groups} x {opts.micro_batches} "
-            f"micro-batches; set --global-batch to a multiple of {D * opts.micro_batches}")
+            f"micro-batches; set {param('global_batch')} to a multiple of {D * opts.micro_batches}")

@@ -15,12 +15,13 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from epplan.errors import Interrupted, RuntimeSetupError
+from epplan.errors import Interrupted, RuntimeSetupError, param
 from epplan.train import checkpoint
 from epplan.train.data import check_data_path
 from epplan.train.job import Job, check_batch_split, check_tp
@@ -51,20 +52,21 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
     num_nodes = len(job.nodes)
     if launch.nnodes != num_nodes:
         hint = ("" if num_nodes == 1 else
-                f"; on each node run 'epplan run' with --nnodes {num_nodes} --node-rank I "
-                "--rdzv-endpoint HOST:PORT, or print the commands with --print-launch torchrun|slurm")
-        raise RuntimeSetupError(f"--nnodes {launch.nnodes}, but the manifest spans {job.describe_nodes()}{hint}")
+                f"; on each node run 'epplan run' with {param('nnodes', num_nodes)} {param('node_rank', 'I')} "
+                f"{param('rdzv_endpoint', 'HOST:PORT')}, or print the commands with "
+                f"{param('print_launch', 'torchrun|slurm')}")
+        raise RuntimeSetupError(f"{param('nnodes', launch.nnodes)}, but the manifest spans {job.describe_nodes()}{hint}")
     if num_nodes > 1 and not for_print:
         if launch.node_rank is None or launch.rdzv_endpoint is None:
             raise RuntimeSetupError(f"the manifest spans {job.describe_nodes()}: give this node's "
-                                    "--node-rank (0 .. nodes - 1) and the --rdzv-endpoint HOST:PORT of node 0")
+                                    f"{param('node_rank')} (0 .. nodes - 1) and the {param('rdzv_endpoint', 'HOST:PORT')} of node 0")
     if launch.node_rank is not None and not 0 <= launch.node_rank < num_nodes:
-        raise RuntimeSetupError(f"--node-rank {launch.node_rank} is out of range: the manifest has "
+        raise RuntimeSetupError(f"{param('node_rank', launch.node_rank)} is out of range: the manifest has "
                                 f"{job.describe_nodes()}")
     check_numbers(opts, launch)
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
-        raise RuntimeSetupError(f"--out {out} is a file; name a directory (it is created if missing)")
+        raise RuntimeSetupError(f"{param('out', out)} is a file; name a directory (it is created if missing)")
     check_tp(job, opts)
     check_batch_split(job, opts, opts.batch(job.config))
     if opts.data is not None:
@@ -75,16 +77,12 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
         gpus = len(job.nodes[launch.node_rank or 0].ranks)
         if torch.cuda.device_count() < gpus:
             raise RuntimeSetupError(f"the manifest puts {gpus} ranks on this node but "
-                                    f"{torch.cuda.device_count()} CUDA GPUs are visible; use --device cpu "
+                                    f"{torch.cuda.device_count()} CUDA GPUs are visible; use {param('device', 'cpu')} "
                                     "to run on the CPU, or a manifest for this machine")
 
 
 MAX_STEPS = 10**9
 MAX_CHUNKS = 256  # chunks per MoE layer; the runtime's own choice is at most 16
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def check_numbers(opts: TrainOptions, launch: LaunchOptions) -> None:
@@ -102,20 +100,20 @@ def check_numbers(opts: TrainOptions, launch: LaunchOptions) -> None:
         if value is None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
-            raise RuntimeSetupError(f"{_flag(name)} {value}: give a finite number")
+            raise RuntimeSetupError(f"{param(name, value)}: give a finite number")
         if value < low or (value == low and not low_ok):
             hint = "; 0 turns clipping off" if name == "grad_clip" else ""
-            raise RuntimeSetupError(f"{_flag(name)} must be {'at least' if low_ok else 'more than'} {low:g}, "
+            raise RuntimeSetupError(f"{param(name)} must be {'at least' if low_ok else 'more than'} {low:g}, "
                                     f"got {value}{hint}")
         if value > high:
-            raise RuntimeSetupError(f"{_flag(name)} {value} is too large: at most {high:g}")
+            raise RuntimeSetupError(f"{param(name, value)} is too large: at most {high:g}")
     if not 0 <= launch.max_restarts <= 1000:
-        raise RuntimeSetupError(f"--max-restarts {launch.max_restarts} is out of range: give 0 .. 1000")
+        raise RuntimeSetupError(f"{param('max_restarts', launch.max_restarts)} is out of range: give 0 .. 1000")
     unknown = [k for k in opts.allowed_changes() if k not in RESUME_KEYS]
     if unknown:
-        raise RuntimeSetupError(f"--allow-change {unknown[0]}: not a resume check; use one of {', '.join(RESUME_KEYS)}")
+        raise RuntimeSetupError(f"{param('allow_change', unknown[0])}: not a resume check; use one of {', '.join(RESUME_KEYS)}")
     if opts.allowed_changes() and not opts.resume:
-        raise RuntimeSetupError("--allow-change only applies with --resume")
+        raise RuntimeSetupError(f"{param('allow_change')} only applies with {param('resume')}")
 
 
 def torchrun_argv(job: Job, opts: TrainOptions, launch: LaunchOptions, node_rank: int,
@@ -193,7 +191,7 @@ def agent_log(out: Path, node_rank: int) -> Path:
     return Path(out) / LOGS / f"torchrun.node{node_rank}.log"
 
 
-def run(job: Job, opts: TrainOptions, launch: LaunchOptions, notify=print) -> int:
+def run(job: Job, opts: TrainOptions, launch: LaunchOptions, notify: Callable[[str], None] = print) -> int:
     """Start torchrun for this node and wait; returns its exit code.
 
     Holds the run directory's lock (``rundir.RunLock``) from before the directory is inspected
@@ -278,10 +276,11 @@ def prepare_out(opts: TrainOptions) -> None:
     (out / FAILURE).unlink(missing_ok=True)
     if found is not None:
         raise checkpoint.CheckpointError(
-            f"{out} already holds checkpoints (newest: step {found.step}); pass --resume to continue from it, "
-            "--start-over to start at step 0 with the earlier records set aside, or choose another --out")
+            f"{out} already holds checkpoints (newest: step {found.step}); pass {param('resume')} to continue from it, "
+            f"{param('start_over')} to start at step 0 with the earlier records set aside, or choose another "
+            f"{param('out')}")
     old = history(out)
     if old:
         raise checkpoint.CheckpointError(
-            f"{out} holds an earlier run's {', '.join(old)} and no complete checkpoint; pass --start-over to "
-            "start at step 0 with those set aside in OUT/previous-N, or choose another --out")
+            f"{out} holds an earlier run's {', '.join(old)} and no complete checkpoint; pass {param('start_over')} to "
+            f"start at step 0 with those set aside in OUT/previous-N, or choose another {param('out')}")

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from epplan.schedule import DEFAULT_OVERLAP_CTAS
+
 if TYPE_CHECKING:  # for the annotations only (this module imports neither torch nor the planner)
     from epplan.schedule import Schedule
     from epplan.workload.config import ModelConfig
@@ -74,11 +76,14 @@ class TrainOptions:
         """Sequences per optimizer step: --global-batch, else the model's."""
         return config.global_batch if self.global_batch is None else self.global_batch
 
+    def batch_per_group(self, config: ModelConfig, num_ranks: int) -> int:
+        """Sequences each data-parallel group reads per optimizer step: the batch over the ranks,
+        or under TP over the TP groups (a group's ranks compute the same sequences)."""
+        return self.batch(config) // (num_ranks // self.tp)
+
     def ctas(self) -> int:
         """CTAs of the hidden exchanges' communicator: --overlap-ctas, else the runtime's default
-        (``DEFAULT_OVERLAP_CTAS``, measured in docs/benchmarks.md)."""
-        from epplan.runtime.overlap import DEFAULT_OVERLAP_CTAS  # torch: only where a run is set up
-
+        (``epplan.schedule.DEFAULT_OVERLAP_CTAS``, measured in docs/benchmarks.md)."""
         return DEFAULT_OVERLAP_CTAS if self.overlap_ctas is None else self.overlap_ctas
 
     def warmup(self) -> int:

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from epplan.errors import RuntimeSetupError
+from epplan.errors import RuntimeSetupError, param
 from epplan.placement.types import Placement
 from epplan.runfiles import IN_FORCE_MANIFEST, MANIFESTS_DIR
 from epplan.runtime.expert_parallel import set_replica_groups
@@ -197,9 +197,9 @@ class Replanner:
         self.every = opts.replan_every
         self.lag = opts.replan_lag if opts.replan_lag is not None else max(1, self.every // 4)
         if not 1 <= self.lag <= self.every:
-            raise RuntimeSetupError(f"--replan-lag {self.lag} must be between 1 and --replan-every {self.every}")
+            raise RuntimeSetupError(f"{param('replan_lag', self.lag)} must be between 1 and {param('replan_every', self.every)}")
         if opts.topology is None:
-            raise RuntimeSetupError("--replan-every plans on the cluster's topology: pass --topology FILE "
+            raise RuntimeSetupError(f"{param('replan_every')} plans on the cluster's topology: pass {param('topology', 'FILE')} "
                                     "(the file the manifest was planned on)")
         self.topology = opts.topology
         self.routing, self.options = "ecmp", {}
@@ -341,7 +341,7 @@ class Replanner:
         manifest = load_manifest(record.pop("manifest"))
         if manifest.hash != record["manifest_hash"]:
             raise RuntimeSetupError(f"{manifest.path} changed while the run moved its experts to it; "
-                                    "continue with --resume")
+                                    f"continue with {param('resume')}")
         moves = [Move(*m, bytes=0.0) for m in record.pop("moves")]
         moved = move_experts(trainer.model, trainer.optimizer, manifest.placement, moves)
         trainer.job = job_from_manifest(manifest)

@@ -26,7 +26,7 @@ import socket
 import time
 from pathlib import Path
 
-from epplan.errors import RunDirBusy, RuntimeSetupError
+from epplan.errors import RunDirBusy, RuntimeSetupError, param
 
 FAILURE = "failure.json"  # a failing worker's message, which epplan run shows
 WORKERS_WAIT_S = 60.0  # how long a launcher waits for an earlier run's workers to exit
@@ -57,7 +57,7 @@ def _open_lock(path: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise RuntimeSetupError(f"--out {path.parent}: cannot create {path.name}: "
+        raise RuntimeSetupError(f"{param('out', path.parent)}: cannot create {path.name}: "
                                 f"{exc.strerror or exc}") from None
 
 
@@ -69,7 +69,7 @@ def _try_flock(fd: int, how: int, path: Path) -> bool:
         return False
     except OSError as exc:
         if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            raise RuntimeSetupError(f"--out {path.parent}: its filesystem does not support file locks "
+            raise RuntimeSetupError(f"{param('out', path.parent)}: its filesystem does not support file locks "
                                     f"({exc.strerror}); put the run directory on one that does") from None
         raise
 
@@ -93,7 +93,7 @@ class RunLock:
             far = ("" if host in (None, socket.gethostname()) else
                    f"; if {host} is down, its lock ends when the file server notices")
             raise RunDirBusy(f"{self.out} is in use by another 'epplan run' ({_describe(holder)}); "
-                             f"wait for it to end or stop it, or choose another --out{far}")
+                             f"wait for it to end or stop it, or choose another {param('out')}{far}")
         left = _read(fd).strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_text().encode(), 0)

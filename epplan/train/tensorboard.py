@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from epplan.errors import EpplanError
+from epplan.errors import EpplanError, param
 
 _SCALARS = {"loss": "train/loss", "aux_loss": "train/aux_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "step_time_s": "perf/step_time_s", "tokens_per_s": "perf/tokens_per_s",
@@ -28,7 +28,7 @@ def check_available() -> None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        raise EpplanError("--tensorboard needs the tensorboard package: pip install 'epplan[tensorboard]' "
+        raise EpplanError(f"{param('tensorboard')} needs the tensorboard package: pip install 'epplan[tensorboard]' "
                         "(or pip install tensorboard)") from None
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from epplan.train.data import ByteData, DataError
+from epplan.errors import DataError, param
+from epplan.train.data import ByteData
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
@@ -41,22 +42,22 @@ def token_dtype(data: str) -> tuple[Path, np.dtype, str]:
     """(path, dtype, where the dtype came from) of a ``--data`` token file."""
     head, sep, rest = data.partition(":")
     if sep and head in _NAMED:
-        return Path(rest), np.dtype(_NAMED[head]), f"--data {head}:"
+        return Path(rest), np.dtype(_NAMED[head]), param("data", f"{head}:")
     path = Path(data)
     idx = path.with_suffix(".idx")
     if idx.is_file():
         with open(idx, "rb") as fh:
             header = fh.read(len(_IDX_MAGIC) + 9)
         if len(header) < len(_IDX_MAGIC) + 9 or not header.startswith(_IDX_MAGIC):
-            raise DataError(f"--data {data}: {idx.name} beside it is not a Megatron index (no MMIDIDX header)")
+            raise DataError(f"{param('data', data)}: {idx.name} beside it is not a Megatron index (no MMIDIDX header)")
         version, code = struct.unpack("<QB", header[len(_IDX_MAGIC):])
         if version != 1 or code not in _MEGATRON_DTYPES:
-            raise DataError(f"--data {data}: {idx.name} has version {version}, dtype code {code}; epplan reads "
+            raise DataError(f"{param('data', data)}: {idx.name} has version {version}, dtype code {code}; epplan reads "
                             f"version 1 with integer codes {sorted(_MEGATRON_DTYPES)}")
         return path, np.dtype(_MEGATRON_DTYPES[code]), f"Megatron index {idx.name}"
     if sep:
-        raise DataError(f"--data {data}: dtype {head!r} unknown; use one of {', '.join(_NAMED)}")
-    return path, np.dtype(np.uint16), "uint16 (nanoGPT's layout; name another as --data uint32:PATH)"
+        raise DataError(f"{param('data', data)}: dtype {head!r} unknown; use one of {', '.join(_NAMED)}")
+    return path, np.dtype(np.uint16), f"uint16 (nanoGPT's layout; name another as {param('data', 'uint32:PATH')})"
 
 
 class TokenData(ByteData):
@@ -66,10 +67,10 @@ class TokenData(ByteData):
                  batch_per_rank: int, micro_batches: int) -> None:
         path, self.dtype, self.dtype_source = token_dtype(data)
         if not path.is_file():
-            raise DataError(f"--data {data}: no such file")
+            raise DataError(f"{param('data', data)}: no such file")
         size = path.stat().st_size
         if size % self.dtype.itemsize or size == 0:
-            raise DataError(f"--data {data}: {size:,} bytes is not a whole number of {self.dtype} tokens "
+            raise DataError(f"{param('data', data)}: {size:,} bytes is not a whole number of {self.dtype} tokens "
                             f"({self.dtype.itemsize} bytes each; dtype from {self.dtype_source})")
         self.path, self.files = data, [path]
         self.maps = [np.memmap(path, dtype=self.dtype, mode="r")]
@@ -79,7 +80,7 @@ class TokenData(ByteData):
         self.seq_len = seq_len
         self.num_windows = (self.shard[1] - self.shard[0] - 1) // seq_len
         if self.num_windows < 1:
-            raise DataError(f"--data {data}: {total:,} tokens give each of {num_ranks} ranks "
+            raise DataError(f"{param('data', data)}: {total:,} tokens give each of {num_ranks} ranks "
                             f"{total // num_ranks:,}, fewer than one sequence of {seq_len + 1}")
         self.micro_batch = batch_per_rank // micro_batches
         self.micro_batches = micro_batches
@@ -93,9 +94,9 @@ class TokenData(ByteData):
             if top >= vocab_size or low < 0:
                 bad = at + int(np.argmax((chunk >= vocab_size) | (chunk < 0)))
                 raise DataError(
-                    f"--data {self.path}: token {int(shard[bad])} at position {self.shard[0] + bad:,} is outside "
+                    f"{param('data', self.path)}: token {int(shard[bad])} at position {self.shard[0] + bad:,} is outside "
                     f"the model's vocabulary 0..{vocab_size - 1}; use the model the data was tokenised for "
-                    f"(--set vocab_size=N when planning) or check the dtype ({self.dtype}, from {self.dtype_source})")
+                    f"({param('set', 'vocab_size=N')} when planning) or check the dtype ({self.dtype}, from {self.dtype_source})")
 
     def _read(self, start: int, size: int) -> np.ndarray:
         return np.asarray(self.maps[0][start:start + size])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from epplan.errors import RuntimeSetupError, TrainingDiverged
+from epplan.errors import RuntimeSetupError, TrainingDiverged, param
 from epplan.runtime.expert_parallel import (build_expert_parallel_model, get_stats, set_exchange_timer,
                                             sync_gradients)
 from epplan.runtime.experts import forget_copies
@@ -133,7 +133,7 @@ class Trainer:
         self.job, self.opts, self.rank, self.device, self.config = job, opts, rank, device, config
         self.out = Path(opts.out)
         self.ckpt_root = self.out / "checkpoints"
-        self.batch_per_rank = config.global_batch // D  # of a TP group, whose ranks share them
+        self.batch_per_rank = opts.batch_per_group(config, G)  # of a TP group, whose ranks share them
         self.costs = model_costs(config)
         self.peak_tflops = peak_tflops(opts, device)
         self.lr = opts.peak_lr(config.d_model)
@@ -154,9 +154,9 @@ class Trainer:
         if config.dtype == "fp64":  # CPU tests: exact comparisons between run settings
             self.model.to(torch.float64)
         if opts.recompute not in RECOMPUTE:
-            raise RuntimeSetupError(f"--recompute {opts.recompute!r}: use {', '.join(RECOMPUTE)}")
+            raise RuntimeSetupError(f"{param('recompute', repr(opts.recompute))}: use {', '.join(RECOMPUTE)}")
         if opts.optimizer_sharding not in OPTIMIZER_SHARDING:
-            raise RuntimeSetupError(f"--optimizer-sharding {opts.optimizer_sharding!r}: use "
+            raise RuntimeSetupError(f"{param('optimizer_sharding', repr(opts.optimizer_sharding))}: use "
                                     f"{', '.join(OPTIMIZER_SHARDING)}")
         apply_recompute(self.model, opts.recompute)
         self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss; vocab-parallel under TP)
@@ -200,9 +200,9 @@ class Trainer:
         self.notes: list[str] = []  # lines about the resume, shown by rank 0
         self.changes: dict[str, dict[str, Any]] = {}  # --allow-change differences from the checkpoint
         if opts.replan_every and opts.optimizer_sharding == "all":
-            raise RuntimeSetupError("--replan-every cannot move experts whose AdamW state is sharded over "
-                                    "their replicas (--optimizer-sharding all): a re-plan changes the replica "
-                                    "sets; use --optimizer-sharding dense with --replan-every")
+            raise RuntimeSetupError(f"{param('replan_every')} cannot move experts whose AdamW state is sharded over "
+                                    f"their replicas ({param('optimizer_sharding', 'all')}): a re-plan changes the "
+                                    f"replica sets; use {param('optimizer_sharding', 'dense')} with {param('replan_every')}")
         self.replanner = Replanner(self) if opts.replan_every else None  # live re-placement
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -235,8 +235,8 @@ class Trainer:
                 what = "; ".join(skipped) if skipped else f"it holds an earlier run's {', '.join(old)}"
                 if not self.opts.start_over:
                     raise checkpoint.CheckpointError(
-                        f"no intact checkpoint in {self.ckpt_root} ({what}); pass --start-over to start at "
-                        "step 0 with the earlier records set aside in OUT/previous-N, or choose another --out")
+                        f"no intact checkpoint in {self.ckpt_root} ({what}); pass {param('start_over')} to start at "
+                        f"step 0 with the earlier records set aside in OUT/previous-N, or choose another {param('out')}")
                 aside = set_aside(self.out) if self.rank == 0 else None
                 self.notes.append(f"no intact checkpoint ({what}); starting at step 0, the earlier records "
                                   f"are set aside in {aside}")
@@ -296,8 +296,8 @@ class Trainer:
                     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
                     was, now = ({k: d.get(k) for k in diff} for d in (was, now))
                 raise checkpoint.CheckpointError(
-                    f"--resume: {key} is {now!r} but the checkpoint {meta.get('step')} was written with "
-                    f"{was!r}; resume with the same {key}, or pass --allow-change {key} to change it knowingly")
+                    f"{param('resume')}: {key} is {now!r} but the checkpoint {meta.get('step')} was written with "
+                    f"{was!r}; resume with the same {key}, or pass {param('allow_change', key)} to change it knowingly")
         return changes
 
     def save(self) -> float:
@@ -426,12 +426,12 @@ class Trainer:
             return ("no checkpoint from before the divergence" +
                     (f" ({self.unconfirmed.name} holds the diverged weights, kept as "
                      f"{self.unconfirmed.name}{checkpoint.DIVERGED})" if self.unconfirmed else "") +
-                    "; lower --lr or --grad-clip and start again")
+                    f"; lower {param('lr')} or {param('grad_clip')} and start again")
         path = good
         set_aside = (f"; {self.unconfirmed.name}, written after the weights diverged, is kept as "
                      f"{self.unconfirmed.name}{checkpoint.DIVERGED}" if self.unconfirmed else "")
         return (f"the last good checkpoint is {path} (step {int(path.name.split('_')[1])}){set_aside}; "
-                "lower --lr or --grad-clip and continue from it with --resume")
+                f"lower {param('lr')} or {param('grad_clip')} and continue from it with {param('resume')}")
 
     # ----------------------------------------------------------------------------- one step
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from epplan.errors import EpplanError, OutOfGPUMemory, RuntimeSetupError
+from epplan.errors import EpplanError, OutOfGPUMemory, RuntimeSetupError, param
 from epplan.fileio import atomic_write_text
 from epplan.train import checkpoint
 from epplan.train.job import load_job
@@ -61,7 +61,7 @@ def _process_group_store(rank: int, attempt: int) -> dist.Store:
     store = dist.PrefixStore(f"epplan/attempt_{attempt}", store)
     if store.add(f"claim/rank{rank}", 1) > 1:
         raise RuntimeSetupError(f"two processes claim rank {rank}: every node's 'epplan run' needs its "
-                                "own --node-rank (0 .. nodes - 1)")
+                                f"own {param('node_rank')} (0 .. nodes - 1)")
     return store
 
 
@@ -69,7 +69,7 @@ def _device(kind: str, local_rank: int) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeSetupError("--device cuda but no CUDA GPU is visible; use --device cpu")
+        raise RuntimeSetupError(f"{param('device', 'cuda')} but no CUDA GPU is visible; use {param('device', 'cpu')}")
     if local_rank >= torch.cuda.device_count():
         raise RuntimeSetupError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible")
     torch.cuda.set_device(local_rank)
@@ -118,12 +118,11 @@ def _log_crash(out: Path, rank: int) -> str:
 
 def _out_of_memory_message(job, opts: TrainOptions, rank: int, exc: BaseException) -> str:
     config = job.config
-    global_batch = opts.batch(config)
-    per_gpu = global_batch // (job.num_ranks * opts.micro_batches)
+    per_gpu = opts.batch_per_group(config, job.num_ranks) // opts.micro_batches
     detail = str(exc).split(". See documentation")[0].split("If reserved")[0].strip()
     return (f"rank {rank} ran out of GPU memory ({detail}) with {per_gpu} sequences of "
-            f"{config.seq_len} tokens per GPU per micro-batch: raise --micro-batches, lower "
-            f"--global-batch, or pass --recompute block ('epplan estimate --topology T "
+            f"{config.seq_len} tokens per GPU per micro-batch: raise {param('micro_batches')}, lower "
+            f"{param('global_batch')}, or pass {param('recompute', 'block')} ('epplan estimate --topology T "
             f"--placement {opts.manifest} --micro-batches N' prints the memory per GPU)")
 
 
