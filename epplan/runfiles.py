@@ -28,6 +28,8 @@ IN_FORCE_MANIFEST = "manifest.json"
 MANIFESTS_DIR = "manifests"
 METRICS_FORMAT = "epplan.metrics"
 METRICS_VERSION = 1
+# The run settings a manifest records and a run's start record gives (the planner's words for them).
+RUN_SETTINGS = ("micro_batches", "recompute", "optimizer_sharding", "tp", "expert_tp")
 _MAX_METRICS_BYTES = 16 << 30
 
 

@@ -31,14 +31,14 @@ fabric:
 """
 
 
-def _train(rank: int, world_size: int, job, out: str, dispatch: str | None = None) -> None:
+def _train(rank: int, world_size: int, job, out: str, dispatch: str | None = None, recompute: str = "none") -> None:
     import torch
 
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
     opts = TrainOptions(manifest="m.json", out=out, steps=3, ckpt_every=100, keep_checkpoints=1,
-                        dispatch=dispatch)
+                        dispatch=dispatch, recompute=recompute)
     Trainer(job, opts, rank, torch.device("cpu")).run(resume=False, show_progress=False)
 
 
@@ -283,8 +283,9 @@ def test_a_hierarchical_run_of_a_flat_plan_is_predicted_as_hierarchical(hierarch
 def test_replay_scores_the_runs_routing_under_the_plans_settings(real_run):
     """The replay is the cost model on the run's routing with every setting of the plan's problem
     kept: its calibrated rates (the manifest's), and recompute, optimizer sharding, overlap or
-    TP where the plan has them. (It once rebuilt the problem from a few fields, so a calibrated
-    or block-recompute plan's replay was timed as an uncalibrated, unrecomputed one.)"""
+    TP, the run's where its start record gives them. (It once rebuilt the problem from a few
+    fields, so a calibrated or block-recompute plan's replay was timed as an uncalibrated,
+    unrecomputed one.)"""
     import dataclasses
 
     import numpy as np
@@ -294,6 +295,7 @@ def test_replay_scores_the_runs_routing_under_the_plans_settings(real_run):
     from epplan.report import read_run
     from epplan.report.measured import compare_measured
     from epplan.report.predicted import component_bytes
+    from epplan.runfiles import RUN_SETTINGS
     from epplan.workload.traffic import Traffic
 
     manifest, run_dir = real_run
@@ -306,11 +308,64 @@ def test_replay_scores_the_runs_routing_under_the_plans_settings(real_run):
     times = set()
     for changed in settings:
         problem = dataclasses.replace(opened.problem, **changed)
-        m = compare_measured(evaluate(opened.placement, problem), opened.placement, problem, run)
         want = evaluate(opened.placement, dataclasses.replace(problem, traffic=runs_routing))
-        assert m.replayed_step_time_s == pytest.approx(want.step_time_s, rel=1e-12), changed
-        for k, v in component_bytes(want).items():
-            if k in m.replayed:
-                np.testing.assert_allclose(m.replayed[k], m.bytes_scale * v, rtol=1e-12, err_msg=str(changed))
+        # The plan made with the settings (a run that recorded none, as before they were recorded),
+        # and the run's start record giving them over the plan made without (run --recompute ...).
+        cases = [(problem, {})]
+        if changed.keys() <= set(RUN_SETTINGS):
+            cases.append((opened.problem, {**run.settings, **changed}))
+        for plan, recorded in cases:
+            m = compare_measured(evaluate(opened.placement, plan), opened.placement, plan,
+                                 dataclasses.replace(run, settings=recorded))
+            assert m.replayed_step_time_s == pytest.approx(want.step_time_s, rel=1e-12), (changed, recorded)
+            for k, v in component_bytes(want).items():
+                if k in m.replayed:
+                    np.testing.assert_allclose(m.replayed[k], m.bytes_scale * v, rtol=1e-12, err_msg=str(changed))
         times.add(round(m.replayed_step_time_s, 12))
     assert len(times) == len(settings)  # each setting changes the step; the replay follows each
+
+
+@pytest.fixture(scope="module")
+def block_run(real_run, tmp_path_factory):
+    """(manifest, run directory): the real run's manifest (planned without recompute) trained with
+    every block recomputed, as 'epplan run --recompute block' over it does."""
+    from epplan.manifest import load_manifest
+    from epplan.runtime.testing import run_distributed
+    from epplan.train.job import job_from_manifest
+
+    manifest, _ = real_run
+    run_dir = tmp_path_factory.mktemp("block") / "run"
+    run_distributed(_train, 4, job_from_manifest(load_manifest(manifest)), str(run_dir), None, "block")
+    return manifest, run_dir
+
+
+def test_a_block_recompute_run_is_measured_predicted_and_replayed_with_its_third_pass(block_run):
+    """Under block recompute backward sends the forward's rows again: three passes of the recorded
+    forward matrices on the wire, as the cost model counts them (a2a_passes). The run's recompute
+    (its start record) is what the prediction and the replay are scored with, the plan's being none."""
+    import dataclasses
+
+    import numpy as np
+
+    from epplan.cost import evaluate
+    from epplan.opened import open_manifest
+    from epplan.topology import load_topology
+
+    manifest, run_dir = block_run
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["recompute"] == "block"
+    steps = [r for r in records if r["kind"] == "step"]
+    dispatch = np.mean([np.array(r["dispatch_bytes"], dtype=float).sum(axis=0) for r in steps], axis=0)
+    result = _invoke(manifest, "--metrics", run_dir, "--json", "--all")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)["measured"]
+    loads = 3 * load_topology(manifest.parent / "mini.yaml").link_loads(dispatch)
+    for row in m["links"]:
+        assert row["measured_dispatch_bytes"] == pytest.approx(loads[row["index"]], rel=1e-12)
+        assert row["replayed_bytes"] == pytest.approx(row["measured_bytes"], rel=1e-6, abs=1e-3)
+    assert m["replay"]["max_link_relative_error"] < 1e-6
+    opened = open_manifest(manifest)
+    cost = evaluate(opened.placement, dataclasses.replace(opened.problem, recompute="block"))
+    assert cost.a2a_passes == 3
+    assert m["totals_bytes"]["predicted"] == pytest.approx(m["bytes_scale"] * cost.a2a_bytes.sum(), rel=1e-6)
+    assert any("recompute block where the plan has none" in note for note in m["notes"]), m["notes"]

@@ -15,6 +15,7 @@ from epplan.cli.common import (DeviceOption, Dispatch, MicroBatchesOption, NumCh
                                choices, console, count, err_console, in_panel, listed, out_option, plain,
                                user_errors)
 from epplan.errors import RuntimeSetupError
+from epplan.runfiles import RUN_SETTINGS
 from epplan.schedule import DEFAULT_OVERLAP_CTAS
 from epplan.train.options import ASYNC_CHECKPOINTS, RESUME_KEYS, TrainOptions
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
@@ -29,7 +30,7 @@ LAUNCH = "Launch (torchrun)"
 # What a run setting is when neither the flag nor the manifest gives it (manifests before it):
 # the run's own default.
 RUN_SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions)
-                        if f.name in ("micro_batches", "recompute", "optimizer_sharding", "tp", "expert_tp")}
+                        if f.name in RUN_SETTINGS}
 
 
 @app.command("run", no_args_is_help=True, epilog=(

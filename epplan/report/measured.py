@@ -11,10 +11,15 @@ t in the *forward* dispatch and combine, each row being d_model * the activation
 How the comparison is made apples to apples:
 
 - Direction and passes. The runtime's forward dispatch matrix D is what the cost function calls
-  b F (s -> t) and its forward combine matrix C is b F^T; backward sends the same again. So the
-  measured ``dispatch`` component of a link is 2 loads(D) and ``combine`` is 2 loads(C), the
-  exact counterparts of ``epplan.report.predicted``'s components, through the same path
-  fractions (``Topology.link_loads``; the diagonal is ignored there).
+  b F (s -> t) and its forward combine matrix C is b F^T; backward sends the same again, and a
+  block recompute the forward's once more (its statistics are not recorded twice). So the
+  measured ``dispatch`` component of a link is p loads(D) and ``combine`` is p loads(C), p the
+  cost model's passes for the run's recompute (2, 3 under block), the exact counterparts of
+  ``epplan.report.predicted``'s components, through the same path fractions
+  (``Topology.link_loads``; the diagonal is ignored there).
+- Run settings. The prediction and the replay are the plan's problem with the run's settings
+  where its start record gives them (``epplan.runfiles.RUN_SETTINGS``, and its dispatch): a run
+  with ``--recompute block`` over a plan made without is scored with block recompute, and said so.
 - Bytes per assignment. The runtime's b is measured (forward dispatch bytes, diagonal included,
   over token-assignments, per layer); the cost function's is d_model * the model dtype's size.
   They differ when activations travel in another dtype than the weights (fp32 activations of a
@@ -41,6 +46,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +58,8 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 from epplan.topology import Topology
 from epplan.report.predicted import ReportError, component_bytes
-from epplan.runfiles import METRICS_FILE, METRICS_FORMAT, METRICS_VERSION, ROUTING_STATS_FILE, read_metrics_lines
+from epplan.runfiles import (METRICS_FILE, METRICS_FORMAT, METRICS_VERSION, ROUTING_STATS_FILE, RUN_SETTINGS,
+                             read_metrics_lines)
 from epplan.workload.routing_stats import RoutingStats, read_routing_stats
 from epplan.workload.traffic import Traffic
 
@@ -85,6 +92,7 @@ class RunMetrics:
     is_finished: bool
     notes: list[str] = field(default_factory=list)
     dispatch: str = "flat"  # how the run exchanged rows (its start record; flat before it was recorded)
+    settings: dict[str, Any] = field(default_factory=dict)  # RUN_SETTINGS its start record gives
     row_bytes: int | None = None  # one row's wire bytes as the step records give it (None: not recorded)
 
     @property
@@ -134,13 +142,18 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
     steps: list[tuple[int, dict]] = []
     finished = False
     dispatches = set()
+    current: dict[str, Any] = {}  # the run settings of the segment (its start record's)
+    settings: dict[str, Any] = {}  # those of the last segment of this manifest
     for line_no, rec in records:
         kind = rec.get("kind")
+        if kind == "start":
+            current = {k: rec[k] for k in RUN_SETTINGS if k in rec}
         if kind == "start" or (kind == "replan" and rec.get("moved")):  # a live move switches manifests too
             hashes.append(str(rec.get("manifest_hash")))
             is_ours = rec.get("manifest_hash") == manifest_hash
             if is_ours:
                 dispatches.add(rec.get("dispatch", "flat"))
+                settings = current
         elif kind == "step" and is_ours:
             steps.append((line_no, rec))
         elif kind == "end":
@@ -208,7 +221,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         combine_bytes=np.stack(arrays["combine_bytes"]), assignments=np.stack(arrays["tokens_per_expert"]),
         tokens_per_step=int(tokens) if isinstance(tokens, (int, float)) else None,
         device=start.get("device"), routing=routing, is_finished=finished, notes=notes,
-        dispatch=dispatch, row_bytes=row_bytes)
+        dispatch=dispatch, row_bytes=row_bytes, settings=settings)
 
 
 def _int_array(value, shape: tuple[int, ...] | None, where: str, layout: str) -> np.ndarray:
@@ -305,14 +318,15 @@ class MeasuredComparison:
 
 
 def measured_link_bytes(topology: Topology, dispatch: np.ndarray, combine: np.ndarray,
-                        layer: int | None = None) -> dict[str, np.ndarray]:
+                        layer: int | None = None, passes: float = 2.0) -> dict[str, np.ndarray]:
     """Component -> float64[K] wire bytes per step of the forward matrices ``dispatch`` and
-    ``combine`` (float[L, S, T] per step), both passes (2x), through ``Topology.link_loads``."""
+    ``combine`` (float[L, S, T] per step), run ``passes`` times (forward and backward: 2; 3 under
+    block recompute, whose recompute sends the forward's rows again), through ``Topology.link_loads``."""
     layers = range(dispatch.shape[0]) if layer is None else [layer]
     d = sum(np.asarray(dispatch[li], dtype=np.float64) for li in layers)
     c = sum(np.asarray(combine[li], dtype=np.float64) for li in layers)
     # Loads are linear: summing the layers' matrices first is the same as summing their loads.
-    return {"dispatch": 2.0 * topology.link_loads(d), "combine": 2.0 * topology.link_loads(c)}
+    return {"dispatch": passes * topology.link_loads(d), "combine": passes * topology.link_loads(c)}
 
 
 def replay_cost(placement: Placement, problem: PlacementProblem, routing: RoutingStats) -> Cost:
@@ -327,9 +341,9 @@ def replay_cost(placement: Placement, problem: PlacementProblem, routing: Routin
 
 
 def hierarchical_replay(topology: Topology, routing: RoutingStats, row_bytes: float,
-                        layers: list[int]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+                        layers: list[int], passes: float = 2.0) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """The measured rows of a hierarchical run on the links: component -> float64[K] bytes per
-    step (both passes), and per layer the forward dispatch's float64[S, T] bytes summed over the
+    step (``passes`` as for ``measured_link_bytes``), and per layer the forward dispatch's float64[S, T] bytes summed over the
     statistics' steps (integers, exact in float64 below 2**53).
 
     routing.node_rows is by the run's node order (``routing.nodes``); the link map numbers nodes
@@ -346,7 +360,7 @@ def hierarchical_replay(topology: Topology, routing: RoutingStats, row_bytes: fl
         network, intra = hierarchical_traffic(node_rows[li], routing.gpu_rows[li], topology.gpu_node,
                                               topology.gpu_local)
         pairs.append(row_bytes * (network + intra))
-    return {"dispatch": 2.0 * fwd / routing.steps, "combine": 2.0 * bwd / routing.steps}, pairs
+    return {"dispatch": passes * fwd / routing.steps, "combine": passes * bwd / routing.steps}, pairs
 
 
 def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem, run: RunMetrics,
@@ -359,6 +373,14 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
                      f"predicted is the plan re-scored for {run.dispatch}")
         problem = dataclasses.replace(problem, dispatch=run.dispatch)
         cost = evaluate(placement, problem)
+    changed = {k: v for k, v in run.settings.items() if getattr(problem, k) != v}
+    if changed:
+        notes.append("the run's settings differ from the plan's ("
+                     + ", ".join(f"{k} {v} where the plan has {getattr(problem, k)}" for k, v in changed.items())
+                     + "): predicted and replayed are the plan re-scored with the run's")
+        problem = dataclasses.replace(problem, **changed)
+        cost = evaluate(placement, problem)
+    passes = float(cost.a2a_passes)  # the run's exchanges per layer and step, as the cost model counts them
     model_b = float(problem.bytes_per_assignment)
     run_b = run.bytes_per_assignment
     scale = run_b / model_b if math.isfinite(run_b) and run_b > 0 else 1.0
@@ -373,7 +395,7 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
 
     # Loads of the integer sums over the steps, then per step: the replay below sums the same way.
     measured = {k: v / run.num_steps for k, v in measured_link_bytes(
-        topo, run.dispatch_bytes.sum(axis=0), run.combine_bytes.sum(axis=0), layer).items()}
+        topo, run.dispatch_bytes.sum(axis=0), run.combine_bytes.sum(axis=0), layer, passes).items()}
     predicted = {k: scale * v for k, v in component_bytes(cost, layer).items() if k in ("dispatch", "combine")}
 
     replayed, replay_s, pair_err, replay_steps = None, None, None, 0
@@ -399,7 +421,7 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
             counts = routing.per_step()
             layers = list(range(cost.num_layers)) if layer is None else [layer]
             if is_hierarchical:  # the measured rows themselves; the diagonal never leaves a GPU
-                replayed, pairs = hierarchical_replay(topo, routing, run_b, layers)
+                replayed, pairs = hierarchical_replay(topo, routing, run_b, layers, passes)
                 total = run.dispatch_bytes[is_window].sum(axis=0)  # [L, S, T] integers
                 off = ~np.eye(total.shape[1], dtype=bool)
                 pair_err = max(float(np.abs(pairs[i] - total[li])[off].max()) for i, li in enumerate(layers)) \

@@ -7,11 +7,12 @@ Shape legend: L = MoE layers, G = GPUs (ranks), K = directed links.
 
 A link's bytes per step are split into four components that sum to ``Cost.link_step_bytes``:
 
-dispatch     2 * ``dispatch_fwd_bytes``: tokens travelling to their experts (source -> expert's
-             rank) in the forward pass, and the combine's gradient in the backward pass, which
-             travels the same way.
-combine      2 * ``combine_fwd_bytes``: expert outputs travelling back forward, and the dispatch's
-             gradient in the backward pass.
+dispatch     ``a2a_passes`` * ``dispatch_fwd_bytes``: tokens travelling to their experts (source
+             -> expert's rank) in the forward pass, and the combine's gradient in the backward
+             pass, which travels the same way (passes 2; 3 under block recompute, whose
+             recompute dispatches again).
+combine      ``a2a_passes`` * ``combine_fwd_bytes``: expert outputs travelling back forward, and
+             the dispatch's gradient in the backward pass.
 expert_sync  the gradient all-reduce rings among each expert's replicas (whole step only).
 dense_sync   the data-parallel ring of the dense parameters (whole step only).
 
@@ -57,7 +58,9 @@ def component_bytes(cost: Cost, layer: int | None = None) -> dict[str, np.ndarra
         dispatch = cost.dispatch_fwd_bytes[layer].astype(np.float64)
         combine = cost.combine_fwd_bytes[layer].astype(np.float64)
         expert_sync = dense_sync = np.zeros(num_links)
-    return {"dispatch": 2.0 * dispatch, "combine": 2.0 * combine,
+    # forward and backward; under block recompute the forward's exchanges run again (a2a_passes 3)
+    passes = float(cost.a2a_passes)
+    return {"dispatch": passes * dispatch, "combine": passes * combine,
             "expert_sync": expert_sync, "dense_sync": dense_sync}
 
 
