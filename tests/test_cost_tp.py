@@ -7,7 +7,9 @@
   outputs are fp32 and the linear outputs bf16) are the model's, which are also the TP link
   loads ``evaluate`` puts on a GPU's own link; under ``--expert-tp`` (block recompute) so are
   the bytes each rank holds (its slices of its group's union of experts) and sends to its group
-  in the expert exchanges, given the rows it received.
+  in the expert exchanges, given the rows it received; and so are the optimizer bytes under
+  ``--optimizer-sharding all`` (AdamW's state over each TP rank's data-parallel group, the
+  experts' over their replicas or, under ``--expert-tp``, over each hidden slice's replicas).
 - ``shard_size`` is torch's chunking; ``--tp auto`` is the fastest of the fixed degrees that fit;
   TP's refusals; the manifest records tp and expert_tp and reads older ones as 1 / off; the CLI.
 """
@@ -58,6 +60,13 @@ node_types:
 nodes:
   - {name: n0, type: box}
 """
+# name -> (config, recompute, optimizer sharding, expert TP); the sharded ones split AdamW's state
+# over the data-parallel group of each TP rank (ranks 0, 2 and 1, 3) and each expert's over its
+# replicas, under --expert-tp over each hidden slice's (expert 0: slices on 0, 2 and on 1, 3).
+CASES = {"none": (CONFIG, "none", "none", False), "attention": (CONFIG, "attention", "none", False),
+         "block": (CONFIG, "block", "none", False), "bf16": (BF16, "none", "none", False),
+         "etp": (CONFIG, "block", "none", True), "all": (CONFIG, "none", "all", False),
+         "etp-all": (CONFIG, "block", "all", True)}
 KINDS = {"_c10d_functional::all_gather_into_tensor": "all_gather",
          "_c10d_functional::reduce_scatter_tensor": "reduce_scatter"}
 
@@ -127,13 +136,12 @@ def _held_and_moved(rank: int, world_size: int, tmp: str) -> None:
     ep._exchange, etp.group_expert_mlp = counting_exchange, counting_mlp
     torch.distributed.all_gather = counting_all_gather
     out = {}
-    for recompute in ("none", "attention", "block", "bf16", "etp"):
-        config = BF16 if recompute == "bf16" else CONFIG
+    for recompute in CASES:
+        config, setting, sharding, expert_tp = CASES[recompute]
         job = Job(config, PLACEMENT, "h", (Node("n0", tuple(range(G))),))
         opts = TrainOptions(manifest="m.json", out=f"{tmp}/{recompute}", steps=1, lr=0.01, ckpt_every=1,
-                            keep_checkpoints=0, warmup_steps=0, tp=TP, micro_batches=2,
-                            recompute={"bf16": "none", "etp": "block"}.get(recompute, recompute),
-                            expert_tp=recompute == "etp")
+                            keep_checkpoints=0, warmup_steps=0, tp=TP, micro_batches=2, recompute=setting,
+                            optimizer_sharding=sharding, expert_tp=expert_tp)
         trainer = Trainer(job, opts, rank, torch.device("cpu"))
         if recompute == "bf16":  # as on GPUs: fp32 weights, bf16 autocast (CPU's)
             trainer.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
@@ -160,19 +168,18 @@ def test_tp_memory_and_collectives_are_what_the_ranks_hold_and_move(tmp_path):
     run_distributed(_held_and_moved, G, str(tmp_path))
     group_tokens = CONFIG.tokens_per_step / G * TP
     held = [json.loads((tmp_path / f"held.{rank}").read_text()) for rank in range(G)]
-    for recompute in ("none", "attention", "block", "bf16", "etp"):
-        config, setting = {"bf16": (BF16, "none"), "etp": (CONFIG, "block")}.get(recompute, (CONFIG, recompute))
-        problem = _problem(config=config, expert_tp=recompute == "etp")
-        model = memory_for(PLACEMENT, problem, np.zeros((1, G)), 2, setting, "none")
+    for recompute, (config, setting, sharding, expert_tp) in CASES.items():
+        problem = _problem(config=config, expert_tp=expert_tp)
+        model = memory_for(PLACEMENT, problem, np.zeros((1, G)), 2, setting, sharding)
         expect = {kind: group_tokens * sum(x.count * x.bytes_per_token for x in sp_collectives(config, setting, TP)
                                            if x.kind == kind) for kind in ("all_gather", "reduce_scatter")}
         # The rows the ranks received in this step (the routing is the model's own), as served.
         served = np.array([[h[recompute]["rows"] for h in held]], dtype=np.float64)   # [L = 1, G]
         src, _, etp_bytes = expert_tp_traffic(served, TP, setting, CONFIG.d_model * 8)
-        etp_sent = np.bincount(src, etp_bytes, minlength=G) if recompute == "etp" else np.zeros(G)
+        etp_sent = np.bincount(src, etp_bytes, minlength=G) if expert_tp else np.zeros(G)
         problem = dataclasses.replace(problem, recompute=setting, micro_batches=2)
         tp_loads = problem.topology.link_loads(tp_traffic(problem, served).toarray())
-        if recompute != "etp":  # evaluate's loads are the same function's
+        if not expert_tp:  # evaluate's loads are the same function's
             np.testing.assert_allclose(evaluate(PLACEMENT, problem).tp_bytes, tp_loads, rtol=1e-6)
         for rank in range(G):
             h = held[rank][recompute]
@@ -187,6 +194,8 @@ def test_tp_memory_and_collectives_are_what_the_ranks_hold_and_move(tmp_path):
             assert tp_loads[up] == pytest.approx(sum(h["moved"].values()) * (TP - 1) / TP + etp_sent[rank],
                                                  rel=1e-9)
     assert all(h["etp"]["etp_sent"] > 0 for h in held)
+    # Sharding splits the optimizer's state (the model's per-rank bytes are checked above).
+    assert all(h["all"]["optimizer"] < h["none"]["optimizer"] for h in held)
     # TP held less than TP = 1 would: attention, the dense MLP and the LM head are halved.
     problem = _problem()
     model = memory_for(PLACEMENT, problem, np.zeros((1, G)), 2, "none", "none")
@@ -235,14 +244,33 @@ def test_expert_tp_splits_the_group_s_experts_and_moves_their_rows():
     assert np.all(etp.tp_bytes >= base.tp_bytes) and etp.tp_bytes.sum() > base.tp_bytes.sum()
 
 
+def test_tp_with_optimizer_sharding_gathers_each_shard_over_its_data_parallel_group():
+    """ZeRO's broadcasts after the step under TP 2: each rank's shards over its data-parallel
+    group (ranks 0, 2 and 1, 3), so rank 0's link carries its ring hop of those, less than at TP 1;
+    under all with --expert-tp each hidden slice's replicas gather 1 / t of the expert."""
+    from epplan.workload.flops import optimizer_sync_bytes
+
+    problem = _problem(optimizer_sharding="dense")
+    topo = problem.topology
+    up = [topo.link_name(k) for k in range(topo.num_links)].index("n0/gpu0 -> n0/nvswitch")
+    dense = evaluate(PLACEMENT, problem)
+    shards = optimizer_sync_bytes(problem.costs, CONFIG, "dense", TP)   # a rank's, in fp64
+    d = G // TP
+    assert dense.optimizer_sync_bytes[up] == pytest.approx(2 * (d - 1) / d * shards / 2, rel=1e-6)
+    plain = evaluate(PLACEMENT, dataclasses.replace(problem, tp=1))
+    assert 0 < dense.optimizer_sync_bytes[up] < plain.optimizer_sync_bytes[up]
+    etp = evaluate(PLACEMENT, dataclasses.replace(problem, optimizer_sharding="all", expert_tp=True))
+    # Expert 0's slices: rank 0 with rank 2 (its groups' TP rank 0), half of the expert each hop.
+    slice_bytes = problem.costs.params_per_expert * 8 / TP
+    assert etp.optimizer_sync_bytes[up] == pytest.approx(dense.optimizer_sync_bytes[up] + slice_bytes / 2, rel=1e-6)
+
+
 def test_tp_refusals():
     with pytest.raises(PlacementError, match="divides the GPUs per node"):
         _problem().__class__(build_topology(parse_spec(FOUR)), CONFIG, Traffic(np.ones((1, G, 4)), "t"),
                              experts_per_gpu=2, tp=3)
     with pytest.raises(PlacementError, match="expert_tp"):
         dataclasses.replace(_problem(), tp=1, expert_tp=True)
-    with pytest.raises(PlacementError, match="optimizer_sharding"):
-        _problem(optimizer_sharding="dense")
     with pytest.raises(PlacementError, match="key/value heads"):
         dataclasses.replace(_problem(), tp=4)
 
@@ -266,6 +294,9 @@ def test_cli_tp_place_records_it_and_estimate_reads_it(tmp_path):
     old.write_text(json.dumps(doc))
     from epplan.manifest import load_manifest
     assert (load_manifest(old).tp, load_manifest(old).expert_tp) == (1, False)
+    result = runner.invoke(app, ["estimate", *args, "--tp", "2", "--optimizer-sharding", "all", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["run_settings"]["optimizer_sharding"] == "all"
     result = runner.invoke(app, ["estimate", *args, "--tp", "3"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "divides the GPUs per node" in result.output

@@ -4,6 +4,8 @@ in 2 gloo CPU processes, float64 (one TP group of 2; experts over both ranks).
 - Losses, gradient norms and the weights after AdamW steps (clipped) equal the TP = 1 run's,
   also with every block recomputed in backward, and with the experts split over the TP group
   (``expert_tp``).
+- In 4 processes (TP 2 x DP 2), AdamW's state sharded under TP equals the unsharded run, and
+  its checkpoints resume under other shardings and TP degrees.
 - A TP = 1 checkpoint resumes at TP = 2 and a TP = 2 one at TP = 1, with and without expert TP
   (DCP reshards the DTensor weights and moments, the experts' hidden slices included), each
   ending where the uninterrupted run ends.
@@ -31,11 +33,17 @@ CONFIG = PRESETS["tiny"].replace(dtype="fp64", num_kv_heads=2, global_batch=4, s
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
-def _trainer(out: str, steps: int, **kw):
+# TP 2 x DP 2 on one node of 4: expert 0 on ranks 0, 1 (one TP group) and 3, uneven splits.
+PLACEMENT4 = Placement(4, 4, [LayerPlacement(
+    [np.array(r) for r in reps], [np.random.default_rng(i).dirichlet(np.ones(len(r)), size=4) for r in reps])
+    for i, reps in enumerate(([[0, 1, 3], [2], [1], [2, 3]], [[0], [1, 2], [3], [0, 2]]))], method="test")
+
+
+def _trainer(out: str, steps: int, placement: Placement = PLACEMENT, **kw):
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
-    job = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),))
+    job = Job(CONFIG, placement, "h", (Node("n0", tuple(range(placement.num_ranks))),))
     opts = TrainOptions(**{"manifest": "m.json", "out": out, "steps": steps, "lr": 0.01, "ckpt_every": 2,
                            "keep_checkpoints": 0, "grad_clip": 0.05, **kw})
     return Trainer(job, opts, torch.distributed.get_rank(), torch.device("cpu"))
@@ -101,6 +109,38 @@ def test_checkpoints_resume_across_a_change_of_tp(tmp_path):
     run_distributed(_resume_across_tp, G, str(tmp_path))
 
 
+def _sharded_under_tp(rank: int, world_size: int, tmp: str) -> None:
+    plain = _trainer(f"{tmp}/plain", 3, PLACEMENT4)  # TP 1, AdamW's state whole on every rank
+    plain_records, plain_weights = _records(plain, 3), _weights(plain)
+    for tp, sharding, etp in ((2, "none", False), (2, "dense", False), (2, "all", False), (2, "all", True)):
+        run = _trainer(f"{tmp}/{tp}-{sharding}-{etp}", 3, PLACEMENT4, tp=tp, optimizer_sharding=sharding,
+                       expert_tp=etp)
+        if sharding != "none":  # this rank keeps a part of its dense shards' state
+            assert run.optimizer.zero is not None and run.optimizer.dense_views
+        np.testing.assert_allclose(_records(run, 3), plain_records, rtol=1e-9)
+        _assert_same(_weights(run), plain_weights)
+    straight = _trainer(f"{tmp}/straight", 4, PLACEMENT4)
+    straight.run(resume=False, show_progress=False)
+    for first, then in (((2, "all", False), (2, "all", False)), ((1, "dense", False), (2, "all", True)),
+                        ((2, "dense", False), (1, "none", False))):
+        out = f"{tmp}/{'-'.join(map(str, first + then))}"
+        settings = [dict(tp=t, optimizer_sharding=s, expert_tp=e) for t, s, e in (first, then)]
+        _trainer(out, 2, PLACEMENT4, **settings[0]).run(resume=False, show_progress=False)  # a checkpoint at step 2
+        resumed = _trainer(out, 4, PLACEMENT4, **settings[1])
+        resumed.run(resume=True, show_progress=False)
+        assert resumed.step == 4
+        _assert_same(_weights(resumed), _weights(straight))
+
+
+def test_optimizer_sharding_under_tp_equals_the_unsharded_run_and_resumes(tmp_path):
+    """TP 2 x DP 2, float64: AdamW's state sharded dense or all (with and without expert TP)
+    gives the TP 1 unsharded run's losses, gradient norms and weights after clipped AdamW steps
+    (``test_train_step`` compares that run with the single-device model); checkpoints written with
+    sharding under TP resume under another sharding and TP degree, ending where the
+    uninterrupted run ends."""
+    run_distributed(_sharded_under_tp, 4, str(tmp_path))
+
+
 def test_tp_that_splits_no_node_is_refused():
     from epplan.train.options import TrainOptions
     from epplan.train.job import check_tp
@@ -108,10 +148,6 @@ def test_tp_that_splits_no_node_is_refused():
     job = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0,)), Node("n1", (1,))))
     with pytest.raises(RuntimeSetupError, match=r"node n0's ranks \[0\] do not form groups of 2"):
         check_tp(job, TrainOptions(manifest="m.json", out="o", tp=2))
-    with pytest.raises(RuntimeSetupError, match="tp=2 with optimizer_sharding=dense: not supported yet") as exc:
-        check_tp(Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),)),
-                 TrainOptions(manifest="m.json", out="o", tp=2, optimizer_sharding="dense"))
-    assert "--tp 2 with --optimizer-sharding dense: not supported yet" in exc.value.cli_message()
     one_node = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),))
     for kw, message in ((dict(tp=1), "--expert-tp splits the experts over each TP group, and --tp is 1"),
                         (dict(tp=2, dispatch="hierarchical"), "--expert-tp with --dispatch hierarchical: not supported"),

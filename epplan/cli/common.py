@@ -190,8 +190,9 @@ RecomputeOption = Annotated[Optional[Recompute], typer.Option(
     show_default=False)]
 OptimizerShardingOption = Annotated[Optional[OptimizerSharding], typer.Option(
     "--optimizer-sharding", callback=plain, help="AdamW state: none (on every rank), dense (the "
-    "dense parameters' sharded over all ranks, ZeRO-1) or all (also each expert's, over the ranks "
-    "holding its replicas). Default: a manifest's, else the cheapest that fits.", show_default=False)]
+    "dense parameters' sharded over all ranks, ZeRO-1; under --tp over the ranks holding the same "
+    "shards) or all (also each expert's, over the ranks holding its replicas). Default: a "
+    "manifest's, else the cheapest that fits.", show_default=False)]
 TpOption = Annotated[Optional[str], typer.Option(
     "--tp", metavar="N|auto", help="Tensor-parallel degree: attention, the dense MLPs and the LM head "
     "split over groups of N GPUs of a node (N divides the GPUs per node), or auto: the degree with the "

@@ -432,9 +432,18 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     # --optimizer-sharding dense: ZeRO broadcasts the updated dense weights after the step (an
     # all-gather ring over all ranks), exposed: nothing runs beside it; under "all" each replica
     # set's ZeRO does the same for its experts (an all-gather ring over the replicas).
-    opt_ring = _ring(np.arange(num_gpus), num_gpus,
-                     optimizer_sync_bytes(costs, config, problem.optimizer_sharding) / 2)
-    if problem.optimizer_sharding == "all":  # and each expert's replicas all-gather its weights
+    # Under TP both are over the ranks that hold the same shards: the data-parallel group of each
+    # TP index for the dense shards, each hidden slice's replica set under --expert-tp.
+    if tp == 1:
+        opt_ring = _ring(np.arange(num_gpus), num_gpus,
+                         optimizer_sync_bytes(costs, config, problem.optimizer_sharding) / 2)
+    else:
+        opt_ring = ring_traffic([np.arange(i, num_gpus, tp, dtype=np.int64) for i in range(tp)], num_gpus,
+                                optimizer_sync_bytes(costs, config, problem.optimizer_sharding, tp) / 2)
+    if problem.optimizer_sharding == "all" and problem.expert_tp:
+        opt_ring = opt_ring + ring_traffic(expert_tp_rings([layer.replicas for layer in placement.layers], tp),
+                                           num_gpus, costs.params_per_expert * storage_bytes(config) / tp / 2)
+    elif problem.optimizer_sharding == "all":  # and each expert's replicas all-gather its weights
         opt_ring = opt_ring + _expert_rings(placement, num_gpus,
                                             costs.params_per_expert * storage_bytes(config) / 2)
     optimizer_sync = single(opt_ring) if opt_ring.nnz else np.zeros(topo.num_links)

@@ -8,8 +8,7 @@ the sharded optimizer's all-gathers and TP's collectives included) and by ``work
 predicted step; among equal steps (micro-batches change no FLOPs or bytes in the model), the
 fewest micro-batches, then no recompute before attention before block, then none before dense
 before all, then the lower TP degree. Settings the user fixed are not varied; the TP degree is
-1 unless asked to be chosen (``tp=None``: ``--tp auto``, among ``tp_degrees``). Under TP the
-optimizer is not sharded (``epplan run`` does not take both).
+1 unless asked to be chosen (``tp=None``: ``--tp auto``, among ``tp_degrees``).
 """
 
 from __future__ import annotations
@@ -86,11 +85,6 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
     else:
         check_tp(problem.config, problem.gpus_per_node, tp, expert_tp)
         ts = [tp]
-    if optimizer_sharding not in (None, "none"):
-        if tp is not None and tp > 1:
-            raise PlacementError(f"{param('tp', tp)} with {param('optimizer_sharding', optimizer_sharding)}: 'epplan run' does not "
-                                 f"shard the optimizer under TP yet; use {param('optimizer_sharding', 'none')}")
-        ts = [t for t in ts if t == 1]
     if not ts:
         raise PlacementError(f"{param('tp', 'auto')} with {param('expert_tp')}: no TP degree of 2 or more splits these nodes and heads")
     rs = [recompute] if recompute is not None else list(RECOMPUTE)
@@ -100,8 +94,7 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
     loads = exchange_loads(placement, problem)   # the same under every run setting
     for t in ts:
         ms = [micro_batches] if micro_batches is not None else micro_batch_choices(problem, t)
-        ss = ([optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)) if t == 1 \
-            else ["none"]
+        ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
         for r, s in itertools.product(rs, ss):
             cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s, t, expert_tp)), loads=loads)
             for m in ms:

@@ -43,8 +43,9 @@ class PlacementProblem:
                         or off; ``num_chunks`` fixes the chunk count when overlapping.
     recompute:          none, attention or block (``workload.memory``): less activation memory,
                         more FLOPs (and, for block, a second dispatch and combine) per step.
-    optimizer_sharding: none or dense (ZeRO over all ranks): less optimizer memory, one
-                        all-gather of the dense weights per step.
+    optimizer_sharding: none, dense (ZeRO over all ranks; under TP over each TP rank's
+                        data-parallel group) or all (also each expert's state over its replicas):
+                        less optimizer memory, one all-gather of those weights per step.
     dispatch:           flat (one row per token and expert) or hierarchical (one row per token
                         and destination node over the network, forwarded inside the node;
                         ``epplan.cost.dispatch``): how the runtime's exchange is scored.
@@ -91,9 +92,6 @@ class PlacementProblem:
             raise PlacementError(f"{param('optimizer_sharding', repr(self.optimizer_sharding))}: use "
                                  f"{', '.join(OPTIMIZER_SHARDING)}")
         check_tp(self.config, self.gpus_per_node, self.tp, self.expert_tp)
-        if self.tp > 1 and self.optimizer_sharding != "none":
-            raise PlacementError(f"{param('tp', self.tp)} with {param('optimizer_sharding', self.optimizer_sharding)}: 'epplan run' "
-                                 f"does not shard the optimizer under TP yet; use {param('optimizer_sharding', 'none')}")
         if not (isinstance(self.compute_efficiency, (int, float))
                 and 0 < self.compute_efficiency <= 1):
             raise PlacementError(

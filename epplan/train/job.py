@@ -125,9 +125,6 @@ def check_tp(job: Job, opts: Any) -> None:
         if len(ranks) % t or any(g != list(range(g[0], g[0] + t)) or g[0] % t for g in groups):
             raise RuntimeSetupError(f"{param('tp', t)}: node {node.name}'s ranks {ranks} do not form groups of {t} "
                                     f"consecutive ranks; use a {param('tp')} that divides its {len(ranks)} GPUs")
-    if opts.optimizer_sharding != "none":
-        raise RuntimeSetupError(f"{param('tp', t)} with {param('optimizer_sharding', opts.optimizer_sharding)}: not supported yet; "
-                                f"use {param('optimizer_sharding', 'none')} or {param('tp', 1)}")
 
 
 def check_batch_split(job: Job, opts: Any, global_batch: int) -> None:

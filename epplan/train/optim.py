@@ -28,6 +28,18 @@ as those tensors allow (the cost model replays it: ``workload.memory.expert_opti
 
 Unsharded, every expert has one state per replica rank (the replicas' gradients are identical
 after ``sync_gradients``, so every replica takes the same step).
+
+Under ``--tp`` (``epplan.runtime.tensor_parallel``) the dense parameters are DTensors over each
+TP group, or plain replicated tensors. Sharded dense or all, their state is split over the
+data-parallel ranks of each TP position (the ``dp`` dimension of the mesh: the ranks that hold
+the same shard), whose gradients ``sync_gradients`` made equal: one ZeroRedundancyOptimizer over
+that group, holding each parameter's local tensor (a view of the DTensor's shard, which ZeRO's
+broadcast writes in place) in the parameter's stead; a rank keeps 1 / d of its position's state.
+ZeRO takes plain tensors only (its broadcast is ``dist.broadcast`` on each tensor), hence the
+views. ``state_of``, ``fresh_state`` and ``state_items`` give the state in the parameter's terms
+(DTensors over the TP group sharing the views' storage), so checkpoints are the same whatever the
+sharding and DCP reshards them across TP degrees. The experts' state is split as without TP
+(under ``--expert-tp`` over the replica sets of each hidden slice: ``expert_parallel.set_replica_groups``).
 """
 
 from __future__ import annotations
@@ -80,6 +92,9 @@ class TrainOptimizer:
                                 {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
         self.expert_params = [p for p in params if id(p) in expert_ids]
+        # under TP with sharding: id(p) -> (p, the view of p's local shard the ZeRO optimizer holds
+        # in p's place); its gradient is p.grad's local tensor, set at each step
+        self.dense_views: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         # under "all": (id(w), j) -> the view of slot j of stacked expert tensor w, which the
         # optimizers hold in w's place; its gradient is w.grad[j], set at each step
         self.slot_views: dict[tuple[int, int], torch.Tensor] = {}
@@ -88,7 +103,14 @@ class TrainOptimizer:
             self.zero: ZeroRedundancyOptimizer | None = None
             return
         dense = [p for p in params if id(p) not in expert_ids]
-        self.zero = ZeroRedundancyOptimizer(groups(dense), optimizer_class=torch.optim.AdamW, **kw)
+        tp = getattr(model, "tensor_parallel", None)
+        if tp is not None and tp.tp > 1:  # over the ranks holding the same shards
+            self.dense_views = {id(p): (p, _local_view(p)) for p in dense}
+            self.zero = ZeroRedundancyOptimizer(groups([self.dense_views[id(p)][1] for p in dense]),
+                                                optimizer_class=torch.optim.AdamW,
+                                                process_group=tp.mesh["dp"].get_group(), **kw)
+        else:
+            self.zero = ZeroRedundancyOptimizer(groups(dense), optimizer_class=torch.optim.AdamW, **kw)
         self.optimizers = [self.zero]
         if sharding == "dense":
             self.optimizers += [torch.optim.AdamW(groups(self.expert_params), **kw)] if self.expert_params else []
@@ -129,6 +151,8 @@ class TrainOptimizer:
             by_id = {id(w): w for w in self.expert_params}
             for (wid, j), view in self.slot_views.items():
                 view.grad = by_id[wid].grad[j]
+        for p, view in self.dense_views.values():
+            view.grad = None if p.grad is None else (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         if self.fused:
             # Plain AdamWs: one pass that also writes the bf16 copies (epplan.train.adamw); the
@@ -166,23 +190,43 @@ class TrainOptimizer:
         if self.slot_views:  # the stacked expert tensors are in no optimizer
             for w in self.expert_params:
                 w.grad = None
+        for p, _ in self.dense_views.values():  # nor, under TP, the dense parameters
+            p.grad = None
 
     def _local(self) -> Iterator[torch.optim.Optimizer]:
         """The optimizers whose ``state`` holds this rank's tensors."""
         for opt in self.optimizers:
             yield local(opt)
 
+    def _held(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the optimizers hold for ``p``: p, or under TP with sharding its local view."""
+        entry = self.dense_views.get(id(p))
+        return p if entry is None or entry[0] is not p else entry[1]
+
+    def _as_param(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """A held view's state in its DTensor parameter ``p``'s terms (moments as DTensors over
+        p's mesh, sharing the view's storage); any other state as it is."""
+        if not isinstance(p, DTensor) or self._held(p) is p:
+            return state
+        return {k: v if v.dim() == 0 else DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                             shape=p.shape, stride=p.stride())
+                for k, v in state.items()}
+
     def keeps(self, p: nn.Parameter) -> bool:
         """Whether this rank keeps (and updates) p's AdamW state."""
+        p = self._held(p)
         return any(p is q for opt in self._local() for g in opt.param_groups for q in g["params"])
 
     def state_of(self, p: nn.Parameter) -> dict[str, Any] | None:
+        held = self._held(p)
         for opt in self._local():
-            if p in opt.state:
-                return opt.state[p]
+            if held in opt.state:
+                return self._as_param(p, opt.state[held])
         return None
 
     def set_state(self, p: nn.Parameter, state: dict[str, Any]) -> None:
+        """Install ``state`` for ``p`` (under TP with sharding, local tensors of p's view)."""
+        p = self._held(p)
         for opt in self._local():
             if any(p is q for g in opt.param_groups for q in g["params"]):
                 opt.state[p] = state
@@ -203,22 +247,28 @@ class TrainOptimizer:
         raise KeyError("this rank does not keep the optimizer state of that parameter")
 
     def state_items(self) -> Iterator[tuple[nn.Parameter, dict[str, Any]]]:
+        """(parameter, its AdamW state) this rank keeps, in the parameter's terms (under
+        ``all``, expert slots as their views)."""
+        param_of = {id(view): p for p, view in self.dense_views.values()}
         for opt in self._local():
-            yield from opt.state.items()
+            for q, state in opt.state.items():
+                p = param_of.get(id(q), q)
+                yield p, self._as_param(p, state)
 
     def fresh_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """A fresh AdamW state for ``p`` laid out as ``torch.optim.AdamW`` lays out its own at the
         first step (zero moments like p; the step a float32 scalar, on p's device when the group
         is fused or capturable, else on the CPU), installed and returned, to be filled in place
         (a checkpoint's load, an expert moved from another rank)."""
-        group = next(g for opt in self._local() for g in opt.param_groups if any(p is q for q in g["params"]))
+        held = self._held(p)
+        group = next(g for opt in self._local() for g in opt.param_groups if any(held is q for q in g["params"]))
         assert not group.get("amsgrad"), "the trainer's AdamW keeps no max_exp_avg_sq"
         on_device = group.get("fused") or group.get("capturable")
         state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                 "exp_avg": torch.zeros_like(held, memory_format=torch.preserve_format),
+                 "exp_avg_sq": torch.zeros_like(held, memory_format=torch.preserve_format)}
         self.set_state(p, state)
-        return state
+        return self._as_param(p, state)
 
     def expert_slot_states(self, w: nn.Parameter, *, fresh: bool = False) -> list[dict[str, torch.Tensor] | None]:
         """The AdamW state of each slot j of the stacked expert tensor ``w`` (E_loc, ...): the
@@ -236,3 +286,10 @@ class TrainOptimizer:
         if not state:
             return [None] * num_slots
         return [{k: v if v.dim() == 0 else v[j] for k, v in state.items()} for j in range(num_slots)]
+
+
+def _local_view(p: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds of parameter ``p`` (a DTensor's local shard, or p), as a view
+    sharing its storage and outside autograd."""
+    with torch.no_grad():
+        return p.detach().to_local() if isinstance(p, DTensor) else p.detach()

@@ -263,11 +263,15 @@ def recompute_exchanges_per_layer(recompute: str) -> int:
     return 2 if recompute == "block" else 0
 
 
-def optimizer_sync_bytes(costs: ModelCosts, config: ModelConfig, optimizer_sharding: str) -> float:
+def optimizer_sync_bytes(costs: ModelCosts, config: ModelConfig, optimizer_sharding: str, tp: int = 1) -> float:
     """Bytes of the dense parameters that ZeroRedundancyOptimizer broadcasts from their owners
     after every step (an all-gather of the updated weights, in the storage dtype); 0 unsharded.
-    The gradients are still all-reduced whole (ZeRO-1)."""
+    The gradients are still all-reduced whole (ZeRO-1). Under ``tp`` > 1, a rank's: its shards
+    of the TP-sharded weights (the mean over TP ranks) and the replicated ones whole, gathered
+    over its data-parallel group."""
     if optimizer_sharding == "none":
         return 0.0
     from epplan.workload.memory import storage_bytes
-    return float(costs.params_dense * storage_bytes(config))
+    c = config
+    sharded = c.num_layers * costs.params_attention + c.num_dense_layers * costs.params_dense_mlp + costs.params_lm_head
+    return float((costs.params_dense - sharded + sharded / tp) * storage_bytes(config))

@@ -31,8 +31,10 @@ activations kept for backward, for one micro-batch (``micro_batches`` divides th
             backward unless the block is recomputed (then one layer's at a time).
 
 Under ``--tp t`` (``epplan.workload.tensor_parallel``; rank g is TP rank g mod t): every rank
-holds its shard of attention, the dense MLPs and the LM head (weights, gradients and AdamW state;
-the optimizer is not sharded under TP) and whole copies of the rest. Activations of a rank's own
+holds its shard of attention, the dense MLPs and the LM head (weights, gradients and AdamW state)
+and whole copies of the rest; sharding splits its dense tensors' AdamW state over the ranks of its
+TP rank's data-parallel group (``dense_optimizer_elements``), under ``all`` with ``expert_tp``
+each expert slice's over that slice's replica set (``expert_optimizer_elements``). Activations of a rank's own
 n tokens stay as above where sequence parallelism keeps them on the shard (norms, the residual
 stream, the MoE layers, attention's q, k, v and output, whose heads split as the tokens gather);
 what a colwise linear saves is its all-gathered input, the group's N = t n tokens: attention's
@@ -128,49 +130,54 @@ def dense_optimizer_elements(config: ModelConfig, num_ranks: int, sharding: str,
     """(elements, tensors) of dense parameters whose AdamW state each rank keeps: int64 [G] each.
 
     The groups are the trainer's: weight-decayed matrices, then vectors (norm weights). Under
-    ``tp`` > 1 (sharding none only, as ``epplan run`` takes it) each rank keeps its shards'."""
+    ``tp`` > 1 each rank's tensors are its shards (rank g is TP rank g mod t), and sharding splits
+    them over the data-parallel group of its TP rank (the G / t ranks holding the same shards)."""
     if sharding not in OPTIMIZER_SHARDING:
         raise ValueError(f"optimizer sharding {sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
-    if tp > 1:
-        if sharding != "none":
-            raise ValueError(f"optimizer sharding {sharding!r} under tp {tp}: only none")
-        shards = [dense_parameter_shapes(config, tp, i) for i in range(tp)]
-        elements = np.array([sum(int(np.prod(s)) for _, s in shards[g % tp]) for g in range(num_ranks)], np.int64)
-        return elements, np.full(num_ranks, len(shards[0]), np.int64)
-    sizes = [int(np.prod(s)) for _, s in dense_parameter_shapes(config)]
-    dims = [len(s) for _, s in dense_parameter_shapes(config)]
-    groups = [[n for n, k in zip(sizes, dims) if k >= 2], [n for n, k in zip(sizes, dims) if k < 2]]
-    if sharding == "none":
-        return (np.full(num_ranks, sum(sizes), np.int64), np.full(num_ranks, len(sizes), np.int64))
     elements, tensors = np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64)
-    for group, per_rank in zip(groups, zero_partition(groups, num_ranks)):
-        for r, idx in enumerate(per_rank):
-            elements[r] += sum(group[i] for i in idx)
-            tensors[r] += len(idx)
+    for i in range(tp):  # each TP rank's shards over its data-parallel group: ranks i, i + t, ...
+        shapes = dense_parameter_shapes(config, tp, i)
+        sizes = [int(np.prod(s)) for _, s in shapes]
+        dp_ranks = np.arange(i, num_ranks, tp)
+        if sharding == "none":
+            elements[dp_ranks], tensors[dp_ranks] = sum(sizes), len(sizes)
+            continue
+        groups = [[n for n, (_, s) in zip(sizes, shapes) if len(s) >= 2],
+                  [n for n, (_, s) in zip(sizes, shapes) if len(s) < 2]]
+        for group, per_rank in zip(groups, zero_partition(groups, dp_ranks.size)):
+            for r, idx in enumerate(per_rank):
+                elements[dp_ranks[r]] += sum(group[k] for k in idx)
+                tensors[dp_ranks[r]] += len(idx)
     return elements, tensors
 
 
-def expert_optimizer_elements(config: ModelConfig, replicas: list[list], num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+def expert_optimizer_elements(config: ModelConfig, replicas: list[list], num_ranks: int,
+                              expert_tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(elements, tensors) of expert AdamW state each rank keeps under ``--optimizer-sharding
     all``: int64 [G] each. replicas: [L][E] the ranks holding each expert's replicas.
 
     As ``train.optim`` builds it: every expert slot's w1, w2(, w3) is a tensor of its own; the
     slots of a replica set of more than one rank go, in (layer, expert, weight) order, to one
     ZeroRedundancyOptimizer over that set (its group ranks are the set's ranks, ascending);
-    an unreplicated expert's tensors stay with its rank."""
-    c = config
+    an unreplicated expert's tensors stay with its rank. Under ``--expert-tp`` (``expert_tp`` =
+    t > 1) a slot is a hidden slice (1 / t of each tensor) and the sets are each slice's: TP rank
+    j of every TP group holding the expert (``runtime.expert_tensor_parallel.shard_sets``), so an
+    expert on two ranks of one group is one slice per rank, not two replicas."""
+    c, t = config, expert_tp
     shapes = [(c.d_model, c.d_ff), (c.d_ff, c.d_model)] + ([(c.d_model, c.d_ff)] if c.activation == "swiglu" else [])
-    sizes = [a * b for a, b in shapes]
+    sizes = [a * b // t for a, b in shapes]
     elements, tensors = np.zeros(num_ranks, np.int64), np.zeros(num_ranks, np.int64)
     sets: dict[tuple[int, ...], list[int]] = {}  # replica set -> its tensors' sizes, in order
     for layer in replicas:
-        for ranks in layer:
-            ranks = tuple(sorted(int(r) for r in ranks))
-            if len(ranks) == 1:
-                elements[ranks[0]] += sum(sizes)
-                tensors[ranks[0]] += len(sizes)
-            else:
-                sets.setdefault(ranks, []).extend(sizes)
+        for expert_ranks in layer:
+            groups = sorted({int(r) // t for r in expert_ranks})
+            for ranks in ([tuple(sorted(int(r) for r in expert_ranks))] if t == 1
+                          else [tuple(g * t + j for g in groups) for j in range(t)]):
+                if len(ranks) == 1:
+                    elements[ranks[0]] += sum(sizes)
+                    tensors[ranks[0]] += len(sizes)
+                else:
+                    sets.setdefault(ranks, []).extend(sizes)
     for ranks, group in sets.items():
         for i, idx in enumerate(zero_partition([group], len(ranks))[0]):
             elements[ranks[i]] += sum(group[k] for k in idx)
@@ -239,7 +246,7 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
     if optimizer_sharding == "all":
         if replicas is None:
             raise ValueError("optimizer sharding 'all' needs the experts' replica sets")
-        expert_elems, expert_tensors = expert_optimizer_elements(c, replicas, num_gpus)
+        expert_elems, expert_tensors = expert_optimizer_elements(c, replicas, num_gpus, tp if expert_tp else 1)
     else:  # one stacked tensor per weight and MoE layer, each with its step (empty if no expert there)
         expert_elems, expert_tensors = expert_params, c.num_moe_layers * mlp_matrices(c.activation)
     optimizer = 2 * s * (dense_elems + expert_elems) + _STEP_BYTES * (dense_tensors + expert_tensors)
