@@ -34,6 +34,23 @@ def test_router_topk_selects_largest_probs_and_renormalises():
         torch.testing.assert_close(weight, top / top.sum(-1, keepdim=True))
 
 
+def test_router_logits_stay_fp32_under_bf16_autocast():
+    """Under bf16 autocast (as epplan run trains) the gate runs in fp32, as Megatron-Core's and
+    torchtitan's routers do: the weights and the auxiliary loss equal the fp32 computation on
+    the same bf16 stream, and the selection is the fp32 one."""
+    torch.manual_seed(0)
+    router = Router(64, 16, 2, aux_loss_coef=0.01)  # fp32 weights, as the trainer keeps them
+    x = torch.randn(256, 64).to(torch.bfloat16)  # the bf16 residual stream
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, weight, aux = router(x)
+    logits = x.float() @ router.gate.weight.T  # (N, E) in fp32
+    probs = logits.softmax(dim=-1)
+    top = probs.topk(2, dim=-1)
+    assert weight.dtype == torch.float32 and aux.dtype == torch.float32
+    assert torch.equal(idx, top.indices)
+    torch.testing.assert_close(weight, top.values / top.values.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
+
+
 def test_router_aux_loss_matches_hand_computation():
     router = _router(num_experts=3, top_k=1, aux_loss_coef=0.1)
     with torch.no_grad():

@@ -91,10 +91,12 @@ class Router(nn.Module):
         topk_weight is in the router's compute dtype (fp32, or fp64 for an fp64 model).
         """
         num_tokens = x.shape[0]
-        # The gate runs in at least fp32: small logit errors flip top-k choices.
+        # The gate runs in at least fp32, autocast or not (as Megatron-Core's and torchtitan's
+        # routers do): small logit errors flip top-k choices.
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(compute_dtype), self.gate.weight.to(compute_dtype))  # (N, E)
-        probs = logits.softmax(dim=-1)  # (N, E)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(compute_dtype), self.gate.weight.to(compute_dtype))  # (N, E)
+            probs = logits.softmax(dim=-1)  # (N, E)
         # A block recompute replays the forward's selection (epplan.runtime.recompute).
         topk_idx = record_or_replay(self, "topk_idx", lambda: self._select(probs))  # (N, k)
         topk_weight = probs.gather(1, topk_idx)  # (N, k)
