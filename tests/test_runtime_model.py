@@ -347,3 +347,29 @@ def test_bf16_residual_stream_under_autocast_against_float64():
         assert p.grad.dtype == torch.float32, name
         err = ((p.grad.double() - q.grad).norm() / q.grad.norm()).item()
         assert err < 3e-2, (name, err)
+
+
+def test_position_embedding_gradient_is_the_batch_summed_stream_gradient():
+    """The position embeddings are the table's first T rows: their gradient is the gradient of
+    the embeddings' sum summed over the batch, in rows 0..T-1, and zero in the rows no position
+    reached (T shorter than seq_len), as the lookup of arange(T) gives."""
+    config = PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = Transformer(config).double()
+    T = config.seq_len - 3
+    idx = torch.randint(0, config.vocab_size, (3, T))
+    seen = []
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen.append(out)
+    hook = model.tok_emb.register_forward_hook(keep)
+    _, loss = model(idx, idx)
+    hook.remove()
+    loss.backward()
+    stream_grad = seen[0].grad  # (B, T, D): the gradient of tok_emb(idx) + pos, the same tensor's
+    expected = torch.zeros_like(model.pos_emb.weight)
+    expected[:T] = stream_grad.sum(0)
+    torch.testing.assert_close(model.pos_emb.weight.grad, expected, rtol=1e-12, atol=1e-15)
+    lookup = torch.nn.functional.embedding(torch.arange(T), model.pos_emb.weight)
+    torch.testing.assert_close(lookup, model.pos_emb.weight[:T], rtol=0, atol=0)

@@ -179,8 +179,10 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, D)
+        # The positions are 0..T-1: their embeddings are the table's first T rows, a slice, whose
+        # backward writes the batch-summed gradient into those rows (no index sort and
+        # segment sum of embedding_dense_backward, as the lookup of arange(T) ran).
+        x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, D)
         device = idx.device.type
         if torch.is_autocast_enabled(device):
             # Under autocast the residual stream and the activations between blocks are in its
