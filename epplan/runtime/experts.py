@@ -34,7 +34,11 @@ EXPERT_IMPLS = ("grouped", "loop")
 # From this many rows per expert (the mean of one call) up, "grouped" on CUDA runs one cuBLAS GEMM
 # per expert instead of torch._grouped_mm: at 20,000 rows per expert the grouped kernel ran at
 # 0.89-0.93 of torch.mm's rate on H200, at 1,250-4,096 rows at 1.02-1.29 (docs/benchmarks.md).
-LOOP_MIN_ROWS = 8192
+# Between them it depends on the balance: with every expert at the mean, grouped was 3 % faster
+# at 4,096 and 5,000 rows and 1-4 % slower from 6,144 up; in training at seed dims (5,000 rows
+# per expert on average, the busiest expert at 2.8-4.3 times the mean) one GEMM per expert made
+# the step 20 ms shorter (0.802 against 0.822 s, one H200, call J of 2026-12-02).
+LOOP_MIN_ROWS = 4608
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,

@@ -5,14 +5,22 @@
 Arguments are the worker's (``python -m epplan.train.worker --help``; ``epplan run
 --print-launch torchrun`` prints them). A seed-dims run's checkpoint is about 57 GB (fp32 weights
 and AdamW moments), more than the lent machine's disk holds twice; the training loop is the
-same ``Trainer.train_step``.
+same ``Trainer.train_step``. With ``LOOP_MIN_ROWS=N`` in the environment the experts switch from
+torch._grouped_mm to one GEMM per expert at N rows per expert (``experts.LOOP_MIN_ROWS``), to time
+the other choice in the same call.
 """
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from epplan.runtime import experts  # noqa: E402
 from epplan.train import trainer, worker  # noqa: E402
+
+if os.environ.get("LOOP_MIN_ROWS"):
+    experts.LOOP_MIN_ROWS = int(os.environ["LOOP_MIN_ROWS"])
+    print("experts.LOOP_MIN_ROWS =", experts.LOOP_MIN_ROWS, flush=True)
 
 trainer.Trainer.save = lambda self: 0.0
 sys.exit(worker.main())
