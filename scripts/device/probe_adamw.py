@@ -1,7 +1,7 @@
 """The one-pass AdamW step (``epplan.train.adamw``, compiled) against torch's fused AdamW followed
 by the bf16 re-cast, on one GPU: correctness against float64, then the time of each.
 
-    python3 scripts/device/probe_adamw.py [--params 1073741824]
+    python3 scripts/device/probe_adamw.py [--params 1073741824] [--first-params N]
 
 Correctness: random weights, gradients and moments (never zeros), three steps of the compiled
 update against ``torch.optim.AdamW`` (unfused) in float64 on the same values; ||a - b|| / ||b||
@@ -9,7 +9,10 @@ of the weights, the moments and the bf16 copy (against the float64 weight rounde
 Timing: two tensors of ``--params / 2`` fp32 parameters, each with a bf16 copy, the clipping
 scale applied; medians of CUDA-event timings after warm-up, each variant timed twice,
 interleaved (the smaller is printed); GB/s over 30 bytes per parameter (the bytes the one-pass
-step must move), for both.
+step must move), for both. The compiled update (``dynamic=True``) is first called by the
+correctness check, on 1 M parameters; ``--first-params N`` calls it first on N parameters (as
+training first calls its with-copy form on the experts' 1.07 G), in a fresh process: whether the size of the
+first call decides the kernel's speed at every size.
 """
 
 import argparse
@@ -54,8 +57,17 @@ def check(dev):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", type=int, default=1 << 30)
+    ap.add_argument("--first-params", type=int, default=0)
     args = ap.parse_args()
     dev = torch.device("cuda")
+    if args.first_params:
+        first = torch.nn.Parameter(torch.zeros(args.first_params, device=dev))
+        first.grad = torch.zeros_like(first)
+        compute_copy(first, torch.bfloat16)  # the graph with a copy, as the timed tensors have
+        step_with_copies(torch.optim.AdamW([first], lr=1e-4, fused=True), None)
+        del first
+        forget_copies()
+        print(f"first compiled call on {args.first_params} parameters", flush=True)
     check(dev)
     forget_copies()
     n = args.params // 2

@@ -4,7 +4,8 @@ over two of its steps: the CUDA kernels by total time, to see where the training
     torchrun --nproc-per-node 1 scripts/device/profile_train.py MANIFEST --out DIR --device cuda ...
 
 Writes DIR/profile.txt (the table; PROFILE_STEPS=a,b picks the steps, 1-based, default 6,7)
-and prints its first rows. The other steps' metrics are the plain run's.
+and prints its first rows; with PROFILE_SHAPES=1 also DIR/profile-shapes.txt, the same grouped by
+the operators' input shapes (which GEMM is which). The other steps' metrics are the plain run's.
 """
 
 import os
@@ -19,6 +20,7 @@ from epplan.runtime import experts  # noqa: E402
 from epplan.train import trainer, worker  # noqa: E402
 
 FIRST, LAST = (int(v) for v in os.environ.get("PROFILE_STEPS", "6,7").split(","))
+SHAPES = os.environ.get("PROFILE_SHAPES") == "1"
 _train_step = trainer.Trainer.train_step
 _state = {}
 
@@ -27,7 +29,7 @@ def train_step(self):
     step = self.step + 1
     if step == FIRST:
         cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
-        _state["prof"] = profile(activities=[ProfilerActivity.CPU, *cuda])
+        _state["prof"] = profile(activities=[ProfilerActivity.CPU, *cuda], record_shapes=SHAPES)
         _state["prof"].__enter__()
     record = _train_step(self)
     if step == LAST:
@@ -39,6 +41,10 @@ def train_step(self):
         key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = events.table(sort_by=key, row_limit=45, max_name_column_width=70)
         Path(self.opts.out, "profile.txt").write_text(table)
+        if SHAPES:
+            by_shape = prof.key_averages(group_by_input_shape=True).table(
+                sort_by=key, row_limit=40, max_name_column_width=40, max_shapes_column_width=110)
+            Path(self.opts.out, "profile-shapes.txt").write_text(by_shape)
         print("\n".join(table.splitlines()[:40]), flush=True)
     return record
 
