@@ -34,23 +34,15 @@ import scipy.sparse as sp
 from epplan.errors import TopologyError
 
 
-def ecmp_fractions(adj: dict[str, list[str]], src: str, dst: str) -> dict[tuple[str, str], float]:
+def ecmp_fractions(adj: dict[str, list[str]], src: str, dst: str,
+                   dist: dict[str, int] | None = None) -> dict[tuple[str, str], float]:
     """Per-hop ECMP split of one unit from ``src`` to ``dst`` over the digraph ``adj``.
 
     Returns {(u, v): fraction}; empty if ``dst`` is unreachable (and src != dst).
+    dist: ``hops_to(adj, dst)`` where the caller routes many sources to one ``dst``.
     """
-    radj: dict[str, list[str]] = {}
-    for u, vs in adj.items():
-        for v in vs:
-            radj.setdefault(v, []).append(u)
-    dist = {dst: 0}
-    queue = deque([dst])
-    while queue:
-        v = queue.popleft()
-        for u in radj.get(v, ()):
-            if u not in dist:
-                dist[u] = dist[v] + 1
-                queue.append(u)
+    if dist is None:
+        dist = hops_to(adj, dst)
     if src not in dist:
         return {}
     flow = {src: 1.0}
@@ -67,6 +59,24 @@ def ecmp_fractions(adj: dict[str, list[str]], src: str, dst: str) -> dict[tuple[
         flow.update(nxt)
         frontier = list(nxt)
     return out
+
+
+def hops_to(adj: dict[str, list[str]], dst: str) -> dict[str, int]:
+    """{u: hops of the shortest path u -> ``dst``} over the digraph ``adj`` (breadth-first from
+    ``dst`` over the reversed edges), for the vertices that reach ``dst``."""
+    radj: dict[str, list[str]] = {}
+    for u, vs in adj.items():
+        for v in vs:
+            radj.setdefault(v, []).append(u)
+    dist = {dst: 0}
+    queue = deque([dst])
+    while queue:
+        v = queue.popleft()
+        for u in radj.get(v, ()):
+            if u not in dist:
+                dist[u] = dist[v] + 1
+                queue.append(u)
+    return dist
 
 
 def _adjacency(graph, allowed: set[str]) -> dict[str, list[str]]:
@@ -231,16 +241,20 @@ class PathModel:
         adj = _adjacency(graph, set(switches))
         rows, cols, vals = [], [], []
         num_w = len(edge_switches)
-        for a, sa in enumerate(edge_switches):
-            for b, sb in enumerate(edge_switches):
+        idx = {(u, v): i for u, v, i in graph.edges(data="idx") if u in adj and v in adj}
+        # One breadth-first search per destination switch, not per pair (W^2 searches took 2-6 s
+        # at 64 nodes x 3 tiers).
+        for b, sb in enumerate(edge_switches):
+            dist = hops_to(adj, sb)
+            for a, sa in enumerate(edge_switches):
                 if a == b:
                     continue
-                fr = ecmp_fractions(adj, sa, sb)
+                fr = ecmp_fractions(adj, sa, sb, dist)
                 if not fr:
                     raise TopologyError(
                         f"fabric: switch {sa} has no path to switch {sb}, so GPUs behind them cannot talk")
                 for (u, v), f in fr.items():
-                    rows.append(a * num_w + b); cols.append(graph.edges[u, v]["idx"]); vals.append(f)
+                    rows.append(a * num_w + b); cols.append(idx[u, v]); vals.append(f)
         self.fabric_routes = sp.csr_matrix((vals, (rows, cols)), shape=(num_w * num_w, num_links))
         valid = nic_switch >= 0
         self.nic_to_switch = sp.csr_matrix(
