@@ -52,6 +52,7 @@ backward runs, so their sum is an upper bound. AdamW runs fused on GPUs (no temp
 
 from __future__ import annotations
 
+import heapq
 from typing import Literal, get_args
 
 import numpy as np
@@ -113,14 +114,17 @@ def zero_partition(group_sizes: list[list[int]], num_ranks: int) -> list[list[li
     """ZeroRedundancyOptimizer's partition: for each parameter group (in order), its tensors
     sorted by size, largest first (stable), each to the rank with the fewest elements so far
     (the lowest such rank). Returns [group][rank] -> indices into that group's list."""
-    sizes = [0] * num_ranks
+    # A heap of (elements so far, rank) pops the rank torch's ``min(sizes)`` picks (the fewest,
+    # the lowest rank on a tie) in log(ranks), not a scan of every rank per tensor (1,024 ranks
+    # x 1,000 tensors took 2 s per memory estimate).
+    heap = [(0, r) for r in range(num_ranks)]
     out = []
     for group in group_sizes:
         per_rank: list[list[int]] = [[] for _ in range(num_ranks)]
         for i in sorted(range(len(group)), key=lambda j: group[j], reverse=True):
-            rank = min(range(num_ranks), key=lambda r: sizes[r])
+            size, rank = heap[0]
             per_rank[rank].append(i)
-            sizes[rank] += group[i]
+            heapq.heapreplace(heap, (size + group[i], rank))
         out.append(per_rank)
     return out
 
