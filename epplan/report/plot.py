@@ -9,10 +9,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from epplan.fileio import atomic_write_bytes
 from epplan.report.build import Report
@@ -57,6 +53,13 @@ def write_plot(report: Report, path: str | Path) -> Path:
     plan = report.plan
     cost, topo = plan.cost, plan.cost.topology
     traffic = pair_bytes(plan.placement, plan.problem, report.layer)  # [G, G]
+
+    # Imported here, not with the module: matplotlib takes 1.5 s to import on an idle 2-core
+    # machine (10 s loaded), which every epplan command would pay (place's --time-limit counts it).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(15, 6.5), dpi=110)
     FigureCanvasAgg(fig)
