@@ -199,9 +199,9 @@ def test_the_schedule_is_stated_once_as_the_manifest_records_it(tmp_path):
     assert "overlapped in 10 chunks" in result.stdout
 
 
-def test_compare_all_solves_within_the_one_time_limit(tmp_path, monkeypatch):
-    # --time-limit is for the whole command: the ILP row of --compare-all gets what is left, not
-    # the whole limit again. The real solver runs; the wrapper only records what it was given.
+def _solve_limits(monkeypatch) -> list[float]:
+    """The time limits place's solve calls are given, as they are made (the real solver runs;
+    the wrapper only records)."""
     import epplan.cli.place as place_cli
 
     given = []
@@ -212,6 +212,13 @@ def test_compare_all_solves_within_the_one_time_limit(tmp_path, monkeypatch):
 
     real = place_cli.solve
     monkeypatch.setattr(place_cli, "solve", solve)
+    return given
+
+
+def test_compare_all_solves_within_the_one_time_limit(tmp_path, monkeypatch):
+    # --time-limit is for the whole command: the ILP row of --compare-all gets what is left, not
+    # the whole limit again.
+    given = _solve_limits(monkeypatch)
     result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--set", "num_layers=2", "--routing", "zipf:1.2",
                                  "--placement", "eplb", "--compare-all", "--time-limit", "30", "--json",
                                  "--out", str(tmp_path / "m.json")])
@@ -258,3 +265,23 @@ def test_a_resolve_under_the_plans_own_settings_never_writes_a_worse_plan(tmp_pa
     assert data["solver"]["time_limit_s"] == solved[kept][1].info["time_limit_s"]
     assert data["compare"]["ilp"]["gap"] == solved[kept][1].info["gap"]
     assert written.micro_batches == settings["micro_batches"]
+
+
+def test_the_clock_counts_what_ran_before_the_command(tmp_path, monkeypatch):
+    """Under ``main`` (the epplan script) --time-limit counts from when the CLI began to import:
+    50 s gone of a 60 s limit leave the solve less than 10 s (it was given 0.7 x (60 s less the
+    reserve) when the clock started in the command)."""
+    import time
+
+    import epplan.cli as cli
+
+    given = _solve_limits(monkeypatch)
+    monkeypatch.setattr(cli, "_started", time.monotonic() - 50.0)
+    result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--model", "tiny", "--set", "num_experts=16",
+                                 "--routing", "zipf:1.2", "--time-limit", "60", "--dispatch", "flat", "--json",
+                                 "--out", str(tmp_path / "m.json")])
+    assert result.exit_code in (0, 4), result.output
+    assert len(given) == 1 and 0 < given[0] < 10
+    timing = json.loads(result.stdout)["time"]
+    assert timing["limit_s"] == 60 and timing["seconds"] >= 50
+    assert cli._started is None   # one command's: a second command in this process counts from its own start

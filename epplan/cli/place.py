@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from epplan.cli import app
+from epplan.cli import app, command_started
 from epplan.cli.common import (AchievableTflopsOption, BINDS_WORDS, CalibrationOption, check_range, console, count,
                                dispatch_notes, EfficiencyOption, err_console, ExpertsPerGpuOption, JsonOption, MemoryGbOption,
                                Method, MicroBatchesOption, ModelOption, narrow_table, NumChunksOption, Objective,
@@ -111,7 +111,7 @@ def place(
     that 'epplan run' follows, with the cheapest run settings (micro-batches, recompute,
     optimizer sharding; the TP degree with --tp auto) that fit every GPU's memory. Exits 3,
     writing nothing, if none fits."""
-    started = time.monotonic()   # --time-limit counts from here: reading the inputs is part of it
+    started = command_started()  # --time-limit counts from here: the imports and reading the inputs are part of it
     method = method or placement  # --method: the old spelling
     compare = compare_all or compare
     tflops = prefer(achievable_tflops, tflops, "--achievable-tflops", "--tflops")
@@ -173,16 +173,23 @@ def place(
     # where its own cheapest settings differ, solved once more under those.
     fixed = {"micro_batches": micro_batches, "recompute": recompute, "optimizer_sharding": optimizer_sharding,
              "tp": 1 if tp is None else parse_tp(tp), "expert_tp": bool(expert_tp)}
+    deadline = started + time_limit
+    phases: dict[str, float] = {}   # seconds per phase, as the output's "time" reports them
+    lap = _Laps(started, phases)
+    lap("inputs")
     t_fit = time.monotonic()
-    if None in fixed.values():
-        settings = choose_run_settings(_baseline("eplb", problem, seed, time_limit), problem, **fixed).settings
+    if None in fixed.values():  # the stand-in's choice within a fifth of the limit (Fit.unscored)
+        settings = choose_run_settings(_baseline("eplb", problem, seed, time_limit), problem, **fixed,
+                                       deadline=started + 0.2 * time_limit).settings
     else:  # all three given: nothing to choose
         settings = RunSettings(**fixed)
     # --time-limit is a wall for the whole command: the solve gets the time left less what the
     # work after it takes (the run settings of the solved plan, scored as the EPLB plan's were
-    # just now, its cost and the manifest), measured here: twice that scoring and a second.
-    reserve = 2.0 * (time.monotonic() - t_fit) + 1.0
-    deadline = started + time_limit
+    # just now, its cost and the manifest), measured here: twice that scoring and the manifest's
+    # time. The solved plan's settings are chosen by the wall less the manifest's, the stand-in's first.
+    manifest_s = manifest_seconds(problem)
+    reserve = 2.0 * (time.monotonic() - t_fit) + manifest_s
+    lap("stand_in_settings")
     tried: list[tuple[Placement, PlacementProblem, dict[str, float], Fit, float]] = []
     for attempt in range(2):
         problem = dataclasses.replace(problem, **dataclasses.asdict(settings))
@@ -190,7 +197,9 @@ def place(
         t_solve = time.monotonic()
         chosen, problem, predicted, fit = _plan_for_dispatch(method, dispatch, problem, solver, left, gap,
                                                              workers, seed, quiet=json, robust=robust, fixed=fixed)
-        fit = fit or choose_run_settings(chosen, problem, **fixed)
+        lap("plan")
+        fit = fit or choose_run_settings(chosen, problem, **fixed, deadline=deadline - manifest_s, first=settings)
+        lap("run_settings")
         moved = fit.settings != settings
         if moved and attempt == 1:  # they moved again: keep those it was solved under if they fit
             same = choose_run_settings(chosen, problem, **dataclasses.asdict(settings))
@@ -208,15 +217,18 @@ def place(
     # fit (the settings it would be written with): a second solve can only add a candidate.
     chosen, problem, predicted, fit, solve_s = min(tried, key=lambda t: (not t[3].fits, t[3].cost.step_time_s))
     fit.check()
+    lap("run_settings")
     plans[method] = (chosen, solve_s)
     for name in names[1:]:
         t0 = time.monotonic()
         if name == "ilp":  # the time the command's --time-limit leaves, as for the plan's own re-solve
             left = max(time_limit - (time.monotonic() - started), 1e-3)
             plan = _solve(problem, solver, left, gap, workers, quiet=json)
-        else:
-            plan = _baseline(name, problem, seed, time_limit)
+        else:  # +lp: the split LPs within the time left
+            plan = _baseline(name, problem, seed, max(deadline - time.monotonic(), 1e-3))
         plans[name] = (plan, time.monotonic() - t0)
+    if compare:
+        lap("compare")
     if not json:
         console.print(_dispatch_line(problem.dispatch, dispatch, predicted), highlight=False)
     problem = dataclasses.replace(problem, **dataclasses.asdict(fit.settings))
@@ -225,6 +237,9 @@ def place(
                          routing_seed=seed, windows=list(zip(specs, windows)) if several else None,
                          objective=objective if several else None)
     digest = write_manifest(out, doc)
+    lap("manifest")
+    timing = {"limit_s": time_limit, "seconds": time.monotonic() - started, "run_settings_unscored": fit.unscored,
+              "phases_s": {name: round(t, 3) for name, t in phases.items()}}
 
     if json:
         data: dict[str, Any] = {
@@ -233,6 +248,7 @@ def place(
             "cost": costs[method].to_dict(),
             "run_settings": dataclasses.asdict(fit.settings),
             "dispatch": {"chosen": problem.dispatch, "asked": dispatch, "predicted_step_time_s": predicted},
+            "time": timing,
         }
         if several:
             data["objective"] = objective
@@ -252,8 +268,44 @@ def place(
         if compare:
             _print_compare(names, plans, costs, problem)
         console.print(f"manifest written: [bold]{escape(str(out))}[/] (sha256 {digest[:12]})", highlight=False)
+        for note in _time_notes(timing):
+            console.print(f"  [yellow]note: {escape(note)}[/]", highlight=False)
     if (chosen.info or {}).get("status") == "time_limit":  # the plan is written: the best one found
         raise typer.Exit(EXIT_TIME_LIMIT)
+
+
+def manifest_seconds(problem: PlacementProblem) -> float:
+    """Seconds kept after the run settings for the manifest (build, validate, write), by its
+    size: 2 s at 16 layers x 1,024 expert replicas (measured 1.27 s on the 2-core machine at
+    load 13-19), at least half a second."""
+    entries = problem.num_layers * max(problem.num_experts, problem.num_gpus * problem.experts_per_gpu)
+    return max(0.5, 2.0 * entries / (16 * 1024))
+
+
+class _Laps:
+    """``lap(name)`` adds the seconds since the last lap (or ``start``) to ``phases[name]``."""
+
+    def __init__(self, start: float, phases: dict[str, float]) -> None:
+        self.last, self.phases = start, phases
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def _time_notes(timing: dict[str, Any]) -> list[str]:
+    """What --time-limit cut short or could not hold, said (never silently extended)."""
+    notes = []
+    if timing["run_settings_unscored"]:
+        notes.append(f"{count(timing['run_settings_unscored'], 'run setting')} left unscored at --time-limit: "
+                     "these are the best of those scored on this plan (the stand-in plan's choice first)")
+    over = timing["seconds"] - timing["limit_s"]
+    if over > 0:
+        phases = ", ".join(f"{name.replace('_', ' ')} {t:.1f} s" for name, t in timing["phases_s"].items())
+        notes.append(f"--time-limit {timing['limit_s']:g} s: the command took {timing['seconds']:.1f} s "
+                     f"({phases}): what is not the plan's search took more than the limit left")
+    return notes
 
 
 # ------------------------------------------------------------------------------ solving
@@ -341,7 +393,10 @@ def _hierarchical_attempt(method: str, flat: Placement | None, problem: Placemen
     else:
         plan = plan_hierarchical(flat, problem, deadline=deadline, gap=gap)
         plan.info["time_limit_s"] = time_limit
-    return plan, evaluate(plan, problem).step_time_s, choose_run_settings(plan, problem, **fixed)
+    standin = RunSettings(problem.micro_batches, problem.recompute, problem.optimizer_sharding, problem.tp,
+                          problem.expert_tp)
+    return plan, evaluate(plan, problem).step_time_s, choose_run_settings(plan, problem, **fixed, deadline=deadline,
+                                                                          first=standin)
 
 
 _CALL: tuple | None = None   # what _by_deadline's forked process runs

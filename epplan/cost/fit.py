@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,7 @@ class Fit:
     cost: Cost
     fits: bool
     refusal: str = ""
+    unscored: int = 0   # settings the deadline left unscored (the best of those scored was kept)
 
     def check(self) -> "Fit":
         """Raise ``DoesNotFit`` (the CLI exits 3) unless it fits."""
@@ -72,10 +74,15 @@ class Fit:
 
 def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micro_batches: int | None = None,
                         recompute: str | None = None, optimizer_sharding: str | None = None,
-                        tp: int | None = 1, expert_tp: bool = False) -> Fit:
+                        tp: int | None = 1, expert_tp: bool = False, deadline: float | None = None,
+                        first: RunSettings | None = None) -> Fit:
     """The cheapest settings under which ``placement`` fits every GPU's memory, with its cost
     (``evaluate`` of the problem under those settings). Arguments given fix that setting;
-    ``tp`` None chooses the TP degree (``--tp auto``)."""
+    ``tp`` None chooses the TP degree (``--tp auto``).
+
+    deadline: ``time.monotonic()`` after which no more settings are scored once one that fits
+    is in hand (``Fit.unscored`` counts those left; the search goes on until one fits).
+    first:    settings scored first (those chosen for a stand-in plan: most often the choice)."""
     if recompute is not None and recompute not in RECOMPUTE:
         raise PlacementError(f"{param('recompute', repr(recompute))}: use {', '.join(RECOMPUTE)}")
     if optimizer_sharding is not None and optimizer_sharding not in OPTIMIZER_SHARDING:
@@ -89,31 +96,42 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
         raise PlacementError(f"{param('tp', 'auto')} with {param('expert_tp')}: no TP degree of 2 or more splits these nodes and heads")
     rs = [recompute] if recompute is not None else list(RECOMPUTE)
     cap = np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9
-    best: tuple[tuple, RunSettings] | None = None
+    best: tuple[tuple, RunSettings, Cost | None] | None = None   # its cost where it is the one scored
     closest: tuple[float, RunSettings, np.ndarray] | None = None  # lowest fill of the fullest GPU
     loads = exchange_loads(placement, problem)   # the same under every run setting
-    for t in ts:
-        ms = [micro_batches] if micro_batches is not None else micro_batch_choices(problem, t)
-        ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
-        for r, s in itertools.product(rs, ss):
-            cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s, t, expert_tp)), loads=loads)
-            for m in ms:
-                total = sum(memory_for(placement, problem, cost.expert_assignments, m, r, s, t, expert_tp).values())
-                fill = float(np.max(total / cap))
-                settings = RunSettings(m, r, s, t, expert_tp)
-                if closest is None or fill < closest[0]:
-                    closest = (fill, settings, total)
-                if fill > 1.0:
-                    continue
-                key = (cost.step_time_s, m, RECOMPUTE.index(r), OPTIMIZER_SHARDING.index(s), t)
-                if best is None or key < best[0]:
-                    best = (key, settings)
-                break  # more micro-batches only tie on time
+    ms_of = {t: [micro_batches] if micro_batches is not None else micro_batch_choices(problem, t) for t in ts}
+    ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
+    trials = [(t, r, s) for t in ts for r, s in itertools.product(rs, ss)]
+    if first is not None and (first.tp, first.recompute, first.optimizer_sharding) in trials:
+        head = (first.tp, first.recompute, first.optimizer_sharding)
+        trials.remove(head)
+        trials.insert(0, head)
+    unscored = 0
+    for n, (t, r, s) in enumerate(trials):
+        if best is not None and deadline is not None and time.monotonic() >= deadline:
+            unscored = len(trials) - n
+            break
+        ms = ms_of[t]
+        cost = evaluate(placement, _with(problem, RunSettings(ms[0], r, s, t, expert_tp)), loads=loads)
+        for m in ms:
+            total = sum(memory_for(placement, problem, cost.expert_assignments, m, r, s, t, expert_tp).values())
+            fill = float(np.max(total / cap))
+            settings = RunSettings(m, r, s, t, expert_tp)
+            if closest is None or fill < closest[0]:
+                closest = (fill, settings, total)
+            if fill > 1.0:
+                continue
+            key = (cost.step_time_s, m, RECOMPUTE.index(r), OPTIMIZER_SHARDING.index(s), t)
+            if best is None or key < best[0]:
+                best = (key, settings, cost if m == ms[0] else None)
+            break  # more micro-batches only tie on time
     if best is None:
         _, settings, total = closest
         return Fit(settings, evaluate(placement, _with(problem, settings), loads=loads), False,
                    _refusal(problem, settings, total))
-    return Fit(best[1], evaluate(placement, _with(problem, best[1]), loads=loads), True)
+    _, settings, cost = best
+    cost = cost or evaluate(placement, _with(problem, settings), loads=loads)
+    return Fit(settings, cost, True, unscored=unscored)
 
 
 def _with(problem: PlacementProblem, settings: RunSettings) -> PlacementProblem:
