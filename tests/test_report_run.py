@@ -31,14 +31,15 @@ fabric:
 """
 
 
-def _train(rank: int, world_size: int, job, out: str, dispatch: str | None = None, recompute: str = "none") -> None:
+def _train(rank: int, world_size: int, job, out: str, dispatch: str | None = None, recompute: str = "none",
+           **kw) -> None:
     import torch
 
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
     opts = TrainOptions(manifest="m.json", out=out, steps=3, ckpt_every=100, keep_checkpoints=1,
-                        dispatch=dispatch, recompute=recompute)
+                        dispatch=dispatch, recompute=recompute, **kw)
     Trainer(job, opts, rank, torch.device("cpu")).run(resume=False, show_progress=False)
 
 
@@ -369,3 +370,56 @@ def test_a_block_recompute_run_is_measured_predicted_and_replayed_with_its_third
     assert cost.a2a_passes == 3
     assert m["totals_bytes"]["predicted"] == pytest.approx(m["bytes_scale"] * cost.a2a_bytes.sum(), rel=1e-6)
     assert any("recompute block where the plan has none" in note for note in m["notes"]), m["notes"]
+
+
+def _train_expert_tp(rank: int, world_size: int, job, out: str) -> None:
+    _train(rank, world_size, job, out, tp=2, expert_tp=True, recompute="block")
+
+
+@pytest.fixture(scope="module")
+def expert_tp_run(tmp_path_factory):
+    """(manifest, run directory): tiny on 2 x 2 GPUs, --tp 2 --expert-tp --recompute block (each
+    node a TP group holding its GPUs' experts, one per GPU), as the manifest records."""
+    from epplan.cost.calibration import resolve_calibrations
+    from epplan.manifest import build_manifest, load_manifest, write_manifest
+    from epplan.placement.baselines import contiguous
+    from epplan.placement.problem import PlacementProblem
+    from epplan.runtime.testing import run_distributed
+    from epplan.topology import load_topology
+    from epplan.train.job import job_from_manifest
+    from epplan.workload import make_traffic
+    from epplan.workload.config import PRESETS
+
+    folder = tmp_path_factory.mktemp("etp")
+    (folder / "mini.yaml").write_text(MINI_TOPOLOGY)
+    topo = load_topology(folder / "mini.yaml")
+    config = PRESETS["tiny"].replace(num_kv_heads=2)
+    cals, _ = resolve_calibrations(topo)
+    problem = PlacementProblem(topo, config, make_traffic("uniform", config, topo.num_gpus), calibration=cals,
+                               tp=2, expert_tp=True, recompute="block")
+    manifest = folder / "m.json"
+    write_manifest(manifest, build_manifest(contiguous(problem), problem, routing_spec="uniform"))
+    run_dir = folder / "run"
+    run_distributed(_train_expert_tp, 4, job_from_manifest(load_manifest(manifest)), str(run_dir))
+    return manifest, run_dir
+
+
+def test_expert_tp_bytes_measured_equal_the_replay_of_the_runs_routing(expert_tp_run):
+    """The gathers and reduce-scatters of --expert-tp inside each TP group: recorded per step,
+    times 3 passes (forward, backward, the block recompute), they are what the cost model's
+    expert_tp_traffic gives on the run's own routing, to the byte; beside the prediction."""
+    manifest, run_dir = expert_tp_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == 3 and all("expert_tp_bytes" in r for r in steps)
+    sent = [[sum(row) for row in layer] for layer in steps[0]["expert_tp_bytes"]]   # [L][S]
+    assert all(v > 0 for layer in sent for v in layer)  # every GPU sends to its group's other GPU
+    result = _invoke(manifest, "--metrics", run_dir, "--json", "--all")
+    assert result.exit_code == 0, result.output
+    etp = json.loads(result.stdout)["measured"]["expert_tp"]
+    assert etp["passes"] == 3
+    assert etp["replayed_bytes"] == pytest.approx(etp["measured_bytes"], rel=1e-12)
+    # Uniform routing predicted, the run's routing measured: same volume.
+    assert sum(etp["measured_bytes"]) == pytest.approx(sum(etp["predicted_bytes"]), rel=0.2)
+    table = _invoke(manifest, "--metrics", run_dir)
+    assert table.exit_code == 0 and "--expert-tp: bytes each GPU sends inside its TP group" in table.stdout

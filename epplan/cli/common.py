@@ -199,7 +199,9 @@ TpOption = Annotated[Optional[str], typer.Option(
     "shortest predicted step among those that fit. Default: a manifest's, else 1.", show_default=False)]
 ExpertTpOption = Annotated[Optional[bool], typer.Option(
     "--expert-tp/--no-expert-tp", help="With --tp: also split each routed expert's hidden dimension over "
-    "its TP group. Default: a manifest's, else off.", show_default=False)]
+    "its TP group. Its MoE exchange runs unchunked, whatever --overlap says, and place and estimate "
+    "score it so (serial: the exchange, then the expert GEMMs). Default: a manifest's, else off.",
+    show_default=False)]
 OverlapOption = Annotated[Optional[Overlap], typer.Option(
     "--overlap", callback=plain, help="The MoE layers' schedule: on overlaps each layer's exchange "
     "with its expert GEMMs in chunks, off runs them one after the other, auto is what 'epplan run' "

@@ -114,6 +114,7 @@ class Report:
             "replay": {"steps": m.replay_steps, "max_pair_error_bytes": m.replay_pair_error_bytes,
                        "max_link_relative_error": _max_rel(replayed, m.measured_total)},
             "links": rows,
+            "expert_tp": None if m.expert_tp is None else m.expert_tp.to_dict(),
             "notes": m.notes,
             "components": None if self.components is None else self.components.to_dict(),
         }

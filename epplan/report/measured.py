@@ -38,6 +38,12 @@ How the comparison is made apples to apples:
   ``node_rows`` and ``gpu_rows`` (routing statistics v2) on the links through
   ``epplan.cost.dispatch.hierarchical_link_loads``: exact, rounding or not, because those are
   the rows the runtime sent.
+- Expert TP (``--expert-tp``, a run setting of its start record). The step
+  records' ``expert_tp_bytes`` are the forward gathers and reduce-scatters inside each TP group;
+  measured per sending GPU, times ``tensor_parallel.expert_tp_passes`` (backward, recompute), they
+  stand beside ``tensor_parallel.expert_tp_traffic`` of the predicted rows each GPU serves and of
+  the replay's (the run's own routing), in the runtime's bytes per row: equal to the replay when
+  the splits are whole, as the all-to-all's are.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from epplan.report.predicted import ReportError, component_bytes
 from epplan.runfiles import (METRICS_FILE, METRICS_FORMAT, METRICS_VERSION, ROUTING_STATS_FILE, RUN_SETTINGS,
                              read_metrics_lines)
 from epplan.workload.routing_stats import RoutingStats, read_routing_stats
+from epplan.workload.tensor_parallel import expert_tp_passes, expert_tp_traffic
 from epplan.workload.traffic import Traffic
 
 _STEP_KEYS = ("step", "step_time_s", "tokens_per_expert")
@@ -94,6 +101,9 @@ class RunMetrics:
     dispatch: str = "flat"  # how the run exchanged rows (its start record; flat before it was recorded)
     settings: dict[str, Any] = field(default_factory=dict)  # RUN_SETTINGS its start record gives
     row_bytes: int | None = None  # one row's wire bytes as the step records give it (None: not recorded)
+    # --expert-tp: int64[N, L, S, T] forward bytes inside the TP groups, the same steps (None for
+    # runs without it)
+    expert_tp_bytes: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -180,7 +190,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         raise ReportError(f"{path}: row_bytes is {row_bytes!r}; a row's bytes are a positive integer")
 
     shape = (num_layers, num_ranks, num_ranks)
-    arrays = {k: [] for k in ("dispatch_bytes", "combine_bytes", "tokens_per_expert")}
+    arrays = {k: [] for k in ("dispatch_bytes", "combine_bytes", "tokens_per_expert", "expert_tp_bytes")}
     numbers, times = [], []
     for line_no, rec in steps:
         where = f"{path}:{line_no}"
@@ -197,7 +207,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         times.append(float(seconds))
         if not has:  # a step of a many-rank run that did not record the matrices
             continue
-        for key in _MATRIX_KEYS:
+        for key in _MATRIX_KEYS + (("expert_tp_bytes",) if "expert_tp_bytes" in rec else ()):
             arrays[key].append(_int_array(rec[key], shape, f"{where}: {key}",
                                           "[layers][source ranks][destination ranks]"))
         tpe = _int_array(rec["tokens_per_expert"], None, f"{where}: tokens_per_expert", "[layers][experts]")
@@ -213,6 +223,13 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         notes.append(f"all-to-all bytes were recorded on {len(numbers)} of the {len(steps)} steps "
                      "(every few steps in runs of many ranks): measured is their mean")
 
+    etp = None
+    if arrays["expert_tp_bytes"]:
+        if len(arrays["expert_tp_bytes"]) == len(numbers):
+            etp = np.stack(arrays["expert_tp_bytes"])
+        else:
+            notes.append("the run's expert TP bytes are not on every step that recorded all-to-all bytes "
+                         "(it ran with and without --expert-tp): they are not compared")
     routing = _read_routing(run_dir, records, manifest_hash, num_layers, num_ranks, notes)
     tokens = start.get("tokens_per_step")
     return RunMetrics(
@@ -221,7 +238,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         combine_bytes=np.stack(arrays["combine_bytes"]), assignments=np.stack(arrays["tokens_per_expert"]),
         tokens_per_step=int(tokens) if isinstance(tokens, (int, float)) else None,
         device=start.get("device"), routing=routing, is_finished=finished, notes=notes,
-        dispatch=dispatch, row_bytes=row_bytes, settings=settings)
+        dispatch=dispatch, row_bytes=row_bytes, settings=settings, expert_tp_bytes=etp)
 
 
 def _int_array(value, shape: tuple[int, ...] | None, where: str, layout: str) -> np.ndarray:
@@ -297,6 +314,7 @@ class MeasuredComparison:
     replay_steps: int
     replay_pair_error_bytes: float | None
     notes: list[str]
+    expert_tp: "ExpertTpComparison | None" = None
 
     @property
     def measured_total(self) -> np.ndarray:
@@ -315,6 +333,32 @@ class MeasuredComparison:
         pred = self.predicted_total
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(pred > 0, self.measured_total / pred, np.nan)
+
+
+@dataclass
+class ExpertTpComparison:
+    """``--expert-tp``'s exchanges inside the TP groups, bytes per step each GPU sends, all passes
+    (``passes``: forward, backward and a block recompute): float64[G] each; ``replayed`` None
+    without the run's routing statistics."""
+
+    measured: np.ndarray
+    predicted: np.ndarray
+    replayed: np.ndarray | None
+    passes: int
+
+    def to_dict(self) -> dict:
+        return {"passes": self.passes, "measured_bytes": self.measured.tolist(),
+                "predicted_bytes": self.predicted.tolist(),
+                "replayed_bytes": None if self.replayed is None else self.replayed.tolist()}
+
+
+def expert_tp_sent(served: np.ndarray, tp: int, recompute: str, row_bytes: float,
+                   layers: list[int]) -> np.ndarray:
+    """float64[G] bytes per step each GPU sends inside its TP group under ``--expert-tp``, of
+    ``layers`` (``tensor_parallel.expert_tp_traffic``); served: [L, G] rows each GPU receives."""
+    served = np.asarray(served, dtype=np.float64)
+    src, _, sent = expert_tp_traffic(served[layers], tp, recompute, row_bytes)
+    return np.bincount(src, sent, minlength=served.shape[1])
 
 
 def measured_link_bytes(topology: Topology, dispatch: np.ndarray, combine: np.ndarray,
@@ -398,7 +442,7 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
         topo, run.dispatch_bytes.sum(axis=0), run.combine_bytes.sum(axis=0), layer, passes).items()}
     predicted = {k: scale * v for k, v in component_bytes(cost, layer).items() if k in ("dispatch", "combine")}
 
-    replayed, replay_s, pair_err, replay_steps = None, None, None, 0
+    replayed, replay_s, pair_err, replay_steps, rc = None, None, None, 0, None
     if run.routing is not None:
         routing = run.routing
         is_window = run.steps <= routing.steps  # the steps the statistics were summed over
@@ -429,9 +473,21 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
             else:
                 pair_err = max(float(np.abs(run_b * placement.layers[li].flows(counts[li]) - window[li]).max())
                                for li in layers)
+    etp = None
+    if run.expert_tp_bytes is not None and problem.expert_tp:  # the run's TP degree and recompute
+        layers = list(range(cost.num_layers)) if layer is None else [layer]
+        etp_passes = expert_tp_passes(problem.recompute)
+        off = ~np.eye(run.expert_tp_bytes.shape[-1], dtype=bool)
+        sent = (run.expert_tp_bytes[:, layers] * off).sum(axis=(0, 1, 3)) / run.num_steps   # forward, [G]
+        etp = ExpertTpComparison(
+            measured=etp_passes * sent.astype(np.float64),
+            predicted=expert_tp_sent(cost.expert_assignments, problem.tp, problem.recompute, run_b, layers),
+            replayed=(None if rc is None else
+                      expert_tp_sent(rc.expert_assignments, problem.tp, problem.recompute, run_b, layers)),
+            passes=etp_passes)
     return MeasuredComparison(
         layer=layer, measured=measured, predicted=predicted, replayed=replayed,
         runtime_bytes_per_assignment=run_b, model_bytes_per_assignment=model_b, bytes_scale=scale,
         measured_step_time_s=run.typical_step_time_s(), predicted_step_time_s=cost.step_time_s,
         replayed_step_time_s=replay_s, replay_steps=replay_steps, replay_pair_error_bytes=pair_err,
-        notes=notes)
+        notes=notes, expert_tp=etp)

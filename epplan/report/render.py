@@ -77,6 +77,8 @@ def sections(report: Report) -> list[Section]:
     out = [_links_section(report), _classes_section(report), _gpus_section(report)]
     if report.measured is not None:
         out.append(_measured_section(report))
+        if report.measured.expert_tp is not None:
+            out.append(_expert_tp_section(report))
     components = _components_section(report)
     if components is not None:
         out.append(components)
@@ -220,6 +222,28 @@ def _measured_section(report: Report) -> Section:
     return Section(f"measured vs predicted all-to-all, hottest measured first ({shown}; {scope})",
                    columns, rows, lines=lines, notes=notes,
                    optional=["measured combine", "measured dispatch", "class"])
+
+
+def _expert_tp_section(report: Report) -> Section:
+    etp, topo = report.measured.expert_tp, report.plan.cost.topology
+    rows = [[str(g), topo.gpu_names[g], fmt_bytes(etp.predicted[g]), fmt_bytes(etp.measured[g]),
+             fmt_ratio(etp.measured[g] / etp.predicted[g] if etp.predicted[g] > 0 else math.nan),
+             fmt_bytes(None if etp.replayed is None else etp.replayed[g])]
+            for g in range(etp.measured.size)]
+    columns = [("rank", "right"), ("gpu", "left"), ("predicted", "right"), ("measured", "right"),
+               ("ratio", "right"), ("replayed", "right")]
+    scope = "per step" if report.layer is None else f"MoE layer {report.layer}"
+    total = etp.predicted.sum()
+    return Section(f"--expert-tp: bytes each GPU sends inside its TP group ({scope})", columns, rows,
+                   lines=[f"predicted {fmt_bytes(total)}, measured {fmt_bytes(etp.measured.sum())} (ratio "
+                          f"{fmt_ratio(etp.measured.sum() / total if total > 0 else math.nan)}), "
+                          f"replayed {fmt_bytes(None if etp.replayed is None else etp.replayed.sum())}"],
+                   notes=[f"measured: the runtime's forward gathers of the received rows and reduce-scatters "
+                          f"of the partial outputs, mean per step, x{etp.passes} (backward"
+                          + (", the block recompute" if etp.passes > 2 else "") + "). predicted: the cost "
+                          "function's on the rows each GPU serves; replayed: on the run's own routing "
+                          "statistics; both in the runtime's bytes per row."],
+                   optional=["gpu"])
 
 
 def _components_section(report: Report) -> Section | None:

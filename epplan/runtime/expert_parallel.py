@@ -153,6 +153,11 @@ class ExpertParallelStats:
         and below the diagonal).
     gpu_rows:  int64 [L, G], distinct (token, GPU) pairs of this rank's tokens per GPU.
     node_rows: int64 [L, M], distinct (token, node) pairs per node (M = nodes of the layout).
+    expert_tp_bytes: int64 [L, G], under ``--expert-tp`` the bytes this rank sent to each other rank
+        of its TP group in the forward exchanges of ``expert_tensor_parallel.group_expert_mlp``:
+        its own received rows to every group rank (the gather) and each group rank's rows' partial
+        outputs back to it (the reduce-scatter), Q_me + Q_h rows to rank h; zeros without it.
+        Backward repeats both (a block recompute once more): ``tensor_parallel.expert_tp_passes``.
     """
 
     num_tokens_per_expert: np.ndarray
@@ -161,6 +166,7 @@ class ExpertParallelStats:
     pairs: np.ndarray
     gpu_rows: np.ndarray
     node_rows: np.ndarray
+    expert_tp_bytes: np.ndarray
     num_forward: int = 0  # forward calls of the whole model (counted at MoE layer 0)
     row_bytes: int = 0  # bytes of one row on the wire (d_model * the exchange dtype's size)
 
@@ -172,11 +178,12 @@ class ExpertParallelStats:
                    np.zeros((num_layers, num_ranks), np.int64),
                    np.zeros((num_layers, num_experts, num_experts), np.int64),
                    np.zeros((num_layers, num_ranks), np.int64),
-                   np.zeros((num_layers, num_nodes), np.int64))
+                   np.zeros((num_layers, num_nodes), np.int64),
+                   np.zeros((num_layers, num_ranks), np.int64))
 
     def reset(self) -> None:
         for array in (self.num_tokens_per_expert, self.dispatch_bytes, self.combine_bytes,
-                      self.pairs, self.gpu_rows, self.node_rows):
+                      self.pairs, self.gpu_rows, self.node_rows, self.expert_tp_bytes):
             array.fill(0)
         self.num_forward = 0
 
@@ -355,7 +362,14 @@ class ExpertParallelExperts(nn.Module):
         NOTE: host sync (the group's row counts shape the gather and the GEMMs)."""
         send_host, recv_host, _ = self._exchange_counts(send_counts, 1, routing, x)
         group_recv = etp_.gather_counts(torch.as_tensor(recv_host, device=x.device), self.expert_tp)
-        return send_host, recv_host, group_recv.cpu().numpy()
+        group_recv = group_recv.cpu().numpy()
+        # Recorded here, once per forward (a recompute replays these counts): Q_me + Q_h rows to h.
+        etp = self.expert_tp
+        num_rows = group_recv.sum(axis=(1, 2))  # (t,) Q of each group rank
+        sent = (num_rows[etp.rank] + num_rows) * x.shape[1] * x.element_size()
+        sent[etp.rank] = 0
+        self.stats.expert_tp_bytes[self.layer_index, list(etp.ranks)] += sent
+        return send_host, recv_host, group_recv
 
     def _exchange_counts(self, send_counts: torch.Tensor, proposal: int, routing: torch.Tensor,
                          x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:

@@ -21,7 +21,9 @@ Shape legend: L = MoE layers, G = ranks (S = source, T = destination), E = exper
   (diagonal: rows a rank keeps), with ``row_bytes``, the bytes of one row. Backward moves the
   same amounts again with dispatch and combine swapped, so a step's wire traffic is twice the
   off-diagonal sum. Under hierarchical dispatch the matrices hold both stages' rows
-  (``ExpertParallelStats``). Up to ``MATRIX_RANKS`` ranks
+  (``ExpertParallelStats``). Under ``--expert-tp`` also ``expert_tp_bytes`` [L][S][T], the bytes
+  rank S sent to rank T of its TP group in the forward gathers and reduce-scatters of the sliced
+  experts (backward repeats them, a block recompute once more). Up to ``MATRIX_RANKS`` ranks
   every step carries them; beyond, every ``matrix_every(G)``-th step and the last do.
 - ``checkpoint``: ``path`` and ``seconds`` of a checkpoint written after ``step``.
 - ``replan`` (``--replan-every``): a re-plan used after ``step``: its ``window`` [first, last
@@ -66,6 +68,8 @@ class StepStats:
     tokens_per_expert: int64 [L, G, E], assignments each source rank routed to each expert.
     dispatch_bytes, combine_bytes: int64 [L, S, T], forward all-to-all bytes per layer; None on
         steps that do not gather them.
+    expert_tp_bytes: int64 [L, S, T], ``--expert-tp``'s forward exchanges inside the TP groups
+        (``ExpertParallelStats.expert_tp_bytes``); None on those steps and in runs without it.
     """
 
     loss: float
@@ -73,6 +77,7 @@ class StepStats:
     tokens_per_expert: np.ndarray
     dispatch_bytes: np.ndarray | None
     combine_bytes: np.ndarray | None
+    expert_tp_bytes: np.ndarray | None = None
 
     def expert_load(self) -> np.ndarray:
         """float64 [L]: per layer, the busiest expert's assignments over the mean."""
@@ -97,29 +102,32 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 
 
 def gather_step_stats(loss: torch.Tensor, aux_loss: torch.Tensor, stats: ExpertParallelStats,
-                      num_ranks: int, with_matrices: bool = True) -> StepStats:
+                      num_ranks: int, with_matrices: bool = True, expert_tp: bool = False) -> StepStats:
     """Collective: every rank's mean loss and routing statistics, in one all-gather, with the
-    all-to-all byte matrices if ``with_matrices``.
+    all-to-all byte matrices if ``with_matrices`` (and ``--expert-tp``'s if ``expert_tp``).
 
     NOTE: a device-to-host sync (the loss and counts come back to the CPU every step).
     """
     L, E = stats.num_tokens_per_expert.shape
     G = num_ranks
+    matrices = (2 + expert_tp) if with_matrices else 0
     parts = [[0.0, 0.0], stats.num_tokens_per_expert.ravel()]
     if with_matrices:
         parts += [stats.dispatch_bytes.ravel(), stats.combine_bytes.ravel()]
+        parts += [stats.expert_tp_bytes.ravel()] if expert_tp else []
     mine = torch.from_numpy(np.concatenate(parts)).to(loss.device)  # float64: integers exact below 2**53
     mine[0], mine[1] = loss.detach().double(), aux_loss.detach().double()
     everyone = mine.new_empty(G * mine.numel())  # flat: gloo wants (G * n,), not (G, n)
     all_gather_single(everyone, mine)
     rows = everyone.cpu().numpy().reshape(G, -1)  # (G, 2 + L*E [+ 2*L*G])
     counts = rows[:, 2:2 + L * E].reshape(G, L, E).transpose(1, 0, 2)  # [L, S, E]
-    dispatch = combine = None
+    dispatch = combine = etp = None
     if with_matrices:
-        a2a = np.rint(rows[:, 2 + L * E:].reshape(G, 2, L, G).transpose(1, 2, 0, 3)).astype(np.int64)
-        dispatch, combine = a2a  # [L, S, T] each
+        a2a = np.rint(rows[:, 2 + L * E:].reshape(G, matrices, L, G).transpose(1, 2, 0, 3)).astype(np.int64)
+        dispatch, combine = a2a[0], a2a[1]  # [L, S, T] each
+        etp = a2a[2] if expert_tp else None
     return StepStats(float(rows[:, 0].mean()), float(rows[:, 1].mean()),
-                     np.rint(counts).astype(np.int64), dispatch, combine)
+                     np.rint(counts).astype(np.int64), dispatch, combine, etp)
 
 
 class MetricsLog:

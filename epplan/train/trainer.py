@@ -463,7 +463,8 @@ class Trainer:
         with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.steps
         # The model's loss includes the auxiliary losses; report the language-model part apart.
         gathered = gather_step_stats((loss_sum - aux_sum) / opts.micro_batches,
-                                     aux_sum / opts.micro_batches, stats, self.job.num_ranks, with_matrices)
+                                     aux_sum / opts.micro_batches, stats, self.job.num_ranks, with_matrices,
+                                     expert_tp=opts.expert_tp)
         grad_norm = global_grad_norm(model)
         grad_norm_value = grad_norm.item()  # NOTE: host sync (the finite check below)
         self.last_timing = timer.collect()  # the previous step's marks are complete by now
@@ -523,6 +524,8 @@ class Trainer:
             record["row_bytes"] = stats.row_bytes
             record["dispatch_bytes"] = gathered.dispatch_bytes.tolist()
             record["combine_bytes"] = gathered.combine_bytes.tolist()
+            if gathered.expert_tp_bytes is not None:
+                record["expert_tp_bytes"] = gathered.expert_tp_bytes.tolist()
         return record
 
     # ----------------------------------------------------------------------------- the run
