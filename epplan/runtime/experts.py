@@ -37,7 +37,8 @@ EXPERT_IMPLS = ("grouped", "loop")
 # Between them it depends on the balance: with every expert at the mean, grouped was 3 % faster
 # at 4,096 and 5,000 rows and 1-4 % slower from 6,144 up; in training at seed dims (5,000 rows
 # per expert on average, the busiest expert at 2.8-4.3 times the mean) one GEMM per expert made
-# the step 20 ms shorter (0.802 against 0.822 s, one H200, call J of 2026-12-02).
+# the step 20 ms shorter (0.802 against 0.822 s, one H200, call J of 2026-12-02), and 24 ms in
+# call K's interleaved repeat (0.823 and 0.825 against 0.847 and 0.848 s).
 LOOP_MIN_ROWS = 4608
 
 
