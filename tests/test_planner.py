@@ -97,10 +97,9 @@ TINY = [  # nodes, gpus per node, experts, experts per GPU, d_ff (small: network
 ]
 
 
-@pytest.mark.parametrize("nodes,gpus,experts,k,d_ff,tflops", TINY)
-def test_ilp_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
-    problem = toy_problem(nodes, gpus, experts, experts_per_gpu=k, d_ff=d_ff, tflops=tflops,
-                          seed=nodes * 100 + gpus * 10 + experts)
+def assert_solve_finds_the_brute_force_optimum(problem: PlacementProblem) -> float:
+    """solve (gap 0) proves optimal a one-layer plan whose evaluate time is the brute force's
+    optimum, with its own objective that time and its bound below it; returns the optimum."""
     best, _ = brute_force(problem)
     placement = solve(problem, gap=0.0, time_limit=30)
     layer = placement.info["layers"][0]
@@ -109,6 +108,13 @@ def test_ilp_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
     assert cost == pytest.approx(best, rel=1e-6)
     assert layer["objective_s"] == pytest.approx(cost, rel=1e-9)
     assert layer["bound_s"] <= best * (1 + 1e-6)
+    return best
+
+
+@pytest.mark.parametrize("nodes,gpus,experts,k,d_ff,tflops", TINY)
+def test_ilp_equals_brute_force(nodes, gpus, experts, k, d_ff, tflops):
+    assert_solve_finds_the_brute_force_optimum(toy_problem(nodes, gpus, experts, experts_per_gpu=k, d_ff=d_ff,
+                                                           tflops=tflops, seed=nodes * 100 + gpus * 10 + experts))
 
 
 @pytest.mark.parametrize("recompute,micro_batches", [("block", 1), ("attention", 2), ("block", 4)])

@@ -91,7 +91,7 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.schedule import Schedule
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR, optimizer_sync_bytes, recompute_flops_per_token
-from epplan.workload.memory import memory_per_gpu, storage_bytes, tp_group_sum
+from epplan.workload.memory import expert_tp_rows, memory_per_gpu, storage_bytes
 from epplan.workload.tensor_parallel import (expert_tp_group_experts, expert_tp_held, expert_tp_rings,
                                              expert_tp_traffic, sp_collectives)
 
@@ -390,7 +390,7 @@ def evaluate(placement: Placement, problem: PlacementProblem, *, fast: bool = Tr
     flops_train = TRAINING_FLOPS_FACTOR
     tp = problem.tp
     # --expert-tp: each rank computes 1 / t of its group's assignments (its hidden slice).
-    computed = tp_group_sum(served, tp) / tp if problem.expert_tp else served
+    computed = expert_tp_rows(served, tp, problem.expert_tp)
     expert_compute_s = computed * problem.expert_flops_per_assignment / rate
     # --- calibrated rates (epplan.cost.step): every part of the step from measured rates; the
     # expert GEMMs at each GPU's own rows per expert unless --tflops overrides the rate.

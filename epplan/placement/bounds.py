@@ -4,6 +4,10 @@ They certify the planner's gap: ``gap = (cost - bound) / cost`` where ``bound`` 
 these and the MILP's dual bound (``epplan.placement.ilp``), each valid for the true problem (one
 decision per GPU, any per-source split), not only for an aggregated model.
 
+Under ``--expert-tp`` (``LayerData.pool`` = t) a GPU's time is its TP group's rows / t: the
+compute bound counts groups (below), the cut bounds hold as they are (they count link bytes
+only), the trade-off bound is not used.
+
 compute   Every assignment is served by some GPU. Expert e's r_e replicas sit on distinct GPUs
           and serve n_e together, so the busiest serves at least n_e c / r_e, with
           sum_e r_e <= S (all slots) and r_e <= G: the bound is min over integer r of
@@ -67,8 +71,12 @@ def compute_bound(data: LayerData) -> float:
     num_slots = int(data.slots.sum())
     if load.size > num_slots:
         return fluid  # not placeable; the caller raises before this matters
-    r = apportion(load, num_slots, int(data.slots.size))
-    return max(fluid, float((load / r).max()) * float(unit.min()))
+    # Under --expert-tp a TP group computes its rows together (each rank 1 / t of them): expert
+    # e's replicas sit in r_e <= G / t distinct groups (one slot each at least), the busiest
+    # group receives n_e / r_e and each of its ranks computes 1 / t of that.
+    pool = data.pool
+    r = apportion(load, num_slots, int(data.slots.size) // pool)
+    return max(fluid, float((load / r).max()) * float(unit.min()) / pool)
 
 
 def apportion(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -330,11 +338,15 @@ def tradeoff_bound(data: LayerData, *, extra: Callable[[float], float] | None = 
 def lower_bound(data: LayerData) -> tuple[float, str]:
     """(seconds, which bound sets it): the layer's time under the schedule with the link time at
     the cut bound and the GPU time at the compute bound (valid: the time grows with both), or
-    the trade-off bound where that is higher."""
+    the trade-off bound where that is higher. Under ``--expert-tp`` (``data.pool`` > 1) the
+    trade-off bound is not taken: it lets a replica on g serve at most t / c_g, where a TP
+    group's ranks compute each other's rows."""
     c, k = compute_bound(data), cut_bound(data)
     schedule = data.schedule
     bound = schedule.moe_time(k, c)
     source = {"link": "cut", "gpu": "compute", "both": "cut+compute"}[schedule.binds(k, c)]
+    if data.pool > 1:
+        return bound, source
     traded = tradeoff_bound(data)
     if traded > bound * (1 + 1e-12):
         return traded, "tradeoff"

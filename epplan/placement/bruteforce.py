@@ -6,7 +6,8 @@ filled: a replica may receive no tokens), and for each solves the per-source spl
 independently of the planner's code: path shares from ``PathModel.pair_fractions`` (the one
 link map, checked in tests against a per-pair walk of the graph), every link (no dominance pruning), one split per source, dense matrices, ``scipy.optimize.linprog``, and
 the layer's time under the problem's schedule (``epplan.schedule``) as exposed * mu + max(hidden
-* mu, X) for the max link time mu and the max GPU time X.
+* mu, X) for the max link time mu and the max GPU time X. Under ``--expert-tp`` a GPU's time is
+its TP group's rows / t (every rank of the group computes a 1 / t slice of each of them).
 
 For tests only: the count of placements grows as C(E, slots)^G.
 
@@ -48,6 +49,7 @@ def brute_force_windows(problems: list[PlacementProblem], objective: str, layer:
     b = float(problem.bytes_per_assignment)
     cap = np.asarray(topo.link_capacity, dtype=np.float64) * 1e9
     unit = problem.expert_flops_per_assignment / np.asarray(problem.gpu_flops)
+    pool = problem.tp if problem.expert_tp else 1
     # seconds on every link per assignment s -> t (dispatch + combine, fwd + bwd)
     pair = np.zeros((num_gpus, num_gpus, topo.num_links))
     for s in range(num_gpus):
@@ -61,16 +63,17 @@ def brute_force_windows(problems: list[PlacementProblem], objective: str, layer:
         replicas = [np.array([g for g in range(num_gpus) if e in held[g]]) for e in range(num_experts)]
         if any(r.size == 0 for r in replicas):
             continue
-        value, split = _split_lp(windows, replicas, pair, unit, problem.schedule, objective)
+        value, split = _split_lp(windows, replicas, pair, unit, problem.schedule, objective, pool)
         if value < best[0] - 1e-15:
             best = (value, LayerPlacement(replicas, split))
     return best
 
 
 def _split_lp(windows: list[np.ndarray], replicas: list[np.ndarray], pair: np.ndarray, unit: np.ndarray,
-              schedule, objective: str):
+              schedule, objective: str, pool: int = 1):
     """Over per-source split shares f[s, e, r] >= 0 with sum_r f = 1, window w's flows
-    counts_w[s, e] f[s, e, r]: links <= mu_w, GPUs <= X_w, hidden mu_w <= z_w, X_w <= z_w; minimise
+    counts_w[s, e] f[s, e, r]: links <= mu_w, GPUs <= X_w (GPU g: the rows served in its group of
+    ``pool`` consecutive ranks / pool), hidden mu_w <= z_w, X_w <= z_w; minimise
     the mean of exposed mu_w + z_w (``mean``) or v >= every window's (``worst``)."""
     num_gpus, num_experts = windows[0].shape
     num_w = len(windows)
@@ -90,7 +93,8 @@ def _split_lp(windows: list[np.ndarray], replicas: list[np.ndarray], pair: np.nd
         r0, mu, x, z = w * rows_w, nf + 3 * w, nf + 3 * w + 1, nf + 3 * w + 2
         for j, (s, e, t) in enumerate(cols):
             a_ub[r0:r0 + num_links, j] = pair[s, t] * counts[s, e] / tscale
-            a_ub[r0 + num_links + t, j] = unit[t] * counts[s, e] / tscale
+            for g in range(t - t % pool, t - t % pool + pool):
+                a_ub[r0 + num_links + g, j] = unit[g] * counts[s, e] / pool / tscale
         a_ub[r0:r0 + num_links, mu] = -1.0
         a_ub[r0 + num_links:r0 + num_links + num_gpus, x] = -1.0
         a_ub[r0 + num_links + num_gpus, [mu, z]] = schedule.hidden, -1.0

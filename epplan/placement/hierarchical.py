@@ -43,6 +43,7 @@ from epplan.cost.evaluate import served_assignments
 from epplan.placement.bounds import compute_bound, cut_bound
 from epplan.placement.layer import LayerData
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
+from epplan.workload.memory import expert_tp_rows
 
 if TYPE_CHECKING:  # for the annotations only (no import cycle at run time)
     from epplan.placement.problem import PlacementProblem
@@ -132,7 +133,8 @@ class _LayerSearch:
         """(layer time under the schedule, network rows)."""
         fwd, bwd = hierarchical_link_loads(self.lm, node_rows, gpu_rows, 1.0)
         a2a = float(((fwd + bwd) * self.link_unit).max(initial=0.0))
-        gpu = float((served * self.gpu_unit).max(initial=0.0))
+        computed = expert_tp_rows(served, self.problem.tp, self.problem.expert_tp)   # evaluate's clock
+        gpu = float((computed * self.gpu_unit).max(initial=0.0))
         return self.problem.schedule.moe_time(a2a, gpu), float(node_rows[self.is_remote].sum())
 
     # ------------------------------------------------------------------ the search

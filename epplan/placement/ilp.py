@@ -13,7 +13,10 @@ Per layer, solved through PuLP (HiGHS by default, CBC selectable):
     replicas  sum_a Y[a, e, g] + sigma[g, e] <= M_eg x[e, g],  sigma[g, e] <= n[g, e] x[e, g]
               M_eg = min(n_e, z_ub / c_g): no GPU serves more than the incumbent's time allows
     slots     1 <= sum_e x[e, g] <= slots_g;   sum_g x[e, g] >= 1
-    GPUs      c_g (sum_{a, e} Y[a, e, g] + sum_e sigma[g, e]) <= X
+    GPUs      c_g (sum_{a, e} Y[a, e, g] + sum_e sigma[g, e]) <= X; under ``--expert-tp``
+              (``LayerData.pool`` = t) c_g / t times the sum over g's TP group (each rank
+              computes 1 / t of its group's rows), and M_eg = min(n_e, t z_ub / max c_h over
+              g's group)
     links     sum_{a, g} W_l(a, g) Y[a, g] <= mu                  for each kept link l
     groups    sum_{a, g} W_L(a, g) Y[a, g] <= |L| mu              for groups L of like links
     schedule  hidden * mu <= z,  X <= z      (``epplan.schedule``: serial, or C chunks)
@@ -159,7 +162,11 @@ def _build(data: LayerData, group_of: np.ndarray, *, ub: float, lb: float) -> _M
     lo.append(rhs); hi.append(rhs)
     r += all_keys.size
     # replicas: sum_a Y[a, e, g] + sigma[g, e] - M x[e, g] <= 0
-    cap = ub / data.gpu_unit / unit                           # [G] most a GPU serves, in units
+    # [G] most a GPU serves, in units; under --expert-tp every rank of its TP group computes
+    # 1 / t of it (``workload.memory.expert_tp_rows``): t times as much, at the group's slowest.
+    pool = data.pool
+    group_rows = (np.arange(g_n) - np.arange(g_n) % pool)[:, None] + np.arange(pool)[None, :]   # [G, pool]
+    cap = ub * pool / data.gpu_unit[group_rows].max(axis=1) / unit
     load = gc.sum(axis=0) / unit
     big_m = np.minimum(load[:, None], cap[None, :])           # [E, G]
     add(r + ye * g_n + yg, off_y + np.arange(ny), np.ones(ny))
@@ -178,8 +185,11 @@ def _build(data: LayerData, group_of: np.ndarray, *, ub: float, lb: float) -> _M
     lo.append(np.zeros(nt)); hi.append(np.zeros(nt))
     r += nt
     # GPUs
-    add(r + np.arange(nt) % g_n, off_t + np.arange(nt), np.tile(data.gpu_unit, a_n) * scale)
-    add(r + sg, off_s + np.arange(ns), data.gpu_unit[sg] * scale)
+    # GPUs: what g serves on g's row, or under --expert-tp 1 / t of it on each row of g's group
+    on = group_rows[np.arange(nt) % g_n]                      # [nt, pool]
+    add(r + on.ravel(), np.repeat(off_t + np.arange(nt), pool), data.gpu_unit[on].ravel() / pool * scale)
+    on = group_rows[sg]                                       # [ns, pool]
+    add(r + on.ravel(), np.repeat(off_s + np.arange(ns), pool), data.gpu_unit[on].ravel() / pool * scale)
     add(r + np.arange(g_n), np.full(g_n, col_x), -np.ones(g_n))
     lo.append(np.full(g_n, -np.inf)); hi.append(np.zeros(g_n))
     r += g_n

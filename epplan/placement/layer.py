@@ -7,7 +7,11 @@ Everything the planner optimises is in seconds per token-assignment:
   2b (F + F^T)); link time = bytes / capacity; under block recompute b is scaled by
   ``problem.exchange_scale`` (1.5: the recompute dispatches and combines again);
 - a GPU: one assignment served costs ``problem.expert_flops_per_assignment`` (forward and
-  backward, plus the forward again under recompute) / achievable FLOP/s.
+  backward, plus the forward again under recompute) / achievable FLOP/s; under ``--expert-tp``
+  every rank of a TP group computes 1 / t of the group's assignments
+  (``workload.memory.expert_tp_rows``, as ``evaluate`` charges them), so a GPU's time is its
+  group's rows / t. The exchange of those rows inside the group is a step term of ``evaluate``
+  (``tp_s``, all layers on the node's links together), not part of a layer's time here.
 
 A layer's time combines the busiest link's time A and the busiest GPU's time X as the runtime's
 schedule does (``epplan.schedule``): A + X serial, A / C + max(A (C - 1) / C, X) overlapped in C
@@ -38,6 +42,7 @@ import scipy.sparse as sp
 
 from epplan.placement.linkmodel import LinkModel, link_model
 from epplan.schedule import Schedule
+from epplan.workload.memory import expert_tp_rows
 
 if TYPE_CHECKING:  # problem.py imports nothing of the planner; the planner's modules import it
     from epplan.placement.problem import PlacementProblem
@@ -52,7 +57,9 @@ class LayerData:
 
     counts:    float64[G, E] assignments per source rank and expert.
     link_unit: float64[K] seconds a kept link needs per assignment-unit of incidence (2b / cap).
-    gpu_unit:  float64[G] seconds GPU g needs per assignment it serves.
+    gpu_unit:  float64[G] seconds GPU g needs per assignment it computes.
+    pool:      ranks per TP group that compute each other's rows (``--expert-tp``: the TP
+               degree; else 1).
     slots:     int64[G] experts GPU g may hold in this layer.
     group_of:  int64[G] source group of each rank; weight: float64[G] its share of the group.
     """
@@ -67,6 +74,7 @@ class LayerData:
     bytes_per_assignment: float
     schedule: Schedule
     exact: bool = True
+    pool: int = 1
     _coef: sp.csr_matrix | None = field(default=None, repr=False)
 
     @property
@@ -101,7 +109,7 @@ class LayerData:
         (assignments), all links."""
         traffic = flows + flows.T
         link = self.lm.topology.link_loads(traffic) * 2.0 * self.bytes_per_assignment / self.lm.cap
-        gpu = flows.sum(axis=0) * self.gpu_unit
+        gpu = expert_tp_rows(flows.sum(axis=0), self.pool, self.pool > 1) * self.gpu_unit
         lmax, gmax = float(link.max(initial=0.0)), float(gpu.max(initial=0.0))
         return self.schedule.moe_time(lmax, gmax), lmax, gmax
 
@@ -133,7 +141,8 @@ def layer_data(problem: PlacementProblem, counts: np.ndarray, *, max_groups: int
         group_of, weight, exact = source_groups(counts, np.asarray(topo.gpu_node), max_groups=max_groups)
     return LayerData(counts=np.asarray(counts, dtype=np.float64), lm=lm, link_unit=link_unit,
                      gpu_unit=gpu_unit, slots=slots, group_of=group_of,
-                     weight=weight, bytes_per_assignment=b, schedule=problem.schedule, exact=exact)
+                     weight=weight, bytes_per_assignment=b, schedule=problem.schedule, exact=exact,
+                     pool=problem.tp if problem.expert_tp else 1)
 
 
 def gpu_slots(problem: PlacementProblem) -> np.ndarray:

@@ -186,7 +186,8 @@ def robust_splits(problems: list[PlacementProblem], layer: int, replicas: list[n
 
     One LP, the split LP of ``splits.py`` with its shares shared by W windows: variables
     f[s, e, t] >= 0 (source s's share of expert e served on t, sum_t f = 1), per window
-    Y_w[s, t] = sum_e n_w[s, e] f[s, e, t], links sum coef Y_w <= mu_w, GPUs gpu_unit Y_w <= X_w,
+    Y_w[s, t] = sum_e n_w[s, e] f[s, e, t], links sum coef Y_w <= mu_w, GPUs gpu_unit Y_w <= X_w
+    (under ``--expert-tp`` a GPU's row holds 1 / t of its TP group's Y_w, as ``evaluate`` charges),
     hidden mu_w <= z_w, X_w <= z_w; minimise mean_w (exposed mu_w + z_w), or v >= each of them.
     Per-source (exact) only: above ``layer.SINGLE_SOURCE_COLUMNS`` it returns None.
     """
@@ -225,7 +226,10 @@ def robust_splits(problems: list[PlacementProblem], layer: int, replicas: list[n
     blocks = [(f2d, np.arange(nf), np.ones(nf))]            # demand rows: sum_t f = 1
     r0 = ndem
     cc = coef.tocoo()
-    gpu = data.gpu_unit[pairs % g] * unit / tau
+    # GPU rows: Y on t's row, or under --expert-tp 1 / t of it on each row of t's TP group
+    pool = data.pool
+    gpu_row = (pairs % g - pairs % g % pool)[:, None] + np.arange(pool)[None, :]     # [npair, pool]
+    gpu = (data.gpu_unit[gpu_row] / pool * unit / tau).ravel()
     for w, counts in enumerate(windows):
         c0 = nf + w * wcols
         mu, x, z = c0 + npair, c0 + npair + 1, c0 + npair + 2
@@ -235,7 +239,7 @@ def robust_splits(problems: list[PlacementProblem], layer: int, replicas: list[n
         blocks.append((cc.col + r0, c0 + cc.row, cc.data * unit / tau))                  # links
         blocks.append((np.arange(nlink) + r0, np.full(nlink, mu), -np.ones(nlink)))
         r0 += nlink
-        blocks.append((pairs % g + r0, c0 + np.arange(npair), gpu))                      # GPUs
+        blocks.append((gpu_row.ravel() + r0, np.repeat(c0 + np.arange(npair), pool), gpu))   # GPUs
         blocks.append((np.arange(g) + r0, np.full(g, x), -np.ones(g)))
         r0 += g
         blocks.append((np.array([r0, r0, r0 + 1, r0 + 1]), np.array([mu, z, x, z]),

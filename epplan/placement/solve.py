@@ -17,6 +17,10 @@ relabelling of the experts is solved once and relabelled):
    incumbent, raises the bound and may find a better placement (re-split by the LP), within the
    time left. The bound is the layer's own: a baseline winning does not move it.
 
+Under ``--expert-tp`` every GPU's time is its TP group's rows / t, as ``evaluate`` charges it
+(``LayerData.pool``): the split LP and the MILP optimise that clock; the trade-off bound, the
+node LP and the link classes are not taken (they bound a GPU by its own rows).
+
 ``time_limit`` (seconds, the whole solve) always ends with the best plan found and its bound:
 every LP and the MILP run under the time left, and an LP cut short falls back to a feasible
 split that needs no LP. ``placement.info`` records, per layer, status, objective, bound (and
@@ -59,6 +63,7 @@ from epplan.placement.nodelp import node_model
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.splits import nearest_split, optimal_splits, split_bound, split_result
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
+from epplan.workload.memory import expert_tp_rows
 
 Solver = Literal["highs", "cbc"]  # the MILP's; LPs always use HiGHS
 SOLVERS: tuple[Solver, ...] = get_args(Solver)
@@ -494,7 +499,9 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     cost, link_s, layer = inc.cost, inc.link, inc.layer
     g = _gap(cost, bound)
     open_as = "time_limit"
-    if g > gap and not over(stop):
+    # Under --expert-tp (data.pool > 1) the node LP and the link classes are not taken: they
+    # bound a GPU's time by its own rows, where a TP group's ranks compute each other's.
+    if g > gap and not over(stop) and data.pool == 1:
         # The node-level LP sees the fabric's cuts (leaf/spine/core) and couples them with
         # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts).
         node = node_model(data, integer=False, time_limit=left(stop))
@@ -503,7 +510,7 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             g = _gap(cost, bound)
             inc.bound, inc.source, inc.dirty = bound, source, True
             inc.send()
-    if g > gap and not over(stop):
+    if g > gap and not over(stop) and data.pool == 1:
         # Fabric link classes (leaf-spine under ECMP): what no plan can serve near, searched
         # over the GPU time with the cuts; a share of the layer's time, the MILP may use the rest.
         from epplan.placement.farbound import far_tradeoff_bound
@@ -573,7 +580,7 @@ def _baseline_scores(problem: PlacementProblem, baselines: dict, slots: np.ndarr
     for name, pl in baselines.items():
         loads = exchange_loads(pl, flat, check=False)
         link = ((loads.fwd + loads.bwd) * unit).max(axis=1, initial=0.0)           # [L]
-        gpu = (loads.served * gpu_unit).max(axis=1, initial=0.0)                  # [L]
+        gpu = (expert_tp_rows(loads.served, problem.tp, problem.expert_tp) * gpu_unit).max(axis=1, initial=0.0)
         times = np.asarray(problem.schedule.moe_time(link, gpu), dtype=np.float64).reshape(-1)
         for li, layer in enumerate(pl.layers):
             held = np.bincount(np.concatenate(layer.replicas), minlength=problem.num_gpus)

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from epplan.placement.layer import LayerData
 from epplan.placement.lp import LP
 from epplan.placement.types import LayerPlacement
+from epplan.workload.memory import tp_group_sum
 
 _STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
 _IPM_ABOVE = 20_000    # columns: interior point (with crossover) above, dual simplex below
@@ -78,7 +79,12 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     is_link = np.diff(coef.indptr) > 0
     coef = coef[:, is_link]
     nlink = coef.shape[1]
-    gpu = data.gpu_unit[pairs % num_gpus] * (unit / tau)
+    # GPU rows: Y[a, t] on t's own row, or under --expert-tp 1 / t of it on every row of t's
+    # TP group (``workload.memory.expert_tp_rows``, the clock ``evaluate`` charges).
+    pool = data.pool
+    gpu_row = (pairs % num_gpus - pairs % num_gpus % pool)[:, None] + np.arange(pool)[None, :]   # [npair, pool]
+    gpu = (data.gpu_unit[gpu_row] / pool * (unit / tau)).ravel()
+    gpu_col = np.repeat(ny + np.arange(npair), pool)
     exposed, hidden = data.schedule.exposed, data.schedule.hidden
     blocks = []
     r0 = 0
@@ -91,7 +97,7 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     blocks.append((cc.col + r0, ny + cc.row, cc.data))                          # links: Y
     blocks.append((np.arange(nlink) + r0, np.full(nlink, col_mu), -np.ones(nlink)))
     r0 += nlink
-    blocks.append((pairs % num_gpus + r0, ny + np.arange(npair), gpu))          # GPUs: Y
+    blocks.append((gpu_row.ravel() + r0, gpu_col, gpu))                          # GPUs: Y
     blocks.append((np.arange(num_gpus) + r0, np.full(num_gpus, col_x), -np.ones(num_gpus)))
     r0 += num_gpus
     blocks.append((np.array([r0, r0, r0 + 1, r0 + 1]), np.array([col_mu, col_z, col_x, col_z]),
@@ -144,7 +150,8 @@ def split_bound(data: LayerData, replicas: list[np.ndarray]) -> float:
     source's assignments to experts its GPU (its node, the nodes under a fabric switch) does not
     hold leave that set and come back, 2b bytes each way: over the set's exit links, over its
     entry links (``bounds.cut_bound``'s cuts with the placement's own unavoidable traffic).
-    Combined by the schedule, which grows with both.
+    Combined by the schedule, which grows with both. Under ``--expert-tp`` (``data.pool`` > 1)
+    the GPU part counts a TP group's ranks as holding every expert the group holds.
     """
 
     num_gpus, num_experts = data.num_gpus, data.num_experts
@@ -153,12 +160,15 @@ def split_bound(data: LayerData, replicas: list[np.ndarray]) -> float:
         held[np.asarray(ranks, dtype=np.int64), e] = True
     speed = 1.0 / data.gpu_unit                                        # [G] assignments/s
     load = data.counts.sum(axis=0)                                     # [E]
-    cap = held.T.astype(np.float64) @ speed                            # [E]
+    # Under --expert-tp every rank of a group that holds e computes e's rows (1 / t each): a
+    # group serves at most its ranks' summed speed, as one GPU holding all its experts would.
+    computes = tp_group_sum(held.T, data.pool).T > 0 if data.pool > 1 else held
+    cap = computes.T.astype(np.float64) @ speed                        # [E]
     gpu = float((load / cap).max(initial=0.0))
     covered = np.zeros(num_gpus, dtype=bool)
     total = 0.0
     for e in np.argsort(-(load / cap), kind="stable"):
-        covered |= held[:, e]
+        covered |= computes[:, e]
         total += float(load[e])
         gpu = max(gpu, total / float(speed[covered].sum()))
     b2 = 2.0 * data.bytes_per_assignment

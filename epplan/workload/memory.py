@@ -218,6 +218,17 @@ def tp_group_sum(values: np.ndarray, tp: int) -> np.ndarray:
     return np.broadcast_to(grouped, (*shape[:-1], shape[-1] // tp, tp)).reshape(shape)
 
 
+def expert_tp_rows(served: np.ndarray, tp: int, expert_tp: bool) -> np.ndarray:
+    """float64[..., G] assignments' worth of expert FLOPs each rank computes from served [..., G]
+    (the rows it receives): its own, or under ``--expert-tp`` 1 / t of its TP group's (each rank
+    holds a 1 / t hidden slice of every expert its group holds, so a group's rows are computed
+    by all its ranks alike). The one rule for this: ``evaluate`` and the planner's layer clock
+    (``LayerData.time_of``) use it."""
+    if not expert_tp or tp == 1:
+        return np.asarray(served, dtype=np.float64)
+    return tp_group_sum(served, tp) / tp
+
+
 def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.ndarray,
                    tokens_per_rank: float, served: np.ndarray,
                    micro_batches: int, recompute: str, optimizer_sharding: str,
