@@ -15,6 +15,7 @@ from typing import Any
 
 from epplan.errors import ManifestError, RuntimeSetupError, param
 from epplan.placement.types import Placement
+from epplan.runfiles import RUN_SETTINGS
 from epplan.workload.config import ModelConfig
 
 
@@ -29,8 +30,8 @@ class Node:
 @dataclass(frozen=True)
 class Job:
     """The model, the placement, the manifest hash, the node layout and the run settings that
-    the manifest recorded (``micro_batches``, ``recompute``, ``optimizer_sharding``, ``tp``,
-    ``expert_tp``; manifests before TP record no ``tp``) of one run."""
+    the manifest recorded (``epplan.runfiles.RUN_SETTINGS``; manifests before TP record no ``tp``)
+    of one run."""
 
     config: ModelConfig
     placement: Placement
@@ -90,8 +91,7 @@ def job_from_manifest(manifest: object) -> Job:
         if sorted(by_gpu) != list(range(len(by_gpu))):
             raise ManifestError(f"node {name}: local GPU indices {sorted(by_gpu)} are not 0..{len(by_gpu) - 1}")
         layout.append(Node(name, tuple(by_gpu[g] for g in range(len(by_gpu)))))
-    settings = {k: getattr(manifest, k) for k in ("micro_batches", "recompute", "optimizer_sharding", "tp",
-                                                  "expert_tp") if hasattr(manifest, k)}
+    settings = {k: getattr(manifest, k) for k in RUN_SETTINGS if hasattr(manifest, k)}
     return Job(manifest.config, manifest.placement, manifest.hash, tuple(layout), settings,
                getattr(manifest, "schedule", None), getattr(manifest, "dispatch", "flat"))
 
