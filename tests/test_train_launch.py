@@ -29,6 +29,30 @@ def test_options_survive_the_worker_command_line():
     assert TrainOptions.from_argv(plain.to_argv()) == plain
 
 
+# The worker's flags, one per option, as printed torchrun lines and sbatch scripts carry them.
+WORKER_FLAGS = ["--out", "--steps", "--device", "--data", "--seed", "--global-batch", "--micro-batches", "--lr",
+                "--min-lr-ratio", "--warmup-steps", "--weight-decay", "--grad-clip", "--capacity-factor",
+                "--recompute", "--optimizer-sharding", "--tp", "--expert-tp", "--overridden", "--overlap",
+                "--num-chunks", "--overlap-ctas", "--dispatch", "--ckpt-every", "--async-checkpoints",
+                "--keep-checkpoints", "--resume", "--start-over", "--allow-change", "--peak-tflops",
+                "--tensorboard", "--node-rank", "--replan-every", "--replan-lag", "--replan-time-limit",
+                "--topology"]
+
+
+def test_every_option_has_its_worker_flag_and_survives_it():
+    opts = TrainOptions(manifest="m.json", out="o", steps=9, device="cuda", data="d.bin", seed=4, global_batch=32,
+                        micro_batches=4, lr=1e-3, min_lr_ratio=0.2, warmup_steps=2, weight_decay=0.0, grad_clip=0.5,
+                        capacity_factor=2.0, recompute="attention", optimizer_sharding="all", tp=2, expert_tp=True,
+                        overridden="tp,expert_tp", overlap="on", num_chunks=4, overlap_ctas=16, dispatch="flat",
+                        ckpt_every=5, async_checkpoints="off", keep_checkpoints=3, resume=True, start_over=True,
+                        allow_change="seed,data", peak_tflops=100.0, tensorboard="tb", node_rank=2,
+                        replan_every=8, replan_lag=3, replan_time_limit=5.0, topology="t.json")
+    argv = opts.to_argv()
+    assert argv[0] == "m.json"
+    assert [a for a in argv if a.startswith("--")] == WORKER_FLAGS
+    assert TrainOptions.from_argv(argv) == opts
+
+
 def test_overlap_auto_is_on_where_the_exchange_leaves_the_node_and_on_cpu():
     # Measured (docs/benchmarks.md): overlap gained 11-21 % with the exchange through host memory
     # (the cross-node bandwidth regime) and lost 16 % training inside one NVLink node.
