@@ -90,7 +90,8 @@ from epplan.errors import PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.schedule import Schedule
-from epplan.workload.flops import TRAINING_FLOPS_FACTOR, optimizer_sync_bytes, recompute_flops_per_token
+from epplan.workload.flops import (TRAINING_FLOPS_FACTOR, optimizer_sync_bytes, recompute_flops_per_token,
+                                   tp_sharded_params)
 from epplan.workload.memory import expert_tp_rows, memory_per_gpu, storage_bytes
 from epplan.workload.tensor_parallel import (expert_tp_group_experts, expert_tp_held, expert_tp_rings,
                                              expert_tp_traffic, sp_collectives)
@@ -679,7 +680,7 @@ def _dense_rings(problem: PlacementProblem, param_bytes: float) -> sp.csr_matrix
     c, costs, num_gpus, t = problem.config, problem.costs, problem.num_gpus, problem.tp
     if t == 1:
         return _ring(np.arange(num_gpus), num_gpus, costs.params_dense * param_bytes)
-    sharded = c.num_layers * costs.params_attention + c.num_dense_layers * costs.params_dense_mlp + costs.params_lm_head
+    sharded = tp_sharded_params(costs, c)
     over_world = (c.num_layers * costs.params_norms_per_layer + costs.params_final_norm
                   + c.num_moe_layers * (costs.params_router + costs.params_shared_experts))
     per_dp = sharded / t + costs.params_embedding   # a rank's shards (the mean over TP ranks) and the embedding

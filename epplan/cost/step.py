@@ -79,7 +79,7 @@ import numpy as np
 from epplan.cost.calibration import Calibration
 from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 from epplan.workload.config import ModelConfig
-from epplan.workload.flops import TRAINING_FLOPS_FACTOR, ModelCosts
+from epplan.workload.flops import TRAINING_FLOPS_FACTOR, ModelCosts, tp_sharded_params
 from epplan.workload.memory import tp_group_sum
 
 COMPONENTS = ("attention", "moe_dense", "experts", "lm_head_loss", "embedding", "optimizer", "dense_layers")
@@ -204,8 +204,7 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
         rows = expert_rows_per_expert(served, experts_held, micro_batches) / max(chunks, 1)
     path = "chunked" if chunks else "unchunked"
     expert_params_held = experts_held.sum(axis=0) * costs.params_per_expert  # [G]
-    dense_params = costs.params_dense - (c.num_layers * costs.params_attention + c.num_dense_layers
-                                         * costs.params_dense_mlp + costs.params_lm_head) * (1 - 1 / tp)
+    dense_params = costs.params_dense - tp_sharded_params(costs, c) * (1 - 1 / tp)
     by_cal: dict[int, list[int]] = {}
     for g, cal in enumerate(calibrations):
         by_cal.setdefault(id(cal), []).append(g)

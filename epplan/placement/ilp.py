@@ -165,7 +165,7 @@ def _build(data: LayerData, group_of: np.ndarray, *, ub: float, lb: float) -> _M
     # [G] most a GPU serves, in units; under --expert-tp every rank of its TP group computes
     # 1 / t of it (``workload.memory.expert_tp_rows``): t times as much, at the group's slowest.
     pool = data.pool
-    group_rows = (np.arange(g_n) - np.arange(g_n) % pool)[:, None] + np.arange(pool)[None, :]   # [G, pool]
+    group_rows = data.pooled_rows(np.arange(g_n))            # [G, pool]
     cap = ub * pool / data.gpu_unit[group_rows].max(axis=1) / unit
     load = gc.sum(axis=0) / unit
     big_m = np.minimum(load[:, None], cap[None, :])           # [E, G]

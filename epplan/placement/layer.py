@@ -96,6 +96,13 @@ class LayerData:
         np.add.at(out, self.group_of, self.counts)
         return out
 
+    def pooled_rows(self, gpus: np.ndarray) -> np.ndarray:
+        """int64[n, pool] the GPUs whose time rows served on each of ``gpus`` (int[n]) count
+        on: the GPU itself, or under ``--expert-tp`` every rank of its TP group (1 / pool each,
+        ``workload.memory.expert_tp_rows``)."""
+        gpus = np.asarray(gpus, dtype=np.int64)
+        return (gpus - gpus % self.pool)[:, None] + np.arange(self.pool)[None, :]
+
     def coef(self) -> sp.csr_matrix:
         """float64[A * G, K]: seconds on each kept link per assignment group a serves on GPU t
         (row a * G + t)."""

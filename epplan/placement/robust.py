@@ -228,7 +228,7 @@ def robust_splits(problems: list[PlacementProblem], layer: int, replicas: list[n
     cc = coef.tocoo()
     # GPU rows: Y on t's row, or under --expert-tp 1 / t of it on each row of t's TP group
     pool = data.pool
-    gpu_row = (pairs % g - pairs % g % pool)[:, None] + np.arange(pool)[None, :]     # [npair, pool]
+    gpu_row = data.pooled_rows(pairs % g)                                            # [npair, pool]
     gpu = (data.gpu_unit[gpu_row] / pool * unit / tau).ravel()
     for w, counts in enumerate(windows):
         c0 = nf + w * wcols

@@ -82,7 +82,7 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     # GPU rows: Y[a, t] on t's own row, or under --expert-tp 1 / t of it on every row of t's
     # TP group (``workload.memory.expert_tp_rows``, the clock ``evaluate`` charges).
     pool = data.pool
-    gpu_row = (pairs % num_gpus - pairs % num_gpus % pool)[:, None] + np.arange(pool)[None, :]   # [npair, pool]
+    gpu_row = data.pooled_rows(pairs % num_gpus)                                        # [npair, pool]
     gpu = (data.gpu_unit[gpu_row] / pool * (unit / tau)).ravel()
     gpu_col = np.repeat(ny + np.arange(npair), pool)
     exposed, hidden = data.schedule.exposed, data.schedule.hidden

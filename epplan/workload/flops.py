@@ -263,6 +263,14 @@ def recompute_exchanges_per_layer(recompute: str) -> int:
     return 2 if recompute == "block" else 0
 
 
+def tp_sharded_params(costs: ModelCosts, config: ModelConfig) -> int:
+    """Parameters tensor parallelism splits over a TP group (attention, the dense MLPs, the LM
+    head: ``runtime.tensor_parallel``); the rest (embeddings, norms, routers, shared and routed
+    experts) each TP rank holds whole."""
+    c = config
+    return c.num_layers * costs.params_attention + c.num_dense_layers * costs.params_dense_mlp + costs.params_lm_head
+
+
 def optimizer_sync_bytes(costs: ModelCosts, config: ModelConfig, optimizer_sharding: str, tp: int = 1) -> float:
     """Bytes of the dense parameters that ZeroRedundancyOptimizer broadcasts from their owners
     after every step (an all-gather of the updated weights, in the storage dtype); 0 unsharded.
@@ -272,6 +280,5 @@ def optimizer_sync_bytes(costs: ModelCosts, config: ModelConfig, optimizer_shard
     if optimizer_sharding == "none":
         return 0.0
     from epplan.workload.memory import storage_bytes
-    c = config
-    sharded = c.num_layers * costs.params_attention + c.num_dense_layers * costs.params_dense_mlp + costs.params_lm_head
+    sharded = tp_sharded_params(costs, config)
     return float((costs.params_dense - sharded + sharded / tp) * storage_bytes(config))

@@ -58,7 +58,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from epplan.workload.config import ModelConfig
-from epplan.workload.flops import ModelCosts, mlp_matrices
+from epplan.workload.flops import ModelCosts, mlp_matrices, tp_sharded_params
 from epplan.workload.tensor_parallel import shard_size, tp_sharded_dim
 
 Recompute = Literal["none", "attention", "block"]
@@ -199,8 +199,7 @@ def weight_cast_bytes(config: ModelConfig, costs: ModelCosts, replicas_held: np.
     held = np.asarray(replicas_held, dtype=np.float64)
     if c.dtype_bytes >= 4:
         return np.zeros_like(held)
-    linear = ((c.num_layers * costs.params_attention + c.num_dense_layers * costs.params_dense_mlp
-               + costs.params_lm_head) / tp + c.num_moe_layers * costs.params_shared_experts)
+    linear = tp_sharded_params(costs, c) / tp + c.num_moe_layers * costs.params_shared_experts
     experts = held * costs.params_per_expert
     if recompute == "block":
         experts = experts / max(1, c.num_moe_layers)
