@@ -5,10 +5,13 @@ over two of its steps: the CUDA kernels by total time, to see where the training
 
 Writes DIR/profile.txt (the table; PROFILE_STEPS=a,b picks the steps, 1-based, default 6,7)
 and prints its first rows; with PROFILE_SHAPES=1 also DIR/profile-shapes.txt, the same grouped by
-the operators' input shapes (which GEMM is which). The other steps' metrics are the plain run's.
+the operators' input shapes (which GEMM is which); with PROFILE_TRACE=1 also DIR/trace.json.gz, the
+profiled steps as a Chrome trace (every kernel's start and end: the GPU's idle gaps). The other steps' metrics are the plain run's.
 """
 
+import gzip
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from epplan.train import trainer, worker  # noqa: E402
 
 FIRST, LAST = (int(v) for v in os.environ.get("PROFILE_STEPS", "6,7").split(","))
 SHAPES = os.environ.get("PROFILE_SHAPES") == "1"
+TRACE = os.environ.get("PROFILE_TRACE") == "1"
 _train_step = trainer.Trainer.train_step
 _state = {}
 
@@ -45,6 +49,12 @@ def train_step(self):
             by_shape = prof.key_averages(group_by_input_shape=True).table(
                 sort_by=key, row_limit=40, max_name_column_width=40, max_shapes_column_width=110)
             Path(self.opts.out, "profile-shapes.txt").write_text(by_shape)
+        if TRACE:
+            raw = Path(self.opts.out, "trace.json")
+            prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as src, gzip.open(raw.with_suffix(".json.gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            raw.unlink()
         print("\n".join(table.splitlines()[:40]), flush=True)
     return record
 
