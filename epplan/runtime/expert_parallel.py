@@ -48,6 +48,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from epplan.errors import param, RuntimeSetupError
 from epplan.placement.types import LayerPlacement, Placement
+from epplan.runtime.combine import combine, token_rows
 from epplan.runtime.experts import GroupedExperts, compute_dtype, expert_mlp
 from epplan.runtime import expert_tensor_parallel as etp_
 from epplan.runtime.expert_tensor_parallel import ExpertTP
@@ -314,11 +315,10 @@ class ExpertParallelExperts(nn.Module):
 
         if G == 1:  # nothing to exchange, nothing to overlap: the rows stay, in expert order
             order = torch.argsort(key, stable=True)[:num_sent]  # (S,) by expert
-            token_of_row = order // top_k  # (S,)
-            y = expert_mlp(x[token_of_row], send_host[0].tolist(), w1, w2, w3, self.activation,
+            y = expert_mlp(token_rows(x, order, top_k), send_host[0].tolist(), w1, w2, w3, self.activation,
                            self.impl)  # (S, D)
             weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
-            out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+            out = combine(y, weight, order, num_tokens, top_k)
             return out.to(out_dtype)
         if not self.overlap:
             order = torch.argsort(key, stable=True)[:num_sent]  # (S,) by (dest, expert)
@@ -328,13 +328,12 @@ class ExpertParallelExperts(nn.Module):
         # Send rows ordered (chunk, dest, expert), flat order inside.
         chunk = chunk_of_row(key, position_in_expert(key, G * E), send_counts.reshape(-1), num_chunks)
         order = torch.argsort(chunk * (G * E) + key, stable=True)[:num_sent]  # (S,)
-        token_of_row = order // top_k  # (S,)
         grouped = _overlap.use_grouped_gemm(x, self.w1, self.impl)
         plan = ChunkPlan.build(send_host, recv_host, self.local_experts, num_chunks, x.device, grouped)
         settings = ExchangeSettings(self.group, self.overlap_group, self.reserve_sms, self.activation)
-        y = chunked_experts(x.index_select(0, token_of_row), plan, settings, w1, w2, w3)  # (S, D)
+        y = chunked_experts(token_rows(x, order, top_k), plan, settings, w1, w2, w3)  # (S, D)
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
-        out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        out = combine(y, weight, order, num_tokens, top_k)
         return out.to(out_dtype)
 
     def _forward_expert_tp(self, x: torch.Tensor, key: torch.Tensor, send_counts: torch.Tensor,
@@ -346,15 +345,14 @@ class ExpertParallelExperts(nn.Module):
         send_host, recv_host, group_recv = record_or_replay(
             self, "counts", partial(self._exchange_counts_expert_tp, send_counts, routing, x))
         order = torch.argsort(key, stable=True)[:int(send_host.sum())]  # (S,) by (dest, expert)
-        token_of_row = order // top_k  # (S,)
         input_splits = send_host.sum(axis=1).tolist()  # rows to each rank
         output_splits = recv_host.sum(axis=1).tolist()  # rows from each rank
-        recv_x = all_to_all(x[token_of_row], output_splits, input_splits, self.group)  # (Q, D)
+        recv_x = all_to_all(token_rows(x, order, top_k), output_splits, input_splits, self.group)  # (Q, D)
         y = etp_.group_expert_mlp(recv_x, group_recv, self.local_experts, weights, self.activation,
                                   self.impl, self.expert_tp)  # (Q, D)
         y = all_to_all(y, input_splits, output_splits, self.group)  # (S, D)
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
-        return x.new_zeros(x.shape[0], x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        return combine(y, weight, order, x.shape[0], top_k)
 
     def _exchange_counts_expert_tp(self, send_counts: torch.Tensor, routing: torch.Tensor,
                                    x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -457,8 +455,7 @@ class ExpertParallelExperts(nn.Module):
         top_k = topk_weight.shape[1]
         input_splits = send_host.sum(axis=1).tolist()  # rows to each rank
         output_splits = recv_host.sum(axis=1).tolist()  # rows from each rank
-        token_of_row = order // top_k  # (S,)
-        recv_x = all_to_all(x[token_of_row], output_splits, input_splits, self.group)  # (Q, D)
+        recv_x = all_to_all(token_rows(x, order, top_k), output_splits, input_splits, self.group)  # (Q, D)
 
         # Rows arrive as (source, expert) blocks; the GEMMs want (expert, source).
         num_local = recv_host[:, self.local_experts]  # (G, E_loc)
@@ -470,7 +467,7 @@ class ExpertParallelExperts(nn.Module):
         y = all_to_all(y[inverse], input_splits, output_splits, self.group)  # (S, D)
 
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (S,)
-        return x.new_zeros(x.shape[0], x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        return combine(y, weight, order, x.shape[0], top_k)
 
     @staticmethod
     def _source_to_expert_order(num_local: np.ndarray, device: torch.device) -> torch.Tensor:

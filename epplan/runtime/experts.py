@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from epplan.runtime.combine import combine, token_rows
+
 EXPERT_IMPLS = ("grouped", "loop")
 # From this many rows per expert (the mean of one call) up, "grouped" on CUDA runs one cuBLAS GEMM
 # per expert instead of torch._grouped_mm: at 20,000 rows per expert the grouped kernel ran at
@@ -381,10 +383,10 @@ class GroupedExperts(nn.Module):
         # NOTE: host sync (rows per expert decide the GEMM shapes)
         num_per_expert = num_per_expert.tolist()
         order = order[:sum(num_per_expert)]  # (M,)
-        token_of_row = order // top_k  # (M,)
-        y = expert_mlp(x[token_of_row], num_per_expert, w1, w2, w3, self.activation, self.impl)  # (M, D)
+        rows = token_rows(x, order, top_k)  # (M, D)
+        y = expert_mlp(rows, num_per_expert, w1, w2, w3, self.activation, self.impl)  # (M, D)
         weight = topk_weight.reshape(-1)[order].to(y.dtype)  # (M,)
-        out = x.new_zeros(num_tokens, x.shape[1]).index_add(0, token_of_row, y * weight[:, None])
+        out = combine(y, weight, order, num_tokens, top_k)
         return out.to(out_dtype)
 
 
