@@ -66,7 +66,7 @@ def _measure(rank: int, world_size: int, d_ff: int, repeats: int, out: str) -> N
     one_each = _placement(world_size, [[e % world_size] for e in range(8)])
     hot = _placement(world_size, [list(range(world_size)) if e < 2 else [e % world_size] for e in range(8)])
     job = Job(config, one_each, "bench", (Node("n0", tuple(range(world_size))),))
-    trainer = Trainer(job, TrainOptions(manifest="m.json", out=out, steps=1), rank, torch.device("cpu"))
+    trainer = Trainer(job, TrainOptions.of(manifest="m.json", out=out, steps=1), rank, torch.device("cpu"))
     trainer.train_step()
     topology = Path(out) / "box.yaml"
     if rank == 0:

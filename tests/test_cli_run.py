@@ -255,7 +255,7 @@ def test_print_launch_torchrun_gives_one_command_per_node(manifests):
         assert argv[argv.index("--rdzv-endpoint") + 1] == "n0:29500"
         worker = argv[argv.index("epplan.train.worker") + 1:]
         opts = TrainOptions.from_argv(worker)
-        assert (opts.manifest, opts.out, opts.steps, opts.node_rank, opts.device, opts.dispatch) == \
+        assert (opts.manifest, opts.out, opts.batch.steps, opts.node_rank, opts.device, opts.parallel.dispatch) == \
                (str(manifests["two"]), "runs/x", 7, i, "cuda", "hierarchical")
 
 
@@ -265,7 +265,7 @@ def test_print_launch_passes_tp_and_expert_tp_to_the_workers(manifests):
     assert result.exit_code == 0, result.output
     (argv,) = [line.split() for line in result.output.splitlines() if line.startswith("python ")]
     opts = TrainOptions.from_argv(argv[argv.index("epplan.train.worker") + 1:])
-    assert (opts.tp, opts.expert_tp, opts.overridden) == (2, True, "tp,expert_tp")
+    assert (opts.parallel.tp, opts.parallel.expert_tp, opts.overridden) == (2, True, "tp,expert_tp")
 
 
 def test_print_launch_slurm_writes_an_sbatch_script(manifests):
@@ -342,7 +342,7 @@ def test_gpu_out_of_memory_is_a_clear_failure_that_is_not_retried(manifests, tmp
     for name, value in {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2",
                         "TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
         monkeypatch.setenv(name, value)
-    argv = TrainOptions(manifest=str(manifests["a"]), out=str(tmp_path), device="cuda").to_argv()
+    argv = TrainOptions.of(manifest=str(manifests["a"]), out=str(tmp_path), device="cuda").to_argv()
     assert worker.main.__wrapped__(argv) == 1
     failure = worker.read_failure(tmp_path)
     assert failure["kind"] == "out_of_memory"

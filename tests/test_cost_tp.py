@@ -139,9 +139,9 @@ def _held_and_moved(rank: int, world_size: int, tmp: str) -> None:
     for recompute in CASES:
         config, setting, sharding, expert_tp = CASES[recompute]
         job = Job(config, PLACEMENT, "h", (Node("n0", tuple(range(G))),))
-        opts = TrainOptions(manifest="m.json", out=f"{tmp}/{recompute}", steps=1, lr=0.01, ckpt_every=1,
-                            keep_checkpoints=0, warmup_steps=0, tp=TP, micro_batches=2, recompute=setting,
-                            optimizer_sharding=sharding, expert_tp=expert_tp)
+        opts = TrainOptions.of(manifest="m.json", out=f"{tmp}/{recompute}", steps=1, lr=0.01, ckpt_every=1,
+                               keep_checkpoints=0, warmup_steps=0, tp=TP, micro_batches=2, recompute=setting,
+                               optimizer_sharding=sharding, expert_tp=expert_tp)
         trainer = Trainer(job, opts, rank, torch.device("cpu"))
         if recompute == "bf16":  # as on GPUs: fp32 weights, bf16 autocast (CPU's)
             trainer.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)

@@ -38,8 +38,8 @@ def _train(rank: int, world_size: int, job, out: str, dispatch: str | None = Non
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
-    opts = TrainOptions(manifest="m.json", out=out, steps=3, ckpt_every=100, keep_checkpoints=1,
-                        dispatch=dispatch, recompute=recompute, **kw)
+    opts = TrainOptions.of(manifest="m.json", out=out, steps=3, ckpt_every=100, keep_checkpoints=1,
+                           dispatch=dispatch, recompute=recompute, **kw)
     Trainer(job, opts, rank, torch.device("cpu")).run(resume=False, show_progress=False)
 
 

@@ -48,7 +48,7 @@ def _trainer(job: Job, out: str, steps: int, **kw):
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
-    opts = TrainOptions(**{"manifest": "m.json", "out": out, "steps": steps, "lr": 0.01, "ckpt_every": 2,
+    opts = TrainOptions.of(**{"manifest": "m.json", "out": out, "steps": steps, "lr": 0.01, "ckpt_every": 2,
                            "keep_checkpoints": 0, **kw})
     return Trainer(job, opts, torch.distributed.get_rank(), torch.device("cpu"))
 
@@ -130,7 +130,7 @@ def _huge_lr(rank: int, world_size: int, out: str) -> None:
     from epplan.train.trainer import TrainingDiverged
 
     trainer = _trainer(_job(A, "A"), out, steps=6, warmup_steps=0)
-    trainer.opts = trainer.opts.__class__(**{**trainer.opts.__dict__, "lr": 1e6, "ckpt_every": 1})
+    trainer.opts = trainer.opts.replace(lr=1e6, ckpt_every=1)
     trainer.lr = 1e6
     with pytest.raises(TrainingDiverged) as caught:
         trainer.run(resume=False, show_progress=False)

@@ -19,12 +19,12 @@ from epplan.workload.config import PRESETS
 
 
 def test_options_survive_the_worker_command_line():
-    opts = TrainOptions(manifest="m.json", out="runs/a b", steps=7, device="cuda", data="corpus/", seed=3,
-                        global_batch=16, micro_batches=2, lr=3e-4, warmup_steps=0, grad_clip=0.0,
-                        capacity_factor=1.25, recompute="block", optimizer_sharding="dense", overlap="off", num_chunks=3,
-                        overlap_ctas=8, ckpt_every=3, resume=True, peak_tflops=400.0, node_rank=1)
+    opts = TrainOptions.of(manifest="m.json", out="runs/a b", steps=7, device="cuda", data="corpus/", seed=3,
+                           global_batch=16, micro_batches=2, lr=3e-4, warmup_steps=0, grad_clip=0.0,
+                           capacity_factor=1.25, recompute="block", optimizer_sharding="dense", overlap="off", num_chunks=3,
+                           overlap_ctas=8, ckpt_every=3, resume=True, peak_tflops=400.0, node_rank=1)
     assert TrainOptions.from_argv(opts.to_argv()) == opts
-    plain = TrainOptions(manifest="m.json", out="o")
+    plain = TrainOptions.of(manifest="m.json", out="o")
     assert plain.to_argv() == ["m.json", "--out", "o"]
     assert TrainOptions.from_argv(plain.to_argv()) == plain
 
@@ -40,13 +40,13 @@ WORKER_FLAGS = ["--out", "--steps", "--device", "--data", "--seed", "--global-ba
 
 
 def test_every_option_has_its_worker_flag_and_survives_it():
-    opts = TrainOptions(manifest="m.json", out="o", steps=9, device="cuda", data="d.bin", seed=4, global_batch=32,
-                        micro_batches=4, lr=1e-3, min_lr_ratio=0.2, warmup_steps=2, weight_decay=0.0, grad_clip=0.5,
-                        capacity_factor=2.0, recompute="attention", optimizer_sharding="all", tp=2, expert_tp=True,
-                        overridden="tp,expert_tp", overlap="on", num_chunks=4, overlap_ctas=16, dispatch="flat",
-                        ckpt_every=5, async_checkpoints="off", keep_checkpoints=3, resume=True, start_over=True,
-                        allow_change="seed,data", peak_tflops=100.0, tensorboard="tb", node_rank=2,
-                        replan_every=8, replan_lag=3, replan_time_limit=5.0, topology="t.json")
+    opts = TrainOptions.of(manifest="m.json", out="o", steps=9, device="cuda", data="d.bin", seed=4, global_batch=32,
+                           micro_batches=4, lr=1e-3, min_lr_ratio=0.2, warmup_steps=2, weight_decay=0.0, grad_clip=0.5,
+                           capacity_factor=2.0, recompute="attention", optimizer_sharding="all", tp=2, expert_tp=True,
+                           overridden="tp,expert_tp", overlap="on", num_chunks=4, overlap_ctas=16, dispatch="flat",
+                           ckpt_every=5, async_checkpoints="off", keep_checkpoints=3, resume=True, start_over=True,
+                           allow_change="seed,data", peak_tflops=100.0, tensorboard="tb", node_rank=2,
+                           replan_every=8, replan_lag=3, replan_time_limit=5.0, topology="t.json")
     argv = opts.to_argv()
     assert argv[0] == "m.json"
     assert [a for a in argv if a.startswith("--")] == WORKER_FLAGS
@@ -57,35 +57,36 @@ def test_overlap_auto_is_on_where_the_exchange_leaves_the_node_and_on_cpu():
     # Measured (docs/benchmarks.md): overlap gained 11-21 % with the exchange through host memory
     # (the cross-node bandwidth regime) and lost 16 % training inside one NVLink node.
     cuda = dict(manifest="m", out="o", device="cuda")
-    assert TrainOptions(**cuda).use_overlap(num_nodes=2)
-    assert not TrainOptions(**cuda).use_overlap(num_nodes=1)
-    assert TrainOptions(**cuda, overlap="on").use_overlap(num_nodes=1)
-    assert not TrainOptions(**cuda, overlap="off").use_overlap(num_nodes=2)
-    assert TrainOptions(manifest="m", out="o", device="cpu").use_overlap(num_nodes=1)
+    assert TrainOptions.of(**cuda).parallel.use_overlap("cuda", num_nodes=2)
+    assert not TrainOptions.of(**cuda).parallel.use_overlap("cuda", num_nodes=1)
+    assert TrainOptions.of(**cuda, overlap="on").parallel.use_overlap("cuda", num_nodes=1)
+    assert not TrainOptions.of(**cuda, overlap="off").parallel.use_overlap("cuda", num_nodes=2)
+    assert TrainOptions.of(manifest="m", out="o", device="cpu").parallel.use_overlap("cpu", num_nodes=1)
 
 
 def test_run_follows_the_schedule_the_plan_was_made_for():
     cuda = dict(manifest="m", out="o", device="cuda")
     serial, chunked = Schedule(False, 1), Schedule(True, 6)
-    assert not TrainOptions(**cuda).use_overlap(num_nodes=2, planned=serial)
-    assert TrainOptions(**cuda).use_overlap(num_nodes=1, planned=chunked)
-    assert TrainOptions(**cuda).chunks(chunked) == 6 and TrainOptions(**cuda).chunks(serial) is None
-    assert TrainOptions(**cuda, num_chunks=3).chunks(chunked) == 3           # a flag wins
-    assert TrainOptions(**cuda, overlap="off").use_overlap(num_nodes=1, planned=chunked) is False
-    assert TrainOptions(manifest="m", out="o", device="cpu").chunks(chunked) is None
+    assert not TrainOptions.of(**cuda).parallel.use_overlap("cuda", num_nodes=2, planned=serial)
+    assert TrainOptions.of(**cuda).parallel.use_overlap("cuda", num_nodes=1, planned=chunked)
+    assert TrainOptions.of(**cuda).parallel.chunks("cuda", chunked) == 6
+    assert TrainOptions.of(**cuda).parallel.chunks("cuda", serial) is None
+    assert TrainOptions.of(**cuda, num_chunks=3).parallel.chunks("cuda", chunked) == 3           # a flag wins
+    assert TrainOptions.of(**cuda, overlap="off").parallel.use_overlap("cuda", num_nodes=1, planned=chunked) is False
+    assert TrainOptions.of(manifest="m", out="o", device="cpu").parallel.chunks("cpu", chunked) is None
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
-    opts = TrainOptions(manifest="m", out="o", steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    opts = TrainOptions.of(manifest="m", out="o", steps=100, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(s, opts, 1.0) for s in range(100)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert lrs[10] == pytest.approx(1.0)
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(100, opts, 1.0) == pytest.approx(0.1)
-    assert TrainOptions(manifest="m", out="o", steps=100).warmup() == 5
-    assert TrainOptions(manifest="m", out="o").peak_lr(32) == 0.01
-    assert TrainOptions(manifest="m", out="o").peak_lr(4096) == pytest.approx(1 / 4096)
+    assert TrainOptions.of(manifest="m", out="o").optimizer.warmup(steps=100) == 5
+    assert TrainOptions.of(manifest="m", out="o").optimizer.peak_lr(32) == 0.01
+    assert TrainOptions.of(manifest="m", out="o").optimizer.peak_lr(4096) == pytest.approx(1 / 4096)
 
 
 def _job() -> Job:
@@ -122,7 +123,7 @@ def test_job_from_a_manifest_orders_nodes_and_gpus():
 
 def test_torchrun_command_lines():
     job = _job()
-    opts = TrainOptions(manifest="m.json", out="o", steps=5)
+    opts = TrainOptions.of(manifest="m.json", out="o", steps=5)
     single = Job(job.config, job.placement, job.manifest_hash, (Node("n0", (0, 1, 2, 3)),))
     argv = torchrun_argv(single, opts, LaunchOptions(max_restarts=2), 0, python="python")
     assert argv == ["python", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
@@ -142,7 +143,7 @@ def test_out_of_memory_message_counts_the_sequences_each_gpu_computes():
     job = _job()  # 4 ranks on 2 nodes; tiny's global batch
     batch = PRESETS["tiny"].global_batch
     for tp, micro_batches in ((1, 1), (2, 1), (2, 2), (1, 2)):
-        opts = TrainOptions(manifest="m.json", out="o", tp=tp, micro_batches=micro_batches)
+        opts = TrainOptions.of(manifest="m.json", out="o", tp=tp, micro_batches=micro_batches)
         per_gpu = batch // (job.num_ranks // tp) // micro_batches
         message = _out_of_memory_message(job, opts, 0, RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
         assert f"with {per_gpu} sequences of 32 tokens per GPU per micro-batch" in message, (tp, micro_batches)

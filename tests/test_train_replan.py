@@ -64,8 +64,8 @@ def _trainer(manifest: Path, out: Path, steps: int, **kw):
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
-    opts = TrainOptions(manifest=str(manifest), out=str(out), steps=steps, lr=0.01, keep_checkpoints=0,
-                        **{"ckpt_every": 1, **kw})
+    opts = TrainOptions.of(manifest=str(manifest), out=str(out), steps=steps, lr=0.01, keep_checkpoints=0,
+                           **{"ckpt_every": 1, **kw})
     trainer = Trainer(load_job(manifest), opts, torch.distributed.get_rank(), torch.device("cpu"))
     with torch.no_grad():
         for (li, e), value in BIASES.items():

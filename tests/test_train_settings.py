@@ -41,8 +41,8 @@ def _trainer(placement: Placement, out: str, steps: int, **kw):
     from epplan.train.trainer import Trainer
 
     nodes = (Node("n0", tuple(range(placement.num_ranks))),)
-    opts = TrainOptions(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=steps, keep_checkpoints=0,
-                        warmup_steps=0, **kw)
+    opts = TrainOptions.of(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=steps, keep_checkpoints=0,
+                           warmup_steps=0, **kw)
     return Trainer(Job(CONFIG, placement, f"h{placement.num_ranks}", nodes), opts,
                    torch.distributed.get_rank(), torch.device("cpu"))
 

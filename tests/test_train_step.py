@@ -28,7 +28,7 @@ def _run(out: str, steps: int, **kw):
     from epplan.train.trainer import Trainer
 
     job = Job(PRESETS["tiny"], REPLICATED, "h", (Node("n0", (0, 1)),))
-    opts = TrainOptions(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=100, **kw)
+    opts = TrainOptions.of(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=100, **kw)
     trainer = Trainer(job, opts, torch.distributed.get_rank(), torch.device("cpu"))
     records = [trainer.train_step() for _ in range(steps)]
     return trainer, [r["loss"] for r in records]

@@ -44,7 +44,7 @@ def _trainer(out: str, steps: int, placement: Placement = PLACEMENT, **kw):
     from epplan.train.trainer import Trainer
 
     job = Job(CONFIG, placement, "h", (Node("n0", tuple(range(placement.num_ranks))),))
-    opts = TrainOptions(**{"manifest": "m.json", "out": out, "steps": steps, "lr": 0.01, "ckpt_every": 2,
+    opts = TrainOptions.of(**{"manifest": "m.json", "out": out, "steps": steps, "lr": 0.01, "ckpt_every": 2,
                            "keep_checkpoints": 0, "grad_clip": 0.05, **kw})
     return Trainer(job, opts, torch.distributed.get_rank(), torch.device("cpu"))
 
@@ -52,7 +52,7 @@ def _trainer(out: str, steps: int, placement: Placement = PLACEMENT, **kw):
 def _weights(trainer) -> dict[str, torch.Tensor]:
     from epplan.runtime.tensor_parallel import full_state_dict
 
-    return full_state_dict(trainer.model) if trainer.opts.tp > 1 else _ep_state(trainer)
+    return full_state_dict(trainer.model) if trainer.opts.parallel.tp > 1 else _ep_state(trainer)
 
 
 def _ep_state(trainer) -> dict[str, torch.Tensor]:
@@ -147,17 +147,17 @@ def test_tp_that_splits_no_node_is_refused():
 
     job = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0,)), Node("n1", (1,))))
     with pytest.raises(RuntimeSetupError, match=r"node n0's ranks \[0\] do not form groups of 2"):
-        check_tp(job, TrainOptions(manifest="m.json", out="o", tp=2))
+        check_tp(job, TrainOptions.of(manifest="m.json", out="o", tp=2))
     one_node = Job(CONFIG, PLACEMENT, "h", (Node("n0", (0, 1)),))
     for kw, message in ((dict(tp=1), "--expert-tp splits the experts over each TP group, and --tp is 1"),
                         (dict(tp=2, dispatch="hierarchical"), "--expert-tp with --dispatch hierarchical: not supported"),
                         (dict(tp=2, replan_every=4), "--replan-every with --expert-tp: not supported")):
         with pytest.raises(RuntimeSetupError) as exc:
-            check_tp(one_node, TrainOptions(manifest="m.json", out="o", expert_tp=True, **kw))
+            check_tp(one_node, TrainOptions.of(manifest="m.json", out="o", expert_tp=True, **kw))
         assert message in exc.value.cli_message() and "--" not in str(exc.value)  # library words, CLI flags
     with pytest.raises(RuntimeSetupError, match="the experts' hidden size 33 does not split over tp=2") as exc:
         check_tp(Job(CONFIG.replace(d_ff=33), PLACEMENT, "h", (Node("n0", (0, 1)),)),
-                 TrainOptions(manifest="m.json", out="o", tp=2, expert_tp=True))
+                 TrainOptions.of(manifest="m.json", out="o", tp=2, expert_tp=True))
     assert "the experts' hidden size 33 does not split over --tp 2" in exc.value.cli_message()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +16,7 @@ from epplan.cli.common import (DeviceOption, Dispatch, MicroBatchesOption, NumCh
 from epplan.errors import RuntimeSetupError
 from epplan.runfiles import RUN_SETTINGS
 from epplan.schedule import DEFAULT_OVERLAP_CTAS
-from epplan.train.options import ASYNC_CHECKPOINTS, RESUME_KEYS, TrainOptions
+from epplan.train.options import ASYNC_CHECKPOINTS, DEFAULTS, RESUME_KEYS, TrainOptions
 from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
 
 Switch = choices("Switch", ASYNC_CHECKPOINTS)
@@ -29,8 +28,7 @@ REPLAN = "Live re-placement"
 LAUNCH = "Launch (torchrun)"
 # What a run setting is when neither the flag nor the manifest gives it (manifests before it):
 # the run's own default.
-RUN_SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions)
-                        if f.name in RUN_SETTINGS}
+RUN_SETTING_DEFAULTS = {name: DEFAULTS[name] for name in RUN_SETTINGS}
 
 
 @app.command("run", no_args_is_help=True, epilog=(
@@ -180,10 +178,6 @@ def run(
                           "not here: the manifest is checked on its own; pass --topology FILE to check it "
                           "against the cluster", highlight=False, markup=False)
     job = job_from_manifest(planned)
-    if (dispatch or job.dispatch) == "hierarchical" and len({len(n.ranks) for n in job.nodes}) > 1:
-        raise RuntimeSetupError(f"--dispatch hierarchical needs the same number of GPUs on every node "
-                                f"(a token reaches another node through the GPU of its local index); the "
-                                f"manifest has {job.describe_nodes()}; use --dispatch flat")
     if replan_every is not None:
         if not 1 <= replan_every <= 1 << 30:
             raise RuntimeSetupError(f"--replan-every {replan_every}: give a number of steps, at least 1")
@@ -206,20 +200,24 @@ def run(
     if settings["optimizer_sharding"] not in OPTIMIZER_SHARDING:
         raise RuntimeSetupError(f"--optimizer-sharding {settings['optimizer_sharding']!r}: use "
                                 f"{', '.join(OPTIMIZER_SHARDING)}")
-    opts = TrainOptions(
+    opts = TrainOptions.of(
         manifest=str(manifest), out=str(out), steps=steps, device=device,
         data=None if data is None else str(data), seed=seed, global_batch=global_batch,
         micro_batches=settings["micro_batches"], recompute=settings["recompute"],
         optimizer_sharding=settings["optimizer_sharding"], tp=settings["tp"], expert_tp=settings["expert_tp"],
         overridden=",".join(overridden) or None, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, capacity_factor=capacity_factor,
-        overlap=overlap or TrainOptions.overlap, num_chunks=num_chunks, dispatch=dispatch,
+        overlap=overlap or DEFAULTS["overlap"], num_chunks=num_chunks, dispatch=dispatch,
         overlap_ctas=overlap_ctas, ckpt_every=ckpt_every, async_checkpoints=async_checkpoints,
         keep_checkpoints=keep_checkpoints, resume=resume, start_over=start_over,
         allow_change=",".join(allow_change) if allow_change else None, peak_tflops=peak_tflops, node_rank=node_rank or 0,
         tensorboard=None if tensorboard is None else str(tensorboard), replan_every=replan_every,
         replan_lag=replan_lag, replan_time_limit=replan_time_limit,
         topology=str(Path(topology).resolve()) if replan_every is not None else None)
+    if opts.parallel.exchange(job.dispatch) == "hierarchical" and len({len(n.ranks) for n in job.nodes}) > 1:
+        raise RuntimeSetupError(f"--dispatch hierarchical needs the same number of GPUs on every node "
+                                f"(a token reaches another node through the GPU of its local index); the "
+                                f"manifest has {job.describe_nodes()}; use --dispatch flat")
     if tensorboard is not None:
         from epplan.train.tensorboard import check_available
 

@@ -16,6 +16,7 @@ from typing import Any
 from epplan.errors import ManifestError, RuntimeSetupError, param
 from epplan.placement.types import Placement
 from epplan.runfiles import RUN_SETTINGS
+from epplan.train.options import TrainOptions
 from epplan.workload.config import ModelConfig
 
 
@@ -96,13 +97,13 @@ def job_from_manifest(manifest: object) -> Job:
                getattr(manifest, "schedule", None), getattr(manifest, "dispatch", "flat"))
 
 
-def check_tp(job: Job, opts: Any) -> None:
-    """Raise ``RuntimeSetupError`` unless ``opts.tp`` (the run's ``TrainOptions``) splits every
+def check_tp(job: Job, opts: TrainOptions) -> None:
+    """Raise ``RuntimeSetupError`` unless the run's TP degree (``opts.parallel.tp``) splits every
     node's ranks into TP groups of consecutive ranks and the run uses what TP is tested with."""
-    t = opts.tp
+    t = opts.parallel.tp
     if t < 1:
         raise RuntimeSetupError(f"{param('tp', t)}: use 1 (no tensor parallelism) or a divisor of the GPUs per node")
-    if getattr(opts, "expert_tp", False):
+    if opts.parallel.expert_tp:
         if t == 1:
             raise RuntimeSetupError(f"{param('expert_tp')} splits the experts over each TP group, and {param('tp')} is 1; "
                                     f"give {param('tp', 'N')} (N > 1) or leave {param('expert_tp')} off")
@@ -110,11 +111,11 @@ def check_tp(job: Job, opts: Any) -> None:
             raise RuntimeSetupError(f"{param('expert_tp')}: the experts' hidden size {job.config.d_ff} does not split over "
                                     f"{param('tp', t)}; use a {param('tp')} that divides {job.config.d_ff}, or leave "
                                     f"{param('expert_tp')} off")
-        if (opts.dispatch or job.dispatch) == "hierarchical":
+        if opts.parallel.exchange(job.dispatch) == "hierarchical":
             raise RuntimeSetupError(f"{param('expert_tp')} with {param('dispatch', 'hierarchical')}: not supported "
                                     "(the two-stage exchange would need the TP group's gather on its second "
                                     f"stage); use {param('dispatch', 'flat')} or leave {param('expert_tp')} off")
-        if opts.replan_every:
+        if opts.replan.replan_every:
             raise RuntimeSetupError(f"{param('replan_every')} with {param('expert_tp')}: not supported (a live move "
                                     "would carry hidden slices of experts); leave one of them off")
     if t == 1:
@@ -127,12 +128,12 @@ def check_tp(job: Job, opts: Any) -> None:
                                     f"consecutive ranks; use a {param('tp')} that divides its {len(ranks)} GPUs")
 
 
-def check_batch_split(job: Job, opts: Any, global_batch: int) -> None:
+def check_batch_split(job: Job, opts: TrainOptions, global_batch: int) -> None:
     """Raise ``RuntimeSetupError`` unless ``global_batch`` sequences split evenly over the run's
     data-parallel groups (ranks, or TP groups under --tp) and its micro-batches."""
-    D = job.num_ranks // opts.tp
-    if global_batch % (D * opts.micro_batches):
-        groups = f"{D} ranks" if opts.tp == 1 else f"{D} data-parallel groups ({param('tp', opts.tp)})"
+    D = job.num_ranks // opts.parallel.tp
+    if global_batch % (D * opts.batch.micro_batches):
+        groups = f"{D} ranks" if opts.parallel.tp == 1 else f"{D} data-parallel groups ({param('tp', opts.parallel.tp)})"
         raise RuntimeSetupError(
-            f"global batch {global_batch} does not split into {groups} x {opts.micro_batches} "
-            f"micro-batches; set {param('global_batch')} to a multiple of {D * opts.micro_batches}")
+            f"global batch {global_batch} does not split into {groups} x {opts.batch.micro_batches} "
+            f"micro-batches; set {param('global_batch')} to a multiple of {D * opts.batch.micro_batches}")

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,9 +68,9 @@ def check(job: Job, opts: TrainOptions, launch: LaunchOptions, *, for_print: boo
     if out.exists() and not out.is_dir():
         raise RuntimeSetupError(f"{param('out', out)} is a file; name a directory (it is created if missing)")
     check_tp(job, opts)
-    check_batch_split(job, opts, opts.batch(job.config))
-    if opts.data is not None:
-        check_data_path(opts.data, job.config.vocab_size)
+    check_batch_split(job, opts, opts.batch.size(job.config))
+    if opts.batch.data is not None:
+        check_data_path(opts.batch.data, job.config.vocab_size)
     if for_print:
         return
     if opts.device == "cuda":
@@ -95,8 +95,9 @@ def check_numbers(opts: TrainOptions, launch: LaunchOptions) -> None:
         "grad_clip": (0.0, 1e12, True), "capacity_factor": (0.0, 1e6, False), "peak_tflops": (0.0, 1e6, False),
         "node_rank": (0, 10**6, True),
     }
+    values = opts.flat()
     for name, (low, high, low_ok) in ranges.items():
-        value = getattr(opts, name)
+        value = values[name]
         if value is None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
@@ -109,10 +110,10 @@ def check_numbers(opts: TrainOptions, launch: LaunchOptions) -> None:
             raise RuntimeSetupError(f"{param(name, value)} is too large: at most {high:g}")
     if not 0 <= launch.max_restarts <= 1000:
         raise RuntimeSetupError(f"{param('max_restarts', launch.max_restarts)} is out of range: give 0 .. 1000")
-    unknown = [k for k in opts.allowed_changes() if k not in RESUME_KEYS]
+    unknown = [k for k in opts.checkpoints.allowed_changes() if k not in RESUME_KEYS]
     if unknown:
         raise RuntimeSetupError(f"{param('allow_change', unknown[0])}: not a resume check; use one of {', '.join(RESUME_KEYS)}")
-    if opts.allowed_changes() and not opts.resume:
+    if opts.checkpoints.allowed_changes() and not opts.checkpoints.resume:
         raise RuntimeSetupError(f"{param('allow_change')} only applies with {param('resume')}")
 
 
@@ -131,7 +132,7 @@ def torchrun_argv(job: Job, opts: TrainOptions, launch: LaunchOptions, node_rank
             argv += ["--rdzv-conf", launch.rdzv_conf]
     argv += ["--max-restarts", str(launch.max_restarts), "-m", "epplan.train.worker"]
     always = ("out", "node_rank") if launch.nnodes > 1 else ("out",)
-    return argv + replace(opts, node_rank=node_rank).to_argv(always)
+    return argv + opts.replace(node_rank=node_rank).to_argv(always)
 
 
 def print_torchrun(job: Job, opts: TrainOptions, launch: LaunchOptions) -> str:
@@ -155,7 +156,7 @@ def sbatch_script(job: Job, opts: TrainOptions, launch: LaunchOptions) -> str:
     """
     gpus = [len(n.ranks) for n in job.nodes]
     # epplan run takes the worker's flags; --node-rank comes from $SLURM_NODEID in each task.
-    command = ["epplan", "run", *replace(opts, resume=True, node_rank=0).to_argv(),
+    command = ["epplan", "run", *opts.replace(resume=True, node_rank=0).to_argv(),
                "--nnodes", str(len(job.nodes)), "--max-restarts", str(launch.max_restarts)]
     rdzv = shlex.join(["--rdzv-id", launch.run_id(job)]) if launch.rdzv_id else '--rdzv-id "$SLURM_JOB_ID"'
     lines = [
@@ -264,11 +265,11 @@ def prepare_out(opts: TrainOptions) -> None:
     """Under the run lock, before any worker starts: a fresh run must not mix with, or wipe, an
     earlier run's records (``--start-over`` sets them aside in ``OUT/previous-N/`` instead)."""
     out = Path(opts.out)
-    if opts.resume:
+    if opts.checkpoints.resume:
         (out / FAILURE).unlink(missing_ok=True)
         return  # the workers verify the checkpoints; with none intact they refuse or start over
     found = checkpoint.latest(out / "checkpoints")
-    if opts.start_over:
+    if opts.checkpoints.start_over:
         aside = set_aside(out)
         if aside is not None:
             print(f"epplan run: the earlier run's records are set aside in {aside}", flush=True)

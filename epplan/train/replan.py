@@ -194,14 +194,14 @@ class Replanner:
     def __init__(self, trainer: Trainer) -> None:
         opts = trainer.opts
         self.trainer = trainer
-        self.every = opts.replan_every
-        self.lag = opts.replan_lag if opts.replan_lag is not None else max(1, self.every // 4)
+        self.every = opts.replan.replan_every
+        self.lag = opts.replan.lag()
         if not 1 <= self.lag <= self.every:
             raise RuntimeSetupError(f"{param('replan_lag', self.lag)} must be between 1 and {param('replan_every', self.every)}")
-        if opts.topology is None:
+        if opts.replan.topology is None:
             raise RuntimeSetupError(f"{param('replan_every')} plans on the cluster's topology: pass {param('topology', 'FILE')} "
                                     "(the file the manifest was planned on)")
-        self.topology = opts.topology
+        self.topology = opts.replan.topology
         self.routing, self.options = "ecmp", {}
         if trainer.rank == 0:  # the planner's settings are the manifest's
             from epplan.manifest import load_manifest
@@ -250,7 +250,7 @@ class Replanner:
         if self.pending is not None and step >= self.pending.apply_at:
             self._apply()
         if step % self.every == 0 and step >= self.window_first:
-            if step + self.lag <= self.trainer.opts.steps:  # else the run ends before it could be used
+            if step + self.lag <= self.trainer.opts.batch.steps:  # else the run ends before it could be used
                 self._submit(_Pending((self.window_first, step), self.window.copy(), step + self.lag))
             self.window[:] = 0
             self.window_first = step + 1
@@ -269,7 +269,7 @@ class Replanner:
         self.planner.submit(Request(
             self.topology, self.routing, self.trainer.config, self.options,
             pending.counts.astype(np.float64) / (last - first + 1), pending.window, job.placement,
-            self.trainer.opts.replan_time_limit, str(self._routing_file(pending.window))))
+            self.trainer.opts.replan.replan_time_limit, str(self._routing_file(pending.window))))
 
     def _routing_file(self, window: tuple[int, int]) -> Path:
         return self.trainer.out / MANIFESTS / f"routing_steps_{window[0]:08d}-{window[1]:08d}.json"

@@ -60,8 +60,8 @@ ROUTING_ROWS = ("pairs", "gpu_rows", "node_rows")  # ExpertParallelStats fields 
 
 
 def peak_tflops(opts: TrainOptions, device: torch.device) -> float | None:
-    if opts.peak_tflops is not None:
-        return opts.peak_tflops
+    if opts.output.peak_tflops is not None:
+        return opts.output.peak_tflops
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -70,11 +70,11 @@ def peak_tflops(opts: TrainOptions, device: torch.device) -> float | None:
 
 def lr_at(step: int, opts: TrainOptions, peak: float) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to the floor."""
-    warmup = opts.warmup()
+    warmup = opts.optimizer.warmup(opts.batch.steps)
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, opts.steps - warmup)
-    floor = peak * opts.min_lr_ratio
+    progress = (step - warmup) / max(1, opts.batch.steps - warmup)
+    floor = peak * opts.optimizer.min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -127,8 +127,8 @@ class Trainer:
     def __init__(self, job: Job, opts: TrainOptions, rank: int, device: torch.device) -> None:
         G = job.num_ranks
         check_tp(job, opts)
-        D = G // opts.tp  # data-parallel groups: each reads its own sequences
-        config = job.config.replace(global_batch=opts.batch(job.config))
+        D = G // opts.parallel.tp  # data-parallel groups: each reads its own sequences
+        config = job.config.replace(global_batch=opts.batch.size(job.config))
         check_batch_split(job, opts, config.global_batch)
         self.job, self.opts, self.rank, self.device, self.config = job, opts, rank, device, config
         self.out = Path(opts.out)
@@ -136,43 +136,44 @@ class Trainer:
         self.batch_per_rank = opts.batch_per_group(config, G)  # of a TP group, whose ranks share them
         self.costs = model_costs(config)
         self.peak_tflops = peak_tflops(opts, device)
-        self.lr = opts.peak_lr(config.d_model)
+        self.lr = opts.optimizer.peak_lr(config.d_model)
 
-        torch.manual_seed(opts.seed)  # for any draw from the global generator
+        torch.manual_seed(opts.batch.seed)  # for any draw from the global generator
         # Only this rank's experts are ever allocated; the weights do not depend on the placement.
-        self.overlap_ctas = opts.ctas()
-        self.dispatch = opts.dispatch or job.dispatch
-        mesh = tensor_parallel.tensor_parallel_mesh(opts.tp, device.type) if opts.tp > 1 else None
+        self.overlap_ctas = opts.parallel.ctas()
+        self.dispatch = opts.parallel.exchange(job.dispatch)
+        mesh = tensor_parallel.tensor_parallel_mesh(opts.parallel.tp, device.type) if opts.parallel.tp > 1 else None
         # expert TP runs the unchunked exchange (runtime/expert_tensor_parallel.py)
-        self.overlap = opts.use_overlap(len(job.nodes), job.schedule) and not opts.expert_tp
+        self.overlap = (opts.parallel.use_overlap(opts.device, len(job.nodes), job.schedule)
+                        and not opts.parallel.expert_tp)
         self.model = build_expert_parallel_model(
-            config, job.placement, seed=opts.seed, device=device, capacity_factor=opts.capacity_factor,
+            config, job.placement, seed=opts.batch.seed, device=device, capacity_factor=opts.parallel.capacity_factor,
             overlap=self.overlap,
-            num_chunks=opts.chunks(job.schedule),
+            num_chunks=opts.parallel.chunks(opts.device, job.schedule),
             overlap_ctas=self.overlap_ctas, dispatch=self.dispatch, nodes=[n.ranks for n in job.nodes],
-            expert_tp=mesh["tp"] if opts.expert_tp else None)
+            expert_tp=mesh["tp"] if opts.parallel.expert_tp else None)
         if config.dtype == "fp64":  # CPU tests: exact comparisons between run settings
             self.model.to(torch.float64)
-        if opts.recompute not in RECOMPUTE:
-            raise RuntimeSetupError(f"{param('recompute', repr(opts.recompute))}: use {', '.join(RECOMPUTE)}")
-        if opts.optimizer_sharding not in OPTIMIZER_SHARDING:
-            raise RuntimeSetupError(f"{param('optimizer_sharding', repr(opts.optimizer_sharding))}: use "
+        if opts.memory.recompute not in RECOMPUTE:
+            raise RuntimeSetupError(f"{param('recompute', repr(opts.memory.recompute))}: use {', '.join(RECOMPUTE)}")
+        if opts.memory.optimizer_sharding not in OPTIMIZER_SHARDING:
+            raise RuntimeSetupError(f"{param('optimizer_sharding', repr(opts.memory.optimizer_sharding))}: use "
                                     f"{', '.join(OPTIMIZER_SHARDING)}")
-        apply_recompute(self.model, opts.recompute)
+        apply_recompute(self.model, opts.memory.recompute)
         self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss; vocab-parallel under TP)
         dp_rank = rank
         if mesh is not None:
             tensor_parallel.parallelize_tensor(self.model, mesh)
             dp_rank = self.model.tensor_parallel.dp_rank
         # Fused AdamW on GPUs: faster, and no temporaries the size of the moments.
-        self.optimizer = TrainOptimizer(self.model, opts.optimizer_sharding, lr=self.lr,
-                                        weight_decay=opts.weight_decay, fused=device.type == "cuda")
+        self.optimizer = TrainOptimizer(self.model, opts.memory.optimizer_sharding, lr=self.lr,
+                                        weight_decay=opts.optimizer.weight_decay, fused=device.type == "cuda")
         self.timer = StepTimer(device)
         instrument(self.model, self.timer)
         self.last_timing: tuple[int, dict[str, float]] | None = None  # of the step before the last
-        self.data = make_data(opts.data, vocab_size=config.vocab_size, seq_len=config.seq_len,
-                              seed=opts.seed, rank=dp_rank, num_ranks=D, batch_per_rank=self.batch_per_rank,
-                              micro_batches=opts.micro_batches)
+        self.data = make_data(opts.batch.data, vocab_size=config.vocab_size, seq_len=config.seq_len,
+                              seed=opts.batch.seed, rank=dp_rank, num_ranks=D, batch_per_rank=self.batch_per_rank,
+                              micro_batches=opts.batch.micro_batches)
         self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
                          if device.type == "cuda" else contextlib.nullcontext)
         self.step = 0  # optimizer steps completed
@@ -186,7 +187,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         # Asynchronous checkpoints: DCP's host staging, kept from one checkpoint to the next, and a
         # gloo group (created here, collectively) for the background writer; the one in flight.
-        use_async = opts.async_checkpoints == "on" or (opts.async_checkpoints == "auto" and device.type == "cuda")
+        use_async = opts.checkpoints.in_background(device.type)
         self.checkpoint_group = dist.new_group(backend="gloo") if use_async else None
         self.stager = checkpoint.HostStaging(pin_memory=device.type == "cuda") if use_async else None
         self.stager_ready = False  # the staging buffers exist (allocated after the first step)
@@ -199,11 +200,11 @@ class Trainer:
         self.unconfirmed: Path | None = None
         self.notes: list[str] = []  # lines about the resume, shown by rank 0
         self.changes: dict[str, dict[str, Any]] = {}  # --allow-change differences from the checkpoint
-        if opts.replan_every and opts.optimizer_sharding == "all":
+        if opts.replan.replan_every and opts.memory.optimizer_sharding == "all":
             raise RuntimeSetupError(f"{param('replan_every')} cannot move experts whose AdamW state is sharded over "
                                     f"their replicas ({param('optimizer_sharding', 'all')}): a re-plan changes the "
                                     f"replica sets; use {param('optimizer_sharding', 'dense')} with {param('replan_every')}")
-        self.replanner = Replanner(self) if opts.replan_every else None  # live re-placement
+        self.replanner = Replanner(self) if opts.replan.replan_every else None  # live re-placement
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -233,7 +234,7 @@ class Trainer:
         if info is None:
             if damaged or complete or (attempt == 0 and old):
                 what = "; ".join(skipped) if skipped else f"it holds an earlier run's {', '.join(old)}"
-                if not self.opts.start_over:
+                if not self.opts.checkpoints.start_over:
                     raise checkpoint.CheckpointError(
                         f"no intact checkpoint in {self.ckpt_root} ({what}); pass {param('start_over')} to start at "
                         f"step 0 with the earlier records set aside in OUT/previous-N, or choose another {param('out')}")
@@ -275,8 +276,8 @@ class Trainer:
         """What a resume must agree on (``options.RESUME_KEYS``), as recorded in a checkpoint."""
         data = self.data.describe(0)
         model = {k: v for k, v in self.config.to_dict().items() if k not in ("global_batch",)}
-        return {"seed": self.opts.seed, "data": {k: data[k] for k in ("kind", "path", "files", "bytes") if k in data},
-                "global_batch": self.config.global_batch, "micro_batches": self.opts.micro_batches,
+        return {"seed": self.opts.batch.seed, "data": {k: data[k] for k in ("kind", "path", "files", "bytes") if k in data},
+                "global_batch": self.config.global_batch, "micro_batches": self.opts.batch.micro_batches,
                 "model": model}
 
     def _changes_from(self, meta: dict) -> dict[str, dict[str, Any]]:
@@ -290,7 +291,7 @@ class Trainer:
             if key in saved and saved[key] != mine[key]:
                 changes[key] = {"checkpoint": saved[key], "now": mine[key]}
         for key, change in changes.items():
-            if key not in self.opts.allowed_changes():
+            if key not in self.opts.checkpoints.allowed_changes():
                 was, now = change["checkpoint"], change["now"]
                 if key == "model":
                     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
@@ -409,7 +410,7 @@ class Trainer:
         if self.rank == 0:
             # Only up to this one: a newer checkpoint that the background writer completed since
             # is not known good yet, and must not push this one out of --keep-checkpoints.
-            checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints, through_step=self.last_step)
+            checkpoint.prune(self.ckpt_root, self.opts.checkpoints.keep_checkpoints, through_step=self.last_step)
         self.unconfirmed = None
         self.good_checkpoints = self.good_checkpoints[-1:]
 
@@ -448,23 +449,23 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = aux_sum = torch.zeros((), device=self.device)
-        for micro in range(opts.micro_batches):
+        for micro in range(opts.batch.micro_batches):
             x, y = (t.to(self.device, non_blocking=True) for t in self.data.batch(self.step, micro))  # (B, T)
             with self.autocast():
                 _, loss = model(x, y)
             aux = sum(moe.aux_loss for moe in model.moe_layers())
-            (loss / opts.micro_batches).backward()
+            (loss / opts.batch.micro_batches).backward()
             loss_sum = loss_sum + loss.detach()
             aux_sum = aux_sum + aux.detach()
         set_exchange_timer(None)
         timer.start("optimizer")
-        (tensor_parallel.sync_gradients if self.opts.tp > 1 else sync_gradients)(model)
+        (tensor_parallel.sync_gradients if self.opts.parallel.tp > 1 else sync_gradients)(model)
         step = self.step + 1
-        with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.steps
+        with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.batch.steps
         # The model's loss includes the auxiliary losses; report the language-model part apart.
-        gathered = gather_step_stats((loss_sum - aux_sum) / opts.micro_batches,
-                                     aux_sum / opts.micro_batches, stats, self.job.num_ranks, with_matrices,
-                                     expert_tp=opts.expert_tp)
+        gathered = gather_step_stats((loss_sum - aux_sum) / opts.batch.micro_batches,
+                                     aux_sum / opts.batch.micro_batches, stats, self.job.num_ranks, with_matrices,
+                                     expert_tp=opts.parallel.expert_tp)
         grad_norm = global_grad_norm(model)
         grad_norm_value = grad_norm.item()  # NOTE: host sync (the finite check below)
         self.last_timing = timer.collect()  # the previous step's marks are complete by now
@@ -477,7 +478,7 @@ class Trainer:
         self.finish_checkpoint(block=False)
         self._confirm()
         # every grad exists: sync_gradients fills unused ones with zeros
-        clip = (opts.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if opts.grad_clip > 0 else None
+        clip = (opts.optimizer.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if opts.optimizer.grad_clip > 0 else None
         self.optimizer.step(grad_scale=clip)
         self.optimizer.zero_grad(set_to_none=True)
         staging_s = staging_bytes = None
@@ -531,10 +532,10 @@ class Trainer:
     # ----------------------------------------------------------------------------- the run
 
     def run(self, *, resume: bool, attempt: int = 0, show_progress: bool = True) -> None:
-        """Train up to ``opts.steps`` (collective), resuming from the newest checkpoint if asked."""
+        """Train up to ``opts.batch.steps`` (collective), resuming from the newest checkpoint if asked."""
         is_main = self.rank == 0
         resumed = self.resume(attempt) if resume else None
-        display = ProgressDisplay(self.opts.steps, self.step, enabled=is_main and show_progress)
+        display = ProgressDisplay(self.opts.batch.steps, self.step, enabled=is_main and show_progress)
         for note in self.notes:
             display.print(note)
         if resumed is not None:
@@ -545,11 +546,11 @@ class Trainer:
         elif resume:
             display.print(f"no checkpoint in {self.ckpt_root}; starting at step 0")
         log = MetricsLog(self.out / METRICS_FILE, self.step if resumed else None) if is_main else None
-        log = self.log = with_tensorboard(log, self.opts.tensorboard, self.step + 1 if resumed else None)
+        log = self.log = with_tensorboard(log, self.opts.output.tensorboard, self.step + 1 if resumed else None)
         if log is not None:
             log.write(self._start_record(resumed, attempt))
         try:
-            while self.step < self.opts.steps:
+            while self.step < self.opts.batch.steps:
                 _kill_for_test(self.rank, self.step + 1)
                 record = self.train_step()
                 if log is not None:
@@ -559,7 +560,7 @@ class Trainer:
                 display.update(record)
                 if self.replanner is not None:  # may move experts (before the checkpoint of this step)
                     self.replanner.boundary()
-                if self.step % self.opts.ckpt_every == 0 or self.step == self.opts.steps:
+                if self.step % self.opts.checkpoints.ckpt_every == 0 or self.step == self.opts.batch.steps:
                     self.save()
             self.finish_checkpoint()
         finally:
@@ -567,7 +568,7 @@ class Trainer:
             if self.replanner is not None:
                 self.replanner.close()
         if is_main:
-            checkpoint.prune(self.ckpt_root, self.opts.keep_checkpoints)
+            checkpoint.prune(self.ckpt_root, self.opts.checkpoints.keep_checkpoints)
         last = self.timer.flush()
         if log is not None and last is not None:
             log.write(timing_record(*last))
@@ -582,9 +583,9 @@ class Trainer:
         """The ranks' roles: TP groups (t consecutive ranks), the data-parallel degree (groups that
         read their own sequences), the ranks expert parallelism runs over, and whether each
         expert's hidden dimension is split over its TP group."""
-        G, t = self.job.num_ranks, self.opts.tp
+        G, t = self.job.num_ranks, self.opts.parallel.tp
         return {"tp_groups": [list(range(g, g + t)) for g in range(0, G, t)], "dp": G // t,
-                "ep_ranks": G, "expert_tp": self.opts.expert_tp}
+                "ep_ranks": G, "expert_tp": self.opts.parallel.expert_tp}
 
     def _start_record(self, resumed: tuple | None, attempt: int) -> dict[str, Any]:
         c = self.config
@@ -595,14 +596,14 @@ class Trainer:
             "manifest": self.opts.manifest, "manifest_hash": self.job.manifest_hash,
             "device": self.device.type,
             "compute": "bf16 autocast, bf16 residual stream" if self.device.type == "cuda" else "fp32",
-            "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.micro_batches,
-            "recompute": self.opts.recompute, "optimizer_sharding": self.opts.optimizer_sharding,
-            "tp": self.opts.tp, "expert_tp": self.opts.expert_tp, "layout": self._layout(),
+            "global_batch": c.global_batch, "seq_len": c.seq_len, "micro_batches": self.opts.batch.micro_batches,
+            "recompute": self.opts.memory.recompute, "optimizer_sharding": self.opts.memory.optimizer_sharding,
+            "tp": self.opts.parallel.tp, "expert_tp": self.opts.parallel.expert_tp, "layout": self._layout(),
             "run_settings_overridden": self.opts.overridden.split(",") if self.opts.overridden else [],
             "tokens_per_step": c.tokens_per_step, "model_flops_per_step": self.costs.model_flops_per_step,
             "peak_tflops_per_gpu": self.peak_tflops, "data": self.data.describe(self.step),
             "overlap": self.overlap,
-            "num_chunks": self.opts.chunks(self.job.schedule),
+            "num_chunks": self.opts.parallel.chunks(self.opts.device, self.job.schedule),
             "overlap_ctas": self.overlap_ctas, "dispatch": self.dispatch,
             "resumed_from": str(resumed[0].path) if resumed else None,
             "placement_changed": resumed[1] if resumed else None, "attempt": attempt,

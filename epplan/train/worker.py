@@ -13,7 +13,6 @@ divergence recorded by the same torchrun job stops at once instead of diverging 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -118,7 +117,7 @@ def _log_crash(out: Path, rank: int) -> str:
 
 def _out_of_memory_message(job, opts: TrainOptions, rank: int, exc: BaseException) -> str:
     config = job.config
-    per_gpu = opts.batch_per_group(config, job.num_ranks) // opts.micro_batches
+    per_gpu = opts.batch_per_group(config, job.num_ranks) // opts.batch.micro_batches
     detail = str(exc).split(". See documentation")[0].split("If reserved")[0].strip()
     return (f"rank {rank} ran out of GPU memory ({detail}) with {per_gpu} sequences of "
             f"{config.seq_len} tokens per GPU per micro-batch: raise {param('micro_batches')}, lower "
@@ -152,18 +151,18 @@ def main(argv: list[str] | None = None) -> int:
             local_rank = _env_int("LOCAL_RANK")
             rank = job.rank_of(opts.node_rank, local_rank, _env_int("LOCAL_WORLD_SIZE"), _env_int("WORLD_SIZE"))
             hold_as_worker(out, opts.node_rank)
-            if attempt == 0 and not opts.resume and not launched:
+            if attempt == 0 and not opts.checkpoints.resume and not launched:
                 checkpoint.refuse_fresh_start(out / "checkpoints", opts.out)
             device = _device(opts.device, local_rank)
             os.environ["RANK"] = str(rank)  # the manifest's rank, not torchrun's
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     store=_process_group_store(rank, attempt), rank=rank,
                                     world_size=job.num_ranks, device_id=device if device.type == "cuda" else None)
-            if opts.replan_every and (opts.resume or attempt > 0):  # the manifest in force, if the run moved
+            if opts.replan.replan_every and (opts.checkpoints.resume or attempt > 0):  # the manifest in force, if the run moved
                 job, in_force = job_in_force(job, out, rank)
-                opts = dataclasses.replace(opts, manifest=in_force or opts.manifest)
+                opts = opts.replace(manifest=in_force or opts.manifest)
             try:
-                Trainer(job, opts, rank, device).run(resume=opts.resume or attempt > 0, attempt=attempt)
+                Trainer(job, opts, rank, device).run(resume=opts.checkpoints.resume or attempt > 0, attempt=attempt)
             except torch.OutOfMemoryError as exc:
                 raise OutOfGPUMemory(_out_of_memory_message(job, opts, rank, exc)) from None
             # Only after success: with a peer dead mid-collective, tearing NCCL down can block, and a

@@ -38,8 +38,8 @@ def main() -> None:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1, device_id=device if cuda else None)
     job = load_job(a.manifest)
-    opts = TrainOptions(manifest=a.manifest, out=a.out, steps=4, device=device.type, ckpt_every=10 ** 9,
-                        async_checkpoints="on", keep_checkpoints=0, warmup_steps=1, **dict(job.run_settings))
+    opts = TrainOptions.of(manifest=a.manifest, out=a.out, steps=4, device=device.type, ckpt_every=10 ** 9,
+                           async_checkpoints="on", keep_checkpoints=0, warmup_steps=1, **dict(job.run_settings))
     first = Trainer(job, opts, 0, device)
     losses_a = [first.train_step()["loss"] for _ in range(2)]
     stall = first.save()

@@ -51,8 +51,8 @@ def main() -> None:
         settings["micro_batches"] = a.micro_batches
     if a.recompute:
         settings["recompute"] = a.recompute
-    opts = TrainOptions(manifest=a.manifest, out=a.out, steps=a.steps + 1, device=device.type, ckpt_every=10 ** 9,
-                        async_checkpoints="on", keep_checkpoints=1, warmup_steps=1, **settings)
+    opts = TrainOptions.of(manifest=a.manifest, out=a.out, steps=a.steps + 1, device=device.type, ckpt_every=10 ** 9,
+                           async_checkpoints="on", keep_checkpoints=1, warmup_steps=1, **settings)
     if cuda:
         torch.cuda.set_device(0)
     t0 = time.perf_counter()
