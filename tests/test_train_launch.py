@@ -13,7 +13,7 @@ from epplan.placement.types import LayerPlacement, Placement
 from epplan.schedule import Schedule
 from epplan.train.job import Job, Node, job_from_manifest
 from epplan.train.launch import LaunchOptions, torchrun_argv
-from epplan.train.options import TrainOptions
+from epplan.train.options import DEFAULTS, TrainOptions
 from epplan.train.trainer import lr_at
 from epplan.workload.config import PRESETS
 
@@ -51,6 +51,26 @@ def test_every_option_has_its_worker_flag_and_survives_it():
     assert argv[0] == "m.json"
     assert [a for a in argv if a.startswith("--")] == WORKER_FLAGS
     assert TrainOptions.from_argv(argv) == opts
+
+
+def test_flat_names_reach_their_sections_and_come_back():
+    opts = TrainOptions.of(manifest="m.json", out="o", steps=9, lr=1e-3, tp=2, keep_checkpoints=3, replan_every=8,
+                           peak_tflops=100.0)
+    assert (opts.batch.steps, opts.optimizer.lr, opts.parallel.tp, opts.checkpoints.keep_checkpoints,
+            opts.replan.replan_every, opts.output.peak_tflops) == (9, 1e-3, 2, 3, 8, 100.0)
+    assert TrainOptions.of(**opts.flat()) == opts
+    assert TrainOptions.of("m", "o").flat() == {"manifest": "m", "out": "o", **DEFAULTS}
+    moved = opts.replace(tp=1, resume=True, node_rank=1)
+    assert (moved.parallel.tp, moved.checkpoints.resume, moved.node_rank) == (1, True, 1)
+    assert moved.replace(tp=2, resume=False, node_rank=0) == opts  # nothing else changed
+    with pytest.raises(TypeError, match="no option 'warmup'"):
+        TrainOptions.of(manifest="m.json", out="o", warmup=3)
+
+
+def test_replan_lag_is_a_quarter_of_the_window_unless_given():
+    assert TrainOptions.of("m", "o", replan_every=8).replan.lag() == 2
+    assert TrainOptions.of("m", "o", replan_every=3).replan.lag() == 1
+    assert TrainOptions.of("m", "o", replan_every=8, replan_lag=5).replan.lag() == 5
 
 
 def test_overlap_auto_is_on_where_the_exchange_leaves_the_node_and_on_cpu():
