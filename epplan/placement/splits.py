@@ -34,7 +34,13 @@ from epplan.placement.types import LayerPlacement
 from epplan.workload.memory import tp_group_sum
 
 _STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
-_IPM_ABOVE = 20_000    # columns: interior point (with crossover) above, dual simplex below
+# Interior point (with crossover) above either size, dual simplex below. Measured at load 4-6 on
+# a 2-core machine, both stages: 512 GPUs, 64 node groups, 19,485 columns but 2.15M nonzeros
+# (every (node, GPU) pair crosses ~200 fabric links): 18.8 s against 300.8 s for dual simplex;
+# 16 nodes, 32,771 columns, 131k nonzeros: 2.2 s against 1.0 s.
+_IPM_ABOVE = 20_000          # columns
+_IPM_ABOVE_NONZEROS = 1_000_000
+_TIE_BREAK_SHARE = 2.0  # under a limit the tie-break gets at most this many times the first stage's time (>= 1 s)
 MAX_COLUMNS = 30_000   # flow columns above which groups use a subset of remote replicas
 _REMOTE_PRESENT = 4    # remote replicas a group may use for an expert its node holds
 _REMOTE_ABSENT = 16    # ... for an expert its node does not hold
@@ -50,13 +56,21 @@ class SplitResult:
 
 
 def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bool = True,
-                   time_limit: float | None = None, max_columns: int = MAX_COLUMNS) -> SplitResult:
+                   time_limit: float | None = None, max_columns: int = MAX_COLUMNS,
+                   method: str = "auto") -> SplitResult:
     """Best splits for ``replicas`` (replicas[e]: sorted ranks holding expert e).
 
     Exact over all splits while groups x replicas <= ``max_columns``; above, each group may use
     every replica on its own node and a few others (``_columns``), and the result is the best
     split of that kind (its cost is still exact).
+
+    ``method``: HiGHS's "ipm" or "simplex", or "auto" (by the model's size: ``_IPM_ABOVE``).
+    ``time_limit`` counts from the call: the link map's first build (2.7 s at 512 GPUs) and the
+    model's are part of it, HiGHS gets what is left. Out of time, the result is ``nearest_split``
+    (the caller keeps whichever split it had in hand if that is better); ``seconds`` is the
+    call's wall time.
     """
+    t0 = time.monotonic()
     num_gpus, num_experts = data.num_gpus, data.num_experts
     gc = data.group_counts                                    # [A, E]
     replicas = [np.asarray(r, dtype=np.int64) for r in replicas]
@@ -116,28 +130,34 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     cost = np.zeros(ncol)
     cost[col_mu], cost[col_z] = exposed, 1.0
     lp = LP(cost, a, row_lo, row_hi, np.zeros(ncol), np.full(ncol, inf))
-    if ncol > _IPM_ABOVE:
+    if method == "ipm" or (method == "auto" and (ncol > _IPM_ABOVE or a.nnz > _IPM_ABOVE_NONZEROS)):
         lp.h.setOptionValue("solver", "ipm")   # several times faster than simplex at this size
-    t0 = time.monotonic()
-    res = lp.solve(time_limit)
-    seconds = res.seconds
-    if res.status != "optimal":
+    elif method == "simplex":
+        lp.h.setOptionValue("solver", "simplex")
+
+    def left() -> float | None:
+        return None if time_limit is None else time_limit - (time.monotonic() - t0)
+
+    res = lp.solve(left()) if left() is None or left() > 0 else None
+    if res is None or res.status != "optimal":
         # Out of time (or numerical trouble): a feasible split that uses no LP.
-        return split_result(data, nearest_split(data, replicas), status=res.status, seconds=seconds)
+        return split_result(data, nearest_split(data, replicas), status="time_limit" if res is None else res.status,
+                            seconds=time.monotonic() - t0)
     x, best = res.x, exposed * res.x[col_mu] + res.x[col_z]
-    left = None if time_limit is None else time_limit - (time.monotonic() - t0)
-    if tie_break and nlink and (left is None or left > 0.1):
+    # Under a time limit the tie-break, a preference, may not take the time of the plans after
+    # this one (on 512 GPUs dual simplex spent 10x the first stage's time on it).
+    stage1 = time.monotonic() - t0
+    if tie_break and nlink and (left() is None or left() > 0.1):
         lp.set_row_bounds([row_obj], [-inf], [best * (1 + _STAGE2_SLACK) + 1e-12])
         c2 = np.zeros(ncol)
         c2[col_mu] = 1.0
         lp.set_cost(c2)
-        res2 = lp.solve(left)
-        seconds += res2.seconds
+        res2 = lp.solve(None if left() is None else min(left(), max(1.0, _TIE_BREAK_SHARE * stage1)))
         if res2.status == "optimal":
             x = res2.x
     y = np.maximum(x[:ny], 0.0) * unit
     layer = _prune(data, _to_layer(data, replicas, ya, ye, yt, y))
-    return split_result(data, layer, status="optimal", seconds=seconds)
+    return split_result(data, layer, status="optimal", seconds=time.monotonic() - t0)
 
 
 def split_bound(data: LayerData, replicas: list[np.ndarray]) -> float:

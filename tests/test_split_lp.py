@@ -1,0 +1,78 @@
+"""The split LP's solver choice and deadline, and the plan's floor: never worse than a baseline.
+
+The interior-point path (taken for large or dense models, ``splits._IPM_ABOVE``) is checked
+against dual simplex, the slow reference at 512 GPUs; ``solve`` with a limit too short to finish
+is checked against every baseline it scored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from epplan.cost import evaluate
+from epplan.placement.baselines import BASELINES, baseline, random_placement
+from epplan.placement.layer import layer_data
+from epplan.placement.solve import solve
+from epplan.placement.splits import nearest_split, optimal_splits
+from epplan.placement.types import Placement
+from tests.test_planner import toy_problem
+
+_TIE = 1e-6  # the planner's tie tolerance (solve._TIE)
+
+
+@pytest.mark.parametrize("nodes,gpus,experts,per_gpu,seed", [
+    (2, 4, 4, 1, 0), (2, 4, 6, 2, 1), (3, 4, 8, 2, 2), (4, 2, 5, 2, 3), (2, 8, 12, 3, 4)])
+def test_interior_point_reaches_the_simplex_optimum(nodes, gpus, experts, per_gpu, seed):
+    """Same first-stage optimum to 1e-9 (relative) on random placements of random layers."""
+    problem = toy_problem(nodes, gpus, experts, experts_per_gpu=per_gpu, d_ff=64, seed=seed)
+    data = layer_data(problem, problem.traffic.counts[0])
+    rng = np.random.default_rng(seed)
+    for trial in range(3):
+        plan = random_placement(problem, seed=int(rng.integers(1 << 30))) if trial else baseline("eplb", problem)
+        replicas = plan.layers[0].replicas
+        ipm = optimal_splits(data, replicas, tie_break=False, method="ipm")
+        simplex = optimal_splits(data, replicas, tie_break=False, method="simplex")
+        assert ipm.status == simplex.status == "optimal"
+        assert ipm.bottleneck == pytest.approx(simplex.bottleneck, rel=1e-9)
+        # With the tie-break: the layer's time within the second stage's slack, the links alike.
+        both = optimal_splits(data, replicas, method="ipm"), optimal_splits(data, replicas, method="simplex")
+        assert both[0].bottleneck == pytest.approx(both[1].bottleneck, rel=1e-6)
+        assert both[0].link_time == pytest.approx(both[1].link_time, rel=1e-6)
+
+
+def test_the_split_lps_limit_counts_its_build():
+    """A limit the model's build (here the layer's link map, built on first use) has used up
+    runs no LP: the nearest split comes back, marked time_limit. Before, HiGHS was handed at
+    least 0.01 s after the build, whatever the build had taken."""
+    problem = toy_problem(2, 4, 4, seed=5)
+    data = layer_data(problem, problem.traffic.counts[0])
+    replicas = baseline("eplb", problem).layers[0].replicas
+    res = optimal_splits(data, replicas, time_limit=1e-6)
+    assert res.status == "time_limit"
+    near = nearest_split(data, replicas)
+    for got, want in zip(res.layer.split, near.split):
+        np.testing.assert_array_equal(got, want)
+    assert optimal_splits(data, replicas, time_limit=30).status == "optimal"
+
+
+@pytest.mark.parametrize("time_limit", [0.01, 0.3, 2.0])
+def test_no_layer_is_worse_than_a_baseline_it_scored(time_limit):
+    """Whatever the limit cut, every layer's plan is at most every baseline's time as it is, and
+    at most its re-split by the split LP where the layer does not list that baseline as
+    unchecked (its re-split solved, or ruled out by its bound)."""
+    for seed in range(3):
+        problem = toy_problem(2, 4, 6, experts_per_gpu=2, d_ff=64, seed=seed, layers=3)
+        placement = solve(problem, time_limit=time_limit, gap=0.0)
+        placement.validate(problem.experts_per_gpu)
+        ours = evaluate(placement, problem).moe_time_s
+        for name in BASELINES:
+            plan = baseline(name, problem)
+            theirs = evaluate(plan, problem).moe_time_s
+            assert np.all(ours <= theirs * (1 + _TIE)), (seed, name, ours, theirs)
+            for li, info in enumerate(placement.info["layers"]):
+                if name in info["unchecked"]:
+                    continue
+                data = layer_data(problem, problem.traffic.counts[li])
+                split = optimal_splits(data, plan.layers[li].replicas)
+                assert ours[li] <= split.bottleneck * (1 + _TIE), (seed, name, li, ours[li], split.bottleneck)
