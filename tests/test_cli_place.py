@@ -268,7 +268,7 @@ def test_a_resolve_under_the_plans_own_settings_never_writes_a_worse_plan(tmp_pa
 
 
 def test_the_clock_counts_what_ran_before_the_command(tmp_path, monkeypatch):
-    """Under ``main`` (the epplan script) --time-limit counts from when the CLI began to import:
+    """Under ``main`` (the epplan script) --time-limit counts from when its process started:
     50 s gone of a 60 s limit leave the solve less than 10 s (it was given 0.7 x (60 s less the
     reserve) when the clock started in the command)."""
     import time

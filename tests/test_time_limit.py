@@ -165,3 +165,16 @@ def test_fabric_routes_one_search_per_destination_equal_the_per_pair_walk():
                     rows.append(a * num_w + b); cols.append(idx[u, v]); vals.append(f)
     ref = sp.csr_matrix((vals, (rows, cols)), shape=pm.fabric_routes.shape)
     assert abs(ref - pm.fabric_routes).max() < 1e-12
+
+
+def test_the_commands_clock_starts_with_its_process():
+    """Under ``main`` the clock starts when the process did (the interpreter's start-up counts),
+    not when the CLI is imported: here a second after the script's first line."""
+    import subprocess
+    import sys
+
+    script = ("import time; first = time.monotonic(); time.sleep(1.0); import epplan.cli as cli; "
+              "print(first - cli._IMPORTED)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before_first_line = float(out.stdout)
+    assert 0.0 <= before_first_line < 10.0   # the start-up, before the script's first line
