@@ -98,3 +98,19 @@ def test_resplit_gives_each_lp_the_time_left(monkeypatch):
     assert len(given) >= 2 and given[0] > 0.9 * 60.0
     ours, theirs = evaluate(out, problem).moe_time_s, evaluate(plan, problem).moe_time_s
     assert np.all(ours <= theirs * (1 + 1e-9))
+
+
+def test_resplit_out_of_time_keeps_the_better_of_its_own_and_the_nearest_split():
+    """Layers left no time take the nearest split where it beats their own (an LP out of time
+    falls back to the same), not their own splits whatever they cost."""
+    from epplan.placement.solve import resplit
+    from epplan.placement.splits import split_result
+
+    problem = toy_problem(2, 4, 6, experts_per_gpu=2, d_ff=64, seed=0, layers=4)
+    plan = random_placement(problem, seed=1)
+    out = evaluate(resplit(plan, problem, time_limit=1e-9), problem).moe_time_s
+    for li, layer in enumerate(plan.layers):
+        data = layer_data(problem, problem.traffic.counts[li])
+        best = min(split_result(data, layer).bottleneck,
+                   split_result(data, nearest_split(data, layer.replicas)).bottleneck)
+        assert out[li] == pytest.approx(best, rel=1e-9)
