@@ -88,7 +88,8 @@ class LayerInfo:
     link_s: float          # max link time of the plan (after the network tie-break)
     seconds: float
     start: str             # where the layer's plan came from: local (the construction, maybe improved
-                           # by the MILP), a baseline as it is (eplb, ...) or re-split (eplb+lp, ...)
+                           # by the MILP or the replica moves), a baseline as it is (eplb, ...) or
+                           # re-split (eplb+lp, ...), and +moves where the replica moves improved it
     same_as: int | None = None   # solved as a relabelling of this layer
     unchecked: list[str] = dataclasses.field(default_factory=list)   # baselines whose re-split by the
                            # split LP the time limit left neither solved nor ruled out by its bound
@@ -167,13 +168,22 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                     progress(info_j, done, total)
 
     tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
+    # The relabelled layers' own baselines (where not a relabelling of the representative's):
+    # after the workers, each is re-split unless its split bound is above the layer's plan; the
+    # replica search leaves time for those LPs.
+    after: dict[int, list] = {li: [] for li in todo}
+    for lj, li in enumerate(rep):
+        if li != lj:
+            after[li] += [(lj, pl.layers[lj].replicas) for pl in baselines.values()
+                          if any(r.size > 1 for r in pl.layers[lj].replicas)
+                          and not _same_replicas(pl.layers[li], perms[li], pl.layers[lj], perms[lj])]
     num_workers = _workers(workers, len(tasks))
     has_fork = "fork" in mp.get_all_start_methods()  # workers inherit the problem by forking
     if not has_fork or (num_workers <= 1 and deadline is None):
         scores = _baseline_scores(problem, baselines, slots)
         for i, (li, base) in enumerate(tasks):
             budget = _budget(deadline, len(tasks) - i)
-            layer, info = _solve_layer(problem, li, base, solver, budget, gap, deadline=deadline)
+            layer, info = _solve_layer(problem, li, base, solver, budget, gap, deadline=deadline, after=after[li])
             finish(li, layer, info)
     else:
         # Worker processes, so that the time limit is a wall. Every worker stops its layer's
@@ -193,7 +203,8 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
             scoring = ThreadPoolExecutor(1)
             scores_future = scoring.submit(_baseline_scores, problem, baselines, slots)
             try:
-                jobs = [(li, base, solver, deadline, len(tasks), max(1, num_workers), gap) for li, base in tasks]
+                jobs = [(li, base, solver, deadline, len(tasks), max(1, num_workers), gap, after[li])
+                        for li, base in tasks]
                 results_iter = pool.imap_unordered(_worker, jobs)
                 waiting = len(jobs)
                 while waiting:
@@ -374,11 +385,11 @@ _POLL_S = 0.1   # seconds between the parent's looks at the queue while it waits
 
 
 def _worker(job: tuple) -> tuple[int, LayerPlacement | None, LayerInfo | None]:
-    li, base, solver, deadline, num_tasks, num_workers, gap = job
+    li, base, solver, deadline, num_tasks, num_workers, gap, after = job
     if deadline is not None and time.monotonic() >= deadline:
         return li, None, None      # started past the wall: the parent holds the best baseline
     budget = _budget(deadline, max(1, num_tasks // num_workers))
-    layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post)
+    layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post, after=after)
     return li, layer, info
 
 
@@ -447,13 +458,15 @@ class _Incumbent:
 
 def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
                  budget: float | None, gap: float, *, deadline: float | None = None,
-                 post: Callable[[tuple], None] | None = None) -> tuple[LayerPlacement, LayerInfo]:
+                 post: Callable[[tuple], None] | None = None, after: list | None = None) -> tuple[LayerPlacement, LayerInfo]:
     """One layer: every baseline as it is, then re-split by the LP (best first, unless
     ``split_bound`` rules it out; all but the best for half the layer's time at most), the
     construction, the baselines' splits left, then the node LP and the MILP. The baselines come
     first so that a layer stopped early has them. The layer's own search stops after ``budget``
     seconds or at ``deadline``, the baselines' splits at ``deadline``; ``post`` gets each
-    better plan."""
+    better plan. ``after``: (layer, replicas) of the baselines the layers relabelled from this
+    one re-split once it is done where their split bound is below its plan (the replica search
+    stops in time for those LPs)."""
     t0 = time.monotonic()
     stop = None if budget is None else t0 + budget
     if deadline is not None:
@@ -545,6 +558,27 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             g = _gap(cost, bound)
             # The MILP ran to its end (or was too large to try): more time would not help.
             open_as = "time_limit" if out.status == "time_limit" else "gap_open"
+    if g > gap and not over(stop):
+        # The time the bounds and the MILP leave: replica moves scored by the split LP
+        # (search.py; where the MILP is too large, it is the whole search).
+        from epplan.placement.search import replica_search
+
+        def keep(moved: LayerPlacement, moved_cost: float, moved_link: float) -> None:
+            start = inc.start if inc.start == "local" or inc.start.endswith("+moves") else f"{inc.start}+moves"
+            inc.offer(moved_cost, moved_link, moved, start)
+            inc.send()
+
+        def pending(plan_s: float) -> int:
+            counts = problem.traffic.counts
+            return sum(split_bound(_with_counts(problem, counts[lj]), replicas) < plan_s
+                       for lj, replicas in after or [])
+
+        found = replica_search(data, layer, cost, link_s, until=stop, seed=li, post=keep, reserve=pending)
+        if found.cost < cost * (1 - 1e-12):
+            cost, link_s, layer = found.cost, found.link_s, found.layer
+            g = _gap(cost, bound)
+        if found.stopped_by_time:
+            open_as = "time_limit"
     status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else open_as)
     info = LayerInfo(layer=li, status=status, objective_s=float(cost), bound_s=float(bound),
                      bound_source=source, gap=float(g), link_s=float(link_s),
