@@ -7,20 +7,25 @@ scores the moved placement lower (or equal with an idler network):
     change   GPU g stops holding expert a (which keeps another replica) and holds b instead
     swap     GPUs g and h (on different nodes) exchange one expert each
 
-A move is drawn where the plan's split says it pays: g is, half the time, a GPU on the plan's
-busiest link or its busiest GPU (what sets the layer's time), else any GPU; b is drawn by the
-demand for it that g's node sends elsewhere (what a replica on that node could keep off the
-network). Before its LP a moved placement is checked against ``split_bound``: a move whose bound
-is not below the plan in hand is dropped unsplit (most are, for a few milliseconds each).
+A move is drawn where the plan's split says it pays: g is, half the time, one of the GPUs that
+set the layer's time (where the exchange binds, those whose traffic with other nodes, what
+their NICs carry, is within 10 % of the most; else the busiest GPUs), else any GPU; b is drawn
+by the demand for it that g's node sends elsewhere, per replica already there (what one more
+replica on that node could keep off the network). Before its LP a moved placement is checked
+against ``split_bound``: a move whose bound is not below the plan in hand is dropped unsplit
+(on instance 7, 18 % of the moves drawn).
 
 Why this method (measured 2026-12-02 on ``scripts/bench_planner.py`` instances 6 and 7, 8 x DGX
-H100, 64 GPUs x 32 / 16 experts, where the network binds): the layers' per-GPU MILP (``ilp.py``)
-has 131,072 / 65,536 flow variables; given 900 s with no size limit, HiGHS's root bound equals
-the planner's bounds (36.19 % / 33.01 % gap) and no branch moved it, while the plan improved
-under this search (docs/planner.md gives the numbers). So the open gap is not closed from the
-bound side by the exact model at this size, and a plan-side search is what the spare seconds
-buy. Every step is exact (the LP's own split of a real placement), so the plan only gets
-better; the bound is untouched.
+H100, 64 GPUs x 32 / 16 experts, where the network binds; this 2-core machine, load 5-7): there
+the planner stopped each layer after 0.3-1.6 s, the per-GPU MILP (``ilp.py``) being too large to
+try (131,072 / 65,536 flow variables against 60,000). Given 900 s and no size limit on the
+worst-gap layer, HiGHS's root bound was the planner's own (gap 36.19 % on 6's layer 18, node LP;
+33.01 % on 7, link class), no branch or cut moved it, and its incumbent stayed the planner's
+plan. This search alone, from the same plans, for 600 s: 7's layer 0.017344 -> 0.014759 s
+(-14.9 %; 565 LPs, 10 moves kept), 6's layer 18 0.020349 -> 0.018742 s (-7.9 %; 1,896 LPs, 15
+kept). So the plan, not only the bound, was short, by at least those amounts; what is left
+(21 % and 31 % against the same bounds) is not known to be either. Every step is exact (the
+LP's own split of a real placement), so the plan only gets better; the bound is untouched.
 """
 
 from __future__ import annotations
@@ -53,12 +58,14 @@ class Searched:
 
 def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: float, *,
                    until: float | None, seed: int = 0, patience: int | None = None,
-                   post=None, reserve: Callable[[float], int] | None = None) -> Searched:
+                   post=None, reserve: Callable[[float], int] | None = None,
+                   lp_seconds: float = 0.0) -> Searched:
     """Improve ``layer`` (time ``cost``, busiest link ``link_s``) by moves until ``until``
     (time.monotonic()) or until ``patience`` moves in a row are not kept (default: as many as
     the layer's (GPU, expert) pairs, the size of the change neighbourhood); ``post(layer,
     cost, link_s)`` gets each plan kept. ``reserve(cost)``: split LPs to leave time for before
-    ``until`` while the plan costs ``cost`` (at the seconds this layer's last LP took)."""
+    ``until`` while the plan costs ``cost``, at the seconds this layer's last LP took (before
+    the first: ``lp_seconds``, the caller's last split LP of the layer)."""
     t0 = time.monotonic()
     rng = np.random.default_rng(seed)
     num_gpus, num_experts = data.num_gpus, data.num_experts
@@ -69,7 +76,7 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
     patience = num_gpus * num_experts if patience is None else patience
     since = 0           # moves since the last one kept
     timed_out = False
-    lp_s = 0.0
+    lp_s = lp_seconds
     lps_after = 0 if reserve is None else reserve(cost)
     busy = _busy_gpus(data, layer)
     away = _away_demand(data, held, node)

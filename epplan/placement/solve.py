@@ -203,8 +203,8 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
             scoring = ThreadPoolExecutor(1)
             scores_future = scoring.submit(_baseline_scores, problem, baselines, slots)
             try:
-                jobs = [(li, base, solver, deadline, len(tasks), max(1, num_workers), gap, after[li])
-                        for li, base in tasks]
+                jobs = [(li, base, solver, deadline, len(tasks) - i, max(1, num_workers), gap, after[li])
+                        for i, (li, base) in enumerate(tasks)]
                 results_iter = pool.imap_unordered(_worker, jobs)
                 waiting = len(jobs)
                 while waiting:
@@ -385,10 +385,12 @@ _POLL_S = 0.1   # seconds between the parent's looks at the queue while it waits
 
 
 def _worker(job: tuple) -> tuple[int, LayerPlacement | None, LayerInfo | None]:
-    li, base, solver, deadline, num_tasks, num_workers, gap, after = job
+    li, base, solver, deadline, tasks_left, num_workers, gap, after = job
     if deadline is not None and time.monotonic() >= deadline:
         return li, None, None      # started past the wall: the parent holds the best baseline
-    budget = _budget(deadline, max(1, num_tasks // num_workers))
+    # The pool starts the jobs in order: this one and the tasks_left - 1 after it share the
+    # time left, num_workers at a time.
+    budget = _budget(deadline, -(-tasks_left // num_workers))
     layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post, after=after)
     return li, layer, info
 
@@ -512,9 +514,12 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     # time at most before the construction (at 1,024 GPUs one split LP takes minutes on a
     # loaded machine), and those left after it, up to the deadline.
     resplit_baselines(None if stop is None else min(stop, t0 + 0.5 * (stop - t0)), deadline)
+    lp_s = 0.0     # seconds of the layer's last split LP (the replica search paces its LPs by it)
     if not over(stop):
         for replicas in local_candidates(data):
+            t1 = time.monotonic()
             res = optimal_splits(data, replicas, time_limit=left(stop))
+            lp_s = time.monotonic() - t1
             inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
             if over(stop):
                 break
@@ -573,7 +578,8 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             return sum(split_bound(_with_counts(problem, counts[lj]), replicas) < plan_s
                        for lj, replicas in after or [])
 
-        found = replica_search(data, layer, cost, link_s, until=stop, seed=li, post=keep, reserve=pending)
+        found = replica_search(data, layer, cost, link_s, until=stop, seed=li, post=keep, reserve=pending,
+                               lp_seconds=lp_s)
         if found.cost < cost * (1 - 1e-12):
             cost, link_s, layer = found.cost, found.link_s, found.layer
             g = _gap(cost, bound)
