@@ -77,6 +77,10 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
     since = 0           # moves since the last one kept
     timed_out = False
     lp_s = lp_seconds
+    if until is not None and time.monotonic() + _LP_MARGIN * lp_s >= until:
+        # no time for one LP: return before counting the reserve (split bounds of every
+        # relabelled layer's baselines, seconds at 256 GPUs)
+        return Searched(best, float(cost), float(link_s), 0, 0, 0, time.monotonic() - t0, True)
     lps_after = 0 if reserve is None else reserve(cost)
     busy = _busy_gpus(data, layer)
     away = _away_demand(data, held, node)

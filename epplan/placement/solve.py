@@ -192,10 +192,12 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
         # MILP that overran its limit, a construction that does not return) is stopped and keeps
         # the best plan it had posted (the best baseline as it is when it posted none).
         ctx = mp.get_context("fork")
-        global _SHARED, _QUEUE
+        global _SHARED, _QUEUE, _AFTER
         posted: dict[int, tuple] = {}
         queue = ctx.SimpleQueue()
-        _SHARED, _QUEUE = problem, queue  # the forked workers read them; reset however the pool ends
+        # the forked workers read them (not pickled: ``after`` holds every relabelled layer's
+        # baselines); reset however the pool ends
+        _SHARED, _QUEUE, _AFTER = problem, queue, after
         try:
             pool = ctx.Pool(max(1, num_workers))
             # The baselines' scores (for the relabelled layers and the stopped ones) are computed
@@ -203,7 +205,7 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
             scoring = ThreadPoolExecutor(1)
             scores_future = scoring.submit(_baseline_scores, problem, baselines, slots)
             try:
-                jobs = [(li, base, solver, deadline, len(tasks) - i, max(1, num_workers), gap, after[li])
+                jobs = [(li, base, solver, deadline, len(tasks) - i, max(1, num_workers), gap)
                         for i, (li, base) in enumerate(tasks)]
                 results_iter = pool.imap_unordered(_worker, jobs)
                 waiting = len(jobs)
@@ -227,6 +229,7 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                 scoring.shutdown()
         finally:
             _SHARED = _QUEUE = None
+            _AFTER = {}
             queue.close()
         for li, base in tasks:
             if li not in results:
@@ -381,17 +384,19 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
 
 _SHARED: PlacementProblem | None = None  # the problem solve() hands its forked workers
 _QUEUE = None   # where the forked workers post each better plan they find (a SimpleQueue)
+_AFTER: dict[int, list] = {}   # per layer, what its relabelled layers re-split after it (``solve``)
 _POLL_S = 0.1   # seconds between the parent's looks at the queue while it waits for results
 
 
 def _worker(job: tuple) -> tuple[int, LayerPlacement | None, LayerInfo | None]:
-    li, base, solver, deadline, tasks_left, num_workers, gap, after = job
+    li, base, solver, deadline, tasks_left, num_workers, gap = job
     if deadline is not None and time.monotonic() >= deadline:
         return li, None, None      # started past the wall: the parent holds the best baseline
     # The pool starts the jobs in order: this one and the tasks_left - 1 after it share the
     # time left, num_workers at a time.
     budget = _budget(deadline, -(-tasks_left // num_workers))
-    layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post, after=after)
+    layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post,
+                               after=_AFTER.get(li))
     return li, layer, info
 
 
