@@ -64,7 +64,8 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     every replica on its own node and a few others (``_columns``), and the result is the best
     split of that kind (its cost is still exact).
 
-    ``method``: HiGHS's "ipm" or "simplex", or "auto" (by the model's size: ``_IPM_ABOVE``).
+    ``method``: HiGHS's "ipm" or "simplex", or "auto" (by the model's size: interior point
+    above ``_IPM_ABOVE`` columns or ``_IPM_ABOVE_NONZEROS`` nonzeros).
     ``time_limit`` counts from the call: the link map's first build (2.7 s at 512 GPUs) and the
     model's are part of it, HiGHS gets what is left. Out of time, the result is ``nearest_split``
     (the caller keeps whichever split it had in hand if that is better); ``seconds`` is the
