@@ -578,10 +578,13 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             inc.offer(moved_cost, moved_link, moved, start)
             inc.send()
 
+        after_bounds: list[float] = []   # split bounds of ``after``, computed at the first call
+
         def pending(plan_s: float) -> int:
-            counts = problem.traffic.counts
-            return sum(split_bound(_with_counts(problem, counts[lj]), replicas) < plan_s
-                       for lj, replicas in after or [])
+            if after and not after_bounds:
+                counts = problem.traffic.counts
+                after_bounds.extend(split_bound(_with_counts(problem, counts[lj]), replicas) for lj, replicas in after)
+            return sum(b < plan_s for b in after_bounds)
 
         found = replica_search(data, layer, cost, link_s, until=stop, seed=li, post=keep, reserve=pending,
                                lp_seconds=lp_s)
