@@ -25,7 +25,7 @@ from epplan.cli.common import (AchievableTflopsOption, BINDS_WORDS, CalibrationO
                                RoutingWindowsOption, SeedOption, SetOption, Solver, STATUS_WORDS, time_unit,
                                TopologyOption, user_errors, WORDS_HELP)
 from epplan.cli.estimate import cap_memory, parse_overrides, print_run_settings
-from epplan.cost.fit import Fit, RunSettings, choose_run_settings
+from epplan.cost.fit import check_memory_floor, Fit, RunSettings, choose_run_settings
 from epplan.cost import Cost, evaluate
 from epplan.errors import PlacementError
 from epplan.manifest import build_manifest, write_manifest
@@ -176,6 +176,7 @@ def place(
     deadline = started + time_limit
     phases: dict[str, float] = {}   # seconds per phase, as the output's "time" reports them
     lap = _Laps(started, phases)
+    check_memory_floor(problem, **fixed)  # exits 3 within seconds where no plan can fit, before solving one
     lap("inputs")
     t_fit = time.monotonic()
     if None in fixed.values():  # the stand-in's choice within a fifth of the limit (Fit.unscored)

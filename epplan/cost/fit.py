@@ -24,7 +24,7 @@ from epplan.cost.evaluate import Cost, evaluate, exchange_loads, memory_for
 from epplan.errors import DoesNotFit, param, PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
-from epplan.workload.memory import OPTIMIZER_SHARDING, RECOMPUTE
+from epplan.workload.memory import memory_per_gpu, OPTIMIZER_SHARDING, RECOMPUTE
 from epplan.workload.tensor_parallel import check_tp, tp_degrees
 
 _GB = 1e9
@@ -83,25 +83,11 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
     deadline: ``time.monotonic()`` after which no more settings are scored once one that fits
     is in hand (``Fit.unscored`` counts those left; the search goes on until one fits).
     first:    settings scored first (those chosen for a stand-in plan: most often the choice)."""
-    if recompute is not None and recompute not in RECOMPUTE:
-        raise PlacementError(f"{param('recompute', repr(recompute))}: use {', '.join(RECOMPUTE)}")
-    if optimizer_sharding is not None and optimizer_sharding not in OPTIMIZER_SHARDING:
-        raise PlacementError(f"{param('optimizer_sharding', repr(optimizer_sharding))}: use {', '.join(OPTIMIZER_SHARDING)}")
-    if tp is None:
-        ts = [t for t in tp_degrees(problem.config, problem.gpus_per_node) if t > 1 or not expert_tp]
-    else:
-        check_tp(problem.config, problem.gpus_per_node, tp, expert_tp)
-        ts = [tp]
-    if not ts:
-        raise PlacementError(f"{param('tp', 'auto')} with {param('expert_tp')}: no TP degree of 2 or more splits these nodes and heads")
-    rs = [recompute] if recompute is not None else list(RECOMPUTE)
+    trials, ms_of = _trials(problem, micro_batches, recompute, optimizer_sharding, tp, expert_tp)
     cap = np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64) * 1e9
     best: tuple[tuple, RunSettings, Cost | None] | None = None   # its cost where it is the one scored
     closest: tuple[float, RunSettings, np.ndarray] | None = None  # lowest fill of the fullest GPU
     loads = exchange_loads(placement, problem)   # the same under every run setting
-    ms_of = {t: [micro_batches] if micro_batches is not None else micro_batch_choices(problem, t) for t in ts}
-    ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
-    trials = [(t, r, s) for t in ts for r, s in itertools.product(rs, ss)]
     if first is not None and (first.tp, first.recompute, first.optimizer_sharding) in trials:
         head = (first.tp, first.recompute, first.optimizer_sharding)
         trials.remove(head)
@@ -127,27 +113,117 @@ def choose_run_settings(placement: Placement, problem: PlacementProblem, *, micr
             break  # more micro-batches only tie on time
     if best is None:
         _, settings, total = closest
+        g = int(np.argmax(total / cap))
         return Fit(settings, evaluate(placement, _with(problem, settings), loads=loads), False,
-                   _refusal(problem, settings, total))
+                   _refusal(problem, settings, float(total[g]), cap[g] / _GB,
+                            fixed=_given(micro_batches, recompute, optimizer_sharding, tp), gpu=problem.topology.gpu_names[g]))
     _, settings, cost = best
     cost = cost or evaluate(placement, _with(problem, settings), loads=loads)
     return Fit(settings, cost, True, unscored=unscored)
+
+
+def check_memory_floor(problem: PlacementProblem, *, micro_batches: int | None = None,
+                       recompute: str | None = None, optimizer_sharding: str | None = None,
+                       tp: int | None = 1, expert_tp: bool = False) -> None:
+    """Raise ``DoesNotFit`` when no placement of ``problem`` fits under any run setting that
+    ``choose_run_settings`` (same arguments) would try (``memory_floor`` over 1 for each, with
+    the most micro-batches allowed: activations shrink with more, nothing grows): decided from
+    the inputs, before a solve. A placement may still not fit where the floor does (its
+    replicas fill up to ``experts_per_gpu`` slots, its tokens are not spread evenly):
+    ``choose_run_settings`` decides on the solved plan."""
+    trials, ms_of = _trials(problem, micro_batches, recompute, optimizer_sharding, tp, expert_tp)
+    closest: tuple[float, RunSettings] | None = None
+    for t, r, s in trials:
+        settings = RunSettings(max(ms_of[t]), r, s, t, expert_tp)
+        fill = memory_floor(problem, settings)
+        if fill <= 1.0:
+            return
+        if closest is None or fill < closest[0]:
+            closest = (fill, settings)
+    fill, settings = closest
+    capacity_gb = float(np.mean(problem.topology.gpu_memory_gb))
+    raise DoesNotFit(_refusal(problem, settings, fill * capacity_gb * _GB, capacity_gb,
+                              fixed=_given(micro_batches, recompute, optimizer_sharding, tp), floor=True))
+
+
+def memory_floor(problem: PlacementProblem, settings: RunSettings) -> float:
+    """The fill (bytes over capacity) of the fullest GPU that no placement of ``problem`` goes
+    below under ``settings``: ``workload.memory``'s own model at the least any placement holds.
+
+    Every expert held once (E replicas a layer, the fewest a placement has), every layer's
+    assignments (fixed by the routing) spread evenly. Each column of the model grows with the
+    replicas a GPU holds and the assignments it serves, linearly, or convexly (block
+    recompute's fullest layer), so summed over the GPUs the even spread is the least any
+    placement reaches; and the fullest GPU's fill is at least all GPUs' bytes over all their
+    capacity. Under ``optimizer_sharding`` all, each expert's state is kept once whatever its
+    replicas, as with one replica."""
+    c, num_gpus = problem.config, problem.num_gpus
+    num_layers, num_experts = problem.num_layers, problem.num_experts
+    held = np.full(num_gpus, num_layers * num_experts / num_gpus)
+    served = np.repeat(problem.traffic.counts.sum(axis=(1, 2))[:, None] / num_gpus, num_gpus, axis=1)  # [L, G]
+    once = [[[(layer * num_experts + e) % num_gpus] for e in range(num_experts)] for layer in range(num_layers)]
+    total = sum(memory_per_gpu(c, problem.costs, replicas_held=held, tokens_per_rank=c.tokens_per_step / num_gpus,
+                               served=served, micro_batches=settings.micro_batches, recompute=settings.recompute,
+                               optimizer_sharding=settings.optimizer_sharding, replicas=once, tp=settings.tp,
+                               expert_tp=settings.expert_tp).values())
+    return float(total.sum()) / (float(np.sum(problem.topology.gpu_memory_gb)) * _GB)
+
+
+def _given(micro_batches: int | None, recompute: str | None, optimizer_sharding: str | None,
+           tp: int | None) -> dict[str, bool]:
+    """Which settings the caller fixed (None: chosen here)."""
+    return {"micro_batches": micro_batches is not None, "recompute": recompute is not None,
+            "optimizer_sharding": optimizer_sharding is not None, "tp": tp is not None}
+
+
+def _trials(problem: PlacementProblem, micro_batches: int | None, recompute: str | None,
+            optimizer_sharding: str | None, tp: int | None, expert_tp: bool,
+            ) -> tuple[list[tuple[int, str, str]], dict[int, list[int]]]:
+    """The (tp, recompute, optimizer sharding) settings to try and each TP degree's micro-batch
+    counts, the given ones fixed; raises ``PlacementError`` for a value that is not a choice."""
+    if recompute is not None and recompute not in RECOMPUTE:
+        raise PlacementError(f"{param('recompute', repr(recompute))}: use {', '.join(RECOMPUTE)}")
+    if optimizer_sharding is not None and optimizer_sharding not in OPTIMIZER_SHARDING:
+        raise PlacementError(f"{param('optimizer_sharding', repr(optimizer_sharding))}: use {', '.join(OPTIMIZER_SHARDING)}")
+    if tp is None:
+        ts = [t for t in tp_degrees(problem.config, problem.gpus_per_node) if t > 1 or not expert_tp]
+    else:
+        check_tp(problem.config, problem.gpus_per_node, tp, expert_tp)
+        ts = [tp]
+    if not ts:
+        raise PlacementError(f"{param('tp', 'auto')} with {param('expert_tp')}: no TP degree of 2 or more splits these nodes and heads")
+    rs = [recompute] if recompute is not None else list(RECOMPUTE)
+    ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
+    ms_of = {t: [micro_batches] if micro_batches is not None else micro_batch_choices(problem, t) for t in ts}
+    return [(t, r, s) for t in ts for r, s in itertools.product(rs, ss)], ms_of
 
 
 def _with(problem: PlacementProblem, settings: RunSettings) -> PlacementProblem:
     return dataclasses.replace(problem, **dataclasses.asdict(settings))
 
 
-def _refusal(problem: PlacementProblem, settings: RunSettings, total: np.ndarray) -> str:
-    cap = np.asarray(problem.topology.gpu_memory_gb, dtype=np.float64)
-    g = int(np.argmax(total / (cap * 1e9)))
-    c = problem.config
-    return (f"no run settings fit in GPU memory: the closest, {settings.describe()}, needs "
-            f"{total[g] / _GB:.1f} GB on {problem.topology.gpu_names[g]}, which has {cap[g]:g} GB. "
-            f"Use more GPUs (each then holds fewer expert replicas and tokens), shorter sequences "
+def _refusal(problem: PlacementProblem, settings: RunSettings, need_bytes: float, has_gb: float, *,
+             fixed: dict[str, bool], floor: bool = False, gpu: str = "") -> str:
+    """The message of ``DoesNotFit``: what the closest settings need against what the GPU has,
+    and what would change it: first the settings the user fixed (``fixed``: name -> given)
+    where another value needs less, then the inputs. ``floor``: the need is
+    ``check_memory_floor``'s, which no placement goes below."""
+    c, caps = problem.config, np.asarray(problem.topology.gpu_memory_gb)
+    largest = max(micro_batch_choices(problem, settings.tp))
+    tries = ([param("micro_batches", largest)] if fixed.get("micro_batches") and settings.micro_batches < largest else []) \
+        + ([param("recompute", "block")] if fixed.get("recompute") and settings.recompute != "block" else []) \
+        + ([param("optimizer_sharding", "all")] if fixed.get("optimizer_sharding")
+           and settings.optimizer_sharding != "all" else []) \
+        + ([param("tp", "auto")] if fixed.get("tp") and settings.tp == 1 and len(tp_degrees(c, problem.gpus_per_node)) > 1 else [])
+    has = f"the GPUs have {has_gb:g} GB" + ("" if np.all(caps == caps[0]) else " on average")
+    where = (f"at least {need_bytes / _GB:.1f} GB a GPU under any placement (each expert held once, the "
+             f"tokens spread evenly), and {has}; no plan can fit, so none was solved" if floor
+             else f"{need_bytes / _GB:.1f} GB on {gpu}, which has {has_gb:g} GB")
+    return (f"no run settings fit in GPU memory: the closest, {settings.describe()}, needs {where}. "
+            + (f"Try {', '.join(tries)}; or use" if tries else "Use")
+            + f" more GPUs (each then holds fewer expert replicas and tokens), shorter sequences "
             f"({param('set', f'seq_len={max(1, c.seq_len // 2)}')}), fewer or smaller experts "
-            f"({param('set', 'num_experts=N')}, {param('set', 'd_ff=N')}; "
-            f"{param('experts_per_gpu', problem.experts_per_gpu)} allows that many per GPU and layer), "
-            + (f"tensor parallelism ({param('tp', 'auto')}), " if settings.tp == 1
-               and len(tp_degrees(c, problem.gpus_per_node)) > 1 else "")
-            + "or GPUs with more memory")
+            f"({param('set', 'num_experts=N')}, {param('set', 'd_ff=N')}"
+            + ("), " if floor else f"; {param('experts_per_gpu', problem.experts_per_gpu)} allows that many per GPU "
+               "and layer: fewer leave fewer replicas), ")
+            + f"or GPUs with more memory ({param('memory_gb')} caps each GPU's memory, if given)")
