@@ -34,10 +34,12 @@ from epplan.placement.types import LayerPlacement
 from epplan.workload.memory import tp_group_sum
 
 _STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
-# Interior point (with crossover) above either size, dual simplex below. Measured at load 4-6 on
-# a 2-core machine, both stages: 512 GPUs, 64 node groups, 19,485 columns but 2.15M nonzeros
-# (every (node, GPU) pair crosses ~200 fabric links): 18.8 s against 300.8 s for dual simplex;
-# 16 nodes, 32,771 columns, 131k nonzeros: 2.2 s against 1.0 s.
+# Interior point above either size, dual simplex below. Measured at load 4-6 on a 2-core machine,
+# both stages: 512 GPUs, 64 node groups, 19,485 columns but 2.15M nonzeros (every (node, GPU)
+# pair crosses ~200 fabric links): 18.8 s with crossover against 300.8 s for dual simplex;
+# 16 nodes, 32,771 columns, 131k nonzeros: 2.2 s against 1.0 s. Without crossover (the
+# default, ``crossover``): the same 512-GPU layer 6.3 s against 9.5 s with it at load 1, the
+# same layer time to 1e-12 (instance 9's layers 0 and 3, scripts/bench_planner.py).
 _IPM_ABOVE = 20_000          # columns
 _IPM_ABOVE_NONZEROS = 1_000_000
 _TIE_BREAK_SHARE = 2.0  # under a limit the tie-break gets at most this many times the first stage's time (>= 1 s)
@@ -57,7 +59,7 @@ class SplitResult:
 
 def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bool = True,
                    time_limit: float | None = None, max_columns: int = MAX_COLUMNS,
-                   method: str = "auto") -> SplitResult:
+                   method: str = "auto", crossover: bool = False) -> SplitResult:
     """Best splits for ``replicas`` (replicas[e]: sorted ranks holding expert e).
 
     Exact over all splits while groups x replicas <= ``max_columns``; above, each group may use
@@ -65,7 +67,10 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     split of that kind (its cost is still exact).
 
     ``method``: HiGHS's "ipm" or "simplex", or "auto" (by the model's size: interior point
-    above ``_IPM_ABOVE`` columns or ``_IPM_ABOVE_NONZEROS`` nonzeros).
+    above ``_IPM_ABOVE`` columns or ``_IPM_ABOVE_NONZEROS`` nonzeros). Interior point stops
+    at its own optimality tolerance unless ``crossover``: no vertex is needed, since the flows
+    become per-source fractions (``_to_layer``) and the plan is scored as it is
+    (``split_result``); where it does not reach that tolerance, it runs again with crossover.
     ``time_limit`` counts from the call: the link map's first build (2.7 s at 512 GPUs) and the
     model's are part of it, HiGHS gets what is left. Out of time, the result is ``nearest_split``
     (the caller keeps whichever split it had in hand if that is better); ``seconds`` is the
@@ -131,8 +136,10 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     cost = np.zeros(ncol)
     cost[col_mu], cost[col_z] = exposed, 1.0
     lp = LP(cost, a, row_lo, row_hi, np.zeros(ncol), np.full(ncol, inf))
-    if method == "ipm" or (method == "auto" and (ncol > _IPM_ABOVE or a.nnz > _IPM_ABOVE_NONZEROS)):
+    ipm = method == "ipm" or (method == "auto" and (ncol > _IPM_ABOVE or a.nnz > _IPM_ABOVE_NONZEROS))
+    if ipm:
         lp.h.setOptionValue("solver", "ipm")   # several times faster than simplex at this size
+        lp.h.setOptionValue("run_crossover", "on" if crossover else "off")
     elif method == "simplex":
         lp.h.setOptionValue("solver", "simplex")
 
@@ -140,6 +147,9 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
         return None if time_limit is None else time_limit - (time.monotonic() - t0)
 
     res = lp.solve(left()) if left() is None or left() > 0 else None
+    if ipm and not crossover and res is not None and res.status == "error" and (left() is None or left() > 0):
+        lp.h.setOptionValue("run_crossover", "on")   # imprecise without a vertex: take one
+        res = lp.solve(left())
     if res is None or res.status != "optimal":
         # Out of time (or numerical trouble): a feasible split that uses no LP.
         return split_result(data, nearest_split(data, replicas), status="time_limit" if res is None else res.status,
