@@ -1,7 +1,9 @@
 """``solve(problem) -> Placement``: the planner. Pure: no files, no printing.
 
 Per MoE layer (layers are independent; a layer whose traffic equals an earlier one's up to a
-relabelling of the experts is solved once and relabelled):
+relabelling of the experts is solved once and relabelled, and its own baselines, which need not
+be relabellings of the solved layer's, are re-split by the LP as tasks beside the distinct
+layers, inside the limit, so that no layer is worse than a baseline re-split the limit allowed):
 
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
    nodes and the nodes under each fabric switch, and the cuts under the GPU time a plan may
@@ -70,6 +72,7 @@ SOLVERS: tuple[Solver, ...] = get_args(Solver)
 _EXACT = 1e-6   # relative gap reported as optimal (the LP tie-break may cost 1e-7)
 _TIE = 1e-6     # bottlenecks this close are equal; the idler network wins
 _GRACE_S = 2.0  # seconds before the time limit at which layers stop, to return what they found
+_CHECK_MARGIN_S = 0.5   # seconds before the wall at which the relabelled layers' checks stop
 _FLAT_SHARE = 0.7  # of the time limit, for the flat plan that hierarchical dispatch starts from
 
 
@@ -168,16 +171,16 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                     progress(info_j, done, total)
 
     tasks = [(li, {name: pl.layers[li] for name, pl in baselines.items()}) for li in todo]
-    # The relabelled layers' own baselines (where not a relabelling of the representative's):
-    # after the workers, each is re-split unless its split bound is above the layer's plan; the
-    # replica search leaves time for those LPs.
+    # The relabelled layers' own baselines (not all label-equivariant: EPLB's plans of zipf
+    # layers are not relabellings of each other) are re-split by the LP as tasks of their own,
+    # inside the limit, beside the distinct layers (``_checks``); the replica search leaves
+    # time for those LPs.
+    checks, covered = _checks(baselines, rep, perms)
     after: dict[int, list] = {li: [] for li in todo}
-    for lj, li in enumerate(rep):
-        if li != lj:
-            after[li] += [(lj, pl.layers[lj].replicas) for pl in baselines.values()
-                          if any(r.size > 1 for r in pl.layers[lj].replicas)
-                          and not _same_replicas(pl.layers[li], perms[li], pl.layers[lj], perms[lj])]
-    num_workers = _workers(workers, len(tasks))
+    for key, (lj, replicas) in checks.items():
+        after[rep[lj]].append((lj, replicas))
+    checked: dict[str, tuple] = {}    # check key -> _check's result
+    num_workers = _workers(workers, len(tasks) + len(checks))
     has_fork = "fork" in mp.get_all_start_methods()  # workers inherit the problem by forking
     if not has_fork or (num_workers <= 1 and deadline is None):
         scores = _baseline_scores(problem, baselines, slots)
@@ -185,19 +188,25 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
             budget = _budget(deadline, len(tasks) - i)
             layer, info = _solve_layer(problem, li, base, solver, budget, gap, deadline=deadline, after=after[li])
             finish(li, layer, info)
+        for key, (lj, replicas) in checks.items():
+            checked[key] = _check(problem, lj, replicas, results[rep[lj]][1].objective_s, deadline)
     else:
         # Worker processes, so that the time limit is a wall. Every worker stops its layer's
         # search at the deadline and returns its plan; on the way it posts each better plan it
         # finds (_post), so that a layer still running at the deadline plus the grace (an LP or
         # MILP that overran its limit, a construction that does not return) is stopped and keeps
-        # the best plan it had posted (the best baseline as it is when it posted none).
+        # the best plan it had posted (the best baseline as it is when it posted none). The
+        # relabelled layers' checks follow the distinct layers in the pool's order; a check
+        # reads its representative's best plan so far (``_FLOOR``, shared memory) to skip an LP
+        # its split bound rules out.
         ctx = mp.get_context("fork")
-        global _SHARED, _QUEUE, _AFTER
+        global _SHARED, _QUEUE, _AFTER, _FLOOR
         posted: dict[int, tuple] = {}
         queue = ctx.SimpleQueue()
         # the forked workers read them (not pickled: ``after`` holds every relabelled layer's
         # baselines); reset however the pool ends
         _SHARED, _QUEUE, _AFTER = problem, queue, after
+        _FLOOR = ctx.Array("d", [np.inf] * num_layers, lock=False)
         try:
             pool = ctx.Pool(max(1, num_workers))
             # The baselines' scores (for the relabelled layers and the stopped ones) are computed
@@ -205,8 +214,11 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
             scoring = ThreadPoolExecutor(1)
             scores_future = scoring.submit(_baseline_scores, problem, baselines, slots)
             try:
-                jobs = [(li, base, solver, deadline, len(tasks) - i, max(1, num_workers), gap)
+                jobs = [("layer", li, base, solver, deadline, len(tasks) - i, max(1, num_workers), gap)
                         for i, (li, base) in enumerate(tasks)]
+                # checks run up to the wall, less a margin to hand their results back
+                until = None if wall is None else max(deadline, wall - _CHECK_MARGIN_S)
+                jobs += [("check", key, lj, rep[lj], replicas, until) for key, (lj, replicas) in checks.items()]
                 results_iter = pool.imap_unordered(_worker, jobs)
                 waiting = len(jobs)
                 while waiting:
@@ -214,13 +226,16 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                     if wait is not None and wait <= 0:
                         break
                     try:
-                        li, layer, info = results_iter.next(timeout=_POLL_S if wait is None else min(_POLL_S, wait))
+                        out = results_iter.next(timeout=_POLL_S if wait is None else min(_POLL_S, wait))
                     except mp.TimeoutError:
                         _drain(queue, posted)
                         continue
                     waiting -= 1
-                    if layer is not None:
-                        finish(li, layer, info)
+                    if out[0] == "check":
+                        if out[2] is not None:
+                            checked[out[1]] = out[2]
+                    elif out[2] is not None:
+                        finish(out[1], out[2], out[3])
                 _drain(queue, posted)   # a worker may be blocked writing to the queue
             finally:
                 pool.terminate()
@@ -228,7 +243,7 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                 scores = scores_future.result()
                 scoring.shutdown()
         finally:
-            _SHARED = _QUEUE = None
+            _SHARED = _QUEUE = _FLOOR = None
             _AFTER = {}
             queue.close()
         for li, base in tasks:
@@ -238,40 +253,39 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                 finish(li, layer, info)
 
     # A relabelled layer is as good as its representative; unless that one is proven optimal,
-    # its own baselines (not all label-equivariant) are checked too: as they are (the scores
-    # above) and re-split by the LP, where the representative did not already solve or rule
-    # out the same placement's split and where the split's own bound does not rule it out.
-    # Past the wall only the precomputed scores are compared (no bound, no LP).
+    # its own baselines are checked too: as they are (the scores above) and re-split by the LP
+    # (the checks' results; a placement that is a relabelling of one the representative split
+    # follows the representative's). No LP runs here.
     relabelled = [lj for lj in range(num_layers)
                   if results[lj][1].same_as is not None and results[lj][1].gap > _EXACT]
-    for i, lj in enumerate(relabelled):
+    for lj in relabelled:
         layer, info = results[lj]
         li = info.same_as
         rep_open = set(results[li][1].unchecked)
         inc = _Incumbent(lj, None)
         inc.offer(info.objective_s, info.link_s, layer, info.start)
-        data = bound_data = None
         for name, pl in baselines.items():
             if name not in scores or np.isnan(scores[name][0][lj]):   # does not fit the GPUs
                 continue
             inc.offer(scores[name][0][lj], scores[name][1][lj], pl.layers[lj], name)
-            replicas = pl.layers[lj].replicas
-            if all(r.size == 1 for r in replicas):
-                continue        # one split only: the LP cannot change it
-            if name not in rep_open and _same_replicas(pl.layers[li], perms[li], pl.layers[lj], perms[lj]):
-                continue        # the representative's own re-split of this placement, relabelled
-            if wall is not None and time.monotonic() >= wall:
-                inc.unchecked.append(name)   # not even its bound (0.05-0.2 s a layer at 1,024 GPUs)
+            how = covered.get((lj, name))
+            if how is None:
+                continue                     # one split only: the LP cannot change it
+            kind, key = how
+            if kind == "rep":                # the representative's own re-split of it, relabelled
+                if key in rep_open:
+                    inc.unchecked.append(name)
                 continue
-            # split_bound reads only the counts, rates and links: any layer's data with these counts
-            bound_data = bound_data or _with_counts(problem, counts[lj])
-            if split_bound(bound_data, replicas) >= inc.floor:
-                continue
-            data = data or layer_data(problem, counts[lj], max_groups=_max_groups(problem))
-            res = optimal_splits(data, replicas, time_limit=_budget(wall, 2 * (len(relabelled) - i)))
-            inc.offer(res.bottleneck, res.link_time, res.layer, f"{name}+lp")
-            if res.status != "optimal":
+            got = checked.get(key)
+            if got is None:                  # the limit came first
                 inc.unchecked.append(name)
+                continue
+            split, cost, link_s, status = got
+            if split is not None:            # None: its split bound is above the plan
+                lk = checks[key][0]
+                inc.offer(cost, link_s, _relabel(split, perms[lk], perms[lj]), f"{name}+lp")
+                if status != "optimal":
+                    inc.unchecked.append(name)
         unchecked = sorted(set(inc.unchecked))
         if inc.layer is not layer or unchecked != info.unchecked:
             g = _gap(inc.cost, min(info.bound_s, inc.cost))
@@ -385,24 +399,105 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
 _SHARED: PlacementProblem | None = None  # the problem solve() hands its forked workers
 _QUEUE = None   # where the forked workers post each better plan they find (a SimpleQueue)
 _AFTER: dict[int, list] = {}   # per layer, what its relabelled layers re-split after it (``solve``)
+_FLOOR = None   # shared float64[L]: each distinct layer's best time posted so far (``_post``)
 _POLL_S = 0.1   # seconds between the parent's looks at the queue while it waits for results
 
 
-def _worker(job: tuple) -> tuple[int, LayerPlacement | None, LayerInfo | None]:
-    li, base, solver, deadline, tasks_left, num_workers, gap = job
+def _worker(job: tuple) -> tuple:
+    """A pool task: ("layer", ...) solves a distinct layer, ("check", ...) re-splits a relabelled
+    layer's baseline (``_check``)."""
+    if job[0] == "check":
+        _, key, lj, li, replicas, deadline = job
+        if deadline is not None and time.monotonic() >= deadline:
+            return "check", key, None
+        floor = np.inf if _FLOOR is None else float(_FLOOR[li])
+        return "check", key, _check(_SHARED, lj, replicas, floor, deadline)
+    _, li, base, solver, deadline, tasks_left, num_workers, gap = job
     if deadline is not None and time.monotonic() >= deadline:
-        return li, None, None      # started past the wall: the parent holds the best baseline
+        return "layer", li, None, None   # started past the wall: the parent holds the best baseline
     # The pool starts the jobs in order: this one and the tasks_left - 1 after it share the
     # time left, num_workers at a time.
     budget = _budget(deadline, -(-tasks_left // num_workers))
     layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post,
                                after=_AFTER.get(li))
-    return li, layer, info
+    return "layer", li, layer, info
 
 
 def _post(message: tuple) -> None:
+    if _FLOOR is not None:
+        _FLOOR[message[0]] = min(_FLOOR[message[0]], message[2])   # the layer's best time so far
     if _QUEUE is not None:
         _QUEUE.put(message)
+
+
+def _checks(baselines: dict[str, Placement], rep: list[int], perms) -> tuple[dict[str, tuple], dict]:
+    """The relabelled layers' baselines to re-split: (checks, covered). checks: key -> (layer,
+    replicas), one per placement up to expert labels (EPLB's and EPLB-hier's are often the
+    same; two layers' may be); covered: (layer, baseline) -> ("rep", the representative's
+    baseline whose placement it is, relabelled) or ("check", key); a baseline with one replica
+    per expert (one split only) is in neither."""
+    checks: dict[str, tuple] = {}
+    covered: dict[tuple[int, str], tuple[str, str]] = {}
+    rep_keys: dict[int, dict[str, str]] = {}
+    for lj, li in enumerate(rep):
+        if li == lj:
+            continue
+        if li not in rep_keys:
+            rep_keys[li] = {_placement_key(pl.layers[li], perms[li]): name for name, pl in baselines.items()}
+        for name, pl in baselines.items():
+            if all(r.size == 1 for r in pl.layers[lj].replicas):
+                continue
+            key = _placement_key(pl.layers[lj], perms[lj])
+            if key in rep_keys[li]:
+                covered[(lj, name)] = ("rep", rep_keys[li][key])
+                continue
+            covered[(lj, name)] = ("check", key)
+            checks.setdefault(key, (lj, pl.layers[lj].replicas))
+    return checks, covered
+
+
+def _placement_key(layer: LayerPlacement, perm: np.ndarray) -> str:
+    """The replicas of ``layer`` in canonical expert order (``_canonical``'s perm): equal keys of
+    layers with equal traffic keys = the same placement up to expert labels."""
+    digest = hashlib.sha256()
+    for e in perm:
+        digest.update(np.asarray(layer.replicas[e], dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def _check(problem: PlacementProblem, lj: int, replicas: list[np.ndarray], floor: float,
+           deadline: float | None) -> tuple | None:
+    """Layer ``lj``'s baseline placement ``replicas`` re-split by the LP under the time left:
+    (split layer, time, busiest link, LP status), or (None, ...) when its split bound is not
+    below ``floor`` (the layer's plan in hand), or None past ``deadline``."""
+    if deadline is not None and time.monotonic() >= deadline:
+        return None
+    if split_bound(_with_counts(problem, problem.traffic.counts[lj]), replicas) >= floor:
+        return None, float("inf"), float("inf"), "ruled_out"
+    data = _shared_coef(layer_data(problem, problem.traffic.counts[lj], max_groups=_max_groups(problem)))
+    res = optimal_splits(data, replicas, time_limit=None if deadline is None else deadline - time.monotonic())
+    _keep_coef(data)
+    return res.layer, float(res.bottleneck), float(res.link_time), res.status
+
+
+_COEF: list = []   # [(lm, link_unit, group_of, weight, coef)]: the last link coefficients built here
+
+
+def _shared_coef(data: LayerData) -> LayerData:
+    """``data`` with the coefficient matrix (``LayerData.coef``) of an earlier layer of this
+    process with the same links, source groups and weights (zipf layers' relabellings: 2.7 s
+    to build at 512 GPUs), else ``data`` as it is."""
+    for lm, link_unit, group_of, weight, coef in _COEF:
+        if (lm is data.lm and np.array_equal(link_unit, data.link_unit) and np.array_equal(group_of, data.group_of)
+                and np.array_equal(weight, data.weight)):
+            return replace(data, _coef=coef)
+    return data
+
+
+def _keep_coef(data: LayerData) -> None:
+    """Keep ``data``'s coefficient matrix, if built, for ``_shared_coef`` (one at a time)."""
+    if data._coef is not None and not (_COEF and _COEF[0][4] is data._coef):
+        _COEF[:] = [(data.lm, data.link_unit, data.group_of, data.weight, data._coef)]
 
 
 def _drain(queue, posted: dict[int, tuple]) -> None:
@@ -485,7 +580,7 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     def over(until: float | None) -> bool:
         return until is not None and time.monotonic() >= until
 
-    data = layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem))
+    data = _shared_coef(layer_data(problem, problem.traffic.counts[li], max_groups=_max_groups(problem)))
     bound, source = lower_bound(data)
     inc = _Incumbent(li, post, bound=bound, source=source)
     fitting = {name: base for name, base in baseline_layers.items() if _fits(base.replicas, data)}
@@ -593,6 +688,7 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             g = _gap(cost, bound)
         if found.stopped_by_time:
             open_as = "time_limit"
+    _keep_coef(data)
     status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else open_as)
     info = LayerInfo(layer=li, status=status, objective_s=float(cost), bound_s=float(bound),
                      bound_source=source, gap=float(g), link_s=float(link_s),
