@@ -50,6 +50,9 @@ from epplan.placement.layer import LayerData
 from epplan.placement.lp import LP
 
 MAX_FLOWS = 400_000     # node-level flow columns above which the model is not built
+# nodes x experts above which count_model is not tried: at 32 x 256 (bench instance 5) it took
+# 51.7 s on a 30 s limit and stayed below the trade-off bound.
+MAX_COUNT_INTEGERS = 4096
 
 
 @dataclass
@@ -130,14 +133,7 @@ def node_model(data: LayerData, *, integer: bool = True, time_limit: float | Non
             add([r], [col_mu], [-1.0])
             lo.append([-np.inf]); hi.append([0.0])
             r += 1
-    # schedule
-    exposed, hidden = data.schedule.exposed, data.schedule.hidden
-    add([r, r, r + 1, r + 1], [col_mu, col_z, col_x, col_z], [hidden, -1.0, 1.0, -1.0])
-    lo.append([-np.inf, -np.inf]); hi.append([0.0, 0.0])
-    r += 2
-    a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, ncol))
-    c = np.zeros(ncol)
-    c[col_mu], c[col_z] = exposed, 1.0
+    a, c = _with_schedule(data, rows, cols, vals, lo, hi, r, col_mu, col_x, col_z)
     col_lo = np.zeros(ncol)
     col_hi = np.full(ncol, np.inf)
     col_hi[off_h:col_mu] = 1.0
@@ -166,6 +162,20 @@ def node_model(data: LayerData, *, integer: bool = True, time_limit: float | Non
     return NodeResult(max(0.0, bound), replicas, res.status, time.monotonic() - t0)
 
 
+def _with_schedule(data: LayerData, rows: list, cols: list, vals: list, lo: list, hi: list, r: int,
+                   col_mu: int, col_x: int, col_z: int) -> tuple[sp.csc_matrix, np.ndarray]:
+    """(A, c) of a node model: its rows so far and the schedule's (hidden * mu <= z, X <= z),
+    objective exposed * mu + z; appends the schedule's row bounds to lo / hi."""
+    ncol = col_z + 1
+    rows.append(np.array([r, r, r + 1, r + 1])); cols.append(np.array([col_mu, col_z, col_x, col_z]))
+    vals.append(np.array([data.schedule.hidden, -1.0, 1.0, -1.0]))
+    lo.append([-np.inf, -np.inf]); hi.append([0.0, 0.0])
+    a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r + 2, ncol))
+    c = np.zeros(ncol)
+    c[col_mu], c[col_z] = data.schedule.exposed, 1.0
+    return a, c
+
+
 def _replica_counts(held: np.ndarray, served: np.ndarray, data: LayerData, node_of: np.ndarray) -> np.ndarray | None:
     """int64[N, E]: node B's slots apportioned to the experts it holds (h > 0.5) by the load it
     serves for them (at most one replica per GPU); None if that leaves an expert nowhere."""
@@ -183,3 +193,129 @@ def _replica_counts(held: np.ndarray, served: np.ndarray, data: LayerData, node_
     if np.any(m.sum(axis=0) == 0):
         return None
     return m
+
+
+def count_model(data: LayerData, upper: float, *, time_limit: float | None = None) -> NodeResult:
+    """The replica-count model of one layer (below): a lower bound, in seconds, on every plan
+    faster than ``upper`` (the plan in hand), so min(upper, bound) is valid for all plans.
+
+    The node model above lets one replica serve a node's whole demand for its expert and the
+    trade-off bound (``bounds.tradeoff_bound``) sizes each set's local service alone. Here the
+    nodes share the experts' replicas: with r[B, e] the replicas of e on node B (integer,
+    at most |B|, sum_e r[B, e] <= B's slots), s[B, e] what B's GPUs serve of e and loc[S, e]
+    what the cut set S serves of its own demand for e,
+
+        sum_B s[B, e] = n_e;   s[B, e] <= r[B, e] * upper * (B's fastest GPU's rate)
+        sum_e s[B, e] <= X * (B's GPUs' rates together);   X >= the compute bound
+        loc[S, e] <= n[S, e],  loc[S, e] <= sum_{B in S} s[B, e]
+        2b (out(S) + in(S)) <= mu * cap(S),  out(S) = n_S - sum_e loc[S, e],
+                                             in(S) = sum_{B in S, e} s[B, e] - sum_e loc[S, e]
+
+    for every cut set S of ``bounds.cut_sets`` (exit and entry), over the nodes as a partition
+    4b sum_B out(B) <= mu * (all their exit capacity), and the schedule's rows as in the node
+    model; minimise exposed * mu + z. A true plan whose busiest GPU is within X <= upper maps to
+    a feasible point at its own mu and X (r its holdings by node, s and loc its service), so the
+    MILP's dual bound is at most that plan's time. What it sees: every expert needs replicas
+    that serve all of its demand, so cold experts take slots that the nodes' own hot experts
+    would use to serve their demand locally (instance 2 of ``scripts/bench_planner.py``: the
+    analytic bounds let every node keep 74 % of its demand; the nodes together keep at most 71 %).
+    """
+    t0 = time.monotonic()
+    topo = data.lm.topology
+    cuts = cut_sets(topo)
+    if not cuts or data.pool > 1:
+        return NodeResult(0.0, None, "skipped", 0.0)
+    node_of = data.lm.gpu_node
+    num_nodes, num_experts = topo.num_nodes, data.num_experts
+    demand = np.zeros((num_nodes, num_experts))
+    np.add.at(demand, node_of, data.counts)                          # [N, E]
+    unit = max(demand.sum() / num_nodes, 1e-30)                      # one node's demand
+    tau = unit * float(np.mean(data.gpu_unit))
+    demand = demand / unit
+    load = demand.sum(axis=0)                                        # [E]
+    rate = 1.0 / data.gpu_unit
+    node_rate = np.bincount(node_of, weights=rate, minlength=num_nodes) * tau / unit   # per unit of X
+    fastest = np.array([rate[node_of == b].max() for b in range(num_nodes)]) * upper / unit
+    size = np.bincount(node_of, minlength=num_nodes)
+    slots = np.bincount(node_of, weights=data.slots, minlength=num_nodes)
+    ne, ns = num_nodes * num_experts, len(cuts) * num_experts
+    # Columns: r (B, e) | s (B, e) | loc (S, e) | mu | X | z
+    off_s, off_loc = ne, 2 * ne
+    col_mu = off_loc + ns
+    col_x, col_z = col_mu + 1, col_mu + 2
+    ncol = col_z + 1
+    be = np.arange(ne)
+    b_of, e_of = np.divmod(be, num_experts)
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    r = 0
+
+    def add(rr, cc, vv):
+        rows.append(np.asarray(rr)); cols.append(np.asarray(cc)); vals.append(np.asarray(vv, dtype=np.float64))
+
+    add(r + b_of, be, np.ones(ne))                                   # slots
+    lo.append(np.full(num_nodes, -np.inf)); hi.append(slots)
+    r += num_nodes
+    add(r + b_of, off_s + be, 1.0 / node_rate[b_of])                 # GPUs: served <= X * rate
+    add(r + np.arange(num_nodes), np.full(num_nodes, col_x), -np.ones(num_nodes))
+    lo.append(np.full(num_nodes, -np.inf)); hi.append(np.zeros(num_nodes))
+    r += num_nodes
+    add(r + be, off_s + be, np.ones(ne))                             # s <= r * per-replica
+    add(r + be, be, -fastest[b_of])
+    lo.append(np.full(ne, -np.inf)); hi.append(np.zeros(ne))
+    r += ne
+    add(r + e_of, off_s + be, np.ones(ne))                           # cover every expert's demand
+    lo.append(load); hi.append(load)
+    r += num_experts
+    b2 = 2.0 * data.bytes_per_assignment * unit / tau
+    singles_exit = singles_entry = 0.0
+    singles = []
+    for i, (nodes, exit_cap, entry_cap) in enumerate(cuts):
+        members = (nodes[:, None] * num_experts + np.arange(num_experts)[None, :]).reshape(-1)
+        loc = off_loc + i * num_experts + np.arange(num_experts)
+        add(r + np.arange(num_experts), loc, np.ones(num_experts))  # loc <= what S serves
+        add(r + np.tile(np.arange(num_experts), nodes.size), off_s + members, -np.ones(members.size))
+        lo.append(np.full(num_experts, -np.inf)); hi.append(np.zeros(num_experts))
+        r += num_experts
+        own = float(demand[nodes].sum())
+        for cap in {exit_cap, entry_cap}:
+            if cap <= 0:
+                continue
+            k = b2 / cap
+            add(np.full(num_experts, r), loc, np.full(num_experts, -2.0 * k))
+            add(np.full(members.size, r), off_s + members, np.full(members.size, k))
+            add([r], [col_mu], [-1.0])
+            lo.append([-np.inf]); hi.append([-k * own])
+            r += 1
+        if nodes.size == 1:
+            singles.append(loc)
+            singles_exit += exit_cap
+            singles_entry += entry_cap
+    if len(singles) == num_nodes:   # the single nodes are a partition
+        loc = np.concatenate(singles)
+        for cap in {singles_exit, singles_entry}:
+            if cap <= 0:
+                continue
+            k = 2.0 * b2 / cap
+            add(np.full(loc.size, r), loc, np.full(loc.size, -k))
+            add([r], [col_mu], [-1.0])
+            lo.append([-np.inf]); hi.append([-k * float(demand.sum())])
+            r += 1
+    a, c = _with_schedule(data, rows, cols, vals, lo, hi, r, col_mu, col_x, col_z)
+    col_lo = np.zeros(ncol)
+    col_hi = np.full(ncol, np.inf)
+    col_hi[:ne] = np.minimum(size, slots)[b_of]
+    col_hi[off_s:off_loc] = load[e_of]
+    col_hi[off_loc:col_mu] = np.concatenate([demand[nodes].sum(axis=0) for nodes, _, _ in cuts])
+    col_lo[col_x] = compute_bound(data) / tau
+    col_hi[col_x] = max(upper, compute_bound(data)) / tau
+    col_lo[col_mu] = cut_bound(data) / tau
+    integrality = np.zeros(ncol, dtype=bool)
+    integrality[:ne] = True
+    lp = LP(c, a, np.concatenate(lo), np.concatenate(hi), col_lo, col_hi, integrality=integrality)
+    left = None if time_limit is None else max(0.05, time_limit - (time.monotonic() - t0))
+    res = lp.solve(left)
+    if res.status == "infeasible":      # no plan is faster than ``upper``
+        return NodeResult(float(upper), None, "optimal", time.monotonic() - t0)
+    dual = lp.h.getInfo().mip_dual_bound
+    bound = float(dual) * tau if res.status in ("optimal", "time_limit") and np.isfinite(dual) else 0.0
+    return NodeResult(max(0.0, min(bound, upper)), None, res.status, time.monotonic() - t0)

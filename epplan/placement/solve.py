@@ -8,7 +8,8 @@ layers, inside the limit, so that no layer is worse than a baseline re-split the
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
    nodes and the nodes under each fabric switch, and the cuts under the GPU time a plan may
    spend), combined by the runtime's schedule (``epplan.schedule``), and while the gap is open
-   the node-level LP of ``nodelp.py`` and the fabric link classes of ``farbound.py``;
+   the node-level LP of ``nodelp.py``, the fabric link classes of ``farbound.py`` and the
+   replica-count MILP (``nodelp.count_model``, half the time left, up to MAX_COUNT_INTEGERS);
 2. incumbent, the best plan (lowest layer time, as ``evaluate`` computes it) of: every baseline
    (contiguous, EPLB in both modes, random) as it is, and re-split by the split LP
    (``splits.py``) unless ``split_bound`` shows that no split of it beats the plan in hand; the
@@ -61,7 +62,7 @@ from epplan.placement.bounds import lower_bound
 from epplan.placement.heuristic import local_candidates, local_first
 from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
-from epplan.placement.nodelp import node_model
+from epplan.placement.nodelp import MAX_COUNT_INTEGERS, count_model, node_model
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.splits import nearest_split, optimal_splits, split_bound, split_result
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
@@ -85,7 +86,7 @@ class LayerInfo:
                            # large to try, and the gap is still above the target)
     objective_s: float
     bound_s: float
-    bound_source: str      # compute | cut | cut+compute | tradeoff | node-lp | link-class | milp
+    bound_source: str      # compute | cut | cut+compute | tradeoff | node-lp | link-class | node-count | milp
                            # (bounds.py, nodelp.py, farbound.py, ilp.py)
     gap: float
     link_s: float          # max link time of the plan (after the network tie-break)
@@ -647,6 +648,17 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
         far = far_tradeoff_bound(data, deadline=None if stop is None else min(stop, t0 + 0.5 * (stop - t0)))
         if far is not None and far > bound:
             bound, source = min(far, cost), "link-class"
+            g = _gap(cost, bound)
+            inc.bound, inc.source, inc.dirty = bound, source, True
+            inc.send()
+    if g > gap and not over(stop) and data.pool == 1 \
+            and data.lm.topology.num_nodes * data.num_experts <= MAX_COUNT_INTEGERS:
+        # The replica counts per node (every expert's replicas serve all its demand, so cold
+        # experts take slots the nodes' hot experts would use locally): a share of the time left.
+        counted = count_model(data, cost, time_limit=left(time.monotonic() + 0.5 * (stop - time.monotonic())
+                                                          if stop is not None else None))
+        if counted.bound > bound:
+            bound, source = min(counted.bound, cost), "node-count"
             g = _gap(cost, bound)
             inc.bound, inc.source, inc.dirty = bound, source, True
             inc.send()
