@@ -629,39 +629,37 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     cost, link_s, layer = inc.cost, inc.link, inc.layer
     g = _gap(cost, bound)
     open_as = "time_limit"
+
+    def take_bound(value: float | None, name: str) -> None:
+        """Take ``value`` as the layer's bound where it is above the one in hand (capped by the plan)."""
+        nonlocal bound, source, g
+        if value is not None and value > bound:
+            bound, source = min(value, cost), name
+            g = _gap(cost, bound)
+            inc.bound, inc.source, inc.dirty = bound, source, True
+            inc.send()
+
     # Under --expert-tp (data.pool > 1) the node LP and the link classes are not taken: they
     # bound a GPU's time by its own rows, where a TP group's ranks compute each other's.
     if g > gap and not over(stop) and data.pool == 1:
         # The node-level LP sees the fabric's cuts (leaf/spine/core) and couples them with
         # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts).
         node = node_model(data, integer=False, time_limit=left(stop))
-        if node.bound > bound:
-            bound, source = min(node.bound, cost), "node-lp"
-            g = _gap(cost, bound)
-            inc.bound, inc.source, inc.dirty = bound, source, True
-            inc.send()
+        take_bound(node.bound, "node-lp")
     if g > gap and not over(stop) and data.pool == 1:
         # Fabric link classes (leaf-spine under ECMP): what no plan can serve near, searched
         # over the GPU time with the cuts; a share of the layer's time, the MILP may use the rest.
         from epplan.placement.farbound import far_tradeoff_bound
 
         far = far_tradeoff_bound(data, deadline=None if stop is None else min(stop, t0 + 0.5 * (stop - t0)))
-        if far is not None and far > bound:
-            bound, source = min(far, cost), "link-class"
-            g = _gap(cost, bound)
-            inc.bound, inc.source, inc.dirty = bound, source, True
-            inc.send()
+        take_bound(far, "link-class")
     if g > gap and not over(stop) and data.pool == 1 \
             and data.lm.topology.num_nodes * data.num_experts <= MAX_COUNT_INTEGERS:
         # The replica counts per node (every expert's replicas serve all its demand, so cold
         # experts take slots the nodes' hot experts would use locally): a share of the time left.
         counted = count_model(data, cost, time_limit=left(time.monotonic() + 0.5 * (stop - time.monotonic())
                                                           if stop is not None else None))
-        if counted.bound > bound:
-            bound, source = min(counted.bound, cost), "node-count"
-            g = _gap(cost, bound)
-            inc.bound, inc.source, inc.dirty = bound, source, True
-            inc.send()
+        take_bound(counted.bound, "node-count")
     if g > gap:
         from epplan.placement.ilp import improve
 
