@@ -170,3 +170,11 @@ def test_num_param_tensors_counts_the_model(name):
     with torch.device("meta"):
         model = Transformer(c)
     assert num_param_tensors(c) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_calibrate_refuses_a_sustain_that_is_not_a_duration(value, tmp_path):
+    result = runner.invoke(app, ["calibrate", "--model", "tiny", "--device", "cpu", "--sustain", value,
+                                 "--out", str(tmp_path / "cal.json")])
+    assert result.exit_code == 1 and "--sustain" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "cal.json").exists()

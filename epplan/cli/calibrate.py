@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -37,6 +38,10 @@ def calibrate(
     tokens: Annotated[int, typer.Option(help="Tokens per timed call of the per-token parts.")] = 32768,
     experts: Annotated[int, typer.Option(help="Local experts in each grouped-GEMM timing.")] = 8,
     iters: Annotated[int, typer.Option(help="Timed runs per measurement (the median is kept).")] = 5,
+    sustain: Annotated[float, typer.Option(
+        metavar="SECONDS", help="On a GPU, seconds of back-to-back GEMMs before each measurement, so "
+        "that parts are timed at the clock a training step holds (a card at its power limit), not "
+        "a cool card's. 0 turns it off.")] = 1.0,
     rows: Annotated[Optional[str], typer.Option(
         help="Rows per expert to time, comma-separated. Default: 128,256,...,16384.",
         show_default=False)] = None,
@@ -63,6 +68,8 @@ def calibrate(
     for name, value in (("--tokens", tokens), ("--experts", experts), ("--iters", iters)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not (sustain >= 0 and math.isfinite(sustain)):
+        raise ConfigError(f"--sustain must be 0 or a positive number of seconds, got {sustain}")
     try:
         row_list = tuple(int(v) for v in rows.split(",")) if rows else ROWS_PER_EXPERT
     except ValueError:
@@ -82,7 +89,8 @@ def calibrate(
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
-        tables = measure(configs, dev, tokens=tokens, num_local=experts, iters=iters, rows=row_list)
+        tables = measure(configs, dev, tokens=tokens, num_local=experts, iters=iters, rows=row_list,
+                         sustain_s=sustain if dev.type == "cuda" else 0.0)
         is_main = dist.get_rank() == 0
         world = dist.get_world_size()
     finally:
@@ -96,7 +104,9 @@ def calibrate(
     cal = Calibration(
         gpu=gpu, software=software,
         provenance=(f"epplan calibrate on {gpu} x{world}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
-                    f"torch {torch.__version__}, models {', '.join(c.name for c in configs)}"),
+                    f"torch {torch.__version__}, models {', '.join(c.name for c in configs)}"
+                    + (f", each part after {sustain:g} s of sustained GEMMs" if dev.type == "cuda" and sustain > 0
+                       else "")),
         source=str(out), **tables)
     save_calibration(cal, out)
     if json:

@@ -1,7 +1,8 @@
 """``epplan calibrate``'s measurements: the step's parts, timed on this GPU with the runtime's code.
 
 Every timing is the median of ``iters`` runs after ``warmup`` runs, with CUDA events (host clocks
-on CPU), on random data (never zeros). Each result is stored as a rate in the units of
+on CPU), on random data (never zeros); on CUDA each follows ``sustain_s`` seconds of GEMMs, so
+that it sees the clock of a card under training's sustained load (``Timer``). Each result is stored as a rate in the units of
 ``epplan.cost.calibration``: FLOP-bound parts as TFLOP/s (FLOPs as ``epplan.workload.flops``
 counts them), memory-bound parts as GB/s over ``epplan.cost.step``'s byte count for that part.
 
@@ -36,6 +37,7 @@ What is timed (forward + backward unless said):
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -58,11 +60,44 @@ ROWS_PER_EXPERT = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class Timer:
-    def __init__(self, device: torch.device, iters: int, warmup: int) -> None:
-        self.device, self.iters, self.warmup = device, iters, warmup
+    """Median seconds of a callable on ``device``, ``iters`` timed runs after ``warmup``.
+
+    ``sustain_s`` (CUDA only): before each measurement, that many seconds of back-to-back bf16
+    GEMMs are queued ahead of it, so that the part is timed at the clock a training step runs at,
+    not a cool card's. Measured on an H200 (docs/benchmarks.md, 2026-12-03 call P): the card
+    idles at 1,980 MHz and holds 1,410-1,455 MHz at its 700 W limit within about a second of
+    sustained GEMMs (the board's power average fills over that second); the attention half timed
+    right after 5 s idle ran 9.2 % faster (Mixtral dims) than after 20 s of GEMMs. Nothing torch
+    ships holds a clock for a benchmark (``torch.utils.benchmark`` warms up by run count), hence
+    this."""
+
+    def __init__(self, device: torch.device, iters: int, warmup: int, sustain_s: float = 0.0) -> None:
+        self.device, self.iters, self.warmup, self.sustain_s = device, iters, warmup, sustain_s
+        self._heat: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (a, out, seconds per GEMM)
+
+    def _sustain(self) -> None:
+        """Queue ``sustain_s`` seconds of GEMMs on the current stream (no host sync after)."""
+        if self.sustain_s <= 0 or self.device.type != "cuda":
+            return
+        if self._heat is None:
+            a = torch.randn(8192, 8192, device=self.device, dtype=torch.bfloat16)
+            out = torch.empty_like(a)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.mm(a, a, out=out)
+            start.record()
+            for _ in range(20):
+                torch.mm(a, a, out=out)
+            end.record()
+            end.synchronize()
+            # a cool card's GEMM is the fastest it will be: the count below errs on the long side
+            self._heat = (a, out, start.elapsed_time(end) * 1e-3 / 20)
+        a, out, per_gemm = self._heat
+        for _ in range(max(1, math.ceil(self.sustain_s / per_gemm))):
+            torch.mm(a, a, out=out)
 
     def seconds(self, fn: Callable[[], Any]) -> float:
         """Median seconds of fn() on the device."""
+        self._sustain()
         for _ in range(self.warmup):
             fn()
         times = []
@@ -390,11 +425,12 @@ def measure_collectives(timer: Timer, sizes: tuple[int, ...]) -> dict[str, list[
 
 def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32768,
               num_local: int = 8, iters: int = 5, warmup: int = 2,
-              rows: tuple[int, ...] = ROWS_PER_EXPERT) -> dict[str, Any]:
+              rows: tuple[int, ...] = ROWS_PER_EXPERT, sustain_s: float = 0.0) -> dict[str, Any]:
     """Every table of a calibration file for ``configs``' shapes, on ``device`` (a dict; the
-    caller adds provenance). Needs ``torch.distributed`` initialised (a group of one is fine)."""
+    caller adds provenance), each part timed after ``sustain_s`` seconds of load (``Timer``).
+    Needs ``torch.distributed`` initialised (a group of one is fine)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    timer = Timer(device, iters, warmup)
+    timer = Timer(device, iters, warmup, sustain_s)
     gemm, expert, attention, memory, blocks, moe_local, heads, fixed = {}, [], {}, {}, {}, {}, {}, {}
     seen_expert = set()
     for c in configs:
