@@ -23,7 +23,8 @@ What is timed (forward + backward unless said):
     loss       one chunk of ``epplan.runtime.loss``'s cross-entropy (bf16 logits in, their
                gradient out; compiled on CUDA as in training)
     moe_local  per model: the MoE layer on one rank (router, permutation, exchange, combine)
-               minus its expert GEMMs
+               minus its expert GEMMs (fresh tokens at every run, alternated with the GEMMs
+               alone, the median of ``PAIRS`` differences)
     optimizer  gradient norm and ``TrainOptimizer.step`` with the clipping scale (on CUDA the
                one-pass AdamW that writes the bf16 copies, ``epplan.train.adamw``) over large
                tensors, half of them with a bf16 copy
@@ -31,6 +32,7 @@ What is timed (forward + backward unless said):
                statistics' all-gather, the gradient norm and its host sync, clipping, AdamW, the
                router-bias update) on the model's parameter tensors at tiny sizes: the per-step
                cost that does not scale with bytes (launches, host round trips), in seconds
+               (the median of ``PAIRS`` runs)
     embedding  token + position embeddings
     collectives (several ranks, under torchrun): all_to_all_single and all_reduce over the world
 """
@@ -57,6 +59,9 @@ from epplan.workload.config import ModelConfig
 from epplan.workload.flops import model_costs
 
 ROWS_PER_EXPERT = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Runs of the two host-bound measurements (the MoE layer less its GEMMs, the step's fixed cost):
+# their medians of 3 moved by 2x between calls on one H200 (docs/benchmarks.md, call Q).
+PAIRS = 9
 
 
 class Timer:
@@ -95,25 +100,39 @@ class Timer:
         for _ in range(max(1, math.ceil(self.sustain_s / per_gemm))):
             torch.mm(a, a, out=out)
 
-    def seconds(self, fn: Callable[[], Any]) -> float:
-        """Median seconds of fn() on the device."""
+    def _once(self, fn: Callable[[], Any]) -> float:
+        """Seconds of one fn() from an idle stream: the host's launch time shows where it binds."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e-3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def _prepare(self, *fns: Callable[[], Any]) -> None:
         self._sustain()
         for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.iters):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+            for fn in fns:
                 fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        if self.device.type == "cuda":
+            # the first timed run must not be queued behind the sustaining GEMMs, or its host
+            # time would hide under them
+            torch.cuda.synchronize(self.device)
+
+    def seconds(self, fn: Callable[[], Any], iters: int | None = None) -> float:
+        """Median seconds of fn() on the device over ``iters`` runs (default: the timer's)."""
+        self._prepare(fn)
+        return statistics.median(self._once(fn) for _ in range(iters or self.iters))
+
+    def difference(self, fn: Callable[[], Any], part: Callable[[], Any], pairs: int) -> float:
+        """Median over ``pairs`` alternated runs of fn()'s seconds less part()'s: what fn adds
+        to part (each pair at the same clock and the same moment)."""
+        self._prepare(fn, part)
+        return statistics.median(self._once(fn) - self._once(part) for _ in range(pairs))
 
 
 def _rand(*shape: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0,
@@ -288,7 +307,7 @@ def measure_optimizer_fixed(timer: Timer, config: ModelConfig) -> dict[str, Any]
         grad_norm.item()  # the trainer's host sync
         opt.step(grad_scale=(1.0 / (grad_norm + 1e-6)).clamp(max=1.0))
         model.update_router_biases()
-    return {"num_tensors": len(params), "seconds": timer.seconds(run)}
+    return {"num_tensors": len(params), "seconds": timer.seconds(run, iters=max(timer.iters, PAIRS))}
 
 
 def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> dict[str, float]:
@@ -373,7 +392,10 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
 
 def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> float:
     """The MoE layer on one rank (``parallelize_experts`` on a group of this process alone, no
-    overlap: the path of a one-node ``epplan run``) minus its expert GEMMs alone, as GB/s."""
+    overlap: the path of a one-node ``epplan run``) minus its expert GEMMs alone, as GB/s. Every
+    run routes fresh tokens, so the GEMMs see new row counts as they do at every training step
+    (a count the library has not seen costs 100-185 us of host time per launch: docs/benchmarks.md,
+    call L); the layer and the GEMMs alone are run in alternation and the median difference kept."""
     from epplan.placement.types import Placement, LayerPlacement
     from epplan.runtime.expert_parallel import parallelize_experts
     from epplan.runtime.model import Transformer
@@ -393,20 +415,27 @@ def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: tor
     x = _rand(tokens, d := c.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
     g = _rand(tokens, d, device=dev, dtype=_stream_dtype(dev))
 
+    def fresh() -> None:  # new tokens: new routing, new row counts per expert, as at every step
+        with torch.no_grad():
+            x.normal_()
+
     def run() -> None:
+        fresh()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             y = moe(x.view(1, tokens, d)).view(tokens, d)
         _backward(y, g, x, *moe.parameters())
-    moe_s = timer.seconds(run)
-    # The expert GEMMs alone at the same rows (balanced: the rows the router gives are close).
+    # The expert GEMMs alone at the same rows (balanced: the rows the router gives are close),
+    # after the same refill of x (so that it cancels).
     experts = moe.experts
     rows = tokens * c.top_k // E
     xe = _rand(rows * E, d, device=dev, dtype=dtype, requires_grad=True)
     ge = _rand(rows * E, d, device=dev, dtype=dtype)
     ws = [w for w in (experts.w1, experts.w2, experts.w3) if w is not None]
-    expert_s = timer.seconds(lambda: _backward(
-        expert_mlp(xe, [rows] * E, experts.w1, experts.w2, experts.w3, c.activation), ge, xe, *ws))
-    local_s = max(moe_s - expert_s, 1e-6)
+
+    def gemms() -> None:
+        fresh()
+        _backward(expert_mlp(xe, [rows] * E, experts.w1, experts.w2, experts.w3, c.activation), ge, xe, *ws)
+    local_s = max(timer.difference(run, gemms, pairs=max(timer.iters, PAIRS)), 1e-6)
     return bytes_of.moe_local_bytes(tokens, d, c.top_k) / local_s / 1e9
 
 
