@@ -144,6 +144,7 @@ def run(number: int, solver: str, workers: int | None, with_free_network: bool =
     cost = evaluate(plan, problem)
     totals = {"ilp": cost.objective_s}
     worse_layers = {}
+    worse_at = {}
     seconds = {}
     for name in list(BASELINES) + [f"{b}+lp" for b in RESPLIT]:
         t1 = time.perf_counter()
@@ -153,7 +154,9 @@ def run(number: int, solver: str, workers: int | None, with_free_network: bool =
         base = evaluate(base_plan, problem)
         seconds[name] = time.perf_counter() - t1
         totals[name] = base.objective_s
-        worse_layers[name] = int(np.sum(cost.moe_time_s > base.moe_time_s * (1 + 1e-6)))
+        worse = cost.moe_time_s > base.moe_time_s * (1 + 1e-6)
+        worse_layers[name] = int(np.sum(worse))
+        worse_at[name] = [int(li) for li in np.flatnonzero(worse)]
     # On a tie the strongest is named EPLB's (the anchor), then its re-split, then the rest.
     order = ["eplb", "eplb+lp", "eplb-hier", "eplb-hier+lp", "contiguous", "contiguous+lp"]
     strongest = min(order, key=totals.get)
@@ -179,7 +182,9 @@ def run(number: int, solver: str, workers: int | None, with_free_network: bool =
         "bound_total_s": info["bound_s"],
         "strongest": strongest,
         "saving_vs_strongest": 1 - totals["ilp"] / totals[strongest],
-        "layers_worse_than_a_baseline": worse_layers,
+        "layers_worse_than_a_baseline": worse_layers, "worse_layers": worse_at,
+        # per layer, the baselines whose re-split the limit left neither solved nor ruled out
+        "unchecked": {layer["layer"]: layer["unchecked"] for layer in layers if layer["unchecked"]},
         "load_before": load_before, "load_after": os.getloadavg(),
         "meets_bar": bool(info["gap"] <= 0.01 and wall <= spec["limit"] and not any(worse_layers.values())),
     }

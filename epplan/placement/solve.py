@@ -3,7 +3,8 @@
 Per MoE layer (layers are independent; a layer whose traffic equals an earlier one's up to a
 relabelling of the experts is solved once and relabelled, and its own baselines, which need not
 be relabellings of the solved layer's, are re-split by the LP as tasks beside the distinct
-layers, inside the limit, so that no layer is worse than a baseline re-split the limit allowed):
+layers, inside the limit, with a share taken by the distinct layer's own worker where the others
+would not finish them, so that no layer is worse than a baseline re-split the limit allowed):
 
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
    nodes and the nodes under each fabric switch, and the cuts under the GPU time a plan may
@@ -175,11 +176,14 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
     # The relabelled layers' own baselines (not all label-equivariant: EPLB's plans of zipf
     # layers are not relabellings of each other) are re-split by the LP as tasks of their own,
     # inside the limit, beside the distinct layers (``_checks``); the replica search leaves
-    # time for those LPs.
+    # time for those LPs, and a distinct layer's worker takes a share of them before its bounds
+    # where the other workers would not finish them (``_share``).
     checks, covered = _checks(baselines, rep, perms)
     after: dict[int, list] = {li: [] for li in todo}
-    for key, (lj, replicas) in checks.items():
+    shares: dict[int, list] = {li: [] for li in todo}   # (job index, key, layer, replicas) per representative
+    for i, (key, (lj, replicas)) in enumerate(checks.items()):
         after[rep[lj]].append((lj, replicas))
+        shares[rep[lj]].append((i, key, lj, replicas))
     checked: dict[str, tuple] = {}    # check key -> _check's result
     num_workers = _workers(workers, len(tasks) + len(checks))
     has_fork = "fork" in mp.get_all_start_methods()  # workers inherit the problem by forking
@@ -201,13 +205,14 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
         # reads its representative's best plan so far (``_FLOOR``, shared memory) to skip an LP
         # its split bound rules out.
         ctx = mp.get_context("fork")
-        global _SHARED, _QUEUE, _AFTER, _FLOOR
+        global _SHARED, _QUEUE, _AFTER, _FLOOR, _SHARES, _CLAIMED
         posted: dict[int, tuple] = {}
         queue = ctx.SimpleQueue()
         # the forked workers read them (not pickled: ``after`` holds every relabelled layer's
         # baselines); reset however the pool ends
-        _SHARED, _QUEUE, _AFTER = problem, queue, after
+        _SHARED, _QUEUE, _AFTER, _SHARES = problem, queue, after, shares
         _FLOOR = ctx.Array("d", [np.inf] * num_layers, lock=False)
+        _CLAIMED = ctx.Array("b", max(1, len(checks)))   # a check's LP runs in one process only
         try:
             pool = ctx.Pool(max(1, num_workers))
             # The baselines' scores (for the relabelled layers and the stopped ones) are computed
@@ -219,7 +224,8 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                         for i, (li, base) in enumerate(tasks)]
                 # checks run up to the wall, less a margin to hand their results back
                 until = None if wall is None else max(deadline, wall - _CHECK_MARGIN_S)
-                jobs += [("check", key, lj, rep[lj], replicas, until) for key, (lj, replicas) in checks.items()]
+                jobs += [("check", key, lj, rep[lj], replicas, until, i)
+                         for i, (key, (lj, replicas)) in enumerate(checks.items())]
                 results_iter = pool.imap_unordered(_worker, jobs)
                 waiting = len(jobs)
                 while waiting:
@@ -229,23 +235,23 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                     try:
                         out = results_iter.next(timeout=_POLL_S if wait is None else min(_POLL_S, wait))
                     except mp.TimeoutError:
-                        _drain(queue, posted)
+                        _drain(queue, posted, checked)
                         continue
                     waiting -= 1
                     if out[0] == "check":
-                        if out[2] is not None:
+                        if out[2] is not None and out[2] != "claimed":   # claimed: a layer's worker has it
                             checked[out[1]] = out[2]
                     elif out[2] is not None:
                         finish(out[1], out[2], out[3])
-                _drain(queue, posted)   # a worker may be blocked writing to the queue
+                _drain(queue, posted, checked)   # a worker may be blocked writing to the queue
             finally:
                 pool.terminate()
                 pool.join()
                 scores = scores_future.result()
                 scoring.shutdown()
         finally:
-            _SHARED = _QUEUE = _FLOOR = None
-            _AFTER = {}
+            _SHARED = _QUEUE = _FLOOR = _CLAIMED = None
+            _AFTER, _SHARES = {}, {}
             queue.close()
         for li, base in tasks:
             if li not in results:
@@ -401,6 +407,8 @@ _SHARED: PlacementProblem | None = None  # the problem solve() hands its forked 
 _QUEUE = None   # where the forked workers post each better plan they find (a SimpleQueue)
 _AFTER: dict[int, list] = {}   # per layer, what its relabelled layers re-split after it (``solve``)
 _FLOOR = None   # shared float64[L]: each distinct layer's best time posted so far (``_post``)
+_SHARES: dict[int, list] = {}   # per layer, its relabelled layers' checks: (job index, key, layer, replicas)
+_CLAIMED = None   # shared int8[checks] (with a lock): 1 once a process has started that check (``_claim``)
 _POLL_S = 0.1   # seconds between the parent's looks at the queue while it waits for results
 
 
@@ -408,9 +416,15 @@ def _worker(job: tuple) -> tuple:
     """A pool task: ("layer", ...) solves a distinct layer, ("check", ...) re-splits a relabelled
     layer's baseline (``_check``)."""
     if job[0] == "check":
-        _, key, lj, li, replicas, deadline = job
+        _, key, lj, li, replicas, deadline, index = job
         if deadline is not None and time.monotonic() >= deadline:
             return "check", key, None
+        if not _claim(index):
+            return "check", key, "claimed"
+        # The representative posts its baselines as they are within seconds of its start: an
+        # LP with no plan to beat would not skip its tie-break, nor a placement its bound rules out.
+        while _FLOOR is not None and np.isinf(_FLOOR[li]) and (deadline is None or time.monotonic() < deadline):
+            time.sleep(_POLL_S)
         floor = np.inf if _FLOOR is None else float(_FLOOR[li])
         return "check", key, _check(_SHARED, lj, replicas, floor, deadline)
     _, li, base, solver, deadline, tasks_left, num_workers, gap = job
@@ -420,8 +434,40 @@ def _worker(job: tuple) -> tuple:
     # time left, num_workers at a time.
     budget = _budget(deadline, -(-tasks_left // num_workers))
     layer, info = _solve_layer(_SHARED, li, base, solver, budget, gap, deadline=deadline, post=_post,
-                               after=_AFTER.get(li))
+                               after=_AFTER.get(li), share=lambda floor, until, lp_s: _share(li, floor, until, lp_s))
     return "layer", li, layer, info
+
+
+def _claim(index: int) -> bool:
+    """Whether this process takes check ``index`` (no other has started it)."""
+    if _CLAIMED is None:
+        return True
+    with _CLAIMED.get_lock():
+        if _CLAIMED[index]:
+            return False
+        _CLAIMED[index] = 1
+        return True
+
+
+def _share(li: int, floor: float, until: float | None, lp_s: float) -> None:
+    """Layer ``li``'s worker takes its relabelled layers' checks (from the last, the pool's
+    check tasks start at the first) while those not yet started would need, at ``lp_s``
+    seconds each, more than the time left to ``until``: the other workers would not finish
+    them (instance 9: 15 LPs of 3-15 s each, one worker beside the distinct layer's node LP).
+    Each result goes to the parent on the queue."""
+    for index, key, lj, replicas in reversed(_SHARES.get(li, [])):
+        if until is not None:
+            waiting = sum(not _CLAIMED[i] for i, *_ in _SHARES[li]) if _CLAIMED is not None else 0
+            if waiting * lp_s <= until - time.monotonic():
+                return
+        if not _claim(index):
+            continue
+        t0 = time.monotonic()
+        out = _check(_SHARED, lj, replicas, floor, until)
+        if out is not None and out[0] is not None:
+            lp_s = time.monotonic() - t0
+        if _QUEUE is not None and out is not None:
+            _QUEUE.put(("check", key, out))
 
 
 def _post(message: tuple) -> None:
@@ -476,7 +522,9 @@ def _check(problem: PlacementProblem, lj: int, replicas: list[np.ndarray], floor
     if split_bound(_with_counts(problem, problem.traffic.counts[lj]), replicas) >= floor:
         return None, float("inf"), float("inf"), "ruled_out"
     data = _shared_coef(layer_data(problem, problem.traffic.counts[lj], max_groups=_max_groups(problem)))
-    res = optimal_splits(data, replicas, time_limit=None if deadline is None else deadline - time.monotonic())
+    # the tie-break only where the split could be taken: half the LP's time at 512 GPUs
+    res = optimal_splits(data, replicas, time_limit=None if deadline is None else deadline - time.monotonic(),
+                         worth_below=floor)
     _keep_coef(data)
     return res.layer, float(res.bottleneck), float(res.link_time), res.status
 
@@ -501,11 +549,15 @@ def _keep_coef(data: LayerData) -> None:
         _COEF[:] = [(data.lm, data.link_unit, data.group_of, data.weight, data._coef)]
 
 
-def _drain(queue, posted: dict[int, tuple]) -> None:
-    """Read what the workers posted so far (each layer's latest is its best)."""
+def _drain(queue, posted: dict[int, tuple], checked: dict[str, tuple]) -> None:
+    """Read what the workers posted so far (each layer's latest is its best; a check a layer's
+    worker ran, ``_share``)."""
     while not queue.empty():
         message = queue.get()
-        posted[message[0]] = message
+        if message[0] == "check":
+            checked[message[1]] = message[2]
+        else:
+            posted[message[0]] = message
 
 
 def _workers(workers: int | None, num_tasks: int) -> int:
@@ -561,7 +613,8 @@ class _Incumbent:
 
 def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, LayerPlacement], solver: str,
                  budget: float | None, gap: float, *, deadline: float | None = None,
-                 post: Callable[[tuple], None] | None = None, after: list | None = None) -> tuple[LayerPlacement, LayerInfo]:
+                 post: Callable[[tuple], None] | None = None, after: list | None = None,
+                 share: Callable[[float, float | None, float], None] | None = None) -> tuple[LayerPlacement, LayerInfo]:
     """One layer: every baseline as it is, then re-split by the LP (best first, unless
     ``split_bound`` rules it out; all but the best for half the layer's time at most), the
     construction, the baselines' splits left, then the node LP and the MILP. The baselines come
@@ -569,7 +622,9 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     seconds or at ``deadline``, the baselines' splits at ``deadline``; ``post`` gets each
     better plan. ``after``: (layer, replicas) of the baselines the layers relabelled from this
     one re-split once it is done where their split bound is below its plan (the replica search
-    stops in time for those LPs)."""
+    stops in time for those LPs). ``share(floor, until, lp_s)``: once the baselines are split,
+    this layer's worker runs those re-splits that the other workers would not finish
+    (``_share``), before its bounds."""
     t0 = time.monotonic()
     stop = None if budget is None else t0 + budget
     if deadline is not None:
@@ -602,15 +657,21 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             if split_bound(data, replicas) >= inc.floor:
                 inc.unchecked.remove(name)          # no split of it beats the plan in hand
                 continue
+            if any(other not in inc.unchecked and _same_placement(fitting[other].replicas, replicas)
+                   for other in order[:i]):
+                inc.unchecked.remove(name)          # the same LP as a baseline's already solved
+                continue                            # (EPLB's and EPLB-hier's are often one plan)
             end = until_first if i == 0 else until
             if over(end):
                 continue
-            res = optimal_splits(data, replicas, time_limit=left(end))
+            res = optimal_splits(data, replicas, time_limit=left(end), worth_below=inc.floor)
+            split_s.append(res.seconds)
             inc.offer(res.bottleneck, res.link_time, res.layer, f"{name}+lp")
             if res.status == "optimal":
                 inc.unchecked.remove(name)
             inc.send()
 
+    split_s: list[float] = []   # seconds of the baselines' split LPs
     # The best baseline's split first, up to the deadline; the others' for half the layer's
     # time at most before the construction (at 1,024 GPUs one split LP takes minutes on a
     # loaded machine), and those left after it, up to the deadline.
@@ -626,6 +687,9 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
                 break
         inc.send()
     resplit_baselines(deadline, deadline)
+    if share is not None and after and split_s and not over(stop):
+        # a relabelled layer's check is an LP of the same size as the baselines' splits
+        share(inc.floor, stop, float(np.mean(split_s)))
     cost, link_s, layer = inc.cost, inc.link, inc.layer
     g = _gap(cost, bound)
     open_as = "time_limit"
@@ -792,6 +856,11 @@ def _with_counts(problem: PlacementProblem, counts: np.ndarray) -> LayerData:
 def _same_replicas(layer_a: LayerPlacement, perm_a: np.ndarray, layer_b: LayerPlacement, perm_b: np.ndarray) -> bool:
     """Whether layer B's expert perm_b[i] sits on the same GPUs as layer A's perm_a[i], every i."""
     return all(np.array_equal(layer_a.replicas[i], layer_b.replicas[j]) for i, j in zip(perm_a, perm_b))
+
+
+def _same_placement(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    """Whether two layers' replicas are the same, expert by expert."""
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def _canonical(counts: np.ndarray) -> tuple[np.ndarray, str]:

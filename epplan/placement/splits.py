@@ -42,6 +42,7 @@ _STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
 # same layer time to 1e-12 (instance 9's layers 0 and 3, scripts/bench_planner.py).
 _IPM_ABOVE = 20_000          # columns
 _IPM_ABOVE_NONZEROS = 1_000_000
+_WORTH_TIE = 1e-5     # relative: a first stage this close above ``worth_below`` may still tie it
 _TIE_BREAK_SHARE = 2.0  # under a limit the tie-break gets at most this many times the first stage's time (>= 1 s)
 MAX_COLUMNS = 30_000   # flow columns above which groups use a subset of remote replicas
 _REMOTE_PRESENT = 4    # remote replicas a group may use for an expert its node holds
@@ -59,8 +60,14 @@ class SplitResult:
 
 def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bool = True,
                    time_limit: float | None = None, max_columns: int = MAX_COLUMNS,
-                   method: str = "auto", crossover: bool = False) -> SplitResult:
+                   method: str = "auto", crossover: bool = False, worth_below: float = np.inf) -> SplitResult:
     """Best splits for ``replicas`` (replicas[e]: sorted ranks holding expert e).
+
+    ``worth_below`` (seconds): the time the caller's plan in hand takes. Where the first
+    stage's optimum is above it by more than ``_WORTH_TIE``, the split would not be taken, so
+    the tie-break (the idlest network among equal times) is not run: the result's time is
+    still the optimum, its busiest link not the least (on 512 GPUs the tie-break is about half
+    the LP's time).
 
     Exact over all splits while groups x replicas <= ``max_columns``; above, each group may use
     every replica on its own node and a few others (``_columns``), and the result is the best
@@ -158,7 +165,8 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     # Under a time limit the tie-break, a preference, may not take the time of the plans after
     # this one (on 512 GPUs dual simplex spent 10x the first stage's time on it).
     stage1 = time.monotonic() - t0
-    if tie_break and nlink and (left() is None or left() > 0.1):
+    worth = best * tau <= worth_below * (1 + _WORTH_TIE)
+    if tie_break and worth and nlink and (left() is None or left() > 0.1):
         lp.set_row_bounds([row_obj], [-inf], [best * (1 + _STAGE2_SLACK) + 1e-12])
         c2 = np.zeros(ncol)
         c2[col_mu] = 1.0
