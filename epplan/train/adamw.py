@@ -62,17 +62,20 @@ def one_pass_available(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def step_with_copies(opt: torch.optim.AdamW, grad_scale: torch.Tensor | None) -> None:
+def step_with_copies(opt: torch.optim.AdamW, grad_scale: torch.Tensor | None,
+                     only: set[int] | None = None) -> None:
     """``opt.step()`` for a plain ``torch.optim.AdamW`` (no amsgrad, not maximize), with the
     bf16 copy of every parameter that has one (``compute_copy``) written in the same pass and
     kept valid (re-recorded against the new weight). grad_scale: () clipping factor the
-    gradients are multiplied by, or None."""
+    gradients are multiplied by, or None. only: the ids of the parameters to step (default:
+    all); each tensor's update depends on its own state alone, so stepping the parameters in
+    parts gives the same weights."""
     scalars: dict[tuple[torch.device, torch.dtype, float], tuple[torch.Tensor, torch.Tensor]] = {}
     for group in opt.param_groups:
         assert not group.get("amsgrad") and not group.get("maximize"), "plain AdamW only"
         beta1, beta2 = group["betas"]
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or (only is not None and id(p) not in only):
                 continue
             state = opt.state[p]
             if not state:

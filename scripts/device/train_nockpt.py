@@ -7,7 +7,8 @@ Arguments are the worker's (``python -m epplan.train.worker --help``; ``epplan r
 and AdamW moments), more than the lent machine's disk holds twice; the training loop is the
 same ``Trainer.train_step``. With ``LOOP_MIN_ROWS=N`` in the environment the experts switch from
 torch._grouped_mm to one GEMM per expert at N rows per expert (``experts.LOOP_MIN_ROWS``), to time
-the other choice in the same call.
+the other choice in the same call; ``STEP_BEHIND=1`` runs the optimizer's update behind the next
+forward, ``STEP_BEHIND=0`` inline (``trainer.STEP_BEHIND``, off by default).
 """
 
 import os
@@ -21,6 +22,10 @@ from epplan.train import trainer, worker  # noqa: E402
 if os.environ.get("LOOP_MIN_ROWS"):
     experts.LOOP_MIN_ROWS = int(os.environ["LOOP_MIN_ROWS"])
     print("experts.LOOP_MIN_ROWS =", experts.LOOP_MIN_ROWS, flush=True)
+
+if os.environ.get("STEP_BEHIND") in ("0", "1"):  # the update inline or behind, to time both in one call
+    trainer.STEP_BEHIND = os.environ["STEP_BEHIND"] == "1"
+    print("trainer.STEP_BEHIND =", trainer.STEP_BEHIND, flush=True)
 
 trainer.Trainer.save = lambda self: 0.0
 sys.exit(worker.main())
