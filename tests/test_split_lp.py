@@ -224,3 +224,31 @@ def test_the_distinct_layers_worker_shares_the_checks_the_other_would_not_finish
     for li in range(problem.num_layers):
         split = optimal_splits(layer_data(problem, problem.traffic.counts[li]), plan.layers[li].replicas)
         assert ours[li] <= split.bottleneck * (1 + _TIE), (li, ours[li], split.bottleneck)
+
+
+def test_resplit_cache_reuses_an_earlier_calls_lp_for_the_same_layer_placement(monkeypatch):
+    """The benchmark re-splits EPLB's and EPLB-hier's plans to completion with one cache: a layer
+    placed as in the earlier call takes its split with no LP; a layer placed otherwise gets its
+    own LP (the same times as without the cache)."""
+    import epplan.placement.solve as solve_module
+    from epplan.placement.solve import resplit
+
+    calls = []
+
+    def counting(data, replicas, **kwargs):   # the real LP; the calls are counted
+        calls.append(1)
+        return optimal_splits(data, replicas, **kwargs)
+
+    monkeypatch.setattr(solve_module, "optimal_splits", counting)
+    problem = toy_problem(2, 4, 6, experts_per_gpu=2, d_ff=64, seed=0, layers=3)
+    plan = random_placement(problem, seed=1)
+    other = random_placement(problem, seed=2)
+    mixed = Placement(plan.num_ranks, plan.num_experts, [plan.layers[0], other.layers[1], plan.layers[2]])
+    cache: dict = {}
+    first = resplit(plan, problem, cache=cache)
+    solved = len(calls)
+    again = resplit(mixed, problem, cache=cache)
+    assert len(calls) == solved + 1   # only layer 1, placed otherwise
+    assert again.layers[0] is first.layers[0] and again.layers[2] is first.layers[2]
+    uncached = resplit(mixed, problem)
+    np.testing.assert_allclose(evaluate(again, problem).moe_time_s, evaluate(uncached, problem).moe_time_s, rtol=1e-9)

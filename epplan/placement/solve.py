@@ -365,14 +365,17 @@ def plan_hierarchical(flat: Placement, problem: PlacementProblem, *, deadline: f
     return out
 
 
-def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: float | None = None) -> Placement:
+def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: float | None = None,
+            cache: dict | None = None) -> Placement:
     """``placement`` with every layer's token splits from the split LP (same replicas): set
     beside the placement with its own splits, it separates what a placement buys from what
     splits buy (``--compare`` reports ``eplb+lp`` so). Never worse than the splits it had; under
     ``time_limit`` the layers are re-split in order while time is left (the rest take the nearest
     split where it is better than their own, ``nearest_split``). A
     layer whose traffic and placement are an earlier layer's up to expert labels (EPLB's plans of
-    zipf layers) takes that layer's splits, relabelled: the same LP."""
+    zipf layers) takes that layer's splits, relabelled: the same LP. ``cache`` (a dict the caller
+    keeps across calls on one problem): a layer placed as in an earlier call (EPLB's and
+    EPLB-hier's plans often are one) takes that call's LP result."""
     deadline = None if time_limit is None else time.monotonic() + time_limit
     counts = problem.traffic.counts
     layers = []
@@ -383,6 +386,11 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
         if lk is not None and _same_replicas(placement.layers[lk], _canonical(counts[lk])[0], layer, perm):
             # The same placement of the same traffic up to expert labels: the same LP, relabelled.
             layers.append(_relabel(layers[lk], _canonical(counts[lk])[0], perm))
+            continue
+        cached = None if cache is None else (li, _placement_key(layer, np.arange(len(layer.replicas))))
+        if cached in (cache or {}):
+            layers.append(cache[cached])
+            done.setdefault(key, li)
             continue
         data = layer_data(problem, counts[li], max_groups=_max_groups(problem))
         own = split_result(data, layer)
@@ -398,6 +406,8 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
         res = optimal_splits(data, layer.replicas, time_limit=None if deadline is None else deadline - time.monotonic())
         layers.append(res.layer if res.bottleneck < own.bottleneck else layer)
         done.setdefault(key, li)
+        if cached is not None and res.status == "optimal":
+            cache[cached] = layers[-1]
     return Placement(placement.num_ranks, placement.num_experts, layers, method=f"{placement.method}+lp")
 
 
