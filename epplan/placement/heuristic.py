@@ -89,7 +89,7 @@ def _counts_network(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray
     slots = int(data.slots.sum())
     if slots < num_experts:
         return None
-    nic = float(np.median(_nic_unit(data)))
+    nic = float(np.median(nic_unit(data)))
     comp = float(np.mean(data.gpu_unit))
     if nic <= 0:
         return None
@@ -145,7 +145,7 @@ def _counts_multi_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndar
     # a replica also serves its other experts (at a full share the LP could not balance them).
     need = np.minimum(size[:, None], np.maximum(1, np.ceil(demand / (_HOT_SHARE * per_gpu) - 1e-9))
                       ).astype(np.int64)
-    nic = float(np.median(_nic_unit(data))) or 0.0
+    nic = float(np.median(nic_unit(data))) or 0.0
     comp = float(np.mean(data.gpu_unit))
     best = None
     for h in range(0, num_experts + 1):
@@ -242,7 +242,7 @@ def _to_gpus(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray, m: np
     total_r = np.maximum(m.sum(axis=0), 1)
     local = np.where(m > 0, demand, 0.0).sum(axis=0)                     # served on own node
     remote_share = np.maximum(load - local, 0.0) / total_r               # per replica
-    nic_unit = _nic_unit(data)                                           # [G] s per assignment
+    unit_nic = nic_unit(data)                                           # [G] s per assignment
     held: list[list[int]] = [[] for _ in range(data.num_experts)]
     for n, ranks in enumerate(nodes):
         k = ranks.size
@@ -258,7 +258,7 @@ def _to_gpus(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray, m: np
             for _ in range(int(m[n, e])):
                 items.append((own + remote_share[e], remote_share[e], int(e)))
         unit_c = data.gpu_unit[ranks]
-        unit_n = nic_unit[ranks]
+        unit_n = unit_nic[ranks]
         items.sort(key=lambda it: (-max(it[0] * unit_c.max(), it[1] * unit_n.max()), it[2]))
         gpu_of = np.full(len(items), -1)
         for idx, (c_load, r_load, e) in enumerate(items):
@@ -339,7 +339,7 @@ def _swap_search(items: list[tuple[float, float, int]], gpu_of: np.ndarray, unit
         gpu_of[x], gpu_of[y] = bb, a
 
 
-def _nic_unit(data: LayerData) -> np.ndarray:
+def nic_unit(data: LayerData) -> np.ndarray:
     """float64[G] seconds per assignment on each GPU's own NIC uplink (0 without a network):
     2b / capacity, the same unit the links are timed in."""
     pm = data.lm.pm

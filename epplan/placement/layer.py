@@ -111,11 +111,15 @@ class LayerData:
             self._coef = self._coef.tocsr()
         return self._coef
 
-    def time_of(self, flows: np.ndarray) -> tuple[float, float, float]:
-        """(layer time under the schedule, max link time, max GPU time) of flows[s, t]
-        (assignments), all links."""
+    def link_times(self, flows: np.ndarray) -> np.ndarray:
+        """float64[L] seconds on every link of flows[s, t] (assignments)."""
         traffic = flows + flows.T
-        link = self.lm.topology.link_loads(traffic) * 2.0 * self.bytes_per_assignment / self.lm.cap
+        return self.lm.topology.link_loads(traffic) * 2.0 * self.bytes_per_assignment / self.lm.cap
+
+    def time_of(self, flows: np.ndarray, link: np.ndarray | None = None) -> tuple[float, float, float]:
+        """(layer time under the schedule, max link time, max GPU time) of flows[s, t]
+        (assignments), all links; ``link``: their ``link_times`` where the caller has them."""
+        link = self.link_times(flows) if link is None else link
         gpu = expert_tp_rows(flows.sum(axis=0), self.pool, self.pool > 1) * self.gpu_unit
         lmax, gmax = float(link.max(initial=0.0)), float(gpu.max(initial=0.0))
         return self.schedule.moe_time(lmax, gmax), lmax, gmax

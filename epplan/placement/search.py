@@ -7,6 +7,9 @@ scores the moved placement lower (or equal with an idler network):
     change   GPU g stops holding expert a (which keeps another replica) and holds b instead
     swap     GPUs g and h (on different nodes) exchange one expert each
 
+and, before the first move and after each one kept, a pass of same-node moves
+(``level_nodes``) that no LP scores.
+
 A move is drawn where the plan's split says it pays: g is, half the time, one of the GPUs that
 set the layer's time (where the exchange binds, those whose traffic with other nodes, what
 their NICs carry, is within 10 % of the most; else the busiest GPUs), else any GPU; b is drawn
@@ -36,12 +39,15 @@ from typing import Callable
 
 import numpy as np
 
+from epplan.placement.heuristic import nic_unit
 from epplan.placement.layer import LayerData
 from epplan.placement.splits import optimal_splits, split_bound
 from epplan.placement.types import LayerPlacement
 
 _TIE = 1e-6        # relative: times this close are equal (the idler network wins)
 _LP_MARGIN = 2.0   # a move's LP starts only with this many times the last LP's seconds left
+_LEVEL_SLACK = 0.01   # same-node moves may leave a GPU this much busier than the plan's busiest
+_LEVEL_LPS = 4.0      # ... for this many times the last LP's seconds, before their LP
 
 
 @dataclass
@@ -82,7 +88,41 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
         # relabelled layer's baselines, seconds at 256 GPUs)
         return Searched(best, float(cost), float(link_s), 0, 0, 0, time.monotonic() - t0, True)
     lps_after = 0 if reserve is None else reserve(cost)
-    busy = _busy_gpus(data, layer)
+
+    def level() -> None:
+        """Rounds of ``level_nodes`` (GPUs up to ``_LEVEL_SLACK`` busier than the plan's
+        busiest), each placement re-split by the LP, while a round lowers the plan and there is
+        time for its LP; each better plan kept."""
+        nonlocal best, cost, link_s, held, lps_after, kept, solved, lp_s
+        while True:
+            end = None if until is None else until - (_LP_MARGIN + lps_after) * lp_s
+            if end is not None and time.monotonic() >= end:
+                return
+            if end is not None and lp_s > 0:
+                end = min(end, time.monotonic() + _LEVEL_LPS * lp_s)
+            lev = level_nodes(data, best, cost, link_s, until=end, gpu_slack=_LEVEL_SLACK)
+            if not lev.kept or until is not None and time.monotonic() + (_LP_MARGIN + lps_after) * lp_s >= until:
+                return
+            left = None if until is None else max(0.05, until - time.monotonic())
+            t1 = time.monotonic()
+            res = optimal_splits(data, lev.layer.replicas, time_limit=left)
+            lp_s = time.monotonic() - t1
+            solved += 1
+            options = [(lev.cost, lev.link_s, lev.layer)]
+            if res.status == "optimal":
+                options.append((float(res.bottleneck), float(res.link_time), res.layer))
+            new_cost, new_link, new_layer = min(options, key=lambda o: (o[0], o[1]))
+            if not (new_cost < cost * (1 - _TIE) or (new_cost <= cost * (1 + 1e-12) and new_link < link_s * (1 - 1e-9))):
+                return
+            best, cost, link_s = new_layer, new_cost, new_link
+            held = _held(best.replicas, num_gpus, num_experts)
+            kept += 1
+            lps_after = 0 if reserve is None else reserve(cost)
+            if post is not None:
+                post(best, cost, link_s)
+
+    level()
+    busy = _busy_gpus(data, best)
     away = _away_demand(data, held, node)
     while since < patience:
         if until is not None and time.monotonic() + (_LP_MARGIN + lps_after) * lp_s >= until:
@@ -108,10 +148,11 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
             kept += 1
             since = 0
             lps_after = 0 if reserve is None else reserve(cost)
-            busy = _busy_gpus(data, best)
-            away = _away_demand(data, held, node)
             if post is not None:
                 post(best, cost, link_s)
+            level()
+            busy = _busy_gpus(data, best)
+            away = _away_demand(data, held, node)
     return Searched(best, float(cost), float(link_s), tried, solved, kept, time.monotonic() - t0, timed_out)
 
 
@@ -184,3 +225,128 @@ def _draw(rng: np.random.Generator, held: np.ndarray, busy: np.ndarray, away: np
     moved[g, a], moved[g, b] = False, True
     moved[h, b], moved[h, a] = False, True
     return moved
+
+
+def level_nodes(data: LayerData, layer: LayerPlacement, cost: float, link_s: float, *,
+                until: float | None, max_checks: int = 4, gpu_slack: float = 0.0) -> Searched:
+    """Same-node moves scored without an LP: GPUs g and h of one node exchange one expert each
+    (g's a for h's b), or g's a moves to h where h has a free slot; every replica carries its
+    split along, so the moved placement's flows are the plan's with columns g and h permuted,
+    a real split scored exactly by ``LayerData.time_of`` (the split LP can only improve on it).
+
+    Why: the split LP balances a node's off-node traffic only over the replicas the node
+    holds; which GPU of the node holds them decides which NIC carries it. On
+    ``scripts/bench_planner.py`` instance 5 (256 GPUs, 9 experts each) the plan's busiest NIC
+    carried 0.7258 s against its node's NIC mean 0.6104 s; the cross-node moves of
+    ``replica_search`` do not reach that, and each of their LPs takes seconds there, where
+    one ``time_of`` takes milliseconds.
+
+    Moves are drawn for the GPU with the busiest NIC (its off-node exchange, both ways; the
+    next while it is within 10 % of the most where none of its moves was kept): its exchanges
+    and moves with each GPU of its node that leave no GPU busier than the busiest, ranked by
+    the two NICs' larger time after it (both linear in the replicas' own flows), the
+    ``max_checks`` best scored exactly. Kept when the layer's time and its busiest
+    link do not grow and one of them, or else the sum of squared link times (the NICs of a node
+    more level), falls. Stops when no drawn GPU has a move kept, or at ``until``.
+
+    ``gpu_slack`` > 0: a move may also leave the two GPUs up to that fraction busier than the
+    start's busiest GPU, and is kept by the link times alone, so the returned plan may cost
+    more than the start (``cost`` says what it costs); for the split LP to re-balance. Where
+    the LP has balanced compute to the last digit (every GPU of instance 5's plan within 2e-8
+    of the busiest), no exchange leaves it level: with no slack the pass kept none that
+    lowered the plan."""
+    t0 = time.monotonic()
+    cost0, link0 = cost, link_s
+    num_gpus = data.num_gpus
+    node = np.asarray(data.lm.gpu_node)
+    is_remote = node[:, None] != node[None, :]                         # [G, G]
+    unit_n = nic_unit(data)                                            # [G] s per assignment
+    replicas = [np.asarray(r, dtype=np.int64).copy() for r in layer.replicas]
+    split = [np.asarray(x, dtype=np.float64).copy() for x in layer.split]
+    held = _held(replicas, num_gpus, data.num_experts)
+    flows = layer.flows(data.counts)                                   # [G, G]
+    link = data.link_times(flows)
+    cost, link_s, _ = data.time_of(flows, link)
+    pot = float(np.square(link).sum())
+    tried = kept = 0
+    timed_out = False
+
+    def column(e: int, t: int) -> np.ndarray:
+        """float64[G] what each source sends to expert e's replica on t."""
+        return data.counts[:, e] * split[e][:, int(np.searchsorted(replicas[e], t))]
+
+    def move_to(e: int, src: int, dst: int) -> None:
+        j = int(np.searchsorted(replicas[e], src))
+        ranks = replicas[e].copy()
+        ranks[j] = dst
+        order = np.argsort(ranks, kind="stable")
+        replicas[e], split[e] = ranks[order], split[e][:, order]
+        held[src, e], held[dst, e] = False, True
+
+    top_gpu = float((flows.sum(axis=0) * data.gpu_unit).max(initial=0.0))   # the start's busiest GPU
+    stuck: set[int] = set()
+    while True:
+        if until is not None and time.monotonic() >= until:
+            timed_out = True
+            break
+        nic = ((flows * is_remote).sum(axis=0) + (flows * is_remote).sum(axis=1)) * unit_n   # [G] s
+        served = flows.sum(axis=0)                                                           # [G]
+        drawn = [int(g) for g in np.argsort(-nic) if nic[g] >= 0.9 * nic.max() > 0 and int(g) not in stuck]
+        if not drawn:
+            break
+        g = drawn[0]
+        cands = []   # (the two NICs' larger time after it, h, a, b or -1 for a move)
+        for h in np.flatnonzero(node == node[g]):
+            h = int(h)
+            if h == g:
+                continue
+            mine, theirs = np.flatnonzero(held[g] & ~held[h]), np.flatnonzero(held[h] & ~held[g])
+            if mine.size == 0:
+                continue
+            col_a = np.stack([column(int(a), g) for a in mine])                  # [M, G]
+            rem_a, srv_a = col_a[:, is_remote[:, g]].sum(axis=1), col_a.sum(axis=1)
+            col_b = np.stack([column(int(b), h) for b in theirs]) if theirs.size else np.zeros((0, num_gpus))
+            rem_b, srv_b = col_b[:, is_remote[:, h]].sum(axis=1), col_b.sum(axis=1)
+            # exchanges [M, T], then moves [M] where h has a free slot (and g keeps an expert)
+            options = [(rem_a[:, None] - rem_b[None, :], srv_a[:, None] - srv_b[None, :], theirs)]
+            if held[h].sum() < data.slots[h] and held[g].sum() > 1:
+                options.append((rem_a[:, None], srv_a[:, None], np.array([-1])))
+            for d_rem, d_srv, other in options:                                  # what goes g -> h
+                est = np.maximum(nic[g] - d_rem * unit_n[g], nic[h] + d_rem * unit_n[h])
+                fits = np.maximum((served[g] - d_srv) * data.gpu_unit[g],
+                                  (served[h] + d_srv) * data.gpu_unit[h]) <= top_gpu * (1 + gpu_slack + 1e-12)
+                for i, j in zip(*np.nonzero((est < nic[g] * (1 - 1e-9)) & fits)):
+                    cands.append((float(est[i, j]), h, int(mine[i]), int(other[j])))
+        cands.sort()
+        accepted = False
+        for _, h, a, b in cands[:max_checks]:
+            tried += 1
+            moved = flows.copy()
+            c_a = column(a, g)
+            moved[:, g] -= c_a
+            moved[:, h] += c_a
+            if b >= 0:
+                c_b = column(b, h)
+                moved[:, h] -= c_b
+                moved[:, g] += c_b
+            moved_link = data.link_times(moved)
+            t_new, l_new, _ = data.time_of(moved, moved_link)
+            p_new = float(np.square(moved_link).sum())
+            if (t_new > cost * (1 + 1e-12) and not gpu_slack) or l_new > link_s * (1 + 1e-12):
+                continue
+            if not ((t_new < cost * (1 - 1e-9) and not gpu_slack) or l_new < link_s * (1 - 1e-9) or p_new < pot * (1 - 1e-9)):
+                continue
+            move_to(a, g, h)
+            if b >= 0:
+                move_to(b, h, g)
+            flows, link, cost, link_s, pot = moved, moved_link, t_new, l_new, p_new
+            kept += 1
+            accepted = True
+            stuck.clear()
+            break
+        if not accepted:
+            stuck.add(g)
+    if not kept:
+        return Searched(layer, float(cost0), float(link0), tried, 0, 0, time.monotonic() - t0, timed_out)
+    return Searched(LayerPlacement(replicas, split), float(cost), float(link_s), tried, 0, kept,
+                    time.monotonic() - t0, timed_out)

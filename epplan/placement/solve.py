@@ -717,8 +717,11 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     # bound a GPU's time by its own rows, where a TP group's ranks compute each other's.
     if g > gap and not over(stop) and data.pool == 1:
         # The node-level LP sees the fabric's cuts (leaf/spine/core) and couples them with
-        # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts).
-        node = node_model(data, integer=False, time_limit=left(stop))
+        # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts), but on half the
+        # layer's time left at most: at 32 nodes x 256 experts (instance 5) it ran out of all
+        # of it (85.7 s) with no bound, leaving the replica search none.
+        node = node_model(data, integer=False,
+                          time_limit=left(None if stop is None else time.monotonic() + 0.5 * (stop - time.monotonic())))
         take_bound(node.bound, "node-lp")
     if g > gap and not over(stop) and data.pool == 1:
         # Fabric link classes (leaf-spine under ECMP): what no plan can serve near, searched
