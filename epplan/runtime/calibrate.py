@@ -2,9 +2,10 @@
 
 Every timing is the median of ``iters`` runs after ``warmup`` runs, with CUDA events (host clocks
 on CPU), on random data (never zeros); on CUDA each follows ``sustain_s`` seconds of GEMMs, so
-that it sees the clock of a card under training's sustained load (``Timer``). Each result is stored as a rate in the units of
-``epplan.cost.calibration``: FLOP-bound parts as TFLOP/s (FLOPs as ``epplan.workload.flops``
-counts them), memory-bound parts as GB/s over ``epplan.cost.step``'s byte count for that part.
+that it sees the clock of a card under training's sustained load (``Timer``). Each result is
+stored as a rate in the units of ``epplan.cost.calibration``: FLOP-bound parts as TFLOP/s (FLOPs
+as ``epplan.workload.flops`` counts them), memory-bound parts as GB/s over ``epplan.cost.step``'s
+byte count for that part.
 
 What is timed (forward + backward unless said):
 

@@ -46,8 +46,8 @@ from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, 
 from epplan.train.optim import TrainOptimizer
 from epplan.train.options import RESUME_KEYS, TrainOptions
 from epplan.train.rundir import history, set_aside
-from epplan.workload.memory import OPTIMIZER_SHARDING
 from epplan.train.step_behind import StepBehind
+from epplan.workload.memory import OPTIMIZER_SHARDING
 from epplan.train.timing import StepTimer, instrument, timing_record
 from epplan.workload.flops import model_costs
 from epplan.workload.routing_stats import write_routing_stats
@@ -61,7 +61,7 @@ ROUTING_ROWS = ("pairs", "gpu_rows", "node_rows")  # ExpertParallelStats fields 
 # The optimizer's update behind the next forward where it applies (epplan.train.step_behind).
 # Off: measured on one H200 (docs/benchmarks.md, call R) it gave the same weights bitwise and a
 # 1.1 % shorter seed-dims step, but the cost model does not yet know what of the update it hides
-# (the optimizer component would be over-predicted by 60 %). scripts/device/train_nockpt.py
+# (the optimizer component would be over-predicted by 63 %). scripts/device/train_nockpt.py
 # turns it on (STEP_BEHIND=1) to time both.
 STEP_BEHIND = False
 
