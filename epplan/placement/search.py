@@ -112,7 +112,7 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
             if res.status == "optimal":
                 options.append((float(res.bottleneck), float(res.link_time), res.layer))
             new_cost, new_link, new_layer = min(options, key=lambda o: (o[0], o[1]))
-            if not (new_cost < cost * (1 - _TIE) or (new_cost <= cost * (1 + 1e-12) and new_link < link_s * (1 - 1e-9))):
+            if not _better(new_cost, new_link, cost, link_s):
                 return
             best, cost, link_s = new_layer, new_cost, new_link
             held = _held(best.replicas, num_gpus, num_experts)
@@ -141,9 +141,7 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
         res = optimal_splits(data, replicas, time_limit=left)
         lp_s = time.monotonic() - t1
         solved += 1
-        better = res.bottleneck < cost * (1 - _TIE) or (
-            res.bottleneck <= cost * (1 + 1e-12) and res.link_time < link_s * (1 - 1e-9))
-        if res.status == "optimal" and better:
+        if res.status == "optimal" and _better(res.bottleneck, res.link_time, cost, link_s):
             best, cost, link_s, held = res.layer, float(res.bottleneck), float(res.link_time), moved
             kept += 1
             since = 0
@@ -154,6 +152,12 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
             busy = _busy_gpus(data, best)
             away = _away_demand(data, held, node)
     return Searched(best, float(cost), float(link_s), tried, solved, kept, time.monotonic() - t0, timed_out)
+
+
+def _better(new_cost: float, new_link: float, cost: float, link_s: float) -> bool:
+    """Whether a plan of time ``new_cost`` and busiest link ``new_link`` replaces the one in
+    hand: shorter, or equal with an idler network."""
+    return new_cost < cost * (1 - _TIE) or (new_cost <= cost * (1 + 1e-12) and new_link < link_s * (1 - 1e-9))
 
 
 def _held(replicas: list[np.ndarray], num_gpus: int, num_experts: int) -> np.ndarray:
@@ -289,7 +293,8 @@ def level_nodes(data: LayerData, layer: LayerPlacement, cost: float, link_s: flo
         if until is not None and time.monotonic() >= until:
             timed_out = True
             break
-        nic = ((flows * is_remote).sum(axis=0) + (flows * is_remote).sum(axis=1)) * unit_n   # [G] s
+        off_node = flows * is_remote
+        nic = (off_node.sum(axis=0) + off_node.sum(axis=1)) * unit_n   # [G] s
         served = flows.sum(axis=0)                                                           # [G]
         drawn = [int(g) for g in np.argsort(-nic) if nic[g] >= 0.9 * nic.max() > 0 and int(g) not in stuck]
         if not drawn:
