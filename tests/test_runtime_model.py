@@ -218,6 +218,35 @@ def test_segment_mlp_matches_the_loop_reference(activation):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_segment_mlp_on_rows_rounded_up(activation, monkeypatch):
+    """The loop's GEMMs on an expert's rows rounded up to ROW_QUANTUM (the window reads and writes
+    rows of the experts after it, whose own GEMMs overwrite them): forward and backward equal the
+    per-expert reference, with empty experts between, and the last window kept inside the rows."""
+    from epplan.runtime import experts as experts_mod
+    from epplan.runtime.experts import _quantised_ends, segment_mlp
+
+    monkeypatch.setattr(experts_mod, "ROW_QUANTUM", 4)
+    num_tokens = [5, 0, 7, 3, 0, 9, 2]
+    bounds = [0, *np.cumsum(num_tokens).tolist()]
+    rows = bounds[-1]
+    # bounds 0 5 5 12 15 15 24 26: 5 -> 8 rows, 7 -> 8, 3 -> 4; 9 and 2 would pass row 26
+    assert _quantised_ends(bounds, rows) == [(0, 8), (2, 13), (3, 16), (5, 24), (6, 26)]
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(len(num_tokens), 8, 16, activation).double()
+    ws = [w for w in (experts.w1, experts.w2, experts.w3) if w is not None]
+    x = torch.randn(rows, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(rows, 8, dtype=torch.float64)
+    y = segment_mlp(x, bounds, None, experts.w1, experts.w2, experts.w3, activation)
+    grads = torch.autograd.grad(y, [x, *ws], g)
+    y_ref = expert_mlp(x, num_tokens, experts.w1, experts.w2, experts.w3, activation, impl="loop")
+    ref = torch.autograd.grad(y_ref, [x, *ws], g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_segment_mlp_with_fp32_masters_of_bf16_rows(activation):
     """Mixed precision on the segment path: fp32 master weights, bf16 rows. The weights are cast
     once until they change, and two micro-batches accumulate their weight gradients straight

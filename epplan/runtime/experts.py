@@ -42,6 +42,13 @@ EXPERT_IMPLS = ("grouped", "loop")
 # the step 20 ms shorter (0.802 against 0.822 s, one H200, call J of 2026-12-02), and 24 ms in
 # call K's interleaved repeat (0.823 and 0.825 against 0.847 and 0.848 s).
 LOOP_MIN_ROWS = 4608
+# On the loop, a GEMM whose M is an expert's row count runs on the rows rounded up to a multiple
+# of this (``_segment_mm``), so that its shape repeats from step to step. Each new shape costs
+# cuBLAS a heuristic query on the host: 100-185 us median per launch and milliseconds for some
+# (one H200, ``scripts/device/probe_mm_host.py``, docs/benchmarks.md), against 17-30 us for a
+# shape it has seen; every expert's row count is new at every step. Hopper's GEMM tiles are 64 to
+# 256 rows, so the extra rows mostly fill a tile the kernel computes anyway. 0: exact shapes.
+ROW_QUANTUM = 128
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None,
@@ -259,10 +266,25 @@ def _segment_mm(x: torch.Tensor, w: torch.Tensor, bounds: Sequence[int],
         return x.new_empty(0, w.shape[2])
     if offsets is not None:
         return torch._grouped_mm(x, w, offs=offsets)
-    out = x.new_empty(x.shape[0], w.shape[2])
-    for e in range(w.shape[0]):
-        if bounds[e + 1] > bounds[e]:
-            torch.mm(x[bounds[e]:bounds[e + 1]], w[e], out=out[bounds[e]:bounds[e + 1]])
+    rows = x.shape[0]
+    out = x.new_empty(rows, w.shape[2])
+    for e, end in _quantised_ends(bounds, rows):
+        # Rows past bounds[e + 1] belong to later experts, whose own GEMMs, queued after this
+        # one on the stream, overwrite what this one writes there.
+        torch.mm(x[bounds[e]:end], w[e], out=out[bounds[e]:end])
+    return out
+
+
+def _quantised_ends(bounds: Sequence[int], rows: int) -> list[tuple[int, int]]:
+    """(expert, end row) of each expert with rows, in order: its segment's start plus its rows
+    rounded up to ``ROW_QUANTUM``, where that stays within ``rows``; else its own end (the
+    last expert's, mostly)."""
+    out = []
+    for e in range(len(bounds) - 1):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            padded = start + -(-(end - start) // ROW_QUANTUM) * ROW_QUANTUM if ROW_QUANTUM > 0 else end
+            out.append((e, padded if padded <= rows else end))
     return out
 
 

@@ -8,7 +8,8 @@ and AdamW moments), more than the lent machine's disk holds twice; the training 
 same ``Trainer.train_step``. With ``LOOP_MIN_ROWS=N`` in the environment the experts switch from
 torch._grouped_mm to one GEMM per expert at N rows per expert (``experts.LOOP_MIN_ROWS``), to time
 the other choice in the same call; ``STEP_BEHIND=1`` runs the optimizer's update behind the next
-forward, ``STEP_BEHIND=0`` inline (``trainer.STEP_BEHIND``, off by default).
+forward, ``STEP_BEHIND=0`` inline (``trainer.STEP_BEHIND``, off by default); ``ROW_QUANTUM=N``
+rounds the loop's expert GEMMs' rows up to a multiple of N (``experts.ROW_QUANTUM``; 0: exact).
 """
 
 import os
@@ -22,6 +23,10 @@ from epplan.train import trainer, worker  # noqa: E402
 if os.environ.get("LOOP_MIN_ROWS"):
     experts.LOOP_MIN_ROWS = int(os.environ["LOOP_MIN_ROWS"])
     print("experts.LOOP_MIN_ROWS =", experts.LOOP_MIN_ROWS, flush=True)
+
+if os.environ.get("ROW_QUANTUM"):
+    experts.ROW_QUANTUM = int(os.environ["ROW_QUANTUM"])
+    print("experts.ROW_QUANTUM =", experts.ROW_QUANTUM, flush=True)
 
 if os.environ.get("STEP_BEHIND") in ("0", "1"):  # the update inline or behind, to time both in one call
     trainer.STEP_BEHIND = os.environ["STEP_BEHIND"] == "1"
