@@ -73,9 +73,12 @@ def test_calibrate_writes_a_file_the_cost_model_reads(tiny_calibration, tmp_path
     assert [r["num_tensors"] for r in cal.optimizer_fixed] == [num_param_tensors(config)]
     fixed = cal.optimizer_fixed[0]["seconds"]
     assert fixed > 0 and cal.optimizer_fixed_seconds(num_param_tensors(config)) == pytest.approx(fixed)
-    assert parts.optimizer[0] == pytest.approx(max(
+    before = cal.optimizer_fixed[0]["before_sync_seconds"]
+    assert 0 < before <= fixed and cal.optimizer_before_sync_seconds(num_param_tensors(config)) == pytest.approx(before)
+    # the device waits for the host up to the norm's sync; the rest runs beside the passes
+    assert parts.optimizer[0] == pytest.approx(before + max(
         optimizer_bytes(problem.costs.params_dense + held, held + problem.costs.params_lm_head)
-        / cals[0].memory_rate("optimizer"), fixed))
+        / cals[0].memory_rate("optimizer"), fixed - before))
     # The LM head and loss were measured as run (chunked) at the model's shape.
     assert [(r["d_model"], r["vocab_size"]) for r in cal.lm_head] == [(32, config.vocab_size)]
     assert parts.lm_head_loss[0] == pytest.approx(
@@ -146,6 +149,11 @@ def test_bad_calibration_files(tmp_path):
     bad.write_text(json.dumps({**doc, "version": 99}))
     with pytest.raises(CalibrationError, match="version 99"):
         load_calibration(bad)
+    fixed = dict(doc["optimizer_fixed"][0])
+    for before in (-1e-3, fixed["seconds"] * 2, "x"):
+        bad.write_text(json.dumps({**doc, "optimizer_fixed": [{**fixed, "before_sync_seconds": before}]}))
+        with pytest.raises(CalibrationError, match="optimizer_fixed|malformed"):
+            load_calibration(bad)
     doc["memory"] = {"norm": -1}
     bad.write_text(json.dumps(doc))
     with pytest.raises(CalibrationError, match="positive"):

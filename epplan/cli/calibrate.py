@@ -135,4 +135,5 @@ def calibrate(
                       highlight=False)
     for row in cal.optimizer_fixed:
         console.print(f"  step's fixed cost, {row['num_tensors']} parameter tensors: "
-                      f"{row['seconds'] * 1e3:.3g} ms", highlight=False)
+                      f"{row['seconds'] * 1e3:.3g} ms ({row['before_sync_seconds'] * 1e3:.3g} ms to its host sync)",
+                      highlight=False)

@@ -24,7 +24,8 @@ A calibration file (JSON, format ``epplan.calibration`` version 1) holds, for on
   (d_model, vocab_size); FLOPs: the head's;
 - ``optimizer_fixed`` (optional): seconds per step of the trainer's work after the backward that
   bytes do not capture (launches, the statistics' all-gather, the gradient norm's host sync),
-  measured on a model's parameter tensors at tiny sizes, per number of parameter tensors;
+  measured on a model's parameter tensors at tiny sizes, per number of parameter tensors, with
+  its part up to the gradient norm's host sync (``before_sync_seconds``, optional);
 - ``collectives`` (several GPUs): algorithm bandwidth, GB/s, of ``all_to_all`` and ``all_reduce``
   per group size, as points [bytes per rank, GB/s].
 
@@ -131,6 +132,13 @@ class Calibration:
             return 0.0
         return _interp_log([[r["num_tensors"], r["seconds"]] for r in self.optimizer_fixed], max(num_tensors, 1))
 
+    def optimizer_before_sync_seconds(self, num_tensors: int) -> float:
+        """The part of ``optimizer_fixed_seconds`` up to the gradient norm's host sync (0 where a
+        file has none: calibrations before 2026-12-03 timed only the whole)."""
+        rows = [[r["num_tensors"], r["before_sync_seconds"]] for r in self.optimizer_fixed
+                if r.get("before_sync_seconds") is not None]
+        return _interp_log(rows, max(num_tensors, 1)) if rows else 0.0
+
     def memory_rate(self, op: str) -> float:
         """Effective bytes/s of memory-bound op ``op`` (over ``epplan.cost.step``'s byte count)."""
         if op not in self.memory:
@@ -198,6 +206,9 @@ class Calibration:
                 _positive(row, ("d_model", "vocab_size", "tokens", "tflops"), source, "lm_head")
             for row in cal.optimizer_fixed:
                 _positive(row, ("num_tensors", "seconds"), source, "optimizer_fixed")
+                if "before_sync_seconds" in row and not 0 <= float(row["before_sync_seconds"]) <= float(row["seconds"]):
+                    raise CalibrationError(f"{source}: optimizer_fixed entry {row}: before_sync_seconds "
+                                           "must be between 0 and seconds")
             for op, rows in cal.collectives.items():
                 for row in rows:
                     _positive(row, ("group_size",), source, op)

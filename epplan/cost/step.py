@@ -31,9 +31,10 @@ accumulate fp32 gradients straight from their GEMMs (``epplan.runtime.experts``,
     dense_layers  models with dense layers: their attention and MLP (the MLP at the grouped
                   expert rate of its shape at all the micro-batch's tokens)
     optimizer     every parameter the GPU holds: norm for clipping, AdamW with the clip and the
-                  copies' re-cast in its pass; at least the step's fixed cost at the model's
-                  number of parameter tensors (``optimizer_fixed``: launches, host round trips,
-                  which the passes over large tensors run under)
+                  copies' re-cast in its pass; the step's fixed cost at the model's number of
+                  parameter tensors (``optimizer_fixed``: launches, host round trips): its part
+                  up to the gradient norm's host sync added, the rest or the passes over large
+                  tensors, whichever is longer
 
 Under ``--tp t`` (``epplan.workload.tensor_parallel``) a rank's FLOPs are its group's over t, so
 those of its own tokens as without TP, at the shard's shapes: attention's projections t times the
@@ -256,12 +257,16 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
                              / mem("cast"))
         embedding[gpus] = embedding_bytes(tokens * tp, d) / mem("embedding")
         copied = expert_params_held[gpus] + costs.params_lm_head / tp  # the weights with a bf16 copy
-        # The fixed cost is host time (launches, round trips) measured where the bytes are nil; in
-        # a step the device's passes run under it: whichever is longer (calls G and H, one H200:
-        # added, medium's optimizer came out +43-50 %; docs/benchmarks.md).
-        optimizer[gpus] = np.maximum(
+        # The fixed cost is host time (launches, round trips) measured where the bytes are nil.
+        # Up to the gradient norm's host sync the device waits for it; after, the device's passes
+        # run under the rest: that part and the passes, whichever is longer (calls G and H, one
+        # H200: the whole fixed cost added, medium's optimizer came out +43-50 %; the whole under
+        # the passes, -33 to -36 % in calls Q and R; docs/benchmarks.md).
+        fixed = cal.optimizer_fixed_seconds(num_param_tensors(c))
+        before_sync = cal.optimizer_before_sync_seconds(num_param_tensors(c))
+        optimizer[gpus] = before_sync + np.maximum(
             optimizer_bytes(dense_params + expert_params_held[gpus], copied) / mem("optimizer"),
-            cal.optimizer_fixed_seconds(num_param_tensors(c)))
+            fixed - before_sync)
     # Dense layers (models with num_dense_layers) count as attention + a dense MLP each; their
     # MLP runs at the shared-expert rate of its shape.
     dense_mlp = np.zeros(num_gpus)

@@ -33,7 +33,8 @@ What is timed (forward + backward unless said):
                statistics' all-gather, the gradient norm and its host sync, clipping, AdamW, the
                router-bias update) on the model's parameter tensors at tiny sizes: the per-step
                cost that does not scale with bytes (launches, host round trips), in seconds
-               (the median of ``PAIRS`` runs)
+               (the median of ``PAIRS`` runs); and its part up to the gradient norm's host sync
+               (``before_sync_seconds``), which the device waits for in a step
     embedding  token + position embeddings
     collectives (several ranks, under torchrun): all_to_all_single and all_reduce over the world
 """
@@ -301,14 +302,21 @@ def measure_optimizer_fixed(timer: Timer, config: ModelConfig) -> dict[str, Any]
     opt = TrainOptimizer(model, "none", lr=1e-4, weight_decay=0.1, fused=dev.type == "cuda")
     loss = torch.zeros((), device=dev)
 
-    def run() -> None:
+    def to_sync() -> torch.Tensor:
         sync_gradients(model)
         gather_step_stats(loss, loss, get_stats(model), 1, with_matrices=False)
         grad_norm = global_grad_norm(model)
         grad_norm.item()  # the trainer's host sync
+        return grad_norm
+
+    def run() -> None:
+        grad_norm = to_sync()
         opt.step(grad_scale=(1.0 / (grad_norm + 1e-6)).clamp(max=1.0))
         model.update_router_biases()
-    return {"num_tensors": len(params), "seconds": timer.seconds(run, iters=max(timer.iters, PAIRS))}
+    runs = max(timer.iters, PAIRS)
+    whole = timer.seconds(run, iters=runs)
+    return {"num_tensors": len(params), "seconds": whole,
+            "before_sync_seconds": min(timer.seconds(to_sync, iters=runs), whole)}
 
 
 def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> dict[str, float]:
