@@ -65,6 +65,27 @@ def test_compare_json(tmp_path):
     assert data["manifest_hash"] == load_manifest(out).hash
 
 
+def test_compare_all_says_which_baseline_the_time_limit_left_short(tmp_path, monkeypatch):
+    """A +lp row whose split LPs the command's time limit stopped understates the baseline: the
+    table marks it, says on how many layers and what to do, and the JSON row counts them."""
+    import epplan.cli.place as place_module
+
+    real = place_module.resplit
+    monkeypatch.setattr(place_module, "resplit",
+                        lambda plan, problem, time_limit=None: real(plan, problem, time_limit=1e-9))
+    args = ["place", "--topology", TWO_NODE, "--set", "num_layers=2", "--routing", "zipf:1.2",
+            "--compare-all", "--time-limit", "30"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m.json")], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "eplb+lp*" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "the time limit cut the split LP short on some of the 2 layers (eplb+lp 2," in text
+    assert "understate the baselines" in text
+    data = json.loads(runner.invoke(app, [*args, "--json", "--out", str(tmp_path / "j.json")]).stdout)
+    assert data["compare"]["eplb+lp"]["resplit_cut_short"] == 2
+    assert "resplit_cut_short" not in data["compare"]["eplb"]
+
+
 def test_baseline_method(tmp_path):
     out = tmp_path / "m.json"
     result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--set", "num_layers=2", "--placement", "eplb",

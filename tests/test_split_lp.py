@@ -8,6 +8,8 @@ is checked against every baseline it scored.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,27 @@ def test_resplit_gives_each_lp_the_time_left(monkeypatch):
     assert len(given) >= 2 and given[0] > 0.9 * 60.0
     ours, theirs = evaluate(out, problem).moe_time_s, evaluate(plan, problem).moe_time_s
     assert np.all(ours <= theirs * (1 + 1e-9))
+
+
+def test_resplit_counts_the_layers_its_time_limit_cut_short(monkeypatch):
+    """``info["resplit_cut_short"]``: every layer when no time is left, none without a limit, and
+    a layer whose LP stopped short (status not optimal) counts as well as one never run."""
+    import epplan.placement.solve as solve_module
+    from epplan.placement.solve import resplit
+
+    problem = toy_problem(2, 4, 6, experts_per_gpu=2, d_ff=64, seed=0, layers=4)
+    plan = random_placement(problem, seed=1)
+    assert resplit(plan, problem, time_limit=1e-9).info["resplit_cut_short"] == 4
+    assert resplit(plan, problem).info["resplit_cut_short"] == 0
+    calls = []
+
+    def second_stops(data, replicas, **kwargs):   # the real LP, reported stopped on its second call
+        res = optimal_splits(data, replicas, **kwargs)
+        calls.append(res)
+        return dataclasses.replace(res, status="time_limit") if len(calls) == 2 else res
+
+    monkeypatch.setattr(solve_module, "optimal_splits", second_stops)
+    assert resplit(plan, problem, time_limit=60.0).info["resplit_cut_short"] == 1
 
 
 def test_resplit_out_of_time_keeps_the_better_of_its_own_and_the_nearest_split():

@@ -375,10 +375,12 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
     layer whose traffic and placement are an earlier layer's up to expert labels (EPLB's plans of
     zipf layers) takes that layer's splits, relabelled: the same LP. ``cache`` (a dict the caller
     keeps across calls on one problem): a layer placed as in an earlier call (EPLB's and
-    EPLB-hier's plans often are one) takes that call's LP result."""
+    EPLB-hier's plans often are one) takes that call's LP result. ``info["resplit_cut_short"]``:
+    the layers whose LP the limit stopped or left unrun (0: every layer at full strength)."""
     deadline = None if time_limit is None else time.monotonic() + time_limit
     counts = problem.traffic.counts
     layers = []
+    cut_short: set[int] = set()   # layers whose own LP did not finish (relabelled copies included)
     done: dict[str, int] = {}   # a layer's traffic up to relabelling -> the first layer split with it
     for li, layer in enumerate(placement.layers):
         perm, key = _canonical(counts[li])
@@ -386,6 +388,8 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
         if lk is not None and _same_replicas(placement.layers[lk], _canonical(counts[lk])[0], layer, perm):
             # The same placement of the same traffic up to expert labels: the same LP, relabelled.
             layers.append(_relabel(layers[lk], _canonical(counts[lk])[0], perm))
+            if lk in cut_short:
+                cut_short.add(li)
             continue
         cached = None if cache is None else (li, _placement_key(layer, np.arange(len(layer.replicas))))
         if cached in (cache or {}):
@@ -400,15 +404,19 @@ def resplit(placement: Placement, problem: PlacementProblem, *, time_limit: floa
             near = split_result(data, nearest_split(data, layer.replicas))
             layers.append(near.layer if near.bottleneck < own.bottleneck else layer)
             done.setdefault(key, li)
+            cut_short.add(li)
             continue
         # Each LP gets all the time left, not a share of it: where every LP needs more than its
         # share (at 512 GPUs 18-20 s each, against 120 s / 16 layers) shares let none finish.
         res = optimal_splits(data, layer.replicas, time_limit=None if deadline is None else deadline - time.monotonic())
         layers.append(res.layer if res.bottleneck < own.bottleneck else layer)
         done.setdefault(key, li)
-        if cached is not None and res.status == "optimal":
+        if res.status != "optimal":
+            cut_short.add(li)
+        elif cached is not None:
             cache[cached] = layers[-1]
-    return Placement(placement.num_ranks, placement.num_experts, layers, method=f"{placement.method}+lp")
+    return Placement(placement.num_ranks, placement.num_experts, layers, method=f"{placement.method}+lp",
+                     info=SolverInfo(resplit_cut_short=len(cut_short)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ class SolverInfo(TypedDict, total=False):
     num_windows: int
     window_objective_s: list[float]
     migration: dict[str, Any]       # moves, bytes_moved, seconds, max_move_bytes, move_weight
+    # a baseline re-split by the split LP (``solve.resplit``)
+    resplit_cut_short: int          # layers whose split LP the time limit stopped or left unrun
 
 
 @dataclass
