@@ -619,8 +619,8 @@ def _print_compare(names: list[str], plans: dict, costs: dict[str, Cost], proble
         r = rows[name]
         total = r["objective_s"]
         saves = "" if name == first or total <= 0 else f"{(total - ref) / total:.1%}"
-        t.add_row(name + ("*" if name in short else ""), f"{total * k:.4g}", saves, f"{r['link_total_s'] * k:.4g}", f"{r['gpu_imbalance']:.2f}x",
-                  f"{r['solve_s']:.1f}", "-" if r["gap"] is None else f"{r['gap']:.2%}")
+        t.add_row(name + ("*" if name in short else ""), f"{total * k:.4g}", saves, f"{r['link_total_s'] * k:.4g}",
+                  f"{r['gpu_imbalance']:.2f}x", f"{r['solve_s']:.1f}", "-" if r["gap"] is None else f"{r['gap']:.2%}")
     console.print(t)
     worst = _grouped(names, [r["bottleneck_link"] for r in rows.values()])
     console.print(f"  busiest link in the worst layer: {escape(worst)}; MoE: a2a and expert GEMMs per step; "
