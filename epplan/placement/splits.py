@@ -49,13 +49,17 @@ from epplan.workload.memory import tp_group_sum
 
 _STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
 # Interior point above either size, dual simplex below. Measured at load 4-6 on a 2-core machine,
-# both stages: 512 GPUs, 64 node groups, 19,485 columns but 2.15M nonzeros (every (node, GPU)
-# pair crosses ~200 fabric links): 18.8 s with crossover against 300.8 s for dual simplex;
-# 16 nodes, 32,771 columns, 131k nonzeros: 2.2 s against 1.0 s. Without crossover (the
-# default, ``crossover``): the same 512-GPU layer 6.3 s against 9.5 s with it at load 1, the
-# same layer time to 1e-12 (instance 9's layers 0 and 3, scripts/bench_planner.py).
-_IPM_ABOVE = 20_000          # columns
-_IPM_ABOVE_NONZEROS = 1_000_000
+# both stages, with one row of link coefficients per (group, GPU) pair: 512 GPUs, 64 node groups,
+# 19,485 columns but 2.15M nonzeros (every (node, GPU) pair crosses ~200 fabric links): 18.8 s
+# with crossover against 300.8 s for dual simplex. Without crossover (the default,
+# ``crossover``): the same 512-GPU layer 6.3 s against 9.5 s with it at load 1, the same layer
+# time to 1e-12 (instance 9's layers 0 and 3, scripts/bench_planner.py). With the aggregates
+# (``flowlinks``; 2026-12-03, load 1.6-2.1, first layer, EPLB's placement): 128 GPUs (instance
+# 2) 20,739 columns, 0.10M nonzeros: simplex 0.35 s, interior point 1.2 s; 512 GPUs (9) 13,679
+# columns, 0.44M nonzeros: simplex 57.7 s; 1,024 GPUs (10) 32,503 columns, 0.26M nonzeros:
+# simplex 208 s, interior point 5 s (all link rows) to 1.2-1.6 s a round (lazy).
+_IPM_ABOVE = 30_000          # columns
+_IPM_ABOVE_NONZEROS = 200_000
 _WORTH_TIE = 1e-5     # relative: a first stage this close above ``worth_below`` may still tie it
 _TIE_BREAK_SHARE = 2.0  # under a limit the tie-break gets at most this many times the first stage's time (>= 1 s)
 # Lazy link rows above this many links (interior point only; the small models take simplex):
