@@ -39,6 +39,7 @@ Shape legend: G = GPUs, L = links, C = NICs, R = rails, W = edge switches, J = d
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -375,6 +376,67 @@ class LinkMap:
                 cols.append(self.off_fabric + sw[c1][differ] * pm.num_edge_switches + sw[c2][differ])
                 vals.append(v[differ])
 
+    def cross_factors(self) -> CrossFactors:
+        """The pair form of cross-node pairs factored (cached): for every s, t on different nodes
+
+            pair_segments(s, t) == recv[t] + sum_j combo[t, j] * send[s * J + j]
+
+        j = the (rail, edge switch) of a receiving NIC. Exact because a cross-node pair's
+        receiving half (its NICs' down-links and ingress segments) depends on t alone, and its
+        sending half (egress segment, sending NIC's up-link, fabric route) on s and on the rail
+        and edge switch of the receiving NIC alone (``pair_segments``: the sending NIC is the
+        source node's own on that rail or the source's nearest, ``PathModel.is_own_rail``)."""
+        if getattr(self, "_cross", None) is None:
+            self._cross = self._build_cross_factors()
+        return self._cross
+
+    def _build_cross_factors(self) -> CrossFactors:
+        g, nseg = self.num_gpus, self.num_segments
+        if not self.has_network:
+            empty = sp.csr_matrix((g, nseg))
+            return CrossFactors(recv=empty, combo=sp.csr_matrix((g, 0)), send=sp.csr_matrix((0, nseg)))
+        pm = self.pm
+        rail, num_w = pm.nic_rail, pm.num_edge_switches
+        switch = np.maximum(pm.nic_switch, 0)
+        combos, nic_combo = np.unique(rail * max(num_w, 1) + switch, return_inverse=True)
+        j_rail, j_switch = combos // max(num_w, 1), combos % max(num_w, 1)
+        num_j = combos.size
+        # Receiving half, per t: its nearest NICs' down-links and ingress segments.
+        ok = self.recv_nic >= 0                                              # [G, k]
+        t = np.broadcast_to(np.arange(g)[:, None], ok.shape)[ok]
+        c2, v = self.recv_nic[ok], self.recv_w[ok]
+        recv = sp.csr_matrix((np.concatenate([v, v]), (np.concatenate([t, t]), np.concatenate(
+            [self.off_down + c2, self.off_ingress + t * pm.num_rails + rail[c2]]))), shape=(g, nseg))
+        combo = sp.csr_matrix((v, (t, nic_combo[c2])), shape=(g, num_j))
+        # Sending half, per (s, j): the own NIC on j's rail where the node sends that rail itself,
+        # else the source's nearest NICs, each on to j's edge switch.
+        s = np.repeat(np.arange(g), num_j)
+        j = np.tile(np.arange(num_j), g)
+        rows, cols, vals = [], [], []
+
+        def send(idx: np.ndarray, c1: np.ndarray, w: np.ndarray) -> None:
+            row = s[idx] * num_j + j[idx]
+            rows.extend([row, row])
+            cols.extend([self.off_egress + s[idx] * pm.num_rails + rail[c1], self.off_up + c1])
+            vals.extend([w, w])
+            if num_w > 1:
+                differ = switch[c1] != j_switch[j[idx]]
+                rows.append(row[differ])
+                cols.append(self.off_fabric + switch[c1][differ] * num_w + j_switch[j[idx]][differ])
+                vals.append(w[differ])
+
+        own = pm.is_own_rail[s, j_rail[j]]
+        idx = np.flatnonzero(own)
+        send(idx, pm.node_rail_nic[self.gpu_node[s[idx]], j_rail[j[idx]]], np.ones(idx.size))
+        for k1 in range(self.near_nic.shape[1]):
+            c1, w1 = self.near_nic[s, k1], self.near_w[s, k1]
+            idx = np.flatnonzero(~own & (c1 >= 0))
+            send(idx, c1[idx], w1[idx])
+        out = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                            shape=(g * num_j, nseg))
+        out.sum_duplicates()
+        return CrossFactors(recv=recv, combo=combo, send=out)
+
     def pair_incidence(self, src: np.ndarray, dst: np.ndarray) -> sp.csr_matrix:
         """float64[P, L]: share of one unit sent src[i] -> dst[i] on each link (src != dst)."""
         return (self.pair_segments(src, dst) @ self.segment_links).tocsr()
@@ -384,6 +446,20 @@ class LinkMap:
         row = self.pair_incidence(np.array([src]), np.array([dst]))
         row.eliminate_zeros()
         return {int(i): float(f) for i, f in zip(row.indices, row.data) if f > 1e-12}
+
+
+@dataclass
+class CrossFactors:
+    """``LinkMap.cross_factors``: the pair form of cross-node pairs as a receiving and a sending
+    half (S = segments, J = distinct (rail, edge switch) of NICs)."""
+
+    recv: sp.csr_matrix    # float64[G, S] the receiving half of any pair into t
+    combo: sp.csr_matrix   # float64[G, J] t's receiving NICs' shares by (rail, edge switch)
+    send: sp.csr_matrix    # float64[G * J, S] row s * J + j: the sending half from s to a NIC of j
+
+    @property
+    def num_combos(self) -> int:
+        return int(self.combo.shape[1])
 
 
 def _padded(m: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:

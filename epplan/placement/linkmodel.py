@@ -76,8 +76,13 @@ class LinkModel:
     def pair_incidence(self, src: np.ndarray, dst: np.ndarray, *, all_links: bool = False) -> sp.csr_matrix:
         """float64[P, K] (or [P, L] with ``all_links``): share of one unit sent src[i] -> dst[i]
         on each kept link (``LinkMap.pair_incidence`` restricted). Pairs must have src != dst."""
+        return self.segment_incidence(self.map.pair_segments(src, dst), all_links=all_links)
+
+    def segment_incidence(self, segments: sp.spmatrix, *, all_links: bool = False) -> sp.csr_matrix:
+        """float64[n, K] (or [n, L]): rows of segment amounts float64[n, segments] (rows of
+        ``LinkMap.segment_links``) as shares on each kept link."""
         seg = self.map.segment_links if all_links else self._seg_links_kept
-        return (self.map.pair_segments(src, dst) @ seg).tocsr()
+        return (segments @ seg).tocsr()
 
     # ------------------------------------------------------------------ dominance
 

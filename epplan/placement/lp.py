@@ -101,6 +101,12 @@ class LP:
         return LPResult(x=x, objective=float(h.getInfo().objective_function_value), status=name,
                         seconds=float(h.getRunTime()))
 
+    def add_rows(self, a: sp.spmatrix, lo: ArrayLike, hi: ArrayLike) -> None:
+        """Append rows lo <= a x <= hi (a: sparse [rows, columns])."""
+        a = sp.csr_matrix(a)
+        self.h.addRows(a.shape[0], np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64), a.nnz,
+                       a.indptr[:-1].astype(np.int32), a.indices.astype(np.int32), a.data.astype(np.float64))
+
     def set_cost(self, c: ArrayLike) -> None:
         c = np.asarray(c, dtype=np.float64)
         self.h.changeColsCost(c.size, np.arange(c.size, dtype=np.int32), c)

@@ -105,7 +105,7 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
                 return
             left = None if until is None else max(0.05, until - time.monotonic())
             t1 = time.monotonic()
-            res = optimal_splits(data, lev.layer.replicas, time_limit=left)
+            res = optimal_splits(data, lev.layer.replicas, time_limit=left, worth_below=cost)
             lp_s = time.monotonic() - t1
             solved += 1
             options = [(lev.cost, lev.link_s, lev.layer)]
@@ -138,7 +138,7 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
             continue
         left = None if until is None else max(0.05, until - time.monotonic())
         t1 = time.monotonic()
-        res = optimal_splits(data, replicas, time_limit=left)
+        res = optimal_splits(data, replicas, time_limit=left, worth_below=cost)
         lp_s = time.monotonic() - t1
         solved += 1
         if res.status == "optimal" and _better(res.bottleneck, res.link_time, cost, link_s):

@@ -65,7 +65,7 @@ from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
 from epplan.placement.nodelp import MAX_COUNT_INTEGERS, count_model, node_model
 from epplan.placement.problem import PlacementProblem
-from epplan.placement.splits import nearest_split, optimal_splits, split_bound, split_result
+from epplan.placement.splits import SETTLED, nearest_split, optimal_splits, split_bound, split_result
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
 from epplan.workload.memory import expert_tp_rows
 
@@ -291,7 +291,7 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
             if split is not None:            # None: its split bound is above the plan
                 lk = checks[key][0]
                 inc.offer(cost, link_s, _relabel(split, perms[lk], perms[lj]), f"{name}+lp")
-                if status != "optimal":
+                if status not in SETTLED:
                     inc.unchecked.append(name)
         unchecked = sorted(set(inc.unchecked))
         if inc.layer is not layer or unchecked != info.unchecked:
@@ -443,7 +443,8 @@ def _worker(job: tuple) -> tuple:
         # LP with no plan to beat would not skip its tie-break, nor a placement its bound rules out.
         while _FLOOR is not None and np.isinf(_FLOOR[li]) and (deadline is None or time.monotonic() < deadline):
             time.sleep(_POLL_S)
-        floor = np.inf if _FLOOR is None else float(_FLOOR[li])
+        # read again between the LP's rounds: the representative's plan may improve meanwhile
+        floor = (lambda: np.inf) if _FLOOR is None else (lambda: float(_FLOOR[li]))
         return "check", key, _check(_SHARED, lj, replicas, floor, deadline)
     _, li, base, solver, deadline, tasks_left, num_workers, gap = job
     if deadline is not None and time.monotonic() >= deadline:
@@ -530,14 +531,15 @@ def _placement_key(layer: LayerPlacement, perm: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _check(problem: PlacementProblem, lj: int, replicas: list[np.ndarray], floor: float,
+def _check(problem: PlacementProblem, lj: int, replicas: list[np.ndarray], floor: float | Callable[[], float],
            deadline: float | None) -> tuple | None:
     """Layer ``lj``'s baseline placement ``replicas`` re-split by the LP under the time left:
     (split layer, time, busiest link, LP status), or (None, ...) when its split bound is not
-    below ``floor`` (the layer's plan in hand), or None past ``deadline``."""
+    below ``floor`` (the layer's plan in hand, or a function that reads it as it improves), or
+    None past ``deadline``."""
     if deadline is not None and time.monotonic() >= deadline:
         return None
-    if split_bound(_with_counts(problem, problem.traffic.counts[lj]), replicas) >= floor:
+    if split_bound(_with_counts(problem, problem.traffic.counts[lj]), replicas) >= (floor() if callable(floor) else floor):
         return None, float("inf"), float("inf"), "ruled_out"
     data = _shared_coef(layer_data(problem, problem.traffic.counts[lj], max_groups=_max_groups(problem)))
     # the tie-break only where the split could be taken: half the LP's time at 512 GPUs
@@ -685,7 +687,7 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             res = optimal_splits(data, replicas, time_limit=left(end), worth_below=inc.floor)
             split_s.append(res.seconds)
             inc.offer(res.bottleneck, res.link_time, res.layer, f"{name}+lp")
-            if res.status == "optimal":
+            if res.status in SETTLED:
                 inc.unchecked.remove(name)
             inc.send()
 
@@ -698,7 +700,7 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     if not over(stop):
         for replicas in local_candidates(data):
             t1 = time.monotonic()
-            res = optimal_splits(data, replicas, time_limit=left(stop))
+            res = optimal_splits(data, replicas, time_limit=left(stop), worth_below=inc.floor)
             lp_s = time.monotonic() - t1
             inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
             if over(stop):

@@ -4,11 +4,12 @@ Given which GPUs hold which experts, the best split of every source's tokens ove
 replicas is an LP (``DESIGN.md``'s model with the placement fixed):
 
     variables  y[a, e, t] >= 0   assignments source group a sends to the replica of e on t
-               Y[a, t]           = sum_e y[a, e, t]  (what the links and GPUs see)
+               v >= 0            aggregates of the flows the links see (``flowlinks``)
                mu, X, Z          the max link time, the max GPU time, the layer's hidden part
     demand     sum_t y[a, e, t] = n[a, e]
-    links      sum_{a, t} coef[(a, t), k] Y[a, t] <= mu          (k: kept links)
-    GPUs       gpu_unit[t] * sum_a Y[a, t] <= X
+    aggregates v = of_flow y
+    links      (direct y + links v)[k] <= mu     (k: kept links; = sum coef[(a, t), k] y[a, e, t])
+    GPUs       gpu_unit[t] * sum_{a, e} y[a, e, t] <= X
     schedule   hidden * mu <= Z,  X <= Z
     minimise   exposed * mu + Z (the layer's time under the runtime's schedule, ``epplan.schedule``);
                then, with it fixed at its optimum, mu
@@ -17,36 +18,70 @@ The second stage breaks ties toward the least-loaded network: when expert comput
 exchange, any split that keeps the links below it is optimal, and the planner prefers the one
 with the idlest links (``--compare`` reports both). Flows are scaled to O(1) units for HiGHS.
 
+Where the seconds went at 1,024 GPUs (instance 10's layer 6, EPLB's placement, 24,559 flows,
+4,096 kept links; this 2-core machine at load 1-3): written with one row of link coefficients
+per (group, GPU) pair the model had 0.9M nonzeros and took 5.4 s (first stage) + 7.2 s (tie-break)
+of HiGHS's interior point, all of it in HiGHS (the build 0.1 s). The aggregates cut it to 0.26M
+nonzeros but not the solve (5.5 s: IPX's basis stays dense, every node's links couple with every
+other's); what does is leaving out the link rows that do not bind: without the 2,048 NVLink rows,
+which never bind there, 2.6 s for the same optimum. So the link rows are lazy (``_LAZY_ABOVE``):
+the LP starts with the links the nearest split loads most and adds those a solution overloads.
+And a first stage whose relaxation is already above the plan the caller has (``worth_below``)
+stops there: its placement cannot win (the relabelled layers' checks at 1,024 GPUs mostly).
+
 Shape legend: G = GPUs, E = experts, A = source groups, R_e = replicas of expert e.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
+from epplan.placement.flowlinks import flow_links
 from epplan.placement.layer import LayerData
-from epplan.placement.lp import LP
+from epplan.placement.lp import LP, LPResult
 from epplan.placement.types import LayerPlacement
 from epplan.workload.memory import tp_group_sum
 
 _STAGE2_SLACK = 1e-7   # Z may grow by this fraction in the tie-break stage
 # Interior point above either size, dual simplex below. Measured at load 4-6 on a 2-core machine,
-# both stages: 512 GPUs, 64 node groups, 19,485 columns but 2.15M nonzeros (every (node, GPU)
-# pair crosses ~200 fabric links): 18.8 s with crossover against 300.8 s for dual simplex;
-# 16 nodes, 32,771 columns, 131k nonzeros: 2.2 s against 1.0 s. Without crossover (the
-# default, ``crossover``): the same 512-GPU layer 6.3 s against 9.5 s with it at load 1, the
-# same layer time to 1e-12 (instance 9's layers 0 and 3, scripts/bench_planner.py).
-_IPM_ABOVE = 20_000          # columns
-_IPM_ABOVE_NONZEROS = 1_000_000
+# both stages, with one row of link coefficients per (group, GPU) pair: 512 GPUs, 64 node groups,
+# 19,485 columns but 2.15M nonzeros (every (node, GPU) pair crosses ~200 fabric links): 18.8 s
+# with crossover against 300.8 s for dual simplex. Without crossover (the default,
+# ``crossover``): the same 512-GPU layer 6.3 s against 9.5 s with it at load 1, the same layer
+# time to 1e-12 (instance 9's layers 0 and 3, scripts/bench_planner.py). With the aggregates
+# (``flowlinks``; 2026-12-03, load 1.6-2.1, first layer, EPLB's placement): 128 GPUs (instance
+# 2) 20,739 columns, 0.10M nonzeros: simplex 0.35 s, interior point 1.2 s; 512 GPUs (9) 13,679
+# columns, 0.44M nonzeros: simplex 57.7 s; 1,024 GPUs (10) 32,503 columns, 0.26M nonzeros:
+# simplex 208 s, interior point 5 s (all link rows) to 1.2-1.6 s a round (lazy).
+_IPM_ABOVE = 30_000          # columns
+_IPM_ABOVE_NONZEROS = 200_000
 _WORTH_TIE = 1e-5     # relative: a first stage this close above ``worth_below`` may still tie it
 _TIE_BREAK_SHARE = 2.0  # under a limit the tie-break gets at most this many times the first stage's time (>= 1 s)
+# Lazy link rows above this many links (interior point only; the small models take simplex):
+# first the links the nearest split loads to at least _LAZY_SHARE of its busiest; where a
+# solution loads a left-out link above its mu by more than _LAZY_TOL (relative to the objective),
+# every left-out link above (1 - _LAZY_MARGIN) mu is added and the LP solved again. Exact: the
+# last LP is a relaxation of the full one whose optimum meets every left-out row, so it is an
+# optimum of the full one. Measured on instance 10's layer 6 (EPLB's placement, 4,096 link rows,
+# load 2-3): 386 rows to start, 580 at the end, 3 solves of 1.2-1.6 s against 5.4 s for all rows;
+# the tie-break on those rows 1.9 s against 7.2 s.
+_LAZY_ABOVE = 256
+_LAZY_SHARE = 0.5
+_LAZY_MARGIN = 0.1
+_LAZY_TOL = 1e-9
 MAX_COLUMNS = 30_000   # flow columns above which groups use a subset of remote replicas
 _REMOTE_PRESENT = 4    # remote replicas a group may use for an expert its node holds
 _REMOTE_ABSENT = 16    # ... for an expert its node does not hold
+
+
+# Statuses of a split LP that settle whether its placement beats the plan in hand (``worth_below``):
+# solved, or stopped where a relaxation's optimum was above that plan.
+SETTLED = frozenset({"optimal", "above"})
 
 
 @dataclass
@@ -60,14 +95,19 @@ class SplitResult:
 
 def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bool = True,
                    time_limit: float | None = None, max_columns: int = MAX_COLUMNS,
-                   method: str = "auto", crossover: bool = False, worth_below: float = np.inf) -> SplitResult:
+                   method: str = "auto", crossover: bool = False,
+                   worth_below: float | Callable[[], float] = np.inf,
+                   links: str = "aggregated") -> SplitResult:
     """Best splits for ``replicas`` (replicas[e]: sorted ranks holding expert e).
 
-    ``worth_below`` (seconds): the time the caller's plan in hand takes. Where the first
+    ``worth_below`` (seconds): the time the caller's plan in hand takes (or a function that
+    returns it, read again as the LP goes on, where that plan may improve meanwhile). Where the first
     stage's optimum is above it by more than ``_WORTH_TIE``, the split would not be taken, so
     the tie-break (the idlest network among equal times) is not run: the result's time is
     still the optimum, its busiest link not the least (on 512 GPUs the tie-break is about half
-    the LP's time).
+    the LP's time). Where the link rows are lazy (``_LAZY_ABOVE``) and a relaxation's optimum is
+    already above it, the LP stops there: status "above", the relaxation's split scored as it
+    is (above ``worth_below``; it is not the optimum).
 
     Exact over all splits while groups x replicas <= ``max_columns``; above, each group may use
     every replica on its own node and a few others (``_columns``), and the result is the best
@@ -91,40 +131,36 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     tau = unit * float(np.mean(data.gpu_unit))                # time unit: serving it
     ya, ye, yt = _columns(data, gc, replicas, max_columns)
     ny = ya.size
-    pair = ya * num_gpus + yt                                 # (a, t) of each y
-    pairs, y2p = np.unique(pair, return_inverse=True)
-    npair = pairs.size
-    col_z, col_mu, col_x = ny + npair, ny + npair + 1, ny + npair + 2
-    ncol = ny + npair + 3
-    # Rows: demand (a, e) | aux (a, t) | links | GPUs | hidden mu <= Z, X <= Z | objective.
+    # Link loads through aggregates of the flows (``flowlinks``), defined by equality rows.
+    fl = flow_links(data, ya, yt, form=links)
+    nagg = fl.num_aggregates
+    col_z, col_mu, col_x = ny + nagg, ny + nagg + 1, ny + nagg + 2
+    ncol = ny + nagg + 3
+    # Rows: demand (a, e) | aggregates | links | GPUs | hidden mu <= Z, X <= Z | objective.
     dem_key = ya * num_experts + ye
     dem_keys, y2d = np.unique(dem_key, return_inverse=True)
     ndem = dem_keys.size
     demand = gc.ravel()[dem_keys] / unit
-    coef = data.coef()[pairs] * (unit / tau)                  # (npair, K)
-    coef = coef.tocsc()
+    coef = (sp.vstack([fl.direct, fl.links]) * (unit / tau)).tocsc()           # (ny + nagg, K)
     is_link = np.diff(coef.indptr) > 0
     coef = coef[:, is_link]
     nlink = coef.shape[1]
-    # GPU rows: Y[a, t] on t's own row, or under --expert-tp 1 / t of it on every row of t's
-    # TP group (``workload.memory.expert_tp_rows``, the clock ``evaluate`` charges).
+    # GPU rows: y on its GPU's own row, or under --expert-tp 1 / t of it on every row of the
+    # GPU's TP group (``workload.memory.expert_tp_rows``, the clock ``evaluate`` charges).
     pool = data.pool
-    gpu_row = data.pooled_rows(pairs % num_gpus)                                        # [npair, pool]
+    gpu_row = data.pooled_rows(yt)                                                       # [ny, pool]
     gpu = (data.gpu_unit[gpu_row] / pool * (unit / tau)).ravel()
-    gpu_col = np.repeat(ny + np.arange(npair), pool)
+    gpu_col = np.repeat(np.arange(ny), pool)
     exposed, hidden = data.schedule.exposed, data.schedule.hidden
     blocks = []
     r0 = 0
-    blocks.append((y2d + r0, np.arange(ny), np.ones(ny)))                      # demand
+    blocks.append((y2d.ravel() + r0, np.arange(ny), np.ones(ny)))                # demand
     r0 += ndem
-    blocks.append((y2p + r0, np.arange(ny), np.ones(ny)))                      # aux: +y
-    blocks.append((np.arange(npair) + r0, ny + np.arange(npair), -np.ones(npair)))  # aux: -Y
-    r0 += npair
-    cc = coef.tocoo()
-    blocks.append((cc.col + r0, ny + cc.row, cc.data))                          # links: Y
-    blocks.append((np.arange(nlink) + r0, np.full(nlink, col_mu), -np.ones(nlink)))
-    r0 += nlink
-    blocks.append((gpu_row.ravel() + r0, gpu_col, gpu))                          # GPUs: Y
+    agg = fl.of_flow.tocoo()
+    blocks.append((agg.row + r0, agg.col, agg.data))                              # aggregates: +y
+    blocks.append((np.arange(nagg) + r0, ny + np.arange(nagg), -np.ones(nagg)))   # aggregates: -v
+    r0 += nagg
+    blocks.append((gpu_row.ravel() + r0, gpu_col, gpu))                            # GPUs: y
     blocks.append((np.arange(num_gpus) + r0, np.full(num_gpus, col_x), -np.ones(num_gpus)))
     r0 += num_gpus
     blocks.append((np.array([r0, r0, r0 + 1, r0 + 1]), np.array([col_mu, col_z, col_x, col_z]),
@@ -136,14 +172,27 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     rows = np.concatenate([b[0] for b in blocks])
     cols = np.concatenate([b[1] for b in blocks])
     vals = np.concatenate([b[2] for b in blocks])
-    a = sp.csc_matrix((vals, (rows, cols)), shape=(r0, ncol))
+    base = sp.csr_matrix((vals, (rows, cols)), shape=(r0, ncol))
+    # Link rows: sum coef x - mu <= 0, one per link that any column loads.
+    cc = coef.tocoo()
+    link_rows = sp.csr_matrix((np.concatenate([cc.data, -np.ones(nlink)]),
+                               (np.concatenate([cc.col, np.arange(nlink)]),
+                                np.concatenate([cc.row, np.full(nlink, col_mu)]))), shape=(nlink, ncol))
     inf = np.inf
-    row_lo = np.concatenate([demand, np.zeros(npair), np.full(nlink + num_gpus + 3, -inf)])
-    row_hi = np.concatenate([demand, np.zeros(npair), np.zeros(nlink + num_gpus + 2), [inf]])
+    row_lo = np.concatenate([demand, np.zeros(nagg), np.full(num_gpus + 3, -inf)])
+    row_hi = np.concatenate([demand, np.zeros(nagg), np.zeros(num_gpus + 2), [inf]])
     cost = np.zeros(ncol)
     cost[col_mu], cost[col_z] = exposed, 1.0
-    lp = LP(cost, a, row_lo, row_hi, np.zeros(ncol), np.full(ncol, inf))
-    ipm = method == "ipm" or (method == "auto" and (ncol > _IPM_ABOVE or a.nnz > _IPM_ABOVE_NONZEROS))
+    nnz = base.nnz + link_rows.nnz
+    ipm = method == "ipm" or (method == "auto" and (ncol > _IPM_ABOVE or nnz > _IPM_ABOVE_NONZEROS))
+    # The link rows in the LP (``_LAZY_ABOVE``): all, or those the nearest split loads most
+    # first and the others where a solution overloads them.
+    active = _lazy_links(data, replicas, is_link) if ipm and nlink > _LAZY_ABOVE else np.ones(nlink, dtype=bool)
+    a = sp.vstack([base, link_rows[active]]).tocsc()
+    num_active = int(active.sum())
+    # (the aggregates of flows >= 0 are >= 0: every column has lower bound 0)
+    lp = LP(cost, a, np.concatenate([row_lo, np.full(num_active, -inf)]),
+            np.concatenate([row_hi, np.zeros(num_active)]), np.zeros(ncol), np.full(ncol, inf))
     if ipm:
         lp.h.setOptionValue("solver", "ipm")   # several times faster than simplex at this size
         lp.h.setOptionValue("run_crossover", "on" if crossover else "off")
@@ -153,30 +202,69 @@ def optimal_splits(data: LayerData, replicas: list[np.ndarray], *, tie_break: bo
     def left() -> float | None:
         return None if time_limit is None else time_limit - (time.monotonic() - t0)
 
-    res = lp.solve(left()) if left() is None or left() > 0 else None
+    def solve(limit: float | None, above: Callable[[], float] = lambda: inf) -> tuple[LPResult, bool]:
+        """(result, stopped): the LP with every link row it needs, solved, checked against the
+        rows left out, and solved again with those a solution overloads until none is; stopped
+        early (True) where a relaxation's optimum, a lower bound, is above ``above``."""
+        t_solve = time.monotonic()
+        while True:
+            out = lp.solve(limit if limit is None else max(limit - (time.monotonic() - t_solve), 0.0))
+            if out.status != "optimal" or active.all():
+                return out, False
+            load = link_rows @ out.x                       # each link's time less mu
+            if not np.any((load > _LAZY_TOL * max(out.objective, 1.0)) & ~active):
+                return out, False
+            if out.objective > above():
+                return out, True
+            # Interior point returns the centre of the optimal face, which the rows left out
+            # cut (there are many optimal splits): take those near mu too, not only those above.
+            over = (load > -_LAZY_MARGIN * out.x[col_mu]) & ~active
+            lp.add_rows(link_rows[over], np.full(int(over.sum()), -inf), np.zeros(int(over.sum())))
+            active[over] = True
+            if limit is not None and time.monotonic() - t_solve >= limit:
+                return replace(out, status="time_limit"), False
+
+    # A first stage whose relaxation is above the plan in hand (``worth_below``) is not solved on.
+    def above() -> float:
+        return (worth_below() if callable(worth_below) else worth_below) * (1 + _WORTH_TIE) / tau
+
+    res, stopped = solve(left(), above) if left() is None or left() > 0 else (None, False)
     if ipm and not crossover and res is not None and res.status == "error" and (left() is None or left() > 0):
         lp.h.setOptionValue("run_crossover", "on")   # imprecise without a vertex: take one
-        res = lp.solve(left())
+        res, stopped = solve(left(), above)
     if res is None or res.status != "optimal":
         # Out of time (or numerical trouble): a feasible split that uses no LP.
         return split_result(data, nearest_split(data, replicas), status="time_limit" if res is None else res.status,
                             seconds=time.monotonic() - t0)
     x, best = res.x, exposed * res.x[col_mu] + res.x[col_z]
+    if stopped:
+        y = np.maximum(x[:ny], 0.0) * unit
+        return split_result(data, _prune(data, _to_layer(data, replicas, ya, ye, yt, y)), status="above",
+                            seconds=time.monotonic() - t0)
     # Under a time limit the tie-break, a preference, may not take the time of the plans after
     # this one (on 512 GPUs dual simplex spent 10x the first stage's time on it).
     stage1 = time.monotonic() - t0
-    worth = best * tau <= worth_below * (1 + _WORTH_TIE)
+    worth = best <= above()
     if tie_break and worth and nlink and (left() is None or left() > 0.1):
         lp.set_row_bounds([row_obj], [-inf], [best * (1 + _STAGE2_SLACK) + 1e-12])
         c2 = np.zeros(ncol)
         c2[col_mu] = 1.0
         lp.set_cost(c2)
-        res2 = lp.solve(None if left() is None else min(left(), max(1.0, _TIE_BREAK_SHARE * stage1)))
+        res2, _ = solve(None if left() is None else min(left(), max(1.0, _TIE_BREAK_SHARE * stage1)))
         if res2.status == "optimal":
             x = res2.x
     y = np.maximum(x[:ny], 0.0) * unit
     layer = _prune(data, _to_layer(data, replicas, ya, ye, yt, y))
     return split_result(data, layer, status="optimal", seconds=time.monotonic() - t0)
+
+
+def _lazy_links(data: LayerData, replicas: list[np.ndarray], is_link: np.ndarray) -> np.ndarray:
+    """bool[nlink] the link rows an LP starts with (``_LAZY_SHARE``): the links (of those
+    ``is_link`` keeps) on which the nearest split puts at least that share of its busiest one's
+    time."""
+    flows = nearest_split(data, replicas).flows(data.counts)
+    times = data.link_times(flows)[data.lm.kept][is_link]
+    return times >= _LAZY_SHARE * float(times.max(initial=0.0))
 
 
 def split_bound(data: LayerData, replicas: list[np.ndarray]) -> float:
