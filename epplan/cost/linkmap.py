@@ -117,6 +117,7 @@ class LinkMap:
         self.has_network = pm.num_nics > 0 and topology.num_nodes > 1
         self._build_factors(pm)
         self._build_segments(pm)
+        self._cross: CrossFactors | None = None   # ``cross_factors``, built on first use
 
     @property
     def topology(self) -> Topology:
@@ -386,7 +387,7 @@ class LinkMap:
         sending half (egress segment, sending NIC's up-link, fabric route) on s and on the rail
         and edge switch of the receiving NIC alone (``pair_segments``: the sending NIC is the
         source node's own on that rail or the source's nearest, ``PathModel.is_own_rail``)."""
-        if getattr(self, "_cross", None) is None:
+        if self._cross is None:
             self._cross = self._build_cross_factors()
         return self._cross
 

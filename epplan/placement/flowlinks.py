@@ -31,7 +31,7 @@ flows keep their own coefficients (``direct``). The identity
 
 holds term by term, so the LP with the aggregates as columns defined by equality rows has the
 same feasible flows, the same link loads and the same optimum as the one with ``coef``'s rows
-(tests/test_split_lp.py checks both the identity and the two LPs' optima). Each flow touches
+(tests/test_flow_links.py checks both the identity and the two LPs' optima). Each flow touches
 four aggregates; the aggregates' link rows are short and local (one node's links, or one GPU's).
 
 ``form="pairs"`` gives the unaggregated form (one aggregate Y[a, t] per (group, GPU) pair with
