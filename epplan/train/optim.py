@@ -131,12 +131,6 @@ class TrainOptimizer:
         if single:
             self.optimizers.append(torch.optim.AdamW(groups(single), **kw))
 
-    def steps_in_one_pass(self, device: torch.device) -> bool:
-        """Whether ``step`` is one ``torch.optim.AdamW`` stepped by the one-pass kernel on a GPU
-        (sharding none, no tensor parallelism): the case ``epplan.train.step_behind`` takes."""
-        return (device.type == "cuda" and self.sharding == "none" and self.one_pass
-                and one_pass_available(device))
-
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self.optimizers for g in opt.param_groups]

@@ -276,7 +276,6 @@ class Replanner:
 
     def _apply(self) -> None:
         trainer, pending = self.trainer, self.pending
-        trainer.settle_optimizer()  # experts and their AdamW state may move
         self.pending = None
         step = trainer.step
         decision: list[Any] = [None]

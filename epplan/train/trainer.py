@@ -46,7 +46,6 @@ from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, 
 from epplan.train.optim import TrainOptimizer
 from epplan.train.options import RESUME_KEYS, TrainOptions
 from epplan.train.rundir import history, set_aside
-from epplan.train.step_behind import StepBehind
 from epplan.workload.memory import OPTIMIZER_SHARDING
 from epplan.train.timing import StepTimer, instrument, timing_record
 from epplan.workload.flops import model_costs
@@ -58,12 +57,6 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 SHAPE_FIELDS = ("num_layers", "num_experts", "d_model", "d_ff", "num_heads", "head_dim", "num_kv_heads",
                 "vocab_size", "seq_len", "activation", "num_dense_layers", "dense_d_ff", "num_shared_experts")
 ROUTING_ROWS = ("pairs", "gpu_rows", "node_rows")  # ExpertParallelStats fields of routing_stats.json v2
-# The optimizer's update behind the next forward where it applies (epplan.train.step_behind).
-# Off: measured on one H200 (docs/benchmarks.md, call R) it gave the same weights bitwise and a
-# 1.1 % shorter seed-dims step, but the cost model does not yet know what of the update it hides
-# (the optimizer component would be over-predicted by 63 %). scripts/device/train_nockpt.py
-# turns it on (STEP_BEHIND=1) to time both.
-STEP_BEHIND = False
 
 
 def peak_tflops(opts: TrainOptions, device: torch.device) -> float | None:
@@ -177,11 +170,6 @@ class Trainer:
                                         weight_decay=opts.optimizer.weight_decay, fused=device.type == "cuda")
         self.timer = StepTimer(device)
         instrument(self.model, self.timer)
-        # The update on a side stream behind the next forward (epplan.train.step_behind, off by
-        # default: STEP_BEHIND), where the one-pass kernel steps one optimizer; gated after the
-        # timing hooks, so that a forward's wait for its weights shows in that component.
-        self.behind = (StepBehind(self.model, self.optimizer.optimizers[0], device)
-                       if STEP_BEHIND and self.optimizer.steps_in_one_pass(device) else None)
         self.last_timing: tuple[int, dict[str, float]] | None = None  # of the step before the last
         self.data = make_data(opts.batch.data, vocab_size=config.vocab_size, seq_len=config.seq_len,
                               seed=opts.batch.seed, rank=dp_rank, num_ranks=D, batch_per_rank=self.batch_per_rank,
@@ -313,12 +301,6 @@ class Trainer:
                     f"{was!r}; resume with the same {key}, or pass {param('allow_change', key)} to change it knowingly")
         return changes
 
-    def settle_optimizer(self) -> None:
-        """The last step's update is complete for what the compute stream runs next (a no-op
-        where the trainer steps inline): before anything but the forward reads the weights."""
-        if self.behind is not None:
-            self.behind.settle()
-
     def save(self) -> float:
         """Checkpoint the current step (collective); returns the seconds training stopped for.
 
@@ -329,7 +311,6 @@ class Trainer:
         (``last_checkpoint``, the metrics' "checkpoint" record) once complete.
         """
         self.finish_checkpoint()  # one checkpoint in flight at a time: its buffers are reused
-        self.settle_optimizer()
         start = time.perf_counter()
         step = self.step
         meta = {"manifest_hash": self.job.manifest_hash, "manifest": self.opts.manifest,
@@ -498,16 +479,12 @@ class Trainer:
         self._confirm()
         # every grad exists: sync_gradients fills unused ones with zeros
         clip = (opts.optimizer.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if opts.optimizer.grad_clip > 0 else None
-        if self.behind is not None:
-            self.behind.step(clip)
-        else:
-            self.optimizer.step(grad_scale=clip)
+        self.optimizer.step(grad_scale=clip)
         self.optimizer.zero_grad(set_to_none=True)
         staging_s = staging_bytes = None
         if self.stager is not None and self.device.type == "cuda" and not self.stager_ready:
             # Allocate (and pin) the staging buffers once, now that AdamW's state exists, so that no
             # checkpoint's stall includes the allocation (it shows in this step's record).
-            self.settle_optimizer()
             t0 = time.perf_counter()
             shapes = {k: np.zeros((v.shape[0], self.job.num_ranks, *v.shape[1:]), np.int64)
                       for k, v in self.routing_rows.items()}  # as gathered (packed bytes, not staged)
@@ -585,7 +562,6 @@ class Trainer:
                     self.replanner.boundary()
                 if self.step % self.opts.checkpoints.ckpt_every == 0 or self.step == self.opts.batch.steps:
                     self.save()
-            self.settle_optimizer()
             self.finish_checkpoint()
         finally:
             display.close()

@@ -7,11 +7,9 @@ Arguments are the worker's (``python -m epplan.train.worker --help``; ``epplan r
 and AdamW moments), more than the lent machine's disk holds twice; the training loop is the
 same ``Trainer.train_step``. With ``LOOP_MIN_ROWS=N`` in the environment the experts switch from
 torch._grouped_mm to one GEMM per expert at N rows per expert (``experts.LOOP_MIN_ROWS``), to time
-the other choice in the same call; ``STEP_BEHIND=1`` runs the optimizer's update behind the next
-forward, ``STEP_BEHIND=0`` inline (``trainer.STEP_BEHIND``, off by default); ``ROW_QUANTUM=N``
-rounds the loop's expert GEMMs' rows up to a multiple of N (``experts.ROW_QUANTUM``; 0: exact);
-``HIGH_PRIORITY=1`` runs the whole worker on a high-priority CUDA stream (the update behind then
-takes only what the compute stream leaves: ``scripts/device/probe_overlap.py``).
+the other choice in the same call; ``ROW_QUANTUM=N`` rounds the loop's expert GEMMs' rows up to a
+multiple of N (``experts.ROW_QUANTUM``; 0: exact). (Call V's ``STEP_BEHIND`` and ``HIGH_PRIORITY``
+switches went with the update behind the forward, which gave nothing: docs/benchmarks.md.)
 """
 
 import os
@@ -29,18 +27,6 @@ if os.environ.get("LOOP_MIN_ROWS"):
 if os.environ.get("ROW_QUANTUM"):
     experts.ROW_QUANTUM = int(os.environ["ROW_QUANTUM"])
     print("experts.ROW_QUANTUM =", experts.ROW_QUANTUM, flush=True)
-
-if os.environ.get("STEP_BEHIND") in ("0", "1"):  # the update inline or behind, to time both in one call
-    trainer.STEP_BEHIND = os.environ["STEP_BEHIND"] == "1"
-    print("trainer.STEP_BEHIND =", trainer.STEP_BEHIND, flush=True)
-
-if os.environ.get("HIGH_PRIORITY") == "1":
-    import torch
-
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    stream = torch.cuda.Stream(priority=-100)  # torch maps it to the highest priority there is
-    torch.cuda.set_stream(stream)
-    print("the worker's stream: priority", stream.priority, flush=True)
 
 trainer.Trainer.save = lambda self: 0.0
 sys.exit(worker.main())
