@@ -135,14 +135,22 @@ def test_clip_inside_fused_adamw_matches_multiplying_first():
     assert not torch.equal(models[0][0].weight, torch.nn.Linear(6, 5).weight)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_adamw_with_copies_matches_torch_adamw(dtype):
+@pytest.mark.parametrize("dtype,together", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
+def test_adamw_with_copies_matches_torch_adamw(dtype, together, monkeypatch):
     """The one-pass AdamW step (epplan.train.adamw, the step on GPUs) against torch.optim.AdamW
     over several steps: a schedule that moves the rate, weight decay on matrices only, the
     clipping scale, a parameter without a gradient; the bf16 copies equal the new weights and
-    the state has torch's layout (a torch AdamW continues from it)."""
+    the state has torch's layout (a torch AdamW continues from it). ``together``: the small
+    tensors take the multi-tensor path (as on CUDA) whose kernel is not there, so that its
+    bookkeeping (grouping by copy, step counters, copies recorded) runs on the fallback (the
+    kernel itself needs a GPU: scripts/device/check_adamw_many.py)."""
     from epplan.runtime.experts import compute_copy
+    from epplan.train import adamw
     from epplan.train.adamw import step_with_copies
+
+    if together:
+        monkeypatch.setattr(adamw, "_together", lambda p, grad, state, copy: p.numel() < 40)
+        monkeypatch.setattr(adamw, "_many_kernel", lambda: None)
 
     torch.manual_seed(0)
     shapes = [(7, 5), (3, 4, 6), (5,), (2, 2)]
