@@ -151,3 +151,39 @@ def test_same_node_moves_score_the_placement_they_make(topo, experts, start, see
         assert moved_gpu_s <= gpu_s * (1 + slack) * (1 + 1e-9)
     else:
         assert lev.cost <= res.bottleneck * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("experts,seed,start", [(4, 0, "random"), (3, 1, "eplb"), (5, 2, "random")])
+def test_moves_are_drawn_from_the_plan_in_hand_after_the_lp_prunes(monkeypatch, experts, seed, start):
+    """3 servers x 2 GPUs, 2 experts per GPU: the split LP drops replicas that serve nothing
+    (``splits._prune``), so a kept move's plan may hold fewer replicas than the placement the
+    move made. Every later move must be drawn from what the kept plan holds (the slow
+    reference: ``_held`` of its replicas), not from the placement before the prune; and the
+    prune must have fired after a kept move, or the test checks nothing."""
+    import epplan.placement.search as search
+
+    problem = problem_on(_rails(3, 2), experts, seed=seed)
+    problem = PlacementProblem(problem.topology, problem.config, problem.traffic, experts_per_gpu=2)
+    data = layer_data(problem, problem.traffic.counts[0])
+    layer, cost, link_s = _start(data, problem, start)
+    in_hand = [layer]
+    drawn_from, pruned = [], set()   # (the holding drawn from, the plan in hand's); plans the prune cut
+    split, draw = search.optimal_splits, search._draw
+
+    def spy_split(data, replicas, **kw):
+        res = split(data, replicas, **kw)
+        if sum(r.size for r in res.layer.replicas) < sum(len(r) for r in replicas):
+            pruned.add(id(res.layer))
+        return res
+
+    def spy_draw(rng, held, *args):
+        drawn_from.append((held.copy(), search._held(in_hand[-1].replicas, *held.shape)))
+        return draw(rng, held, *args)
+
+    monkeypatch.setattr(search, "optimal_splits", spy_split)
+    monkeypatch.setattr(search, "_draw", spy_draw)
+    found = replica_search(data, layer, cost, link_s, until=None, seed=seed,
+                           post=lambda lay, c, l: in_hand.append(lay))
+    assert any(id(lay) in pruned for lay in in_hand[1:])
+    assert drawn_from and all(np.array_equal(held, want) for held, want in drawn_from)
+    _is_real(data, found.layer)

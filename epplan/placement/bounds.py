@@ -41,6 +41,23 @@ tradeoff  The cut bound with the GPU time the plan may spend (``tradeoff_bound``
           refining the interval that sets the minimum: valid at any refinement, tight as the
           intervals shrink. It sees that when every node could hold every expert, its GPUs
           still cannot serve all of its hot experts' demand in the compute bound's time.
+holders   A second L(t) inside the trade-off search (``_Holders``): the receiving NIC of a GPU
+          that holds a cold expert. Every byte a GPU g receives from another node (dispatch to
+          its replicas, combine back to its source: the a2a is 2b (F + F^T), so in_g + out_g
+          assignments) enters through g's receiving NICs (its own NIC; ``PathModel.recv_near``),
+          so their entry links carry 2b (in_g + out_g) over their capacity C_g together.
+          Expert e's R_e replicas sit on at most min(R_e, N) nodes, whose sources send at most
+          top_e(R_e) (the min(R_e, N) largest node demands for e) to them over the node's own
+          fabric; the rest, n_e - top_e(R_e), comes from other nodes, so one of e's holders has
+          in_g >= l_e(R_e) = (n_e - top_e(R_e)) / R_e, and every source sends out at least
+          out_min = min over g of its demand less its D_B largest (D_B: the distinct experts
+          its node can hold). With every GPU within t, R_e >= n_e / (t x the fastest GPU's
+          rate) and sum_e R_e <= the slots, so the busiest link is at least 2b (min over such R
+          of max_e l_e(R_e) + out_min) / max_g C_g (l_e falls with R_e: the least max is found
+          by bisection over l's values). It sees what the node cuts average away: where
+          compute binds, the hot experts take the replicas and a cold expert with two of them
+          draws the other nodes' demand through two NICs (``scripts/bench_planner.py``
+          instance 2: those NICs set the plan's busiest link).
 
 Shape legend: G = GPUs, E = experts, N = nodes, S = cut sets.
 """
@@ -293,6 +310,65 @@ class _CutFamilies:
         return best
 
 
+class _Holders:
+    """The receiving NICs of the GPUs that hold each expert, for L(t) at many t (module
+    docstring, ``holders``)."""
+
+    def __init__(self, data: LayerData) -> None:
+        topo = data.lm.topology
+        pm = topo.paths
+        node = np.asarray(topo.gpu_node)
+        num_nodes, num_gpus = topo.num_nodes, data.num_gpus
+        self.usable = num_nodes > 1 and pm.recv_near.nnz > 0
+        if not self.usable:
+            return
+        recv = pm.recv_near.tocsr()
+        entry = np.asarray(recv.sign() @ data.lm.cap[pm.nic_down]).reshape(-1)      # [G] bytes/s C_g
+        if np.any(entry <= 0):   # a GPU with no receiving NIC: no entry link to bound
+            self.usable = False
+            return
+        self.unit = 2.0 * data.bytes_per_assignment / float(entry.max())           # s per assignment
+        self.load = data.counts.sum(axis=0)                                         # [E] n_e
+        self.rate = float((1.0 / data.gpu_unit).max())
+        self.num_slots = int(data.slots.sum())
+        self.num_gpus = num_gpus
+        node_demand = np.zeros((num_nodes, data.num_experts))
+        np.add.at(node_demand, node, data.counts)
+        top = np.cumsum(-np.sort(-node_demand, axis=0), axis=0)                     # [N, E]
+        k = np.arange(1, num_nodes + 1, dtype=np.float64)[:, None]
+        # l[e, k - 1] = l_e(k) for k = 1..N; l_e(k) = 0 past N (every node can hold e)
+        ell = np.maximum(self.load[None, :] - top, 0.0) / k
+        ell[ell <= 1e-12 * max(float(self.load.sum()), 1e-30)] = 0.0
+        self.ell = np.minimum.accumulate(ell, axis=0).T                            # [E, N]
+        self.levels = np.unique(np.concatenate([self.ell.ravel(), [0.0]]))
+        distinct = np.array([min(data.num_experts, int(data.slots[node == b].sum())) for b in range(num_nodes)])
+        ranked = -np.sort(-data.counts, axis=1)
+        kept = np.array([ranked[g, :distinct[node[g]]].sum() for g in range(num_gpus)])
+        self.out_min = float(np.maximum(data.counts.sum(axis=1) - kept, 0.0).min())
+
+    def link_bound(self, t: float) -> float:
+        """Seconds: the busiest link's time in every plan whose busiest GPU is within t."""
+        if not self.usable:
+            return 0.0
+        # (1 - 1e-12): a replica count at a breakpoint of t is not rounded up by float error
+        need = np.maximum(1, np.ceil(self.load / (t * self.rate) * (1 - 1e-12))).astype(np.int64)   # [E]
+        if need.max() > self.num_gpus or need.sum() > self.num_slots:
+            return float("inf")    # no plan has every GPU within t
+
+        def fits(level: float) -> bool:
+            first = (self.ell > level).sum(axis=1) + 1        # least R_e with l_e(R_e) <= level
+            return int(np.maximum(need, first).sum()) <= self.num_slots
+
+        lo, hi = 0, self.levels.size - 1                       # levels[hi] (the largest) fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(float(self.levels[mid])):
+                hi = mid
+            else:
+                lo = mid + 1
+        return self.unit * (float(self.levels[lo]) + self.out_min)
+
+
 def cut_link_bound(data: LayerData, t: float) -> float:
     """Seconds: L(t) of the cut sets alone (module docstring, ``tradeoff``)."""
     return max(cut_bound(data), _CutFamilies(data).link_bound(t))
@@ -301,20 +377,21 @@ def cut_link_bound(data: LayerData, t: float) -> float:
 def tradeoff_bound(data: LayerData, *, extra: Callable[[float], float] | None = None, max_evals: int = 40,
                    rel_width: float = 1e-3, deadline: float | None = None) -> float:
     """Seconds: min over the GPU time t of the layer's time with its links at L(t) (module
-    docstring), by interval refinement; at most ``max_evals`` evaluations of L, and none started
+    docstring: the larger of the cuts' and the holders'), by interval refinement; at most ``max_evals`` evaluations of L, and none started
     after ``deadline`` (time.monotonic()). ``extra(t)``: another link bound valid for every plan
     whose busiest GPU is within t (``farbound.FarBound``), taken with the cuts."""
     c = compute_bound(data)
     if c <= 0:
         return 0.0
     cuts = _CutFamilies(data)
+    holders = _Holders(data)
     static = cut_bound(data)
     schedule = data.schedule
 
     def link(t: float) -> float:
-        # Past the deadline, the cuts alone (valid, cheap): ``extra`` may solve LPs.
+        # Past the deadline, the cuts and holders alone (valid, cheap): ``extra`` may solve LPs.
         late = deadline is not None and time.monotonic() > deadline
-        return max(static, cuts.link_bound(t), 0.0 if extra is None or late else extra(t))
+        return max(static, cuts.link_bound(t), holders.link_bound(t), 0.0 if extra is None or late else extra(t))
 
     top = schedule.moe_time(link(c), c)       # no plan with X >= top can be faster than top
     if top <= c * (1 + rel_width):

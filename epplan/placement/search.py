@@ -142,7 +142,10 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
         lp_s = time.monotonic() - t1
         solved += 1
         if res.status == "optimal" and _better(res.bottleneck, res.link_time, cost, link_s):
-            best, cost, link_s, held = res.layer, float(res.bottleneck), float(res.link_time), moved
+            # the LP's plan, not ``moved``: its prune (``splits._prune``) may have dropped
+            # replicas that serve nothing, and later moves are drawn from what the plan holds
+            best, cost, link_s = res.layer, float(res.bottleneck), float(res.link_time)
+            held = _held(best.replicas, num_gpus, num_experts)
             kept += 1
             since = 0
             lps_after = 0 if reserve is None else reserve(cost)

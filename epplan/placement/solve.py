@@ -7,8 +7,8 @@ layers, inside the limit, with a share taken by the distinct layer's own worker 
 would not finish them, so that no layer is worse than a baseline re-split the limit allowed):
 
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
-   nodes and the nodes under each fabric switch, and the cuts under the GPU time a plan may
-   spend), combined by the runtime's schedule (``epplan.schedule``), and while the gap is open
+   nodes and the nodes under each fabric switch, and the cuts and the receiving NICs of each
+   expert's holders under the GPU time a plan may spend), combined by the runtime's schedule (``epplan.schedule``), and while the gap is open
    the node-level LP of ``nodelp.py``, the fabric link classes of ``farbound.py`` and the
    replica-count MILP (``nodelp.count_model``, half the time left, up to MAX_COUNT_INTEGERS);
 2. incumbent, the best plan (lowest layer time, as ``evaluate`` computes it) of: every baseline
