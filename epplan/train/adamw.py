@@ -24,13 +24,13 @@ recompilation when the schedule moves the rate, no host sync.
 Small tensors are stepped together. The per-tensor step costs the host a compiled call and the
 step counter's own launch per tensor: 2.26 ms for the medium model's 20 tensors (call X), 0.11
 ms a tensor, more than the GPU takes to update a tensor of a few million elements; in the medium
-step's trace (call S) the GPU sat idle 0.3-0.5 ms before each small tensor's update. On CUDA every tensor under
-``MANY_BELOW`` elements goes into one Triton kernel per parameter group and copy kind
-(``_adamw_many``: a table of the tensors' addresses, a program per block of each; the same
-arithmetic in fp32) after one ``_foreach_add_`` of their step counters, queued after the larger
-tensors, whose per-tensor kernels the host launches faster than the GPU runs them. Triton, not
-inductor: a compiled function over a list of tensors is specialised to the list's length and
-mix, and would be compiled again for every group of every model.
+step's trace (call S) the GPU sat idle 0.3-0.5 ms before each small tensor's update. On CUDA
+every tensor under ``MANY_BELOW`` elements goes into one Triton kernel per parameter group and
+copy kind (``_adamw_many``: a table of the tensors' addresses, a program per block of each; the
+same arithmetic in fp32) after one ``_foreach_add_`` of their step counters, queued after the
+larger tensors, whose per-tensor kernels the host launches faster than the GPU runs them.
+Triton, not inductor: a compiled function over a list of tensors is specialised to the list's
+length and mix, and would be compiled again for every group of every model.
 ``MANY_BELOW = 0`` steps every tensor by itself (``scripts/device/train_nockpt.py``'s
 ``ADAMW_MANY_BELOW`` times both). Measured on one H200 (docs/benchmarks.md, call X): within
 3.3e-7 of the per-tensor step, the host's time for the medium model's 20 tensors 2.26 -> 1.26

@@ -2,11 +2,11 @@
 
     python3 scripts/device/probe_overlap.py
 
-The update behind the forward (``epplan/train/step_behind.py``, removed after this probe's call V)
-hid 15 of its 41 ms and slowed the rest of the step by 7.5 ms (docs/benchmarks.md, call R). This probe times, on one GPU, a chain of
-expert-MLP GEMMs (the forward's shape at the seed dims: 5,000 rows, 4,096 x 16,384, GELU between)
-and the one-pass AdamW update of 1.07 G parameters (fp32 weight, gradient and moments, bf16
-copy), alone and together on two streams:
+The update behind the forward (``epplan/train/step_behind.py``, removed after this probe's call
+V) hid 15 of its 41 ms and slowed the rest of the step by 7.5 ms (docs/benchmarks.md, call R).
+This probe times, on one GPU, a chain of expert-MLP GEMMs (the forward's shape at the seed dims:
+5,000 rows, 4,096 x 16,384, GELU between) and the one-pass AdamW update of 1.07 G parameters
+(fp32 weight, gradient and moments, bf16 copy), alone and together on two streams:
 
 - the update as ``epplan.train.adamw`` runs it (inductor's kernel, one per tensor, a grid that
   covers the tensor), and as a persistent Triton kernel with K programs that loop over the tensor

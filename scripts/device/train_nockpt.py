@@ -9,8 +9,9 @@ same ``Trainer.train_step``. With ``LOOP_MIN_ROWS=N`` in the environment the exp
 torch._grouped_mm to one GEMM per expert at N rows per expert (``experts.LOOP_MIN_ROWS``), to time
 the other choice in the same call; ``ROW_QUANTUM=N`` rounds the loop's expert GEMMs' rows up to a
 multiple of N (``experts.ROW_QUANTUM``; 0: exact); ``ADAMW_MANY_BELOW=N`` steps AdamW's tensors
-under N elements in one kernel per group (``epplan.train.adamw.MANY_BELOW``; 0: each by itself). (Call V's ``STEP_BEHIND`` and ``HIGH_PRIORITY``
-switches went with the update behind the forward, which gave nothing: docs/benchmarks.md.)
+under N elements in one kernel per group (``epplan.train.adamw.MANY_BELOW``; 0: each by itself).
+(Call V's ``STEP_BEHIND`` and ``HIGH_PRIORITY`` switches went with the update behind the
+forward, which gave nothing: docs/benchmarks.md.)
 """
 
 import os
