@@ -105,6 +105,12 @@ def _gather_with_and_without_matrices(rank: int, world_size: int) -> None:
     np.testing.assert_array_equal(thin.tokens_per_expert, full.tokens_per_expert)
     assert full.dispatch_bytes.shape == (2, world_size, world_size)
     assert full.dispatch_bytes[0, 1, 0] == 200 and full.combine_bytes.sum() == 7 * 2 * world_size ** 2
+    # the gradient norm (the same on every rank) comes back with them, exactly, in the one sync
+    norm = torch.tensor(0.1234567, dtype=torch.float32)
+    both = gather_step_stats(loss, aux, stats, world_size, grad_norm=norm)
+    assert both.grad_norm == norm.item() and full.grad_norm is None
+    np.testing.assert_array_equal(both.tokens_per_expert, full.tokens_per_expert)
+    np.testing.assert_array_equal(both.dispatch_bytes, full.dispatch_bytes)
 
 
 def test_gather_step_stats_without_matrices():

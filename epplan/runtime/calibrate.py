@@ -304,9 +304,9 @@ def measure_optimizer_fixed(timer: Timer, config: ModelConfig) -> dict[str, Any]
 
     def to_sync() -> torch.Tensor:
         sync_gradients(model)
-        gather_step_stats(loss, loss, get_stats(model), 1, with_matrices=False)
         grad_norm = global_grad_norm(model)
-        grad_norm.item()  # the trainer's host sync
+        # the trainer's host sync, the gradient norm with the statistics
+        gather_step_stats(loss, loss, get_stats(model), 1, with_matrices=False, grad_norm=grad_norm)
         return grad_norm
 
     def run() -> None:

@@ -78,6 +78,7 @@ class StepStats:
     dispatch_bytes: np.ndarray | None
     combine_bytes: np.ndarray | None
     expert_tp_bytes: np.ndarray | None = None
+    grad_norm: float | None = None  # rank 0's ``grad_norm`` (the same on every rank), if given
 
     def expert_load(self) -> np.ndarray:
         """float64 [L]: per layer, the busiest expert's assignments over the mean."""
@@ -102,32 +103,42 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 
 
 def gather_step_stats(loss: torch.Tensor, aux_loss: torch.Tensor, stats: ExpertParallelStats,
-                      num_ranks: int, with_matrices: bool = True, expert_tp: bool = False) -> StepStats:
+                      num_ranks: int, with_matrices: bool = True, expert_tp: bool = False,
+                      grad_norm: torch.Tensor | None = None) -> StepStats:
     """Collective: every rank's mean loss and routing statistics, in one all-gather, with the
-    all-to-all byte matrices if ``with_matrices`` (and ``--expert-tp``'s if ``expert_tp``).
+    all-to-all byte matrices if ``with_matrices`` (and ``--expert-tp``'s if ``expert_tp``), and
+    ``grad_norm`` (a () tensor, the same on every rank) brought back with them.
 
-    NOTE: a device-to-host sync (the loss and counts come back to the CPU every step).
+    NOTE: the step's device-to-host sync (the loss, counts and gradient norm come back to the CPU
+    every step, together). The host's counts go to the device from pinned memory without waiting:
+    a copy from pageable memory waits for the GPU, a second sync (call Z, docs/benchmarks.md).
     """
     L, E = stats.num_tokens_per_expert.shape
     G = num_ranks
     matrices = (2 + expert_tp) if with_matrices else 0
-    parts = [[0.0, 0.0], stats.num_tokens_per_expert.ravel()]
+    parts = [[0.0, 0.0, 0.0], stats.num_tokens_per_expert.ravel()]
     if with_matrices:
         parts += [stats.dispatch_bytes.ravel(), stats.combine_bytes.ravel()]
         parts += [stats.expert_tp_bytes.ravel()] if expert_tp else []
-    mine = torch.from_numpy(np.concatenate(parts)).to(loss.device)  # float64: integers exact below 2**53
+    host = torch.from_numpy(np.concatenate(parts))  # float64: integers exact below 2**53
+    if loss.is_cuda:
+        host = host.pin_memory()
+    mine = host.to(loss.device, non_blocking=True)
     mine[0], mine[1] = loss.detach().double(), aux_loss.detach().double()
+    if grad_norm is not None:
+        mine[2] = grad_norm.detach().double()
     everyone = mine.new_empty(G * mine.numel())  # flat: gloo wants (G * n,), not (G, n)
     all_gather_single(everyone, mine)
-    rows = everyone.cpu().numpy().reshape(G, -1)  # (G, 2 + L*E [+ 2*L*G])
-    counts = rows[:, 2:2 + L * E].reshape(G, L, E).transpose(1, 0, 2)  # [L, S, E]
+    rows = everyone.cpu().numpy().reshape(G, -1)  # (G, 3 + L*E [+ 2*L*G])
+    counts = rows[:, 3:3 + L * E].reshape(G, L, E).transpose(1, 0, 2)  # [L, S, E]
     dispatch = combine = etp = None
     if with_matrices:
-        a2a = np.rint(rows[:, 2 + L * E:].reshape(G, matrices, L, G).transpose(1, 2, 0, 3)).astype(np.int64)
+        a2a = np.rint(rows[:, 3 + L * E:].reshape(G, matrices, L, G).transpose(1, 2, 0, 3)).astype(np.int64)
         dispatch, combine = a2a[0], a2a[1]  # [L, S, T] each
         etp = a2a[2] if expert_tp else None
     return StepStats(float(rows[:, 0].mean()), float(rows[:, 1].mean()),
-                     np.rint(counts).astype(np.int64), dispatch, combine, etp)
+                     np.rint(counts).astype(np.int64), dispatch, combine, etp,
+                     None if grad_norm is None else float(rows[0, 2]))
 
 
 class MetricsLog:

@@ -462,12 +462,13 @@ class Trainer:
         (tensor_parallel.sync_gradients if self.opts.parallel.tp > 1 else sync_gradients)(model)
         step = self.step + 1
         with_matrices = step % matrix_every(self.job.num_ranks) == 0 or step == opts.batch.steps
+        grad_norm = global_grad_norm(model)
         # The model's loss includes the auxiliary losses; report the language-model part apart.
+        # NOTE: the step's host sync (the finite check below), with the gradient norm.
         gathered = gather_step_stats((loss_sum - aux_sum) / opts.batch.micro_batches,
                                      aux_sum / opts.batch.micro_batches, stats, self.job.num_ranks, with_matrices,
-                                     expert_tp=opts.parallel.expert_tp)
-        grad_norm = global_grad_norm(model)
-        grad_norm_value = grad_norm.item()  # NOTE: host sync (the finite check below)
+                                     expert_tp=opts.parallel.expert_tp, grad_norm=grad_norm)
+        grad_norm_value = gathered.grad_norm
         self.last_timing = timer.collect()  # the previous step's marks are complete by now
         bad = next((f"{what} is {value}" for what, value in
                     (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm_value))
