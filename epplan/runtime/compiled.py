@@ -3,7 +3,8 @@
 The runtime's few hand-fused elementwise passes (the chunked cross-entropy, the one-pass AdamW)
 are plain torch functions that inductor turns into single Triton kernels on GPUs. A compiler
 failure must cost speed, never the run: the first failure is warned about once and the eager
-function (the same arithmetic) runs from then on.
+function (the same arithmetic) runs from then on. ``TritonKernel`` holds the hand-written
+kernels (the cross-entropy's rows, AdamW over many tensors), defined on first use.
 """
 
 from __future__ import annotations
@@ -39,3 +40,30 @@ class CompiledOnCuda:
             self.failed = True
             warnings.warn(f"torch.compile of {self.what} failed ({type(exc).__name__}: {exc}); running it eagerly")
             return self.fn(first, *args)
+
+
+class TritonKernel:
+    """A Triton kernel made by ``define(triton, triton.language)`` on first use (triton is there
+    only where CUDA is). ``get()``: the kernel, or None where triton is missing or once
+    ``fail(reason)`` was called (``failed`` holds the reason): callers then take their fallback."""
+
+    def __init__(self, define: Callable[[Any, Any], Any]) -> None:
+        self.define = define
+        self.kernel: Any = None
+        self.failed: str | None = None
+
+    def get(self) -> Any:
+        if self.failed is not None:
+            return None
+        if self.kernel is None:
+            try:
+                import triton
+                import triton.language as tl
+            except ImportError as exc:
+                self.failed = repr(exc)
+                return None
+            self.kernel = self.define(triton, tl)
+        return self.kernel
+
+    def fail(self, reason: str) -> None:
+        self.failed = reason
