@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from epplan.cost.migration import plan_migration, replica_bytes, replica_state_bytes
-from epplan.errors import PlacementError
+from epplan.errors import ConfigError, PlacementError
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import LayerPlacement, Placement
 from epplan.topology import build_topology, parse_spec
 from epplan.workload import make_traffic
 from epplan.workload.flops import model_costs
-from epplan.workload.memory import memory_per_gpu
+from epplan.workload.memory import dense_parameter_shapes, memory_per_gpu
 from tests.test_cost import TWO_BY_TWO, small_config
 
 
@@ -49,6 +49,32 @@ def test_replica_bytes_hand_count_and_memory_model():
     delta = (two["weight_bytes"] + two["optimizer_bytes"] - one["weight_bytes"] - one["optimizer_bytes"])
     state = replica_state_bytes(config)
     assert float(delta[0]) == state["weights"] + state["exp_avg"] + state["exp_avg_sq"]
+
+
+def test_bf16_moments_halve_the_optimizer_state_moved_held_and_stepped():
+    """optimizer_state_dtype bf16: 2 bytes per moment in a move, in memory and in the step's
+    bytes (24 per parameter against 32); the sharded and TP settings are refused by name."""
+    from epplan.cost.step import optimizer_bytes
+    from epplan.workload.memory import optimizer_state_conflict, state_bytes
+
+    config = small_config(2, 4)
+    half = config.replace(optimizer_state_dtype="bf16")
+    assert (state_bytes(config), state_bytes(half)) == (4, 2)
+    assert replica_state_bytes(half) == {"weights": 1024, "exp_avg": 512, "exp_avg_sq": 512, "step": 8}
+    costs = model_costs(config)
+    args = dict(replicas_held=np.array([3]), tokens_per_rank=1.0, served=np.zeros((1, 1)), micro_batches=1,
+                recompute="none", optimizer_sharding="none")
+    full_state, half_state = (memory_per_gpu(c, costs, **args)["optimizer_bytes"][0] for c in (config, half))
+    elements = sum(int(np.prod(shape)) for _, shape in dense_parameter_shapes(config)) + 3 * costs.params_per_expert
+    assert full_state - half_state == 2 * 2 * elements  # two moments, 2 bytes less each
+    assert optimizer_bytes(10.0, 0.0, 4) == 320.0 and optimizer_bytes(10.0, 3.0, 2) == 246.0
+    assert optimizer_state_conflict(config, "dense", 2) is None
+    assert optimizer_state_conflict(half, "none", 1) is None
+    message = optimizer_state_conflict(half, "dense", 1)
+    assert "--optimizer-sharding none" in message and "optimizer_state_dtype=fp32" in message
+    assert optimizer_state_conflict(half, "none", 2) is not None
+    with pytest.raises(ConfigError, match="optimizer_state_dtype"):
+        config.replace(optimizer_state_dtype="fp8")
 
 
 def test_moves_sources_and_bytes_by_hand():

@@ -40,8 +40,8 @@ A = _placement([[0], [0], [1], [1]], [[0], [0], [1], [1]])
 B = _placement([[1], [0, 1], [1], [1]], [[1], [1], [1], [1]])  # rank 0 holds no expert of layer 1
 
 
-def _job(placement: Placement, name: str) -> Job:
-    return Job(PRESETS["tiny"], placement, name, (Node("n0", (0, 1)),))
+def _job(placement: Placement, name: str, state_dtype: str = "fp32") -> Job:
+    return Job(PRESETS["tiny"].replace(optimizer_state_dtype=state_dtype), placement, name, (Node("n0", (0, 1)),))
 
 
 def _trainer(job: Job, out: str, steps: int, **kw):
@@ -53,19 +53,21 @@ def _trainer(job: Job, out: str, steps: int, **kw):
     return Trainer(job, opts, torch.distributed.get_rank(), torch.device("cpu"))
 
 
-def _replace_and_step(rank: int, world_size: int, out: str) -> None:
+def _replace_and_step(rank: int, world_size: int, out: str, state_dtype: str = "fp32") -> None:
     from epplan.runtime.expert_parallel import gather_state_dict
 
-    a = _trainer(_job(A, "A"), out, steps=4)
+    a = _trainer(_job(A, "A", state_dtype), out, steps=4)
     a.run(resume=False, show_progress=False)  # checkpoints at 2 and 4
     saved = gather_state_dict(a.model)
-    b = _trainer(_job(B, "B"), out, steps=5)
+    b = _trainer(_job(B, "B", state_dtype), out, steps=5)
     info, moved = b.resume()
     assert (info.step, moved, b.step) == (4, True, 4)
     loaded = gather_state_dict(b.model)
     assert saved.keys() == loaded.keys()
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), key
+    moments = {state[k].dtype for _, state in b.optimizer.state_items() for k in ("exp_avg", "exp_avg_sq")}
+    assert moments == {torch.bfloat16 if state_dtype == "bf16" else torch.float32}
     assert b.routing_steps == 0  # a new manifest starts new routing statistics
     a.opts = b.opts  # the same schedule for step 5
     a.train_step()
@@ -96,6 +98,13 @@ def test_checkpoint_moves_experts_and_their_optimizer_state_to_a_new_placement(t
     with open(root / "step_00000008" / "__1_0.distcp", "r+b") as fh:
         fh.truncate(100)  # a short file
     assert latest(root).step == 4
+
+
+def test_bf16_adamw_moments_survive_a_checkpoint_and_a_new_placement(tmp_path):
+    """``optimizer_state_dtype`` bf16: the moments are bf16, written and read back as bf16 by the
+    checkpoint, moved with the experts, and the step after the re-placement matches the step
+    under the old placement."""
+    run_distributed(_replace_and_step, G, str(tmp_path), "bf16")
 
 
 def _diverge(rank: int, world_size: int, out: str) -> None:

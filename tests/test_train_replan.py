@@ -174,7 +174,8 @@ def _move_and_back(rank: int, world_size: int, manifest: Path, topology: Path, o
     trainer = _trainer(manifest, out, 2)
     trainer.train_step()
     trainer.train_step()
-    problem = PlacementProblem(load_topology(topology), CONFIG, make_traffic("uniform", CONFIG, G), experts_per_gpu=3)
+    config = trainer.job.config
+    problem = PlacementProblem(load_topology(topology), config, make_traffic("uniform", config, G), experts_per_gpu=3)
     # Layer 0: rank 3 loses its only expert; layer 1: expert 2 on three ranks, rank 0 holds none.
     spread = Placement(G, 4, [LayerPlacement([np.array(r) for r in reps], [np.full((G, len(r)), 1 / len(r)) for r in reps])
                               for reps in ([[0, 1], [1, 2], [2], [0]], [[1], [1, 3], [1, 2, 3], [2]])], method="spread")
@@ -200,6 +201,8 @@ def _move_and_back(rank: int, world_size: int, manifest: Path, topology: Path, o
         return out
 
     before, full = by_expert(replicas()), gather_state_dict(trainer.model)
+    dtypes = {t.dtype for ts in before.values() for t in ts}
+    assert (torch.bfloat16 in dtypes) == (config.optimizer_state_dtype == "bf16"), dtypes
     for placement in (spread, load_manifest(manifest).placement):
         migration = plan_migration(trainer.job.placement, placement, problem)
         sent = move_experts(trainer.model, trainer.optimizer, placement, migration.moves)
@@ -221,8 +224,10 @@ def _move_and_back(rank: int, world_size: int, manifest: Path, topology: Path, o
     trainer.train_step()  # and training goes on where the experts are now
 
 
-def test_moving_experts_keeps_every_weight_and_optimizer_state_by_logical_id(tmp_path):
-    manifest, topology = _manifest(tmp_path)
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_moving_experts_keeps_every_weight_and_optimizer_state_by_logical_id(tmp_path, moments):
+    """Also with AdamW's moments in bf16 (optimizer_state_dtype): they travel as bf16."""
+    manifest, topology = _manifest(tmp_path, CONFIG.replace(optimizer_state_dtype=moments))
     run_distributed(_move_and_back, G, manifest, topology, tmp_path / "run")
 
 

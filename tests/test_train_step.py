@@ -141,6 +141,61 @@ def test_clip_inside_fused_adamw_matches_multiplying_first():
     assert not torch.equal(models[0][0].weight, torch.nn.Linear(6, 5).weight)
 
 
+def test_adamw_bf16_moments_match_fp32_arithmetic_rounded_each_step():
+    """``state_dtype`` bf16 (``optimizer_state_dtype``): the moments are stored in bf16, updated
+    in fp32 from their stored values, and the weight update uses them before rounding; against a
+    reference written out here, over steps with a moving rate, weight decay and the clip scale."""
+    from epplan.train.adamw import step_with_copies
+
+    torch.manual_seed(1)
+    shapes = [(6, 5), (7,)]
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    weights = [p.detach().clone() for p in ps]
+    m_ref = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    v_ref = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    opt = torch.optim.AdamW([{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for i in range(5):
+        lr, scale = 1e-2 * (1 + i), torch.tensor(0.5 + 0.1 * i)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for j, p in enumerate(ps):
+            g = torch.randn(shapes[j])
+            p.grad = g.clone()
+            wd = 0.1 if j == 0 else 0.0
+            gs = g * scale
+            m = m_ref[j].float() * 0.9 + 0.1 * gs
+            v = v_ref[j].float() * 0.95 + 0.05 * gs * gs
+            m_ref[j], v_ref[j] = m.to(torch.bfloat16), v.to(torch.bfloat16)
+            t = i + 1
+            w = weights[j] * (1 - lr * wd)
+            weights[j] = w - lr / (1 - 0.9 ** t) * m / (v.sqrt() / (1 - 0.95 ** t) ** 0.5 + 1e-8)
+        step_with_copies(opt, scale, state_dtype=torch.bfloat16)
+        for j, p in enumerate(ps):
+            state = opt.state[p]
+            assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+            torch.testing.assert_close(p.detach(), weights[j], rtol=1e-5, atol=1e-6)
+            for got, want in ((state["exp_avg"], m_ref[j]), (state["exp_avg_sq"], v_ref[j])):
+                # the same fp32 values rounded once: equal, but for a tie broken the other way
+                torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-8)
+            assert state["step"].item() == i + 1
+
+
+def test_train_optimizer_bf16_moments_only_unsharded():
+    from epplan.train.optim import TrainOptimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    opt = TrainOptimizer(model, "none", lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
+    model(torch.randn(2, 4)).sum().backward()
+    before = model[0].weight.detach().clone()
+    opt.step(grad_scale=torch.tensor(1.0))
+    assert not torch.equal(before, model[0].weight)
+    assert opt.state_of(model[0].weight)["exp_avg"].dtype == torch.bfloat16
+    assert opt.fresh_state(model[0].bias)["exp_avg_sq"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="sharding none"):
+        TrainOptimizer(model, "dense", lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype,together", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
 def test_adamw_with_copies_matches_torch_adamw(dtype, together, monkeypatch):
     """The one-pass AdamW step (epplan.train.adamw, the step on GPUs) against torch.optim.AdamW

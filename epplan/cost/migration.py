@@ -17,7 +17,7 @@ weights    the expert's ``params_per_expert`` elements in the storage dtype (``s
            fp32 for bf16/fp16/fp32 models, fp64 for fp64 ones). These fp32 weights are the
            master copy (GPUs compute under bf16 autocast), so there is no separate master copy
            to send; autocast's low-precision casts are rebuilt by the next forward.
-optimizer  AdamW's ``exp_avg`` and ``exp_avg_sq`` of those elements, same dtype;
+optimizer  AdamW's ``exp_avg`` and ``exp_avg_sq`` of those elements (``state_bytes`` each);
            and the fp32 ``step`` counter of each of the expert's weight tensors (w1, w2, and w3
            for swiglu): ``mlp_matrices(activation)`` x 4 bytes.
 gradients  none: they are freed by ``zero_grad`` before the move.
@@ -46,7 +46,7 @@ from epplan.placement.problem import PlacementProblem
 from epplan.placement.types import Placement
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import mlp_matrices, model_costs
-from epplan.workload.memory import _STEP_BYTES, storage_bytes
+from epplan.workload.memory import _STEP_BYTES, state_bytes, storage_bytes
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def replica_state_bytes(config: ModelConfig) -> dict[str, int]:
     """Bytes of one expert replica's training state that a move sends, by part (module
     docstring): ``weights``, ``exp_avg``, ``exp_avg_sq``, ``step``."""
     elements = model_costs(config).params_per_expert
-    s = storage_bytes(config)
-    return {"weights": elements * s, "exp_avg": elements * s, "exp_avg_sq": elements * s,
+    s, m = storage_bytes(config), state_bytes(config)
+    return {"weights": elements * s, "exp_avg": elements * m, "exp_avg_sq": elements * m,
             "step": mlp_matrices(config.activation) * _STEP_BYTES}
 
 

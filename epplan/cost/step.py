@@ -66,7 +66,7 @@ Byte counts (per step unless said):
     optimizer  32 per parameter: the gradient read for its norm (4), AdamW (parameter, gradient
                and two moments read, parameter and moments written: 28) with the clip scale in
                its pass; + 2 per parameter with a bf16 copy (the experts, the LM head), written
-               in the same pass
+               in the same pass; 24 with bf16 moments (``optimizer_state_dtype``)
     embedding  24 d per token: two gathers and the sum forward, two scatter-adds backward (fp32)
 """
 
@@ -81,7 +81,7 @@ from epplan.cost.calibration import Calibration
 from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import TRAINING_FLOPS_FACTOR, ModelCosts, tp_sharded_params
-from epplan.workload.memory import tp_group_sum
+from epplan.workload.memory import state_bytes, tp_group_sum
 
 COMPONENTS = ("attention", "moe_dense", "experts", "lm_head_loss", "embedding", "optimizer", "dense_layers")
 
@@ -117,8 +117,10 @@ def moe_local_bytes(tokens: float, d_model: int, top_k: int) -> float:
     return tokens * (24.0 * d_model * top_k + 16.0 * d_model)
 
 
-def optimizer_bytes(params: float, copied: float = 0.0) -> float:
-    return 32.0 * params + 2.0 * copied
+def optimizer_bytes(params: float, copied: float = 0.0, moment_bytes: int = 4) -> float:
+    """The norm's read (4) and AdamW's (parameter, gradient, both moments read; parameter and
+    moments written) per parameter, moments of ``moment_bytes`` each, and 2 per bf16 copy."""
+    return (16.0 + 4.0 * moment_bytes) * params + 2.0 * copied
 
 
 def num_param_tensors(config: ModelConfig) -> int:
@@ -265,7 +267,7 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
         fixed = cal.optimizer_fixed_seconds(num_param_tensors(c))
         before_sync = cal.optimizer_before_sync_seconds(num_param_tensors(c))
         optimizer[gpus] = before_sync + np.maximum(
-            optimizer_bytes(dense_params + expert_params_held[gpus], copied) / mem("optimizer"),
+            optimizer_bytes(dense_params + expert_params_held[gpus], copied, state_bytes(c)) / mem("optimizer"),
             fixed - before_sync)
     # Dense layers (models with num_dense_layers) count as attention + a dense MLP each; their
     # MLP runs at the shared-expert rate of its shape.

@@ -92,6 +92,10 @@ class PlacementProblem:
             raise PlacementError(f"{param('optimizer_sharding', repr(self.optimizer_sharding))}: use "
                                  f"{', '.join(OPTIMIZER_SHARDING)}")
         check_tp(self.config, self.gpus_per_node, self.tp, self.expert_tp)
+        from epplan.workload.memory import optimizer_state_conflict
+        conflict = optimizer_state_conflict(self.config, self.optimizer_sharding, self.tp)
+        if conflict:
+            raise PlacementError(conflict)
         if not (isinstance(self.compute_efficiency, (int, float))
                 and 0 < self.compute_efficiency <= 1):
             raise PlacementError(

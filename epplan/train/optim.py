@@ -72,9 +72,16 @@ class TrainOptimizer:
     """
 
     def __init__(self, model: nn.Module, sharding: str, *, lr: float, weight_decay: float,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool = False) -> None:
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool = False,
+                 state_dtype: torch.dtype | None = None) -> None:
+        """state_dtype: the AdamW moments' dtype, None for the parameters' own (torch's AdamW);
+        another (bf16) only unsharded and without tensor-parallel weights, stepped by
+        ``step_with_copies`` on every device (torch's AdamW keeps moments of the weights' dtype)."""
         if sharding not in OPTIMIZER_SHARDING:
             raise ValueError(f"optimizer sharding {sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
+        self.state_dtype = state_dtype
+        if state_dtype is not None and (sharding != "none" or any(isinstance(p, DTensor) for p in model.parameters())):
+            raise ValueError(f"AdamW moments in {state_dtype} need sharding none and no tensor-parallel weights")
         self.sharding = sharding
         self.fused = fused
         # The one-pass step views each tensor flat: tensor-parallel (DTensor) weights keep
@@ -154,6 +161,14 @@ class TrainOptimizer:
         for p, view in self.dense_views.values():
             view.grad = None if p.grad is None else (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        if self.state_dtype is not None:  # moments of another dtype: the one-pass step, eager off CUDA
+            try:
+                for opt in self.optimizers:
+                    step_with_copies(opt, grad_scale, state_dtype=self.state_dtype)
+            finally:
+                if not self.fused:  # as below: the eager step's copies are made again by the forward
+                    forget_copies()
+            return
         if self.fused:
             # Plain AdamWs: one pass that also writes the bf16 copies (epplan.train.adamw); the
             # copies stay valid. ZeRO's (and all, with tensor-parallel weights or if that pass
@@ -265,8 +280,8 @@ class TrainOptimizer:
         assert not group.get("amsgrad"), "the trainer's AdamW keeps no max_exp_avg_sq"
         on_device = group.get("fused") or group.get("capturable")
         state = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                 "exp_avg": torch.zeros_like(held, memory_format=torch.preserve_format),
-                 "exp_avg_sq": torch.zeros_like(held, memory_format=torch.preserve_format)}
+                 "exp_avg": torch.zeros_like(held, dtype=self.state_dtype, memory_format=torch.preserve_format),
+                 "exp_avg_sq": torch.zeros_like(held, dtype=self.state_dtype, memory_format=torch.preserve_format)}
         self.set_state(p, state)
         return self._as_param(p, state)
 

@@ -74,16 +74,18 @@ IN_FORCE = IN_FORCE_MANIFEST  # OUT/manifest.json: the newest of them
 
 # ------------------------------------------------------------------------------ the move
 
-def _payload(module_name: str, module: nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def _payload(module_name: str, module: nn.Module,
+             moment_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """What travels with one replica of ``module``'s layer, in order, as (entry name with ``{}``
     for the expert id, dtype, shape): per weight (w1, w2, w3), the weight and its AdamW state,
-    named as ``checkpoint.expert_entries`` names them and laid out as ``adamw_state_like``."""
+    named as ``checkpoint.expert_entries`` names them and laid out as ``adamw_state_like``
+    (moments of ``moment_dtype``, None: the weight's)."""
     out = []
     for wname, w in module.named_parameters(recurse=False):
         key = checkpoint.expert_key(module_name, wname, "{}")  # type: ignore[arg-type]
         out.append((f"model.{key}", w.dtype, tuple(w.shape[1:])))
         for field in checkpoint.ADAMW_STATE:
-            dtype, shape = (torch.float32, ()) if field == "step" else (w.dtype, tuple(w.shape[1:]))
+            dtype, shape = (torch.float32, ()) if field == "step" else (moment_dtype or w.dtype, tuple(w.shape[1:]))
             out.append((f"optim.{key}.{field}", dtype, shape))
     return out
 
@@ -113,7 +115,7 @@ def move_experts(model: nn.Module, optimizer: TrainOptimizer, placement: Placeme
     rank, G = state.rank, state.num_ranks
     device = next(model.parameters()).device
     names = {id(m): n for n, m in model.named_modules()}
-    payloads = [_payload(names[id(m)], m) for m in state.layers]
+    payloads = [_payload(names[id(m)], m, optimizer.state_dtype) for m in state.layers]
     sizes = [sum(_nbytes(dtype, shape) for _, dtype, shape in p) for p in payloads]
     order = sorted(moves, key=lambda m: (m.layer, m.expert, m.dst_rank))
     held = checkpoint.expert_entries(model, optimizer, rank=rank, owned_only=False)  # views, old slots

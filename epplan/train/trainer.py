@@ -46,7 +46,7 @@ from epplan.train.metrics import (FORMAT, VERSION, MetricsLog, ProgressDisplay, 
 from epplan.train.optim import TrainOptimizer
 from epplan.train.options import RESUME_KEYS, TrainOptions
 from epplan.train.rundir import history, set_aside
-from epplan.workload.memory import OPTIMIZER_SHARDING
+from epplan.workload.memory import OPTIMIZER_SHARDING, optimizer_state_conflict
 from epplan.train.timing import StepTimer, instrument, timing_record
 from epplan.workload.flops import model_costs
 from epplan.workload.routing_stats import write_routing_stats
@@ -159,6 +159,9 @@ class Trainer:
         if opts.memory.optimizer_sharding not in OPTIMIZER_SHARDING:
             raise RuntimeSetupError(f"{param('optimizer_sharding', repr(opts.memory.optimizer_sharding))}: use "
                                     f"{', '.join(OPTIMIZER_SHARDING)}")
+        conflict = optimizer_state_conflict(config, opts.memory.optimizer_sharding, opts.parallel.tp)
+        if conflict:
+            raise RuntimeSetupError(conflict)
         apply_recompute(self.model, opts.memory.recompute)
         self.model.fused_loss = True  # the LM head and loss in chunks (epplan.runtime.loss; vocab-parallel under TP)
         dp_rank = rank
@@ -167,7 +170,8 @@ class Trainer:
             dp_rank = self.model.tensor_parallel.dp_rank
         # Fused AdamW on GPUs: faster, and no temporaries the size of the moments.
         self.optimizer = TrainOptimizer(self.model, opts.memory.optimizer_sharding, lr=self.lr,
-                                        weight_decay=opts.optimizer.weight_decay, fused=device.type == "cuda")
+                                        weight_decay=opts.optimizer.weight_decay, fused=device.type == "cuda",
+                                        state_dtype=torch.bfloat16 if config.optimizer_state_dtype == "bf16" else None)
         self.timer = StepTimer(device)
         instrument(self.model, self.timer)
         self.last_timing: tuple[int, dict[str, float]] | None = None  # of the step before the last
@@ -516,6 +520,8 @@ class Trainer:
             "tokens_per_expert": gathered.tokens_per_expert.sum(axis=1).tolist(),
             "expert_load_max_over_mean": [round(v, 4) for v in gathered.expert_load().tolist()],
         }
+        if self.device.type == "cuda":  # the allocator's high-water mark so far (host-side, no sync)
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         if staging_s is not None:
             record["checkpoint_staging_alloc_s"] = staging_s
             record["checkpoint_staging_bytes"] = staging_bytes

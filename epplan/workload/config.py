@@ -16,6 +16,7 @@ from epplan.errors import ConfigError
 
 ACTIVATIONS = ("gelu", "silu", "swiglu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")  # ModelConfig.optimizer_state_dtype
 # Upper bounds well above any published MoE (DeepSeek-V3: 61 layers, 256 experts, d_model 7168);
 # beyond them a typo (num_experts=1000000) would allocate for minutes before anything fails.
 MAX_SIZES = {"num_layers": 1024, "num_experts": 4096, "d_model": 1 << 17, "d_ff": 1 << 20,
@@ -57,6 +58,10 @@ class ModelConfig:
     # topk_groups groups. 0 = ungrouped. Recorded for the baselines (EPLB's hierarchical policy).
     num_expert_groups: int = 0
     topk_groups: int = 0
+    # AdamW's moments: fp32 (torch's AdamW; fp64 in fp64 models) or bf16 (DeepSeek-V3's choice,
+    # Megatron-Core's --exp-avg-dtype / --exp-avg-sq-dtype bf16: 8 bytes less memory and traffic
+    # per parameter, the arithmetic still in fp32). bf16 needs --optimizer-sharding none and no --tp.
+    optimizer_state_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -116,6 +121,10 @@ class ModelConfig:
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(
                 f"model {self.name!r}: dtype {self.dtype!r} unknown; known: {', '.join(DTYPE_BYTES)}")
+        if self.optimizer_state_dtype not in OPTIMIZER_STATE_DTYPES:
+            raise ConfigError(
+                f"model {self.name!r}: optimizer_state_dtype {self.optimizer_state_dtype!r} unknown; "
+                f"known: {', '.join(OPTIMIZER_STATE_DTYPES)}")
 
     @property
     def num_moe_layers(self) -> int:

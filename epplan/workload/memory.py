@@ -7,7 +7,8 @@ weights     every parameter the rank holds (all dense parameters, its expert rep
             are the master copy; GPUs compute under bf16 autocast), fp64 for fp64 models.
 grads       one gradient of the same dtype per parameter (``sync_gradients`` reduces them in
             place; ZeRO-1 keeps them whole).
-optimizer   AdamW's two moments per element and one scalar ``step`` tensor per parameter tensor,
+optimizer   AdamW's two moments per element (``state_bytes``: the storage dtype, or 2 bytes with the
+            model's ``optimizer_state_dtype`` bf16) and one scalar ``step`` tensor per parameter tensor,
             for the parameters whose state this rank keeps: all of its own under sharding
             ``none``; under ``dense`` the dense parameters' state is split over all ranks by
             ``torch.distributed.optim.ZeroRedundancyOptimizer`` (whole tensors, largest first to
@@ -69,9 +70,28 @@ _FP32 = 4
 _STEP_BYTES = 4  # AdamW's per-tensor fp32 step counter
 
 
+def optimizer_state_conflict(config: ModelConfig, optimizer_sharding: str, tp: int = 1) -> str | None:
+    """Why bf16 AdamW moments (``optimizer_state_dtype``) cannot run with these settings, or None:
+    the sharded (ZeRO) and tensor-parallel steps are torch's fused AdamW, whose moments are the
+    weights' dtype; only the runtime's own one-pass step keeps bf16 moments."""
+    if config.optimizer_state_dtype == "fp32" or (optimizer_sharding == "none" and tp == 1):
+        return None
+    return (f"model {config.name!r}: optimizer_state_dtype={config.optimizer_state_dtype} (AdamW's moments) "
+            f"runs with --optimizer-sharding none and --tp 1 only, not --optimizer-sharding "
+            f"{optimizer_sharding} --tp {tp}; use those, or keep the moments in fp32 "
+            "(--set optimizer_state_dtype=fp32)")
+
+
 def storage_bytes(config: ModelConfig) -> int:
-    """Bytes per element of parameters, gradients and AdamW moments in the runtime."""
+    """Bytes per element of parameters and gradients in the runtime (and of AdamW's moments,
+    unless ``state_bytes`` says otherwise)."""
     return 8 if config.dtype_bytes > 4 else 4
+
+
+def state_bytes(config: ModelConfig) -> int:
+    """Bytes per element of each of AdamW's two moments: the storage dtype's, or 2 where the
+    model's ``optimizer_state_dtype`` is bf16."""
+    return 2 if config.optimizer_state_dtype == "bf16" else storage_bytes(config)
 
 
 def dense_parameter_shapes(config: ModelConfig, tp: int = 1, tp_rank: int = 0) -> list[tuple[str, tuple[int, ...]]]:
@@ -263,7 +283,7 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
         expert_elems, expert_tensors = expert_optimizer_elements(c, replicas, num_gpus, tp if expert_tp else 1)
     else:  # one stacked tensor per weight and MoE layer, each with its step (empty if no expert there)
         expert_elems, expert_tensors = expert_params, c.num_moe_layers * mlp_matrices(c.activation)
-    optimizer = 2 * s * (dense_elems + expert_elems) + _STEP_BYTES * (dense_tensors + expert_tensors)
+    optimizer = 2 * state_bytes(c) * (dense_elems + expert_elems) + _STEP_BYTES * (dense_tensors + expert_tensors)
 
     tokens = tokens_per_rank / micro_batches
     served = np.asarray(served, dtype=np.float64) / micro_batches             # [L, G]
