@@ -6,3 +6,6 @@ epplan place --topology $T --model seed --set num_layers=2 --set global_batch=8 
 epplan place --topology $T --model seed --set num_layers=4 --set num_experts=8 --set global_batch=8 --experts-per-gpu 8 --micro-batches 4 --out runs/h200-seed4.json
 epplan place --topology $T --model mixtral-8x7b --set num_layers=2 --set global_batch=16 --experts-per-gpu 8 --micro-batches 2 --out runs/h200-mixtral2.json
 epplan place --topology $T --model scripts/device/medium.yaml --experts-per-gpu 8 --out runs/h200-medium.json
+# AdamW's moments in bf16 (optimizer_state_dtype): the seed dims in 2 micro-batches, and in the 1
+# that `epplan estimate` picks for them (calls AB and AC, 2026-12-04).
+epplan place --topology $T --model seed --set num_layers=2 --set global_batch=8 --set optimizer_state_dtype=bf16 --experts-per-gpu 16 --micro-batches 2 --out runs/h200-seed2-bf16.json
