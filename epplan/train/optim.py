@@ -150,7 +150,8 @@ class TrainOptimizer:
         the update and the bf16 re-cast of the weights that have a copy in one pass); ZeRO's run
         torch's fused AdamW with the scale inside its kernel (the ``grad_scale`` it divides by,
         as ``torch.amp.GradScaler`` passes it). Unfused (CPU), the gradients are multiplied in
-        place first. Under sharding
+        place first. With bf16 moments (``state_dtype``) every optimizer is a plain AdamW stepped
+        by ``step_with_copies`` on every device. Under sharding
         "all" the optimizers hold expert-slot views in place of the stacked expert tensors: each
         view's gradient is first set to its row of the tensor's gradient.
         """
@@ -161,13 +162,9 @@ class TrainOptimizer:
         for p, view in self.dense_views.values():
             view.grad = None if p.grad is None else (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        if self.state_dtype is not None:  # moments of another dtype: the one-pass step, eager off CUDA
-            try:
-                for opt in self.optimizers:
-                    step_with_copies(opt, grad_scale, state_dtype=self.state_dtype)
-            finally:
-                if not self.fused:  # as below: the eager step's copies are made again by the forward
-                    forget_copies()
+        if self.state_dtype is not None:  # moments of another dtype: the one-pass step (eager off CUDA),
+            for opt in self.optimizers:      # which keeps the bf16 copies valid
+                step_with_copies(opt, grad_scale, state_dtype=self.state_dtype)
             return
         if self.fused:
             # Plain AdamWs: one pass that also writes the bf16 copies (epplan.train.adamw); the

@@ -20,7 +20,7 @@ from epplan.errors import EpplanError, param
 
 _SCALARS = {"loss": "train/loss", "aux_loss": "train/aux_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "step_time_s": "perf/step_time_s", "tokens_per_s": "perf/tokens_per_s",
-            "tflops_per_gpu": "perf/tflops_per_gpu", "mfu": "perf/mfu"}
+            "tflops_per_gpu": "perf/tflops_per_gpu", "mfu": "perf/mfu", "peak_memory_gb": "perf/peak_memory_gb"}
 
 
 def check_available() -> None:
