@@ -78,8 +78,8 @@ def optimizer_state_conflict(config: ModelConfig, optimizer_sharding: str, tp: i
         return None
     return (f"model {config.name!r}: optimizer_state_dtype={config.optimizer_state_dtype} (AdamW's moments) "
             f"runs with --optimizer-sharding none and --tp 1 only, not --optimizer-sharding "
-            f"{optimizer_sharding} --tp {tp}; use those, or keep the moments in fp32 "
-            "(--set optimizer_state_dtype=fp32)")
+            f"{optimizer_sharding} --tp {tp}; use those, or keep the moments in fp32 (plan with "
+            "--set optimizer_state_dtype=fp32)")
 
 
 def storage_bytes(config: ModelConfig) -> int:
