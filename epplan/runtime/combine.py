@@ -50,7 +50,8 @@ def _sum_rows(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: i
     scale = rows.new_zeros(num_assignments)  # (A,): the row's weight, 0 where dropped
     if weight is None:
         # index_fill_, not ``scale[order] = 1``: that copies the 1 from host memory, a copy that
-        # waits for the GPU (0.6-0.8 ms idle per call in the seed dims' backward, call Z).
+        # waits for the GPU (0.6-0.8 ms idle per call in the seed dims' backward, call Z's
+        # profiled step).
         scale.index_fill_(0, order, 1)
     else:
         scale[order] = weight

@@ -309,7 +309,7 @@ class ExpertParallelExperts(nn.Module):
             proposal = self.num_chunks or auto_num_chunks(num_tokens * top_k, G, E, flops_per_row)
         # Unchunked, the rows go in key order whatever the counts say: the sort is queued before
         # the counts' host sync, so the GPU sorts while the host waits (the host's launches of a
-        # sort after the sync left the GPU idle 0.3-0.6 ms per layer, call Z).
+        # sort after the sync left the GPU idle 0.3-0.6 ms per layer, call Z's profiled step).
         by_key = torch.argsort(key, stable=True) if G == 1 or not self.overlap else None  # (A,)
         # A block recompute replays the forward's counts (epplan.runtime.recompute): the same
         # splits, no second counts exchange, statistics recorded once.

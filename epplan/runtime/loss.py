@@ -98,7 +98,7 @@ _rows = TritonKernel(_define_rows)
 
 
 def _chunk_loss_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``_chunk_loss`` by ``_rows_kernel``: CUDA logits of at most fp32, rows contiguous; None
+    """``_chunk_loss`` by the ``_rows`` kernel: CUDA logits of at most fp32, rows contiguous; None
     where the kernel is not there or does not apply."""
     kernel = _rows.get()
     if (kernel is None or logits.dtype not in (torch.bfloat16, torch.float16, torch.float32)

@@ -1,4 +1,4 @@
-"""The cross-entropy's Triton kernel (``epplan.runtime.loss._rows_kernel``) against the eager
+"""The cross-entropy's Triton kernel (``epplan.runtime.loss._rows``) against the eager
 ``_chunk_loss``, and its time against ``torch.compile``'s, on one GPU.
 
     python3 scripts/device/check_loss_rows.py
