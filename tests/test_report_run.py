@@ -101,6 +101,36 @@ def test_replay_of_the_runs_routing_matches_the_measured_bytes(real_run):
     assert m["step_time_s"]["measured_median"] > 0
 
 
+def test_memory_predicted_against_the_allocator_peak(real_run, tmp_path):
+    """A GPU run's step records carry the allocator's peak (``peak_memory_gb``): the report puts it
+    beside the memory the model predicts for rank 0; a CPU run has none; a bad value is named."""
+    import shutil
+
+    manifest, run_dir = real_run
+    m = json.loads(_invoke(manifest, "--metrics", run_dir, "--json").stdout)["measured"]
+    assert m["memory_gb"]["rank"] == 0 and m["memory_gb"]["measured_peak"] is None
+    assert m["memory_gb"]["predicted"] > 0
+    peaked = tmp_path / "peaked"
+    shutil.copytree(run_dir, peaked)
+    lines = (peaked / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for rec in records:
+        if rec["kind"] == "step":
+            rec["peak_memory_gb"] = 0.5 + rec["step"]
+    (peaked / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = _invoke(manifest, "--metrics", peaked, "--json")
+    assert result.exit_code == 0, result.output
+    memory = json.loads(result.stdout)["measured"]["memory_gb"]
+    assert memory["measured_peak"] == 3.5 and memory["predicted"] == m["memory_gb"]["predicted"]
+    text = _invoke(manifest, "--metrics", peaked).stdout
+    assert "the allocator's peak 3.5 GB" in " ".join(text.split())
+    step = next(r for r in reversed(records) if r["kind"] == "step")
+    step["peak_memory_gb"] = "lots"
+    (peaked / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    bad = _invoke(manifest, "--metrics", peaked)
+    assert bad.exit_code != 0 and "peak_memory_gb is 'lots'" in bad.output and "Traceback" not in bad.output
+
+
 def test_measured_links_are_the_recorded_matrices_through_the_path_model(real_run):
     import numpy as np
 

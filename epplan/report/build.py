@@ -108,6 +108,8 @@ class Report:
             "bytes_scale": m.bytes_scale,
             "step_time_s": {"measured_median": m.measured_step_time_s, "predicted": m.predicted_step_time_s,
                             "replayed": m.replayed_step_time_s},
+            "memory_gb": {"rank": 0, "predicted": m.predicted_memory_gb,
+                          "measured_peak": m.measured_peak_memory_gb},
             "totals_bytes": {"measured": float(m.measured_total.sum()),
                              "predicted": float(m.predicted_total.sum()),
                              "replayed": None if replayed is None else float(replayed.sum())},

@@ -104,6 +104,8 @@ class RunMetrics:
     # --expert-tp: int64[N, L, S, T] forward bytes inside the TP groups, the same steps (None for
     # runs without it)
     expert_tp_bytes: np.ndarray | None = None
+    # rank 0's allocator high-water mark over the steps, GB (GPU runs since peak_memory_gb was recorded)
+    peak_memory_gb: float | None = None
 
     @property
     def num_steps(self) -> int:
@@ -191,7 +193,7 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
 
     shape = (num_layers, num_ranks, num_ranks)
     arrays = {k: [] for k in ("dispatch_bytes", "combine_bytes", "tokens_per_expert", "expert_tp_bytes")}
-    numbers, times = [], []
+    numbers, times, peaks = [], [], []
     for line_no, rec in steps:
         where = f"{path}:{line_no}"
         has = [k for k in _MATRIX_KEYS if k in rec]
@@ -205,6 +207,11 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < 1e7:
             raise ReportError(f"{where}: step_time_s is {seconds!r}; a step's time is a positive number of seconds")
         times.append(float(seconds))
+        peak = rec.get("peak_memory_gb")
+        if peak is not None:
+            if not isinstance(peak, (int, float)) or isinstance(peak, bool) or not 0 <= peak < 1e6:
+                raise ReportError(f"{where}: peak_memory_gb is {peak!r}; a peak is a number of GB")
+            peaks.append(float(peak))
         if not has:  # a step of a many-rank run that did not record the matrices
             continue
         for key in _MATRIX_KEYS + (("expert_tp_bytes",) if "expert_tp_bytes" in rec else ()):
@@ -238,7 +245,8 @@ def read_run(run_dir: str | Path, *, manifest_hash: str, num_layers: int, num_ra
         combine_bytes=np.stack(arrays["combine_bytes"]), assignments=np.stack(arrays["tokens_per_expert"]),
         tokens_per_step=int(tokens) if isinstance(tokens, (int, float)) else None,
         device=start.get("device"), routing=routing, is_finished=finished, notes=notes,
-        dispatch=dispatch, row_bytes=row_bytes, settings=settings, expert_tp_bytes=etp)
+        dispatch=dispatch, row_bytes=row_bytes, settings=settings, expert_tp_bytes=etp,
+        peak_memory_gb=max(peaks) if peaks else None)
 
 
 def _int_array(value, shape: tuple[int, ...] | None, where: str, layout: str) -> np.ndarray:
@@ -315,6 +323,9 @@ class MeasuredComparison:
     replay_pair_error_bytes: float | None
     notes: list[str]
     expert_tp: "ExpertTpComparison | None" = None
+    # rank 0's memory: the model's prediction for its GPU and the run's allocator peak, GB
+    predicted_memory_gb: float | None = None
+    measured_peak_memory_gb: float | None = None
 
     @property
     def measured_total(self) -> np.ndarray:
@@ -490,4 +501,5 @@ def compare_measured(cost: Cost, placement: Placement, problem: PlacementProblem
         runtime_bytes_per_assignment=run_b, model_bytes_per_assignment=model_b, bytes_scale=scale,
         measured_step_time_s=run.typical_step_time_s(), predicted_step_time_s=cost.step_time_s,
         replayed_step_time_s=replay_s, replay_steps=replay_steps, replay_pair_error_bytes=pair_err,
-        notes=notes, expert_tp=etp)
+        notes=notes, expert_tp=etp, predicted_memory_gb=float(cost.memory_bytes[0]) / 1e9,
+        measured_peak_memory_gb=run.peak_memory_gb)

@@ -202,6 +202,9 @@ def _measured_section(report: Report) -> Section:
          f"({fmt_time(m.predicted_step_time_s)}) is for the topology's GPUs, so only bytes are compared"),
         f"all-to-all bytes on links: predicted {fmt_bytes(m.predicted_total.sum())}, measured "
         f"{fmt_bytes(m.measured_total.sum())} (ratio {fmt_ratio(total_ratio)})",
+        *([f"memory of rank 0: predicted {m.predicted_memory_gb:.1f} GB (weights, gradients, AdamW state, "
+           f"activations; an upper bound), the allocator's peak {m.measured_peak_memory_gb:.1f} GB"]
+          if m.measured_peak_memory_gb is not None else []),
         (f"bytes per token-assignment: runtime {m.runtime_bytes_per_assignment:,.0f}, cost model "
          f"{m.model_bytes_per_assignment:,.0f}") if run.dispatch == "flat" else
         (f"hierarchical dispatch (one row per token and node across nodes, per token and GPU inside): "
