@@ -437,7 +437,9 @@ class _Holders:
 
         if fits(level):
             return level
-        lo, hi = level, level + float(self.rem.max() + self.lack.max()) + 1.0     # hi: one node each, need_e
+        # hi is past every lack_e and remote demand: it fits unless no plan has every GPU within t
+        # (sum_e ceil(need_e / per_node) > the distinct slots), where any level is valid
+        lo, hi = level, level + float(self.rem.max() + self.lack.max()) + 1.0
         while hi - lo > rel * hi:
             mid = 0.5 * (lo + hi)
             if fits(mid):
