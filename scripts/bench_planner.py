@@ -181,6 +181,10 @@ def run(number: int, solver: str, workers: int | None, with_free_network: bool =
         "setup_s": setup, "wall_s": wall, "limit_s": spec["limit"],
         "distinct_layers": sum(layer["same_as"] is None for layer in layers),
         "max_gap": info["gap"], "status": info["status"], "worst_bound_source": worst["bound_source"],
+        "worst_layer": worst["layer"],
+        # per layer: the plan, its bound and where each came from (which side of a gap to examine)
+        "layer_gaps": [{k: layer[k] for k in ("layer", "objective_s", "bound_s", "bound_source", "gap", "start",
+                                              "same_as")} for layer in layers],
         "bound_sources": sorted({layer["bound_source"] for layer in layers}),
         "binds": {k: int(sum(b == k for b in cost.binds)) for k in ("link", "gpu", "both")},
         "total_s": totals, "baseline_seconds": seconds,

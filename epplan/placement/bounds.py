@@ -49,15 +49,41 @@ holders   A second L(t) inside the trade-off search (``_Holders``): the receivin
           Expert e's R_e replicas sit on at most min(R_e, N) nodes, whose sources send at most
           top_e(R_e) (the min(R_e, N) largest node demands for e) to them over the node's own
           fabric; the rest, n_e - top_e(R_e), comes from other nodes, so one of e's holders has
-          in_g >= l_e(R_e) = (n_e - top_e(R_e)) / R_e, and every source sends out at least
-          out_min = min over g of its demand less its D_B largest (D_B: the distinct experts
-          its node can hold). With every GPU within t, R_e >= n_e / (t x the fastest GPU's
-          rate) and sum_e R_e <= the slots, so the busiest link is at least 2b (min over such R
-          of max_e l_e(R_e) + out_min) / max_g C_g (l_e falls with R_e: the least max is found
-          by bisection over l's values). It sees what the node cuts average away: where
+          in_g >= l_e(R_e) = (n_e - top_e(R_e)) / R_e; and that holder's own source sends
+          out_g >= o_e off its node: g's node holds e and at most D_B - 1 other experts (D_B:
+          the distinct experts the node can hold), so it serves g's demand d_g locally for at
+          most those, o_e = min over g of d_g - top_{D_B - 1}(d_g) - min(d_ge, the D_B-th
+          largest of d_g) (the most that e and D_B - 1 others can be of d_g; at least every
+          source's demand less its D_B largest). With every GPU within t, R_e >= n_e / (t x
+          the fastest GPU's rate) and sum_e R_e <= the slots, so the busiest link is at least
+          2b (min over such R of max_e (l_e(R_e) + o_e)) / max_g C_g (l_e falls with R_e: the
+          least max is found by bisection over the values of l_e + o_e). Four one-GPU
+          servers, demand 0.6 / 0.3 / 0.1 (``tests/test_planner_bounds.py``): with o_e the
+          bound is the brute force's optimum, 5.37e-7 s; with every source's least sending
+          alone (the coldest expert's holder keeping 0.6 of its demand local, where it can keep
+          only 0.1) 4.39e-7 s. It sees what the node cuts average away: where
           compute binds, the hot experts take the replicas and a cold expert with two of them
           draws the other nodes' demand through two NICs (``scripts/bench_planner.py``
           instance 2: those NICs set the plan's busiest link).
+nodes     The holders' bound with the nodes' distinct experts (``_Holders._with_nodes``). A plan
+          holds e on q_e nodes with R_e replicas, q_e <= R_e <= q_e x (the most replicas of one
+          expert a node can hold); the busiest receiving NIC carries Lambda assignments (x 2b /
+          max_g C_g). Then (a) e's remote demand is at least rem_e(q_e) = n_e - top_e(q_e), so
+          one holder has in_g >= rem_e(q_e) / R_e and Lambda >= that + o_e; (b) R_e >= n_e / (t x
+          the fastest rate); (c) if q_e < N, a node without e exists, and each of its sources
+          sends off it all but its demand for the at most k = min(D_B, E - 1) other experts the
+          node holds: Lambda >= lack_e = min over g of d_g - (the k largest of d_g without e);
+          (d) sum_e q_e <= sum_B D_B and sum_e R_e <= the slots. For any mu >= 0 the plan's own
+          (q, R) then gives sum_e min over q of (R_e(q) + mu q) <= slots + mu sum_B D_B, with
+          R_e(q) the least R that (a)-(c) allow on q nodes at Lambda: a level where that fails
+          for some mu (a few fixed mu) is below every plan's, and failing is monotone in the
+          level, so bisection from the holders' own level finds a valid one. It sees what the
+          holders alone miss where nodes hold few distinct experts: with 2 GPUs a node and a
+          cold expert, some node lacks a hot one (``tests/test_planner_bounds.py``: 4 x 2 GPUs,
+          demand 0.6 / 0.3 / 0.1, 9.03e-8 -> 1.07e-7 s, the brute force's optimum 1.15e-7 s).
+          On ``scripts/bench_planner.py``'s instances 6-10 it moves no layer's bound (measured
+          2026-12-04): there the nodes hold 8 distinct experts of 16-32 and the level the
+          holders reach is past every lack_e.
 
 Shape legend: G = GPUs, E = experts, N = nodes, S = cut sets.
 """
@@ -334,17 +360,34 @@ class _Holders:
         self.num_gpus = num_gpus
         node_demand = np.zeros((num_nodes, data.num_experts))
         np.add.at(node_demand, node, data.counts)
-        top = np.cumsum(-np.sort(-node_demand, axis=0), axis=0)                     # [N, E]
+        near = np.cumsum(-np.sort(-node_demand, axis=0), axis=0)                    # [N, E] top_e(q)
         k = np.arange(1, num_nodes + 1, dtype=np.float64)[:, None]
         # l[e, k - 1] = l_e(k) for k = 1..N; l_e(k) = 0 past N (every node can hold e)
-        ell = np.maximum(self.load[None, :] - top, 0.0) / k
+        ell = np.maximum(self.load[None, :] - near, 0.0) / k
         ell[ell <= 1e-12 * max(float(self.load.sum()), 1e-30)] = 0.0
         self.ell = np.minimum.accumulate(ell, axis=0).T                            # [E, N]
-        self.levels = np.unique(np.concatenate([self.ell.ravel(), [0.0]]))
+        # out_e: the least a holder of e sends off its node (its node holds e and at most D_B - 1
+        # other experts): d_g - top_{D-1}(d_g) - min(d_ge, the D-th largest d_g)
         distinct = np.array([min(data.num_experts, int(data.slots[node == b].sum())) for b in range(num_nodes)])
-        ranked = -np.sort(-data.counts, axis=1)
-        kept = np.array([ranked[g, :distinct[node[g]]].sum() for g in range(num_gpus)])
-        self.out_min = float(np.maximum(data.counts.sum(axis=1) - kept, 0.0).min())
+        ranked = -np.sort(-data.counts, axis=1)                                     # [G, E]
+        d = distinct[node]                                                          # [G]
+        top = np.cumsum(np.concatenate([np.zeros((num_gpus, 1)), ranked], axis=1), axis=1)   # [G, E + 1]
+        rows = np.arange(num_gpus)
+        kept = top[rows, d - 1][:, None] + np.minimum(data.counts, ranked[rows, d - 1][:, None])   # [G, E]
+        self.out = np.maximum(data.counts.sum(axis=1)[:, None] - kept, 0.0).min(axis=0)           # [E]
+        self.levels = np.unique(np.concatenate([(self.ell + self.out[:, None]).ravel(), self.out]))
+        # The nodes' distinct experts (``nodes`` in the module docstring): rem[e, q - 1] = n_e -
+        # top_e(q), the remote demand for e held on q nodes; lack_e = the least a source on a node
+        # without e sends off it (the node holds at most k = min(D_B, E - 1) others).
+        self.rem = np.maximum(self.load[:, None] - near.T, 0.0)                      # [E, N]
+        self.rem[self.rem <= 1e-12 * max(float(self.load.sum()), 1e-30)] = 0.0
+        self.num_nodes = num_nodes
+        self.num_distinct = int(distinct.sum())
+        self.per_node = int(max(min(int(np.sum(node == b)), int(data.slots[node == b].sum())) for b in range(num_nodes)))
+        k = np.minimum(d, data.num_experts - 1)
+        among = data.counts >= ranked[rows, np.maximum(k - 1, 0)][:, None]          # e within the k largest
+        without = np.where(among, top[rows, k + 1][:, None] - data.counts, top[rows, k][:, None])   # [G, E]
+        self.lack = np.maximum(data.counts.sum(axis=1)[:, None] - without, 0.0).min(axis=0)        # [E]
 
     def link_bound(self, t: float) -> float:
         """Seconds: the busiest link's time in every plan whose busiest GPU is within t."""
@@ -356,7 +399,10 @@ class _Holders:
             return float("inf")    # no plan has every GPU within t
 
         def fits(level: float) -> bool:
-            first = (self.ell > level).sum(axis=1) + 1        # least R_e with l_e(R_e) <= level
+            if np.any(self.out > level):
+                return False
+            # least R_e with l_e(R_e) + out_e <= level
+            first = (self.ell + self.out[:, None] > level).sum(axis=1) + 1
             return int(np.maximum(need, first).sum()) <= self.num_slots
 
         lo, hi = 0, self.levels.size - 1                       # levels[hi] (the largest) fits
@@ -366,7 +412,41 @@ class _Holders:
                 hi = mid
             else:
                 lo = mid + 1
-        return self.unit * (float(self.levels[lo]) + self.out_min)
+        return self.unit * self._with_nodes(float(self.levels[lo]), need)
+
+    _MUS = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])   # multipliers of the distinct-expert budget
+
+    def _with_nodes(self, level: float, need: np.ndarray, rel: float = 1e-4) -> float:
+        """The least level >= ``level`` (the holders' alone, below which no plan fits) that the
+        nodes' distinct experts allow (module docstring, ``nodes``), to ``rel``: bisection on
+        ``fits``, which a plan's own (q, R) passes at its own level, for every multiplier."""
+        q = np.arange(1, self.num_nodes + 1)                                        # [N]
+
+        def fits(lam: float) -> bool:
+            slack = lam - self.out                                                  # [E]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                # least R_e on q nodes with rem_e(q) / R_e + out_e <= lam, (1 - 1e-12): not
+                # rounded up by float error
+                r = np.where(slack[:, None] > 0, np.ceil(self.rem / slack[:, None] * (1 - 1e-12)),
+                             np.where(self.rem > 0, np.inf, 0.0))
+            r = np.maximum(np.maximum(r, q[None, :]), need[:, None])                # [E, N]
+            ok = (r <= q[None, :] * self.per_node) & (r <= self.num_gpus)
+            ok &= (q[None, :] == self.num_nodes) | (self.lack[:, None] <= lam)       # a node without e
+            cost = np.where(ok[None], r[None] + self._MUS[:, None, None] * q[None, None, :], np.inf)   # [M, E, N]
+            return bool(np.all(cost.min(axis=2).sum(axis=1) <= self.num_slots + self._MUS * self.num_distinct))
+
+        if fits(level):
+            return level
+        # hi is past every lack_e and remote demand: it fits unless no plan has every GPU within t
+        # (sum_e ceil(need_e / per_node) > the distinct slots), where any level is valid
+        lo, hi = level, level + float(self.rem.max() + self.lack.max()) + 1.0
+        while hi - lo > rel * hi:
+            mid = 0.5 * (lo + hi)
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid
+        return lo
 
 
 def cut_link_bound(data: LayerData, t: float) -> float:

@@ -8,9 +8,11 @@ would not finish them, so that no layer is worse than a baseline re-split the li
 
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
    nodes and the nodes under each fabric switch, and the cuts and the receiving NICs of each
-   expert's holders under the GPU time a plan may spend), combined by the runtime's schedule (``epplan.schedule``), and while the gap is open
-   the node-level LP of ``nodelp.py``, the fabric link classes of ``farbound.py`` and the
-   replica-count MILP (``nodelp.count_model``, half the time left, up to MAX_COUNT_INTEGERS);
+   expert's holders, with the holder's own sending and the nodes' distinct experts, under the
+   GPU time a plan may spend), combined by the runtime's schedule (``epplan.schedule``), and
+   while the gap is open the node-level LP of ``nodelp.py``, the fabric link classes of
+   ``farbound.py`` and the replica-count MILP (``nodelp.count_model``, half the time left, up
+   to MAX_COUNT_INTEGERS);
 2. incumbent, the best plan (lowest layer time, as ``evaluate`` computes it) of: every baseline
    (contiguous, EPLB in both modes, random) as it is, and re-split by the split LP
    (``splits.py``) unless ``split_bound`` shows that no split of it beats the plan in hand; the
