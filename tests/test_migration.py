@@ -53,7 +53,7 @@ def test_replica_bytes_hand_count_and_memory_model():
 
 def test_bf16_moments_halve_the_optimizer_state_moved_held_and_stepped():
     """optimizer_state_dtype bf16: 2 bytes per moment in a move, in memory and in the step's
-    bytes (24 per parameter against 32); the sharded and TP settings are refused by name."""
+    bytes (24 per parameter against 32); tensor parallelism is refused by name."""
     from epplan.cost.step import optimizer_bytes
     from epplan.workload.memory import optimizer_state_conflict, state_bytes
 
@@ -69,10 +69,9 @@ def test_bf16_moments_halve_the_optimizer_state_moved_held_and_stepped():
     assert full_state - half_state == 2 * 2 * elements  # two moments, 2 bytes less each
     assert optimizer_bytes(10.0, 0.0, 4) == 320.0 and optimizer_bytes(10.0, 3.0, 2) == 246.0
     assert optimizer_state_conflict(config, "dense", 2) is None
-    assert optimizer_state_conflict(half, "none", 1) is None
-    message = optimizer_state_conflict(half, "dense", 1)
-    assert "--optimizer-sharding none" in message and "optimizer_state_dtype=fp32" in message
-    assert optimizer_state_conflict(half, "none", 2) is not None
+    assert optimizer_state_conflict(half, "none", 1) is None and optimizer_state_conflict(half, "all", 1) is None
+    message = optimizer_state_conflict(half, "dense", 2)
+    assert "--tp 1" in message and "optimizer_state_dtype=fp32" in message
     with pytest.raises(ConfigError, match="optimizer_state_dtype"):
         config.replace(optimizer_state_dtype="fp8")
 

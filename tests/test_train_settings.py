@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from epplan.placement.types import LayerPlacement, Placement
@@ -101,15 +102,50 @@ def test_recompute_and_sharded_optimizer_train_exactly_like_the_plain_run(tmp_pa
     run_distributed(_same_training, 3, str(tmp_path))
 
 
+def _same_with_bf16_moments(rank: int, world_size: int, tmp: str) -> None:
+    from epplan.runtime.expert_parallel import gather_state_dict
+
+    job = Job(CONFIG.replace(optimizer_state_dtype="bf16"), THREE, "h3", (Node("n0", (0, 1, 2)),))
+    runs = {}
+    for sharding in ("none", "dense", "all"):
+        from epplan.train.options import TrainOptions
+        from epplan.train.trainer import Trainer
+
+        opts = TrainOptions.of(manifest="m.json", out=f"{tmp}/bf16-{sharding}", steps=3, lr=0.01, ckpt_every=3,
+                               keep_checkpoints=0, warmup_steps=0, micro_batches=2, optimizer_sharding=sharding)
+        trainer = Trainer(job, opts, rank, torch.device("cpu"))
+        records = [trainer.train_step() for _ in range(3)]
+        moments = {s[k].dtype for _, s in trainer.optimizer.state_items() for k in ("exp_avg", "exp_avg_sq")}
+        assert moments == {torch.bfloat16}, (sharding, moments)
+        runs[sharding] = (gather_state_dict(trainer.model), [r["loss"] for r in records])
+    for sharding in ("dense", "all"):  # each rank steps its share with the same arithmetic
+        weights, losses = runs[sharding]
+        assert losses == runs["none"][1], sharding
+        for key, value in runs["none"][0].items():
+            assert torch.equal(weights[key], value), (sharding, key)
+
+
+def test_bf16_moments_sharded_train_exactly_like_unsharded(tmp_path):
+    """optimizer_state_dtype bf16 under ZeRO (dense, all): ZeRO's inner optimizers are the
+    one-pass step with bf16 moments; the weights equal the unsharded bf16 run's, bit for bit."""
+    run_distributed(_same_with_bf16_moments, 3, str(tmp_path))
+
+
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _held_bytes(rank: int, world_size: int, tmp: str, results: str) -> None:
+def _held_bytes(rank: int, world_size: int, tmp: str, results: str, moments: str = "fp32") -> None:
     import json
 
+    from epplan.train.options import TrainOptions
+    from epplan.train.trainer import Trainer
+
     for sharding in ("none", "dense", "all"):
-        trainer = _trainer(THREE, f"{tmp}/{sharding}", 1, optimizer_sharding=sharding)
+        opts = TrainOptions.of(manifest="m.json", out=f"{tmp}/{sharding}", steps=1, lr=0.01, ckpt_every=1,
+                               keep_checkpoints=0, warmup_steps=0, optimizer_sharding=sharding)
+        job = Job(CONFIG.replace(optimizer_state_dtype=moments), THREE, "h3", (Node("n0", (0, 1, 2)),))
+        trainer = Trainer(job, opts, rank, torch.device("cpu"))
         trainer.train_step()  # AdamW's state exists after the first step
         for p in trainer.model.parameters():  # gradients as a step holds them
             p.grad = torch.zeros_like(p)
@@ -120,7 +156,9 @@ def _held_bytes(rank: int, world_size: int, tmp: str, results: str) -> None:
             json.dump(held, fh)
 
 
-def test_memory_accounting_is_the_bytes_the_ranks_hold(tmp_path):
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_memory_accounting_is_the_bytes_the_ranks_hold(tmp_path, moments):
+    """Also with AdamW's moments in bf16 (optimizer_state_dtype), sharded or not."""
     import json
 
     from epplan.cost.evaluate import memory_for
@@ -128,7 +166,8 @@ def test_memory_accounting_is_the_bytes_the_ranks_hold(tmp_path):
     from epplan.topology import build_topology, parse_spec
     from epplan.workload.traffic import Traffic
 
-    run_distributed(_held_bytes, 3, str(tmp_path), str(tmp_path / "held"))
+    run_distributed(_held_bytes, 3, str(tmp_path), str(tmp_path / "held"), moments)
+    config = CONFIG.replace(optimizer_state_dtype=moments)
     topo = build_topology(parse_spec("""
 name: three
 node_types:
@@ -139,7 +178,7 @@ node_types:
 nodes:
   - {name: n0, type: box}
 """))
-    problem = PlacementProblem(topo, CONFIG, Traffic(np.ones((2, 3, 4)), "test"), experts_per_gpu=4)
+    problem = PlacementProblem(topo, config, Traffic(np.ones((2, 3, 4)), "test"), experts_per_gpu=4)
     for sharding in ("none", "dense", "all"):
         model = memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", sharding)
         for rank in range(3):

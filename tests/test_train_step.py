@@ -181,8 +181,8 @@ def test_adamw_bf16_moments_match_fp32_arithmetic_rounded_each_step():
             assert state["step"].item() == i + 1
 
 
-def test_train_optimizer_bf16_moments_only_unsharded():
-    from epplan.train.optim import TrainOptimizer
+def test_train_optimizer_bf16_moments():
+    from epplan.train.optim import OnePassAdamW, TrainOptimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     opt = TrainOptimizer(model, "none", lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
@@ -192,8 +192,7 @@ def test_train_optimizer_bf16_moments_only_unsharded():
     assert not torch.equal(before, model[0].weight)
     assert opt.state_of(model[0].weight)["exp_avg"].dtype == torch.bfloat16
     assert opt.fresh_state(model[0].bias)["exp_avg_sq"].dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="sharding none"):
-        TrainOptimizer(model, "dense", lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16)
+    assert all(isinstance(o, OnePassAdamW) and o.clip is None for o in opt.optimizers)
 
 
 @pytest.mark.parametrize("dtype,together", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])

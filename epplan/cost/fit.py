@@ -194,12 +194,12 @@ def _trials(problem: PlacementProblem, micro_batches: int | None, recompute: str
         raise PlacementError(f"{param('tp', 'auto')} with {param('expert_tp')}: no TP degree of 2 or more splits these nodes and heads")
     rs = [recompute] if recompute is not None else list(RECOMPUTE)
     ss = [optimizer_sharding] if optimizer_sharding is not None else list(OPTIMIZER_SHARDING)
-    if problem.config.optimizer_state_dtype != "fp32":  # bf16 moments: unsharded, without TP
+    if problem.config.optimizer_state_dtype != "fp32":  # bf16 moments: without TP
         conflict = optimizer_state_conflict(problem.config, optimizer_sharding or "none",
                                             2 if expert_tp else tp or 1)
         if conflict:
             raise PlacementError(conflict)
-        ts, ss = [1], ["none"]
+        ts = [1]
     ms_of = {t: [micro_batches] if micro_batches is not None else micro_batch_choices(problem, t) for t in ts}
     return [(t, r, s) for t in ts for r, s in itertools.product(rs, ss)], ms_of
 

@@ -75,13 +75,14 @@ class TrainOptimizer:
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool = False,
                  state_dtype: torch.dtype | None = None) -> None:
         """state_dtype: the AdamW moments' dtype, None for the parameters' own (torch's AdamW);
-        another (bf16) only unsharded and without tensor-parallel weights, stepped by
-        ``step_with_copies`` on every device (torch's AdamW keeps moments of the weights' dtype)."""
+        another (bf16) without tensor-parallel weights, every optimizer (ZeRO's inner ones too) an
+        ``OnePassAdamW`` stepped by ``step_with_copies`` on every device (torch's AdamW keeps
+        moments of the weights' dtype)."""
         if sharding not in OPTIMIZER_SHARDING:
             raise ValueError(f"optimizer sharding {sharding!r}: use {', '.join(OPTIMIZER_SHARDING)}")
         self.state_dtype = state_dtype
-        if state_dtype is not None and (sharding != "none" or any(isinstance(p, DTensor) for p in model.parameters())):
-            raise ValueError(f"AdamW moments in {state_dtype} need sharding none and no tensor-parallel weights")
+        if state_dtype is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+            raise ValueError(f"AdamW moments in {state_dtype} need weights without tensor parallelism")
         self.sharding = sharding
         self.fused = fused
         # The one-pass step views each tensor flat: tensor-parallel (DTensor) weights keep
@@ -91,6 +92,9 @@ class TrainOptimizer:
                       for p in m.parameters(recurse=False)}
         params = list(model.parameters())
         kw = dict(lr=lr, betas=betas, eps=eps, fused=fused) if fused else dict(lr=lr, betas=betas, eps=eps)
+        adam: type[torch.optim.AdamW] = torch.optim.AdamW
+        if state_dtype is not None:
+            adam, kw = OnePassAdamW, {**kw, "state_dtype": state_dtype}
 
         def groups(ps: list[nn.Parameter]) -> list[dict[str, Any]]:
             decay = [p for p in ps if p.dim() >= 2]  # matrices, experts
@@ -106,7 +110,7 @@ class TrainOptimizer:
         # optimizers hold in w's place; its gradient is w.grad[j], set at each step
         self.slot_views: dict[tuple[int, int], torch.Tensor] = {}
         if sharding == "none":
-            self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups(params), **kw)]
+            self.optimizers: list[torch.optim.Optimizer] = [adam(groups(params), **kw)]
             self.zero: ZeroRedundancyOptimizer | None = None
             return
         dense = [p for p in params if id(p) not in expert_ids]
@@ -114,13 +118,13 @@ class TrainOptimizer:
         if tp is not None and tp.tp > 1:  # over the ranks holding the same shards
             self.dense_views = {id(p): (p, _local_view(p)) for p in dense}
             self.zero = ZeroRedundancyOptimizer(groups([self.dense_views[id(p)][1] for p in dense]),
-                                                optimizer_class=torch.optim.AdamW,
+                                                optimizer_class=adam,
                                                 process_group=tp.mesh["dp"].get_group(), **kw)
         else:
-            self.zero = ZeroRedundancyOptimizer(groups(dense), optimizer_class=torch.optim.AdamW, **kw)
+            self.zero = ZeroRedundancyOptimizer(groups(dense), optimizer_class=adam, **kw)
         self.optimizers = [self.zero]
         if sharding == "dense":
-            self.optimizers += [torch.optim.AdamW(groups(self.expert_params), **kw)] if self.expert_params else []
+            self.optimizers += [adam(groups(self.expert_params), **kw)] if self.expert_params else []
             return
         state = model.expert_parallel
         for layer in state.layers:
@@ -132,11 +136,11 @@ class TrainOptimizer:
             keys = [(id(w), j) for layer, j in slots for w in layer.parameters(recurse=False)]
             replicated.update(keys)
             self.optimizers.append(ZeroRedundancyOptimizer(groups([self.slot_views[k] for k in keys]),
-                                                           optimizer_class=torch.optim.AdamW,
+                                                           optimizer_class=adam,
                                                            process_group=pg, **kw))
         single = [v for k, v in self.slot_views.items() if k not in replicated]
         if single:
-            self.optimizers.append(torch.optim.AdamW(groups(single), **kw))
+            self.optimizers.append(adam(groups(single), **kw))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -162,9 +166,17 @@ class TrainOptimizer:
         for p, view in self.dense_views.values():
             view.grad = None if p.grad is None else (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        if self.state_dtype is not None:  # moments of another dtype: the one-pass step (eager off CUDA),
-            for opt in self.optimizers:      # which keeps the bf16 copies valid
-                step_with_copies(opt, grad_scale, state_dtype=self.state_dtype)
+        if self.state_dtype is not None:  # moments of another dtype: the one-pass step (eager off CUDA)
+            zeros = [opt for opt in self.optimizers if isinstance(opt, ZeroRedundancyOptimizer)]
+            try:
+                for opt in self.optimizers:
+                    local(opt).clip = grad_scale
+                    opt.step()
+            finally:
+                for opt in self.optimizers:
+                    local(opt).clip = None
+                if zeros:  # ZeRO's broadcast wrote weights under their copies
+                    forget_copies()
             return
         if self.fused:
             # Plain AdamWs: one pass that also writes the bf16 copies (epplan.train.adamw); the
@@ -298,6 +310,23 @@ class TrainOptimizer:
         if not state:
             return [None] * num_slots
         return [{k: v if v.dim() == 0 else v[j] for k, v in state.items()} for j in range(num_slots)]
+
+
+class OnePassAdamW(torch.optim.AdamW):
+    """torch's AdamW whose step is ``step_with_copies`` with moments of ``state_dtype`` (bf16 under
+    ``optimizer_state_dtype``), the gradients multiplied by ``clip`` first (a () tensor, set for
+    the step by ``TrainOptimizer.step``); ZeRO's inner optimizer under sharding, so that each rank
+    keeps its share of the moments in that dtype."""
+
+    def __init__(self, params: Any, *, state_dtype: torch.dtype, **kw: Any) -> None:
+        super().__init__(params, **kw)
+        self.state_dtype = state_dtype
+        self.clip: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        assert closure is None, "no closure"
+        step_with_copies(self, self.clip, state_dtype=self.state_dtype)
 
 
 def _local_view(p: torch.Tensor) -> torch.Tensor:

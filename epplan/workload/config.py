@@ -60,8 +60,7 @@ class ModelConfig:
     topk_groups: int = 0
     # AdamW's moments: fp32 (torch's AdamW; fp64 in fp64 models) or bf16 (DeepSeek-V3's choice,
     # Megatron-Core's --exp-avg-dtype / --exp-avg-sq-dtype bf16: 4 bytes less memory and 8 less
-    # traffic per parameter, the arithmetic still in fp32). bf16 needs --optimizer-sharding none
-    # and no --tp.
+    # traffic per parameter, the arithmetic still in fp32). bf16 needs --tp 1.
     optimizer_state_dtype: str = "fp32"
 
     def __post_init__(self) -> None:

@@ -72,14 +72,14 @@ _STEP_BYTES = 4  # AdamW's per-tensor fp32 step counter
 
 def optimizer_state_conflict(config: ModelConfig, optimizer_sharding: str, tp: int = 1) -> str | None:
     """Why bf16 AdamW moments (``optimizer_state_dtype``) cannot run with these settings, or None:
-    the sharded (ZeRO) and tensor-parallel steps are torch's fused AdamW, whose moments are the
-    weights' dtype; only the runtime's own one-pass step keeps bf16 moments."""
-    if config.optimizer_state_dtype == "fp32" or (optimizer_sharding == "none" and tp == 1):
+    under tensor parallelism the dense weights are DTensors, which only torch's fused AdamW steps
+    (its moments are the weights' dtype); the runtime's own one-pass step, which keeps bf16
+    moments (ZeRO's shares too), views plain tensors. ``optimizer_sharding`` is any."""
+    if config.optimizer_state_dtype == "fp32" or tp == 1:
         return None
     return (f"model {config.name!r}: optimizer_state_dtype={config.optimizer_state_dtype} (AdamW's moments) "
-            f"runs with --optimizer-sharding none and --tp 1 only, not --optimizer-sharding "
-            f"{optimizer_sharding} --tp {tp}; use those, or keep the moments in fp32 (plan with "
-            "--set optimizer_state_dtype=fp32)")
+            f"runs with --tp 1 only, not --tp {tp} (--optimizer-sharding {optimizer_sharding}); use --tp 1, "
+            "or keep the moments in fp32 (plan with --set optimizer_state_dtype=fp32)")
 
 
 def storage_bytes(config: ModelConfig) -> int:
