@@ -29,6 +29,11 @@ as those tensors allow (the cost model replays it: ``workload.memory.expert_opti
 Unsharded, every expert has one state per replica rank (the replicas' gradients are identical
 after ``sync_gradients``, so every replica takes the same step).
 
+bf16 moments (the model's ``optimizer_state_dtype``): every optimizer, ZeRO's inner ones too, is
+an ``OnePassAdamW``, torch's AdamW whose step is ``epplan.train.adamw.step_with_copies`` with
+moments in bf16 (torch's own steps keep moments of the weights' dtype); under any sharding, not
+under ``--tp`` (DTensor weights).
+
 Under ``--tp`` (``epplan.runtime.tensor_parallel``) the dense parameters are DTensors over each
 TP group, or plain replicated tensors. Sharded dense or all, their state is split over the
 data-parallel ranks of each TP position (the ``dp`` dimension of the mesh: the ranks that hold
