@@ -30,6 +30,10 @@ def _entry(rank: int, fn: Callable[..., None], world_size: int, store_path: str,
                             world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # No rank tears its groups down while another is still connecting one: a rank that had
+        # finished closed its sockets under a peer's ``new_group`` (gloo: "connectFullMesh
+        # failed ... Connection closed by peer", seen once in CI under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
