@@ -37,14 +37,14 @@ TWO = Placement(2, 4, [LayerPlacement([np.array(r) for r in reps], [np.full((2, 
                        for reps in ([[1], [0], [0, 1], [1]], [[0], [1], [1], [0]])], method="test")
 
 
-def _trainer(placement: Placement, out: str, steps: int, **kw):
+def _trainer(placement: Placement, out: str, steps: int, config=CONFIG, **kw):
     from epplan.train.options import TrainOptions
     from epplan.train.trainer import Trainer
 
     nodes = (Node("n0", tuple(range(placement.num_ranks))),)
     opts = TrainOptions.of(manifest="m.json", out=out, steps=steps, lr=0.01, ckpt_every=steps, keep_checkpoints=0,
                            warmup_steps=0, **kw)
-    return Trainer(Job(CONFIG, placement, f"h{placement.num_ranks}", nodes), opts,
+    return Trainer(Job(config, placement, f"h{placement.num_ranks}", nodes), opts,
                    torch.distributed.get_rank(), torch.device("cpu"))
 
 
@@ -105,15 +105,10 @@ def test_recompute_and_sharded_optimizer_train_exactly_like_the_plain_run(tmp_pa
 def _same_with_bf16_moments(rank: int, world_size: int, tmp: str) -> None:
     from epplan.runtime.expert_parallel import gather_state_dict
 
-    job = Job(CONFIG.replace(optimizer_state_dtype="bf16"), THREE, "h3", (Node("n0", (0, 1, 2)),))
+    config = CONFIG.replace(optimizer_state_dtype="bf16")
     runs = {}
     for sharding in ("none", "dense", "all"):
-        from epplan.train.options import TrainOptions
-        from epplan.train.trainer import Trainer
-
-        opts = TrainOptions.of(manifest="m.json", out=f"{tmp}/bf16-{sharding}", steps=3, lr=0.01, ckpt_every=3,
-                               keep_checkpoints=0, warmup_steps=0, micro_batches=2, optimizer_sharding=sharding)
-        trainer = Trainer(job, opts, rank, torch.device("cpu"))
+        trainer = _trainer(THREE, f"{tmp}/bf16-{sharding}", 3, config, micro_batches=2, optimizer_sharding=sharding)
         records = [trainer.train_step() for _ in range(3)]
         moments = {s[k].dtype for _, s in trainer.optimizer.state_items() for k in ("exp_avg", "exp_avg_sq")}
         assert moments == {torch.bfloat16}, (sharding, moments)
@@ -138,14 +133,9 @@ def _bytes(tensors) -> int:
 def _held_bytes(rank: int, world_size: int, tmp: str, results: str, moments: str = "fp32") -> None:
     import json
 
-    from epplan.train.options import TrainOptions
-    from epplan.train.trainer import Trainer
-
+    config = CONFIG.replace(optimizer_state_dtype=moments)
     for sharding in ("none", "dense", "all"):
-        opts = TrainOptions.of(manifest="m.json", out=f"{tmp}/{sharding}", steps=1, lr=0.01, ckpt_every=1,
-                               keep_checkpoints=0, warmup_steps=0, optimizer_sharding=sharding)
-        job = Job(CONFIG.replace(optimizer_state_dtype=moments), THREE, "h3", (Node("n0", (0, 1, 2)),))
-        trainer = Trainer(job, opts, rank, torch.device("cpu"))
+        trainer = _trainer(THREE, f"{tmp}/{sharding}", 1, config, optimizer_sharding=sharding)
         trainer.train_step()  # AdamW's state exists after the first step
         for p in trainer.model.parameters():  # gradients as a step holds them
             p.grad = torch.zeros_like(p)
