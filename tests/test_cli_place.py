@@ -208,11 +208,11 @@ def test_manifest_records_the_routing_seed_and_the_report_rebuilds_it(tmp_path):
 
 
 def test_the_schedule_is_stated_once_as_the_manifest_records_it(tmp_path):
-    # At 30 GB the plan needs 8 micro-batches, which cuts each layer into 10 chunks, not the 16
+    # At 24 GB the plan needs 8 micro-batches, which cuts each layer into 10 chunks, not the 16
     # that one micro-batch would give: the output says the schedule the plan runs with, once.
     out = tmp_path / "m.json"
     result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--set", "num_layers=2", "--placement", "eplb",
-                                 "--memory-gb", "30", "--out", str(out)], env={"COLUMNS": "200"})
+                                 "--memory-gb", "24", "--out", str(out)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     m = load_manifest(out)
     assert m.micro_batches == 8 and m.schedule.overlap and m.schedule.num_chunks == 10
@@ -249,7 +249,7 @@ def test_compare_all_solves_within_the_one_time_limit(tmp_path, monkeypatch):
 
 
 def test_a_resolve_under_the_plans_own_settings_never_writes_a_worse_plan(tmp_path, monkeypatch):
-    # At 36.25 GB the solved plan's cheapest run settings (4 micro-batches) are not EPLB's (8),
+    # At 32.25 GB the solved plan's cheapest run settings (4 micro-batches) are not EPLB's (8),
     # so place solves once more under them. The second solve is given 1 ms, as the command gave
     # it before its 5 % floor (the README's mixtral example wrote such a plan: "time limit
     # 0.0007 s reached"); the real solver runs, the wrapper records each plan. The plan written
@@ -273,7 +273,7 @@ def test_a_resolve_under_the_plans_own_settings_never_writes_a_worse_plan(tmp_pa
     monkeypatch.setattr(place_cli, "solve", solve)
     out = tmp_path / "m.json"
     result = runner.invoke(app, ["place", "--topology", TWO_NODE, "--set", "num_layers=2", "--routing", "zipf:1.2",
-                                 "--experts-per-gpu", "2", "--memory-gb", "36.25", "--dispatch", "flat",
+                                 "--experts-per-gpu", "2", "--memory-gb", "32.25", "--dispatch", "flat",
                                  "--gap", "0.3", "--time-limit", "30", "--compare-all", "--json", "--out", str(out)])
     assert result.exit_code in (0, 4), result.output
     assert len(solved) >= 2, "the plan's own settings no longer move: pick another --memory-gb"

@@ -120,10 +120,18 @@ def test_two_gpus_one_nvswitch_by_hand():
     np.testing.assert_allclose(cost.weight_bytes, 4 * params)
     num_tensors = len(dense_parameter_shapes(problem.config)) + 2  # + the layer's w1, w2
     np.testing.assert_allclose(cost.optimizer_bytes, 8 * params + 4 * num_tensors)
+    # The peak (one micro-batch): the expert backward's input pass, every activation still held
+    # with the head weight's gradient the chunked loss made (V x d, fp32) and the pass's
+    # transients (dy, dx, da, dh: 2 d + 2 f bf16 per assignment); of the gradients, the LM head's,
+    # the final norm's and the layer's dense ones are made, not yet the expert's.
     per_token = (costs.act_bytes_per_token_attention + costs.act_bytes_per_token_moe_local
                  + costs.act_bytes_per_token_head)
     casts = 2 * (costs.params_attention + costs.params_lm_head + costs.params_per_expert)
-    np.testing.assert_allclose(cost.activation_bytes, 4 * per_token + 50 * costs.act_bytes_per_assignment + casts)
+    transient = 50 * 2 * (2 * 8 + 2 * 16)
+    np.testing.assert_allclose(cost.activation_bytes, 4 * per_token + 50 * costs.act_bytes_per_assignment
+                               + 16 * 8 * 4 + transient + casts)
+    head_and_layer = costs.params_lm_head + costs.params_final_norm + costs.params_attention + 2 * 8 + costs.params_router
+    np.testing.assert_allclose(cost.grad_bytes, 4 * head_and_layer)
     assert cost.fits_memory
 
 
@@ -200,22 +208,45 @@ def test_all_local_traffic_puts_nothing_on_the_network():
     np.testing.assert_allclose(cost.bottleneck_s, cost.expert_compute_s.max(axis=1))
 
 
-def test_activations_sum_to_the_model_s_and_memory_scales_with_micro_batches():
+def test_memory_peak_holds_every_kept_activation_and_scales_with_micro_batches():
     topo = load_topology(TOPOLOGIES / "dgx-h100-2node.yaml")
-    config = small_config(8, 16, num_layers=3, top_k=2, global_batch=32)
+    config = small_config(8, 16, num_layers=3, top_k=2, global_batch=32, d_model=64, d_ff=256,
+                          vocab_size=64, seq_len=256)
     traffic = make_traffic("zipf:1.1", config, 16)
     problem = PlacementProblem(topo, config, traffic)
-    cost = evaluate(eplb(problem), problem)
+    placement = eplb(problem)
     costs = model_costs(config)
     held = np.zeros(16)
-    for layer in eplb(problem).layers:
+    for layer in placement.layers:
         held += np.bincount(np.concatenate(layer.replicas), minlength=16)
     casts = weight_cast_bytes(config, costs, held, "none")  # the bf16 weight copies: not per token
-    assert (cost.activation_bytes - casts).sum() == pytest.approx(config.tokens_per_step * costs.act_bytes_per_token)
-    halved = evaluate(eplb(problem), PlacementProblem(topo, config, traffic, micro_batches=2))
-    np.testing.assert_allclose(halved.activation_bytes - casts, (cost.activation_bytes - casts) / 2)
-    assert halved.step_time_s == cost.step_time_s
-
+    head_weight = config.vocab_size * config.d_model * 4    # the head weight's gradient (fp32)
+    b, d, f = config.dtype_bytes, config.d_model, config.d_ff
+    tokens = config.tokens_per_step / 16
+    for micro_batches in (1, 2, 4):
+        cost = evaluate(placement, PlacementProblem(topo, config, traffic, micro_batches=micro_batches))
+        served = cost.expert_assignments / micro_batches                          # [L, G]
+        kept = (tokens / micro_batches * (config.num_layers * (costs.act_bytes_per_token_attention
+                                                               + costs.act_bytes_per_token_moe_local)
+                                          + costs.act_bytes_per_token_head)
+                + served.sum(axis=0) * costs.act_bytes_per_assignment + head_weight)
+        act = cost.activation_bytes - casts
+        # The forward's end holds every activation kept for backward; the peak is at most one
+        # transient more: a loss chunk's logits and gradient, or an expert backward's pass.
+        assert np.all(act >= kept - 1e-6)
+        largest = max(2 * b * min(8192, tokens / micro_batches) * config.vocab_size,
+                      float(served.max()) * b * (2 * d + 2 * f))
+        if micro_batches > 1:  # every gradient is there from the first micro-batch's backward on
+            np.testing.assert_array_equal(cost.grad_bytes, cost.weight_bytes)
+            assert np.all(act <= kept + largest + 1e-6)
+        else:  # with one, only those backward has made by the peak
+            assert np.all(cost.grad_bytes < cost.weight_bytes)
+            assert np.all(act + cost.grad_bytes <= kept + largest + cost.weight_bytes)
+        # never less than the step's end, where every gradient is held
+        assert np.all(cost.memory_bytes >= cost.weight_bytes * 2 + cost.optimizer_bytes + casts - 1e-6)
+        if micro_batches > 1:
+            assert np.all(cost.memory_bytes < previous)
+        previous = cost.memory_bytes
 
 def test_problem_validation_names_the_flag():
     topo = topo_of(TWO_BY_TWO)

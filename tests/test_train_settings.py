@@ -169,8 +169,8 @@ nodes:
   - {name: n0, type: box}
 """))
     problem = PlacementProblem(topo, config, Traffic(np.ones((2, 3, 4)), "test"), experts_per_gpu=4)
-    for sharding in ("none", "dense", "all"):
-        model = memory_for(THREE, problem, np.zeros((2, 3)), 1, "none", sharding)
+    for sharding in ("none", "dense", "all"):  # 2 micro-batches: every gradient held at the peak
+        model = memory_for(THREE, problem, np.zeros((2, 3)), 2, "none", sharding)
         for rank in range(3):
             held = json.loads((tmp_path / f"held.{sharding}.{rank}").read_text())
             assert model["weight_bytes"][rank] == held["weights"], (sharding, rank)

@@ -55,12 +55,11 @@ def test_seed_wire_and_activation_bytes() -> None:
     assert c.act_bytes_per_token_attention == (4 * 4096 + 4) + 2 * (2 * 4096 + 3 * 4096 + 4096) + 4 * 32
     assert c.act_bytes_per_token_moe_local == (4 * 4096 + 4) + 2 * 4096 + 4 * 16
     assert c.act_bytes_per_token_moe_layer == 65_668 + 24_644 + 2 * 81_920 == 254_152
-    # Head: the final norm's fp32 input and rstd, the LM head's bf16 input, and the loss: the fp32
-    # log-softmax kept for backward and, at the start of backward, its gradient and the logits'
-    # gradient, both fp32: 12 bytes per vocabulary entry (12.4-12.6 measured on an H100,
-    # scripts/device/probe_memory.py).
-    assert c.act_bytes_per_token_head == (4 * 4096 + 4) + 2 * 4096 + 12 * 32000
-    assert c.act_bytes_per_token == 16 * 254_152 + 24_580 + 384_000
+    # Head: the final norm's fp32 input and rstd, and the gradient of the LM head's input (bf16),
+    # which the chunked loss makes in the forward; no logits are kept (the head weight's
+    # gradient, once per rank, is memory.py's).
+    assert c.act_bytes_per_token_head == (4 * 4096 + 4) + 2 * 4096 == 24_580
+    assert c.act_bytes_per_token == 16 * 254_152 + 24_580
 
 
 def test_tiny_by_hand() -> None:

@@ -297,16 +297,17 @@ def _pct(value: float, target: float) -> str:
 def _memory_message(cost: Cost, problem: PlacementProblem) -> str:
     g = cost.worst_memory_gpu
     name = problem.topology.gpu_names[g]
-    static = cost.weight_bytes[g] + cost.grad_bytes[g] + cost.optimizer_bytes[g]
-    act, cap = cost.activation_bytes[g], cost.memory_capacity_bytes[g]
+    # Every gradient is held once there are more micro-batches than one: the static part.
+    static = 2 * cost.weight_bytes[g] + cost.optimizer_bytes[g]
+    act, cap = cost.memory_bytes[g] - static, cost.memory_capacity_bytes[g]
     over = int(np.sum(cost.memory_bytes > cost.memory_capacity_bytes))
-    msg = (f"does not fit in GPU memory: {name} needs {(static + act) / _GB:.1f} GB (weights "
+    msg = (f"does not fit in GPU memory: {name} needs {cost.memory_bytes[g] / _GB:.1f} GB (weights "
            f"{cost.weight_bytes[g] / _GB:.1f}, grads {cost.grad_bytes[g] / _GB:.1f}, optimizer "
-           f"{cost.optimizer_bytes[g] / _GB:.1f}, activations {act / _GB:.1f}) but has {cap / _GB:.1f} GB; "
+           f"{cost.optimizer_bytes[g] / _GB:.1f}, activations {cost.activation_bytes[g] / _GB:.1f}) but has {cap / _GB:.1f} GB; "
            f"{over} of {cost.num_gpus} GPUs are over. ")
     if static >= cap:
-        return msg + ("Parameters and optimizer states alone exceed it: use more GPUs, or a smaller "
-                      "model (fewer or smaller experts, e.g. --set num_experts=N)")
+        return msg + ("Parameters, their gradients and the optimizer states alone exceed it: use more "
+                      "GPUs, or a smaller model (fewer or smaller experts, e.g. --set num_experts=N)")
     # Activations scale with 1 / micro_batches; a micro-batch holds at least one sequence per rank.
     need = math.ceil(act * problem.micro_batches / (cap - static))
     per_rank = problem.config.global_batch / problem.num_gpus

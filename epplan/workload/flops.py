@@ -90,7 +90,7 @@ class ModelCosts:
     act_bytes_per_assignment: int         # per MoE layer, on the rank that serves the expert
     act_bytes_per_token_dense_mlp: float  # per dense layer, on the token's rank
     act_bytes_per_token_moe_layer: float  # per MoE layer, all of it: local + top_k assignments
-    act_bytes_per_token_head: int         # once per token: final norm, LM-head input, the loss's fp32 peak
+    act_bytes_per_token_head: int         # once per token: final norm, the LM-head input's gradient
     act_bytes_per_token: float            # whole model
 
     def mfu(self, step_time_s: float, num_gpus: int, peak_flops_per_gpu: float) -> float:
@@ -215,12 +215,11 @@ def _activation_bytes(c: ModelConfig) -> dict[str, int]:
                 output, kept for the gate weight's gradient) [x b]; m = 2 for swiglu, else 1
     dense_mlp:  4 d + 4 (norm input, rstd) + [m d (the norm output cast for w1, and w3 for
                 swiglu) + (m + 1) f_dense] x b (by the same rule; no dense layer was measured)
-    head:       4 d + 4 (final norm input, rstd) + d b (LM-head input) + 12 V: the fp32
-                log-softmax kept for the loss's backward (4 V) and, at the start of backward, when
-                every other activation is still held, its gradient and the logits' gradient, both
-                fp32 (8 V).
-                Measured on an H100 under bf16 autocast: 4.4-4.6 V kept, 12.4-12.6 V at the peak
-                (scripts/device/probe_memory.py, docs/benchmarks.md).
+    head:       4 d + 4 (final norm input, rstd) + d b: the LM head and its loss run in chunks with
+                the gradient made in the forward (``runtime.loss``), which keeps the head input's
+                gradient (d b) and, once per rank, the head weight's (``memory.head_fixed_bytes``);
+                no logits outlive their chunk. (The unchunked ``F.cross_entropy`` this replaced kept
+                12 V more at its peak, measured on an H100 with scripts/device/probe_memory.py.)
     """
     d, b, f = c.d_model, c.dtype_bytes, c.d_ff
     m = mlp_matrices(c.activation) - 1  # tensors out of the up (and gate) projection
@@ -233,7 +232,7 @@ def _activation_bytes(c: ModelConfig) -> dict[str, int]:
                       + c.num_shared_experts * b * ((m + 1) * f + d)),
         "assignment": b * (d + m * f + f + d),
         "dense_mlp": norm + b * (m * d + (m + 1) * c.dense_d_ff) if c.num_dense_layers else 0,
-        "head": norm + b * d + 3 * _FP32_BYTES * c.vocab_size,
+        "head": norm + b * d,
     }
 
 

@@ -6,7 +6,8 @@ weights     every parameter the rank holds (all dense parameters, its expert rep
             storage dtype ``storage_bytes``: fp32 for bf16/fp16/fp32 models (the fp32 weights
             are the master copy; GPUs compute under bf16 autocast), fp64 for fp64 models.
 grads       one gradient of the same dtype per parameter (``sync_gradients`` reduces them in
-            place; ZeRO-1 keeps them whole).
+            place; ZeRO-1 keeps them whole): all of them at the peak with more than one
+            micro-batch; with one, those backward has made when the peak comes (below).
 optimizer   AdamW's two moments per element (``state_bytes``: the storage dtype, or 2 bytes with the
             model's ``optimizer_state_dtype`` bf16) and one scalar ``step`` tensor per parameter tensor,
             for the parameters whose state this rank keeps: all of its own under sharding
@@ -24,12 +25,33 @@ activations kept for backward, for one micro-batch (``micro_batches`` divides th
                        plus one layer's attention recomputed at a time in backward;
             block      each block keeps its input (the fp32 residual stream, 4 d) and its routing
                        (k int64 expert ids per token of a MoE layer, replayed by the recompute),
-                       plus, at a time in backward, either the LM head's peak or the fullest
-                       block recomputed;
+                       plus, at a time in backward, the block being recomputed;
+            the LM head's: the chunked loss (``runtime.loss``) keeps the head input's gradient per
+            token and the head weight's gradient once (V d in the storage dtype);
             and, on a bf16/fp16 model (GPU autocast), the low-precision copies of the weights:
             autocast caches the cast of every linear weight until the forward ends (dense
             linears: attention, LM head, dense/shared MLPs), and the experts' casts are saved for
             backward unless the block is recomputed (then one layer's at a time).
+
+The peak is the largest of these moments (per GPU), each holding the weights, the optimizer's
+state, the casts and:
+  the forward's end   every kept activation, a loss chunk's logits and their gradient (2 x
+                      chunk x V in the compute dtype), and every gradient if earlier
+                      micro-batches made them;
+  the head's backward the kept activations and the head weight's scaled gradient;
+  each layer's backward, last to first
+                      the activations of the layers not yet back-propagated (and the recomputed
+                      part of this one), the gradients made so far, and the experts' backward:
+                      first the input pass (dy, dx, and da with dh (and dg) at once: b (2 d +
+                      2 m f) per assignment served, m = 2 for swiglu, else 1), then the weight
+                      pass (b (2 d + m f)) with, under one micro-batch, the layer's expert
+                      gradients newly made (``runtime.experts.grad_targets`` makes them at once);
+  the step's end      every gradient, no activation.
+With one micro-batch the gradients replace the activations as backward runs, so the peak holds
+some of them: at the seed dims on one H200 (2 layers, 16 experts, 80,000 tokens) the model says
+107.4 GB with bf16 moments where the allocator's high-water mark was 101.4 GB, and 113.2 / 94.3
+GB in 2 micro-batches (fp32 / bf16 moments) against 110.2 / 91.2 GB (2026-12-04, call AC,
+docs/benchmarks.md). The ``grads`` and ``activations`` columns are those of the peak.
 
 Under ``--tp t`` (``epplan.workload.tensor_parallel``; rank g is TP rank g mod t): every rank
 holds its shard of attention, the dense MLPs and the LM head (weights, gradients and AdamW state)
@@ -39,16 +61,15 @@ each expert slice's over that slice's replica set (``expert_optimizer_elements``
 n tokens stay as above where sequence parallelism keeps them on the shard (norms, the residual
 stream, the MoE layers, attention's q, k, v and output, whose heads split as the tokens gather);
 what a colwise linear saves is its all-gathered input, the group's N = t n tokens: attention's
-two (wq, wkv: 2 d b per group token), the dense MLP's (m d b) and the LM head's (d b). The LM
-head's loss is chunked and vocab-parallel: its vocab term (``flops``' 12 V per token) over the
-group's tokens and 1 / t of the vocabulary, so 12 V per own token as without TP. Autocast's
+two (wq, wkv: 2 d b per group token), the dense MLP's (m d b) and the LM head's: the chunked,
+vocab-parallel loss keeps its input's gradient for the group's tokens (d b per group token) and
+the gradient of its 1 / t of the head weight; a chunk's logits are (chunk, V / t). Autocast's
 weight copies are of the shards. With ``expert_tp`` a rank holds 1 / t of each expert its TP group
 holds (the union of its ranks'), and keeps, per assignment the group serves, the gathered row (d b) and its
-hidden slice ((m + 1) f / t b), per assignment it serves itself the combined output (d b).
+hidden slice ((m + 1) f / t b), per assignment it serves itself the combined output (d b); its
+backward's transients are the same counts over the group's rows with f / t.
 
-The columns are held at once at the end of the last micro-batch's forward (the earlier
-micro-batches' gradients are there); with one micro-batch the gradients replace activations as
-backward runs, so their sum is an upper bound. AdamW runs fused on GPUs (no temporaries).
+AdamW runs fused on GPUs (no temporaries).
 """
 
 from __future__ import annotations
@@ -58,6 +79,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from epplan.schedule import LOSS_CHUNK_TOKENS as CHUNK_TOKENS
 from epplan.workload.config import ModelConfig
 from epplan.workload.flops import ModelCosts, mlp_matrices, tp_sharded_params
 from epplan.workload.tensor_parallel import shard_size, tp_sharded_dim
@@ -248,6 +270,41 @@ def expert_tp_rows(served: np.ndarray, tp: int, expert_tp: bool) -> np.ndarray:
     return tp_group_sum(served, tp) / tp
 
 
+def _vocab_rows(config: ModelConfig, tp: int) -> int:
+    """Rows of the LM head a rank holds: the vocabulary, or its largest TP shard."""
+    return shard_size(config.vocab_size, tp, 0) if tp > 1 else config.vocab_size
+
+
+def _dense_grads_by_layer(config: ModelConfig, tp: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-expert parameters per layer on each rank, float64 [num_layers, G], and those of the
+    final norm and LM head [G] (the first gradients backward makes); under ``tp`` rank g's shards."""
+    per_layer = np.zeros((tp, config.num_layers))
+    head = np.zeros(tp)
+    for i in range(tp):
+        for name, shape in dense_parameter_shapes(config, tp, i):
+            size = float(np.prod(shape))
+            if name.startswith("layers."):
+                per_layer[i, int(name.split(".")[1])] += size
+            elif name.startswith(("norm.", "lm_head.")):
+                head[i] += size
+    ranks = np.arange(num_gpus) % tp
+    return per_layer[ranks].T, head[ranks]
+
+
+def _experts_by_layer(config: ModelConfig, held: np.ndarray, replicas: list[list] | None,
+                      expert_tp: bool) -> np.ndarray:
+    """Experts' worth of weights each rank holds per MoE layer, float64 [L, G]: counted from the
+    replica sets where given, else ``held`` (summed over layers) split evenly over them, as a
+    plan with the same slots on a GPU in every layer holds them (also under ``expert_tp``, where
+    ``held`` counts slices)."""
+    num_layers = max(1, config.num_moe_layers)
+    if replicas is None or expert_tp:
+        return np.repeat(held[None, :] / num_layers, config.num_moe_layers, axis=0)
+    return np.array([np.bincount(np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in layer]
+                                                or [np.zeros(0, np.int64)]), minlength=held.size)
+                     for layer in replicas], dtype=np.float64).reshape(len(replicas), held.size)
+
+
 def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.ndarray,
                    tokens_per_rank: float, served: np.ndarray,
                    micro_batches: int, recompute: str, optimizer_sharding: str,
@@ -287,37 +344,88 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
 
     tokens = tokens_per_rank / micro_batches
     served = np.asarray(served, dtype=np.float64) / micro_batches             # [L, G]
-    d, k, b = c.d_model, c.top_k, c.dtype_bytes
+    d, k, b, f = c.d_model, c.top_k, c.dtype_bytes, c.d_ff
+    m = mlp_matrices(c.activation) - 1  # tensors out of an MLP's up (and gate) projection
     attention, moe_local = costs.act_bytes_per_token_attention, costs.act_bytes_per_token_moe_local
     dense_mlp, per_assignment = costs.act_bytes_per_token_dense_mlp, costs.act_bytes_per_assignment
     head = costs.act_bytes_per_token_head
     if tp > 1:  # per own token: the colwise linears' inputs are the group's t tokens
-        m = mlp_matrices(c.activation)
         attention = attention + (tp - 1) * 2 * d * b
-        dense_mlp = dense_mlp + (tp - 1) * (m - 1) * d * b if c.num_dense_layers else dense_mlp
-        norm, vocab = _FP32 * (d + 1), 3 * _FP32 * c.vocab_size
-        head = norm + tp * (head - norm - vocab) + vocab
+        dense_mlp = dense_mlp + (tp - 1) * m * d * b if c.num_dense_layers else dense_mlp
+        norm = _FP32 * (d + 1)
+        head = norm + tp * (head - norm)
     if expert_tp:  # the group's gathered rows and this rank's hidden slice, its own combined output
-        f, m = c.d_ff, mlp_matrices(c.activation)
-        assignment_bytes = tp_group_sum(served, tp) * b * (d + m * f / tp) + served * b * d   # [L, G]
+        rows = tp_group_sum(served, tp)
+        assignment_bytes = rows * b * (d + (m + 1) * f / tp) + served * b * d   # [L, G]
+        input_transient = rows * b * (d + 2 * m * f / tp) + served * b * d
+        weight_transient = rows * b * (d + m * f / tp) + served * b * d
     else:
         assignment_bytes = served * per_assignment
-    layer_tokens = c.num_moe_layers * moe_local + c.num_dense_layers * dense_mlp
-    if recompute == "none":
-        act = tokens * (c.num_layers * attention + layer_tokens + head) + assignment_bytes.sum(axis=0)
-    elif recompute == "attention":
-        kept = _FP32 * (d + 1) + _FP32 * d  # norm input and rstd, the norm output (attention's input)
-        act = (tokens * (c.num_layers * kept + layer_tokens + head + (attention - kept))
-               + assignment_bytes.sum(axis=0))
-    else:
-        kept = tokens * (c.num_layers * _FP32 * d + c.num_moe_layers * 8 * k)
-        fullest_moe = tokens * (attention + moe_local) + assignment_bytes.max(axis=0, initial=0.0)
-        fullest = np.maximum(fullest_moe, tokens * (attention + dense_mlp)) if c.num_dense_layers else fullest_moe
-        act = kept + np.maximum(tokens * head, fullest)
+        input_transient = served * b * (2 * d + 2 * m * f)   # dy, dx and, at once, da and dh (and dg)
+        weight_transient = served * b * (2 * d + m * f)     # dy, dx, dh (and dg)
+    layer_grads, head_grads = _dense_grads_by_layer(c, tp, num_gpus)  # [num_layers, G], [G] parameters
+    expert_grads = _experts_by_layer(c, held, replicas, expert_tp) * costs.params_per_expert  # [L, G]
+    kept_attention = _FP32 * (d + 1) + _FP32 * d  # norm input and rstd, the norm output (attention's input)
+
+    # Per layer, in the model's order: what its forward keeps for backward, what its backward
+    # adds while it runs (a recomputed part, transients), the gradients it makes.
+    kept, extra, layers = [], [], []
+    for j in range(c.num_layers):
+        moe = j >= c.num_dense_layers
+        i = j - c.num_dense_layers
+        mlp = tokens * moe_local + assignment_bytes[i] if moe else np.full(num_gpus, tokens * dense_mlp)
+        full = tokens * attention + mlp
+        if recompute == "none":
+            keep = full
+        elif recompute == "attention":
+            keep = tokens * kept_attention + mlp
+        else:  # the block's input (the fp32 residual stream) and a MoE layer's routing
+            keep = np.full(num_gpus, tokens * (_FP32 * d + (8 * k if moe else 0)))
+        kept.append(keep)
+        extra.append(full - keep)
+        if moe:  # the experts' input gradient, then their weight gradients (made at once)
+            layers.append((input_transient[i], weight_transient[i], expert_grads[i] * s, layer_grads[j] * s))
+        else:
+            mlp_transient = np.full(num_gpus, tokens * b * (2 * d + 2 * m * c.dense_d_ff))
+            layers.append((mlp_transient, mlp_transient, np.zeros(num_gpus), layer_grads[j] * s))
+
+    all_grads = params * s
+    chunk_rows = min(CHUNK_TOKENS, tokens * tp)
+    head_weight = s * _vocab_rows(c, tp) * d          # the head weight's gradient, made in the forward
+    head_kept = tokens * head + head_weight
+    logits = 2 * b * chunk_rows * _vocab_rows(c, tp)  # a chunk's logits and their gradient
+    total_kept = np.sum(kept, axis=0) + head_kept
+    # Candidate peaks, each (activations + gradients, of them gradients) [G]: with more than one
+    # micro-batch every gradient is there from the first one's backward on; with one, the
+    # gradients backward has made so far. Then the largest per GPU.
+    accumulated = micro_batches > 1
+    held_grads = all_grads if accumulated else head_grads * s
+    at_forward_end = all_grads if accumulated else np.zeros(num_gpus)
+    points = [(total_kept + logits + at_forward_end, at_forward_end),    # inside the loss's last chunk
+              # the head's backward: its scaled weight gradient (with one micro-batch, that is its .grad)
+              (total_kept + held_grads + (head_weight if accumulated else 0.0), held_grads)]
+    freed = np.zeros(num_gpus)
+    for j in reversed(range(c.num_layers)):
+        t_input, t_weight, experts, dense = layers[j]
+        before = total_kept - freed + extra[j] + held_grads
+        if accumulated:
+            points.append((before + np.maximum(t_input, t_weight), held_grads))
+        else:  # the input pass's transients, or the weight pass's with the experts' new gradients
+            points.append((before + dense + t_input, held_grads + dense))
+            points.append((before + dense + t_weight + experts, held_grads + dense + experts))
+            held_grads = held_grads + dense + experts
+        freed = freed + kept[j]
+    points.append((all_grads, all_grads))  # the step's end: every gradient, no activation
+    totals = np.array([np.broadcast_to(p, (num_gpus,)) for p, _ in points])     # [points, G]
+    grads_at = np.array([np.broadcast_to(g, (num_gpus,)) for _, g in points])
+    worst = totals.argmax(axis=0)
+    gpus = np.arange(num_gpus)
+    grads_at_peak = grads_at[worst, gpus]
+    act = totals[worst, gpus] - grads_at_peak
     act = act + weight_cast_bytes(c, costs, held, recompute, tp)
     return {
         "weight_bytes": params * s,
-        "grad_bytes": params * s,
+        "grad_bytes": grads_at_peak,
         "optimizer_bytes": np.asarray(optimizer, dtype=np.float64),
         "activation_bytes": np.broadcast_to(np.asarray(act, dtype=np.float64), (num_gpus,)).copy(),
     }
