@@ -473,19 +473,21 @@ class Trainer:
                                      aux_sum / opts.batch.micro_batches, stats, self.job.num_ranks, with_matrices,
                                      expert_tp=opts.parallel.expert_tp, grad_norm=grad_norm)
         grad_norm_value = gathered.grad_norm
-        self.last_timing = timer.collect()  # the previous step's marks are complete by now
         bad = next((f"{what} is {value}" for what, value in
                     (("the loss", gathered.loss + gathered.aux_loss), ("the gradient norm", grad_norm_value))
                     if not math.isfinite(value)), None)
         if bad is not None:
             self.finish_checkpoint()
             raise TrainingDiverged(f"training stopped at step {step}: {bad}; {self._diverged(step)}")
-        self.finish_checkpoint(block=False)
-        self._confirm()
-        # every grad exists: sync_gradients fills unused ones with zeros
+        # The device waits from the sync until the update's kernels are launched: launch them
+        # first, the host's bookkeeping after. Every grad exists: sync_gradients fills unused
+        # ones with zeros.
         clip = (opts.optimizer.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if opts.optimizer.grad_clip > 0 else None
         self.optimizer.step(grad_scale=clip)
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_timing = timer.collect()  # the previous step's marks are complete by now
+        self.finish_checkpoint(block=False)
+        self._confirm()
         staging_s = staging_bytes = None
         if self.stager is not None and self.device.type == "cuda" and not self.stager_ready:
             # Allocate (and pin) the staging buffers once, now that AdamW's state exists, so that no

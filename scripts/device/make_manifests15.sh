@@ -9,3 +9,6 @@ epplan place --topology $T --model scripts/device/medium.yaml --experts-per-gpu 
 # AdamW's moments in bf16 (optimizer_state_dtype): the seed dims in 2 micro-batches, and in the 1
 # that `epplan estimate` picks for them (calls AB and AC, 2026-12-04).
 epplan place --topology $T --model seed --set num_layers=2 --set global_batch=8 --set optimizer_state_dtype=bf16 --experts-per-gpu 16 --micro-batches 2 --out runs/h200-seed2-bf16.json
+# The seed dims with the run settings `epplan place` picks itself (1 micro-batch since the memory
+# model counts the step's peak, 2026-12-04, calls AD and AE).
+epplan place --topology $T --model seed --set num_layers=2 --set global_batch=8 --experts-per-gpu 16 --out runs/h200-seed2-auto.json
