@@ -49,9 +49,10 @@ state, the casts and:
   the step's end      every gradient, no activation.
 With one micro-batch the gradients replace the activations as backward runs, so the peak holds
 some of them: at the seed dims on one H200 (2 layers, 16 experts, 80,000 tokens) the model says
-107.4 GB with bf16 moments where the allocator's high-water mark was 101.4 GB, and 113.2 / 94.3
-GB in 2 micro-batches (fp32 / bf16 moments) against 110.2 / 91.2 GB (2026-12-04, call AC,
-docs/benchmarks.md). The ``grads`` and ``activations`` columns are those of the peak.
+126.3 GB in one micro-batch where the allocator's high-water mark was 120.4 GB, and 113.2 GB in 2
+against 110.2; on the seven runs of docs/benchmarks.md (2026-12-04, calls AB-AD: the seed dims
+with 2 and 4 layers, Mixtral's, the medium model, fp32 and bf16 moments) it is 2.2-6.3 % above
+the peak. The ``grads`` and ``activations`` columns are those of the peak.
 
 Under ``--tp t`` (``epplan.workload.tensor_parallel``; rank g is TP rank g mod t): every rank
 holds its shard of attention, the dense MLPs and the LM head (weights, gradients and AdamW state)
