@@ -130,7 +130,8 @@ def test_two_gpus_one_nvswitch_by_hand():
     transient = 50 * 2 * (2 * 8 + 2 * 16)
     np.testing.assert_allclose(cost.activation_bytes, 4 * per_token + 50 * costs.act_bytes_per_assignment
                                + 16 * 8 * 4 + transient + casts)
-    head_and_layer = costs.params_lm_head + costs.params_final_norm + costs.params_attention + 2 * 8 + costs.params_router
+    head_and_layer = (costs.params_lm_head + costs.params_final_norm + costs.params_attention + 2 * 8
+                      + costs.params_router)
     np.testing.assert_allclose(cost.grad_bytes, 4 * head_and_layer)
     assert cost.fits_memory
 
@@ -246,7 +247,11 @@ def test_memory_peak_holds_every_kept_activation_and_scales_with_micro_batches()
         assert np.all(cost.memory_bytes >= cost.weight_bytes * 2 + cost.optimizer_bytes + casts - 1e-6)
         if micro_batches > 1:
             assert np.all(cost.memory_bytes < previous)
+            assert cost.step_time_s == first.step_time_s
+        else:
+            first = cost
         previous = cost.memory_bytes
+
 
 def test_problem_validation_names_the_flag():
     topo = topo_of(TWO_BY_TWO)

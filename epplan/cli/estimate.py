@@ -303,7 +303,8 @@ def _memory_message(cost: Cost, problem: PlacementProblem) -> str:
     over = int(np.sum(cost.memory_bytes > cost.memory_capacity_bytes))
     msg = (f"does not fit in GPU memory: {name} needs {cost.memory_bytes[g] / _GB:.1f} GB (weights "
            f"{cost.weight_bytes[g] / _GB:.1f}, grads {cost.grad_bytes[g] / _GB:.1f}, optimizer "
-           f"{cost.optimizer_bytes[g] / _GB:.1f}, activations {cost.activation_bytes[g] / _GB:.1f}) but has {cap / _GB:.1f} GB; "
+           f"{cost.optimizer_bytes[g] / _GB:.1f}, activations {cost.activation_bytes[g] / _GB:.1f}) "
+           f"but has {cap / _GB:.1f} GB; "
            f"{over} of {cost.num_gpus} GPUs are over. ")
     if static >= cap:
         return msg + ("Parameters, their gradients and the optimizer states alone exceed it: use more "

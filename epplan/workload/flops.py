@@ -217,7 +217,7 @@ def _activation_bytes(c: ModelConfig) -> dict[str, int]:
                 swiglu) + (m + 1) f_dense] x b (by the same rule; no dense layer was measured)
     head:       4 d + 4 (final norm input, rstd) + d b: the LM head and its loss run in chunks with
                 the gradient made in the forward (``runtime.loss``), which keeps the head input's
-                gradient (d b) and, once per rank, the head weight's (``memory.head_fixed_bytes``);
+                gradient (d b) and, once per rank, the head weight's (``memory.memory_per_gpu``);
                 no logits outlive their chunk. (The unchunked ``F.cross_entropy`` this replaced kept
                 12 V more at its peak, measured on an H100 with scripts/device/probe_memory.py.)
     """
