@@ -35,9 +35,11 @@ but is too large past 64 GPUs x 128 experts, and its relaxation lets a fractiona
 2:1 leaf/spine, 2026-12-04): the plan's 512 leaf-spine links all bind at 1.037 s, its NICs at
 0.866 s (mean 0.560 s), the node cuts see 0.514 s; this bound 0.618 s (docs/planner.md).
 
-Only where the near relation has that grid form (checked from the pair weights: rail groups
-are cliques with one GPU per node, each node of a block in every rail group of it) and
-G <= MAX_GPUS (the pair weights are G^2 rows); elsewhere 0.
+Only under ECMP routing, where the near relation has that grid form (checked from the pair
+weights: rail groups are cliques with one GPU per node, each node of a block in every rail group
+of it), and G <= MAX_GPUS (the pair weights are G^2 rows); elsewhere 0. Under rail-aligned
+routing (NCCL's PXN) a source reaches every GPU of its unit through the NIC on the receiver's
+rail, so there are no rail groups to count.
 
 Shape legend: G = GPUs, E = experts, U = blocks, K = replicas of an expert in a block (0..).
 """
@@ -63,8 +65,8 @@ class RailCover:
         lm = data.lm
         topo = lm.topology
         g_n = data.num_gpus
-        if not 2 <= g_n <= MAX_GPUS or topo.num_nodes < 2:
-            return
+        if not 2 <= g_n <= MAX_GPUS or topo.num_nodes < 2 or topo.routing != "ecmp":
+            return    # under rail-aligned routing a source reaches its whole unit: no rail groups
         node_of = dict(topo.graph.nodes(data="node"))
         inside = np.array([(node_of[topo.links[l][0]] is not None, node_of[topo.links[l][1]] is not None)
                            for l in lm.kept], dtype=bool).reshape(-1, 2)
