@@ -84,6 +84,10 @@ nodes     The holders' bound with the nodes' distinct experts (``_Holders._with_
           On ``scripts/bench_planner.py``'s instances 6-10 it moves no layer's bound (measured
           2026-12-04): there the nodes hold 8 distinct experts of 16-32 and the level the
           holders reach is past every lack_e.
+rails     On an ECMP rail fabric whose spine binds, the NIC links' and a fabric class's means
+          together, from the sources that an expert's few replicas leave without a replica on
+          their node or rail (``railbound.py``): valid at every GPU time, so the trade-off search
+          takes it with the static cut bound.
 
 Shape legend: G = GPUs, E = experts, N = nodes, S = cut sets.
 """
@@ -465,7 +469,10 @@ def tradeoff_bound(data: LayerData, *, extra: Callable[[float], float] | None = 
         return 0.0
     cuts = _CutFamilies(data)
     holders = _Holders(data)
-    static = cut_bound(data)
+    # the NICs and the spine of an ECMP rail fabric together (``railbound.py``), at any GPU time
+    from epplan.placement.railbound import rail_cover_bound
+
+    static = max(cut_bound(data), rail_cover_bound(data))
     schedule = data.schedule
 
     def link(t: float) -> float:

@@ -9,7 +9,8 @@ would not finish them, so that no layer is worse than a baseline re-split the li
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
    nodes and the nodes under each fabric switch, and the cuts and the receiving NICs of each
    expert's holders, with the holder's own sending and the nodes' distinct experts, under the
-   GPU time a plan may spend), combined by the runtime's schedule (``epplan.schedule``), and
+   GPU time a plan may spend; on ECMP rail fabrics the NICs and the spine together,
+   ``railbound.py``), combined by the runtime's schedule (``epplan.schedule``), and
    while the gap is open the node-level LP of ``nodelp.py``, the fabric link classes of
    ``farbound.py`` and the replica-count MILP (``nodelp.count_model``, half the time left, up
    to MAX_COUNT_INTEGERS);
