@@ -276,20 +276,21 @@ def _vocab_rows(config: ModelConfig, tp: int) -> int:
     return shard_size(config.vocab_size, tp, 0) if tp > 1 else config.vocab_size
 
 
-def _dense_grads_by_layer(config: ModelConfig, tp: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-expert parameters per layer on each rank, float64 [num_layers, G], and those of the
-    final norm and LM head [G] (the first gradients backward makes); under ``tp`` rank g's shards."""
-    per_layer = np.zeros((tp, config.num_layers))
-    head = np.zeros(tp)
+def _dense_params(config: ModelConfig, tp: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-expert parameters on each rank, float64: all of them [G], per layer [num_layers, G],
+    and those of the final norm and LM head [G] (the first gradients backward makes); under
+    ``tp`` rank g's shards (TP rank g mod t)."""
+    total, per_layer, head = np.zeros(tp), np.zeros((tp, config.num_layers)), np.zeros(tp)
     for i in range(tp):
         for name, shape in dense_parameter_shapes(config, tp, i):
             size = float(np.prod(shape))
+            total[i] += size
             if name.startswith("layers."):
                 per_layer[i, int(name.split(".")[1])] += size
             elif name.startswith(("norm.", "lm_head.")):
                 head[i] += size
     ranks = np.arange(num_gpus) % tp
-    return per_layer[ranks].T, head[ranks]
+    return total[ranks], per_layer[ranks].T, head[ranks]
 
 
 def _experts_by_layer(config: ModelConfig, held: np.ndarray, replicas: list[list] | None,
@@ -331,8 +332,7 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
     held = np.asarray(replicas_held, dtype=np.float64)
     expert_params = held * costs.params_per_expert
     # The runtime's dense parameters (ModelCosts.params_dense leaves out the position embedding).
-    dense_params = np.array([sum(int(np.prod(shape)) for _, shape in dense_parameter_shapes(c, tp, i))
-                             for i in range(tp)], dtype=np.float64)[np.arange(num_gpus) % tp]
+    dense_params, layer_grads, head_grads = _dense_params(c, tp, num_gpus)
     params = dense_params + expert_params
     dense_elems, dense_tensors = dense_optimizer_elements(c, num_gpus, optimizer_sharding, tp)
     if optimizer_sharding == "all":
@@ -364,7 +364,6 @@ def memory_per_gpu(config: ModelConfig, costs: ModelCosts, *, replicas_held: np.
         assignment_bytes = served * per_assignment
         input_transient = served * b * (2 * d + 2 * m * f)   # dy, dx and, at once, da and dh (and dg)
         weight_transient = served * b * (2 * d + m * f)     # dy, dx, dh (and dg)
-    layer_grads, head_grads = _dense_grads_by_layer(c, tp, num_gpus)  # [num_layers, G], [G] parameters
     expert_grads = _experts_by_layer(c, held, replicas, expert_tp) * costs.params_per_expert  # [L, G]
     kept_attention = _FP32 * (d + 1) + _FP32 * d  # norm input and rstd, the norm output (attention's input)
 
