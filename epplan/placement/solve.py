@@ -306,6 +306,7 @@ def solve(problem: PlacementProblem, *, solver: Solver = "highs", time_limit: fl
                                                    "start": inc.start, "unchecked": unchecked,
                                                    "same_as": None if moved else info.same_as}))
 
+    _share_class_best(results, rep, perms, gap)
     layers = [results[li][0] for li in range(num_layers)]
     infos = [results[li][1] for li in range(num_layers)]
     placement = Placement(problem.num_gpus, problem.num_experts, layers, method="ilp")
@@ -882,6 +883,30 @@ def _with_counts(problem: PlacementProblem, counts: np.ndarray) -> LayerData:
 def _same_replicas(layer_a: LayerPlacement, perm_a: np.ndarray, layer_b: LayerPlacement, perm_b: np.ndarray) -> bool:
     """Whether layer B's expert perm_b[i] sits on the same GPUs as layer A's perm_a[i], every i."""
     return all(np.array_equal(layer_a.replicas[i], layer_b.replicas[j]) for i, j in zip(perm_a, perm_b))
+
+
+def _share_class_best(results: dict[int, tuple[LayerPlacement, LayerInfo]], rep: list[int], perms,
+                      gap: float) -> None:
+    """Layers alike up to expert labels (``rep``: each layer's representative) all take the best
+    plan any of them has, relabelled: it costs each the same. A relabelled layer's own baselines
+    (EPLB's label-dependent plans re-split) may beat the representative's plan; before, only that
+    layer took it. Measured on instance 10 (16 relabellings of one layer, 1,024 GPUs): the
+    checks that finished gave 0.004506-0.004518 s a layer against the representative's 0.004518."""
+    for li in sorted(set(rep)):
+        members = [lj for lj in range(len(rep)) if rep[lj] == li]
+        best = min(members, key=lambda lj: (results[lj][1].objective_s, results[lj][1].link_s, lj))
+        plan, top = results[best]
+        for lj in members:
+            info = results[lj][1]
+            better = top.objective_s < info.objective_s * (1 - _TIE) or (
+                top.objective_s <= info.objective_s * (1 + _TIE) and top.link_s < info.link_s * (1 - 1e-9))
+            if lj == best or not better:
+                continue
+            g = _gap(top.objective_s, min(info.bound_s, top.objective_s))
+            status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else info.status)
+            results[lj] = (_relabel(plan, perms[best], perms[lj]),
+                           LayerInfo(**{**asdict(info), "objective_s": float(top.objective_s), "link_s": float(top.link_s),
+                                        "gap": float(g), "status": status, "start": top.start, "same_as": best}))
 
 
 def _same_placement(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
