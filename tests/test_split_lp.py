@@ -281,7 +281,7 @@ def test_layers_alike_up_to_labels_take_the_best_plan_any_of_them_has():
     """A relabelled layer whose own baseline re-split beats its representative's plan (EPLB's
     plans are label-dependent: on instance 10 such checks gave 0.15-0.27 % shorter layers): every
     layer alike up to labels takes that plan, relabelled, at the same time as the layer that
-    found it, scored by evaluate's own split scoring. Before, only the layer that found it did."""
+    found it (``split_result``, the planner's scoring). Before, only the layer that found it did."""
     from epplan.placement.solve import LayerInfo, _canonical, _share_class_best
     from epplan.placement.splits import split_result
 

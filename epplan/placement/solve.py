@@ -4,7 +4,8 @@ Per MoE layer (layers are independent; a layer whose traffic equals an earlier o
 relabelling of the experts is solved once and relabelled, and its own baselines, which need not
 be relabellings of the solved layer's, are re-split by the LP as tasks beside the distinct
 layers, inside the limit, with a share taken by the distinct layer's own worker where the others
-would not finish them, so that no layer is worse than a baseline re-split the limit allowed):
+would not finish them, so that no layer is worse than a baseline re-split the limit allowed; in
+the end every layer of such a class takes the best plan any of them has, relabelled):
 
 1. lower bound: the analytic bounds of ``bounds.py`` (compute apportionment, cuts around GPUs,
    nodes and the nodes under each fabric switch, and the cuts and the receiving NICs of each
