@@ -899,10 +899,10 @@ def _share_class_best(results: dict[int, tuple[LayerPlacement, LayerInfo]], rep:
         best = min(members, key=lambda lj: (results[lj][1].objective_s, results[lj][1].link_s, lj))
         plan, top = results[best]
         for lj in members:
-            info = results[lj][1]
-            better = top.objective_s < info.objective_s * (1 - _TIE) or (
-                top.objective_s <= info.objective_s * (1 + _TIE) and top.link_s < info.link_s * (1 - 1e-9))
-            if lj == best or not better:
+            layer, info = results[lj]
+            own = _Incumbent(lj, None)          # the planner's rule: lower time, on a tie the idler network
+            own.offer(info.objective_s, info.link_s, layer, info.start)
+            if lj == best or not own.offer(top.objective_s, top.link_s, plan, top.start):
                 continue
             g = _gap(top.objective_s, min(info.bound_s, top.objective_s))
             status = "optimal" if g <= _EXACT else ("gap_met" if g <= gap else info.status)
