@@ -93,6 +93,12 @@ def test_calibrate_writes_a_file_the_cost_model_reads(tiny_calibration, tmp_path
     assert cal.attention_block_flops(64, config.seq_len, config.num_heads, config.num_kv_heads,
                                      config.head_dim) is None  # another shape: composed
     assert cal.moe_local_rate(32, config.num_experts, 2) == pytest.approx(cal.moe_local[0]["gbps"] * 1e9)
+    # The routing work: its fixed cost per call (measured at two token counts) and its bytes.
+    fixed_local = cal.moe_local[0]["fixed_seconds"]
+    assert fixed_local >= 0
+    assert parts.moe_dense[0, 0] == pytest.approx(
+        norm_bytes(tokens, 32) / cal.memory_rate("norm") + fixed_local
+        + moe_local_bytes(tokens, 32, 2) / cal.moe_local_rate(32, config.num_experts, 2))
     att = config.seq_len and (problem.costs.flops_attention_proj + problem.costs.flops_attention_scores)
     assert parts.attention[0, 0] == pytest.approx(
         tokens * 3 * att / cal.attention_block_flops(32, config.seq_len, config.num_heads,
@@ -154,6 +160,11 @@ def test_bad_calibration_files(tmp_path):
         bad.write_text(json.dumps({**doc, "optimizer_fixed": [{**fixed, "before_sync_seconds": before}]}))
         with pytest.raises(CalibrationError, match="optimizer_fixed|malformed"):
             load_calibration(bad)
+    local = dict(doc["moe_local"][0])
+    for value in (-1e-3, float("inf"), "x"):
+        bad.write_text(json.dumps({**doc, "moe_local": [{**local, "fixed_seconds": value}]}))
+        with pytest.raises(CalibrationError, match="moe_local|malformed"):
+            load_calibration(bad)
     doc["memory"] = {"norm": -1}
     bad.write_text(json.dumps(doc))
     with pytest.raises(CalibrationError, match="positive"):
@@ -186,3 +197,24 @@ def test_calibrate_refuses_a_sustain_that_is_not_a_duration(value, tmp_path):
                                  "--out", str(tmp_path / "cal.json")])
     assert result.exit_code == 1 and "--sustain" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "cal.json").exists()
+
+
+def test_the_routing_work_is_a_fixed_cost_and_a_rate_through_two_points():
+    """``fixed_and_rate`` recovers the line through two (bytes, seconds) points; a negative fixed
+    cost or a slope of noise falls back to the rate through the larger point; a calibration row
+    without ``fixed_seconds`` (files before 2026-12-05) reads as no fixed cost."""
+    from epplan.runtime.calibrate import fixed_and_rate
+
+    fixed, rate = fixed_and_rate([(4e9, 2e-3 + 4e9 / 1e12), (2e9, 2e-3 + 2e9 / 1e12)])
+    assert fixed == pytest.approx(2e-3) and rate == pytest.approx(1e12)
+    assert fixed_and_rate([(1e9, 1e-3), (2e9, 3e-3)]) == (0.0, pytest.approx(2e9 / 3e-3))  # fixed < 0
+    assert fixed_and_rate([(1e9, 2e-3), (2e9, 2e-3)]) == (0.0, pytest.approx(1e12))  # flat: no slope
+    assert fixed_and_rate([(1e9, 3e-3), (2e9, 2e-3)]) == (0.0, pytest.approx(1e12))  # falling: noise
+    doc = shipped_tables()["h200"].to_dict()
+    row = {k: v for k, v in doc["moe_local"][0].items() if k != "fixed_seconds"}
+    cal = Calibration.from_dict({**doc, "moe_local": [row]}, "old")
+    d, e, k = row["d_model"], row["num_experts"], row["top_k"]
+    assert cal.moe_local_seconds(d, e, k, 1e9) == pytest.approx(1e9 / (row["gbps"] * 1e9))
+    cal = Calibration.from_dict({**doc, "moe_local": [{**row, "fixed_seconds": 1e-3}]}, "new")
+    assert cal.moe_local_seconds(d, e, k, 1e9) == pytest.approx(1e-3 + 1e9 / (row["gbps"] * 1e9))
+    assert cal.moe_local_seconds(d + 1, e, k, 1e9) == pytest.approx(1e9 / cal.memory_rate("moe_local"))

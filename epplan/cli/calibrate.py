@@ -129,7 +129,7 @@ def calibrate(
                   highlight=False)
     for row in cal.moe_local:
         console.print(f"  moe_local d={row['d_model']} E={row['num_experts']} k={row['top_k']}: "
-                      f"{row['gbps']:.3g} GB/s", highlight=False)
+                      f"{row['gbps']:.3g} GB/s, {row.get('fixed_seconds', 0.0) * 1e3:.3g} ms a call", highlight=False)
     for row in cal.lm_head:
         console.print(f"  LM head + loss d={row['d_model']} V={row['vocab_size']}: {row['tflops']:.3g} TFLOP/s",
                       highlight=False)

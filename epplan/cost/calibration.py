@@ -17,7 +17,8 @@ A calibration file (JSON, format ``epplan.calibration`` version 1) holds, for on
   heads, on the fp32 residual stream under bf16 autocast with fp32 weights), per model shape
   (d_model, seq_len, num_heads, num_kv_heads, head_dim); FLOPs: the projections' and the scores';
 - ``moe_local`` (optional): ``memory``'s moe_local rate, GB/s, measured at each model's own
-  (d_model, num_experts, top_k);
+  (d_model, num_experts, top_k), with the layer's fixed cost per call (``fixed_seconds``,
+  optional: files before 2026-12-05 have none, read as 0);
 - ``lm_head`` (optional): training rate, TFLOP/s, of the LM head and its loss as ``epplan run``
   runs them (``epplan.runtime.loss``: chunks, the gradient made in the forward, the bf16 copy of
   the fp32 weight kept, its fp32 gradient written), one micro-batch of ``tokens``, per
@@ -114,11 +115,22 @@ class Calibration:
         row = next((r for r in self.attention_block if all(r[k] == v for k, v in want.items())), None)
         return None if row is None else row["tflops"] * 1e12
 
+    def _moe_local_row(self, d_model: int, num_experts: int, top_k: int) -> dict[str, Any] | None:
+        want = {"d_model": d_model, "num_experts": num_experts, "top_k": top_k}
+        return next((r for r in self.moe_local if all(r[k] == v for k, v in want.items())), None)
+
     def moe_local_rate(self, d_model: int, num_experts: int, top_k: int) -> float:
         """Bytes/s of the MoE layer's routing work: measured at this shape, else ``memory``'s."""
-        want = {"d_model": d_model, "num_experts": num_experts, "top_k": top_k}
-        row = next((r for r in self.moe_local if all(r[k] == v for k, v in want.items())), None)
+        row = self._moe_local_row(d_model, num_experts, top_k)
         return self.memory_rate("moe_local") if row is None else row["gbps"] * 1e9
+
+    def moe_local_seconds(self, d_model: int, num_experts: int, top_k: int, nbytes: float) -> float:
+        """Seconds of one call of the MoE layer's routing work over ``nbytes``
+        (``epplan.cost.step.moe_local_bytes``): the shape's fixed cost (0 where none was
+        measured) and the bytes at its rate."""
+        row = self._moe_local_row(d_model, num_experts, top_k)
+        fixed = 0.0 if row is None else float(row.get("fixed_seconds", 0.0))
+        return fixed + nbytes / self.moe_local_rate(d_model, num_experts, top_k)
 
     def lm_head_flops(self, d_model: int, vocab_size: int) -> float | None:
         """FLOP/s of the chunked LM head and loss measured at exactly this shape, or None."""
@@ -202,6 +214,9 @@ class Calibration:
                           source, "attention_block")
             for row in cal.moe_local:
                 _positive(row, ("d_model", "num_experts", "top_k", "gbps"), source, "moe_local")
+                if "fixed_seconds" in row and not 0 <= float(row["fixed_seconds"]) < math.inf:
+                    raise CalibrationError(f"{source}: moe_local entry {row}: fixed_seconds must be a "
+                                           "finite number of seconds, 0 or more")
             for row in cal.lm_head:
                 _positive(row, ("d_model", "vocab_size", "tokens", "tflops"), source, "lm_head")
             for row in cal.optimizer_fixed:

@@ -19,7 +19,8 @@ accumulate fp32 gradients straight from their GEMMs (``epplan.runtime.experts``,
     moe_dense     per MoE layer: the router's and shared experts' GEMMs, the norm, and the
                   memory-bound routing work (``moe_local_bytes``: router, permutation, combine,
                   the unchunked exchange's local copies) at the rate measured at this model's
-                  shape (else the first calibrated model's)
+                  shape (else the first calibrated model's), with the shape's measured fixed
+                  cost once per micro-batch
     experts       per MoE layer and GPU: assignments served * 3 * FLOPs per assignment / the
                   grouped expert rate at the GPU's rows per expert (per micro-batch), + master
                   weight bytes
@@ -236,8 +237,9 @@ def step_parts(config: ModelConfig, costs: ModelCosts, calibrations: list[Calibr
         attention[gpus] = att * att_scale
         # The MoE layer's own dense work: router (fp32, tiny), shared experts, norm, routing.
         shared = costs.flops_shared_experts
-        moe = (norm_bytes(tokens, d) / mem("norm")
-               + moe_local_bytes(tokens, d, c.top_k) / cal.moe_local_rate(d, c.num_experts, c.top_k))
+        # the routing work: a fixed cost per call (one per micro-batch) and its bytes
+        moe = (norm_bytes(tokens, d) / mem("norm") + micro_batches * cal.moe_local_seconds(
+            d, c.num_experts, c.top_k, moe_local_bytes(tokens / micro_batches, d, c.top_k)))
         if shared:
             moe += tokens * f3 * shared / cal.expert_flops(d, c.num_shared_experts * c.d_ff, c.activation,
                                                            tokens / micro_batches)

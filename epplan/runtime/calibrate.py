@@ -18,14 +18,15 @@ What is timed (forward + backward unless said):
                weights, bf16 residual stream under bf16 autocast)
     lm_head    per model: the LM head and its loss as ``epplan run`` runs them
                (``linear_cross_entropy`` in chunks, the fp32 weight's bf16 copy kept, its fp32
-               gradient made), forward + backward of one micro-batch
+               gradient made), forward + backward of one micro-batch, launched behind queued work
     norm       F.rms_norm on the residual stream (bf16 on CUDA)
     cast       an fp32 weight cast to bf16, its gradient accumulated into the fp32 gradient
     loss       one chunk of ``epplan.runtime.loss``'s cross-entropy (bf16 logits in, their
                gradient out; compiled on CUDA as in training)
     moe_local  per model: the MoE layer on one rank (router, permutation, exchange, combine)
-               minus its expert GEMMs (fresh tokens at every run, alternated with the GEMMs
-               alone, the median of ``PAIRS`` differences)
+               minus its expert GEMMs (fresh tokens at every run; each the median of ``PAIRS``
+               runs with work queued ahead, ``Timer.seconds(lead=True)``), at ``tokens`` and
+               twice as many: a fixed cost per call and a rate over the bytes
     optimizer  gradient norm and ``TrainOptimizer.step`` with the clipping scale (on CUDA the
                one-pass AdamW that writes the bf16 copies, ``epplan.train.adamw``) over large
                tensors, half of them with a bf16 copy
@@ -64,6 +65,9 @@ ROWS_PER_EXPERT = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # Runs of the two host-bound measurements (the MoE layer less its GEMMs, the step's fixed cost):
 # their medians of 3 moved by 2x between calls on one H200 (docs/benchmarks.md, call Q).
 PAIRS = 9
+# Seconds of GEMMs queued ahead of a part timed with ``lead``: longer than the host takes to
+# launch the part up to its first host sync (the LM head's chunks, the MoE layer's routing).
+LEAD_S = 0.02
 
 
 class Timer:
@@ -76,16 +80,22 @@ class Timer:
     sustained GEMMs (the board's power average fills over that second); the attention half timed
     right after 5 s idle ran 9.2 % faster (Mixtral dims) than after 20 s of GEMMs. Nothing torch
     ships holds a clock for a benchmark (``torch.utils.benchmark`` warms up by run count), hence
-    this."""
+    this.
+
+    ``lead`` (``seconds``; CUDA only): each run is timed from behind ``LEAD_S`` of GEMMs queued
+    ahead of it, so that the host launches it while the device is still busy, as in a training
+    step, where the host runs ahead of the device between its syncs; from an idle stream the
+    host's launch time adds to the device's wherever it is the longer. Measured on an H200
+    (docs/benchmarks.md, 2026-12-05 call AG, ``probe_moe15.py``): the medium model's MoE layer took
+    27.06 ms from an idle stream, 25.65 ms with work queued ahead and 25.8-26.9 ms a layer in
+    training; at the seed dims, where the GEMMs are long, 219.6, 219.3 and 220.8 ms."""
 
     def __init__(self, device: torch.device, iters: int, warmup: int, sustain_s: float = 0.0) -> None:
         self.device, self.iters, self.warmup, self.sustain_s = device, iters, warmup, sustain_s
         self._heat: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (a, out, seconds per GEMM)
 
-    def _sustain(self) -> None:
-        """Queue ``sustain_s`` seconds of GEMMs on the current stream (no host sync after)."""
-        if self.sustain_s <= 0 or self.device.type != "cuda":
-            return
+    def _queue(self, seconds: float) -> None:
+        """Queue about ``seconds`` of bf16 GEMMs on the current stream (no host sync after)."""
         if self._heat is None:
             a = torch.randn(8192, 8192, device=self.device, dtype=torch.bfloat16)
             out = torch.empty_like(a)
@@ -99,13 +109,21 @@ class Timer:
             # a cool card's GEMM is the fastest it will be: the count below errs on the long side
             self._heat = (a, out, start.elapsed_time(end) * 1e-3 / 20)
         a, out, per_gemm = self._heat
-        for _ in range(max(1, math.ceil(self.sustain_s / per_gemm))):
+        for _ in range(max(1, math.ceil(seconds / per_gemm))):
             torch.mm(a, a, out=out)
 
-    def _once(self, fn: Callable[[], Any]) -> float:
-        """Seconds of one fn() from an idle stream: the host's launch time shows where it binds."""
+    def _sustain(self) -> None:
+        """Queue ``sustain_s`` seconds of GEMMs on the current stream (no host sync after)."""
+        if self.sustain_s > 0 and self.device.type == "cuda":
+            self._queue(self.sustain_s)
+
+    def _once(self, fn: Callable[[], Any], lead: bool = False) -> float:
+        """Seconds of one fn() on the device: from an idle stream, where the host's launch time
+        shows where it binds; with ``lead``, from behind ``LEAD_S`` of queued GEMMs."""
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if lead:
+                self._queue(LEAD_S)
             start.record()
             fn()
             end.record()
@@ -125,16 +143,11 @@ class Timer:
             # time would hide under them
             torch.cuda.synchronize(self.device)
 
-    def seconds(self, fn: Callable[[], Any], iters: int | None = None) -> float:
-        """Median seconds of fn() on the device over ``iters`` runs (default: the timer's)."""
+    def seconds(self, fn: Callable[[], Any], iters: int | None = None, lead: bool = False) -> float:
+        """Median seconds of fn() on the device over ``iters`` runs (default: the timer's), each
+        from an idle stream or, with ``lead``, launched while queued work runs (class docstring)."""
         self._prepare(fn)
-        return statistics.median(self._once(fn) for _ in range(iters or self.iters))
-
-    def difference(self, fn: Callable[[], Any], part: Callable[[], Any], pairs: int) -> float:
-        """Median over ``pairs`` alternated runs of fn()'s seconds less part()'s: what fn adds
-        to part (each pair at the same clock and the same moment)."""
-        self._prepare(fn, part)
-        return statistics.median(self._once(fn) - self._once(part) for _ in range(pairs))
+        return statistics.median(self._once(fn, lead) for _ in range(iters or self.iters))
 
 
 def _rand(*shape: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0,
@@ -254,7 +267,8 @@ def measure_lm_head(timer: Timer, config: ModelConfig, tokens: int) -> dict[str,
     """The LM head and loss of one micro-batch of ``tokens`` as ``epplan run`` trains them
     (``linear_cross_entropy`` under bf16 autocast on CUDA: the fp32 weight's bf16 copy kept
     across calls, as the optimizer keeps it, chunks of ``CHUNK_TOKENS``, the fp32 weight gradient
-    written); TFLOP/s over the head's training FLOPs."""
+    written), launched behind queued work as in a step, where the host launches the head while
+    the last layer runs (``Timer``'s ``lead``); TFLOP/s over the head's training FLOPs."""
     dev, c = timer.device, config
     w = _rand(c.vocab_size, c.d_model, device=dev, dtype=torch.float32, scale=0.02, requires_grad=True)
     h = _rand(tokens, c.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
@@ -264,7 +278,7 @@ def measure_lm_head(timer: Timer, config: ModelConfig, tokens: int) -> dict[str,
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss = linear_cross_entropy(h, w, target)
         _backward(loss, torch.ones((), device=dev), h, w)
-    s = timer.seconds(run)
+    s = timer.seconds(run, lead=True)
     return {"d_model": c.d_model, "vocab_size": c.vocab_size, "tokens": tokens,
             "tflops": 3 * model_costs(c).flops_lm_head * tokens / s / 1e12}
 
@@ -395,16 +409,32 @@ def measure_memory(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.
     out["embedding"] = bytes_of.embedding_bytes(seqs * c.seq_len, d) / timer.seconds(embedding) / 1e9
     del emb, pos, ge
 
-    out["moe_local"] = measure_moe_local(timer, c, tokens, dtype)
     return out
 
 
-def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> float:
+def fixed_and_rate(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds per call, bytes/s) of the line through two measured (bytes, seconds) points:
+    the fixed cost where the bytes are nil, and the rate over them. A line with a negative
+    fixed cost or no positive slope (noise: the two differ by less than it) is replaced by the
+    rate through the larger point alone, with no fixed cost."""
+    (b1, s1), (b2, s2) = sorted(points)
+    slope = (s2 - s1) / (b2 - b1) if b2 > b1 else 0.0
+    if slope <= 0 or s1 - b1 * slope < 0:
+        return 0.0, b2 / s2
+    return s1 - b1 * slope, 1.0 / slope
+
+
+def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype) -> dict[str, float]:
     """The MoE layer on one rank (``parallelize_experts`` on a group of this process alone, no
-    overlap: the path of a one-node ``epplan run``) minus its expert GEMMs alone, as GB/s. Every
-    run routes fresh tokens, so the GEMMs see new row counts as they do at every training step
-    (a count the library has not seen costs 100-185 us of host time per launch: docs/benchmarks.md,
-    call L); the layer and the GEMMs alone are run in alternation and the median difference kept."""
+    overlap: the path of a one-node ``epplan run``) minus its expert GEMMs alone, at ``tokens``
+    and twice as many: {"gbps", "fixed_seconds"} (``fixed_and_rate``; GB/s over
+    ``epplan.cost.step.moe_local_bytes``). Every run routes fresh tokens, so the GEMMs see new
+    row counts as they do at every training step (a count the library has not seen costs 100-185
+    us of host time per launch: docs/benchmarks.md, call L). The layer and the GEMMs alone are
+    each the median of ``PAIRS`` runs launched behind queued work (``Timer``'s ``lead``), as a
+    training step launches them. Not the median of alternated differences, which on an H200 came
+    out 1.4-2.1 ms above the difference of the medians on three shapes and put the medium model's
+    layer 11-16 % over its training time (2026-12-05, calls AF and AG)."""
     from epplan.placement.types import Placement, LayerPlacement
     from epplan.runtime.expert_parallel import parallelize_experts
     from epplan.runtime.model import Transformer
@@ -420,32 +450,34 @@ def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: tor
     parallelize_experts(model, Placement(1, E, [layer]), group=group, overlap=False)
     moe = model.layers[0].ffn
     moe.experts.to(dtype)  # bf16 expert weights: their casts are timed as "cast"
-    # As in training: the residual stream (bf16 on CUDA) under autocast (the router upcasts it).
-    x = _rand(tokens, d := c.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
-    g = _rand(tokens, d, device=dev, dtype=_stream_dtype(dev))
-
-    def fresh() -> None:  # new tokens: new routing, new row counts per expert, as at every step
-        with torch.no_grad():
-            x.normal_()
-
-    def run() -> None:
-        fresh()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            y = moe(x.view(1, tokens, d)).view(tokens, d)
-        _backward(y, g, x, *moe.parameters())
-    # The expert GEMMs alone at the same rows (balanced: the rows the router gives are close),
-    # after the same refill of x (so that it cancels).
     experts = moe.experts
-    rows = tokens * c.top_k // E
-    xe = _rand(rows * E, d, device=dev, dtype=dtype, requires_grad=True)
-    ge = _rand(rows * E, d, device=dev, dtype=dtype)
     ws = [w for w in (experts.w1, experts.w2, experts.w3) if w is not None]
+    d = c.d_model
+    points = []
+    for t in (tokens, 2 * tokens):
+        # As in training: the residual stream (bf16 on CUDA) under autocast (the router upcasts it).
+        x = _rand(t, d, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
+        g = _rand(t, d, device=dev, dtype=_stream_dtype(dev))
 
-    def gemms() -> None:
-        fresh()
-        _backward(expert_mlp(xe, [rows] * E, experts.w1, experts.w2, experts.w3, c.activation), ge, xe, *ws)
-    local_s = max(timer.difference(run, gemms, pairs=max(timer.iters, PAIRS)), 1e-6)
-    return bytes_of.moe_local_bytes(tokens, d, c.top_k) / local_s / 1e9
+        def run() -> None:
+            with torch.no_grad():  # new tokens: new routing, new row counts per expert, as at every step
+                x.normal_()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                y = moe(x.view(1, t, d)).view(t, d)
+            _backward(y, g, x, *moe.parameters())
+        # The expert GEMMs alone at the same rows (balanced: the rows the router gives are close).
+        rows = t * c.top_k // E
+        xe = _rand(rows * E, d, device=dev, dtype=dtype, requires_grad=True)
+        ge = _rand(rows * E, d, device=dev, dtype=dtype)
+
+        def gemms() -> None:
+            _backward(expert_mlp(xe, [rows] * E, experts.w1, experts.w2, experts.w3, c.activation), ge, xe, *ws)
+        runs = max(timer.iters, PAIRS)
+        local_s = timer.seconds(run, iters=runs, lead=True) - timer.seconds(gemms, iters=runs, lead=True)
+        points.append((bytes_of.moe_local_bytes(t, d, c.top_k), max(local_s, 1e-6)))
+        del x, g, xe, ge
+    fixed, rate = fixed_and_rate(points)
+    return {"gbps": rate / 1e9, "fixed_seconds": fixed}
 
 
 def measure_collectives(timer: Timer, sizes: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
@@ -496,15 +528,15 @@ def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32
         fixed.setdefault(row["num_tensors"], row)
         if not memory:
             memory = measure_memory(timer, c, tokens, dtype)
-            moe_local[(c.d_model, c.num_experts, c.top_k)] = memory["moe_local"]
-        elif (c.d_model, c.num_experts, c.top_k) not in moe_local:
-            moe_local[(c.d_model, c.num_experts, c.top_k)] = measure_moe_local(timer, c, tokens, dtype)
+        key = (c.d_model, c.num_experts, c.top_k)
+        if key not in moe_local:
+            moe_local[key] = measure_moe_local(timer, c, tokens, dtype)
+            memory.setdefault("moe_local", moe_local[key]["gbps"])  # the rate of shapes not measured
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out = {"gemm": list(gemm.values()), "expert": expert, "attention": list(attention.values()),
            "memory": memory, "collectives": {}, "attention_block": list(blocks.values()),
-           "moe_local": [{"d_model": d, "num_experts": e, "top_k": k, "gbps": v}
-                         for (d, e, k), v in moe_local.items()],
+           "moe_local": [{"d_model": d, "num_experts": e, "top_k": k, **v} for (d, e, k), v in moe_local.items()],
            "lm_head": list(heads.values()), "optimizer_fixed": list(fixed.values())}
     if dist.get_world_size() > 1:
         out["collectives"] = measure_collectives(timer, (2**20, 2**24, 2**28))
