@@ -418,6 +418,20 @@ class _Holders:
                 lo = mid + 1
         return self.unit * self._with_nodes(float(self.levels[lo]), need)
 
+    def counts(self, t: float) -> np.ndarray | None:
+        """int64[E]: the least replicas of each expert that the holders' level at t allows
+        (every GPU within t, its holders' NICs at that level), or None where no plan fits t.
+        Not a bound: the counts the bound's minimum assumes, for a construction to try
+        (``heuristic._counts_bound``)."""
+        if not self.usable:
+            return None
+        need = np.maximum(1, np.ceil(self.load / (t * self.rate) * (1 - 1e-12))).astype(np.int64)
+        if need.max() > self.num_gpus or need.sum() > self.num_slots:
+            return None
+        level = self.link_bound(t) / self.unit * (1 + 1e-9)
+        first = (self.ell + self.out[:, None] > level).sum(axis=1) + 1
+        return np.minimum(np.maximum(need, first), self.num_gpus)
+
     _MUS = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])   # multipliers of the distinct-expert budget
 
     def _with_nodes(self, level: float, need: np.ndarray, rel: float = 1e-4) -> float:

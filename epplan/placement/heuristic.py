@@ -21,7 +21,12 @@ best splits:
 With one slot per GPU on a cluster with a network, ``local_candidates`` also builds a second
 placement whose replica counts weigh each replica's NIC (a cold expert's lone replica serves its
 whole remote demand through one NIC) against compute under the schedule (``_counts_network``);
-the planner splits both and keeps the better.
+and a third whose counts are the trade-off bound's own at its minimum (``_counts_bound``: the
+least replicas the holders' NIC level allows each expert at that GPU time, dealt one per node
+first); the planner splits all and keeps the best. Measured 2026-12-06 (scripts/bench_planner.py,
+this 2-core machine): the third is the best of the three on instance 6's layer 8 (0.018958 s
+against 0.021459 and 0.023722), 9's layer 0 (0.002600 s against 0.003292 and 0.003340) and 10's
+layer 0 (0.004456 s against 0.004629 and 0.005482); its split LP takes 5-10 s at 512-1,024 GPUs.
 
 Shape legend: G = GPUs, E = experts, N = nodes.
 """
@@ -56,6 +61,9 @@ def local_candidates(data: LayerData) -> list[list[np.ndarray]]:
     out = [_to_gpus(data, nodes, demand, _counts_one_slot(data, nodes, demand))]
     if data.lm.has_network and len(nodes) > 1:
         m = _counts_network(data, nodes, demand)
+        if m is not None:
+            out.append(_to_gpus(data, nodes, demand, m))
+        m = _counts_bound(data, nodes, demand)
         if m is not None:
             out.append(_to_gpus(data, nodes, demand, m))
     return out
@@ -122,6 +130,52 @@ def _counts_network(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray
     first = np.minimum(r, num_nodes)
     target = share * (r - first)[None, :] + first[None, :] / num_nodes
     return _largest_remainder(target, r, cap, size)
+
+
+def _counts_bound(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray | None:
+    """int64[N, E] replicas per node (one slot per GPU): the counts at the trade-off bound's
+    minimum. The GPU time t is the one where the layer's time with its links at the holders'
+    L(t) (``bounds._Holders``) is least (a grid of t from the compute bound up); each expert
+    gets the least replicas that level allows (``_Holders.counts``), the slots left over go to
+    the experts with the most demand per replica, the slots short are taken from those with
+    the most replicas above their compute need. Replicas are dealt one per node first."""
+    from epplan.placement.bounds import _Holders, compute_bound
+
+    num_nodes, num_experts = demand.shape
+    slots = int(data.slots.sum())
+    c = compute_bound(data)
+    holders = _Holders(data)
+    if slots < num_experts or c <= 0 or not holders.usable:
+        return None
+    schedule = data.schedule
+    grid = c * np.linspace(1.0, 1.6, 25)
+    times = [schedule.moe_time(holders.link_bound(float(t)), float(t)) for t in grid]
+    t = float(grid[int(np.argmin(times))])
+    r = holders.counts(t)
+    if r is None:
+        return None
+    load = demand.sum(axis=0)
+    need = np.maximum(1, np.ceil(load / (t * float((1.0 / data.gpu_unit).max())) * (1 - 1e-12))).astype(np.int64)
+    while r.sum() > slots:
+        r[int(np.argmax(np.where(r > 1, r - need, -np.inf)))] -= 1
+    while r.sum() < slots:
+        r[int(np.argmax(np.where(r < data.num_gpus, load / r, -np.inf)))] += 1
+    # Deal: each replica (hottest expert first) to the node with the fewest of that expert, then
+    # the most free slots, then the next node in turn (no node first for every expert).
+    free = np.array([int(data.slots[m].sum()) for m in nodes])
+    size = np.array([m.size for m in nodes])
+    m = np.zeros((num_nodes, num_experts), dtype=np.int64)
+    turn = 0
+    for e in np.argsort(-load, kind="stable"):
+        for _ in range(int(r[e])):
+            ok = np.flatnonzero((free > 0) & (m[:, e] < size))
+            if ok.size == 0:
+                break
+            n = int(ok[np.lexsort(((ok - turn) % num_nodes, -free[ok], m[ok, e]))[0]])
+            m[n, e] += 1
+            free[n] -= 1
+            turn += 1
+    return m
 
 
 def _counts_multi_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray:
