@@ -52,7 +52,8 @@ def local_first(data: LayerData) -> list[np.ndarray]:
 def local_candidates(data: LayerData) -> list[list[np.ndarray]]:
     """Constructions to split and compare: ``local_first``'s, and with one slot per GPU on a
     cluster with a network, the one whose replica counts also spread each expert's remote
-    serving over the NICs (``_counts_network``)."""
+    serving over the NICs (``_counts_network``) and the one with the trade-off bound's counts
+    (``_counts_bound``, where they can be dealt)."""
     node_of = data.lm.gpu_node
     nodes = [np.flatnonzero(node_of == n) for n in range(int(node_of.max()) + 1)]
     demand = np.stack([data.counts[m].sum(axis=0) for m in nodes])          # [N, E]
@@ -175,7 +176,8 @@ def _counts_bound(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) 
             m[n, e] += 1
             free[n] -= 1
             turn += 1
-    return m
+    # a replica with no node left for it (every node with a free slot holds e on all its GPUs)
+    return m if m.sum() == slots and np.all(m.sum(axis=0) >= 1) else None
 
 
 def _counts_multi_slot(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray:
