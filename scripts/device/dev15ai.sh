@@ -1,7 +1,8 @@
-# One H200, 2026-12-06, call AI (issue 15): the calibration of call AH (the MoE layer and the LM
-# head timed behind queued work, the routing work at two token counts) on the card the seed-dims
-# manifests were made for (call AH got an H100, where they do not fit), then the five
-# configurations it predicts, the medium model first.
+# Not run: no H200 could be started on 2026-12-06 (call AJ ran this plan on an H100). One H200,
+# call AI (issue 15): the calibration of call AH (the MoE layer and the LM head timed behind
+# queued work, the routing work at two token counts) on the card the seed-dims manifests were
+# made for (call AH got an H100, where they do not fit), then the five configurations it
+# predicts, the medium model first.
 # From the repository root, runs/ from make_manifests15.sh, wheels in .whl/cp312/:
 #   bash scripts/device/dev15ai.sh
 # Results in $OUT: cal-ai.json, m-*.jsonl, all.log.
