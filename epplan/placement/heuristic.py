@@ -25,8 +25,9 @@ and a third whose counts are the trade-off bound's own at its minimum (``_counts
 least replicas the holders' NIC level allows each expert at that GPU time, dealt one per node
 first); the planner splits all and keeps the best. Measured 2026-12-06 (scripts/bench_planner.py,
 this 2-core machine): the third is the best of the three on instance 6's layer 8 (0.018958 s
-against 0.021459 and 0.023722), 9's layer 0 (0.002600 s against 0.003292 and 0.003340) and 10's
-layer 0 (0.004456 s against 0.004629 and 0.005482); its split LP takes 5-10 s at 512-1,024 GPUs.
+against 0.021459 and 0.023722), 9's layer 0 (0.002600 s against 0.003292 and 0.003340; 0.002396
+with its replicas stepped over the nodes, below) and 10's layer 0 (0.004456 s against 0.004629
+and 0.005482); its split LP takes 5-10 s at 512-1,024 GPUs.
 
 Shape legend: G = GPUs, E = experts, N = nodes.
 """
