@@ -35,6 +35,7 @@ Shape legend: G = GPUs, E = experts, N = nodes.
 from __future__ import annotations
 
 import heapq
+import time
 
 import numpy as np
 
@@ -193,7 +194,8 @@ def _bound_time(data: LayerData, holders, c: float) -> float:
     return float(grid[int(np.argmin(times))])
 
 
-def node_swapped(data: LayerData, replicas: list[np.ndarray], max_moves: int = 200) -> list[np.ndarray] | None:
+def node_swapped(data: LayerData, replicas: list[np.ndarray], max_moves: int = 200,
+                 until: float | None = None) -> list[np.ndarray] | None:
     """A construction's replicas with its nodes' experts exchanged (``_swap_nodes``) and dealt onto
     GPUs again (``_to_gpus``), or None where no exchange lowers the estimate (one slot per GPU,
     with a network: the placements ``local_candidates`` builds there)."""
@@ -211,71 +213,89 @@ def node_swapped(data: LayerData, replicas: list[np.ndarray], max_moves: int = 2
     holders = _Holders(data)
     t = _bound_time(data, holders, c) if holders.usable and c > 0 else c
     size = np.array([r.size for r in nodes])
-    swapped = _swap_nodes(m, demand, size, t * float((1.0 / data.gpu_unit).max()), max_moves)
+    swapped = _swap_nodes(m, demand, size, t * float((1.0 / data.gpu_unit).max()), max_moves, until)
     return None if np.array_equal(swapped, m) else _to_gpus(data, nodes, demand, swapped)
 
 
 def _swap_nodes(m: np.ndarray, demand: np.ndarray, size: np.ndarray, per_replica: float,
-                max_moves: int) -> np.ndarray:
+                max_moves: int, until: float | None = None) -> np.ndarray:
     """int64[N, E] replicas per node: ``m`` with one replica of each of two experts exchanged
     between two nodes at a time, while that lowers the busiest estimated NIC (then the sum of
-    squares). The estimate of a GPU of node B that holds e, in assignments: its share of what B
-    sends off its node, (n_B - local_B) / |B|, plus e's remote demand per replica, (n_e - local_e)
-    / r_e, where B's r_Be replicas of e serve min(n_Be, r_Be x per_replica) of B's own demand (the
-    holders' bound's two terms, ``bounds._Holders``, with the plan's own nodes). Each exchange
-    moves a replica of the (B, e) that sets the estimate to another node, and one of that node's
-    back: every node keeps its slots, every expert its replica count (the GPU time).
+    squares); no exchange started after ``until`` (time.monotonic()). The estimate of a GPU of
+    node B that holds e, in assignments: its share of what B sends off its node, (n_B - local_B)
+    / |B|, plus e's remote demand per replica, (n_e - local_e) / r_e, where B's r_Be replicas of
+    e serve min(n_Be, r_Be x per_replica) of B's own demand (the holders' bound's two terms,
+    ``bounds._Holders``, with the plan's own nodes). Each exchange moves a replica out of the
+    node B or of the expert e that sets the estimate (any expert of B, or e from any node that
+    holds it) and one of the receiving node's back: every node keeps its slots, every expert its
+    replica count (the GPU time).
 
     Why: the constructions deal each expert on its own, so a node's slots go to cold experts that
     leave its GPUs sending most of their demand off it, next to a warm expert's lone holder that
     receives its whole remote demand. Measured on ``scripts/bench_planner.py`` instance 6's 24
     layers (2026-12-07, split LP of each construction; docs/planner.md): the best of the three
-    constructions 2.93-10.41 % from the layer's bound, with this exchange after each 0.81-10.23 %
-    (layer 0 9.03 -> 3.46 %, 15 10.41 -> 2.13 %); instance 7 10.62 -> 8.61 %. On 9 and 10 (64 and
-    128 nodes, the 3-tier core and the superpod fabric bind too) it did not help (11.69 -> 11.75 %,
-    4.29 -> 4.56 %): the planner keeps the constructions as they are and splits these after them."""
+    constructions 2.93-10.41 % from the layer's bound, with exchanges of (B, e) only after each
+    0.81-10.23 % (layer 0 9.03 -> 3.46 %, 15 10.41 -> 2.13 %); out of any expert of B or e from any
+    node too, layer 19 8.09 -> 4.79 %, 16 5.06 -> 2.55 %; instance 7 10.62 -> 8.61 %. On 9 and 10
+    (64 and 128 nodes, the 3-tier core and the superpod fabric bind too) it did not help (11.69 ->
+    11.75 %, 4.29 -> 4.56 %): the planner keeps the constructions and splits these after them."""
     m = m.copy()
-    num_nodes, num_experts = m.shape
     load, own = demand.sum(axis=0), demand.sum(axis=1)
-    for _ in range(max_moves):
+
+    def estimate(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         local = np.minimum(demand, m * per_replica)                          # [N, E]
         num = np.maximum(m.sum(axis=0), 1)
-        rin = (load - local.sum(axis=0)) / num                               # [E]
-        out = (own - local.sum(axis=1)) / size                               # [N]
-        level = np.where(m > 0, rin[None, :] + out[:, None], -np.inf)
-        cur = (float(level.max()), float(np.sum(np.where(m > 0, level, 0.0) ** 2)))
-        b, e = np.unravel_index(int(np.argmax(level)), level.shape)
-        # e goes b -> y, f comes y -> b: y holds f, y has room for e, b for f
-        ok = (m > 0) & (m[:, e] < size)[:, None] & (m[b] < size[b])[None, :]    # [N, E] (y, f)
-        ok[b, :] = False
+        return local, num, (load - local.sum(axis=0)) / num, (own - local.sum(axis=1)) / size
+
+    def best_from(x: int, e: int, local, num, rin, out):
+        """(top, sum of squares, m) of the best exchange moving a replica of e off node x."""
+        # e goes x -> y, f comes y -> x: y holds f, y has room for e, x for f
+        ok = (m > 0) & (m[:, e] < size)[:, None] & (m[x] < size[x])[None, :]    # [N, E] (y, f)
+        ok[x, :] = False
         ok[:, e] = False
         ys, fs = np.nonzero(ok)                                              # [K]
         if ys.size == 0:
-            break
+            return None
         k = np.arange(ys.size)
-        d_be = min(demand[b, e], (m[b, e] - 1) * per_replica) - local[b, e]
+        d_xe = min(demand[x, e], (m[x, e] - 1) * per_replica) - local[x, e]
         d_ye = np.minimum(demand[ys, e], (m[ys, e] + 1) * per_replica) - local[ys, e]
         d_yf = np.minimum(demand[ys, fs], (m[ys, fs] - 1) * per_replica) - local[ys, fs]
-        d_bf = np.minimum(demand[b, fs], (m[b, fs] + 1) * per_replica) - local[b, fs]
+        d_xf = np.minimum(demand[x, fs], (m[x, fs] + 1) * per_replica) - local[x, fs]
         rin_k = np.repeat(rin[None, :], ys.size, axis=0)                     # [K, E]
-        rin_k[:, e] = rin[e] - (d_be + d_ye) / num[e]
-        rin_k[k, fs] = rin[fs] - (d_yf + d_bf) / num[fs]
+        rin_k[:, e] = rin[e] - (d_xe + d_ye) / num[e]
+        rin_k[k, fs] = rin[fs] - (d_yf + d_xf) / num[fs]
         out_k = np.repeat(out[None, :], ys.size, axis=0)                     # [K, N]
-        out_k[:, b] = out[b] - (d_be + d_bf) / size[b]
+        out_k[:, x] = out[x] - (d_xe + d_xf) / size[x]
         out_k[k, ys] = out[ys] - (d_ye + d_yf) / size[ys]
         m_k = np.repeat(m[None], ys.size, axis=0)                            # [K, N, E]
-        m_k[:, b, e] -= 1
+        m_k[:, x, e] -= 1
         m_k[k, ys, e] += 1
         m_k[k, ys, fs] -= 1
-        m_k[k, b, fs] += 1
+        m_k[k, x, fs] += 1
         held = m_k > 0
         level_k = rin_k[:, None, :] + out_k[:, :, None]                      # [K, N, E]
         top = np.where(held, level_k, -np.inf).reshape(ys.size, -1).max(axis=1)
         sq = np.sum(np.where(held, level_k, 0.0).reshape(ys.size, -1) ** 2, axis=1)
         j = int(np.lexsort((sq, top))[0])
-        if not (float(top[j]), float(sq[j])) < cur:
+        return float(top[j]), float(sq[j]), m_k[j].copy()
+
+    for _ in range(max_moves):
+        if until is not None and time.monotonic() > until:
             break
-        m = m_k[j].copy()
+        local, num, rin, out = estimate(m)
+        level = np.where(m > 0, rin[None, :] + out[:, None], -np.inf)
+        cur = (float(level.max()), float(np.sum(np.where(m > 0, level, 0.0) ** 2)))
+        b, e = np.unravel_index(int(np.argmax(level)), level.shape)
+        sources = [(b, e)] + [(b, int(f)) for f in np.flatnonzero(m[b]) if f != e] \
+            + [(int(x), e) for x in np.flatnonzero(m[:, e]) if x != b]
+        best = None
+        for x, f in sources:
+            found = best_from(x, f, local, num, rin, out)
+            if found is not None and found[:2] < cur and (best is None or found[:2] < best[:2]):
+                best = found
+        if best is None:
+            break
+        m = best[2]
     return m
 
 

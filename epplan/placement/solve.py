@@ -713,14 +713,14 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             built.append((res.bottleneck, replicas))
             if over(stop):
                 break
-        # Each construction with its nodes' experts exchanged (``heuristic.node_swapped``), the
-        # best construction's first, while the time left holds _LP_MARGIN of the last split LP
-        # (the replica search's pacing): on 6 and 7 they are the layer's best plans, on 9 and 10
-        # not (measured 2026-12-07, docs/planner.md).
+        # Each construction with its nodes' experts exchanged (``heuristic.node_swapped``, for
+        # one split LP's seconds at most), the best construction's first, while the time left
+        # holds _LP_MARGIN of the last split LP (the replica search's pacing): on 6 and 7 they
+        # are the layer's best plans, on 9 and 10 not (measured 2026-12-07, docs/planner.md).
         for _, replicas in sorted(built, key=lambda item: item[0]):
             if over(stop) or (stop is not None and stop - time.monotonic() < _LP_MARGIN * lp_s):
                 break
-            swapped = node_swapped(data, replicas)
+            swapped = node_swapped(data, replicas, until=time.monotonic() + max(lp_s, 0.05))
             if swapped is None:
                 continue
             t1 = time.monotonic()
