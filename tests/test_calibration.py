@@ -218,3 +218,34 @@ def test_the_routing_work_is_a_fixed_cost_and_a_rate_through_two_points():
     cal = Calibration.from_dict({**doc, "moe_local": [{**row, "fixed_seconds": 1e-3}]}, "new")
     assert cal.moe_local_seconds(d, e, k, 1e9) == pytest.approx(1e-3 + 1e9 / (row["gbps"] * 1e9))
     assert cal.moe_local_seconds(d + 1, e, k, 1e9) == pytest.approx(1e9 / cal.memory_rate("moe_local"))
+
+
+def test_a_part_timed_in_its_context_runs_that_context_for_the_sustain():
+    """``Timer.seconds(ahead=...)``: the sustain is the context repeated for ``sustain_s`` (not
+    GEMMs), and the part still times itself alone; ``_one_block`` is forward + backward of one of
+    the model's MoE blocks."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from epplan.runtime.calibrate import Timer, _one_block
+
+    calls = []
+
+    def ahead() -> None:
+        calls.append(time.perf_counter())
+        time.sleep(0.002)
+    timer = Timer(torch.device("cpu"), iters=3, warmup=1, sustain_s=0.05)
+    seconds = timer.seconds(lambda: time.sleep(0.001), ahead=ahead)
+    assert 10 <= len(calls) <= 40 and calls[-1] - calls[0] >= 0.03  # about 0.05 s of it
+    assert 0.0009 < seconds < 0.02  # the part alone
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        block = _one_block(load_model_config("tiny"), torch.device("cpu"), torch.float32, 16)
+        block()
+    finally:
+        if created:
+            dist.destroy_process_group()

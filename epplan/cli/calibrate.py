@@ -41,7 +41,7 @@ def calibrate(
     sustain: Annotated[float, typer.Option(
         metavar="SECONDS", help="On a GPU, seconds of back-to-back GEMMs before each measurement, so "
         "that parts are timed at the clock a training step holds (a card at its power limit), not "
-        "a cool card's. 0 turns it off.")] = 1.0,
+        "a cool card's; before the LM head, that long of its model's own block. 0 turns it off.")] = 1.0,
     rows: Annotated[Optional[str], typer.Option(
         help="Rows per expert to time, comma-separated. Default: 128,256,...,16384.",
         show_default=False)] = None,
@@ -105,7 +105,8 @@ def calibrate(
         gpu=gpu, software=software,
         provenance=(f"epplan calibrate on {gpu} x{world}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
                     f"torch {torch.__version__}, models {', '.join(c.name for c in configs)}"
-                    + (f", each part after {sustain:g} s of sustained GEMMs" if dev.type == "cuda" and sustain > 0
+                    + (f", each part after {sustain:g} s of sustained GEMMs (the LM head of its model's block)"
+                       if dev.type == "cuda" and sustain > 0
                        else "")),
         source=str(out), **tables)
     save_calibration(cal, out)

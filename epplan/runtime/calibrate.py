@@ -18,7 +18,8 @@ What is timed (forward + backward unless said):
                weights, bf16 residual stream under bf16 autocast)
     lm_head    per model: the LM head and its loss as ``epplan run`` runs them
                (``linear_cross_entropy`` in chunks, the fp32 weight's bf16 copy kept, its fp32
-               gradient made), forward + backward of one micro-batch, launched behind queued work
+               gradient made), forward + backward of one micro-batch, on CUDA after and behind
+               one of the model's MoE blocks as in a step (the card at that model's clock)
     norm       F.rms_norm on the residual stream (bf16 on CUDA)
     cast       an fp32 weight cast to bf16, its gradient accumulated into the fp32 gradient
     loss       one chunk of ``epplan.runtime.loss``'s cross-entropy (bf16 logits in, their
@@ -117,12 +118,16 @@ class Timer:
         if self.sustain_s > 0 and self.device.type == "cuda":
             self._queue(self.sustain_s)
 
-    def _once(self, fn: Callable[[], Any], lead: bool = False) -> float:
+    def _once(self, fn: Callable[[], Any], lead: bool = False,
+              ahead: Callable[[], Any] | None = None) -> float:
         """Seconds of one fn() on the device: from an idle stream, where the host's launch time
-        shows where it binds; with ``lead``, from behind ``LEAD_S`` of queued GEMMs."""
+        shows where it binds; with ``lead``, from behind ``LEAD_S`` of queued GEMMs; with
+        ``ahead``, from behind one ahead()."""
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if lead:
+            if ahead is not None:
+                ahead()
+            elif lead:
                 self._queue(LEAD_S)
             start.record()
             fn()
@@ -133,8 +138,11 @@ class Timer:
         fn()
         return time.perf_counter() - t0
 
-    def _prepare(self, *fns: Callable[[], Any]) -> None:
-        self._sustain()
+    def _prepare(self, *fns: Callable[[], Any], ahead: Callable[[], Any] | None = None) -> None:
+        if ahead is None:
+            self._sustain()
+        else:
+            self._repeat(ahead, self.sustain_s)
         for _ in range(self.warmup):
             for fn in fns:
                 fn()
@@ -143,11 +151,23 @@ class Timer:
             # time would hide under them
             torch.cuda.synchronize(self.device)
 
-    def seconds(self, fn: Callable[[], Any], iters: int | None = None, lead: bool = False) -> float:
+    def _repeat(self, fn: Callable[[], Any], seconds: float) -> None:
+        """Run fn() back to back for about ``seconds`` (counted from one timed run; none if 0)."""
+        if seconds <= 0:
+            return
+        once = max(self._once(fn), 1e-6)
+        for _ in range(math.ceil(seconds / once)):
+            fn()
+
+    def seconds(self, fn: Callable[[], Any], iters: int | None = None, lead: bool = False,
+                ahead: Callable[[], Any] | None = None) -> float:
         """Median seconds of fn() on the device over ``iters`` runs (default: the timer's), each
-        from an idle stream or, with ``lead``, launched while queued work runs (class docstring)."""
-        self._prepare(fn)
-        return statistics.median(self._once(fn, lead) for _ in range(iters or self.iters))
+        from an idle stream or, with ``lead``, launched while queued work runs (class docstring).
+        ``ahead``: the work training runs before fn, to time fn in its context: the sustain is
+        ahead() repeated for ``sustain_s`` (on any device) in place of GEMMs, and on CUDA each run
+        is launched behind one ahead() in place of ``LEAD_S`` of GEMMs."""
+        self._prepare(fn, ahead=ahead)
+        return statistics.median(self._once(fn, lead, ahead) for _ in range(iters or self.iters))
 
 
 def _rand(*shape: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0,
@@ -263,12 +283,24 @@ def measure_attention_block(timer: Timer, config: ModelConfig, tokens: int) -> d
             "tflops": flops / s / 1e12}
 
 
-def measure_lm_head(timer: Timer, config: ModelConfig, tokens: int) -> dict[str, Any]:
+def measure_lm_head(timer: Timer, config: ModelConfig, tokens: int, dtype: torch.dtype = torch.bfloat16,
+                    context: bool = True) -> dict[str, Any]:
     """The LM head and loss of one micro-batch of ``tokens`` as ``epplan run`` trains them
     (``linear_cross_entropy`` under bf16 autocast on CUDA: the fp32 weight's bf16 copy kept
     across calls, as the optimizer keeps it, chunks of ``CHUNK_TOKENS``, the fp32 weight gradient
-    written), launched behind queued work as in a step, where the host launches the head while
-    the last layer runs (``Timer``'s ``lead``); TFLOP/s over the head's training FLOPs."""
+    written); TFLOP/s over the head's training FLOPs.
+
+    With ``context`` (on CUDA), timed where training runs it: after one of the model's own MoE
+    blocks (``_one_block``, forward + backward at the same tokens), which is the sustained load
+    before it and the work each run is launched behind (``Timer.seconds``' ``ahead``), rather
+    than GEMMs a step does not run. Measured on one H100 (2026-12-07, call AM, docs/benchmarks.md):
+    the medium model's head 626.5 and 662.8 TFLOP/s after its block against 624.0 and 648.7 after
+    GEMMs (+0.4 %, +2.2 %), the seed dims' 691.7 against 686.2, though the card held 1,665 MHz
+    during the medium block against 1,410 during the GEMMs (a 100 ms log: the head's own 20 ms
+    GEMMs seem to set the clock it runs at). A small change, kept because it is the step's own
+    context; the medium model's training ran its head 7-9 % faster than AM calibrated it (calls
+    AF, AH, AJ: 10-18 %), not explained. Without ``context``, behind ``Timer``'s GEMMs (``lead``).
+    """
     dev, c = timer.device, config
     w = _rand(c.vocab_size, c.d_model, device=dev, dtype=torch.float32, scale=0.02, requires_grad=True)
     h = _rand(tokens, c.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
@@ -278,9 +310,49 @@ def measure_lm_head(timer: Timer, config: ModelConfig, tokens: int) -> dict[str,
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss = linear_cross_entropy(h, w, target)
         _backward(loss, torch.ones((), device=dev), h, w)
-    s = timer.seconds(run, lead=True)
+    ahead = _one_block(c, dev, dtype, tokens) if context and dev.type == "cuda" else None
+    s = timer.seconds(run, lead=True, ahead=ahead)
     return {"d_model": c.d_model, "vocab_size": c.vocab_size, "tokens": tokens,
             "tflops": 3 * model_costs(c).flops_lm_head * tokens / s / 1e12}
+
+
+def _one_layer_model(config: ModelConfig, dev: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A ``Transformer`` of ``config``'s first MoE block alone (no dense layers), its experts
+    all on this rank as a one-node ``epplan run`` holds them (``parallelize_experts`` on a group
+    of this process alone, no overlap), in ``dtype``."""
+    from epplan.placement.types import Placement, LayerPlacement
+    from epplan.runtime.expert_parallel import parallelize_experts
+    from epplan.runtime.model import Transformer
+    import numpy as np
+
+    c = config.replace(num_layers=1, num_dense_layers=0)
+    group = dist.new_group([dist.get_rank()])
+    E = c.num_experts
+    layer = LayerPlacement(replicas=[np.array([0]) for _ in range(E)], split=[np.ones((1, 1)) for _ in range(E)])
+    with torch.device(dev):
+        model = Transformer(c)
+    # parallelize_experts checks the placement against the group's size (1), not the world's.
+    parallelize_experts(model, Placement(1, E, [layer]), group=group, overlap=False)
+    model.layers[0].ffn.experts.to(dtype)  # bf16 expert weights: their casts are timed as "cast"
+    return model
+
+
+def _one_block(config: ModelConfig, dev: torch.device, dtype: torch.dtype, tokens: int) -> Callable[[], None]:
+    """Forward + backward of one of ``config``'s MoE blocks (``_one_layer_model``) over
+    ``tokens`` fresh tokens of the residual stream in sequences of ``seq_len``, as a training
+    step runs it."""
+    block = _one_layer_model(config, dev, dtype).layers[0]
+    seq = min(config.seq_len, tokens)  # sequences of the model's length, as in a micro-batch
+    x = _rand(max(tokens // seq, 1), seq, config.d_model, device=dev, dtype=_stream_dtype(dev), requires_grad=True)
+    g = _rand(*x.shape, device=dev, dtype=_stream_dtype(dev))
+
+    def run() -> None:
+        with torch.no_grad():
+            x.normal_()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            y = block(x)
+        _backward(y, g, x, *block.parameters())
+    return run
 
 
 def tiny_like(config: ModelConfig) -> ModelConfig:
@@ -435,21 +507,9 @@ def measure_moe_local(timer: Timer, config: ModelConfig, tokens: int, dtype: tor
     training step launches them. Not the median of alternated differences, which on an H200 came
     out 1.4-2.1 ms above the difference of the medians on three shapes and put the medium model's
     layer 11-16 % over its training time (2026-12-05, calls AF and AG)."""
-    from epplan.placement.types import Placement, LayerPlacement
-    from epplan.runtime.expert_parallel import parallelize_experts
-    from epplan.runtime.model import Transformer
-    import numpy as np
-
     dev, c = timer.device, config.replace(num_layers=1, num_dense_layers=0, num_shared_experts=0)
-    group = dist.new_group([dist.get_rank()])
     E = c.num_experts
-    layer = LayerPlacement(replicas=[np.array([0]) for _ in range(E)], split=[np.ones((1, 1)) for _ in range(E)])
-    with torch.device(dev):
-        model = Transformer(c)
-    # parallelize_experts checks the placement against the group's size (1), not the world's.
-    parallelize_experts(model, Placement(1, E, [layer]), group=group, overlap=False)
-    moe = model.layers[0].ffn
-    moe.experts.to(dtype)  # bf16 expert weights: their casts are timed as "cast"
+    moe = _one_layer_model(c, dev, dtype).layers[0].ffn
     experts = moe.experts
     ws = [w for w in (experts.w1, experts.w2, experts.w3) if w is not None]
     d = c.d_model
@@ -523,7 +583,7 @@ def calibrate(configs: list[ModelConfig], device: torch.device, tokens: int = 32
             blocks[key] = measure_attention_block(timer, c, tokens)
         key = (c.d_model, c.vocab_size)
         if key not in heads:
-            heads[key] = measure_lm_head(timer, c, tokens)
+            heads[key] = measure_lm_head(timer, c, tokens, dtype)
         row = measure_optimizer_fixed(timer, c)
         fixed.setdefault(row["num_tensors"], row)
         if not memory:
