@@ -238,7 +238,7 @@ def test_a_part_timed_in_its_context_runs_that_context_for_the_sustain():
         time.sleep(0.002)
     timer = Timer(torch.device("cpu"), iters=3, warmup=1, sustain_s=0.05)
     seconds = timer.seconds(lambda: time.sleep(0.001), ahead=ahead)
-    assert 10 <= len(calls) <= 40 and calls[-1] - calls[0] >= 0.03  # about 0.05 s of it
+    assert 3 <= len(calls) <= 40 and calls[-1] - calls[0] >= 0.03  # about 0.05 s of it, however slow the sleeps
     assert 0.0009 < seconds < 0.02  # the part alone
     created = not dist.is_initialized()
     if created:
