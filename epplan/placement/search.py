@@ -45,7 +45,7 @@ from epplan.placement.splits import optimal_splits, split_bound
 from epplan.placement.types import LayerPlacement
 
 _TIE = 1e-6        # relative: times this close are equal (the idler network wins)
-_LP_MARGIN = 2.0   # a move's LP starts only with this many times the last LP's seconds left
+LP_MARGIN = 2.0    # a move's LP starts only with this many times the last LP's seconds left
 _LEVEL_SLACK = 0.01   # same-node moves may leave a GPU this much busier than the plan's busiest
 _LEVEL_LPS = 4.0      # ... for this many times the last LP's seconds, before their LP
 
@@ -83,7 +83,7 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
     since = 0           # moves since the last one kept
     timed_out = False
     lp_s = lp_seconds
-    if until is not None and time.monotonic() + _LP_MARGIN * lp_s >= until:
+    if until is not None and time.monotonic() + LP_MARGIN * lp_s >= until:
         # no time for one LP: return before counting the reserve (split bounds of every
         # relabelled layer's baselines, seconds at 256 GPUs)
         return Searched(best, float(cost), float(link_s), 0, 0, 0, time.monotonic() - t0, True)
@@ -95,13 +95,13 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
         time for its LP; each better plan kept."""
         nonlocal best, cost, link_s, held, lps_after, kept, solved, lp_s
         while True:
-            end = None if until is None else until - (_LP_MARGIN + lps_after) * lp_s
+            end = None if until is None else until - (LP_MARGIN + lps_after) * lp_s
             if end is not None and time.monotonic() >= end:
                 return
             if end is not None and lp_s > 0:
                 end = min(end, time.monotonic() + _LEVEL_LPS * lp_s)
             lev = level_nodes(data, best, cost, link_s, until=end, gpu_slack=_LEVEL_SLACK)
-            if not lev.kept or until is not None and time.monotonic() + (_LP_MARGIN + lps_after) * lp_s >= until:
+            if not lev.kept or until is not None and time.monotonic() + (LP_MARGIN + lps_after) * lp_s >= until:
                 return
             left = None if until is None else max(0.05, until - time.monotonic())
             t1 = time.monotonic()
@@ -125,7 +125,7 @@ def replica_search(data: LayerData, layer: LayerPlacement, cost: float, link_s: 
     busy = _busy_gpus(data, best)
     away = _away_demand(data, held, node)
     while since < patience:
-        if until is not None and time.monotonic() + (_LP_MARGIN + lps_after) * lp_s >= until:
+        if until is not None and time.monotonic() + (LP_MARGIN + lps_after) * lp_s >= until:
             timed_out = True
             break
         tried += 1

@@ -69,7 +69,7 @@ from epplan.placement.layer import LayerData, gpu_slots, layer_data
 from epplan.placement.linkmodel import link_model
 from epplan.placement.nodelp import MAX_COUNT_INTEGERS, count_model, node_model
 from epplan.placement.problem import PlacementProblem
-from epplan.placement.search import _LP_MARGIN
+from epplan.placement.search import LP_MARGIN
 from epplan.placement.splits import SETTLED, nearest_split, optimal_splits, split_bound, split_result
 from epplan.placement.types import LayerPlacement, Placement, SolverInfo
 from epplan.workload.memory import expert_tp_rows
@@ -715,11 +715,11 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
                 break
         # Each construction with its nodes' experts exchanged (``heuristic.node_swapped``, for
         # one split LP's seconds at most), the best construction's first, while the time left
-        # holds _LP_MARGIN of the last split LP (the replica search's pacing): on 6 and 7 the
+        # holds LP_MARGIN of the last split LP (the replica search's pacing): on 6 and 7 the
         # worst gap 9.91 -> 6.17 % and 8.46 -> 5.92 %, on 9 and 10 no change (measured 2026-12-07,
         # docs/planner.md).
         for _, replicas in sorted(built, key=lambda item: item[0]):
-            if over(stop) or (stop is not None and stop - time.monotonic() < _LP_MARGIN * lp_s):
+            if over(stop) or (stop is not None and stop - time.monotonic() < LP_MARGIN * lp_s):
                 break
             swapped = node_swapped(data, replicas, until=time.monotonic() + max(lp_s, 0.05))
             if swapped is None:
