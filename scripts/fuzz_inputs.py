@@ -178,7 +178,7 @@ def build_cases(root: Path, good: dict[str, str], rng: random.Random) -> list[tu
     for field, values in (("steps", [0, -1, True, 1.5, "x", 1e308, None]),
                           ("tokens_per_rank_per_step", [0, -1, True, "x", None]),
                           ("num_ranks", [0, 3, True]), ("num_experts", [0, 5, True]), ("top_k", [0, 9, True]),
-                          ("version", [True, 2, "1"]), ("format", ["other", None, 1])):
+                          ("version", [True, 3, 0, "1"]), ("format", ["other", None, 1])):
         for value in values:
             f = c.file("stats", ".json", json.dumps(_set(stats, (field,), value)))
             c.add(f"stats {field}={value!r}", rt + [f])
