@@ -397,8 +397,7 @@ class _Holders:
         """Seconds: the busiest link's time in every plan whose busiest GPU is within t."""
         if not self.usable:
             return 0.0
-        # (1 - 1e-12): a replica count at a breakpoint of t is not rounded up by float error
-        need = np.maximum(1, np.ceil(self.load / (t * self.rate) * (1 - 1e-12))).astype(np.int64)   # [E]
+        need = self.need(t)                                                         # [E]
         if need.max() > self.num_gpus or need.sum() > self.num_slots:
             return float("inf")    # no plan has every GPU within t
 
@@ -425,12 +424,17 @@ class _Holders:
         (``heuristic._counts_bound``)."""
         if not self.usable:
             return None
-        need = np.maximum(1, np.ceil(self.load / (t * self.rate) * (1 - 1e-12))).astype(np.int64)
+        need = self.need(t)
         if need.max() > self.num_gpus or need.sum() > self.num_slots:
             return None
         level = self.link_bound(t) / self.unit * (1 + 1e-9)
         first = (self.ell + self.out[:, None] > level).sum(axis=1) + 1
         return np.minimum(np.maximum(need, first), self.num_gpus)
+
+    def need(self, t: float) -> np.ndarray:
+        """int64[E]: the least replicas of each expert that keep its GPUs within t (at least 1);
+        (1 - 1e-12): a replica count at a breakpoint of t is not rounded up by float error."""
+        return np.maximum(1, np.ceil(self.load / (t * self.rate) * (1 - 1e-12))).astype(np.int64)
 
     _MUS = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])   # multipliers of the distinct-expert budget
 

@@ -160,7 +160,7 @@ def _counts_bound(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) 
     if r is None:
         return None
     load = demand.sum(axis=0)
-    need = np.maximum(1, np.ceil(load / (t * float((1.0 / data.gpu_unit).max())) * (1 - 1e-12))).astype(np.int64)
+    need = holders.need(t)
     while r.sum() > slots:
         r[int(np.argmax(np.where(r > 1, r - need, -np.inf)))] -= 1
     while r.sum() < slots:
