@@ -11,7 +11,7 @@ import pytest
 from epplan.cost import evaluate
 from epplan.errors import PlacementError
 from epplan.placement.baselines import BASELINES, baseline, random_placement
-from epplan.placement.bounds import lower_bound
+from epplan.placement.bounds import compute_bound, lower_bound
 from epplan.placement.bruteforce import brute_force
 from epplan.placement.layer import layer_data
 from epplan.placement.linkmodel import link_model
@@ -415,6 +415,32 @@ def test_node_swapped_construction_keeps_counts_and_lowers_its_estimate(name, ro
         assert np.array_equal(np.sort(np.concatenate(moved)), np.arange(topo.num_gpus))
         np.testing.assert_array_equal([r.size for r in moved], [r.size for r in replicas])
         assert optimal_splits(data, moved).bottleneck >= lower_bound(data)[0] * (1 - 1e-9)
+
+
+def test_node_swapped_at_a_given_gpu_time_counts_that_time_and_keeps_counts(monkeypatch):
+    """``node_swapped(gpu_time=t)`` (``solve`` tries the best construction's exchange at a few GPU
+    times) estimates with t's replica capacity, t x the fastest GPU's rate, and keeps every
+    expert's replica count and every GPU's one slot."""
+    import epplan.placement.heuristic as heuristic
+
+    topo = load_topology(f"{TOPOLOGIES}/h100-8node-oversub.yaml")
+    config = load_model_config("seed", {"num_layers": 1, "d_ff": 2048})
+    problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, topo.num_gpus))
+    data = layer_data(problem, problem.traffic.counts[0])
+    rate = float((1.0 / data.gpu_unit).max())
+    c = compute_bound(data)
+    seen = []
+    real = heuristic._swap_nodes
+    monkeypatch.setattr(heuristic, "_swap_nodes", lambda m, demand, size, per_replica, *a, **k:
+                        (seen.append(per_replica), real(m, demand, size, per_replica, *a, **k))[1])
+    for replicas in local_candidates(data):
+        for mult in (1.0, 1.3):
+            moved = heuristic.node_swapped(data, replicas, gpu_time=mult * c)
+            assert seen[-1] == pytest.approx(mult * c * rate, rel=1e-12)
+            if moved is None:
+                continue
+            assert np.array_equal(np.sort(np.concatenate(moved)), np.arange(topo.num_gpus))
+            np.testing.assert_array_equal([r.size for r in moved], [r.size for r in replicas])
 
 
 def test_a_worker_stopped_at_the_wall_keeps_its_incumbent(monkeypatch):

@@ -200,10 +200,12 @@ def _bound_time(data: LayerData, holders, c: float) -> float:
 
 
 def node_swapped(data: LayerData, replicas: list[np.ndarray], max_moves: int = 200,
-                 until: float | None = None) -> list[np.ndarray] | None:
+                 until: float | None = None, gpu_time: float | None = None) -> list[np.ndarray] | None:
     """A construction's replicas with its nodes' experts exchanged (``_swap_nodes``) and dealt onto
     GPUs again (``_to_gpus``), or None where no exchange lowers the estimate (one slot per GPU,
-    with a network: the placements ``local_candidates`` builds there)."""
+    with a network: the placements ``local_candidates`` builds there). ``gpu_time``: the GPU time
+    (seconds) whose replica capacity the estimate counts; by default the one where the holders'
+    L(t) gives the least layer time (``_bound_time``)."""
     from epplan.placement.bounds import _Holders, compute_bound
 
     node_of = data.lm.gpu_node
@@ -214,9 +216,12 @@ def node_swapped(data: LayerData, replicas: list[np.ndarray], max_moves: int = 2
     m = np.zeros(demand.shape, dtype=np.int64)
     for e, ranks in enumerate(replicas):
         np.add.at(m[:, e], node_of[ranks], 1)
-    c = compute_bound(data)
-    holders = _Holders(data)
-    t = _bound_time(data, holders, c) if holders.usable and c > 0 else c
+    if gpu_time is None:
+        c = compute_bound(data)
+        holders = _Holders(data)
+        t = _bound_time(data, holders, c) if holders.usable and c > 0 else c
+    else:
+        t = gpu_time
     size = np.array([r.size for r in nodes])
     swapped = _swap_nodes(m, demand, size, t * float((1.0 / data.gpu_unit).max()), max_moves, until)
     return None if np.array_equal(swapped, m) else _to_gpus(data, nodes, demand, swapped)
