@@ -738,18 +738,20 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
         # _EXCHANGE_SHARE of the layer's time (so not at 512-1,024 GPUs, where one takes 5-10 s
         # and the exchange did not help): scripts/bench_planner.py's worst gap on 6 6.17 ->
         # 5.5 %, on 7 5.9-6.3 -> 5.6 %, 9 and 10 unchanged (measured 2026-12-07, docs/planner.md).
-        if built and stop is not None:
+        if built:
             first = min(built, key=lambda item: item[0])[1]
             c = compute_bound(data)
-            spent, allowed = 0.0, _EXCHANGE_SHARE * (stop - t0)
+            spent, allowed = 0.0, np.inf if stop is None else _EXCHANGE_SHARE * (stop - t0)
             for mult in _EXCHANGE_TIMES:
-                if over(stop) or spent + lp_s > allowed or stop - time.monotonic() < (LP_MARGIN + 1) * lp_s:
+                if over(stop) or spent + lp_s > allowed \
+                        or (stop is not None and stop - time.monotonic() < (LP_MARGIN + 1) * lp_s):
                     break
                 t1 = time.monotonic()
                 swapped = node_swapped(data, first, until=t1 + max(lp_s, 0.05), gpu_time=mult * c)
                 if swapped is not None:
+                    t2 = time.monotonic()
                     res = optimal_splits(data, swapped, time_limit=left(stop), worth_below=inc.floor)
-                    lp_s = res.seconds
+                    lp_s = time.monotonic() - t2
                     inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
                 spent += time.monotonic() - t1
         inc.send()
