@@ -17,10 +17,14 @@ A layer's time combines the busiest link's time A and the busiest GPU's time X a
 schedule does (``epplan.schedule``): A + X serial, A / C + max(A (C - 1) / C, X) overlapped in C
 chunks; ``evaluate`` reports the same.
 
-Source groups. Sources of one node whose rows counts[s, :] are proportional (every source under
-uniform or Zipf routing; the replicated sources of a trace) are interchangeable for the split: the
-planner gives them one split per expert, so their flows are w_s times the group's, with w_s the
-source's share of the group's demand. Link loads are then linear in the group -> GPU flows
+Source groups. Above ``SINGLE_SOURCE_COLUMNS``, sources of one node whose rows counts[s, :] are
+proportional (every source under uniform or Zipf routing; the replicated sources of a trace)
+share one split per expert, so their flows are w_s times the group's, with w_s the source's share
+of the group's demand. That is a restriction, not a symmetry: each source's combine comes back
+through its own NIC, so a split per source can let the source of a GPU whose NIC binds keep its
+demand on the node while its node-mates send theirs (``scripts/bench_planner.py`` instance 9,
+layer 0, the bound-count construction, measured 2026-12-07: 0.002396 s shared, 0.002346 s per
+source, -2.1 %; the per-source LP took 96-179 s against 6 s, so the planner keeps the groups). Link loads are then linear in the group -> GPU flows
 Y[a, t] with the coefficient rows
 
     coef[(a, t)] = sum_{s in a, s != t} w_s (incidence(s -> t) + incidence(t -> s)) * 2b / cap
