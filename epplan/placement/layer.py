@@ -24,8 +24,8 @@ of the group's demand. That is a restriction, not a symmetry: each source's comb
 through its own NIC, so a split per source can let the source of a GPU whose NIC binds keep its
 demand on the node while its node-mates send theirs (``scripts/bench_planner.py`` instance 9,
 layer 0, the bound-count construction, measured 2026-12-07: 0.002396 s shared, 0.002346 s per
-source, -2.1 %; the per-source LP took 96-179 s against 6 s, so the planner keeps the groups). Link loads are then linear in the group -> GPU flows
-Y[a, t] with the coefficient rows
+source, -2.1 %; the per-source LP took 96-179 s against 6 s, so the planner keeps the groups).
+Link loads are then linear in the group -> GPU flows Y[a, t] with the coefficient rows
 
     coef[(a, t)] = sum_{s in a, s != t} w_s (incidence(s -> t) + incidence(t -> s)) * 2b / cap
 

@@ -738,9 +738,9 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
         # _EXCHANGE_SHARE of the layer's time (so not at 512-1,024 GPUs, where one takes 5-10 s
         # and the exchange did not help): scripts/bench_planner.py's worst gap on 6 6.17 ->
         # 5.5 %, on 7 5.9-6.3 -> 5.6 %, 9 and 10 unchanged (measured 2026-12-07, docs/planner.md).
-        if built:
+        c = compute_bound(data) if built else 0.0
+        if c > 0:
             first = min(built, key=lambda item: item[0])[1]
-            c = compute_bound(data)
             spent, allowed = 0.0, np.inf if stop is None else _EXCHANGE_SHARE * (stop - t0)
             for mult in _EXCHANGE_TIMES:
                 if over(stop) or spent + lp_s > allowed \
