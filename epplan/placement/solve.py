@@ -709,12 +709,18 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     lp_s = 0.0     # seconds of the layer's last split LP (the replica search paces its LPs by it)
     if not over(stop):
         built = []     # (split time, replicas) of each construction
-        for replicas in local_candidates(data):
+
+        def split_local(replicas: list[np.ndarray]) -> float:
+            """Split a construction by the LP and offer it; its time (lp_s: the LP's seconds)."""
+            nonlocal lp_s
             t1 = time.monotonic()
             res = optimal_splits(data, replicas, time_limit=left(stop), worth_below=inc.floor)
             lp_s = time.monotonic() - t1
             inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
-            built.append((res.bottleneck, replicas))
+            return res.bottleneck
+
+        for replicas in local_candidates(data):
+            built.append((split_local(replicas), replicas))
             if over(stop):
                 break
         # Each construction with its nodes' experts exchanged (``heuristic.node_swapped``, for
@@ -726,12 +732,8 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             if over(stop) or (stop is not None and stop - time.monotonic() < LP_MARGIN * lp_s):
                 break
             swapped = node_swapped(data, replicas, until=time.monotonic() + max(lp_s, 0.05))
-            if swapped is None:
-                continue
-            t1 = time.monotonic()
-            res = optimal_splits(data, swapped, time_limit=left(stop), worth_below=inc.floor)
-            lp_s = time.monotonic() - t1
-            inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
+            if swapped is not None:
+                split_local(swapped)
         # The best construction exchanged again with the replica capacity of other GPU times
         # (_EXCHANGE_TIMES x the compute bound; the estimate counts one t, the layer's plan
         # trades its GPU time against the NICs), while those split LPs stay within
@@ -749,10 +751,7 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
                 t1 = time.monotonic()
                 swapped = node_swapped(data, first, until=t1 + max(lp_s, 0.05), gpu_time=mult * c)
                 if swapped is not None:
-                    t2 = time.monotonic()
-                    res = optimal_splits(data, swapped, time_limit=left(stop), worth_below=inc.floor)
-                    lp_s = time.monotonic() - t2
-                    inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
+                    split_local(swapped)
                 spent += time.monotonic() - t1
         inc.send()
     resplit_baselines(deadline, deadline)
