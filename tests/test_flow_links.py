@@ -160,3 +160,60 @@ def test_columns_subset_is_what_both_forms_see():
     a = (pairs.of_flow.T @ pairs.links).toarray()
     b = (agg.direct + agg.of_flow.T @ agg.links).toarray()
     np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("name,make", SMALL, ids=[n for n, _ in SMALL])
+def test_replica_class_groups_split_between_the_per_source_and_the_node_optimum(name, make):
+    """Node groups split by the octave of each GPU's coldest expert (``replica_class_groups``)
+    restrict the per-source split and relax the node-shared one: their LP optimum lies between
+    the two, the split is exact (``evaluate``'s flows give the LP's time), and each subgroup
+    lies in one node group, its sources' shares summing to 1."""
+    from epplan.placement.layer import replica_class_groups
+    from epplan.placement.splits import split_result
+
+    topo = make()
+    problem = problem_on(topo, 8, seed=2, per_gpu=1, proportional=True)
+    single = layer_data(problem, problem.traffic.counts[0])
+    node = grouped(single, True)
+    assert replica_class_groups(single, []) is None       # every source its own group already
+    split_any = False
+    for plan in (baseline("eplb", problem), random_placement(problem, seed=4)):
+        replicas = plan.layers[0].replicas
+        fine = replica_class_groups(node, replicas)
+        if fine is None:                                   # one class on every node: nothing to split
+            continue
+        split_any = True
+        assert node.num_groups < fine.num_groups <= fine.num_gpus
+        for a in range(fine.num_groups):
+            members = np.flatnonzero(fine.group_of == a)
+            assert np.unique(node.group_of[members]).size == 1
+            assert fine.weight[members].sum() == pytest.approx(1.0)
+        per_source, shared, between = (optimal_splits(d, replicas, method="simplex", max_columns=10**9)
+                                       for d in (single, node, fine))
+        assert per_source.bottleneck <= between.bottleneck * (1 + 1e-9)
+        assert between.bottleneck <= shared.bottleneck * (1 + 1e-9)
+        assert split_result(single, between.layer).bottleneck == pytest.approx(between.bottleneck, rel=1e-9)
+    assert split_any
+
+
+def test_replica_class_groups_classes_by_the_coldest_expert_held():
+    """Two nodes of four GPUs, one node group each: expert 0 on one GPU (cold), expert 1 on
+    five (the mean is 8 / 3: octave ceil(log2(5 / (8 / 3))) = 1), expert 2 on two (octave 0,
+    ceil(-0.42) clipped): each node's group splits into its holders of octave 0, of octave 1
+    and the GPUs that hold nothing."""
+    from epplan.placement.layer import replica_class_groups
+
+    topo = load_topology(TOPOLOGIES / "dgx-h100-2node.yaml")
+    problem = problem_on(topo, 3, seed=1, per_gpu=1, proportional=True)
+    data = grouped(layer_data(problem, problem.traffic.counts[0]), True)
+    g = topo.num_gpus
+    half = g // 2
+    replicas = [np.array([0]), np.array([1, 2, half, half + 1, half + 2]), np.array([3, half + 3])]
+    fine = replica_class_groups(data, replicas)
+    key = {s: (int(topo.gpu_node[s]), cls) for cls, members in
+           ((0, [0, 3, half + 3]), (1, [1, 2, half, half + 1, half + 2]),
+            (-1, [s for s in range(g) if s not in (0, 1, 2, 3, half, half + 1, half + 2, half + 3)]))
+           for s in members}
+    for s in range(g):
+        for t in range(g):
+            assert (fine.group_of[s] == fine.group_of[t]) == (key[s] == key[t])

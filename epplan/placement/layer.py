@@ -24,7 +24,9 @@ of the group's demand. That is a restriction, not a symmetry: each source's comb
 through its own NIC, so a split per source can let the source of a GPU whose NIC binds keep its
 demand on the node while its node-mates send theirs (``scripts/bench_planner.py`` instance 9,
 layer 0, the bound-count construction, measured 2026-12-07: 0.002396 s shared, 0.002346 s per
-source, -2.1 %; the per-source LP took 96-179 s against 6 s, so the planner keeps the groups).
+source, -2.1 %; the per-source LP took 96-179 s against 6 s, so the planner keeps the groups and,
+where the network binds, re-splits its plan once with each group split by replica class,
+``replica_class_groups``, which reaches the same 0.002346 s in 24 s there).
 Link loads are then linear in the group -> GPU flows Y[a, t] with the coefficient rows
 
     coef[(a, t)] = sum_{s in a, s != t} w_s (incidence(s -> t) + incidence(t -> s)) * 2b / cap
@@ -38,7 +40,7 @@ Shape legend: G = GPUs, E = experts, A = source groups, K = kept links.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -185,11 +187,49 @@ def source_groups(counts: np.ndarray, gpu_node: np.ndarray, *,
     if max_groups is not None and len(key_of) > max_groups:
         _, group_of = np.unique(gpu_node, return_inverse=True)
         exact = False
+    return group_of, _shares(totals, group_of), exact
+
+
+def _shares(totals: np.ndarray, group_of: np.ndarray) -> np.ndarray:
+    """float64[G] each source's share of its group's demand (equal shares in a group with none)."""
     group_total = np.bincount(group_of, weights=totals)
     size = np.bincount(group_of)
-    weight = np.where(group_total[group_of] > 0, totals / np.where(group_total > 0, group_total, 1)[group_of],
-                      1.0 / size[group_of])
-    return group_of, weight, exact
+    return np.where(group_total[group_of] > 0, totals / np.where(group_total > 0, group_total, 1)[group_of],
+                    1.0 / size[group_of])
+
+
+def replica_class_groups(data: LayerData, replicas: list[np.ndarray]) -> LayerData | None:
+    """``data`` with each source group split by how widely its GPUs' own experts are replicated
+    under ``replicas``, or None where that splits no group (every source its own group already,
+    groups forced for size, or one class per group).
+
+    A GPU's class is the octave of its coldest expert's replica count against the mean,
+    max(0, ceil(log2(R_e / mean R))), -1 for a GPU holding none. Why: a cold expert's few
+    holders take its dispatch from every node, so their own sources do best keeping their
+    demand near while the hot experts' holders send theirs out; a shared split makes them all
+    send alike. The subgroups of a proportional group are proportional, so the split stays
+    exact. Measured on ``scripts/bench_planner.py`` instance 9's layer 0 (the bound-count
+    construction, 2026-12-07): 64 node groups 0.002396 s (4.9 s LP), these 246 groups
+    0.002346 s (24 s), a group per source 0.002346 s (145-154 s); in the per-source optimum
+    the holders of octaves 0-1 send 1,486-1,489 of their 5,000 assignments off the node,
+    those of octaves 2-3 2,563-2,660 (the shared split: 1,556-1,624 from each).
+    """
+    if not data.exact or data.num_groups >= data.num_gpus:
+        return None
+    sizes = np.array([len(r) for r in replicas], dtype=np.float64)
+    mean = sizes.sum() / max(1, sizes.size)
+    coldest = np.full(data.num_gpus, np.inf)
+    for e, ranks in enumerate(replicas):
+        ranks = np.asarray(ranks, dtype=np.int64)
+        coldest[ranks] = np.minimum(coldest[ranks], sizes[e])
+    held = np.isfinite(coldest)
+    octave = np.full(data.num_gpus, -1, dtype=np.int64)
+    octave[held] = np.maximum(0, np.ceil(np.log2(coldest[held] / mean) - 1e-12)).astype(np.int64)
+    _, group_of = np.unique(data.group_of * (octave.max() + 2) + octave + 1, return_inverse=True)
+    group_of = group_of.astype(np.int64)
+    if int(group_of.max()) + 1 == data.num_groups:
+        return None
+    return replace(data, group_of=group_of, weight=_shares(data.counts.sum(axis=1), group_of), _coef=None)
 
 
 _INC_CACHE: dict[int, tuple[object, sp.csr_matrix]] = {}
