@@ -197,7 +197,7 @@ def test_replica_class_groups_split_between_the_per_source_and_the_node_optimum(
 
 
 def test_replica_class_groups_classes_by_the_coldest_expert_held():
-    """Two nodes of four GPUs, one node group each: expert 0 on one GPU (cold), expert 1 on
+    """Two nodes of eight GPUs, one node group each: expert 0 on one GPU (cold), expert 1 on
     five (the mean is 8 / 3: octave ceil(log2(5 / (8 / 3))) = 1), expert 2 on two (octave 0,
     ceil(-0.42) clipped): each node's group splits into its holders of octave 0, of octave 1
     and the GPUs that hold nothing."""
