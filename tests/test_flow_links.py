@@ -200,7 +200,7 @@ def test_replica_class_groups_classes_by_the_coldest_expert_held():
     """Two nodes of eight GPUs, one node group each: expert 0 on one GPU (cold), expert 1 on
     five (the mean is 8 / 3: octave ceil(log2(5 / (8 / 3))) = 1), expert 2 on two (octave 0,
     ceil(-0.42) clipped): each node's group splits into its holders of octave 0, of octave 1
-    and the GPUs that hold nothing."""
+    and the GPUs that hold nothing; with top=0, into its holders and the others."""
     from epplan.placement.layer import replica_class_groups
 
     topo = load_topology(TOPOLOGIES / "dgx-h100-2node.yaml")
@@ -217,3 +217,9 @@ def test_replica_class_groups_classes_by_the_coldest_expert_held():
     for s in range(g):
         for t in range(g):
             assert (fine.group_of[s] == fine.group_of[t]) == (key[s] == key[t])
+    # top=0: the octaves above 0 merged into it, each node's holders one group, the rest another
+    merged = replica_class_groups(data, replicas, top=0)
+    for s in range(g):
+        for t in range(g):
+            assert (merged.group_of[s] == merged.group_of[t]) == \
+                ((key[s][0], key[s][1] >= 0) == (key[t][0], key[t][1] >= 0))
