@@ -85,8 +85,9 @@ _FLAT_SHARE = 0.7  # of the time limit, for the flat plan that hierarchical disp
 # is tried at again, and the share of the layer's time those exchanges' split LPs may take
 _EXCHANGE_TIMES = (1.0, 1.1, 1.2, 1.3)
 _EXCHANGE_SHARE = 0.1
-# the node groups' split LP's time, scaled by the groups, that the time left must hold for the
-# plan in hand's re-split with the replica-class groups
+# the node groups' split LP's time (the longest construction's, or the last LP's if longer),
+# scaled by the groups, that the time left must hold for the plan in hand's re-split with the
+# replica-class groups
 _FINE_LP_TIMES = 1.0
 _FINE_LINK_WEIGHT = 0.5   # d(layer time) / d(busiest link's time) from which that re-split runs
 
@@ -652,13 +653,14 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     """One layer: every baseline as it is, then re-split by the LP (best first, unless
     ``split_bound`` rules it out; all but the best for half the layer's time at most), the
     construction, the baselines' splits left, then the node LP and the MILP. The baselines come
-    first so that a layer stopped early has them. The layer's own search stops after ``budget``
-    seconds or at ``deadline``, the baselines' splits at ``deadline``; ``post`` gets each
-    better plan. ``after``: (layer, replicas) of the baselines the layers relabelled from this
-    one re-split once it is done where their split bound is below its plan (the replica search
-    stops in time for those LPs). ``share(floor, until, lp_s)``: once the baselines are split,
-    this layer's worker runs those re-splits that the other workers would not finish
-    (``_share``), before its bounds."""
+    first so that a layer stopped early has them, except where the exchange is exposed and a
+    node's sources share a split (``network_first`` below: the constructions first). The
+    layer's own search stops after ``budget`` seconds or at ``deadline``, the baselines' splits
+    at ``deadline``; ``post`` gets each better plan. ``after``: (layer, replicas) of the
+    baselines the layers relabelled from this one re-split once it is done where their split
+    bound is below its plan (the replica search stops in time for those LPs). ``share(floor,
+    until, lp_s)``: once the baselines are split, this layer's worker runs those re-splits that
+    the other workers would not finish (``_share``), before its bounds."""
     t0 = time.monotonic()
     stop = None if budget is None else t0 + budget
     if deadline is not None:
@@ -705,35 +707,58 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
                 inc.unchecked.remove(name)
             inc.send()
 
+    # Where a node's sources share one split and the exchange is exposed (serial, or one
+    # chunk: _FINE_LINK_WEIGHT), the constructions come before the baselines' splits, the last
+    # (the trade-off bound's counts, where built) first and split at once with two replica
+    # classes a node (``replica_class_groups``, top=1: the GPUs holding an expert with at most
+    # the mean replicas, and the others), and the node exchanges are not run (on 9 and 10 they
+    # changed nothing). The LPs after it stop at its floor (instance 10's layer 0: the best
+    # baseline's split 10.5 -> 2.1 s), and its own LP is the one the re-split below would add
+    # (there 25.5 s; the node groups' 15.7 s and then the octaves' 30.1 s did not fit the
+    # layer's 45 s): 10's worst gap 4.29 -> 2.97 %, 5, 8 and 9 unchanged (measured 2026-12-07,
+    # docs/planner.md).
+    network_first = data.exact and data.num_groups < data.num_gpus and data.schedule.exposed >= _FINE_LINK_WEIGHT
     split_s: list[float] = []   # seconds of the baselines' split LPs
     # The best baseline's split first, up to the deadline; the others' for half the layer's
     # time at most before the construction (at 1,024 GPUs one split LP takes minutes on a
     # loaded machine), and those left after it, up to the deadline.
-    resplit_baselines(None if stop is None else min(stop, t0 + 0.5 * (stop - t0)), deadline)
+    if not network_first:
+        resplit_baselines(None if stop is None else min(stop, t0 + 0.5 * (stop - t0)), deadline)
     lp_s = 0.0     # seconds of the layer's last split LP (the replica search paces its LPs by it)
+    most_lp_s = 0.0   # the longest construction LP's seconds, scaled to the node groups
     if not over(stop):
         built = []     # (split time, replicas) of each construction
 
-        def split_local(replicas: list[np.ndarray]) -> float:
-            """Split a construction by the LP and offer it; its time (lp_s: the LP's seconds)."""
-            nonlocal lp_s
+        def split_local(replicas: list[np.ndarray], by: LayerData = data) -> float:
+            """Split a construction by the LP (over ``by``'s source groups) and offer it; its
+            time (lp_s: the LP's seconds)."""
+            nonlocal lp_s, most_lp_s
             t1 = time.monotonic()
-            res = optimal_splits(data, replicas, time_limit=left(stop), worth_below=inc.floor)
+            res = optimal_splits(by, replicas, time_limit=left(stop), worth_below=inc.floor,
+                                 tie_break=by is data)
             lp_s = time.monotonic() - t1
+            most_lp_s = max(most_lp_s, lp_s * data.num_groups / by.num_groups)
             inc.offer(res.bottleneck, res.link_time, res.layer, "local", prefer=True)
             return res.bottleneck
 
-        for replicas in local_candidates(data):
-            built.append((split_local(replicas), replicas))
+        candidates = local_candidates(data)
+        if network_first:   # (above)
+            candidates = candidates[::-1]
+            two = replica_class_groups(data, candidates[0], top=1)
+            if two is not None:
+                built.append((split_local(candidates[0], two), candidates[0]))
+                candidates = candidates[1:]
+        for replicas in candidates:
             if over(stop):
                 break
+            built.append((split_local(replicas), replicas))
         # Each construction with its nodes' experts exchanged (``heuristic.node_swapped``, for
         # one split LP's seconds at most), the best construction's first, while the time left
         # holds LP_MARGIN of the last split LP (the replica search's pacing): on 6 and 7 the
         # worst gap 9.91 -> 6.17 % and 8.46 -> 5.92 %, on 9 and 10 no change (measured 2026-12-07,
         # docs/planner.md).
         for _, replicas in sorted(built, key=lambda item: item[0]):
-            if over(stop) or (stop is not None and stop - time.monotonic() < LP_MARGIN * lp_s):
+            if network_first or over(stop) or (stop is not None and stop - time.monotonic() < LP_MARGIN * lp_s):
                 break
             swapped = node_swapped(data, replicas, until=time.monotonic() + max(lp_s, 0.05))
             if swapped is not None:
@@ -744,7 +769,7 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
         # _EXCHANGE_SHARE of the layer's time (so not at 512-1,024 GPUs, where one takes 5-10 s
         # and the exchange did not help): scripts/bench_planner.py's worst gap on 6 6.17 ->
         # 5.5 %, on 7 5.9-6.3 -> 5.6 %, 9 and 10 unchanged (measured 2026-12-07, docs/planner.md).
-        c = compute_bound(data) if built else 0.0
+        c = compute_bound(data) if built and not network_first else 0.0
         if c > 0:
             first = min(built, key=lambda item: item[0])[1]
             spent, allowed = 0.0, np.inf if stop is None else _EXCHANGE_SHARE * (stop - t0)
@@ -777,7 +802,8 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
         weight = sched.exposed + (sched.hidden if sched.binds(inc.link, gpu_s) == "link" else 0.0)
         if weight >= _FINE_LINK_WEIGHT:
             fine = replica_class_groups(data, inc.layer.replicas)
-    if fine is not None and (stop is None or stop - time.monotonic() > _FINE_LP_TIMES * lp_s * fine.num_groups / data.num_groups):
+    if fine is not None and (stop is None or stop - time.monotonic()
+                             > _FINE_LP_TIMES * max(lp_s, most_lp_s) * fine.num_groups / data.num_groups):
         res = optimal_splits(fine, inc.layer.replicas, time_limit=left(stop), worth_below=inc.floor, tie_break=False)
         inc.offer(res.bottleneck, res.link_time, res.layer, inc.start)
         inc.send()
