@@ -504,20 +504,21 @@ def test_a_network_bound_layer_is_split_with_replica_class_groups(monkeypatch):
     exposed (one chunk), the constructions come before the baselines' splits: the first LP of
     the layer splits a construction with two replica classes a node (``replica_class_groups``,
     top=1; first stage only), the baselines' splits follow, and the layer keeps a plan no slower
-    than any replica-class split; where the layer's time follows its links at 1 / 16 of their
-    own (16 chunks, the GEMMs above the hidden exchange) the baselines' splits come first and no
-    replica-class LP runs."""
+    than any replica-class split. With 16 chunks the baselines' splits come first; where a link
+    binds the pipeline there (the hidden exchange above the GEMMs) the plan in hand is re-split
+    once with the replica classes after the constructions; where the GEMMs bind (the layer
+    follows its links at 1 / 16 of their own) no replica-class LP runs."""
     import epplan.placement.layer as layer_mod
     import epplan.placement.solve as solve_mod
 
     monkeypatch.setattr(layer_mod, "SINGLE_SOURCE_COLUMNS", 0)
     topo = load_topology(f"{TOPOLOGIES}/h100-8node-oversub.yaml")
     real = solve_mod.optimal_splits
-    for d_ff, chunks, network in ((2048, 1, True), (8192, 16, False)):
+    for d_ff, chunks, mode in ((2048, 1, "exposed"), (512, 16, "hidden"), (8192, 16, "gemm")):
         config = load_model_config("seed", {"num_layers": 1, "d_ff": d_ff})
         problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, topo.num_gpus),
                                    overlap="on", num_chunks=chunks)
-        assert problem.schedule.exposed == pytest.approx(1.0 if network else 1 / 16)
+        assert problem.schedule.exposed == pytest.approx(1.0 if mode == "exposed" else 1 / 16)
         base = {name: pl.layers[0] for name, pl in solve_mod._baselines(problem).items()}
         calls = []   # (classed, a baseline's replicas, time, tie-break) of each split LP
 
@@ -531,9 +532,14 @@ def test_a_network_bound_layer_is_split_with_replica_class_groups(monkeypatch):
         # 10 s: the constructions and the re-split take about 3 s here, more on a loaded machine
         _, info = solve_mod._solve_layer(problem, 0, base, "highs", 10.0, 0.0)
         classed = [c for c in calls if c[0]]
-        if network:
+        if mode == "exposed":
             assert calls[0][0] and not calls[0][1] and calls[0][3] is False
             assert any(c[1] for c in calls)             # the baselines' splits, after it
-            assert info.objective_s <= min(c[2] for c in classed) * (1 + 1e-9)
         else:
-            assert calls[0][1] and not classed
+            assert calls[0][1] and not calls[0][0]
+        if mode == "hidden":
+            assert len(classed) == 1 and classed[0][3] is False and not calls[-1][1]
+        if mode == "gemm":
+            assert not classed
+        else:
+            assert info.objective_s <= min(c[2] for c in classed) * (1 + 1e-9)
