@@ -85,9 +85,9 @@ _FLAT_SHARE = 0.7  # of the time limit, for the flat plan that hierarchical disp
 # is tried at again, and the share of the layer's time those exchanges' split LPs may take
 _EXCHANGE_TIMES = (1.0, 1.1, 1.2, 1.3)
 _EXCHANGE_SHARE = 0.1
-# the node groups' split LP's time (the longest construction's, or the last LP's if longer),
-# scaled by the groups, that the time left must hold for the plan in hand's re-split with the
-# replica-class groups
+# the node groups' split LP's time (the last LP's; where the constructions come first, the
+# longest construction's), scaled by the groups, that the time left must hold for the plan in
+# hand's re-split with the replica-class groups
 _FINE_LP_TIMES = 1.0
 _FINE_LINK_WEIGHT = 0.5   # d(layer time) / d(busiest link's time) from which that re-split runs
 
@@ -802,8 +802,9 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
         weight = sched.exposed + (sched.hidden if sched.binds(inc.link, gpu_s) == "link" else 0.0)
         if weight >= _FINE_LINK_WEIGHT:
             fine = replica_class_groups(data, inc.layer.replicas)
+    fine_lp_s = most_lp_s if network_first else lp_s   # (network_first: the last LPs stop at the floor)
     if fine is not None and (stop is None or stop - time.monotonic()
-                             > _FINE_LP_TIMES * max(lp_s, most_lp_s) * fine.num_groups / data.num_groups):
+                             > _FINE_LP_TIMES * fine_lp_s * fine.num_groups / data.num_groups):
         res = optimal_splits(fine, inc.layer.replicas, time_limit=left(stop), worth_below=inc.floor, tie_break=False)
         inc.offer(res.bottleneck, res.link_time, res.layer, inc.start)
         inc.send()
