@@ -255,7 +255,7 @@ def test_link_class_bound_sees_cross_rail_traffic_on_the_oversubscribed_spine(mo
     import epplan.placement.railbound as railbound
 
     monkeypatch.setattr(railbound, "rail_cover_bound", lambda data: 0.0)
-    monkeypatch.setattr(FarBound, "joint_link_bound", lambda self, t, holders: 0.0)
+    monkeypatch.setattr(FarBound, "joint_link_bound", lambda self, t, holders, **kw: 0.0)
     topo = load_topology("topologies/h100-8node-oversub.yaml")
     config = load_model_config("seed", {"d_ff": 2048, "num_layers": 1})
     problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, topo.num_gpus))
@@ -286,11 +286,33 @@ def test_link_class_with_holders_is_below_the_optimum_where_it_lifts_the_bound(n
     assert alone * 1.004 < joint <= best * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_covers_bound_the_most_sources_any_gpus_reach(seed):
+    """``farbound._covers`` against every subset of 9 GPUs: never below the best subset's
+    coverage, concave, and equal to it where that is concave already (the MILP's own optimum)."""
+    import itertools
+
+    from epplan.placement.farbound import _covers
+
+    rng = np.random.default_rng(seed)
+    near = rng.random((9, 9)) < 0.3
+    near[np.arange(9), np.arange(9)] = True
+    exact = np.zeros(10)
+    for r in range(1, 10):
+        exact[r] = max(int(near[:, list(c)].any(axis=1).sum()) for c in itertools.combinations(range(9), r))
+    got = _covers(near)
+    assert np.all(got >= exact - 1e-9)
+    assert np.all(np.diff(got, 2) <= 1e-9)
+    if np.all(np.diff(exact, 2) <= 0):
+        assert np.allclose(got, exact)
+
+
 def test_link_class_and_holders_together_lift_the_bound_on_the_oversubscribed_spine():
     """Benchmark instance 7's layer (8 x DGX H100, 2:1 rail leaf/spine, ECMP, zipf 1.2): at the
     plan's GPU time the holders' NICs allow 0.010216 s and the link class's LP 0.006979 s, but
     no replica counts give both: the cold experts' few holders that keep the NICs within the
-    holders' level leave most of their demand far, over the spine (measured 2026-12-07)."""
+    holders' level leave most of their demand far, over the spine (0.011419 s; measured
+    2026-12-07)."""
     topo = load_topology("topologies/h100-8node-oversub.yaml")
     config = load_model_config("seed", {"d_ff": 2048, "num_layers": 1})
     problem = PlacementProblem(topo, config, make_traffic("zipf:1.2", config, topo.num_gpus))
@@ -298,8 +320,8 @@ def test_link_class_and_holders_together_lift_the_bound_on_the_oversubscribed_sp
     far, holders = FarBound(data), _Holders(data)
     t = 1.15 * compute_bound(data)
     alone = max(holders.link_bound(t), far.link_bound(t)[0])
-    assert far.joint_link_bound(t, holders) > alone * 1.03
-    assert far_tradeoff_bound(data) > tradeoff_bound(data) * 1.01
+    assert far.joint_link_bound(t, holders) > alone * 1.1
+    assert far_tradeoff_bound(data) > tradeoff_bound(data) * 1.015
 
 
 @hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))

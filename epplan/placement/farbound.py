@@ -25,25 +25,29 @@ the LP (a relaxation: every true plan gives a feasible point)
 (x: g holds e; z: what g serves of e for sources near it). ``bounds.tradeoff_bound`` takes the
 resulting L(t) with its own cut bounds and searches over t.
 
-With the holders' NIC rows (``joint_link_bound``): the LP lets every plan spend its replicas on
-near service, and the holders' bound (``bounds._Holders``) lets every plan spend them on its
-cold experts' NICs; a plan has one set of replica counts R for both. For a level Lambda (the
-busiest link's time) the holders' rows give each expert a least R_e (its holders' receiving
-NICs within Lambda, and R_e >= n_e / (t x the fastest rate)); a class step j's near pairs of e's
-R_e holders reach at most the R_e k_j sources with the largest demand for e (k_j: the most
-sources near one GPU), and serve at most R_e t / c_fastest, so
+With the holders' NIC rows (``joint_link_bound``): the LP lets every plan spend its replicas on near
+service, and the holders' bound (``bounds._Holders``) lets every plan spend them on its cold
+experts' NICs; a plan has one set of replica counts R for both. For a level Lambda (the busiest
+link's time) the holders' rows give each expert a least R_e (its holders' receiving NICs within
+Lambda, and R_e >= n_e / (t x the fastest rate)); a class step j's near pairs of e's R_e holders
+reach at most cover_j(R_e) sources (``_covers``: the most sources near any R GPUs, a max-coverage
+MILP's dual bound per R, at most R k_j with k_j the most near one GPU, taken with its least concave
+majorant), those with the largest demand for e at most, and serve at most R_e t / c_fastest, so
 
-    near_je(R_e) = min(n_e, R_e t / c_fastest, the R_e k_j largest n[s, e])
+    near_je(R_e) = min(n_e, R_e t / c_fastest, top_e(cover_j(R_e)))
 
-(concave in R_e), and the class's links carry at least sum_j step_j (W - sum_e near_je(R_e)) /
-|L|. Lambda is feasible where some integer R above those floors, within the slots, puts at most
-Lambda on the class: the greedy over the marginal near service (separable concave, so exact)
-finds the most near service; feasibility grows with Lambda (the floors fall), so the least
-feasible Lambda, by bisection, is at most every plan's busiest link. Measured on
-``scripts/bench_planner.py`` instance 7's layer 0 at 1.15 x the compute bound (the plan's GPU
-time): holders 0.010216 s, this LP 0.006979 s, together 0.010550 s; the plan 0.011873 s, its
-leaf-spine links' mean 0.5 % below their most (on the same cluster without oversubscription
-the plan comes within 1 % of the bound, its NICs' mean within 0.7 % of their most).
+(top_e(m): the m largest n[s, e] summed, linear between integers; concave in R_e), and the class's
+links carry at least sum_j step_j (W - sum_e near_je(R_e)) / |L|. Lambda is feasible where some
+integer R above those floors, within the slots, puts at most Lambda on the class: the greedy over
+the marginal near service (separable concave, so exact) finds the most near service; feasibility
+grows with Lambda (the floors fall), so the least feasible Lambda, by bisection, is at most every
+plan's busiest link. Measured on ``scripts/bench_planner.py`` instance 7's layer 0 at 1.15 x the
+compute bound (the plan's GPU time): holders 0.010216 s, this LP 0.006979 s, together 0.010550 s
+with R k_j for the cover and 0.011419 s with the MILP's (11 / 22 / 31 / 40 / 47 / 54 / 59 / 64
+sources for 1-8 GPUs where R k_j gives 11 / 22 / 33 / 44 / 55 / 64: two holders in a scalable unit
+share its leaves' sources, 2.5 s once per cluster); the plan 0.011873 s, its leaf-spine links' mean
+0.5 % below their most (on the same cluster without oversubscription the plan comes within 1 % of
+the bound, its NICs' mean within 0.7 % of their most).
 
 Why an LP here and not in ``bounds.py``: w couples sources and GPUs pair by pair, and which GPUs
 hold an expert decides both near service and compute, a transportation structure with no
@@ -133,10 +137,11 @@ class FarBound:
                 best, which = loaded / size, name
         return best, which
 
-    def joint_link_bound(self, t: float, holders: _Holders) -> float:
+    def joint_link_bound(self, t: float, holders: _Holders, *, deadline: float | None = None) -> float:
         """Seconds: the busiest link's time in every plan whose busiest GPU is within t, from each
         class's far traffic and the holders' NIC rows with one set of replica counts (module
-        docstring); 0.0 where the holders' rows do not apply (``_Holders.usable``)."""
+        docstring); 0.0 where the holders' rows do not apply (``_Holders.usable``). ``deadline``
+        (time.monotonic()): for the covers' MILPs, on the first call per cluster."""
         if not self.classes or not holders.usable:
             return 0.0
         data = self.data
@@ -151,15 +156,17 @@ class FarBound:
         experts = np.arange(num_experts)
         best = 0.0
         for _, size, steps in self.classes:
-            ks = [int(near.sum(axis=0).max()) for near, _ in steps]
+            covers = [_covers(near, deadline) for near, _ in steps]               # [G + 1] each
             weight = sum(step for _, step in steps)
 
             def served(r: np.ndarray) -> np.ndarray:
                 """float64[E] sum_j step_j near_je(r_e), seconds."""
                 out = np.zeros(num_experts)
-                for (_, step), k in zip(steps, ks):
-                    m = np.minimum(r * k, num_gpus)
-                    out += step * np.minimum(np.minimum(load, r * cap), self.top[m, experts])
+                for (_, step), cover in zip(steps, covers):
+                    m = cover[r]
+                    low = np.minimum(np.floor(m).astype(np.int64), num_gpus - 1)
+                    top = self.top[low, experts] + (m - low) * (self.top[low + 1, experts] - self.top[low, experts])
+                    out += step * np.minimum(np.minimum(load, r * cap), top)
                 return out
 
             def fits(lam: float) -> bool:
@@ -214,9 +221,65 @@ def far_tradeoff_bound(data: LayerData, *, deadline: float | None = None) -> flo
 
     def extra(t: float) -> float:
         left = None if deadline is None else max(0.05, deadline - time.monotonic())
-        return max(far.link_bound(t, time_limit=left)[0], far.joint_link_bound(t, holders))
+        return max(far.link_bound(t, time_limit=left)[0], far.joint_link_bound(t, holders, deadline=deadline))
 
     return tradeoff_bound(data, extra=extra, max_evals=20, deadline=deadline)
+
+
+_COVERS: dict[bytes, np.ndarray] = {}
+_COVER_SECONDS = 2.0    # per MILP (one per replica count); its dual bound is valid when stopped
+_COVERS_SECONDS = 10.0  # all of one cluster's; past it (or the caller's deadline), r k
+
+
+def _covers(near: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    """float64[G + 1]: at least the most sources near any r GPUs (near[s, g]), r = 0..G, concave
+    in r. Per r the max-coverage MILP (x_g: g chosen, y_s <= sum of x over the GPUs near s,
+    sum x = r; maximise sum y) gives its dual bound, rounded down; at most r k (k the most sources
+    near one GPU) and the number of sources; then the least concave majorant (the greedy in
+    ``FarBound.joint_link_bound`` needs concave gains). Past ``deadline`` or ``_COVERS_SECONDS``,
+    r k for the counts left. Cached per near matrix (the topology's, shared by its layers), also
+    when cut short (the values hold; the next layers do not pay again)."""
+    key = np.packbits(near).tobytes() + bytes(str(near.shape), "ascii")
+    hit = _COVERS.get(key)
+    if hit is not None:
+        return hit
+    num_sources, num_gpus = near.shape
+    k = int(near.sum(axis=0).max())
+    r = np.arange(num_gpus + 1)
+    value = np.minimum(r * k, num_sources).astype(np.float64)
+    stop = time.monotonic() + _COVERS_SECONDS
+    stop = stop if deadline is None else min(stop, deadline)
+    a = sp.hstack([-sp.csr_matrix(near.astype(np.float64)), sp.eye(num_sources, format="csr")])
+    a = sp.vstack([a, sp.hstack([sp.csr_matrix(np.ones((1, num_gpus))), sp.csr_matrix((1, num_sources))])]).tocsc()
+    for count in range(2, num_gpus + 1):
+        if value[count - 1] >= num_sources:
+            value[count:] = num_sources
+            break
+        left = stop - time.monotonic()
+        if left <= 0.05:
+            break
+        lp = LP(np.concatenate([np.zeros(num_gpus), -np.ones(num_sources)]), a,
+                np.concatenate([np.full(num_sources, -np.inf), [count]]),
+                np.concatenate([np.zeros(num_sources), [count]]),
+                np.zeros(num_gpus + num_sources), np.ones(num_gpus + num_sources),
+                integrality=np.concatenate([np.ones(num_gpus, dtype=bool), np.zeros(num_sources, dtype=bool)]))
+        res = lp.solve(min(_COVER_SECONDS, left))
+        if res.status in ("optimal", "time_limit"):
+            dual = -float(lp.h.getInfo().mip_dual_bound)       # the most coverage any r GPUs reach
+            if np.isfinite(dual):
+                value[count] = min(value[count], np.floor(dual + 1e-6))
+    # least concave majorant (upper hull) of (r, value)
+    hull: list[int] = []
+    for i in range(num_gpus + 1):
+        while len(hull) >= 2 and (value[hull[-1]] - value[hull[-2]]) * (i - hull[-2]) <= \
+                (value[i] - value[hull[-2]]) * (hull[-1] - hull[-2]):
+            hull.pop()
+        hull.append(i)
+    out = np.interp(r, np.array(hull), value[hull])
+    if len(_COVERS) > 16:
+        _COVERS.clear()
+    _COVERS[key] = out
+    return out
 
 
 def near_max(counts: np.ndarray, near: np.ndarray, cap: np.ndarray, slots: np.ndarray, *,
