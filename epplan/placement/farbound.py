@@ -111,8 +111,8 @@ class FarBound:
                     steps.append((near, low - prev))
                     prev = low
             self.classes.append((str(name), int(cols.size), steps))
-        # the R k_j largest demands per expert (``joint_link_bound``): top[m, e] = the sum of the
-        # m largest n[s, e]
+        # the largest demands per expert (``joint_link_bound``): top[m, e] = the sum of the m
+        # largest n[s, e]
         ranked = -np.sort(-data.counts, axis=0)
         self.top = np.vstack([np.zeros(data.num_experts), np.cumsum(ranked, axis=0)])   # [G + 1, E]
 
