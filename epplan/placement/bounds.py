@@ -402,11 +402,8 @@ class _Holders:
             return float("inf")    # no plan has every GPU within t
 
         def fits(level: float) -> bool:
-            if np.any(self.out > level):
-                return False
-            # least R_e with l_e(R_e) + out_e <= level
-            first = (self.ell + self.out[:, None] > level).sum(axis=1) + 1
-            return int(np.maximum(need, first).sum()) <= self.num_slots
+            floors = self.floors(level, need)
+            return floors is not None and int(floors.sum()) <= self.num_slots
 
         lo, hi = 0, self.levels.size - 1                       # levels[hi] (the largest) fits
         while lo < hi:
@@ -427,9 +424,17 @@ class _Holders:
         need = self.need(t)
         if need.max() > self.num_gpus or need.sum() > self.num_slots:
             return None
-        level = self.link_bound(t) / self.unit * (1 + 1e-9)
+        floors = self.floors(self.link_bound(t) / self.unit * (1 + 1e-9), need)
+        return None if floors is None else np.minimum(floors, self.num_gpus)
+
+    def floors(self, level: float, need: np.ndarray) -> np.ndarray | None:
+        """int64[E]: the least replicas of each expert whose holders' NICs stay within ``level``
+        (assignments: l_e(R_e) + out_e <= level) and whose GPUs within t (``need``, from
+        ``need(t)``), or None where some holder's own sending alone is above it."""
+        if np.any(self.out > level):
+            return None
         first = (self.ell + self.out[:, None] > level).sum(axis=1) + 1
-        return np.minimum(np.maximum(need, first), self.num_gpus)
+        return np.maximum(need, first)
 
     def need(self, t: float) -> np.ndarray:
         """int64[E]: the least replicas of each expert that keep its GPUs within t (at least 1);

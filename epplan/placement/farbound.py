@@ -170,11 +170,10 @@ class FarBound:
                 return out
 
             def fits(lam: float) -> bool:
-                level = lam / holders.unit
-                if np.any(holders.out > level):
+                floors = holders.floors(lam / holders.unit, need)
+                if floors is None:
                     return False
-                first = (holders.ell + holders.out[:, None] > level).sum(axis=1) + 1
-                r = np.minimum(np.maximum(need, first), num_gpus).astype(np.int64)
+                r = np.minimum(floors, num_gpus).astype(np.int64)
                 if r.sum() > num_slots:
                     return False
                 now = served(r)
