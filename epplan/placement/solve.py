@@ -842,8 +842,9 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             and data.lm.topology.num_nodes * data.num_experts <= MAX_COUNT_INTEGERS:
         # The replica counts per node (every expert's replicas serve all its demand, so cold
         # experts take slots the nodes' hot experts would use locally): a share of the time left.
-        counted = count_model(data, cost, time_limit=left(time.monotonic() + 0.5 * (stop - time.monotonic())
-                                                          if stop is not None else None))
+        counted = count_model(data, cost, floor=bound,
+                              time_limit=left(time.monotonic() + 0.5 * (stop - time.monotonic())
+                                              if stop is not None else None))
         take_bound(counted.bound, "node-count")
     if g > gap:
         from epplan.placement.ilp import improve
