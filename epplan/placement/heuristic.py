@@ -29,10 +29,17 @@ against 0.021459 and 0.023722), 9's layer 0 (0.002600 s against 0.003292 and 0.0
 with its replicas stepped over the nodes, below) and 10's layer 0 (0.004456 s against 0.004629
 and 0.005482); its split LP takes 5-10 s at 512-1,024 GPUs.
 
-There the planner also splits each construction with its nodes' experts exchanged
-(``node_swapped``: a replica of the expert or node that sets the estimated busiest NIC traded for
-another node's, counts and slots kept), where time allows: on instance 6 its 24 layers' worst gap
-9.91 -> 6.17 %, on 7 8.46 -> 5.92 % (measured 2026-12-07, docs/planner.md); on 9 and 10 no change.
+With several slots per GPU the bound's counts are the second construction: on the 2:1
+eight-node fabric with two experts a GPU (seed, d_ff 2048, zipf 1.2) they split to 0.009185 s
+a layer against the multi-slot one's 0.010364 s, and the planner's worst gap there in 60 s went
+25.59 -> 18.82 % (measured 2026-12-08); on instance 8's layer 0 (eight a GPU) it is the worse,
+1.488680 s against 1.037231 s.
+
+With one slot per GPU the planner also splits each construction with its nodes' experts
+exchanged (``node_swapped``: a replica of the expert or node that sets the estimated busiest NIC
+traded for another node's, counts and slots kept), where time allows: on instance 6 its 24
+layers' worst gap 9.91 -> 6.17 %, on 7 8.46 -> 5.92 % (measured 2026-12-07, docs/planner.md);
+on 9 and 10 no change.
 
 Shape legend: G = GPUs, E = experts, N = nodes.
 """
@@ -57,15 +64,19 @@ def local_first(data: LayerData) -> list[np.ndarray]:
 
 
 def local_candidates(data: LayerData) -> list[list[np.ndarray]]:
-    """Constructions to split and compare: ``local_first``'s, and with one slot per GPU on a
-    cluster with a network, the one whose replica counts also spread each expert's remote
-    serving over the NICs (``_counts_network``) and the one with the trade-off bound's counts
-    (``_counts_bound``, where they can be dealt)."""
+    """Constructions to split and compare: ``local_first``'s, and on a cluster with a network
+    the one with the trade-off bound's counts (``_counts_bound``, where they can be dealt) and,
+    with one slot per GPU, the one whose replica counts also spread each expert's remote serving
+    over the NICs (``_counts_network``)."""
     node_of = data.lm.gpu_node
     nodes = [np.flatnonzero(node_of == n) for n in range(int(node_of.max()) + 1)]
     demand = np.stack([data.counts[m].sum(axis=0) for m in nodes])          # [N, E]
     if not np.all(data.slots <= 1):
-        return [_to_gpus(data, nodes, demand, _counts_multi_slot(data, nodes, demand))]
+        out = [_to_gpus(data, nodes, demand, _counts_multi_slot(data, nodes, demand))]
+        m = _counts_bound(data, nodes, demand) if data.lm.has_network and len(nodes) > 1 else None
+        if m is not None:
+            out.append(_to_gpus(data, nodes, demand, m))
+        return out
     out = [_to_gpus(data, nodes, demand, _counts_one_slot(data, nodes, demand))]
     if data.lm.has_network and len(nodes) > 1:
         m = _counts_network(data, nodes, demand)
@@ -141,7 +152,7 @@ def _counts_network(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray
 
 
 def _counts_bound(data: LayerData, nodes: list[np.ndarray], demand: np.ndarray) -> np.ndarray | None:
-    """int64[N, E] replicas per node (one slot per GPU): the counts at the trade-off bound's
+    """int64[N, E] replicas per node (every slot filled): the counts at the trade-off bound's
     minimum. The GPU time t is the one where the layer's time with its links at the holders'
     L(t) (``bounds._Holders``) is least (a grid of t from the compute bound up); each expert
     gets the least replicas that level allows (``_Holders.counts``), the slots left over go to
