@@ -1,5 +1,5 @@
-"""The node-level placement model: a certificate that sees every cut of the network, and a
-placement to disaggregate.
+"""The node-level placement model: a certificate that sees every cut of the network, and each
+node's replica counts.
 
 Per layer, with the GPUs of a node taken together (A, B = nodes):
 
@@ -32,7 +32,8 @@ and a weak big-M, and stops far from its bound; here there are N^2 E flows and N
 (8 nodes: 1,024 and 128), and the model sees the leaf/spine/core cuts that the analytic bounds
 miss. Measured on scripts/bench_planner.py (docs/benchmarks.md). Its solution also gives each
 node its experts (h) and, by apportioning the node's slots to the loads it serves, its replica
-counts, which ``heuristic.disaggregate`` deals onto the node's GPUs: a new incumbent.
+counts (``NodeResult.replicas``); ``solve`` takes only the LP relaxation's bound and deals no
+counts from it onto GPUs.
 
 Shape legend: N = nodes, E = experts, G = GPUs.
 """
