@@ -71,20 +71,14 @@ def local_candidates(data: LayerData) -> list[list[np.ndarray]]:
     node_of = data.lm.gpu_node
     nodes = [np.flatnonzero(node_of == n) for n in range(int(node_of.max()) + 1)]
     demand = np.stack([data.counts[m].sum(axis=0) for m in nodes])          # [N, E]
-    if not np.all(data.slots <= 1):
-        out = [_to_gpus(data, nodes, demand, _counts_multi_slot(data, nodes, demand))]
-        m = _counts_bound(data, nodes, demand) if data.lm.has_network and len(nodes) > 1 else None
-        if m is not None:
-            out.append(_to_gpus(data, nodes, demand, m))
-        return out
-    out = [_to_gpus(data, nodes, demand, _counts_one_slot(data, nodes, demand))]
+    one_slot = bool(np.all(data.slots <= 1))
+    first = _counts_one_slot if one_slot else _counts_multi_slot
+    out = [_to_gpus(data, nodes, demand, first(data, nodes, demand))]
     if data.lm.has_network and len(nodes) > 1:
-        m = _counts_network(data, nodes, demand)
-        if m is not None:
-            out.append(_to_gpus(data, nodes, demand, m))
-        m = _counts_bound(data, nodes, demand)
-        if m is not None:
-            out.append(_to_gpus(data, nodes, demand, m))
+        for build in (_counts_network, _counts_bound) if one_slot else (_counts_bound,):
+            m = build(data, nodes, demand)
+            if m is not None:
+                out.append(_to_gpus(data, nodes, demand, m))
     return out
 
 
