@@ -52,6 +52,12 @@ from epplan.placement.layer import LayerData
 from epplan.placement.lp import LP
 
 MAX_FLOWS = 400_000     # node-level flow columns above which the model is not built
+# nodes x experts above which ``solve`` does not start the node LP, which gives a bound only
+# once solved (measured 2026-12-08, this 2-core machine, docs/planner.md): at 128 x 16 (bench
+# instance 10) it is solved in 8 s; at 16 x 256 (DeepSeek-V3, 128 GPUs) in 245 s, 1.0 % above
+# the trade-off bound; at 32 x 256 (instances 5 and 8) not in 400 s, and in the bench it took
+# its 51 s share of the layer's time for no bound, time the replica search then lacked.
+MAX_NODE_LP_CELLS = 2048
 # nodes x experts above which count_model is not tried: at 32 x 256 (bench instance 5) it took
 # 51.7 s on a 30 s limit and stayed below the trade-off bound.
 MAX_COUNT_INTEGERS = 4096
