@@ -565,16 +565,16 @@ def test_a_network_bound_layer_is_split_with_replica_class_groups(monkeypatch):
 
 
 def test_the_node_lp_is_not_started_above_its_size_limit(monkeypatch):
-    """``_solve_layer`` starts the node LP only where nodes x experts <= MAX_NODE_LP_CELLS (at
-    32 x 256 it ran out of its share of the layer's time unsolved, giving no bound): at the limit
-    it runs, one below it does not, and the layer still gets its bound and plan."""
+    """``_solve_layer`` starts the node LP only where nodes^2 x experts <= MAX_NODE_LP_FLOWS
+    (above 16,384 flows it was not solved in its share of the layer's time, giving no bound): at
+    the limit it runs, one below it does not, and the layer still gets its bound and plan."""
     import epplan.placement.solve as solve_mod
 
     problem = toy_problem(3, 2, 4, seed=3)
     base = {name: pl.layers[0] for name, pl in solve_mod._baselines(problem).items()}
-    cells = problem.topology.num_nodes * problem.num_experts
+    flows = problem.topology.num_nodes ** 2 * problem.num_experts
     real = solve_mod.node_model
-    for limit, runs in ((cells, True), (cells - 1, False)):
+    for limit, runs in ((flows, True), (flows - 1, False)):
         calls = []
 
         def spy(*args, **kwargs):
@@ -582,7 +582,7 @@ def test_the_node_lp_is_not_started_above_its_size_limit(monkeypatch):
             return real(*args, **kwargs)
 
         monkeypatch.setattr(solve_mod, "node_model", spy)
-        monkeypatch.setattr(solve_mod, "MAX_NODE_LP_CELLS", limit)
+        monkeypatch.setattr(solve_mod, "MAX_NODE_LP_FLOWS", limit)
         _, info = solve_mod._solve_layer(problem, 0, base, "highs", 2.0, 0.0)
         assert bool(calls) == runs
         assert 0 < info.bound_s <= info.objective_s * (1 + 1e-9)

@@ -52,12 +52,13 @@ from epplan.placement.layer import LayerData
 from epplan.placement.lp import LP
 
 MAX_FLOWS = 400_000     # node-level flow columns above which the model is not built
-# nodes x experts above which ``solve`` does not start the node LP, which gives a bound only
-# once solved (measured 2026-12-08, this 2-core machine, docs/planner.md): at 128 x 16 (bench
-# instance 10) it is solved in 8 s; at 16 x 256 (DeepSeek-V3, 128 GPUs) in 245 s, 1.0 % above
-# the trade-off bound; at 32 x 256 (instances 5 and 8) not in 400 s, and in the bench it took
-# its 51 s share of the layer's time for no bound, time the replica search then lacked.
-MAX_NODE_LP_CELLS = 2048
+# node-level flows (nodes^2 x experts) above which ``solve`` does not start the node LP, which
+# gives a bound only once solved. Its LP relaxation alone on a layer (measured 2026-12-08, this
+# 2-core machine, two at a time, docs/planner.md): 16,384 flows in 5.1-9.4 s (8 nodes x 256
+# experts, 16 x 64, 32 x 16; 16 x 16 in 0.7 s); 65,536 in 245 s (16 x 256) and not in 300 s
+# (64 x 16, bench instance 9); 262,144 not in 300-400 s (128 x 16, instance 10; 32 x 256,
+# instances 5 and 8), where in the bench it took half the layer's time left for no bound.
+MAX_NODE_LP_FLOWS = 16_384
 # nodes x experts above which count_model is not tried: at 32 x 256 (bench instance 5) it took
 # 51.7 s on a 30 s limit and stayed below the trade-off bound.
 MAX_COUNT_INTEGERS = 4096

@@ -12,7 +12,7 @@ the end every layer of such a class takes the best plan any of them has, relabel
    expert's holders, with the holder's own sending and the nodes' distinct experts, under the
    GPU time a plan may spend; on ECMP rail fabrics the NICs and the spine together,
    ``railbound.py``), combined by the runtime's schedule (``epplan.schedule``), and while the
-   gap is open the node-level LP of ``nodelp.py`` (up to MAX_NODE_LP_CELLS nodes x experts),
+   gap is open the node-level LP of ``nodelp.py`` (up to MAX_NODE_LP_FLOWS node flows),
    the fabric link classes of ``farbound.py`` and the replica-count MILP
    (``nodelp.count_model``, half the time left, up to MAX_COUNT_INTEGERS);
 2. incumbent, the best plan (lowest layer time, as ``evaluate`` computes it) of: every baseline
@@ -67,7 +67,7 @@ from epplan.placement.bounds import compute_bound, lower_bound
 from epplan.placement.heuristic import local_candidates, local_first, node_swapped
 from epplan.placement.layer import LayerData, gpu_slots, layer_data, replica_class_groups
 from epplan.placement.linkmodel import link_model
-from epplan.placement.nodelp import MAX_COUNT_INTEGERS, MAX_NODE_LP_CELLS, count_model, node_model
+from epplan.placement.nodelp import MAX_COUNT_INTEGERS, MAX_NODE_LP_FLOWS, count_model, node_model
 from epplan.placement.problem import PlacementProblem
 from epplan.placement.search import LP_MARGIN
 from epplan.placement.splits import SETTLED, nearest_split, optimal_splits, split_bound, split_result
@@ -824,10 +824,10 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
     # Under --expert-tp (data.pool > 1) the node LP and the link classes are not taken: they
     # bound a GPU's time by its own rows, where a TP group's ranks compute each other's.
     if g > gap and not over(stop) and data.pool == 1 \
-            and data.lm.topology.num_nodes * data.num_experts <= MAX_NODE_LP_CELLS:
+            and data.lm.topology.num_nodes ** 2 * data.num_experts <= MAX_NODE_LP_FLOWS:
         # The node-level LP sees the fabric's cuts (leaf/spine/core) and couples them with
         # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts), but on half the
-        # layer's time left at most, and not above MAX_NODE_LP_CELLS: at 32 nodes x 256
+        # layer's time left at most, and not above MAX_NODE_LP_FLOWS: at 32 nodes x 256
         # experts (instances 5 and 8) it ran out of that half (51 s) unsolved, with no bound.
         node = node_model(data, integer=False,
                           time_limit=left(None if stop is None else time.monotonic() + 0.5 * (stop - time.monotonic())))
