@@ -565,9 +565,10 @@ def test_a_network_bound_layer_is_split_with_replica_class_groups(monkeypatch):
 
 
 def test_the_node_lp_is_not_started_above_its_size_limit(monkeypatch):
-    """``_solve_layer`` starts the node LP only where nodes^2 x experts <= MAX_NODE_LP_FLOWS
-    (above 16,384 flows it was not solved in its share of the layer's time, giving no bound): at
-    the limit it runs, one below it does not, and the layer still gets its bound and plan."""
+    """``_solve_layer`` starts the node LP only where nodes^2 x experts <= MAX_NODE_LP_FLOWS (at
+    65,536 flows and more it took minutes or was not solved, so in its share of the layer's
+    time it gave no bound): at the limit it runs, one below it does not, and the layer still
+    gets its bound and plan."""
     import epplan.placement.solve as solve_mod
 
     problem = toy_problem(3, 2, 4, seed=3)

@@ -827,8 +827,8 @@ def _solve_layer(problem: PlacementProblem, li: int, baseline_layers: dict[str, 
             and data.lm.topology.num_nodes ** 2 * data.num_experts <= MAX_NODE_LP_FLOWS:
         # The node-level LP sees the fabric's cuts (leaf/spine/core) and couples them with
         # compute; cheap next to the MILP (0.1 s at 8 nodes x 32 experts), but on half the
-        # layer's time left at most, and not above MAX_NODE_LP_FLOWS: at 32 nodes x 256
-        # experts (instances 5 and 8) it ran out of that half (51 s) unsolved, with no bound.
+        # layer's time left at most, and not above MAX_NODE_LP_FLOWS: at 65,536 flows and more
+        # (instances 5 and 8-10) it ran out of that half unsolved (51 s on 5), with no bound.
         node = node_model(data, integer=False,
                           time_limit=left(None if stop is None else time.monotonic() + 0.5 * (stop - time.monotonic())))
         take_bound(node.bound, "node-lp")
