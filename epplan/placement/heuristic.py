@@ -32,8 +32,8 @@ and 0.005482); its split LP takes 5-10 s at 512-1,024 GPUs.
 With several slots per GPU the bound's counts are the second construction: on the 2:1
 eight-node fabric with two experts a GPU (seed, d_ff 2048, zipf 1.2) they split to 0.009185 s
 a layer against the multi-slot one's 0.010364 s, and the planner's worst gap there in 60 s went
-25.98 -> 18.82 % (measured 2026-12-08, docs/planner.md); on instance 8's layer 0 (eight a GPU) it is the worse,
-1.488680 s against 1.037231 s.
+25.98 -> 18.82 % (measured 2026-12-08, docs/planner.md); on instance 8's layer 0 (eight a GPU)
+it is the worse, 1.488680 s against 1.037231 s.
 
 With one slot per GPU the planner also splits each construction with its nodes' experts
 exchanged (``node_swapped``: a replica of the expert or node that sets the estimated busiest NIC
